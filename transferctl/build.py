@@ -1,0 +1,48 @@
+"""Turn a validated Config into components, through the registries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from transferctl.config import Config
+from transferctl.data import BatchAugment, ImageData
+from transferctl.models import Network
+from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
+
+
+def build_encoder(cfg: Config, channels: int, image_size: int) -> nn.Module:
+    return MODELS.build(cfg.model.name, cfg.model.options, in_channels=channels, image_size=image_size)
+
+
+def build_network(cfg: Config, channels: int, image_size: int, num_classes: int) -> Network:
+    encoder = build_encoder(cfg, channels, image_size)
+    head = HEADS.build(cfg.head.name, cfg.head.options, feature_dim=encoder.feature_dim, num_classes=num_classes)
+    return Network(encoder, head)
+
+
+def build_loss(cfg: Config) -> nn.Module:
+    return LOSSES.build(cfg.loss.name, cfg.loss.options)
+
+
+def build_augment(cfg: Config, data: ImageData) -> BatchAugment:
+    augment = cfg.data.augment
+    return AUGMENTATIONS.build(augment.name, augment.options, hflip_default=data.hflip)
+
+
+def parameter_groups(model: Network, encoder_lr_scale: float) -> list[dict[str, Any]]:
+    """The encoder's parameters with their learning-rate scale, then the head's."""
+    return [
+        {"params": list(model.encoder.parameters()), "lr_scale": encoder_lr_scale},
+        {"params": list(model.head.parameters()), "lr_scale": 1.0},
+    ]
+
+
+def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return OPTIMIZERS.build(cfg.optimizer.name, cfg.optimizer.options, params=groups)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int):
+    return SCHEDULERS.build(cfg.scheduler.name, cfg.scheduler.options, optimizer=optimizer, total_steps=total_steps)

@@ -1,0 +1,298 @@
+"""The config schema, YAML loading, `key=value` overrides and did-you-mean validation.
+
+Data flows one way: YAML (+ overrides) -> `load_config` -> a validated, fully resolved `Config`
+whose every component section names a registered component with all its options filled in.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from transferctl.errors import ConfigError
+from transferctl.registry import (
+    AUGMENTATIONS,
+    DATASETS,
+    HEADS,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    Registry,
+    did_you_mean,
+    load_components,
+)
+
+Method = Literal["simclr", "supervised", "finetune"]
+PRETRAIN_METHODS = ("simclr", "supervised")
+
+
+class Component(BaseModel):
+    """A registered component: `name` plus that component's keyword arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataConfig(BaseModel):
+    """The data set (`name` plus its options) and how it is split, subset and batched."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    root: Optional[str] = Field(None, description="data folder; default $TRANSFERCTL_DATA_DIR, else ~/.cache/transferctl/data")
+    download: bool = False
+    batch_size: PositiveInt = 256
+    eval_batch_size: PositiveInt = 1024
+    labels_per_class: Optional[PositiveInt] = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+    augment: Optional[Component] = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epochs: PositiveInt = 10
+    max_steps: Optional[PositiveInt] = None
+    seed: int = 0
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    log_every: PositiveInt = 50
+    val_every: PositiveInt = 1
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Optional[str] = None
+    freeze_encoder: bool = False
+    encoder_lr_scale: float = Field(1.0, ge=0.0)
+
+
+class EvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: Literal["best", "last"] = "best"
+    knn_k: PositiveInt = 20
+    knn_temperature: float = Field(0.07, gt=0.0)
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Method
+    model: Component = Component(name="cnn")
+    head: Optional[Component] = None
+    loss: Optional[Component] = None
+    optimizer: Component = Component(name="adamw")
+    scheduler: Component = Component(name="cosine")
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.method != "simclr"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# Head, loss and augmentation that each method gets unless the config names others.
+METHOD_DEFAULTS: dict[str, dict[str, str]] = {
+    "simclr": {"head": "projection", "loss": "nt_xent", "augment": "simclr", "loss_kind": "contrastive"},
+    "supervised": {"head": "linear", "loss": "cross_entropy", "augment": "light", "loss_kind": "classification"},
+    "finetune": {"head": "linear", "loss": "cross_entropy", "augment": "light", "loss_kind": "classification"},
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping; errors name the file and, for syntax errors, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; check the path passed to -c") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: config is empty; start from one of the files in configs/")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.epochs=3' -> (['train', 'epochs'], 3); the value parses as a YAML scalar."""
+    key, sep, raw = text.partition("=")
+    if not sep or not OVERRIDE_KEY.match(key):
+        raise ConfigError(f"override '{text}': expected dotted.key=value, for example train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of `data` with each `key=value` set at its dotted path."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                dotted = ".".join(path[: depth + 1])
+                raise ConfigError(f"override '{text}': {dotted} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+# --------------------------------------------------------------------------- validation
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel inside `X`, `Optional[X]` or `X | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _unwrap_model(arg)
+            if found:
+                return found
+    return None
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the section at `loc` (a pydantic error location)."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return []
+        model = _unwrap_model(model.model_fields[part].annotation)
+    return list(model.model_fields) if model else []
+
+
+def _pydantic_message(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        hint = did_you_mean(str(loc[-1]), known)
+        return f"{dotted}: unknown key{hint or ' (allowed: ' + ', '.join(known) + ')'}"
+    if err["type"] == "missing":
+        return f"{dotted}: required key is missing"
+    if err["type"] in ("model_type", "dict_type"):
+        return f"{dotted}: expected a section (a mapping of keys), got {err.get('input')!r}"
+    return f"{dotted}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _origin(message: str, source: str, overrides: list[str]) -> str:
+    """Prefix a message with the override that set its key, else the config file."""
+    dotted = message.split(":", 1)[0]
+    for text in overrides:
+        if text.partition("=")[0] == dotted:
+            return f"override '{text}': {message}"
+    return f"{source}: {message}"
+
+
+def _resolve_component(registry: Registry, component: Component, where: str) -> Component:
+    entry = registry.get(component.name, where=where)
+    options = entry.validate(component.options, where=where)
+    return Component(name=component.name, **options)
+
+
+def resolve(data: dict[str, Any]) -> Config:
+    """Validate a raw config dict and fill in method defaults and every component option."""
+    load_components()
+    try:
+        cfg = Config.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(_pydantic_message(exc.errors()[0])) from None
+    defaults = METHOD_DEFAULTS[cfg.method]
+    cfg.head = cfg.head or Component(name=defaults["head"])
+    cfg.loss = cfg.loss or Component(name=defaults["loss"])
+    cfg.data.augment = cfg.data.augment or Component(name=defaults["augment"])
+
+    cfg.model = _resolve_component(MODELS, cfg.model, "model")
+    cfg.head = _resolve_component(HEADS, cfg.head, "head")
+    cfg.loss = _resolve_component(LOSSES, cfg.loss, "loss")
+    cfg.optimizer = _resolve_component(OPTIMIZERS, cfg.optimizer, "optimizer")
+    cfg.scheduler = _resolve_component(SCHEDULERS, cfg.scheduler, "scheduler")
+    cfg.data.augment = _resolve_component(AUGMENTATIONS, cfg.data.augment, "data.augment")
+    dataset_options = DATASETS.get(cfg.data.name, where="data").validate(cfg.data.options, where="data")
+    cfg.data = DataConfig(**{**cfg.data.model_dump(exclude=set(cfg.data.options)), **dataset_options})
+
+    loss_kind = LOSSES.get(cfg.loss.name).meta.get("kind")
+    if loss_kind != defaults["loss_kind"]:
+        fitting = [e.name for e in LOSSES if e.meta.get("kind") == defaults["loss_kind"]]
+        raise ConfigError(
+            f"loss.name: loss '{cfg.loss.name}' does not fit method '{cfg.method}'; use one of: {', '.join(fitting)}"
+        )
+    if HEADS.get(cfg.head.name).meta.get("classifier") != cfg.is_classifier:
+        fitting = [e.name for e in HEADS if e.meta.get("classifier") == cfg.is_classifier]
+        raise ConfigError(
+            f"head.name: head '{cfg.head.name}' does not fit method '{cfg.method}'; use one of: {', '.join(fitting)}"
+        )
+    return cfg
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Read `path` (over `base`, if given), apply overrides, validate and resolve."""
+    overrides = list(overrides or [])
+    data = copy.deepcopy(base or {})
+    if path is not None:
+        data = merge(data, read_yaml(path))
+    data = apply_overrides(data, overrides)
+    source = str(path) if path is not None else "config"
+    try:
+        return resolve(data)
+    except ConfigError as exc:
+        raise ConfigError(_origin(str(exc), source, overrides)) from None
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `update` wins. A component whose name changes is replaced whole."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        old = out.get(key)
+        same_component = not (isinstance(value, dict) and "name" in value and isinstance(old, dict) and old.get("name") != value["name"])
+        if isinstance(value, dict) and isinstance(old, dict) and same_component:
+            out[key] = merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,28 @@
+"""Data sets (torchvision-backed, held in memory), splits, label subsets and batched augmentation."""
+
+from transferctl.data.augment import BatchAugment, normalize
+from transferctl.data.datasets import (
+    DATA_DIR_ENV,
+    ImageData,
+    default_root,
+    iterate_batches,
+    num_batches,
+    load_split,
+    load_training_data,
+    split_train_val,
+    stratified_subset,
+)
+
+__all__ = [
+    "BatchAugment",
+    "DATA_DIR_ENV",
+    "ImageData",
+    "default_root",
+    "iterate_batches",
+    "load_split",
+    "load_training_data",
+    "normalize",
+    "num_batches",
+    "split_train_val",
+    "stratified_subset",
+]

@@ -1,0 +1,246 @@
+"""Data sets, loaded through torchvision into one uint8 tensor each, plus splits and label subsets.
+
+Every registered data set returns an `ImageData` for its train or test split. Small image data sets
+(the MNIST family, CIFAR-10, modest image folders) fit in memory many times over, so the whole split
+lives in one tensor and batches are drawn by index.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+import torchvision
+from pydantic import PositiveInt
+
+from transferctl.errors import UsageError
+from transferctl.registry import DATASETS
+
+DATA_DIR_ENV = "TRANSFERCTL_DATA_DIR"
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """One split: uint8 images (N, C, H, W), int64 labels (N,), and how to read them."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # whether a horizontal flip keeps an image's meaning (not for digits)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(self, indices: torch.Tensor) -> "ImageData":
+        return replace(self, images=self.images[indices], labels=self.labels[indices])
+
+    def to(self, device: torch.device) -> "ImageData":
+        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
+
+
+def default_root() -> Path:
+    """$TRANSFERCTL_DATA_DIR, else a per-user data folder."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "transferctl" / "data"
+
+
+def _missing(name: str, root: Path, looked_for: str) -> UsageError:
+    return UsageError(
+        f"data set '{name}' not found: looked for {root / looked_for}; point data.root or "
+        f"${DATA_DIR_ENV} at a folder that holds it (or set data.download=true when online)"
+    )
+
+
+def _torchvision(cls, name: str, root: Path, download: bool, train: bool, looked_for: str):
+    try:
+        return cls(root=str(root), train=train, download=download)
+    except RuntimeError as exc:
+        if "not found" in str(exc).lower() or "corrupted" in str(exc).lower():
+            raise _missing(name, root, looked_for) from None
+        raise
+    except OSError as exc:  # a failed download: offline, proxy, disk
+        raise UsageError(f"data set '{name}': download into {root} failed ({exc}); copy the files there and set data.download=false") from None
+
+
+def _mnist_like(cls, name: str, root: Path, download: bool, train: bool, hflip: bool, mean: float, std: float) -> ImageData:
+    ds = _torchvision(cls, name, root, download, train, f"{cls.__name__}/raw")
+    return ImageData(
+        images=ds.data.unsqueeze(1).contiguous(),
+        labels=ds.targets.long(),
+        classes=tuple(ds.classes),
+        mean=(mean,),
+        std=(std,),
+        hflip=hflip,
+    )
+
+
+@DATASETS.register()
+def mnist(root: Path, download: bool, train: bool) -> ImageData:
+    """MNIST handwritten digits, 28x28 grey, 10 classes (60,000 train / 10,000 test)."""
+    return _mnist_like(torchvision.datasets.MNIST, "mnist", root, download, train, False, 0.1307, 0.3081)
+
+
+@DATASETS.register()
+def fashion_mnist(root: Path, download: bool, train: bool) -> ImageData:
+    """Fashion-MNIST clothing images, 28x28 grey, 10 classes (60,000 train / 10,000 test)."""
+    return _mnist_like(torchvision.datasets.FashionMNIST, "fashion_mnist", root, download, train, True, 0.2860, 0.3530)
+
+
+SAMPLE_DIR = Path(__file__).parent / "sample"
+
+
+@DATASETS.register()
+def mnist_sample(root: Path, download: bool, train: bool) -> ImageData:
+    """A 2,500/500-image sample of real MNIST shipped with transferctl: the offline quickstart's data."""
+    cache = default_cache_dir() / "mnist_sample"
+    raw = cache / "MNIST" / "raw"
+    for packed in (SAMPLE_DIR / "MNIST" / "raw").glob("*.gz"):
+        target = raw / packed.stem
+        if not target.exists():
+            raw.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".tmp{os.getpid()}")
+            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, target)
+    return _mnist_like(torchvision.datasets.MNIST, "mnist_sample", cache, False, train, False, 0.1307, 0.3081)
+
+
+@DATASETS.register()
+def cifar10(root: Path, download: bool, train: bool) -> ImageData:
+    """CIFAR-10, 32x32 colour, 10 classes (50,000 train / 10,000 test)."""
+    ds = _torchvision(torchvision.datasets.CIFAR10, "cifar10", root, download, train, "cifar-10-batches-py")
+    return ImageData(
+        images=torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+        labels=torch.tensor(ds.targets, dtype=torch.long),
+        classes=tuple(ds.classes),
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        hflip=True,
+    )
+
+
+@DATASETS.register()
+def image_folder(
+    root: Path,
+    download: bool,
+    train: bool,
+    image_size: PositiveInt = 64,
+    channels: Literal[1, 3] = 3,
+    train_dir: str = "train",
+    test_dir: str = "test",
+    hflip: bool = True,
+) -> ImageData:
+    """Your own images: <root>/<train_dir>/<class>/*.png and <root>/<test_dir>/<class>/*, resized to image_size."""
+    folder = root / (train_dir if train else test_dir)
+    if not folder.is_dir():
+        raise _missing("image_folder", root, train_dir if train else test_dir)
+    transform = torchvision.transforms.Compose(
+        [
+            torchvision.transforms.Grayscale(channels) if channels == 1 else torchvision.transforms.Lambda(lambda im: im.convert("RGB")),
+            torchvision.transforms.Resize(image_size),
+            torchvision.transforms.CenterCrop(image_size),
+            torchvision.transforms.PILToTensor(),
+        ]
+    )
+    try:
+        ds = torchvision.datasets.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(f"data set 'image_folder': {exc}") from None
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    as_float = images.float() / 255
+    dims = (0, 2, 3)
+    return ImageData(
+        images=images,
+        labels=torch.tensor(ds.targets, dtype=torch.long),
+        classes=tuple(ds.classes),
+        mean=tuple(as_float.mean(dims).tolist()),
+        std=tuple(as_float.std(dims).clamp_min(1e-3).tolist()),
+        hflip=hflip,
+    )
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "transferctl"
+
+
+# --------------------------------------------------------------------------- splits and subsets
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded disjoint (train, val) indices over a split of `n` images."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_fraction))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Indices of `per_class` images of every class, drawn with a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls in labels.unique().tolist():
+        members = (labels == cls).nonzero().flatten()
+        if len(members) < per_class:
+            raise UsageError(
+                f"data.labels_per_class={per_class} is larger than class {cls}'s {len(members)} training images; lower it"
+            )
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def iterate_batches(
+    data: ImageData, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches by index; shuffled when a generator is given."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order.to(data.images.device)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield data.images[idx], data.labels[idx]
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+
+# --------------------------------------------------------------------------- from a data config
+
+def load_split(data_cfg, train: bool) -> ImageData:
+    """The whole train or test split of the configured data set."""
+    root = Path(data_cfg.root).expanduser() if data_cfg.root else default_root()
+    return DATASETS.build(data_cfg.name, data_cfg.options, root=root, download=data_cfg.download, train=train)
+
+
+def load_training_data(data_cfg, labelled_subset: bool) -> tuple[ImageData, ImageData]:
+    """(train, val) from the training split: a seeded held-out val part, and, when asked for,
+    a stratified `labels_per_class` subset of the rest. The test split is never touched."""
+    full = load_split(data_cfg, train=True)
+    train_idx, val_idx = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)
+    train, val = full.subset(train_idx), full.subset(val_idx)
+    if labelled_subset and data_cfg.labels_per_class:
+        train = train.subset(stratified_subset(train.labels, data_cfg.labels_per_class, data_cfg.seed))
+    return train, val

@@ -1,0 +1,25 @@
+"""Errors that the CLI turns into one line and an exit code."""
+
+from __future__ import annotations
+
+
+class TransferError(Exception):
+    """Base class: `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(TransferError):
+    """Bad input the user can fix: a config, an override, a path, a flag."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config that fails validation; the message names the dotted key."""
+
+
+class RunFailed(TransferError):
+    """A failure while running; the message points at the run's log."""
+
+    exit_code = 1

@@ -1,0 +1,44 @@
+"""Losses. `kind` tells which methods a loss fits: contrastive (simclr) or classification."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveFloat
+from torch import nn
+
+from transferctl.registry import LOSSES
+
+
+class NTXentLoss(nn.Module):
+    """SimCLR's normalized temperature-scaled cross-entropy over 2N views.
+
+    `z1[i]` and `z2[i]` are two views of image i. Each of the 2N embeddings is classified against
+    the other 2N - 1: its partner is the positive, the remaining 2N - 2 are negatives.
+    """
+
+    def __init__(self, temperature: float = 0.5):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        n = z1.shape[0]
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+        logits = z @ z.T / self.temperature
+        logits.fill_diagonal_(float("-inf"))  # an embedding is never its own negative
+        targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+        return F.cross_entropy(logits, targets)
+
+
+@LOSSES.register(kind="contrastive")
+def nt_xent(temperature: PositiveFloat = 0.5) -> nn.Module:
+    """NT-Xent (SimCLR): contrast each view's partner against all other views in the batch."""
+    return NTXentLoss(temperature)
+
+
+@LOSSES.register(kind="classification")
+def cross_entropy(label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> nn.Module:
+    """Cross-entropy on class logits, with optional label smoothing."""
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)

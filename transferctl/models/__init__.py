@@ -1,0 +1,4 @@
+"""Encoders, heads, and the Network that joins them."""
+
+from transferctl.models.encoders import cnn, mlp, resnet18  # noqa: F401  (registers)
+from transferctl.models.heads import Network, classifier_head, projection_head  # noqa: F401

@@ -1,0 +1,37 @@
+"""Heads on top of an encoder, and the Network (encoder + head) that training uses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transferctl.registry import HEADS
+
+
+@HEADS.register("projection", classifier=False)
+def projection_head(feature_dim: int, hidden_dim: int = 512, out_dim: int = 128) -> nn.Module:
+    """SimCLR's projection MLP: Linear-BN-ReLU-Linear; thrown away after pretraining."""
+    return nn.Sequential(
+        nn.Linear(feature_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )
+
+
+@HEADS.register("linear", classifier=True)
+def classifier_head(feature_dim: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """A linear classifier (optionally after dropout) producing class logits."""
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+
+
+class Network(nn.Module):
+    """An encoder and a head; `encoder` is what pretraining hands on to fine-tuning."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(images))

@@ -1,0 +1,113 @@
+"""Optimizers and learning-rate schedules.
+
+Optimizers receive parameter groups from the engine; a group's `lr_scale` (the encoder's, in
+fine-tuning) multiplies the configured learning rate. Schedules are multiplicative factors over
+optimizer steps, so they apply to every group alike.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Iterable
+
+import torch
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from torch.optim.lr_scheduler import LambdaLR
+
+from transferctl.registry import OPTIMIZERS, SCHEDULERS
+
+Momentum = Annotated[float, Field(ge=0.0, lt=1.0)]
+Betas = tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]]
+
+
+def _groups(params: Iterable[dict[str, Any]], lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """Apply `lr * lr_scale` per group; biases and norm weights (1-d tensors) get no weight decay."""
+    groups = []
+    for group in params:
+        scale = group.get("lr_scale", 1.0)
+        tensors = [p for p in group["params"] if p.requires_grad]
+        decay = [p for p in tensors if p.ndim > 1]
+        no_decay = [p for p in tensors if p.ndim <= 1]
+        for subset, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if subset:
+                groups.append({"params": subset, "lr": lr * scale, "weight_decay": wd, "lr_scale": scale})
+    return groups
+
+
+@OPTIMIZERS.register()
+def sgd(params, lr: PositiveFloat = 0.1, momentum: Momentum = 0.9, weight_decay: NonNegativeFloat = 5e-4, nesterov: bool = True):
+    """SGD with (Nesterov) momentum."""
+    return torch.optim.SGD(_groups(params, lr, weight_decay), lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=True)
+
+
+@OPTIMIZERS.register()
+def adam(params, lr: PositiveFloat = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: NonNegativeFloat = 0.0):
+    """Adam."""
+    return torch.optim.Adam(_groups(params, lr, weight_decay), lr=lr, betas=betas, foreach=True)
+
+
+@OPTIMIZERS.register()
+def adamw(params, lr: PositiveFloat = 1e-3, betas: Betas = (0.9, 0.999), weight_decay: NonNegativeFloat = 0.05):
+    """AdamW (decoupled weight decay)."""
+    return torch.optim.AdamW(_groups(params, lr, weight_decay), lr=lr, betas=betas, foreach=True)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al., 2017), as SimCLR uses for large batches.
+
+    Parameters without weight decay (biases, norm weights) skip the trust ratio, following SimCLR.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 1e-6, trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if group["weight_decay"] > 0:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    weight_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    trust = group["trust_coefficient"] * weight_norm / grad_norm
+                    grad = grad * torch.where((weight_norm > 0) & (grad_norm > 0), trust, torch.ones_like(trust))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = grad.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+@OPTIMIZERS.register()
+def lars(params, lr: PositiveFloat = 0.3, momentum: Momentum = 0.9, weight_decay: NonNegativeFloat = 1e-6, trust_coefficient: PositiveFloat = 0.001):
+    """LARS: SGD with momentum and a per-layer trust ratio, for large-batch contrastive pretraining."""
+    return LARS(_groups(params, lr, weight_decay), lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
+
+
+def _warmup(step: int, warmup_steps: int) -> float:
+    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
+@SCHEDULERS.register()
+def cosine(optimizer, total_steps: int, warmup_steps: NonNegativeInt = 0, min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0):
+    """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the learning rate."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return _warmup(step, warmup_steps)
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+@SCHEDULERS.register()
+def constant(optimizer, total_steps: int, warmup_steps: NonNegativeInt = 0):
+    """A constant learning rate after an optional linear warmup."""
+    return LambdaLR(optimizer, lambda step: _warmup(step, warmup_steps))

@@ -1,0 +1,209 @@
+"""The `pretrain` and `finetune` recipes: config -> components -> engine -> runs/<id>/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferctl import build
+from transferctl.config import PRETRAIN_METHODS, Config, load_config, merge, read_yaml
+from transferctl.data import ImageData, load_training_data, num_batches
+from transferctl.engine import (
+    ClassificationObjective,
+    ContrastiveObjective,
+    Reporter,
+    SilentReporter,
+    fit,
+    pick_device,
+)
+from transferctl.errors import ConfigError, UsageError
+from transferctl.models import Network
+from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_run, recording
+
+
+@dataclass
+class RunResult:
+    """What a command reports: the run, its status and flat metrics."""
+
+    run_id: str
+    run_dir: Path
+    status: str
+    metrics: dict[str, Any]
+    parent: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status, "parent": self.parent, "metrics": self.metrics, **self.extra}
+
+
+def recipe_path(name: str) -> Path:
+    """A YAML recipe shipped inside the package (used when no -c is given)."""
+    return Path(str(resources.files("transferctl.recipes") / f"{name}.yaml"))
+
+
+# --------------------------------------------------------------------------- pretrain
+
+def pretrain(
+    config: str | Path | Config,
+    overrides: list[str] | None = None,
+    *,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
+    reporter: Reporter | None = None,
+) -> RunResult:
+    """Pretrain an encoder (SimCLR or supervised) and write a new run."""
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    if cfg.method not in PRETRAIN_METHODS:
+        raise ConfigError(f"method: '{cfg.method}' is not a pretraining method ({', '.join(PRETRAIN_METHODS)}); use `transferctl finetune` for it")
+    return train_run(cfg, runs_dir=runs_dir, command="pretrain", reporter=reporter)
+
+
+# --------------------------------------------------------------------------- finetune
+
+def finetune_config(
+    source: str | None,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
+) -> Config:
+    """The fine-tune config: the shipped recipe (or `config`), the source run's encoder and data set, overrides.
+
+    Without a source the encoder starts from random weights: the from-scratch baseline.
+    """
+    if source is None and config is None:
+        raise UsageError("finetune needs --from RUN (a pretraining run) or -c CONFIG (to train from scratch)")
+    base = read_yaml(recipe_path("finetune"))
+    user = read_yaml(config) if config is not None else {}
+    if user.get("method", "finetune") != "finetune":
+        raise ConfigError(f"{config}: method: '{user['method']}' is a pretraining method; use `transferctl pretrain -c {config}`")
+    if source is not None:
+        record = read_run(source, runs_dir)
+        src = record.config
+        if "model" in user and user["model"].get("name") != src["model"]["name"]:
+            raise ConfigError(
+                f"{config}: model.name '{user['model'].get('name')}' differs from the source run's encoder "
+                f"'{src['model']['name']}'; drop the model section to use the source's"
+            )
+        inherited_data = {k: v for k, v in src["data"].items() if k not in ("batch_size", "labels_per_class", "augment", "eval_batch_size")}
+        base["model"] = src["model"]
+        base["data"] = {**inherited_data, **base["data"]}
+        base["train"] = {**base.get("train", {}), "seed": src["train"]["seed"], "device": src["train"]["device"]}
+        base["finetune"] = {**base.get("finetune", {}), "source": str(record.path)}
+        user.pop("model", None)
+    merged = merge(base, user)
+    return load_config(None, overrides, base=merged) if config is None else _load_labelled(config, overrides, merged)
+
+
+def _load_labelled(config: str | Path, overrides: list[str] | None, merged: dict[str, Any]) -> Config:
+    """load_config with errors attributed to the user's file."""
+    try:
+        return load_config(None, overrides, base=merged)
+    except ConfigError as exc:
+        message = str(exc)
+        if message.startswith("config: "):
+            message = f"{config}: " + message.removeprefix("config: ")
+        raise ConfigError(message) from None
+
+
+def finetune(
+    source: str | None,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
+    reporter: Reporter | None = None,
+) -> RunResult:
+    """Fine-tune (or linear-probe) a pretrained encoder with a new classifier; a new run."""
+    cfg = finetune_config(source, config, overrides, runs_dir=runs_dir)
+    return train_run(cfg, runs_dir=runs_dir, command="finetune", reporter=reporter)
+
+
+def load_encoder_weights(model: Network, source: Path) -> None:
+    """Copy the encoder (not the head) from a run's last checkpoint into `model`."""
+    state = load_checkpoint(source / "checkpoints" / "last.pt")["model"]
+    encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    try:
+        model.encoder.load_state_dict(encoder_state)
+    except RuntimeError:
+        raise UsageError(f"{source}: its encoder weights do not fit model '{model.encoder.__class__.__name__}'; the run was made with a different architecture") from None
+
+
+# --------------------------------------------------------------------------- the shared training run
+
+@dataclass
+class Prepared:
+    """Everything a training run needs, built before its directory exists (so bad input writes nothing)."""
+
+    cfg: Config
+    device: torch.device
+    train: ImageData
+    val: ImageData
+    model: Network
+
+
+def prepare(cfg: Config) -> Prepared:
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
+    if len(train) < cfg.data.batch_size:
+        what = "labelled training" if cfg.is_classifier else "training"
+        raise UsageError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(train)} {what} images; lower it")
+    model = build.build_network(cfg, train.channels, train.image_size, train.num_classes)
+    if cfg.finetune.source:
+        load_encoder_weights(model, Path(cfg.finetune.source))
+    return Prepared(cfg, device, train.to(device), val.to(device), model.to(device))
+
+
+def train_run(cfg: Config, *, runs_dir: Path, command: str, reporter: Reporter | None = None) -> RunResult:
+    """Train `cfg` into a new run directory; the run records success, failure or interruption."""
+    prepared = prepare(cfg)
+    parent = Path(cfg.finetune.source).name if cfg.finetune.source else None
+    environment = {"device": str(prepared.device), "seed": cfg.train.seed}
+    run = create_run(runs_dir, f"{cfg.method}-{cfg.data.name}", cfg.to_dict(), parent, command, environment)
+    run.log(f"{command} {cfg.method} on {cfg.data.name}: {len(prepared.train)} train / {len(prepared.val)} val images, device {prepared.device}")
+    with recording(run, command) as outcome:
+        outcome["metrics"] = _fit(prepared, run, reporter or SilentReporter())
+    return RunResult(run.id, run.path, "completed", run.summary["metrics"], parent)
+
+
+def _fit(p: Prepared, run: Run, reporter: Reporter) -> dict[str, Any]:
+    cfg = p.cfg
+    frozen = cfg.method == "finetune" and cfg.finetune.freeze_encoder
+    if frozen:
+        p.model.encoder.requires_grad_(False)
+    encoder_scale = cfg.finetune.encoder_lr_scale if cfg.method == "finetune" else 1.0
+    optimizer = build.build_optimizer(cfg, build.parameter_groups(p.model, encoder_scale))
+    criterion = build.build_loss(cfg)
+    augment = build.build_augment(cfg, p.train)
+    if cfg.is_classifier:
+        objective = ClassificationObjective(p.model, criterion, augment, p.train.mean, p.train.std, frozen_encoder=frozen)
+    else:
+        objective = ContrastiveObjective(p.model, criterion, augment, p.train.mean, p.train.std)
+    per_epoch = num_batches(len(p.train), cfg.data.batch_size, drop_last=not cfg.is_classifier)
+    total_steps = min(cfg.train.epochs * per_epoch, cfg.train.max_steps or 10**12)
+    scheduler = build.build_scheduler(cfg, optimizer, total_steps)
+
+    def on_epoch_end(row: dict[str, Any], is_best: bool, state: dict[str, Any]) -> None:
+        run.log_metrics(row)
+        run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        run.save_checkpoint("last", {**state, "config": cfg.to_dict(), "metrics": row})
+        if is_best:
+            run.save_checkpoint("best", {"model": state["model"], "config": cfg.to_dict(), "metrics": row, "epoch": state["epoch"], "step": state["step"]})
+
+    result = fit(
+        objective, p.model, optimizer, scheduler, p.train, p.val,
+        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+        epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
+        log_every=cfg.train.log_every, val_every=cfg.train.val_every,
+        on_epoch_end=on_epoch_end, reporter=reporter,
+    )
+    metrics = {k: v for k, v in result.last.items() if isinstance(v, (int, float))}
+    metrics["images_per_s"] = round(result.images_per_s, 1)
+    for key in ("val_accuracy", "val_loss"):
+        if key in result.best:
+            metrics[f"best_{key}"] = result.best[key]
+    return metrics

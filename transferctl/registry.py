@@ -1,0 +1,147 @@
+"""One registry mechanism for every kind of component.
+
+Components register themselves with a decorator; configs refer to them by name and pass their
+keyword arguments. Arguments that the builder supplies from context (the data set's channel count,
+the number of classes, the model's parameters, ...) are not settable from a config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pydantic
+
+from transferctl.errors import ConfigError
+
+# Supplied by the code that builds a component, never by a config.
+CONTEXT_ARGS = frozenset(
+    {"in_channels", "image_size", "num_classes", "feature_dim", "params", "optimizer", "total_steps", "train", "channels", "hflip_default", "root", "download"}
+)
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+@dataclass
+class Entry:
+    name: str
+    fn: Callable[..., Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        return (inspect.getdoc(self.fn) or "").split("\n")[0]
+
+    def options(self) -> dict[str, inspect.Parameter]:
+        """The keyword arguments a config may set, with their defaults."""
+        params = inspect.signature(self.fn, eval_str=True).parameters.values()
+        return {
+            p.name: p
+            for p in params
+            if p.name not in CONTEXT_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
+    def _schema(self) -> type[pydantic.BaseModel]:
+        fields: dict[str, Any] = {}
+        for name, p in self.options().items():
+            annotation = Any if p.annotation is inspect.Parameter.empty else p.annotation
+            default = ... if p.default is inspect.Parameter.empty else p.default
+            fields[name] = (annotation, default)
+        config = pydantic.ConfigDict(extra="forbid", strict=False, arbitrary_types_allowed=True)
+        return pydantic.create_model(f"{self.name}_options", __config__=config, **fields)
+
+    def validate(self, kwargs: dict[str, Any], where: str) -> dict[str, Any]:
+        """Check `kwargs` against the signature; return them with defaults filled in."""
+        options = list(self.options())
+        for key in kwargs:
+            if key not in options:
+                allowed = ", ".join(options) or "none"
+                raise ConfigError(
+                    f"{where}.{key}: unknown option for {where} '{self.name}'{did_you_mean(key, options)}"
+                    f" (options: {allowed})"
+                )
+        try:
+            model = self._schema().model_validate(kwargs)
+        except pydantic.ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(part) for part in err["loc"])
+            raise ConfigError(f"{where}.{key}: {err['msg']} (got {err.get('input')!r})") from None
+        return model.model_dump()
+
+
+class Registry:
+    """Named components of one kind (models, losses, ...), filled by `@registry.register()`."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str | None = None, **meta: Any) -> Callable[[Callable], Callable]:
+        def decorator(fn: Callable) -> Callable:
+            key = name or fn.__name__
+            if key in self._entries:
+                raise ValueError(f"{self.kind} '{key}' is already registered")
+            self._entries[key] = Entry(key, fn, meta)
+            return fn
+
+        return decorator
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def get(self, name: str, where: str | None = None) -> Entry:
+        if name not in self._entries:
+            names = self.names()
+            prefix = f"{where}.name: " if where else ""
+            raise ConfigError(
+                f"{prefix}unknown {self.kind} '{name}'{did_you_mean(name, names)}"
+                f" (registered: {', '.join(names)})"
+            )
+        return self._entries[name]
+
+    def build(self, name: str, options: dict[str, Any], **context: Any) -> Any:
+        """Call the component with its config options plus the context it needs."""
+        entry = self.get(name)
+        wanted = inspect.signature(entry.fn).parameters
+        return entry.fn(**options, **{k: v for k, v in context.items() if k in wanted})
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries[n] for n in self.names())
+
+
+MODELS = Registry("model")
+HEADS = Registry("head")
+LOSSES = Registry("loss")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
+DATASETS = Registry("dataset")
+AUGMENTATIONS = Registry("augmentation")
+
+REGISTRIES: dict[str, Registry] = {
+    "models": MODELS,
+    "heads": HEADS,
+    "losses": LOSSES,
+    "optimizers": OPTIMIZERS,
+    "schedulers": SCHEDULERS,
+    "datasets": DATASETS,
+    "augmentations": AUGMENTATIONS,
+}
+
+
+def load_components() -> None:
+    """Import the modules whose decorators fill the registries."""
+    import transferctl.data.augment  # noqa: F401
+    import transferctl.data.datasets  # noqa: F401
+    import transferctl.losses  # noqa: F401
+    import transferctl.models  # noqa: F401
+    import transferctl.optim  # noqa: F401

@@ -1,0 +1,269 @@
+"""Run directories: ids, creation, atomic writes, metrics, checkpoints and resolving `--from`.
+
+    runs/<id>/
+      config.yaml        the resolved config (every default filled in)
+      summary.json       status (running|completed|failed|interrupted), metrics, timings, parent
+      environment.json   package versions, git commit, device, seed, platform
+      metrics.jsonl      one JSON object per epoch (or per evaluation)
+      log.txt            the plain-text log of the run, tracebacks included
+      checkpoints/       last.pt and best.pt (classifier and encoder weights, optimizer, RNG state)
+
+Every file is written atomically (temporary file in the same folder, fsync, rename), so a crash
+never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+import transferctl
+from transferctl.errors import RunFailed, UsageError
+
+CHECKPOINT_FORMAT = 1
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+def new_run_id(label: str) -> str:
+    """Readable and unique: '20261128-161500-simclr-mnist-3fa2'."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{secrets.token_hex(2)}"
+
+
+@dataclass
+class Run:
+    """A run directory being written by this process."""
+
+    path: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.txt"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_bytes(self.path / name, _json_bytes(obj))
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_bytes(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+
+    def update_summary(self, **fields: Any) -> None:
+        self.summary.update(fields)
+        self.write_json("summary.json", self.summary)
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        """Add one row to metrics.jsonl (rewritten whole, atomically: it is small)."""
+        self.metrics.append(row)
+        atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+
+    def log(self, line: str) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+    def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
+        buffer = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, "transferctl": transferctl.__version__, **state}, buffer)
+        self.checkpoint_dir.mkdir(exist_ok=True)
+        path = self.checkpoint_dir / f"{name}.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+
+def create_run(
+    runs_dir: Path, label: str, config: dict[str, Any], parent: str | None, command: str, run_environment: dict[str, Any] | None = None
+) -> Run:
+    """Make a fresh run directory (never reusing one) and write its config and first summary."""
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"runs root {runs_dir}: cannot create it ({exc.strerror}); pass a writable --runs-dir") from None
+    if not os.access(runs_dir, os.W_OK):
+        raise UsageError(f"runs root {runs_dir}: not writable; pass a writable --runs-dir")
+    for _ in range(100):
+        path = runs_dir / new_run_id(label)
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise UsageError(f"runs root {runs_dir}: could not find a free run id")
+    run = Run(path)
+    run.write_config(config)
+    run.write_json("environment.json", {**environment(), **(run_environment or {})})
+    run.update_summary(
+        run_id=run.id,
+        command=command,
+        status="running",
+        parent=parent,
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        finished_at=None,
+        duration_s=None,
+        metrics={},
+        error=None,
+    )
+    return run
+
+
+@contextmanager
+def recording(run: Run, command: str) -> Iterator[dict[str, Any]]:
+    """Mark the run completed, failed (with the reason, traceback in the log) or interrupted.
+
+    The body puts its final metrics into the yielded dict.
+    """
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {}
+
+    def close(status: str, error: str | None = None) -> None:
+        run.update_summary(
+            status=status,
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            duration_s=round(time.perf_counter() - started, 3),
+            metrics=outcome.get("metrics", {}),
+            error=error,
+        )
+
+    try:
+        yield outcome
+    except KeyboardInterrupt:
+        close("interrupted", "interrupted by the user")
+        raise
+    except Exception as exc:
+        run.log(traceback.format_exc())
+        reason = str(exc) if isinstance(exc, (RunFailed, UsageError)) else f"{type(exc).__name__}: {exc}"
+        close("failed", reason)
+        raise RunFailed(f"{command} failed: {reason} (log: {run.log_path})") from None
+    close("completed")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(transferctl.__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    import torchvision
+
+    return {
+        "transferctl": transferctl.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "git_commit": _git_commit(),
+        "argv": sys.argv,
+    }
+
+
+# --------------------------------------------------------------------------- reading runs
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished (or unfinished) run directory, read back."""
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
+
+def resolve_run(ref: str, runs_dir: Path) -> Path:
+    """A run directory path, or a bare run id under `runs_dir`."""
+    candidates = [Path(ref)]
+    if os.sep not in ref:
+        candidates.append(runs_dir / ref)
+    for path in candidates:
+        if path.is_dir():
+            if not (path / "config.yaml").is_file() or not (path / "summary.json").is_file():
+                raise UsageError(f"--from {ref}: {path} is not a transferctl run (no config.yaml/summary.json)")
+            return path
+    raise UsageError(f"--from {ref}: no such run directory or run id under {runs_dir}; see `ls {runs_dir}`")
+
+
+def read_run(ref: str, runs_dir: Path) -> RunRecord:
+    path = resolve_run(ref, runs_dir)
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        summary = json.loads((path / "summary.json").read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, OSError) as exc:
+        raise UsageError(f"--from {ref}: cannot read the run's config or summary ({exc})") from None
+    return RunRecord(path, config, summary)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only); a missing or corrupt file is a usage error."""
+    if not path.is_file():
+        raise UsageError(f"{path}: checkpoint missing; the run did not finish an epoch (check its summary.json)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise UsageError(f"{path}: not a readable checkpoint ({type(exc).__name__}); it may be truncated or corrupt") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'} is not supported by transferctl {transferctl.__version__}")
+    return state
