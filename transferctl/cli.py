@@ -1,0 +1,183 @@
+"""The command line: parse, call one recipe per verb, print, exit with a meaningful code.
+
+Exit codes: 0 success; 1 a failure while running; 2 a usage or config error; 130 interrupted.
+With --json, stdout carries exactly one JSON object; human output goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+import transferctl
+from transferctl import recipes
+from transferctl.console import ConsoleReporter
+from transferctl.errors import TransferError, UsageError
+from transferctl.recipes.training import RunResult
+from transferctl.registry import REGISTRIES, did_you_mean, load_components
+from transferctl.runs import DEFAULT_RUNS_DIR
+
+app = typer.Typer(
+    name="transferctl",
+    help="Pretrain an encoder (SimCLR or supervised), fine-tune it on few labels, evaluate it.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file.", dir_okay=False)
+Overrides = typer.Argument(None, help="key=value overrides with dotted keys, e.g. train.epochs=3 optimizer.lr=0.1", show_default=False)
+RunsDir = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where runs are written and bare run ids are looked up.")
+JsonFlag = typer.Option(False, "--json", help="Print one JSON object with run_id, run_dir and metrics on stdout.")
+QuietFlag = typer.Option(False, "--quiet", "-q", help="No progress or tables on stderr.")
+FromOption = typer.Option(..., "--from", help="A run directory (runs/<id>) or a bare run id.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"transferctl {transferctl.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """transferctl: transfer learning from the command line."""
+
+
+class _Output:
+    """Where a command's result goes: JSON on stdout, or a table on stderr and the run dir on stdout."""
+
+    def __init__(self, as_json: bool, quiet: bool):
+        self.as_json = as_json
+        self.reporter = ConsoleReporter(quiet=quiet)
+
+    def result(self, result: RunResult, title: str) -> None:
+        if self.as_json:
+            typer.echo(json.dumps(result.to_json()))
+            return
+        self.reporter.table(title, {"run": str(result.run_dir), "status": result.status, **result.metrics})
+        typer.echo(str(result.run_dir))
+
+
+def _execute(as_json: bool, quiet: bool, title: str, job: Callable[[ConsoleReporter], Any]) -> None:
+    """Run one recipe; errors become one line on stderr (and an error object with --json)."""
+    out = _Output(as_json, quiet)
+    try:
+        result = job(out.reporter)
+    except TransferError as exc:
+        out.reporter.finish()
+        _fail(str(exc), exc.exit_code, as_json)
+    except KeyboardInterrupt:
+        out.reporter.finish()
+        _fail("interrupted", 130, as_json)
+    results = result if isinstance(result, list) else [result]
+    if as_json and len(results) > 1:
+        typer.echo(json.dumps({**results[-1].to_json(), "runs": [r.to_json() for r in results]}))
+        return
+    for item in results:
+        out.result(item, title)
+
+
+def _fail(message: str, code: int, as_json: bool) -> None:
+    typer.echo(f"error: {message}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"status": "error", "exit_code": code, "error": message}))
+    raise typer.Exit(code)
+
+
+@app.command()
+def pretrain(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML config file.", dir_okay=False),
+    overrides: Optional[list[str]] = Overrides,
+    runs_dir: Path = RunsDir,
+    as_json: bool = JsonFlag,
+    quiet: bool = QuietFlag,
+) -> None:
+    """Pretrain an encoder (method simclr or supervised) into a new run."""
+    _execute(as_json, quiet, "pretrain", lambda rep: recipes.pretrain(config, overrides or [], runs_dir=runs_dir, reporter=rep))
+
+
+@app.command()
+def finetune(
+    source: Optional[str] = typer.Option(None, "--from", help="The pretraining run (runs/<id> or an id); omit to train from scratch with -c."),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = Overrides,
+    runs_dir: Path = RunsDir,
+    as_json: bool = JsonFlag,
+    quiet: bool = QuietFlag,
+) -> None:
+    """Fine-tune a pretrained encoder with a new classifier (default: 10 labels per class)."""
+    _execute(
+        as_json, quiet, "finetune",
+        lambda rep: recipes.finetune(source, config, overrides or [], runs_dir=runs_dir, reporter=rep),
+    )
+
+
+@app.command()
+def evaluate(
+    source: str = FromOption,
+    overrides: Optional[list[str]] = Overrides,
+    runs_dir: Path = RunsDir,
+    as_json: bool = JsonFlag,
+    quiet: bool = QuietFlag,
+) -> None:
+    """Evaluate a run on the test split: accuracy for classifiers, k-NN accuracy for encoders."""
+    _execute(as_json, quiet, "evaluate", lambda rep: recipes.evaluate(source, overrides or [], runs_dir=runs_dir, reporter=rep))
+
+
+@app.command()
+def quickstart(
+    runs_dir: Path = RunsDir,
+    as_json: bool = JsonFlag,
+    quiet: bool = QuietFlag,
+) -> None:
+    """Pretrain, fine-tune and evaluate on the MNIST sample shipped with transferctl (about a minute on a CPU)."""
+    _execute(as_json, quiet, "quickstart", lambda rep: recipes.quickstart(runs_dir=runs_dir, reporter=rep))
+
+
+@app.command("list")
+def list_components(
+    kind: Optional[str] = typer.Argument(None, help=f"One of: {', '.join(REGISTRIES)}."),
+    as_json: bool = JsonFlag,
+) -> None:
+    """List the registered components (models, losses, optimizers, ...)."""
+    load_components()
+    if kind is not None and kind not in REGISTRIES:
+        _fail(f"unknown kind '{kind}'{did_you_mean(kind, list(REGISTRIES))} (kinds: {', '.join(REGISTRIES)})", 2, as_json)
+    kinds = [kind] if kind else list(REGISTRIES)
+    listing = {k: {e.name: e.summary for e in REGISTRIES[k]} for k in kinds}
+    if as_json:
+        typer.echo(json.dumps(listing))
+        return
+    for k, entries in listing.items():
+        typer.echo(f"{k}:")
+        for name, summary in entries.items():
+            typer.echo(f"  {name:<16} {summary}")
+
+
+def main() -> None:
+    """Console-script entry point: usage errors become one line and exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except UsageError as exc:  # raised outside a recipe, e.g. while parsing
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # click's (or typer's vendored click's) UsageError: duck-typed, as typer's versions differ.
+        if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
+            ctx = getattr(exc, "ctx", None)
+            where = f"{ctx.command_path} --help" if ctx is not None else "transferctl --help"
+            typer.echo(f"error: {exc.format_message()} (see `{where}`)", err=True)
+            sys.exit(2)
+        if type(exc).__name__ == "Abort":
+            typer.echo("error: interrupted", err=True)
+            sys.exit(130)
+        raise
+    sys.exit(code if isinstance(code, int) else 0)

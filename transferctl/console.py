@@ -1,0 +1,77 @@
+"""Human output on stderr: a rich progress bar on a terminal, plain lines otherwise, nothing when quiet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ConsoleReporter:
+    """The engine's Reporter for the CLI."""
+
+    def __init__(self, quiet: bool = False, console: Console | None = None):
+        self.quiet = quiet
+        self.console = console or Console(stderr=True, highlight=False)
+        self.live = self.console.is_terminal and not quiet
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._total = 0
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False)
+
+    def start(self, total_steps: int, description: str) -> None:
+        self._total = total_steps
+        if self.live and total_steps:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(description, total=total_steps, stats="")
+        else:
+            self.info(f"{description}: {total_steps} steps" if total_steps else description)
+
+    def progress(self, step: int, values: dict[str, float]) -> None:
+        stats = f"loss {values['loss']:.4f}  lr {values['lr']:.3g}  {values['images_per_s']:.0f} img/s"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, stats=stats)
+        else:
+            self.info(f"step {step}/{self._total}  {stats}")
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        line = "  ".join(f"{k} {_fmt(v)}" for k, v in row.items())
+        if self._progress is not None:
+            self._progress.console.print(line, markup=False)
+        else:
+            self.info(line)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def table(self, title: str, rows: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        table = Table(title=title, show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value")
+        for key, value in rows.items():
+            table.add_row(key, _fmt(value))
+        self.console.print(table)
