@@ -33,6 +33,7 @@ from transferctl.registry import (
 
 Method = Literal["simclr", "supervised", "finetune"]
 PRETRAIN_METHODS = ("simclr", "supervised")
+COMMAND_OF_METHOD = {"simclr": "pretrain", "supervised": "pretrain", "finetune": "finetune"}
 
 
 class Component(BaseModel):
@@ -221,7 +222,8 @@ def _origin(message: str, source: str, overrides: list[str]) -> str:
     """Prefix a message with the override that set its key, else the config file."""
     dotted = message.split(":", 1)[0]
     for text in overrides:
-        if text.partition("=")[0] == dotted:
+        key = text.partition("=")[0]
+        if key == dotted or key.startswith(dotted + "."):
             return f"override '{text}': {message}"
     return f"{source}: {message}"
 
@@ -232,13 +234,18 @@ def _resolve_component(registry: Registry, component: Component, where: str) -> 
     return Component(name=component.name, **options)
 
 
-def resolve(data: dict[str, Any]) -> Config:
-    """Validate a raw config dict and fill in method defaults and every component option."""
+def resolve(data: dict[str, Any], command: str | None = None) -> Config:
+    """Validate a raw config dict and fill in method defaults and every component option.
+
+    With `command`, a method that belongs to another command is refused first, naming that command.
+    """
     load_components()
     try:
         cfg = Config.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_pydantic_message(exc.errors()[0])) from None
+    if command is not None and COMMAND_OF_METHOD[cfg.method] != command:
+        raise ConfigError(f"method: '{cfg.method}' is run by `transferctl {COMMAND_OF_METHOD[cfg.method]}`, not `transferctl {command}`")
     defaults = METHOD_DEFAULTS[cfg.method]
     cfg.head = cfg.head or Component(name=defaults["head"])
     cfg.loss = cfg.loss or Component(name=defaults["loss"])
@@ -271,6 +278,7 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: dict[str, Any] | None = None,
+    command: str | None = None,
 ) -> Config:
     """Read `path` (over `base`, if given), apply overrides, validate and resolve."""
     overrides = list(overrides or [])
@@ -280,7 +288,7 @@ def load_config(
     data = apply_overrides(data, overrides)
     source = str(path) if path is not None else "config"
     try:
-        return resolve(data)
+        return resolve(data, command)
     except ConfigError as exc:
         raise ConfigError(_origin(str(exc), source, overrides)) from None
 

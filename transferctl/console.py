@@ -28,7 +28,7 @@ class ConsoleReporter:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, markup=False)
+            self.console.print(message, markup=False, soft_wrap=True)
 
     def start(self, total_steps: int, description: str) -> None:
         self._total = total_steps
@@ -57,7 +57,7 @@ class ConsoleReporter:
     def epoch(self, row: dict[str, Any]) -> None:
         line = "  ".join(f"{k} {_fmt(v)}" for k, v in row.items())
         if self._progress is not None:
-            self._progress.console.print(line, markup=False)
+            self._progress.console.print(line, markup=False, soft_wrap=True)
         else:
             self.info(line)
 

@@ -55,9 +55,9 @@ def pretrain(
     reporter: Reporter | None = None,
 ) -> RunResult:
     """Pretrain an encoder (SimCLR or supervised) and write a new run."""
-    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    cfg = config if isinstance(config, Config) else load_config(config, overrides, command="pretrain")
     if cfg.method not in PRETRAIN_METHODS:
-        raise ConfigError(f"method: '{cfg.method}' is not a pretraining method ({', '.join(PRETRAIN_METHODS)}); use `transferctl finetune` for it")
+        raise ConfigError(f"method: '{cfg.method}' is run by `transferctl finetune`, not `transferctl pretrain`")
     return train_run(cfg, runs_dir=runs_dir, command="pretrain", reporter=reporter)
 
 
@@ -78,16 +78,15 @@ def finetune_config(
         raise UsageError("finetune needs --from RUN (a pretraining run) or -c CONFIG (to train from scratch)")
     base = read_yaml(recipe_path("finetune"))
     user = read_yaml(config) if config is not None else {}
-    if user.get("method", "finetune") != "finetune":
-        raise ConfigError(f"{config}: method: '{user['method']}' is a pretraining method; use `transferctl pretrain -c {config}`")
     if source is not None:
         record = read_run(source, runs_dir)
         src = record.config
-        if "model" in user and user["model"].get("name") != src["model"]["name"]:
-            raise ConfigError(
-                f"{config}: model.name '{user['model'].get('name')}' differs from the source run's encoder "
-                f"'{src['model']['name']}'; drop the model section to use the source's"
-            )
+        for key, value in (user.get("model") or {}).items():
+            if src["model"].get(key) != value:
+                raise ConfigError(
+                    f"{config}: model.{key}={value!r} differs from the source run's encoder "
+                    f"({key}={src['model'].get(key)!r}); drop the model section to use the source's"
+                )
         inherited_data = {k: v for k, v in src["data"].items() if k not in ("batch_size", "labels_per_class", "augment", "eval_batch_size")}
         base["model"] = src["model"]
         base["data"] = {**inherited_data, **base["data"]}
@@ -95,16 +94,11 @@ def finetune_config(
         base["finetune"] = {**base.get("finetune", {}), "source": str(record.path)}
         user.pop("model", None)
     merged = merge(base, user)
-    return load_config(None, overrides, base=merged) if config is None else _load_labelled(config, overrides, merged)
-
-
-def _load_labelled(config: str | Path, overrides: list[str] | None, merged: dict[str, Any]) -> Config:
-    """load_config with errors attributed to the user's file."""
     try:
-        return load_config(None, overrides, base=merged)
-    except ConfigError as exc:
+        return load_config(None, overrides, base=merged, command="finetune")
+    except ConfigError as exc:  # attribute errors to the user's file, when there is one
         message = str(exc)
-        if message.startswith("config: "):
+        if config is not None and message.startswith("config: "):
             message = f"{config}: " + message.removeprefix("config: ")
         raise ConfigError(message) from None
 

@@ -1,0 +1,114 @@
+"""Shared fixtures: small idx-encoded digit data in a temporary folder, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from transferctl.cli import main
+
+SAMPLE_RAW = Path(__file__).parent.parent / "transferctl" / "data" / "sample" / "MNIST" / "raw"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in the idx format that torchvision's MNIST reader expects."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = ((0x08 << 8) | array.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def read_sample(stem: str) -> tuple[np.ndarray, np.ndarray]:
+    def read(name: str) -> np.ndarray:
+        raw = gzip.decompress((SAMPLE_RAW / name).read_bytes())
+        ndim = raw[3]
+        shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(raw[4 + 4 * ndim :], dtype=np.uint8).reshape(shape)
+
+    return read(f"{stem}-images-idx3-ubyte.gz"), read(f"{stem}-labels-idx1-ubyte.gz")
+
+
+def make_mnist_root(root: Path, n_train: int, n_test: int, folder: str = "MNIST") -> Path:
+    """A torchvision-layout data root with the first n real digits of the shipped sample."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = read_sample(stem)
+        write_idx(raw / f"{stem}-images-idx3-ubyte", images[:n])
+        write_idx(raw / f"{stem}-labels-idx1-ubyte", labels[:n])
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """600 training and 200 test digits as MNIST idx files (read through torchvision's MNIST)."""
+    return make_mnist_root(tmp_path_factory.mktemp("data"), 600, 200)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """No test reads the user's data folder or cache, and every test starts in a fresh cwd."""
+    monkeypatch.delenv("TRANSFERCTL_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "share"))
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `transferctl ARGS...` in-process, as the console script does."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        old_argv = sys.argv
+        sys.argv = ["transferctl", *map(str, args)]
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.argv = old_argv
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+SMALL_SIMCLR = """\
+method: simclr
+model: {{name: cnn, widths: [8, 16]}}
+head: {{name: projection, hidden_dim: 32, out_dim: 16}}
+optimizer: {{name: adamw, lr: 0.003}}
+data: {{name: mnist, root: {root}, batch_size: 64, eval_batch_size: 256}}
+train: {{epochs: 2, log_every: 2, device: cpu}}
+"""
+
+
+@pytest.fixture
+def simclr_config(tmp_path, digits_root) -> Path:
+    return write_config(tmp_path / "simclr.yaml", SMALL_SIMCLR.format(root=digits_root))
+

@@ -1,0 +1,199 @@
+"""End-to-end: the real CLI through pretrain -> finetune -> evaluate on small idx digits, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import write_config
+from transferctl.build import build_network
+from transferctl.config import load_config
+
+RUN_FILES = {"config.yaml", "summary.json", "environment.json", "metrics.jsonl", "log.txt", "checkpoints"}
+
+
+def checkpoint(run_dir, name="last"):
+    return torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
+
+
+def encoder_state(state):
+    return {k: v for k, v in state["model"].items() if k.startswith("encoder.")}
+
+
+@pytest.fixture
+def pretrained(cli, simclr_config, tmp_path):
+    result = cli("pretrain", "-c", simclr_config, "train.max_steps=10", "--runs-dir", tmp_path / "runs", "--json")
+    assert result.code == 0, result.stderr
+    return result.json
+
+
+def test_whole_chain_writes_complete_runs(cli, pretrained, tmp_path):
+    runs = tmp_path / "runs"
+    pre_dir = Path(pretrained["run_dir"])
+    assert pretrained["status"] == "completed" and pretrained["metrics"]["step"] == 10
+    assert RUN_FILES <= {p.name for p in pre_dir.iterdir()}
+    assert {"last.pt", "best.pt"} <= {p.name for p in (pre_dir / "checkpoints").iterdir()}
+    summary = json.loads((pre_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["duration_s"] > 0 and summary["parent"] is None
+    env = json.loads((pre_dir / "environment.json").read_text())
+    assert env["device"] == "cpu" and env["seed"] == 0 and env["torch"] == torch.__version__
+    assert yaml.safe_load((pre_dir / "config.yaml").read_text())["loss"] == {"name": "nt_xent", "temperature": 0.5}
+    rows = [json.loads(line) for line in (pre_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all("val_loss" in r for r in rows)
+
+    # finetune by bare run id, resolved under --runs-dir
+    tuned = cli("finetune", "--from", pretrained["run_id"], "data.labels_per_class=5", "data.batch_size=16",
+                "train.max_steps=8", "--runs-dir", runs, "--json")
+    assert tuned.code == 0, tuned.stderr
+    tuned = tuned.json
+    assert tuned["parent"] == pretrained["run_id"] and "val_accuracy" in tuned["metrics"]
+    tuned_cfg = yaml.safe_load((Path(tuned["run_dir"]) / "config.yaml").read_text())
+    assert tuned_cfg["method"] == "finetune" and tuned_cfg["model"]["widths"] == [8, 16]
+    assert tuned_cfg["data"]["labels_per_class"] == 5 and tuned_cfg["finetune"]["source"] == pretrained["run_dir"]
+
+    evaluated = cli("evaluate", "--from", tuned["run_dir"], "--runs-dir", runs, "--json")
+    assert evaluated.code == 0, evaluated.stderr
+    metrics = evaluated.json["metrics"]
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["test_images"] == 200
+    confusion = json.loads((Path(evaluated.json["run_dir"]) / "confusion.json").read_text())
+    assert sum(map(sum, confusion["confusion"])) == 200 and len(confusion["per_class_accuracy"]) == 10
+    correct = sum(confusion["confusion"][i][i] for i in range(10))
+    assert correct / 200 == pytest.approx(metrics["accuracy"])
+
+    knn = cli("evaluate", "--from", pretrained["run_dir"], "eval.knn_k=5", "--runs-dir", runs, "--json")
+    assert knn.code == 0, knn.stderr
+    assert 0.0 <= knn.json["metrics"]["knn_accuracy"] <= 1.0 and "accuracy" not in knn.json["metrics"]
+    assert len(list(runs.iterdir())) == 4
+
+
+def test_finetune_loads_the_encoder_and_a_linear_probe_keeps_it(cli, pretrained, tmp_path):
+    probe = cli("finetune", "--from", pretrained["run_dir"], "finetune.freeze_encoder=true", "data.labels_per_class=5",
+                "data.batch_size=16", "train.max_steps=4", "--runs-dir", tmp_path / "runs", "--json")
+    assert probe.code == 0, probe.stderr
+    source, probed = encoder_state(checkpoint(Path(pretrained["run_dir"]))), encoder_state(checkpoint(Path(probe.json["run_dir"])))
+    assert source.keys() == probed.keys()
+    assert all(torch.equal(source[k], probed[k]) for k in source)  # weights and batch-norm statistics
+    head_before = {k: v for k, v in checkpoint(Path(probe.json["run_dir"]))["model"].items() if k.startswith("head.")}
+    assert head_before  # the classifier head was trained and saved
+
+
+def test_finetune_from_scratch_starts_from_random_weights(cli, pretrained, tmp_path, digits_root):
+    config = write_config(tmp_path / "ft.yaml", f"""\
+method: finetune
+model: {{name: cnn, widths: [8, 16]}}
+data: {{name: mnist, root: {digits_root}, labels_per_class: 5, batch_size: 16}}
+train: {{max_steps: 2, device: cpu}}
+finetune: {{freeze_encoder: true}}
+""")
+    scratch = cli("finetune", "-c", config, "--runs-dir", tmp_path / "runs", "--json")
+    assert scratch.code == 0, scratch.stderr
+    assert scratch.json["parent"] is None
+    fresh, pre = encoder_state(checkpoint(Path(scratch.json["run_dir"]))), encoder_state(checkpoint(Path(pretrained["run_dir"])))
+    assert not torch.equal(fresh["encoder.0.weight"], pre["encoder.0.weight"])
+    torch.manual_seed(0)
+    initial = build_network(load_config(config), 1, 28, 10).encoder.state_dict()
+    assert torch.equal(fresh["encoder.0.weight"], initial["0.weight"])  # frozen, so still the seeded init
+
+
+def test_finetune_refuses_a_different_encoder_than_the_source(cli, pretrained, tmp_path):
+    config = write_config(tmp_path / "ft.yaml", "method: finetune\nmodel: {name: cnn, widths: [8, 32]}\n")
+    result = cli("finetune", "--from", pretrained["run_dir"], "-c", config, "--runs-dir", tmp_path / "runs")
+    assert result.code == 2 and "differs from the source run's encoder" in result.stderr
+
+
+def _runs_snapshot(runs):
+    return sorted(str(p) for p in runs.rglob("*")) if runs.exists() else None
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["pretrain", "-c", "{cfg}", "train.epoch=3"], "train.epoch: unknown key; did you mean 'epochs'?"),
+        (["pretrain", "-c", "{cfg}", "model.name=cnnn"], "unknown model 'cnnn'; did you mean 'cnn'?"),
+        (["pretrain", "-c", "{cfg}", "data.batch_size=-4"], "data.batch_size"),
+        (["pretrain", "-c", "{cfg}", "data.batch_size=5000"], "data.batch_size=5000 is larger than the 540 training images"),
+        (["pretrain", "-c", "{cfg}", "data.root={tmp}/nowhere"], "data set 'mnist' not found: looked for"),
+        (["pretrain", "-c", "{cfg}", "method=finetune"], "is run by `transferctl finetune`"),
+        (["pretrain", "-c", "{tmp}/missing.yaml"], "config file not found"),
+        (["pretrain", "-c", "{bad_yaml}"], "malformed YAML at line"),
+        (["pretrain", "-c", "{cfg}", "epochs"], "expected dotted.key=value"),
+        (["pretrain"], "Missing option"),
+        (["finetune"], "finetune needs --from RUN"),
+        (["finetune", "--from", "no-such-run"], "no such run directory or run id"),
+        (["finetune", "--from", "{tmp}"], "is not a transferctl run"),
+        (["finetune", "-c", "{cfg}"], "is run by `transferctl pretrain`"),
+        (["evaluate", "--from", "nope"], "no such run directory or run id"),
+        (["pretrain", "-c", "{cfg}", "train.device=cuda:0" if not torch.cuda.is_available() else "train.device=tpu"], "train.device"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli, simclr_config, tmp_path, args, expected):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("method: simclr\ndata: [unclosed\n")
+    runs = tmp_path / "runs"
+    before = _runs_snapshot(runs)
+    args = [a.format(cfg=simclr_config, tmp=tmp_path, bad_yaml=bad_yaml) for a in args]
+    result = cli(*args, "--runs-dir", runs)
+    assert result.code == 2, result.stderr
+    assert expected in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    assert _runs_snapshot(runs) == before
+
+
+def test_labels_per_class_larger_than_a_class(cli, pretrained, tmp_path):
+    result = cli("finetune", "--from", pretrained["run_dir"], "data.labels_per_class=500", "--runs-dir", tmp_path / "runs")
+    assert result.code == 2 and "labels_per_class=500 is larger than class" in result.stderr
+
+
+def test_json_errors_are_one_object_on_stdout(cli, simclr_config, tmp_path):
+    result = cli("pretrain", "-c", simclr_config, "train.epoch=1", "--json", "--runs-dir", tmp_path / "runs")
+    assert result.code == 2
+    assert result.json == {"status": "error", "exit_code": 2, "error": result.stderr.removeprefix("error: ").strip()}
+
+
+def test_runtime_failure_exits_1_and_marks_the_run_failed(cli, simclr_config, tmp_path):
+    runs = tmp_path / "runs"
+    result = cli("pretrain", "-c", simclr_config, "optimizer.name=sgd", "optimizer.lr=1e12", "optimizer.weight_decay=0",
+                 "train.log_every=1", "--runs-dir", runs)
+    assert result.code == 1, result.stderr
+    assert "loss became nan" in result.stderr.lower() or "loss became inf" in result.stderr.lower()
+    assert "log: " in result.stderr and "Traceback" not in result.stderr
+    (run_dir,) = list(runs.iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "loss became" in summary["error"]
+    assert "Traceback" in (run_dir / "log.txt").read_text()
+
+
+def test_quiet_human_mode_prints_only_the_run_dir(cli, simclr_config, tmp_path):
+    result = cli("pretrain", "-c", simclr_config, "train.max_steps=2", "--quiet", "--runs-dir", tmp_path / "runs")
+    assert result.code == 0 and result.stderr == ""
+    assert result.stdout.strip().startswith(str(tmp_path / "runs"))
+
+
+def test_human_mode_reports_progress_on_stderr(cli, simclr_config, tmp_path):
+    result = cli("pretrain", "-c", simclr_config, "train.max_steps=4", "--runs-dir", tmp_path / "runs")
+    assert result.code == 0
+    assert "step 2/4" in result.stderr and "img/s" in result.stderr and "val_loss" in result.stderr
+
+
+def test_list_and_version(cli):
+    listing = cli("list", "losses", "--json")
+    assert listing.code == 0 and set(listing.json["losses"]) == {"nt_xent", "cross_entropy"}
+    everything = cli("list", "--json").json
+    assert {"models", "heads", "losses", "optimizers", "schedulers", "datasets", "augmentations"} == set(everything)
+    assert cli("list", "los").code == 2
+    version = cli("--version")
+    assert version.code == 0 and version.stdout.startswith("transferctl ")
+
+
+def test_console_script_entry_point_and_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "transferctl", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("transferctl ")
+    bad = subprocess.run([sys.executable, "-m", "transferctl", "pretrain", "-c", str(tmp_path / "x.yaml")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr

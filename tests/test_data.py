@@ -1,0 +1,79 @@
+"""Data sets through torchvision, held-out splits, stratified label subsets, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transferctl.config import DataConfig
+from transferctl.data import iterate_batches, load_split, load_training_data, split_train_val, stratified_subset
+from transferctl.errors import UsageError
+
+
+def test_mnist_idx_files_load_through_torchvision(digits_root):
+    train = load_split(DataConfig(name="mnist", root=str(digits_root)), train=True)
+    assert train.images.shape == (600, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert train.labels.shape == (600,) and train.num_classes == 10
+    assert not train.hflip  # flipping a digit changes its meaning
+    assert len(load_split(DataConfig(name="mnist", root=str(digits_root)), train=False)) == 200
+
+
+def test_data_root_defaults_to_the_environment_variable(digits_root, monkeypatch):
+    monkeypatch.setenv("TRANSFERCTL_DATA_DIR", str(digits_root))
+    assert len(load_split(DataConfig(name="mnist"), train=True)) == 600
+
+
+def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):
+    with pytest.raises(UsageError) as info:
+        load_split(DataConfig(name="fashion_mnist", root=str(tmp_path)), train=True)
+    message = str(info.value)
+    assert str(tmp_path / "FashionMNIST" / "raw") in message
+    assert "data.root" in message and "TRANSFERCTL_DATA_DIR" in message
+
+
+def test_shipped_sample_loads_offline():
+    train = load_split(DataConfig(name="mnist_sample"), train=True)
+    test = load_split(DataConfig(name="mnist_sample"), train=False)
+    assert (len(train), len(test)) == (2500, 500)
+    assert set(train.labels.tolist()) == set(range(10))
+
+
+def test_split_is_disjoint_seeded_and_complete():
+    train, val = split_train_val(100, 0.2, seed=3)
+    assert len(val) == 20 and len(train) == 80
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(100))
+    assert torch.equal(split_train_val(100, 0.2, seed=3)[1], val)
+    assert not torch.equal(split_train_val(100, 0.2, seed=4)[1], val)
+
+
+def test_stratified_subset_is_balanced_and_reproducible():
+    labels = torch.arange(10).repeat_interleave(30)
+    subset = stratified_subset(labels, 7, seed=0)
+    assert torch.bincount(labels[subset]).tolist() == [7] * 10
+    assert torch.equal(subset, stratified_subset(labels, 7, seed=0))
+    assert not torch.equal(subset, stratified_subset(labels, 7, seed=1))
+
+
+def test_labels_per_class_larger_than_a_class_is_a_usage_error():
+    labels = torch.tensor([0] * 5 + [1] * 3)
+    with pytest.raises(UsageError, match="labels_per_class=4 is larger than class 1's 3 training images"):
+        stratified_subset(labels, 4, seed=0)
+
+
+def test_training_data_never_overlaps_validation_and_subsets_only_train(digits_root):
+    cfg = DataConfig(name="mnist", root=str(digits_root), labels_per_class=5, val_fraction=0.2, seed=0)
+    train, val = load_training_data(cfg, labelled_subset=True)
+    assert len(train) == 50 and len(val) == 120
+    assert torch.bincount(train.labels, minlength=10).tolist() == [5] * 10
+    train_set = {bytes(img.numpy()) for img in train.images}
+    assert train_set.isdisjoint({bytes(img.numpy()) for img in val.images})
+    unlabelled, _ = load_training_data(cfg, labelled_subset=False)
+    assert len(unlabelled) == 480
+
+
+def test_batches_cover_every_image_once_per_epoch(digits_root):
+    data = load_split(DataConfig(name="mnist", root=str(digits_root)), train=False)
+    seen = torch.cat([labels for _, labels in iterate_batches(data, 64, generator=torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == sorted(data.labels.tolist())
+    assert len(list(iterate_batches(data, 64, drop_last=True))) == 200 // 64

@@ -1,0 +1,73 @@
+"""The one registry mechanism: decorator registration, listing, validation, building with context."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import PositiveInt
+
+from transferctl.errors import ConfigError
+from transferctl.registry import REGISTRIES, Registry, load_components
+
+
+def make_registry() -> Registry:
+    widgets = Registry("widget")
+
+    @widgets.register()
+    def small(in_channels: int, size: PositiveInt = 3, label: str = "s"):
+        """A small widget."""
+        return ("small", in_channels, size, label)
+
+    @widgets.register("large", tier=2)
+    def make_large():
+        return ("large",)
+
+    return widgets
+
+
+def test_register_list_and_wildcards():
+    widgets = make_registry()
+    assert widgets.names() == ["large", "small"]
+    assert widgets.names("sm*") == ["small"]
+    assert widgets.get("large").meta == {"tier": 2}
+    assert widgets.get("small").summary == "A small widget."
+
+
+def test_duplicate_names_are_refused():
+    widgets = make_registry()
+    with pytest.raises(ValueError, match="already registered"):
+        widgets.register("small")(lambda: None)
+
+
+def test_context_arguments_are_not_config_options():
+    entry = make_registry().get("small")
+    assert list(entry.options()) == ["size", "label"]
+    with pytest.raises(ConfigError, match="widget.in_channels: unknown option"):
+        entry.validate({"in_channels": 3}, where="widget")
+
+
+def test_validate_fills_defaults_and_checks_types():
+    entry = make_registry().get("small")
+    assert entry.validate({"size": "4"}, where="widget") == {"size": 4, "label": "s"}
+    with pytest.raises(ConfigError, match=r"widget.size: .*greater than 0 \(got -1\)"):
+        entry.validate({"size": -1}, where="widget")
+
+
+def test_build_passes_only_the_context_a_component_takes():
+    widgets = make_registry()
+    assert widgets.build("small", {"size": 5, "label": "x"}, in_channels=1, num_classes=10) == ("small", 1, 5, "x")
+    assert widgets.build("large", {}, in_channels=1) == ("large",)
+
+
+def test_every_kind_the_cli_lists_is_populated():
+    load_components()
+    expected = {
+        "models": {"mlp", "cnn", "resnet18"},
+        "heads": {"projection", "linear"},
+        "losses": {"nt_xent", "cross_entropy"},
+        "optimizers": {"sgd", "adam", "adamw", "lars"},
+        "schedulers": {"cosine", "constant"},
+        "datasets": {"mnist", "fashion_mnist", "cifar10", "image_folder", "mnist_sample"},
+        "augmentations": {"simclr", "light", "none"},
+    }
+    for kind, names in expected.items():
+        assert names <= set(REGISTRIES[kind].names()), kind

@@ -1,0 +1,75 @@
+"""Run directories: unique ids, atomic files, resolving --from, safe checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from transferctl.errors import UsageError
+from transferctl.runs import atomic_write_bytes, create_run, load_checkpoint, read_run, resolve_run
+
+
+def make_run(runs, label="simclr-mnist"):
+    return create_run(runs, label, {"method": "simclr"}, parent=None, command="pretrain")
+
+
+def test_run_ids_are_readable_and_never_reused(tmp_path):
+    runs = tmp_path / "runs"
+    ids = {make_run(runs).id for _ in range(20)}
+    assert len(ids) == 20
+    assert all("-simclr-mnist-" in run_id for run_id in ids)
+    assert all(json.loads((runs / i / "summary.json").read_text())["status"] == "running" for i in ids)
+
+
+def test_resolve_by_path_or_bare_id(tmp_path):
+    runs = tmp_path / "runs"
+    run = make_run(runs)
+    assert resolve_run(str(run.path), runs) == run.path
+    assert resolve_run(run.id, runs) == runs / run.id
+    assert read_run(run.id, runs).config == {"method": "simclr"}
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    (tmp_path / "runs" / "stray").mkdir(parents=True)
+    with pytest.raises(UsageError, match="is not a transferctl run"):
+        resolve_run("stray", tmp_path / "runs")
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "f.json"
+    atomic_write_bytes(target, b"one")
+    atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_checkpoints_round_trip_with_weights_only(tmp_path):
+    run = make_run(tmp_path / "runs")
+    path = run.save_checkpoint("last", {"model": {"w": torch.ones(2)}, "step": 3})
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_truncated_or_foreign_checkpoints_are_usage_errors(tmp_path, content):
+    run = make_run(tmp_path / "runs")
+    path = run.save_checkpoint("last", {"model": {"w": torch.ones(1000)}})
+    path.write_bytes(path.read_bytes()[:100] if content is None else content)
+    with pytest.raises(UsageError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_with_unpickleable_objects_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "payload": object()}, path)
+    with pytest.raises(UsageError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_unwritable_runs_root_is_a_usage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match="runs root"):
+        make_run(blocker / "runs")
