@@ -197,3 +197,14 @@ def test_console_script_entry_point_and_exit_codes(tmp_path):
     assert ok.returncode == 0 and ok.stdout.startswith("transferctl ")
     bad = subprocess.run([sys.executable, "-m", "transferctl", "pretrain", "-c", str(tmp_path / "x.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_quickstart_runs_the_whole_chain_offline(cli, tmp_path):
+    """The README's main-job command: the shipped sample, pretrain -> k-NN -> finetune -> test."""
+    result = cli("quickstart", "--runs-dir", tmp_path / "runs", "--json")
+    assert result.code == 0, result.stderr
+    pretrained, knn, tuned, tested = result.json["runs"]
+    assert knn["parent"] == pretrained["run_id"] and tested["parent"] == tuned["run_id"]
+    assert knn["metrics"]["knn_accuracy"] > 0.7  # 10 classes: chance is 0.1
+    assert tested["metrics"]["accuracy"] > 0.7 and tested["metrics"]["test_images"] == 500
+    assert result.json["run_id"] == tested["run_id"]

@@ -77,3 +77,21 @@ def test_batches_cover_every_image_once_per_epoch(digits_root):
     seen = torch.cat([labels for _, labels in iterate_batches(data, 64, generator=torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == sorted(data.labels.tolist())
     assert len(list(iterate_batches(data, 64, drop_last=True))) == 200 // 64
+
+
+def test_image_folder_loads_your_own_images(tmp_path):
+    from PIL import Image
+
+    for split, per_class in (("train", 4), ("test", 2)):
+        for cls, colour in (("cats", (250, 10, 10)), ("dogs", (10, 10, 250))):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (40 + i, 30), colour).save(folder / f"{i}.png")
+    cfg = DataConfig(name="image_folder", root=str(tmp_path), image_size=16)
+    train = load_split(cfg, train=True)
+    assert train.images.shape == (8, 3, 16, 16) and train.classes == ("cats", "dogs")
+    assert train.labels.tolist() == [0] * 4 + [1] * 4
+    assert train.images[0, 0].float().mean() > 200 and train.images[-1, 2].float().mean() > 200
+    grey = load_split(DataConfig(name="image_folder", root=str(tmp_path), image_size=16, channels=1), train=False)
+    assert grey.images.shape == (4, 1, 16, 16)

@@ -10,7 +10,7 @@ from transferctl.registry import REGISTRIES, Registry, load_components
 
 
 def make_registry() -> Registry:
-    widgets = Registry("widget")
+    widgets = Registry("widget", context=("in_channels",))
 
     @widgets.register()
     def small(in_channels: int, size: PositiveInt = 3, label: str = "s"):
@@ -71,3 +71,10 @@ def test_every_kind_the_cli_lists_is_populated():
     }
     for kind, names in expected.items():
         assert names <= set(REGISTRIES[kind].names()), kind
+
+
+def test_context_names_are_per_kind():
+    load_components()
+    options = REGISTRIES["datasets"].get("image_folder").options()
+    assert {"image_size", "channels"} <= set(options) and "root" not in options
+    assert "image_size" not in REGISTRIES["models"].get("mlp").options()

@@ -1,8 +1,8 @@
 """One registry mechanism for every kind of component.
 
 Components register themselves with a decorator; configs refer to them by name and pass their
-keyword arguments. Arguments that the builder supplies from context (the data set's channel count,
-the number of classes, the model's parameters, ...) are not settable from a config.
+keyword arguments. Arguments that a kind's builder supplies from context (the data set's channel
+count, the number of classes, the model's parameters, ...) are not settable from a config.
 """
 
 from __future__ import annotations
@@ -17,12 +17,6 @@ import pydantic
 
 from transferctl.errors import ConfigError
 
-# Supplied by the code that builds a component, never by a config.
-CONTEXT_ARGS = frozenset(
-    {"in_channels", "image_size", "num_classes", "feature_dim", "params", "optimizer", "total_steps", "train", "channels", "hflip_default", "root", "download"}
-)
-
-
 def did_you_mean(word: str, choices: list[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
     match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
@@ -33,6 +27,7 @@ def did_you_mean(word: str, choices: list[str]) -> str:
 class Entry:
     name: str
     fn: Callable[..., Any]
+    context: frozenset[str] = frozenset()  # arguments the builder supplies, never a config
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -45,7 +40,7 @@ class Entry:
         return {
             p.name: p
             for p in params
-            if p.name not in CONTEXT_ARGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            if p.name not in self.context and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         }
 
     def _schema(self) -> type[pydantic.BaseModel]:
@@ -79,8 +74,9 @@ class Entry:
 class Registry:
     """Named components of one kind (models, losses, ...), filled by `@registry.register()`."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, context: tuple[str, ...] = ()):
         self.kind = kind
+        self.context = frozenset(context)
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str | None = None, **meta: Any) -> Callable[[Callable], Callable]:
@@ -88,7 +84,7 @@ class Registry:
             key = name or fn.__name__
             if key in self._entries:
                 raise ValueError(f"{self.kind} '{key}' is already registered")
-            self._entries[key] = Entry(key, fn, meta)
+            self._entries[key] = Entry(key, fn, self.context, meta)
             return fn
 
         return decorator
@@ -119,13 +115,14 @@ class Registry:
         return iter(self._entries[n] for n in self.names())
 
 
-MODELS = Registry("model")
-HEADS = Registry("head")
+# Each kind names the arguments its builder supplies from context (data shape, parameters, ...).
+MODELS = Registry("model", context=("in_channels", "image_size"))
+HEADS = Registry("head", context=("feature_dim", "num_classes"))
 LOSSES = Registry("loss")
-OPTIMIZERS = Registry("optimizer")
-SCHEDULERS = Registry("scheduler")
-DATASETS = Registry("dataset")
-AUGMENTATIONS = Registry("augmentation")
+OPTIMIZERS = Registry("optimizer", context=("params",))
+SCHEDULERS = Registry("scheduler", context=("optimizer", "total_steps"))
+DATASETS = Registry("dataset", context=("root", "download", "train"))
+AUGMENTATIONS = Registry("augmentation", context=("hflip_default",))
 
 REGISTRIES: dict[str, Registry] = {
     "models": MODELS,

@@ -14,6 +14,6 @@ def quickstart(*, runs_dir: Path = DEFAULT_RUNS_DIR, reporter: Reporter | None =
     """The four runs of the chain: pretrain, its k-NN evaluation, finetune, its test evaluation."""
     pretrained = pretrain(recipe_path("quickstart"), runs_dir=runs_dir, reporter=reporter)
     knn = evaluate(str(pretrained.run_dir), runs_dir=runs_dir, reporter=reporter)
-    tuned = finetune(str(pretrained.run_dir), None, ["train.epochs=30"], runs_dir=runs_dir, reporter=reporter)
+    tuned = finetune(str(pretrained.run_dir), runs_dir=runs_dir, reporter=reporter)
     tested = evaluate(str(tuned.run_dir), runs_dir=runs_dir, reporter=reporter)
     return [pretrained, knn, tuned, tested]
