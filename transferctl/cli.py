@@ -17,6 +17,7 @@ import transferctl
 from transferctl import recipes
 from transferctl.console import ConsoleReporter
 from transferctl.errors import TransferError, UsageError
+from transferctl.export import ExportResult, export_run
 from transferctl.recipes.training import RunResult
 from transferctl.registry import REGISTRIES, did_you_mean, load_components
 from transferctl.runs import DEFAULT_RUNS_DIR
@@ -58,9 +59,12 @@ class _Output:
         self.as_json = as_json
         self.reporter = ConsoleReporter(quiet=quiet)
 
-    def result(self, result: RunResult, title: str) -> None:
+    def result(self, result: RunResult | ExportResult, title: str) -> None:
         if self.as_json:
             typer.echo(json.dumps(result.to_json()))
+            return
+        if isinstance(result, ExportResult):
+            typer.echo(str(result.export_dir))
             return
         self.reporter.table(title, {"run": str(result.run_dir), "status": result.status, **result.metrics})
         typer.echo(str(result.run_dir))
@@ -130,6 +134,29 @@ def evaluate(
 ) -> None:
     """Evaluate a run on the test split: accuracy for classifiers, k-NN accuracy for encoders."""
     _execute(as_json, quiet, "evaluate", lambda rep: recipes.evaluate(source, overrides or [], runs_dir=runs_dir, reporter=rep))
+
+
+@app.command()
+def export(
+    source: str = FromOption,
+    format_names: list[str] = typer.Option(..., "--format", "-f", help="torchscript, onnx or safetensors; repeat for several."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the files (default: RUN/export/).", file_okay=False),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the exported model against the eager one (default: on)."),
+    tolerance: float = typer.Option(1e-4, "--tolerance", min=0.0, help="Largest max-abs output difference that passes."),
+    runs_dir: Path = RunsDir,
+    as_json: bool = JsonFlag,
+    quiet: bool = QuietFlag,
+) -> None:
+    """Export a run's model (classifier or encoder) for serving, verified against the eager model."""
+    def job(reporter: ConsoleReporter):
+        result = export_run(source, format_names, output=output, verify=verify, tolerance=tolerance, runs_dir=runs_dir)
+        for name, path in result.files.items():
+            parity = result.parity.get(name)
+            check = f"max abs diff {parity.max_abs_diff:.2g}, top-1 agreement {parity.top1_agreement:.4f}" if parity else "not verified"
+            reporter.info(f"{name}: {path} ({check})")
+        return result
+
+    _execute(as_json, quiet, "export", job)
 
 
 @app.command()
