@@ -96,16 +96,29 @@ def _fail(message: str, code: int, as_json: bool) -> None:
     raise typer.Exit(code)
 
 
+ResumeOption = typer.Option(None, "--resume", help="Continue this run (runs/<id> or an id) from its last checkpoint, in place.")
+
+
 @app.command()
 def pretrain(
-    config: Path = typer.Option(..., "--config", "-c", help="YAML config file.", dir_okay=False),
+    config: Optional[Path] = ConfigOption,
     overrides: Optional[list[str]] = Overrides,
+    resume_run: Optional[str] = ResumeOption,
     runs_dir: Path = RunsDir,
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
 ) -> None:
-    """Pretrain an encoder (method simclr or supervised) into a new run."""
-    _execute(as_json, quiet, "pretrain", lambda rep: recipes.pretrain(config, overrides or [], runs_dir=runs_dir, reporter=rep))
+    """Pretrain an encoder (method simclr or supervised) into a new run, or --resume one."""
+
+    def job(reporter: ConsoleReporter) -> RunResult:
+        if resume_run is not None:
+            _refuse_config_with_resume(config)
+            return recipes.resume(resume_run, overrides or [], command="pretrain", runs_dir=runs_dir, reporter=reporter)
+        if config is None:
+            raise UsageError("pretrain needs -c CONFIG (or --resume RUN)")
+        return recipes.pretrain(config, overrides or [], runs_dir=runs_dir, reporter=reporter)
+
+    _execute(as_json, quiet, "pretrain", job)
 
 
 @app.command()
@@ -113,15 +126,25 @@ def finetune(
     source: Optional[str] = typer.Option(None, "--from", help="The pretraining run (runs/<id> or an id); omit to train from scratch with -c."),
     config: Optional[Path] = ConfigOption,
     overrides: Optional[list[str]] = Overrides,
+    resume_run: Optional[str] = ResumeOption,
     runs_dir: Path = RunsDir,
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
 ) -> None:
-    """Fine-tune a pretrained encoder with a new classifier (default: 10 labels per class)."""
-    _execute(
-        as_json, quiet, "finetune",
-        lambda rep: recipes.finetune(source, config, overrides or [], runs_dir=runs_dir, reporter=rep),
-    )
+    """Fine-tune a pretrained encoder with a new classifier (default: 10 labels per class), or --resume one."""
+
+    def job(reporter: ConsoleReporter) -> RunResult:
+        if resume_run is not None:
+            _refuse_config_with_resume(config, source)
+            return recipes.resume(resume_run, overrides or [], command="finetune", runs_dir=runs_dir, reporter=reporter)
+        return recipes.finetune(source, config, overrides or [], runs_dir=runs_dir, reporter=reporter)
+
+    _execute(as_json, quiet, "finetune", job)
+
+
+def _refuse_config_with_resume(config: Optional[Path], source: Optional[str] = None) -> None:
+    if config is not None or source is not None:
+        raise UsageError("--resume uses the config stored in the run; drop -c/--from (key=value overrides may extend it)")
 
 
 @app.command()

@@ -77,6 +77,8 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     log_every: PositiveInt = 50
     val_every: PositiveInt = 1
+    checkpoint_every: Optional[PositiveInt] = None
+    on_nan: Literal["stop", "skip"] = "stop"
 
 
 class FinetuneConfig(BaseModel):

@@ -23,3 +23,11 @@ class RunFailed(TransferError):
     """A failure while running; the message points at the run's log."""
 
     exit_code = 1
+
+
+class Interrupted(TransferError):
+    """SIGINT or SIGTERM stopped a run after a checkpoint; exit 130 or 143 (128 + the signal)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

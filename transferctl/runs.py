@@ -14,6 +14,7 @@ never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -32,7 +33,7 @@ import torch
 import yaml
 
 import transferctl
-from transferctl.errors import RunFailed, UsageError
+from transferctl.errors import Interrupted, RunFailed, UsageError
 
 CHECKPOINT_FORMAT = 1
 DEFAULT_RUNS_DIR = Path("runs")
@@ -81,6 +82,18 @@ class Run:
     path: Path
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    _lock: Any = field(default=None, repr=False)
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the run for this process's life: one writer per run, ever.
+        The OS drops it when the process dies, however it dies."""
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise UsageError(f"run {self.id} is being written by another transferctl process; wait for it or stop it") from None
+        self._lock = handle
 
     @property
     def id(self) -> str:
@@ -142,6 +155,7 @@ def create_run(
     else:
         raise UsageError(f"runs root {runs_dir}: could not find a free run id")
     run = Run(path)
+    run.lock()
     run.write_config(config)
     run.write_json("environment.json", {**environment(), **(run_environment or {})})
     run.update_summary(
@@ -181,12 +195,25 @@ def recording(run: Run, command: str) -> Iterator[dict[str, Any]]:
     except KeyboardInterrupt:
         close("interrupted", "interrupted by the user")
         raise
+    except Interrupted as exc:
+        close("interrupted", str(exc))
+        raise
     except Exception as exc:
         run.log(traceback.format_exc())
         reason = str(exc) if isinstance(exc, (RunFailed, UsageError)) else f"{type(exc).__name__}: {exc}"
         close("failed", reason)
         raise RunFailed(f"{command} failed: {reason} (log: {run.log_path})") from None
     close("completed")
+
+
+def reopen_run(record: "RunRecord", completed_epochs: int) -> Run:
+    """Lock an existing run to continue it; metrics rows past the checkpoint are dropped (they are redone)."""
+    run = Run(record.path, summary=dict(record.summary))
+    run.lock()
+    rows_path = record.path / "metrics.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] if rows_path.exists() else []
+    run.metrics = [r for r in rows if r.get("epoch", 0) <= completed_epochs]
+    return run
 
 
 def _git_commit() -> str | None:

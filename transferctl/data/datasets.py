@@ -210,14 +210,19 @@ def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.
 
 
 def iterate_batches(
-    data: ImageData, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False
+    data: ImageData,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    start_batch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches by index; shuffled when a generator is given."""
+    """(images, labels) batches by index; shuffled when a generator is given; from `start_batch` on."""
     n = len(data)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     order = order.to(data.images.device)
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
+    for start in range(start_batch * batch_size, stop, batch_size):
         idx = order[start : start + batch_size]
         yield data.images[idx], data.labels[idx]
 

@@ -7,10 +7,12 @@ every `train.log_every` steps and at epoch ends.
 from __future__ import annotations
 
 import math
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -120,12 +122,67 @@ class ClassificationObjective:
 
 
 @dataclass
-class FitResult:
-    steps: int
+class Settings:
+    """How long and how to train; from the config's data and train sections."""
+
+    batch_size: int
+    eval_batch_size: int
     epochs: int
+    max_steps: int | None
+    seed: int
+    log_every: int
+    val_every: int
+    checkpoint_every: int | None = None
+    on_nan: str = "stop"
+
+
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint needs, beside weights and RNG, to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0  # completed epochs
+    batch_in_epoch: int = 0  # batches done in the unfinished epoch
+    epoch_loss_sum: float = 0.0  # their summed loss
+    skipped_steps: int = 0  # in the unfinished epoch (train.on_nan=skip)
     best: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    position: Position
     images_per_s: float = 0.0
+
+
+def total_steps(settings: Settings, train_size: int, contrastive: bool) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) for a training set of `train_size` images."""
+    per_epoch = num_batches(train_size, settings.batch_size, drop_last=contrastive)  # NT-Xent wants full batches
+    if per_epoch == 0:
+        raise UsageError(f"data.batch_size={settings.batch_size} is larger than the {train_size} training images; lower it")
+    return per_epoch, int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
+
+
+def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
+    """Every random state a run draws from, in types that load with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "augment": augment_generator.get_state().cpu(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+
+
+def restore_rng(state: dict[str, Any], augment_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    augment_generator.set_state(state["augment"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
 def _is_better(row: dict[str, Any], best: dict[str, Any], contrastive: bool) -> bool:
@@ -136,6 +193,11 @@ def _is_better(row: dict[str, Any], best: dict[str, Any], contrastive: bool) -> 
     return row["val_accuracy"] >= best["val_accuracy"]
 
 
+def _check_finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise RunFailed(f"loss became {value} {where}; lower optimizer.lr, or set train.on_nan=skip to skip such steps")
+
+
 def fit(
     objective: Objective,
     model: Network,
@@ -143,95 +205,120 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train: ImageData,
     val: ImageData | None,
+    settings: Settings,
     *,
-    batch_size: int,
-    eval_batch_size: int,
-    epochs: int,
-    max_steps: int | None,
-    seed: int,
-    log_every: int,
-    val_every: int,
-    on_epoch_end: Callable[[dict[str, Any], bool, dict[str, Any]], None],
+    save: Callable[[dict[str, Any], dict[str, Any] | None, bool], None],
     reporter: Reporter,
+    resume: dict[str, Any] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> FitResult:
-    """Train for `epochs` (or `max_steps`), validating every `val_every` epochs.
+    """Train for `settings.epochs` (or `max_steps`), validating every `val_every` epochs.
 
-    `on_epoch_end(row, is_best, state)` is where the caller persists metrics and checkpoints.
+    `save(state, row, is_best)` persists a checkpoint: at every epoch end (with that epoch's metrics
+    `row`), every `checkpoint_every` steps and when `should_stop()` turns true (with `row=None`).
+    `resume` is a checkpoint written by `save`: training continues at its exact batch, with its RNG.
     """
     device = train.images.device
-    drop_last = objective.contrastive  # NT-Xent wants full batches of negatives
-    per_epoch = num_batches(len(train), batch_size, drop_last)
-    if per_epoch == 0:
-        raise UsageError(f"data.batch_size={batch_size} is larger than the {len(train)} training images; lower it")
-    total_steps = min(epochs * per_epoch, max_steps or math.inf)
-    epochs = math.ceil(total_steps / per_epoch)
-    augment_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    per_epoch, steps = total_steps(settings, len(train), objective.contrastive)
+    epochs = math.ceil(steps / per_epoch)
+    augment_generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
     frozen = getattr(objective, "frozen_encoder", False)
+    skip_bad = settings.on_nan == "skip"
+    pos = Position()
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        restore_rng(resume["rng"], augment_generator)
+        pos = Position(**resume["position"])
 
-    reporter.start(int(total_steps), "pretraining" if objective.contrastive else "training")
-    result = FitResult(steps=0, epochs=0)
-    started = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        if frozen:
-            model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
-        order_generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        epoch_start, running, seen, window_start = time.perf_counter(), torch.zeros((), device=device), 0, time.perf_counter()
-        for images, labels in iterate_batches(train, batch_size, generator=order_generator, drop_last=drop_last):
-            loss = objective.loss(images, labels, augment_generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += loss.detach()
-            seen += 1
-            result.steps += 1
-            if result.steps % log_every == 0 or result.steps == total_steps:
-                value = running.item() / seen
-                if not math.isfinite(value):
-                    raise RunFailed(f"loss became {value} at step {result.steps}; lower optimizer.lr or check the data")
-                elapsed = time.perf_counter() - window_start
-                reporter.progress(
-                    result.steps,
-                    {"loss": value, "lr": optimizer.param_groups[-1]["lr"], "images_per_s": seen * batch_size / max(elapsed, 1e-9)},
-                )
-            if result.steps >= total_steps:
-                break
-        epoch_time = time.perf_counter() - epoch_start
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": result.steps,
-            "train_loss": running.item() / max(seen, 1),
-            "lr": optimizer.param_groups[-1]["lr"],
-            "images_per_s": seen * batch_size / max(epoch_time, 1e-9),
-            "epoch_time_s": round(epoch_time, 3),
-        }
-        if not math.isfinite(row["train_loss"]):
-            raise RunFailed(f"loss became {row['train_loss']} in epoch {epoch + 1}; lower optimizer.lr or check the data")
-        last_epoch = result.steps >= total_steps
-        if val is not None and len(val) and ((epoch + 1) % val_every == 0 or last_epoch):
-            row.update(objective.validate(val, eval_batch_size))
-        is_best = "val_loss" in row and _is_better(row, result.best, objective.contrastive)
-        if is_best:
-            result.best = row
-        result.last, result.epochs = row, epoch + 1
-        reporter.epoch(row)
-        state = {
+    def state() -> dict[str, Any]:
+        return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "step": result.steps,
-            "epoch": epoch + 1,
-            "torch_rng": torch.get_rng_state(),
-            "augment_rng": augment_generator.get_state().cpu(),
+            "rng": rng_state(augment_generator),
+            "position": asdict(pos),
         }
-        on_epoch_end(row, is_best or (val is None or not len(val)), state)
-        if last_epoch:
-            break
-    reporter.finish()
-    total_time = time.perf_counter() - started
-    result.images_per_s = result.steps * batch_size / max(total_time, 1e-9)
-    return result
+
+    reporter.start(steps, "pretraining" if objective.contrastive else "training")
+    started, start_step = time.perf_counter(), pos.step
+    try:
+        for epoch in range(pos.epoch, epochs):
+            if pos.step >= steps:
+                break
+            model.train()
+            if frozen:
+                model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
+            order_generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
+            running = torch.tensor(pos.epoch_loss_sum, device=device)
+            epoch_start = window_start = time.perf_counter()
+            window_steps = 0
+            batches = iterate_batches(
+                train, settings.batch_size, generator=order_generator, drop_last=objective.contrastive, start_batch=pos.batch_in_epoch
+            )
+            for images, labels in batches:
+                loss = objective.loss(images, labels, augment_generator)
+                optimizer.zero_grad(set_to_none=True)
+                if skip_bad and not torch.isfinite(loss):  # a sync per step, only when asked for
+                    pos.skipped_steps += 1
+                else:
+                    loss.backward()
+                    optimizer.step()
+                    running += loss.detach()
+                scheduler.step()
+                pos.step += 1
+                pos.batch_in_epoch += 1
+                window_steps += 1
+                if pos.step % settings.log_every == 0 or pos.step == steps:
+                    value = running.item() / max(pos.batch_in_epoch - pos.skipped_steps, 1)
+                    _check_finite(value, f"at step {pos.step}")
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_steps * settings.batch_size / max(elapsed, 1e-9)
+                    reporter.progress(pos.step, {"loss": value, "lr": optimizer.param_groups[-1]["lr"], "images_per_s": rate})
+                    window_start, window_steps = time.perf_counter(), 0
+                if pos.step >= steps:
+                    break
+                stopping = should_stop()
+                if stopping or (settings.checkpoint_every and pos.step % settings.checkpoint_every == 0):
+                    pos.epoch_loss_sum = running.item()
+                    _check_finite(pos.epoch_loss_sum, f"before step {pos.step}'s checkpoint")
+                    save(state(), None, False)
+                    if stopping:
+                        return FitResult(pos)
+            epoch_time = time.perf_counter() - epoch_start
+            done = pos.batch_in_epoch - pos.skipped_steps
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": pos.step,
+                "train_loss": running.item() / max(done, 1),
+                "lr": optimizer.param_groups[-1]["lr"],
+                "images_per_s": pos.batch_in_epoch * settings.batch_size / max(epoch_time, 1e-9),
+                "epoch_time_s": round(epoch_time, 3),
+            }
+            if pos.skipped_steps:
+                row["skipped_steps"] = pos.skipped_steps
+            _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
+            last_epoch = pos.step >= steps
+            has_val = val is not None and len(val) > 0
+            if has_val and ((epoch + 1) % settings.val_every == 0 or last_epoch):
+                row.update(objective.validate(val, settings.eval_batch_size))
+            is_best = (not has_val) or ("val_loss" in row and _is_better(row, pos.best, objective.contrastive))
+            pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.skipped_steps = epoch + 1, 0, 0.0, 0
+            pos.last = row
+            if is_best:
+                pos.best = row
+            reporter.epoch(row)
+            save(state(), row, is_best)
+            if should_stop():
+                break
+    finally:
+        reporter.finish()
+    elapsed = time.perf_counter() - started
+    return FitResult(pos, (pos.step - start_step) * settings.batch_size / max(elapsed, 1e-9))
 
 
-__all__ = ["fit", "pick_device", "ContrastiveObjective", "ClassificationObjective", "Reporter", "SilentReporter"]
+__all__ = [
+    "fit", "pick_device", "total_steps", "ContrastiveObjective", "ClassificationObjective",
+    "Position", "Settings", "Reporter", "SilentReporter",
+]

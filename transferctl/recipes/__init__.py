@@ -5,6 +5,6 @@ The YAML files here are the recipes' built-in defaults (used when no -c is given
 
 from transferctl.recipes.evaluation import evaluate
 from transferctl.recipes.quickstart import quickstart
-from transferctl.recipes.training import RunResult, finetune, finetune_config, pretrain
+from transferctl.recipes.training import RunResult, finetune, finetune_config, pretrain, resume
 
-__all__ = ["RunResult", "evaluate", "finetune", "finetune_config", "pretrain", "quickstart"]
+__all__ = ["RunResult", "evaluate", "finetune", "finetune_config", "pretrain", "quickstart", "resume"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 from transferctl import build
 from transferctl.config import PRETRAIN_METHODS, Config, load_config, merge, read_yaml
-from transferctl.data import ImageData, load_training_data, num_batches
+from transferctl.data import ImageData, load_training_data
 from transferctl.engine import (
     ClassificationObjective,
     ContrastiveObjective,
@@ -20,9 +22,11 @@ from transferctl.engine import (
     fit,
     pick_device,
 )
-from transferctl.errors import ConfigError, UsageError
+from transferctl.engine.signals import StopOnSignal
+from transferctl.engine.train import Settings, total_steps
+from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.models import Network
-from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_run, recording
+from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_run, recording, reopen_run
 
 
 @dataclass
@@ -160,11 +164,79 @@ def train_run(cfg: Config, *, runs_dir: Path, command: str, reporter: Reporter |
     run = create_run(runs_dir, f"{cfg.method}-{cfg.data.name}", cfg.to_dict(), parent, command, environment)
     run.log(f"{command} {cfg.method} on {cfg.data.name}: {len(prepared.train)} train / {len(prepared.val)} val images, device {prepared.device}")
     with recording(run, command) as outcome:
-        outcome["metrics"] = _fit(prepared, run, reporter or SilentReporter())
+        outcome["metrics"] = _fit(prepared, run, command, reporter or SilentReporter())
     return RunResult(run.id, run.path, "completed", run.summary["metrics"], parent)
 
 
-def _fit(p: Prepared, run: Run, reporter: Reporter) -> dict[str, Any]:
+# Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
+SAFE_ON_RESUME = (
+    "train.epochs", "train.max_steps", "train.device", "train.log_every", "train.checkpoint_every",
+    "train.val_every", "data.eval_batch_size",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} for every value that differs."""
+    before, after = _flatten(old), _flatten(new)
+    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)}
+
+
+def resume(
+    ref: str,
+    overrides: list[str] | None = None,
+    *,
+    command: str,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
+    reporter: Reporter | None = None,
+) -> RunResult:
+    """Continue an interrupted or failed run (or extend a finished one) from its last checkpoint, in place."""
+    record = read_run(ref, runs_dir)
+    if record.summary.get("command") != command:
+        raise UsageError(f"--resume {ref}: the run was made by `transferctl {record.summary.get('command')}`; resume it with that command")
+    cfg = load_config(None, overrides, base=record.config)
+    changes = config_changes(record.config, cfg.to_dict())
+    refused = {k: v for k, v in changes.items() if k not in SAFE_ON_RESUME}
+    if refused:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(f"--resume {ref}: cannot change {diff}; on resume only {', '.join(SAFE_ON_RESUME)} may change")
+    checkpoint = load_checkpoint(record.checkpoint_path("last"))
+    prepared = prepare(cfg)
+    _, steps = total_steps(_settings(cfg), len(prepared.train), not cfg.is_classifier)
+    done = checkpoint["position"]["step"]
+    if done >= steps:
+        raise UsageError(
+            f"--resume {ref}: the run already finished its {steps} steps; nothing to resume "
+            f"(to extend it, raise train.epochs or train.max_steps)"
+        )
+    run = reopen_run(record, checkpoint["position"]["epoch"])
+    resumes = [*run.summary.get("resumes", []), {"at_step": done, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in changes.items()}}]
+    run.update_summary(status="running", error=None, resumes=resumes)
+    run.write_config(cfg.to_dict())
+    run.log(f"resume at step {done} of {steps}" + (f", changed {', '.join(changes)}" if changes else ""))
+    with recording(run, command) as outcome:
+        outcome["metrics"] = _fit(prepared, run, command, reporter or SilentReporter(), resume_from=checkpoint)
+    return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
+
+
+def _settings(cfg: Config) -> Settings:
+    t = cfg.train
+    return Settings(
+        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, epochs=t.epochs, max_steps=t.max_steps,
+        seed=t.seed, log_every=t.log_every, val_every=t.val_every, checkpoint_every=t.checkpoint_every, on_nan=t.on_nan,
+    )
+
+
+def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = p.cfg
     frozen = cfg.method == "finetune" and cfg.finetune.freeze_encoder
     if frozen:
@@ -177,27 +249,43 @@ def _fit(p: Prepared, run: Run, reporter: Reporter) -> dict[str, Any]:
         objective = ClassificationObjective(p.model, criterion, augment, p.train.mean, p.train.std, frozen_encoder=frozen)
     else:
         objective = ContrastiveObjective(p.model, criterion, augment, p.train.mean, p.train.std)
-    per_epoch = num_batches(len(p.train), cfg.data.batch_size, drop_last=not cfg.is_classifier)
-    total_steps = min(cfg.train.epochs * per_epoch, cfg.train.max_steps or 10**12)
-    scheduler = build.build_scheduler(cfg, optimizer, total_steps)
+    settings = _settings(cfg)
+    _, steps = total_steps(settings, len(p.train), objective.contrastive)
+    scheduler = build.build_scheduler(cfg, optimizer, steps)
+    config = cfg.to_dict()
 
-    def on_epoch_end(row: dict[str, Any], is_best: bool, state: dict[str, Any]) -> None:
-        run.log_metrics(row)
-        run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        run.save_checkpoint("last", {**state, "config": cfg.to_dict(), "metrics": row})
+    def save(state: dict[str, Any], row: dict[str, Any] | None, is_best: bool) -> None:
+        position = state["position"]
+        where = {"config": config, "epoch": position["epoch"], "step": position["step"]}
+        if row is not None:
+            run.log_metrics(row)
+            run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        run.save_checkpoint("last", {**state, **where})
         if is_best:
-            run.save_checkpoint("best", {"model": state["model"], "config": cfg.to_dict(), "metrics": row, "epoch": state["epoch"], "step": state["step"]})
+            run.save_checkpoint("best", {"model": state["model"], "metrics": row, **where})
 
-    result = fit(
-        objective, p.model, optimizer, scheduler, p.train, p.val,
-        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-        epochs=cfg.train.epochs, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
-        log_every=cfg.train.log_every, val_every=cfg.train.val_every,
-        on_epoch_end=on_epoch_end, reporter=reporter,
-    )
-    metrics = {k: v for k, v in result.last.items() if isinstance(v, (int, float))}
+    with StopOnSignal() as stop:
+        try:
+            result = fit(
+                objective, p.model, optimizer, scheduler, p.train, p.val, settings,
+                save=save, reporter=reporter, resume=resume_from, should_stop=stop.requested,
+            )
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise RunFailed(
+                f"out of memory ({type(exc).__name__}); lower data.batch_size (now {cfg.data.batch_size}) "
+                f"or data.eval_batch_size (now {cfg.data.eval_batch_size})"
+            ) from None
+    position = result.position
+    if position.step < steps and stop.signum is not None:
+        name = signal.Signals(stop.signum).name
+        raise Interrupted(
+            f"stopped by {name} at step {position.step} of {steps}, checkpoint saved; "
+            f"continue with `transferctl {command} --resume {run.path}`",
+            stop.signum,
+        )
+    metrics = {k: v for k, v in position.last.items() if isinstance(v, (int, float))}
     metrics["images_per_s"] = round(result.images_per_s, 1)
     for key in ("val_accuracy", "val_loss"):
-        if key in result.best:
-            metrics[f"best_{key}"] = result.best[key]
+        if key in position.best:
+            metrics[f"best_{key}"] = position.best[key]
     return metrics

@@ -1,0 +1,172 @@
+"""Runs that survive: exact resume after SIGKILL or SIGINT, atomic checkpoints, resume refusals, NaN handling."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SMALL_SIMCLR, write_config
+from transferctl.recipes import pretrain
+from transferctl.runs import create_run, load_checkpoint
+
+# 540 training images / batch 64 = 8 steps an epoch; 40 steps = 5 epochs, checkpoints every 3 steps.
+LONG = ["train.epochs=5", "train.checkpoint_every=3", "train.log_every=1"]
+
+
+@pytest.fixture
+def config(tmp_path, digits_root):
+    return write_config(tmp_path / "simclr.yaml", SMALL_SIMCLR.format(root=digits_root))
+
+
+def launch(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "transferctl", *map(str, args), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(runs: Path, process: subprocess.Popen, timeout: float = 120.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(runs.glob("*/checkpoints/last.pt"))
+        if found:
+            return found[0].parent.parent
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared")
+
+
+def final_state(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["train_loss"], r["val_loss"]) for r in rows]
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    sa, sb = final_state(a), final_state(b)
+    assert sa["position"]["step"] == sb["position"]["step"] == 40
+    assert sa["model"].keys() == sb["model"].keys()
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert losses(a) == losses(b)
+
+
+@pytest.fixture
+def reference(config, tmp_path):
+    return pretrain(config, LONG, runs_dir=tmp_path / "reference").run_dir
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_interrupted_run_resumes_to_bit_identical_weights(config, tmp_path, reference, how):
+    runs = tmp_path / "runs"
+    process = launch("pretrain", "-c", config, *LONG, "--runs-dir", runs)
+    run_dir = wait_for_checkpoint(runs, process)
+    process.send_signal(getattr(signal, how))
+    process.wait(timeout=60)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stopped_at = final_state(run_dir)["position"]["step"]
+    assert stopped_at < 40, "the run finished before it was interrupted"
+    if how == "SIGINT":
+        assert process.returncode == 130
+        assert summary["status"] == "interrupted" and "--resume" in summary["error"]
+    else:
+        assert process.returncode == -signal.SIGKILL and summary["status"] == "running"
+
+    resumed = launch("pretrain", "--resume", run_dir, "--runs-dir", runs, "--json")
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    result = json.loads(out)
+    assert result["run_dir"] == str(run_dir) and result["status"] == "completed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumes"][0]["at_step"] == stopped_at
+    assert_same_training(reference, run_dir)
+
+
+def test_sigterm_checkpoints_and_exits_143(config, tmp_path):
+    runs = tmp_path / "runs"
+    process = launch("pretrain", "-c", config, *LONG, "--runs-dir", runs)
+    run_dir = wait_for_checkpoint(runs, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert final_state(run_dir)["position"]["step"] < 40
+
+
+def test_a_write_that_dies_before_the_rename_leaves_last_loadable(tmp_path, monkeypatch):
+    run = create_run(tmp_path / "runs", "x", {}, None, "pretrain")
+    run.save_checkpoint("last", {"model": {"w": torch.zeros(3)}, "step": 1})
+
+    def die(*args):
+        raise KeyboardInterrupt  # as if the process were killed mid-checkpoint
+
+    monkeypatch.setattr(os, "replace", die)
+    with pytest.raises(KeyboardInterrupt):
+        run.save_checkpoint("last", {"model": {"w": torch.ones(3)}, "step": 2})
+    monkeypatch.undo()
+    state = load_checkpoint(run.checkpoint_dir / "last.pt")
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.zeros(3))
+
+
+def test_resume_refuses_changed_config_with_a_diff(cli, config, tmp_path):
+    runs = tmp_path / "runs"
+    done = cli("pretrain", "-c", config, "train.max_steps=4", "--runs-dir", runs, "--json").json
+    result = cli("pretrain", "--resume", done["run_id"], "optimizer.lr=0.5", "train.max_steps=8", "--runs-dir", runs)
+    assert result.code == 2
+    assert "cannot change optimizer.lr: 0.003 -> 0.5" in result.stderr and "train.epochs" in result.stderr
+
+
+def test_resume_of_a_completed_run_has_nothing_to_do_unless_extended(cli, config, tmp_path):
+    runs = tmp_path / "runs"
+    done = cli("pretrain", "-c", config, "train.max_steps=4", "--runs-dir", runs, "--json").json
+    nothing = cli("pretrain", "--resume", done["run_dir"], "--runs-dir", runs)
+    assert nothing.code == 2 and "nothing to resume" in nothing.stderr
+
+    extended = cli("pretrain", "--resume", done["run_dir"], "train.max_steps=10", "--runs-dir", runs, "--json")
+    assert extended.code == 0, extended.stderr
+    assert extended.json["metrics"]["step"] == 10
+    summary = json.loads((Path(done["run_dir"]) / "summary.json").read_text())
+    assert summary["resumes"][0]["changed"] == {"train.max_steps": [4, 10]}
+    assert len(list(runs.iterdir())) == 1  # resumed in place
+
+
+def test_resume_refuses_a_run_another_process_is_writing(cli, config, tmp_path):
+    runs = tmp_path / "runs"
+    done = cli("pretrain", "-c", config, "train.max_steps=4", "--runs-dir", runs, "--json").json
+    with open(Path(done["run_dir"]) / ".lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli("pretrain", "--resume", done["run_dir"], "train.max_steps=8", "--runs-dir", runs)
+    assert result.code == 2 and "being written by another transferctl process" in result.stderr
+
+
+def test_resume_with_the_wrong_command_or_a_config(cli, config, tmp_path):
+    runs = tmp_path / "runs"
+    done = cli("pretrain", "-c", config, "train.max_steps=2", "--runs-dir", runs, "--json").json
+    wrong = cli("finetune", "--resume", done["run_dir"], "--runs-dir", runs)
+    assert wrong.code == 2 and "resume it with that command" in wrong.stderr
+    both = cli("pretrain", "--resume", done["run_dir"], "-c", config, "--runs-dir", runs)
+    assert both.code == 2 and "drop -c" in both.stderr
+
+
+def test_on_nan_skip_skips_bad_steps_and_stop_keeps_the_last_good_checkpoint(cli, config, tmp_path):
+    blow_up = ["optimizer.name=sgd", "optimizer.lr=1e12", "optimizer.weight_decay=0", "train.log_every=1"]
+    skipped = cli("pretrain", "-c", config, *blow_up, "train.on_nan=skip", "train.max_steps=8", "--runs-dir", tmp_path / "a", "--json")
+    assert skipped.code == 0, skipped.stderr
+    assert skipped.json["metrics"]["skipped_steps"] > 0
+
+    stopped = cli("pretrain", "-c", config, *blow_up, "train.checkpoint_every=1", "--runs-dir", tmp_path / "b", "--json")
+    assert stopped.code == 1 and "train.on_nan=skip" in stopped.stderr
+    (run_dir,) = list((tmp_path / "b").iterdir())
+    last = final_state(run_dir)
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
