@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import write_config
+from tests.conftest import make_mnist_root, write_config
 from transferctl.build import build_network
 from transferctl.config import load_config
 
@@ -131,21 +131,30 @@ def _runs_snapshot(runs):
         (["finetune", "--from", "{tmp}"], "is not a transferctl run"),
         (["finetune", "-c", "{cfg}"], "is run by `transferctl pretrain`"),
         (["evaluate", "--from", "nope"], "no such run directory or run id"),
+        (["pretrain", "-c", "{cfg}", "model.widths=[8,8,8,8,8,8]"], "does not fit 1x28x28 images"),
+        (["pretrain", "-c", "{cfg}", "data.root={truncated}"], "is unreadable"),
+        (["pretrain", "-c", "{cfg}", "data.name=image_folder", "data.test_dir=train", "data.root={tmp}"], "must be two different folders"),
+        (["pretrain", "--json", "--bogus"], "No such option"),
         (["pretrain", "-c", "{cfg}", "train.device=cuda:0" if not torch.cuda.is_available() else "train.device=tpu"], "train.device"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli, simclr_config, tmp_path, args, expected):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("method: simclr\ndata: [unclosed\n")
+    truncated = make_mnist_root(tmp_path / "truncated", 100, 10)
+    images = truncated / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
     runs = tmp_path / "runs"
     before = _runs_snapshot(runs)
-    args = [a.format(cfg=simclr_config, tmp=tmp_path, bad_yaml=bad_yaml) for a in args]
+    args = [a.format(cfg=simclr_config, tmp=tmp_path, bad_yaml=bad_yaml, truncated=truncated) for a in args]
     result = cli(*args, "--runs-dir", runs)
     assert result.code == 2, result.stderr
     assert expected in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
     assert _runs_snapshot(runs) == before
+    if "--json" in args:
+        assert result.json["exit_code"] == 2
 
 
 def test_labels_per_class_larger_than_a_class(cli, pretrained, tmp_path):
@@ -210,3 +219,36 @@ def test_quickstart_runs_the_whole_chain_offline(cli, tmp_path):
     assert knn["metrics"]["knn_accuracy"] > 0.7  # 10 classes: chance is 0.1
     assert tested["metrics"]["accuracy"] > 0.7 and tested["metrics"]["test_images"] == 500
     assert result.json["run_id"] == tested["run_id"]
+
+
+def test_from_must_name_a_training_run(cli, pretrained, tmp_path):
+    runs = tmp_path / "runs"
+    evaluated = cli("evaluate", "--from", pretrained["run_dir"], "--runs-dir", runs, "--json").json
+    for command in (["finetune"], ["evaluate"], ["export", "--format", "onnx"]):
+        result = cli(*command, "--from", evaluated["run_dir"], "--runs-dir", runs)
+        assert result.code == 2 and "that is a `evaluate` run" in result.stderr
+
+
+def test_finetune_config_with_a_scalar_model_section(cli, pretrained, tmp_path):
+    config = write_config(tmp_path / "ft.yaml", "method: finetune\nmodel: cnn\n")
+    result = cli("finetune", "--from", pretrained["run_dir"], "-c", config, "--runs-dir", tmp_path / "runs")
+    assert result.code == 2 and "model: expected a section" in result.stderr
+
+
+def test_a_classifier_batch_larger_than_the_labelled_set_trains_on_all_of_it(cli, pretrained, tmp_path):
+    result = cli("finetune", "--from", pretrained["run_dir"], "data.labels_per_class=5", "data.batch_size=64",
+                 "train.epochs=2", "--runs-dir", tmp_path / "runs", "--json")
+    assert result.code == 0, result.stderr
+    assert result.json["metrics"]["step"] == 2  # one batch of all 50 images an epoch
+
+
+def test_unexpected_errors_are_one_line_exit_1_and_json(cli, simclr_config, tmp_path, monkeypatch):
+    from transferctl import recipes
+
+    def broken(*args, **kwargs):
+        raise ValueError("something\nunforeseen")
+
+    monkeypatch.setattr(recipes, "pretrain", broken)
+    result = cli("pretrain", "-c", simclr_config, "--json", "--runs-dir", tmp_path / "runs")
+    assert result.code == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.json["exit_code"] == 1 and "ValueError: something unforeseen" in result.json["error"]

@@ -136,3 +136,32 @@ def test_yaml_is_loaded_safely(tmp_path):
     path = write(tmp_path, "method: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="malformed YAML"):
         read_yaml(path)
+
+
+def test_overrides_reach_sections_the_file_does_not_name(tmp_path):
+    path = write(tmp_path, "method: supervised\ndata: {name: mnist}\n")
+    cfg = load_config(path, ["optimizer.lr=0.1", "head.dropout=0.5", "loss.label_smoothing=0.1", "data.augment.rotation=5"])
+    assert (cfg.optimizer.name, cfg.optimizer.options["lr"]) == ("adamw", 0.1)
+    assert (cfg.head.name, cfg.head.options["dropout"]) == ("linear", 0.5)
+    assert cfg.loss.options["label_smoothing"] == 0.1 and cfg.data.augment.options["rotation"] == 5
+
+
+def test_an_override_that_renames_a_component_drops_the_old_options(tmp_path):
+    path = write(tmp_path, "method: simclr\ndata: {name: mnist, batch_size: 32}\nmodel: {name: cnn, widths: [8]}\n")
+    cfg = load_config(path, ["model.name=mlp", "data.name=fashion_mnist"])
+    assert cfg.model.name == "mlp" and "widths" not in cfg.model.options
+    assert cfg.data.name == "fashion_mnist" and cfg.data.batch_size == 32  # data is not a component
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.widths=[16,-1]", "model.widths=[]", "model.convs_per_stage=0", "train.seed=100000000000000000000"],
+)
+def test_sizes_and_seeds_are_bounded(tmp_path, override):
+    message = error_of(write(tmp_path, "method: simclr\ndata: {name: mnist}\n"), [override])
+    assert message.startswith(f"override '{override}'")
+
+
+@pytest.mark.parametrize("override", ["model.hidden_dim=0", "head.dropout=2"])
+def test_mlp_and_head_sizes_are_bounded(tmp_path, override):
+    error_of(write(tmp_path, "method: supervised\ndata: {name: mnist}\nmodel: {name: mlp}\n"), [override])

@@ -95,3 +95,29 @@ def test_image_folder_loads_your_own_images(tmp_path):
     assert train.images[0, 0].float().mean() > 200 and train.images[-1, 2].float().mean() > 200
     grey = load_split(DataConfig(name="image_folder", root=str(tmp_path), image_size=16, channels=1), train=False)
     assert grey.images.shape == (4, 1, 16, 16)
+
+
+def test_knn_weights_do_not_overflow_at_small_temperatures():
+    from transferctl.data import ImageData
+    from transferctl.engine import knn_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 1, 4, 4, generator=generator) * 3
+    labels = torch.arange(3).repeat_interleave(20)
+    images = (centres[labels] + torch.randn(60, 1, 4, 4, generator=generator) * 0.3)
+    pixels = ((images - images.min()) / (images.max() - images.min()) * 255).round().to(torch.uint8)
+    data = ImageData(pixels, labels, ("a", "b", "c"), (0.0,), (1.0,), False)
+    encoder = torch.nn.Flatten()
+    for temperature in (0.07, 0.001):
+        assert knn_accuracy(encoder, data, data, k=5, temperature=temperature, batch_size=16) == 1.0
+
+
+def test_evaluation_reads_test_images_as_trained():
+    from transferctl.data import ImageData
+    from transferctl.recipes.evaluation import as_trained
+
+    test = ImageData(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ("a", "b"), (0.9,), (0.9,), False)
+    checkpoint = {"data": {"classes": ["a", "b"], "mean": [0.5], "std": [0.25]}}
+    assert as_trained(test, checkpoint, "run").mean == (0.5,)
+    with pytest.raises(UsageError, match="differ from the trained classes"):
+        as_trained(test, {"data": {**checkpoint["data"], "classes": ["a", "c"]}}, "run")

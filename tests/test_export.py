@@ -173,5 +173,5 @@ def test_a_run_without_a_checkpoint_is_refused(cli, trained):
     config = yaml.safe_load((trained["classifier"].run_dir / "config.yaml").read_text())
     run = create_run(trained["runs"], "finetune-mnist", config, None, "finetune")
     result = cli("export", "--from", run.path, "--format", "onnx", "--runs-dir", trained["runs"])
-    assert result.code == 2 and "no finished checkpoint" in result.stderr
+    assert result.code == 2 and "the run has no checkpoint yet" in result.stderr
     assert not (run.path / "export").exists()

@@ -81,6 +81,9 @@ def _execute(as_json: bool, quiet: bool, title: str, job: Callable[[ConsoleRepor
     except KeyboardInterrupt:
         out.reporter.finish()
         _fail("interrupted", 130, as_json)
+    except Exception as exc:  # a bug or an environment problem: still one line, exit 1, and JSON for scripts
+        out.reporter.finish()
+        _fail(f"unexpected {type(exc).__name__}: {exc} (please report it with the command that caused it)", 1, as_json)
     results = result if isinstance(result, list) else [result]
     if as_json and len(results) > 1:
         typer.echo(json.dumps({**results[-1].to_json(), "runs": [r.to_json() for r in results]}))
@@ -90,6 +93,7 @@ def _execute(as_json: bool, quiet: bool, title: str, job: Callable[[ConsoleRepor
 
 
 def _fail(message: str, code: int, as_json: bool) -> None:
+    message = " ".join(message.split())  # always one line
     typer.echo(f"error: {message}", err=True)
     if as_json:
         typer.echo(json.dumps({"status": "error", "exit_code": code, "error": message}))
@@ -224,7 +228,10 @@ def main() -> None:
         if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
             ctx = getattr(exc, "ctx", None)
             where = f"{ctx.command_path} --help" if ctx is not None else "transferctl --help"
-            typer.echo(f"error: {exc.format_message()} (see `{where}`)", err=True)
+            message = f"{exc.format_message()} (see `{where}`)"
+            typer.echo(f"error: {message}", err=True)
+            if "--json" in sys.argv[1:]:
+                typer.echo(json.dumps({"status": "error", "exit_code": 2, "error": message}))
             sys.exit(2)
         if type(exc).__name__ == "Abort":
             typer.echo("error: interrupted", err=True)

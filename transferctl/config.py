@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import pydantic
 import yaml
@@ -47,18 +47,21 @@ class Component(BaseModel):
         return dict(self.model_extra or {})
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**31)]
+
+
 class DataConfig(BaseModel):
     """The data set (`name` plus its options) and how it is split, subset and batched."""
 
     model_config = ConfigDict(extra="allow")
     name: str
-    root: Optional[str] = Field(None, description="data folder; default $TRANSFERCTL_DATA_DIR, else ~/.cache/transferctl/data")
+    root: Optional[str] = None  # None: $TRANSFERCTL_DATA_DIR, else a per-user data folder
     download: bool = False
     batch_size: PositiveInt = 256
     eval_batch_size: PositiveInt = 1024
     labels_per_class: Optional[PositiveInt] = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
+    seed: Seed = 0
     augment: Optional[Component] = None
 
     @property
@@ -73,7 +76,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: PositiveInt = 10
     max_steps: Optional[PositiveInt] = None
-    seed: int = 0
+    seed: Seed = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     log_every: PositiveInt = 50
     val_every: PositiveInt = 1
@@ -90,7 +93,8 @@ class FinetuneConfig(BaseModel):
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    checkpoint: Literal["best", "last"] = "best"
+    # `last` by default: `best` is chosen with the validation split's labels, which a few-label budget does not have
+    checkpoint: Literal["best", "last"] = "last"
     knn_k: PositiveInt = 20
     knn_temperature: float = Field(0.07, gt=0.0)
 
@@ -178,7 +182,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 dotted = ".".join(path[: depth + 1])
                 raise ConfigError(f"override '{text}': {dotted} is a value, not a section")
             node = child
+        if path[-1] == "name" and path != ["data", "name"] and node.get("name", value) != value:
+            node.clear()  # another component: the old one's options do not apply
         node[path[-1]] = value
+    return data
+
+
+def _component_names(data: dict[str, Any]) -> dict[str, Any]:
+    """Name the default component of every component section that an override created without a name,
+    so that `optimizer.lr=0.1` works on a config that never mentions the optimizer."""
+    defaults = {key: Config.model_fields[key].default for key in ("model", "optimizer", "scheduler")}
+    by_method = METHOD_DEFAULTS.get(data.get("method"), {}) if isinstance(data.get("method"), str) else {}
+    sections = {**{k: v.name for k, v in defaults.items()}, "head": by_method.get("head"), "loss": by_method.get("loss")}
+    for key, name in sections.items():
+        if isinstance(data.get(key), dict) and "name" not in data[key] and name:
+            data[key]["name"] = name
+    augment = data.get("data", {}).get("augment") if isinstance(data.get("data"), dict) else None
+    if isinstance(augment, dict) and "name" not in augment and by_method.get("augment"):
+        augment["name"] = by_method["augment"]
     return data
 
 
@@ -225,7 +246,7 @@ def _origin(message: str, source: str, overrides: list[str]) -> str:
     dotted = message.split(":", 1)[0]
     for text in overrides:
         key = text.partition("=")[0]
-        if key == dotted or key.startswith(dotted + "."):
+        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
             return f"override '{text}': {message}"
     return f"{source}: {message}"
 
@@ -287,7 +308,7 @@ def load_config(
     data = copy.deepcopy(base or {})
     if path is not None:
         data = merge(data, read_yaml(path))
-    data = apply_overrides(data, overrides)
+    data = _component_names(apply_overrides(data, overrides))
     source = str(path) if path is not None else "config"
     try:
         return resolve(data, command)
@@ -296,12 +317,13 @@ def load_config(
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; `update` wins. A component whose name changes is replaced whole."""
+    """Recursive dict merge; `update` wins. A component whose name changes is replaced whole
+    (the `data` section is not a component: its batching and split keys carry over)."""
     out = copy.deepcopy(base)
     for key, value in update.items():
         old = out.get(key)
-        same_component = not (isinstance(value, dict) and "name" in value and isinstance(old, dict) and old.get("name") != value["name"])
-        if isinstance(value, dict) and isinstance(old, dict) and same_component:
+        renamed = isinstance(value, dict) and isinstance(old, dict) and "name" in value and old.get("name") != value["name"]
+        if isinstance(value, dict) and isinstance(old, dict) and (key == "data" or not renamed):
             out[key] = merge(old, value)
         else:
             out[key] = copy.deepcopy(value)

@@ -1,9 +1,9 @@
 """Export a run's model to TorchScript, ONNX or safetensors, and check every export against the eager model.
 
 A classifier run exports the whole classifier (normalized images -> logits); an encoder-only run
-exports the encoder (normalized images -> embeddings). Files are staged in a private folder, checked,
-and only then moved into place one by one with atomic renames, so a failed or interrupted export
-never touches a previous one. The model card beside the files says how to feed the model.
+exports the encoder (normalized images -> embeddings). Files are staged in a private folder and
+checked; only then is each moved into place with an atomic rename, so a failed export replaces
+nothing and no file is ever half-written. The model card beside the files says how to feed the model.
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from torch import nn
 import transferctl
 from transferctl.build import build_network
 from transferctl.config import Config, load_config
-from transferctl.data import ImageData, load_split, normalize
+from transferctl.data import ImageData, load_split, model_input
 from transferctl.errors import RunFailed, UsageError
 from transferctl.registry import did_you_mean
-from transferctl.runs import DEFAULT_RUNS_DIR, RunRecord, atomic_write_bytes, load_checkpoint, read_run
+from transferctl.fileio import atomic_write_bytes
+from transferctl.recipes.evaluation import as_trained, trained_model
+from transferctl.runs import DEFAULT_RUNS_DIR, load_checkpoint, read_trained_run
 
 TRACE_BATCH = 16
 ONNX_OPSET = 18  # the lowest opset torch's dynamo exporter emits; onnxruntime has run it since 1.14
@@ -234,19 +236,6 @@ class ExportResult:
         }
 
 
-def _model_from_run(record: RunRecord) -> tuple[Config, nn.Module, dict[str, Any]]:
-    cfg = load_config(None, base=record.config)
-    path = record.checkpoint_path(cfg.eval.checkpoint)
-    if not path.is_file():
-        raise UsageError(f"{record.path}: no finished checkpoint ({path.name}) to export; let the run complete an epoch first")
-    checkpoint = load_checkpoint(path)
-    return cfg, checkpoint["model"], checkpoint
-
-
-def _evaluation_images(cfg: Config, count: int) -> tuple[ImageData, torch.Tensor]:
-    test = load_split(cfg.data, train=False)
-    images = test.images[:count].float().div(255)
-    return test, normalize(images, test.mean, test.std)
 
 
 def _sha256(path: Path) -> str:
@@ -265,12 +254,12 @@ def export_run(
 ) -> ExportResult:
     """Export RUN's model in each format into `output` (default runs/<id>/export/), checked against eager."""
     chosen = resolve_formats(format_names)
-    record = read_run(source, runs_dir)
-    cfg, state, checkpoint = _model_from_run(record)
-    data, images = _evaluation_images(cfg, max(verify_images, TRACE_BATCH))
-    network = build_network(cfg, data.channels, data.image_size, data.num_classes)
-    network.load_state_dict(state)
-    module = (network if cfg.is_classifier else network.encoder).eval()
+    record = read_trained_run(source, runs_dir)
+    cfg = load_config(None, base=record.config)
+    checkpoint = load_checkpoint(record.checkpoint_path(cfg.eval.checkpoint))
+    data = as_trained(load_split(cfg.data, train=False), checkpoint, str(record.path))
+    module = trained_model(record, cfg, checkpoint, data)
+    images = model_input(data.images[: max(verify_images, TRACE_BATCH)], data.mean, data.std)
     example = images[:TRACE_BATCH]
 
     export_dir = output or record.path / "export"

@@ -34,36 +34,10 @@ import yaml
 
 import transferctl
 from transferctl.errors import Interrupted, RunFailed, UsageError
+from transferctl.fileio import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
 DEFAULT_RUNS_DIR = Path("runs")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -223,7 +197,9 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def environment() -> dict[str, Any]:
@@ -281,6 +257,21 @@ def read_run(ref: str, runs_dir: Path) -> RunRecord:
     except (yaml.YAMLError, json.JSONDecodeError, OSError) as exc:
         raise UsageError(f"--from {ref}: cannot read the run's config or summary ({exc})") from None
     return RunRecord(path, config, summary)
+
+
+TRAINING_COMMANDS = ("pretrain", "finetune")
+
+
+def read_trained_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecord:
+    """A pretrain or finetune run that has written at least one checkpoint."""
+    record = read_run(ref, runs_dir)
+    command = record.summary.get("command")
+    if command not in TRAINING_COMMANDS:
+        raise UsageError(f"{flag} {ref}: that is a `{command}` run; pass a pretrain or finetune run")
+    if not record.checkpoint_path("last").is_file():
+        status = record.summary.get("status")
+        raise UsageError(f"{flag} {ref}: the run has no checkpoint yet (status: {status}); let it finish an epoch, or resume it")
+    return record
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

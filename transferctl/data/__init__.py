@@ -1,9 +1,10 @@
 """Data sets (torchvision-backed, held in memory), splits, label subsets and batched augmentation."""
 
-from transferctl.data.augment import BatchAugment, normalize
+from transferctl.data.augment import BatchAugment, model_input, normalize, to_unit
 from transferctl.data.datasets import (
     DATA_DIR_ENV,
     ImageData,
+    data_root,
     default_root,
     iterate_batches,
     num_batches,
@@ -17,10 +18,13 @@ __all__ = [
     "BatchAugment",
     "DATA_DIR_ENV",
     "ImageData",
+    "data_root",
     "default_root",
     "iterate_batches",
     "load_split",
     "load_training_data",
+    "model_input",
+    "to_unit",
     "normalize",
     "num_batches",
     "split_train_val",

@@ -146,6 +146,16 @@ def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nij,njhw->nihw", matrix, x)
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [0, 1]."""
+    return images.float().div_(255)
+
+
+def model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 pixels -> what the models take (and what exports expect): (pixels / 255 - mean) / std."""
+    return normalize(to_unit(images), mean, std)
+
+
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)

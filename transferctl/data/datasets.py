@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Literal
@@ -19,6 +18,7 @@ import torchvision
 from pydantic import PositiveInt
 
 from transferctl.errors import UsageError
+from transferctl.fileio import atomic_write_bytes
 from transferctl.registry import DATASETS
 
 DATA_DIR_ENV = "TRANSFERCTL_DATA_DIR"
@@ -76,12 +76,13 @@ def _missing(name: str, root: Path, looked_for: str) -> UsageError:
 def _torchvision(cls, name: str, root: Path, download: bool, train: bool, looked_for: str):
     try:
         return cls(root=str(root), train=train, download=download)
-    except RuntimeError as exc:
-        if "not found" in str(exc).lower() or "corrupted" in str(exc).lower():
+    except (RuntimeError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        if not download and "not found" in reason.lower():
             raise _missing(name, root, looked_for) from None
-        raise
-    except OSError as exc:  # a failed download: offline, proxy, disk
-        raise UsageError(f"data set '{name}': download into {root} failed ({exc}); copy the files there and set data.download=false") from None
+        if download and ("download" in reason.lower() or isinstance(exc, OSError)):
+            raise UsageError(f"data set '{name}': download into {root} failed ({reason}); copy the files there and set data.download=false") from None
+        raise UsageError(f"data set '{name}' under {root / looked_for} is unreadable ({reason}); replace the files with a complete copy") from None
 
 
 def _mnist_like(cls, name: str, root: Path, download: bool, train: bool, hflip: bool, mean: float, std: float) -> ImageData:
@@ -120,10 +121,7 @@ def mnist_sample(root: Path, download: bool, train: bool) -> ImageData:
         target = raw / packed.stem
         if not target.exists():
             raw.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".tmp{os.getpid()}")
-            with gzip.open(packed, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, target)
+            atomic_write_bytes(target, gzip.decompress(packed.read_bytes()))
     return _mnist_like(torchvision.datasets.MNIST, "mnist_sample", cache, False, train, False, 0.1307, 0.3081)
 
 
@@ -153,6 +151,8 @@ def image_folder(
     hflip: bool = True,
 ) -> ImageData:
     """Your own images: <root>/<train_dir>/<class>/*.png and <root>/<test_dir>/<class>/*, resized to image_size."""
+    if not train_dir or not test_dir or Path(train_dir) == Path(test_dir):
+        raise UsageError(f"data.train_dir={train_dir!r} and data.test_dir={test_dir!r} must be two different folders under data.root")
     folder = root / (train_dir if train else test_dir)
     if not folder.is_dir():
         raise _missing("image_folder", root, train_dir if train else test_dir)
@@ -168,7 +168,7 @@ def image_folder(
         ds = torchvision.datasets.ImageFolder(str(folder), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(f"data set 'image_folder': {exc}") from None
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    images = torch.stack([_decode(ds, i) for i in range(len(ds))])
     as_float = images.float() / 255
     dims = (0, 2, 3)
     return ImageData(
@@ -179,6 +179,13 @@ def image_folder(
         std=tuple(as_float.std(dims).clamp_min(1e-3).tolist()),
         hflip=hflip,
     )
+
+
+def _decode(ds: torchvision.datasets.ImageFolder, index: int) -> torch.Tensor:
+    try:
+        return ds[index][0]
+    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise UsageError(f"data set 'image_folder': cannot read {ds.samples[index][0]} ({type(exc).__name__}); remove or replace it") from None
 
 
 def default_cache_dir() -> Path:
@@ -234,10 +241,14 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 # --------------------------------------------------------------------------- from a data config
 
+def data_root(data_cfg) -> Path:
+    """The folder a data config reads: data.root, else $TRANSFERCTL_DATA_DIR, else a per-user folder."""
+    return (Path(data_cfg.root).expanduser() if data_cfg.root else default_root()).resolve()
+
+
 def load_split(data_cfg, train: bool) -> ImageData:
     """The whole train or test split of the configured data set."""
-    root = Path(data_cfg.root).expanduser() if data_cfg.root else default_root()
-    return DATASETS.build(data_cfg.name, data_cfg.options, root=root, download=data_cfg.download, train=train)
+    return DATASETS.build(data_cfg.name, data_cfg.options, root=data_root(data_cfg), download=data_cfg.download, train=train)
 
 
 def load_training_data(data_cfg, labelled_subset: bool) -> tuple[ImageData, ImageData]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferctl.data import ImageData, iterate_batches, normalize
+from transferctl.data import ImageData, iterate_batches, model_input
 
 
 @dataclass
@@ -19,10 +19,6 @@ class Classification:
     confusion: list[list[int]]  # rows: true class, columns: predicted class
 
 
-def _inputs(images: torch.Tensor, data: ImageData) -> torch.Tensor:
-    return normalize(images.float().div_(255), data.mean, data.std)
-
-
 @torch.no_grad()
 def classify(model: nn.Module, data: ImageData, batch_size: int) -> Classification:
     """Top-1 accuracy, mean cross-entropy and the confusion matrix of `model` on `data`."""
@@ -31,7 +27,7 @@ def classify(model: nn.Module, data: ImageData, batch_size: int) -> Classificati
     confusion = torch.zeros(k, k, dtype=torch.long, device=data.images.device)
     total_loss = torch.zeros((), device=data.images.device)
     for images, labels in iterate_batches(data, batch_size):
-        logits = model(_inputs(images, data))
+        logits = model(model_input(images, data.mean, data.std))
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k)
     confusion = confusion.cpu()
@@ -48,8 +44,8 @@ def classify(model: nn.Module, data: ImageData, batch_size: int) -> Classificati
 def embed(encoder: nn.Module, data: ImageData, batch_size: int) -> torch.Tensor:
     """L2-normalized features of every image in `data`, in order."""
     encoder.eval()
-    features = [F.normalize(encoder(_inputs(images, data)).float(), dim=1) for images, _ in iterate_batches(data, batch_size)]
-    return torch.cat(features)
+    batches = iterate_batches(data, batch_size)
+    return torch.cat([F.normalize(encoder(model_input(images, data.mean, data.std)).float(), dim=1) for images, _ in batches])
 
 
 @torch.no_grad()
@@ -57,15 +53,14 @@ def knn_accuracy(
     encoder: nn.Module, bank: ImageData, queries: ImageData, *, k: int, temperature: float, batch_size: int
 ) -> float:
     """Weighted k-NN (cosine similarity, weights exp(sim / temperature)) from `bank`'s labels onto `queries`."""
-    bank_features = embed(encoder, bank, batch_size)
-    bank_labels = bank.labels
+    bank_features, query_features = embed(encoder, bank, batch_size), embed(encoder, queries, batch_size)
     k = min(k, len(bank))
     correct = 0
     for start in range(0, len(queries), batch_size):
-        images = queries.images[start : start + batch_size]
-        sims = F.normalize(encoder(_inputs(images, queries)).float(), dim=1) @ bank_features.T
+        sims = query_features[start : start + batch_size] @ bank_features.T
         top_sims, top_idx = sims.topk(k, dim=1)
-        votes = torch.zeros(len(images), queries.num_classes, device=sims.device)
-        votes.scatter_add_(1, bank_labels[top_idx], (top_sims / temperature).exp())
+        weights = ((top_sims - top_sims[:, :1]) / temperature).exp()  # shifted by the max: no overflow at small T
+        votes = torch.zeros(len(sims), queries.num_classes, device=sims.device)
+        votes.scatter_add_(1, bank.labels[top_idx], weights)
         correct += (votes.argmax(1) == queries.labels[start : start + batch_size]).sum().item()
     return correct / max(len(queries), 1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferctl.data import BatchAugment, ImageData, iterate_batches, normalize, num_batches
+from transferctl.data import BatchAugment, ImageData, iterate_batches, normalize, num_batches, to_unit
 from transferctl.engine.evaluate import classify
 from transferctl.errors import RunFailed, UsageError
 from transferctl.models import Network
@@ -48,6 +48,8 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device={name}: CUDA is not available here; use train.device=auto or cpu")
+    if name.startswith("cuda:") and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise UsageError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("train.device=mps: MPS is not available here; use train.device=auto or cpu")
     return torch.device(name)
@@ -62,10 +64,6 @@ class Objective(Protocol):
     def validate(self, val: ImageData, batch_size: int) -> dict[str, float]: ...
 
 
-def _to_input(images: torch.Tensor) -> torch.Tensor:
-    return images.float().div_(255)
-
-
 @dataclass
 class ContrastiveObjective:
     """SimCLR: two augmented views of every image, projected and contrasted with NT-Xent."""
@@ -78,7 +76,7 @@ class ContrastiveObjective:
     contrastive: bool = True
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = _to_input(images)
+        x = to_unit(images)
         views = torch.cat([self.augment(x, generator), self.augment(x, generator)])
         z = self.model(normalize(views, self.mean, self.std))
         z1, z2 = z.chunk(2)
@@ -109,7 +107,7 @@ class ClassificationObjective:
     contrastive: bool = False
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = normalize(self.augment(_to_input(images), generator), self.mean, self.std)
+        x = normalize(self.augment(to_unit(images), generator), self.mean, self.std)
         if self.frozen_encoder:
             with torch.no_grad():
                 features = self.model.encoder(x)
@@ -143,7 +141,8 @@ class Position:
     step: int = 0
     epoch: int = 0  # completed epochs
     batch_in_epoch: int = 0  # batches done in the unfinished epoch
-    epoch_loss_sum: float = 0.0  # their summed loss
+    epoch_loss_sum: float = 0.0  # their loss, summed over images
+    epoch_images: int = 0  # images in those batches (the last batch of an epoch may be short)
     skipped_steps: int = 0  # in the unfinished epoch (train.on_nan=skip)
     best: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
@@ -155,9 +154,14 @@ class FitResult:
     images_per_s: float = 0.0
 
 
+def drops_last_batch(settings: Settings, train_size: int, contrastive: bool) -> bool:
+    """NT-Xent wants full batches of negatives; batch norm cannot train on a last batch of one image."""
+    return contrastive or (train_size > settings.batch_size and train_size % settings.batch_size == 1)
+
+
 def total_steps(settings: Settings, train_size: int, contrastive: bool) -> tuple[int, int]:
     """(steps per epoch, total optimizer steps) for a training set of `train_size` images."""
-    per_epoch = num_batches(train_size, settings.batch_size, drop_last=contrastive)  # NT-Xent wants full batches
+    per_epoch = num_batches(train_size, settings.batch_size, drops_last_batch(settings, train_size, contrastive))
     if per_epoch == 0:
         raise UsageError(f"data.batch_size={settings.batch_size} is larger than the {train_size} training images; lower it")
     return per_epoch, int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
@@ -224,6 +228,7 @@ def fit(
     augment_generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
     frozen = getattr(objective, "frozen_encoder", False)
     skip_bad = settings.on_nan == "skip"
+    drop_last = drops_last_batch(settings, len(train), objective.contrastive)
     pos = Position()
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -242,7 +247,8 @@ def fit(
         }
 
     reporter.start(steps, "pretraining" if objective.contrastive else "training")
-    started, start_step = time.perf_counter(), pos.step
+    started, images_done = time.perf_counter(), 0.0
+    lr = optimizer.param_groups[-1]["lr"]
     try:
         for epoch in range(pos.epoch, epochs):
             if pos.step >= steps:
@@ -253,30 +259,31 @@ def fit(
             order_generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
             running = torch.tensor(pos.epoch_loss_sum, device=device)
             epoch_start = window_start = time.perf_counter()
-            window_steps = 0
+            epoch_start_images, window_images = pos.epoch_images, 0
             batches = iterate_batches(
-                train, settings.batch_size, generator=order_generator, drop_last=objective.contrastive, start_batch=pos.batch_in_epoch
+                train, settings.batch_size, generator=order_generator, drop_last=drop_last, start_batch=pos.batch_in_epoch
             )
             for images, labels in batches:
                 loss = objective.loss(images, labels, augment_generator)
                 optimizer.zero_grad(set_to_none=True)
+                lr = optimizer.param_groups[-1]["lr"]
                 if skip_bad and not torch.isfinite(loss):  # a sync per step, only when asked for
                     pos.skipped_steps += 1
                 else:
                     loss.backward()
                     optimizer.step()
-                    running += loss.detach()
+                    running += loss.detach() * len(images)
+                    pos.epoch_images += len(images)
                 scheduler.step()
                 pos.step += 1
                 pos.batch_in_epoch += 1
-                window_steps += 1
+                window_images += len(images)
                 if pos.step % settings.log_every == 0 or pos.step == steps:
-                    value = running.item() / max(pos.batch_in_epoch - pos.skipped_steps, 1)
+                    value = running.item() / max(pos.epoch_images, 1)
                     _check_finite(value, f"at step {pos.step}")
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_steps * settings.batch_size / max(elapsed, 1e-9)
-                    reporter.progress(pos.step, {"loss": value, "lr": optimizer.param_groups[-1]["lr"], "images_per_s": rate})
-                    window_start, window_steps = time.perf_counter(), 0
+                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    reporter.progress(pos.step, {"loss": value, "lr": lr, "images_per_s": rate})
+                    window_start, window_images = time.perf_counter(), 0
                 if pos.step >= steps:
                     break
                 stopping = should_stop()
@@ -287,13 +294,12 @@ def fit(
                     if stopping:
                         return FitResult(pos)
             epoch_time = time.perf_counter() - epoch_start
-            done = pos.batch_in_epoch - pos.skipped_steps
             row: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": pos.step,
-                "train_loss": running.item() / max(done, 1),
-                "lr": optimizer.param_groups[-1]["lr"],
-                "images_per_s": pos.batch_in_epoch * settings.batch_size / max(epoch_time, 1e-9),
+                "train_loss": running.item() / max(pos.epoch_images, 1),
+                "lr": lr,  # the rate of the epoch's last step
+                "images_per_s": (pos.epoch_images - epoch_start_images) / max(epoch_time, 1e-9),
                 "epoch_time_s": round(epoch_time, 3),
             }
             if pos.skipped_steps:
@@ -304,7 +310,8 @@ def fit(
             if has_val and ((epoch + 1) % settings.val_every == 0 or last_epoch):
                 row.update(objective.validate(val, settings.eval_batch_size))
             is_best = (not has_val) or ("val_loss" in row and _is_better(row, pos.best, objective.contrastive))
-            pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.skipped_steps = epoch + 1, 0, 0.0, 0
+            images_done += pos.epoch_images - epoch_start_images
+            pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0
             pos.last = row
             if is_best:
                 pos.best = row
@@ -314,8 +321,7 @@ def fit(
                 break
     finally:
         reporter.finish()
-    elapsed = time.perf_counter() - started
-    return FitResult(pos, (pos.step - start_step) * settings.batch_size / max(elapsed, 1e-9))
+    return FitResult(pos, images_done / max(time.perf_counter() - started, 1e-9))
 
 
 __all__ = [

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torchvision
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from transferctl.registry import MODELS
@@ -15,7 +18,7 @@ class Encoder(nn.Sequential):
 
 
 @MODELS.register()
-def mlp(in_channels: int, image_size: int, hidden_dim: int = 128) -> Encoder:
+def mlp(in_channels: int, image_size: int, hidden_dim: PositiveInt = 128) -> Encoder:
     """The classic 784-128 network: one hidden ReLU layer on the flattened image."""
     return Encoder(
         nn.Flatten(),
@@ -30,7 +33,11 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 
 @MODELS.register()
-def cnn(in_channels: int, widths: tuple[int, ...] = (32, 64, 128), convs_per_stage: int = 1) -> Encoder:
+def cnn(
+    in_channels: int,
+    widths: Annotated[tuple[PositiveInt, ...], Field(min_length=1, max_length=6)] = (32, 64, 128),
+    convs_per_stage: PositiveInt = 1,
+) -> Encoder:
     """A small VGG-style conv net for 28-32 px images: conv stages with max-pooling, then global average pooling."""
     layers: list[nn.Module] = []
     cin = in_channels
@@ -55,8 +62,4 @@ def resnet18(in_channels: int, small_images: bool = True) -> Encoder:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     body = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
     return Encoder(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), feature_dim=net.fc.in_features)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 

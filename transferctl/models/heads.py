@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from transferctl.registry import HEADS
 
 
 @HEADS.register("projection", classifier=False)
-def projection_head(feature_dim: int, hidden_dim: int = 512, out_dim: int = 128) -> nn.Module:
+def projection_head(feature_dim: int, hidden_dim: PositiveInt = 512, out_dim: PositiveInt = 128) -> nn.Module:
     """SimCLR's projection MLP: Linear-BN-ReLU-Linear; thrown away after pretraining."""
     return nn.Sequential(
         nn.Linear(feature_dim, hidden_dim, bias=False),
@@ -20,7 +23,7 @@ def projection_head(feature_dim: int, hidden_dim: int = 512, out_dim: int = 128)
 
 
 @HEADS.register("linear", classifier=True)
-def classifier_head(feature_dim: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
+def classifier_head(feature_dim: int, num_classes: int, dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> nn.Module:
     """A linear classifier (optionally after dropout) producing class logits."""
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
 

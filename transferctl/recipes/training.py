@@ -13,7 +13,7 @@ import torch
 
 from transferctl import build
 from transferctl.config import PRETRAIN_METHODS, Config, load_config, merge, read_yaml
-from transferctl.data import ImageData, load_training_data
+from transferctl.data import ImageData, data_root, load_training_data
 from transferctl.engine import (
     ClassificationObjective,
     ContrastiveObjective,
@@ -26,7 +26,7 @@ from transferctl.engine.signals import StopOnSignal
 from transferctl.engine.train import Settings, total_steps
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.models import Network
-from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_run, recording, reopen_run
+from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_run, read_trained_run, recording, reopen_run
 
 
 @dataclass
@@ -83,8 +83,10 @@ def finetune_config(
     base = read_yaml(recipe_path("finetune"))
     user = read_yaml(config) if config is not None else {}
     if source is not None:
-        record = read_run(source, runs_dir)
+        record = read_trained_run(source, runs_dir)
         src = record.config
+        if "model" in user and not isinstance(user["model"], dict):
+            raise ConfigError(f"{config}: model: expected a section (name: ... and options), got {user['model']!r}")
         for key, value in (user.get("model") or {}).items():
             if src["model"].get(key) != value:
                 raise ConfigError(
@@ -120,14 +122,18 @@ def finetune(
     return train_run(cfg, runs_dir=runs_dir, command="finetune", reporter=reporter)
 
 
-def load_encoder_weights(model: Network, source: Path) -> None:
-    """Copy the encoder (not the head) from a run's last checkpoint into `model`."""
+def load_encoder_weights(model: Network, cfg: Config) -> None:
+    """Copy the encoder (not the head) from the source run's last checkpoint into `model`."""
+    source = Path(cfg.finetune.source)
     state = load_checkpoint(source / "checkpoints" / "last.pt")["model"]
     encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     try:
         model.encoder.load_state_dict(encoder_state)
     except RuntimeError:
-        raise UsageError(f"{source}: its encoder weights do not fit model '{model.encoder.__class__.__name__}'; the run was made with a different architecture") from None
+        raise UsageError(
+            f"finetune.source {source}: its encoder weights do not fit model '{cfg.model.name}' with {cfg.model.options}; "
+            f"the run was made with a different architecture"
+        ) from None
 
 
 # --------------------------------------------------------------------------- the shared training run
@@ -144,23 +150,38 @@ class Prepared:
 
 
 def prepare(cfg: Config) -> Prepared:
+    """Data, model and device, every check that can fail on bad input done before anything is written."""
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
-    if len(train) < cfg.data.batch_size:
-        what = "labelled training" if cfg.is_classifier else "training"
-        raise UsageError(f"data.batch_size={cfg.data.batch_size} is larger than the {len(train)} {what} images; lower it")
+    total_steps(_settings(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
     model = build.build_network(cfg, train.channels, train.image_size, train.num_classes)
+    _check_fits(model, cfg, train)
     if cfg.finetune.source:
-        load_encoder_weights(model, Path(cfg.finetune.source))
+        load_encoder_weights(model, cfg)
     return Prepared(cfg, device, train.to(device), val.to(device), model.to(device))
+
+
+def _check_fits(model: Network, cfg: Config, data: ImageData) -> None:
+    """One eval-mode forward pass (no statistics change, no randomness drawn): an encoder that cannot
+    take the data set's image size fails here, as a config error, not mid-run."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, data.channels, data.image_size, data.image_size))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"model: '{cfg.model.name}' does not fit {data.channels}x{data.image_size}x{data.image_size} images "
+            f"of data set '{cfg.data.name}' ({reason}); change model options or the image size"
+        ) from None
 
 
 def train_run(cfg: Config, *, runs_dir: Path, command: str, reporter: Reporter | None = None) -> RunResult:
     """Train `cfg` into a new run directory; the run records success, failure or interruption."""
     prepared = prepare(cfg)
     parent = Path(cfg.finetune.source).name if cfg.finetune.source else None
-    environment = {"device": str(prepared.device), "seed": cfg.train.seed}
+    environment = {"device": str(prepared.device), "seed": cfg.train.seed, "data_root": str(data_root(cfg.data))}
     run = create_run(runs_dir, f"{cfg.method}-{cfg.data.name}", cfg.to_dict(), parent, command, environment)
     run.log(f"{command} {cfg.method} on {cfg.data.name}: {len(prepared.train)} train / {len(prepared.val)} val images, device {prepared.device}")
     with recording(run, command) as outcome:
@@ -171,7 +192,7 @@ def train_run(cfg: Config, *, runs_dir: Path, command: str, reporter: Reporter |
 # Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
 SAFE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.device", "train.log_every", "train.checkpoint_every",
-    "train.val_every", "data.eval_batch_size",
+    "train.val_every",
 )
 
 
@@ -253,10 +274,12 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
     _, steps = total_steps(settings, len(p.train), objective.contrastive)
     scheduler = build.build_scheduler(cfg, optimizer, steps)
     config = cfg.to_dict()
+    # What evaluate and export need to feed the model as it was trained, whatever the test split holds.
+    data_info = {"mean": list(p.train.mean), "std": list(p.train.std), "classes": list(p.train.classes)}
 
     def save(state: dict[str, Any], row: dict[str, Any] | None, is_best: bool) -> None:
         position = state["position"]
-        where = {"config": config, "epoch": position["epoch"], "step": position["step"]}
+        where = {"config": config, "data": data_info, "epoch": position["epoch"], "step": position["step"]}
         if row is not None:
             run.log_metrics(row)
             run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
