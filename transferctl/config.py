@@ -63,6 +63,9 @@ class DataConfig(BaseModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: Seed = 0
     augment: Optional[Component] = None
+    pipeline: Literal["auto", "memory", "loader"] = "auto"
+    memory_budget_mb: PositiveInt = 4096
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 2
 
     @property
     def options(self) -> dict[str, Any]:
@@ -82,6 +85,7 @@ class TrainConfig(BaseModel):
     val_every: PositiveInt = 1
     checkpoint_every: Optional[PositiveInt] = None
     on_nan: Literal["stop", "skip"] = "stop"
+    channels_last: Literal["auto", True, False] = "auto"
 
 
 class FinetuneConfig(BaseModel):

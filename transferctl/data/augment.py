@@ -66,6 +66,31 @@ class BatchAugment:
             x = self.blur(x, generator)
         return x
 
+    def torchvision_transform(self, image_size: int, channels: int):
+        """The same augmentation as per-image torchvision transforms (float CxHxW in [0, 1]), for the loader pipeline."""
+        from torchvision.transforms import v2
+
+        steps: list = []
+        if self.crop_scale != (1.0, 1.0) or self.crop_ratio != (1.0, 1.0):
+            steps.append(v2.RandomResizedCrop(image_size, scale=self.crop_scale, ratio=self.crop_ratio, antialias=True))
+        if self.rotation or self.translate:
+            steps.append(v2.RandomAffine(degrees=self.rotation, translate=(self.translate, self.translate)))
+        if self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        colour = channels == 3
+        jitter = {
+            "brightness": self.brightness, "contrast": self.contrast,
+            "saturation": self.saturation if colour else 0.0, "hue": self.hue if colour else 0.0,
+        }
+        if self.jitter_p > 0 and any(jitter.values()):
+            steps.append(v2.RandomApply([v2.ColorJitter(**{k: v for k, v in jitter.items() if v})], p=self.jitter_p))
+        if colour and self.grayscale_p > 0:
+            steps.append(v2.RandomGrayscale(p=self.grayscale_p))
+        if self.blur_p > 0:
+            radius = min(math.ceil(3 * self.blur_sigma[1]), (image_size - 1) // 2)
+            steps.append(v2.RandomApply([v2.GaussianBlur(2 * radius + 1, sigma=self.blur_sigma)], p=self.blur_p))
+        return v2.Compose(steps) if steps else v2.Identity()
+
     def geometry(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, dev = x.shape[0], x.device
         area = _uniform(n, *self.crop_scale, generator, dev)

@@ -220,14 +220,13 @@ def iterate_batches(
     data: ImageData,
     batch_size: int,
     *,
-    generator: torch.Generator | None = None,
+    order: torch.Tensor | None = None,
     drop_last: bool = False,
     start_batch: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches by index; shuffled when a generator is given; from `start_batch` on."""
+    """(images, labels) batches by index, in `order` (default: as stored), from `start_batch` on."""
     n = len(data)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order.to(data.images.device)
+    order = (order if order is not None else torch.arange(n)).to(data.images.device)
     stop = n - n % batch_size if drop_last else n
     for start in range(start_batch * batch_size, stop, batch_size):
         idx = order[start : start + batch_size]

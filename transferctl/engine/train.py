@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferctl.data import BatchAugment, ImageData, iterate_batches, normalize, num_batches, to_unit
+from transferctl.data import BatchAugment, ImageData, num_batches
+from transferctl.data.pipeline import MemoryPipeline, Pipeline
 from transferctl.engine.evaluate import classify
 from transferctl.errors import RunFailed, UsageError
 from transferctl.models import Network
@@ -59,8 +60,9 @@ class Objective(Protocol):
     """What one training step optimizes, and how the held-out split scores the model."""
 
     contrastive: bool
+    views: int  # augmented views of each image a step needs
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor: ...
+    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor: ...
     def validate(self, val: ImageData, batch_size: int) -> dict[str, float]: ...
 
 
@@ -70,27 +72,24 @@ class ContrastiveObjective:
 
     model: Network
     criterion: nn.Module
-    augment: BatchAugment
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    augment: BatchAugment  # for validation views
     contrastive: bool = True
+    views: int = 2
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = to_unit(images)
-        views = torch.cat([self.augment(x, generator), self.augment(x, generator)])
-        z = self.model(normalize(views, self.mean, self.std))
-        z1, z2 = z.chunk(2)
+    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        z1, z2 = self.model(torch.cat(views)).chunk(2)
         return self.criterion(z1, z2)
 
     @torch.no_grad()
     def validate(self, val: ImageData, batch_size: int) -> dict[str, float]:
         """NT-Xent on the held-out images, with a fixed augmentation seed so epochs compare."""
         self.model.eval()
-        generator = torch.Generator(device=val.images.device).manual_seed(0)
+        size = min(batch_size, len(val))
+        views = MemoryPipeline(val, self.augment, views=2, batch_size=size, seed=0, drop_last=True)
         total, count = torch.zeros((), device=val.images.device), 0
-        for images, labels in iterate_batches(val, min(batch_size, len(val)), drop_last=True):
-            total += self.loss(images, labels, generator) * len(images)
-            count += len(images)
+        for pair, labels in views.batches(epoch=0):
+            total += self.loss(pair, labels) * len(labels)
+            count += len(labels)
         return {"val_loss": total.item() / max(count, 1)}
 
 
@@ -100,14 +99,12 @@ class ClassificationObjective:
 
     model: Network
     criterion: nn.Module
-    augment: BatchAugment
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     frozen_encoder: bool = False
     contrastive: bool = False
+    views: int = 1
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = normalize(self.augment(to_unit(images), generator), self.mean, self.std)
+    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        (x,) = views
         if self.frozen_encoder:
             with torch.no_grad():
                 features = self.model.encoder(x)
@@ -167,23 +164,23 @@ def total_steps(settings: Settings, train_size: int, contrastive: bool) -> tuple
     return per_epoch, int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
 
 
-def rng_state(augment_generator: torch.Generator) -> dict[str, Any]:
+def rng_state(pipeline: Pipeline) -> dict[str, Any]:
     """Every random state a run draws from, in types that load with weights_only=True."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "augment": augment_generator.get_state().cpu(),
+        "pipeline": pipeline.state(),
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
     }
 
 
-def restore_rng(state: dict[str, Any], augment_generator: torch.Generator) -> None:
+def restore_rng(state: dict[str, Any], pipeline: Pipeline) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    augment_generator.set_state(state["augment"])
+    pipeline.restore(state["pipeline"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -207,7 +204,7 @@ def fit(
     model: Network,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train: ImageData,
+    pipeline: Pipeline,
     val: ImageData | None,
     settings: Settings,
     *,
@@ -216,25 +213,24 @@ def fit(
     resume: dict[str, Any] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> FitResult:
-    """Train for `settings.epochs` (or `max_steps`), validating every `val_every` epochs.
+    """Train on `pipeline`'s batches for `settings.epochs` (or `max_steps`), validating every `val_every` epochs.
 
     `save(state, row, is_best)` persists a checkpoint: at every epoch end (with that epoch's metrics
     `row`), every `checkpoint_every` steps and when `should_stop()` turns true (with `row=None`).
     `resume` is a checkpoint written by `save`: training continues at its exact batch, with its RNG.
     """
-    device = train.images.device
-    per_epoch, steps = total_steps(settings, len(train), objective.contrastive)
+    device = next(model.parameters()).device
+    per_epoch = pipeline.batches_per_epoch()
+    steps = int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
     epochs = math.ceil(steps / per_epoch)
-    augment_generator = torch.Generator(device=device).manual_seed(settings.seed + 1)
     frozen = getattr(objective, "frozen_encoder", False)
     skip_bad = settings.on_nan == "skip"
-    drop_last = drops_last_batch(settings, len(train), objective.contrastive)
     pos = Position()
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        restore_rng(resume["rng"], augment_generator)
+        restore_rng(resume["rng"], pipeline)
         pos = Position(**resume["position"])
 
     def state() -> dict[str, Any]:
@@ -242,7 +238,7 @@ def fit(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": rng_state(augment_generator),
+            "rng": rng_state(pipeline),
             "position": asdict(pos),
         }
 
@@ -256,15 +252,11 @@ def fit(
             model.train()
             if frozen:
                 model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
-            order_generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + epoch)
             running = torch.tensor(pos.epoch_loss_sum, device=device)
             epoch_start = window_start = time.perf_counter()
             epoch_start_images, window_images = pos.epoch_images, 0
-            batches = iterate_batches(
-                train, settings.batch_size, generator=order_generator, drop_last=drop_last, start_batch=pos.batch_in_epoch
-            )
-            for images, labels in batches:
-                loss = objective.loss(images, labels, augment_generator)
+            for views, labels in pipeline.batches(epoch, start_batch=pos.batch_in_epoch):
+                loss = objective.loss(views, labels)
                 optimizer.zero_grad(set_to_none=True)
                 lr = optimizer.param_groups[-1]["lr"]
                 if skip_bad and not torch.isfinite(loss):  # a sync per step, only when asked for
@@ -272,12 +264,12 @@ def fit(
                 else:
                     loss.backward()
                     optimizer.step()
-                    running += loss.detach() * len(images)
-                    pos.epoch_images += len(images)
+                    running += loss.detach() * len(labels)
+                    pos.epoch_images += len(labels)
                 scheduler.step()
                 pos.step += 1
                 pos.batch_in_epoch += 1
-                window_images += len(images)
+                window_images += len(labels)
                 if pos.step % settings.log_every == 0 or pos.step == steps:
                     value = running.item() / max(pos.epoch_images, 1)
                     _check_finite(value, f"at step {pos.step}")

@@ -23,7 +23,7 @@ from transferctl.engine import (
     pick_device,
 )
 from transferctl.engine.signals import StopOnSignal
-from transferctl.engine.train import Settings, total_steps
+from transferctl.engine.train import Settings, drops_last_batch, total_steps
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.models import Network
 from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_run, read_trained_run, recording, reopen_run
@@ -159,7 +159,7 @@ def prepare(cfg: Config) -> Prepared:
     _check_fits(model, cfg, train)
     if cfg.finetune.source:
         load_encoder_weights(model, cfg)
-    return Prepared(cfg, device, train.to(device), val.to(device), model.to(device))
+    return Prepared(cfg, device, train, val.to(device), model.to(device))
 
 
 def _check_fits(model: Network, cfg: Config, data: ImageData) -> None:
@@ -267,12 +267,17 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
     criterion = build.build_loss(cfg)
     augment = build.build_augment(cfg, p.train)
     if cfg.is_classifier:
-        objective = ClassificationObjective(p.model, criterion, augment, p.train.mean, p.train.std, frozen_encoder=frozen)
+        objective = ClassificationObjective(p.model, criterion, frozen_encoder=frozen)
     else:
-        objective = ContrastiveObjective(p.model, criterion, augment, p.train.mean, p.train.std)
+        objective = ContrastiveObjective(p.model, criterion, augment)
     settings = _settings(cfg)
     _, steps = total_steps(settings, len(p.train), objective.contrastive)
     scheduler = build.build_scheduler(cfg, optimizer, steps)
+    pipeline = build.build_pipeline(cfg, p.train, augment, p.device, views=objective.views,
+                                    drop_last=drops_last_batch(settings, len(p.train), objective.contrastive))
+    if build.use_channels_last(cfg, p.device):
+        p.model.to(memory_format=torch.channels_last)
+    run.log(f"pipeline {type(pipeline).__name__}, {torch.get_num_threads()} CPU threads")
     config = cfg.to_dict()
     # What evaluate and export need to feed the model as it was trained, whatever the test split holds.
     data_info = {"mean": list(p.train.mean), "std": list(p.train.std), "classes": list(p.train.classes)}
@@ -290,7 +295,7 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
     with StopOnSignal() as stop:
         try:
             result = fit(
-                objective, p.model, optimizer, scheduler, p.train, p.val, settings,
+                objective, p.model, optimizer, scheduler, pipeline, p.val, settings,
                 save=save, reporter=reporter, resume=resume_from, should_stop=stop.requested,
             )
         except (torch.OutOfMemoryError, MemoryError) as exc:

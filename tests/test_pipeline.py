@@ -1,0 +1,90 @@
+"""The memory and loader pipelines: same images, same order, seeded, resumable; both train."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from transferctl.config import DataConfig
+from transferctl.data import load_split
+from transferctl.data.augment import BatchAugment, simclr
+from transferctl.data.pipeline import LoaderPipeline, MemoryPipeline, make_pipeline
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from tests.conftest import make_mnist_root
+
+    root = make_mnist_root(tmp_path_factory.mktemp("pipe"), 150, 10)
+    return load_split(DataConfig(name="mnist", root=str(root)), train=True)
+
+
+def pipelines(data, augment, **kw):
+    common = dict(views=1, batch_size=32, seed=3, drop_last=False) | kw
+    memory = MemoryPipeline(data, augment, **common)
+    loader = LoaderPipeline(data, augment, device=torch.device("cpu"), num_workers=0, **common)
+    return memory, loader
+
+
+def test_both_pipelines_visit_the_same_images_in_the_same_order(digits):
+    memory, loader = pipelines(digits, BatchAugment())
+    assert memory.batches_per_epoch() == loader.batches_per_epoch() == 5
+    for epoch in (0, 1):
+        from_memory = list(memory.batches(epoch))
+        from_loader = list(loader.batches(epoch))
+        assert len(from_memory) == len(from_loader)
+        for (mv, ml), (lv, ll) in zip(from_memory, from_loader):
+            assert torch.equal(ml, ll)
+            assert torch.allclose(mv[0], lv[0], atol=1e-6)
+    first, second = (torch.cat([l for _, l in memory.batches(e)]) for e in (0, 1))
+    assert not torch.equal(first, second)  # a new order every epoch
+    assert sorted(first.tolist()) == sorted(digits.labels.tolist())  # every image once
+
+
+def test_loader_augmentation_is_seeded_per_image_and_resumable(digits):
+    augment = simclr(hflip_default=False)
+    _, loader = pipelines(digits, augment, views=2)
+    full = list(loader.batches(epoch=1))
+    again = list(loader.batches(epoch=1))
+    tail = list(loader.batches(epoch=1, start_batch=3))
+    assert torch.equal(full[0][0][0], again[0][0][0])
+    assert not torch.equal(full[0][0][0], full[0][0][1])  # two different views of each image
+    assert len(tail) == 2 and torch.equal(tail[0][0][1], full[3][0][1])
+
+
+def test_memory_augmentation_state_restores(digits):
+    memory, _ = pipelines(digits, simclr(hflip_default=False), views=2)
+    state = memory.state()
+    first = next(memory.batches(0))[0][0]
+    memory.restore(state)
+    assert torch.equal(next(memory.batches(0))[0][0], first)
+
+
+def test_auto_picks_memory_within_the_budget_and_the_loader_beyond_it(digits):
+    from dataclasses import replace
+
+    common = dict(views=1, batch_size=32, seed=0, drop_last=False, device=torch.device("cpu"), num_workers=0, channels_last=False)
+    assert isinstance(make_pipeline(digits, BatchAugment(), kind="auto", budget_mb=1, **common), MemoryPipeline)
+    big = replace(digits, images=torch.zeros(3000, 1, 28, 28, dtype=torch.uint8), labels=torch.zeros(3000, dtype=torch.long))
+    assert isinstance(make_pipeline(big, BatchAugment(), kind="auto", budget_mb=1, **common), LoaderPipeline)
+    assert isinstance(make_pipeline(big, BatchAugment(), kind="memory", budget_mb=1, **common), MemoryPipeline)
+
+
+def test_the_torchvision_twin_of_the_batched_augmentation():
+    from torchvision.transforms import v2
+
+    assert isinstance(BatchAugment().torchvision_transform(28, 1), v2.Identity)
+    names = [type(t).__name__ for t in simclr(hflip_default=True, blur_p=0.5).torchvision_transform(32, 3).transforms]
+    assert names == ["RandomResizedCrop", "RandomAffine", "RandomHorizontalFlip", "RandomApply", "RandomGrayscale", "RandomApply"]
+
+
+@pytest.mark.parametrize("pipeline", ["memory", "loader"])
+def test_a_short_pretraining_lowers_the_loss_on_each_pipeline(cli, simclr_config, tmp_path, pipeline):
+    result = cli("pretrain", "-c", simclr_config, f"data.pipeline={pipeline}", "data.num_workers=1", "train.epochs=4",
+                 "--runs-dir", tmp_path / "runs", "--json")
+    assert result.code == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "runs" / result.json["run_id"] / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.1
+    assert f"pipeline {pipeline.capitalize()}Pipeline" in (tmp_path / "runs" / result.json["run_id"] / "log.txt").read_text()
