@@ -88,3 +88,21 @@ def test_a_short_pretraining_lowers_the_loss_on_each_pipeline(cli, simclr_config
     rows = [json.loads(line) for line in (tmp_path / "runs" / result.json["run_id"] / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.1
     assert f"pipeline {pipeline.capitalize()}Pipeline" in (tmp_path / "runs" / result.json["run_id"] / "log.txt").read_text()
+
+
+def test_bf16_autocast_trains_on_cpu_and_float16_needs_cuda(cli, simclr_config, tmp_path):
+    result = cli("pretrain", "-c", simclr_config, "train.precision=bf16", "train.epochs=3", "--runs-dir", tmp_path / "runs", "--json")
+    assert result.code == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "runs" / result.json["run_id"] / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    if not torch.cuda.is_available():
+        refused = cli("pretrain", "-c", simclr_config, "train.precision=16", "--runs-dir", tmp_path / "runs")
+        assert refused.code == 2 and "needs CUDA" in refused.stderr
+
+
+def test_a_loader_run_leaves_the_process_thread_count_alone(cli, simclr_config, tmp_path):
+    before = torch.get_num_threads()
+    result = cli("pretrain", "-c", simclr_config, "data.pipeline=loader", "data.num_workers=1", "train.max_steps=2",
+                 "--runs-dir", tmp_path / "runs")
+    assert result.code == 0, result.stderr
+    assert torch.get_num_threads() == before

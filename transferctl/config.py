@@ -86,6 +86,12 @@ class TrainConfig(BaseModel):
     checkpoint_every: Optional[PositiveInt] = None
     on_nan: Literal["stop", "skip"] = "stop"
     channels_last: Literal["auto", True, False] = "auto"
+    precision: Literal["32", "bf16", "16"] = "32"
+
+    @pydantic.field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class FinetuneConfig(BaseModel):

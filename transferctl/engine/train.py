@@ -129,6 +129,7 @@ class Settings:
     val_every: int
     checkpoint_every: int | None = None
     on_nan: str = "stop"
+    precision: str = "32"  # 32, bf16 (autocast) or 16 (autocast and a gradient scaler; CUDA)
 
 
 @dataclass
@@ -225,11 +226,14 @@ def fit(
     epochs = math.ceil(steps / per_epoch)
     frozen = getattr(objective, "frozen_encoder", False)
     skip_bad = settings.on_nan == "skip"
+    half = {"bf16": torch.bfloat16, "16": torch.float16}.get(settings.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "16")
     pos = Position()
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume.get("scaler", {}))
         restore_rng(resume["rng"], pipeline)
         pos = Position(**resume["position"])
 
@@ -238,6 +242,7 @@ def fit(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng": rng_state(pipeline),
             "position": asdict(pos),
         }
@@ -256,14 +261,16 @@ def fit(
             epoch_start = window_start = time.perf_counter()
             epoch_start_images, window_images = pos.epoch_images, 0
             for views, labels in pipeline.batches(epoch, start_batch=pos.batch_in_epoch):
-                loss = objective.loss(views, labels)
+                with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                    loss = objective.loss(views, labels)
                 optimizer.zero_grad(set_to_none=True)
                 lr = optimizer.param_groups[-1]["lr"]
                 if skip_bad and not torch.isfinite(loss):  # a sync per step, only when asked for
                     pos.skipped_steps += 1
                 else:
-                    loss.backward()
-                    optimizer.step()
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     running += loss.detach() * len(labels)
                     pos.epoch_images += len(labels)
                 scheduler.step()

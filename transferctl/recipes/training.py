@@ -23,6 +23,7 @@ from transferctl.engine import (
     pick_device,
 )
 from transferctl.engine.signals import StopOnSignal
+from transferctl.data.pipeline import Pipeline
 from transferctl.engine.train import Settings, drops_last_batch, total_steps
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.models import Network
@@ -152,6 +153,8 @@ class Prepared:
 def prepare(cfg: Config) -> Prepared:
     """Data, model and device, every check that can fail on bad input done before anything is written."""
     device = pick_device(cfg.train.device)
+    if cfg.train.precision == "16" and device.type != "cuda":
+        raise ConfigError(f"train.precision: 16 (float16 with a gradient scaler) needs CUDA, not {device.type}; use bf16 or 32")
     torch.manual_seed(cfg.train.seed)
     train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
     total_steps(_settings(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
@@ -254,10 +257,24 @@ def _settings(cfg: Config) -> Settings:
     return Settings(
         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, epochs=t.epochs, max_steps=t.max_steps,
         seed=t.seed, log_every=t.log_every, val_every=t.val_every, checkpoint_every=t.checkpoint_every, on_nan=t.on_nan,
+        precision=t.precision,
     )
 
 
-def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass
+class Training:
+    """The components one training run steps through."""
+
+    objective: ClassificationObjective | ContrastiveObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    pipeline: Pipeline
+    settings: Settings
+    steps: int
+
+
+def build_training(p: Prepared) -> Training:
+    """Objective, optimizer, schedule and batch pipeline for a prepared run (also used by the benchmarks)."""
     cfg = p.cfg
     frozen = cfg.method == "finetune" and cfg.finetune.freeze_encoder
     if frozen:
@@ -267,17 +284,24 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
     criterion = build.build_loss(cfg)
     augment = build.build_augment(cfg, p.train)
     if cfg.is_classifier:
-        objective = ClassificationObjective(p.model, criterion, frozen_encoder=frozen)
+        objective: ClassificationObjective | ContrastiveObjective = ClassificationObjective(p.model, criterion, frozen_encoder=frozen)
     else:
         objective = ContrastiveObjective(p.model, criterion, augment)
     settings = _settings(cfg)
     _, steps = total_steps(settings, len(p.train), objective.contrastive)
     scheduler = build.build_scheduler(cfg, optimizer, steps)
-    pipeline = build.build_pipeline(cfg, p.train, augment, p.device, views=objective.views,
-                                    drop_last=drops_last_batch(settings, len(p.train), objective.contrastive))
+    drop_last = drops_last_batch(settings, len(p.train), objective.contrastive)
+    pipeline = build.build_pipeline(cfg, p.train, augment, p.device, views=objective.views, drop_last=drop_last)
     if build.use_channels_last(cfg, p.device):
         p.model.to(memory_format=torch.channels_last)
-    run.log(f"pipeline {type(pipeline).__name__}, {torch.get_num_threads()} CPU threads")
+    return Training(objective, optimizer, scheduler, pipeline, settings, steps)
+
+
+def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    cfg = p.cfg
+    t = build_training(p)
+    threads = build.training_threads(cfg, t.pipeline, p.device)
+    run.log(f"pipeline {type(t.pipeline).__name__}, {threads} CPU threads")
     config = cfg.to_dict()
     # What evaluate and export need to feed the model as it was trained, whatever the test split holds.
     data_info = {"mean": list(p.train.mean), "std": list(p.train.std), "classes": list(p.train.classes)}
@@ -292,10 +316,10 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
         if is_best:
             run.save_checkpoint("best", {"model": state["model"], "metrics": row, **where})
 
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, build.cpu_threads(threads):
         try:
             result = fit(
-                objective, p.model, optimizer, scheduler, pipeline, p.val, settings,
+                t.objective, p.model, t.optimizer, t.scheduler, t.pipeline, p.val, t.settings,
                 save=save, reporter=reporter, resume=resume_from, should_stop=stop.requested,
             )
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -304,10 +328,10 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
                 f"or data.eval_batch_size (now {cfg.data.eval_batch_size})"
             ) from None
     position = result.position
-    if position.step < steps and stop.signum is not None:
+    if position.step < t.steps and stop.signum is not None:
         name = signal.Signals(stop.signum).name
         raise Interrupted(
-            f"stopped by {name} at step {position.step} of {steps}, checkpoint saved; "
+            f"stopped by {name} at step {position.step} of {t.steps}, checkpoint saved; "
             f"continue with `transferctl {command} --resume {run.path}`",
             stop.signum,
         )
