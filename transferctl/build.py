@@ -12,6 +12,7 @@ from torch import nn
 from transferctl.config import Config
 from transferctl.data import BatchAugment, ImageData
 from transferctl.data.pipeline import LoaderPipeline, Pipeline, make_pipeline
+from transferctl.distributed import world
 from transferctl.models import Network
 from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 
@@ -60,11 +61,26 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
 
 
 def build_pipeline(cfg: Config, train: ImageData, augment: BatchAugment, device: torch.device, *, views: int, drop_last: bool) -> Pipeline:
+    ranks = world()
     return make_pipeline(
         train, augment, kind=cfg.data.pipeline, views=views, batch_size=cfg.data.batch_size, seed=cfg.train.seed,
         drop_last=drop_last, device=device, num_workers=cfg.data.num_workers, budget_mb=cfg.data.memory_budget_mb,
-        channels_last=use_channels_last(cfg, device),
+        channels_last=use_channels_last(cfg, device), rank=ranks.rank, world=ranks.size,
     )
+
+
+def training_forward(cfg: Config, network: Network, device: torch.device) -> nn.Module:
+    """What training calls: the network, in DDP across ranks (SyncBatchNorm if asked), compiled if asked."""
+    forward: nn.Module = network
+    if world().distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if cfg.train.sync_batchnorm:
+            network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        forward = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        forward = torch.compile(forward)
+    return forward
 
 
 def training_threads(cfg: Config, pipeline: Pipeline, device: torch.device) -> int:

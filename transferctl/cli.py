@@ -16,6 +16,7 @@ import typer
 import transferctl
 from transferctl import recipes
 from transferctl.console import ConsoleReporter
+from transferctl.distributed import init_from_env, world
 from transferctl.errors import TransferError, UsageError
 from transferctl.export import ExportResult, export_run
 from transferctl.recipes.training import RunResult
@@ -50,16 +51,20 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """transferctl: transfer learning from the command line."""
+    init_from_env()  # under torchrun: join the process group before any work
 
 
 class _Output:
     """Where a command's result goes: JSON on stdout, or a table on stderr and the run dir on stdout."""
 
     def __init__(self, as_json: bool, quiet: bool):
+        self.main = world().is_main  # under torchrun only rank 0 speaks
         self.as_json = as_json
-        self.reporter = ConsoleReporter(quiet=quiet)
+        self.reporter = ConsoleReporter(quiet=quiet or not self.main)
 
     def result(self, result: RunResult | ExportResult, title: str) -> None:
+        if not self.main:
+            return
         if self.as_json:
             typer.echo(json.dumps(result.to_json()))
             return

@@ -87,6 +87,8 @@ class TrainConfig(BaseModel):
     on_nan: Literal["stop", "skip"] = "stop"
     channels_last: Literal["auto", True, False] = "auto"
     precision: Literal["32", "bf16", "16"] = "32"
+    compile: bool = False
+    sync_batchnorm: bool = False
 
     @pydantic.field_validator("precision", mode="before")
     @classmethod

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat
 from torch import nn
 
+from transferctl.distributed import gather_with_grad
 from transferctl.registry import LOSSES
 
 
@@ -23,7 +24,11 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, gather: bool = False) -> torch.Tensor:
+        """With `gather`, embeddings of all ranks join the batch (global negatives): every rank then
+        computes the loss of the global batch, and DDP's gradient averaging gives its exact gradient."""
+        if gather:
+            z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
         n = z1.shape[0]
         z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
         logits = z @ z.T / self.temperature

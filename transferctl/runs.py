@@ -33,6 +33,7 @@ import torch
 import yaml
 
 import transferctl
+from transferctl.distributed import broadcast, world
 from transferctl.errors import Interrupted, RunFailed, UsageError
 from transferctl.fileio import atomic_write_bytes
 
@@ -56,11 +57,14 @@ class Run:
     path: Path
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    writer: bool = True  # False on ranks other than 0: they train but write nothing
     _lock: Any = field(default=None, repr=False)
 
     def lock(self) -> None:
         """Hold an exclusive lock on the run for this process's life: one writer per run, ever.
         The OS drops it when the process dies, however it dies."""
+        if not self.writer:
+            return
         handle = open(self.path / ".lock", "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -81,11 +85,15 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
+    def _write(self, name: str, data: bytes) -> None:
+        if self.writer:
+            atomic_write_bytes(self.path / name, data)
+
     def write_json(self, name: str, obj: Any) -> None:
-        atomic_write_bytes(self.path / name, _json_bytes(obj))
+        self._write(name, _json_bytes(obj))
 
     def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_bytes(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+        self._write("config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
 
     def update_summary(self, **fields: Any) -> None:
         self.summary.update(fields)
@@ -94,13 +102,17 @@ class Run:
     def log_metrics(self, row: dict[str, Any]) -> None:
         """Add one row to metrics.jsonl (rewritten whole, atomically: it is small)."""
         self.metrics.append(row)
-        atomic_write_bytes(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
 
     def log(self, line: str) -> None:
+        if not self.writer:
+            return
         with open(self.log_path, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
+        if not self.writer:
+            return self.checkpoint_dir / f"{name}.pt"
         buffer = io.BytesIO()
         torch.save({"format": CHECKPOINT_FORMAT, "transferctl": transferctl.__version__, **state}, buffer)
         self.checkpoint_dir.mkdir(exist_ok=True)
@@ -110,6 +122,27 @@ class Run:
 
 
 def create_run(
+    runs_dir: Path, label: str, config: dict[str, Any], parent: str | None, command: str, run_environment: dict[str, Any] | None = None
+) -> Run:
+    """Make a fresh run directory (never reusing one) and write its config and first summary.
+
+    Across ranks, rank 0 makes it and every other rank gets the same path, as a run that writes nothing.
+    """
+    if not world().is_main:
+        path = broadcast(None)
+        if path.startswith("error: "):
+            raise UsageError(path.removeprefix("error: "))
+        return Run(Path(path), writer=False)
+    try:
+        run = _create_run(runs_dir, label, config, parent, command, run_environment)
+    except UsageError as exc:
+        broadcast(f"error: {exc}")
+        raise
+    broadcast(str(run.path))
+    return run
+
+
+def _create_run(
     runs_dir: Path, label: str, config: dict[str, Any], parent: str | None, command: str, run_environment: dict[str, Any] | None = None
 ) -> Run:
     """Make a fresh run directory (never reusing one) and write its config and first summary."""
@@ -182,7 +215,7 @@ def recording(run: Run, command: str) -> Iterator[dict[str, Any]]:
 
 def reopen_run(record: "RunRecord", completed_epochs: int) -> Run:
     """Lock an existing run to continue it; metrics rows past the checkpoint are dropped (they are redone)."""
-    run = Run(record.path, summary=dict(record.summary))
+    run = Run(record.path, summary=dict(record.summary), writer=world().is_main)
     run.lock()
     rows_path = record.path / "metrics.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] if rows_path.exists() else []
@@ -212,6 +245,7 @@ def environment() -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
+        "world_size": world().size,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "git_commit": _git_commit(),
         "argv": sys.argv,

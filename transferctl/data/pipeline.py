@@ -6,7 +6,9 @@
   (the same augmentation, built from the same config) to images held in host memory.
 
 Both draw an epoch's order from a generator seeded by (seed, epoch), so they visit the same images
-in the same order, and both can start mid-epoch (`start_batch`) for an exact resume.
+in the same order, and both can start mid-epoch (`start_batch`) for an exact resume. Across ranks,
+`batch_size` is the global batch: rank r of w gets the r-th of w equal slices of every global batch,
+augmented exactly as one process would augment it, so N ranks compute what one process would.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ class MemoryPipeline:
     """Data on the device, batched augmentation on the device (airbench-style)."""
 
     def __init__(self, data: ImageData, augment: BatchAugment, *, views: int, batch_size: int, seed: int, drop_last: bool,
-                 channels_last: bool = False):
+                 channels_last: bool = False, rank: int = 0, world: int = 1):
         self.data, self.augment, self.views = data, augment, views
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.rank, self.world = rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=data.images.device).manual_seed(seed + 1)
 
@@ -54,11 +57,13 @@ class MemoryPipeline:
         order = epoch_order(len(self.data), self.seed, epoch)
         for images, labels in iterate_batches(self.data, self.batch_size, order=order, drop_last=self.drop_last, start_batch=start_batch):
             x = to_unit(images)
+            # every rank augments the whole global batch (the data path has headroom), then keeps its slice
+            mine = slice(self.rank * len(x) // self.world, (self.rank + 1) * len(x) // self.world)
             views = tuple(
-                normalize(self.augment(x, self.generator), self.data.mean, self.data.std).contiguous(memory_format=self.memory_format)
+                normalize(self.augment(x, self.generator)[mine], self.data.mean, self.data.std).contiguous(memory_format=self.memory_format)
                 for _ in range(self.views)
             )
-            yield views, labels
+            yield views, labels[mine]
 
     def state(self) -> dict[str, Any]:
         return {"augment": self.generator.get_state().cpu()}
@@ -68,16 +73,22 @@ class MemoryPipeline:
 
 
 class _EpochOrder(Sampler):
-    """Yields (epoch, index) pairs so workers can seed each image's augmentation deterministically."""
+    """Yields (epoch, index) pairs, so workers can seed each image's augmentation deterministically:
+    this rank's slice of every global batch from `start_batch` on."""
 
-    def __init__(self, n: int, seed: int, epoch: int, skip: int):
-        self.order, self.epoch, self.skip = epoch_order(n, seed, epoch), epoch, skip
+    def __init__(self, n: int, seed: int, epoch: int, start_batch: int, batch_size: int, drop_last: bool, rank: int, world: int):
+        order = epoch_order(n, seed, epoch).tolist()
+        stop = n - n % batch_size if drop_last else n
+        self.items = []
+        for start in range(start_batch * batch_size, stop, batch_size):
+            batch = order[start : start + batch_size]
+            self.items += [(epoch, i) for i in batch[rank * len(batch) // world : (rank + 1) * len(batch) // world]]
 
     def __iter__(self):
-        return iter((self.epoch, i) for i in self.order[self.skip :].tolist())
+        return iter(self.items)
 
     def __len__(self) -> int:
-        return len(self.order) - self.skip
+        return len(self.items)
 
 
 class _PerImageViews(Dataset):
@@ -104,8 +115,9 @@ class LoaderPipeline:
     """Host-memory images, per-image torchvision transforms in DataLoader worker processes."""
 
     def __init__(self, data: ImageData, augment: BatchAugment, *, views: int, batch_size: int, seed: int, drop_last: bool,
-                 device: torch.device, num_workers: int, channels_last: bool = False):
+                 device: torch.device, num_workers: int, channels_last: bool = False, rank: int = 0, world: int = 1):
         self.views, self.batch_size, self.seed, self.drop_last = views, batch_size, seed, drop_last
+        self.rank, self.world = rank, world
         self.n, self.device, self.num_workers = len(data), device, num_workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.dataset = _PerImageViews(data, augment.torchvision_transform(data.image_size, data.channels), views, seed)
@@ -114,9 +126,9 @@ class LoaderPipeline:
         return num_batches(self.n, self.batch_size, self.drop_last)
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        sampler = _EpochOrder(self.n, self.seed, epoch, start_batch * self.batch_size)
+        sampler = _EpochOrder(self.n, self.seed, epoch, start_batch, self.batch_size, self.drop_last, self.rank, self.world)
         loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last,
+            self.dataset, batch_size=self.batch_size // self.world, sampler=sampler, drop_last=False,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
         )
@@ -130,17 +142,18 @@ class LoaderPipeline:
         pass
 
 
-def fits_in_memory(data: ImageData, device: torch.device, budget_mb: int) -> bool:
-    """Whether the split (uint8) fits the memory pipeline's budget on `device`."""
+def fits_in_memory(data: ImageData, budget_mb: int) -> bool:
+    """Whether the split (uint8 pixels) fits the memory pipeline's budget."""
     return data.images.numel() <= budget_mb * 2**20
 
 
 def make_pipeline(data: ImageData, augment: BatchAugment, *, kind: str, views: int, batch_size: int, seed: int,
-                  drop_last: bool, device: torch.device, num_workers: int, budget_mb: int, channels_last: bool) -> Pipeline:
+                  drop_last: bool, device: torch.device, num_workers: int, budget_mb: int, channels_last: bool,
+                  rank: int = 0, world: int = 1) -> Pipeline:
     """`kind` is memory, loader or auto (memory when the split fits `budget_mb`)."""
     if kind == "auto":
-        kind = "memory" if fits_in_memory(data, device, budget_mb) else "loader"
-    common = dict(views=views, batch_size=batch_size, seed=seed, drop_last=drop_last, channels_last=channels_last)
+        kind = "memory" if fits_in_memory(data, budget_mb) else "loader"
+    common = dict(views=views, batch_size=batch_size, seed=seed, drop_last=drop_last, channels_last=channels_last, rank=rank, world=world)
     if kind == "memory":
         return MemoryPipeline(data.to(device), augment, **common)
     return LoaderPipeline(data, augment, device=device, num_workers=num_workers, **common)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferctl import distributed
 from transferctl.data import BatchAugment, ImageData, num_batches
 from transferctl.data.pipeline import MemoryPipeline, Pipeline
 from transferctl.engine.evaluate import classify
@@ -43,7 +44,7 @@ def pick_device(name: str) -> torch.device:
     """'auto' picks cuda > mps > cpu; an explicit device must exist."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())  # under torchrun: this rank's GPU
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -68,51 +69,54 @@ class Objective(Protocol):
 
 @dataclass
 class ContrastiveObjective:
-    """SimCLR: two augmented views of every image, projected and contrasted with NT-Xent."""
+    """SimCLR: two augmented views of every image, projected and contrasted with NT-Xent.
 
-    model: Network
+    `forward` is what training calls (the network, or its DDP / compiled wrapper); `network` the plain one.
+    Across ranks, NT-Xent gathers every rank's embeddings: negatives come from the global batch.
+    """
+
+    network: Network
     criterion: nn.Module
     augment: BatchAugment  # for validation views
+    forward: nn.Module | None = None
+    gather: bool = False
     contrastive: bool = True
     views: int = 2
 
     def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
-        z1, z2 = self.model(torch.cat(views)).chunk(2)
-        return self.criterion(z1, z2)
+        z1, z2 = (self.forward or self.network)(torch.cat(views)).chunk(2)
+        return self.criterion(z1, z2, gather=self.gather)
 
     @torch.no_grad()
     def validate(self, val: ImageData, batch_size: int) -> dict[str, float]:
-        """NT-Xent on the held-out images, with a fixed augmentation seed so epochs compare."""
-        self.model.eval()
+        """NT-Xent on the held-out images (every rank: all of them), with a fixed augmentation seed so epochs compare."""
+        self.network.eval()
         size = min(batch_size, len(val))
         views = MemoryPipeline(val, self.augment, views=2, batch_size=size, seed=0, drop_last=True)
         total, count = torch.zeros((), device=val.images.device), 0
         for pair, labels in views.batches(epoch=0):
-            total += self.loss(pair, labels) * len(labels)
+            z1, z2 = self.network(torch.cat(pair)).chunk(2)
+            total += self.criterion(z1, z2) * len(labels)
             count += len(labels)
         return {"val_loss": total.item() / max(count, 1)}
 
 
 @dataclass
 class ClassificationObjective:
-    """Supervised training or fine-tuning: augmented images, class logits, cross-entropy."""
+    """Supervised training or fine-tuning (or a linear probe): augmented images, class logits, cross-entropy."""
 
-    model: Network
+    network: Network
     criterion: nn.Module
-    frozen_encoder: bool = False
+    forward: nn.Module | None = None
     contrastive: bool = False
     views: int = 1
 
     def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         (x,) = views
-        if self.frozen_encoder:
-            with torch.no_grad():
-                features = self.model.encoder(x)
-            return self.criterion(self.model.head(features), labels)
-        return self.criterion(self.model(x), labels)
+        return self.criterion((self.forward or self.network)(x), labels)
 
     def validate(self, val: ImageData, batch_size: int) -> dict[str, float]:
-        result = classify(self.model, val, batch_size)
+        result = classify(self.network, val, batch_size)
         return {"val_loss": result.loss, "val_accuracy": result.accuracy}
 
 
@@ -153,8 +157,10 @@ class FitResult:
 
 
 def drops_last_batch(settings: Settings, train_size: int, contrastive: bool) -> bool:
-    """NT-Xent wants full batches of negatives; batch norm cannot train on a last batch of one image."""
-    return contrastive or (train_size > settings.batch_size and train_size % settings.batch_size == 1)
+    """NT-Xent wants full batches of negatives; batch norm cannot train on a last batch of one image;
+    ranks must all get a share of every batch."""
+    short_last = train_size > settings.batch_size and train_size % settings.batch_size == 1
+    return contrastive or short_last or distributed.world().distributed
 
 
 def total_steps(settings: Settings, train_size: int, contrastive: bool) -> tuple[int, int]:
@@ -195,6 +201,12 @@ def _is_better(row: dict[str, Any], best: dict[str, Any], contrastive: bool) -> 
     return row["val_accuracy"] >= best["val_accuracy"]
 
 
+def _global_mean(total: torch.Tensor, count: int) -> float:
+    """Mean over all ranks of a per-image loss summed (`total`) over `count` local images."""
+    both = distributed.all_sum(torch.stack([total.float(), torch.tensor(float(count), device=total.device)]))
+    return (both[0] / both[1].clamp_min(1)).item()
+
+
 def _check_finite(value: float, where: str) -> None:
     if not math.isfinite(value):
         raise RunFailed(f"loss became {value} {where}; lower optimizer.lr, or set train.on_nan=skip to skip such steps")
@@ -224,7 +236,8 @@ def fit(
     per_epoch = pipeline.batches_per_epoch()
     steps = int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
     epochs = math.ceil(steps / per_epoch)
-    frozen = getattr(objective, "frozen_encoder", False)
+    frozen = model.frozen_encoder
+    ranks = distributed.world()
     skip_bad = settings.on_nan == "skip"
     half = {"bf16": torch.bfloat16, "16": torch.float16}.get(settings.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "16")
@@ -265,7 +278,7 @@ def fit(
                     loss = objective.loss(views, labels)
                 optimizer.zero_grad(set_to_none=True)
                 lr = optimizer.param_groups[-1]["lr"]
-                if skip_bad and not torch.isfinite(loss):  # a sync per step, only when asked for
+                if skip_bad and distributed.any_rank(not torch.isfinite(loss), device):  # a sync per step, only when asked for
                     pos.skipped_steps += 1
                 else:
                     scaler.scale(loss).backward()
@@ -278,16 +291,16 @@ def fit(
                 pos.batch_in_epoch += 1
                 window_images += len(labels)
                 if pos.step % settings.log_every == 0 or pos.step == steps:
-                    value = running.item() / max(pos.epoch_images, 1)
+                    value = _global_mean(running, pos.epoch_images)
                     _check_finite(value, f"at step {pos.step}")
-                    rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                    rate = ranks.size * window_images / max(time.perf_counter() - window_start, 1e-9)
                     reporter.progress(pos.step, {"loss": value, "lr": lr, "images_per_s": rate})
                     window_start, window_images = time.perf_counter(), 0
                 if pos.step >= steps:
                     break
-                stopping = should_stop()
+                stopping = distributed.any_rank(should_stop(), device)
                 if stopping or (settings.checkpoint_every and pos.step % settings.checkpoint_every == 0):
-                    pos.epoch_loss_sum = running.item()
+                    pos.epoch_loss_sum = distributed.all_sum(running).item() / ranks.size  # restores on every rank
                     _check_finite(pos.epoch_loss_sum, f"before step {pos.step}'s checkpoint")
                     save(state(), None, False)
                     if stopping:
@@ -296,9 +309,9 @@ def fit(
             row: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "step": pos.step,
-                "train_loss": running.item() / max(pos.epoch_images, 1),
+                "train_loss": _global_mean(running, pos.epoch_images),
                 "lr": lr,  # the rate of the epoch's last step
-                "images_per_s": (pos.epoch_images - epoch_start_images) / max(epoch_time, 1e-9),
+                "images_per_s": ranks.size * (pos.epoch_images - epoch_start_images) / max(epoch_time, 1e-9),
                 "epoch_time_s": round(epoch_time, 3),
             }
             if pos.skipped_steps:
@@ -309,14 +322,14 @@ def fit(
             if has_val and ((epoch + 1) % settings.val_every == 0 or last_epoch):
                 row.update(objective.validate(val, settings.eval_batch_size))
             is_best = (not has_val) or ("val_loss" in row and _is_better(row, pos.best, objective.contrastive))
-            images_done += pos.epoch_images - epoch_start_images
+            images_done += ranks.size * (pos.epoch_images - epoch_start_images)
             pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0
             pos.last = row
             if is_best:
                 pos.best = row
             reporter.epoch(row)
             save(state(), row, is_best)
-            if should_stop():
+            if distributed.any_rank(should_stop(), device):
                 break
     finally:
         reporter.finish()

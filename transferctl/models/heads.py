@@ -12,14 +12,10 @@ from transferctl.registry import HEADS
 
 
 @HEADS.register("projection", classifier=False)
-def projection_head(feature_dim: int, hidden_dim: PositiveInt = 512, out_dim: PositiveInt = 128) -> nn.Module:
+def projection_head(feature_dim: int, hidden_dim: PositiveInt = 512, out_dim: PositiveInt = 128, batch_norm: bool = True) -> nn.Module:
     """SimCLR's projection MLP: Linear-BN-ReLU-Linear; thrown away after pretraining."""
-    return nn.Sequential(
-        nn.Linear(feature_dim, hidden_dim, bias=False),
-        nn.BatchNorm1d(hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim),
-    )
+    norm: list[nn.Module] = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+    return nn.Sequential(nn.Linear(feature_dim, hidden_dim, bias=not batch_norm), *norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 @HEADS.register("linear", classifier=True)
@@ -35,6 +31,15 @@ class Network(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.frozen_encoder = False  # linear probe: no gradients into the encoder (and its BN statistics fixed by eval())
+
+    def freeze_encoder(self) -> None:
+        self.frozen_encoder = True
+        self.encoder.requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.frozen_encoder:
+            with torch.no_grad():
+                features = self.encoder(images)
+            return self.head(features)
         return self.head(self.encoder(images))

@@ -24,6 +24,7 @@ from transferctl.engine import (
 )
 from transferctl.engine.signals import StopOnSignal
 from transferctl.data.pipeline import Pipeline
+from transferctl.distributed import world
 from transferctl.engine.train import Settings, drops_last_batch, total_steps
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.models import Network
@@ -155,6 +156,11 @@ def prepare(cfg: Config) -> Prepared:
     device = pick_device(cfg.train.device)
     if cfg.train.precision == "16" and device.type != "cuda":
         raise ConfigError(f"train.precision: 16 (float16 with a gradient scaler) needs CUDA, not {device.type}; use bf16 or 32")
+    ranks = world()
+    if cfg.data.batch_size % ranks.size:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not split evenly over {ranks.size} processes")
+    if cfg.train.sync_batchnorm and ranks.distributed and device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA; set it to false on CPU")
     torch.manual_seed(cfg.train.seed)
     train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
     total_steps(_settings(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
@@ -276,17 +282,17 @@ class Training:
 def build_training(p: Prepared) -> Training:
     """Objective, optimizer, schedule and batch pipeline for a prepared run (also used by the benchmarks)."""
     cfg = p.cfg
-    frozen = cfg.method == "finetune" and cfg.finetune.freeze_encoder
-    if frozen:
-        p.model.encoder.requires_grad_(False)
+    if cfg.method == "finetune" and cfg.finetune.freeze_encoder:
+        p.model.freeze_encoder()
+    forward = build.training_forward(cfg, p.model, p.device)  # before the optimizer: SyncBatchNorm swaps modules
     encoder_scale = cfg.finetune.encoder_lr_scale if cfg.method == "finetune" else 1.0
     optimizer = build.build_optimizer(cfg, build.parameter_groups(p.model, encoder_scale))
     criterion = build.build_loss(cfg)
     augment = build.build_augment(cfg, p.train)
     if cfg.is_classifier:
-        objective: ClassificationObjective | ContrastiveObjective = ClassificationObjective(p.model, criterion, frozen_encoder=frozen)
+        objective: ClassificationObjective | ContrastiveObjective = ClassificationObjective(p.model, criterion, forward)
     else:
-        objective = ContrastiveObjective(p.model, criterion, augment)
+        objective = ContrastiveObjective(p.model, criterion, augment, forward, gather=world().distributed)
     settings = _settings(cfg)
     _, steps = total_steps(settings, len(p.train), objective.contrastive)
     scheduler = build.build_scheduler(cfg, optimizer, steps)

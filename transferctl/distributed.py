@@ -1,0 +1,83 @@
+"""Multi-process training on torch.distributed (launched with torchrun): who this process is, and the
+few collectives transferctl needs. With one process every helper is a no-op.
+
+    torchrun --nproc_per_node=2 -m transferctl pretrain -c configs/simclr_mnist.yaml
+
+NCCL on GPUs, Gloo on CPUs. Rank 0 alone writes the run directory and prints; `data.batch_size` is the
+global batch, split evenly over the ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def init_from_env() -> World:
+    """Join the process group torchrun describes in the environment (idempotent); one process otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return world()
+
+
+def world() -> World:
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not world().distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of `value` over all ranks (a copy; `value` is left alone)."""
+    if not world().distributed:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any: so that all ranks stop at the same step."""
+    if not world().distributed:
+        return flag
+    return bool(all_sum(torch.tensor(float(flag), device=device)).item() > 0)
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x`, concatenated in rank order; gradients flow back to each rank's own part."""
+    if not world().distributed:
+        return x
+    import torch.distributed.nn.functional as distributed_fn
+
+    return torch.cat(distributed_fn.all_gather(x))
