@@ -9,19 +9,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
 
 import transferctl
-from transferctl import recipes
 from transferctl.console import ConsoleReporter
-from transferctl.distributed import init_from_env, world
 from transferctl.errors import TransferError, UsageError
-from transferctl.export import ExportResult, export_run
-from transferctl.recipes.training import RunResult
 from transferctl.registry import REGISTRIES, did_you_mean, load_components
 from transferctl.runs import DEFAULT_RUNS_DIR
+
+if TYPE_CHECKING:
+    from transferctl.export import ExportResult
+    from transferctl.recipes import RunResult
+
+# torch and the recipes are imported inside the commands: `--version`, `--help` and usage errors stay instant.
 
 app = typer.Typer(
     name="transferctl",
@@ -51,6 +53,8 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """transferctl: transfer learning from the command line."""
+    from transferctl.distributed import init_from_env
+
     init_from_env()  # under torchrun: join the process group before any work
 
 
@@ -58,6 +62,8 @@ class _Output:
     """Where a command's result goes: JSON on stdout, or a table on stderr and the run dir on stdout."""
 
     def __init__(self, as_json: bool, quiet: bool):
+        from transferctl.distributed import world
+
         self.main = world().is_main  # under torchrun only rank 0 speaks
         self.as_json = as_json
         self.reporter = ConsoleReporter(quiet=quiet or not self.main)
@@ -68,7 +74,7 @@ class _Output:
         if self.as_json:
             typer.echo(json.dumps(result.to_json()))
             return
-        if isinstance(result, ExportResult):
+        if hasattr(result, "export_dir"):
             typer.echo(str(result.export_dir))
             return
         self.reporter.table(title, {"run": str(result.run_dir), "status": result.status, **result.metrics})
@@ -120,6 +126,8 @@ def pretrain(
     """Pretrain an encoder (method simclr or supervised) into a new run, or --resume one."""
 
     def job(reporter: ConsoleReporter) -> RunResult:
+        from transferctl import recipes
+
         if resume_run is not None:
             _refuse_config_with_resume(config)
             return recipes.resume(resume_run, overrides or [], command="pretrain", runs_dir=runs_dir, reporter=reporter)
@@ -143,6 +151,8 @@ def finetune(
     """Fine-tune a pretrained encoder with a new classifier (default: 10 labels per class), or --resume one."""
 
     def job(reporter: ConsoleReporter) -> RunResult:
+        from transferctl import recipes
+
         if resume_run is not None:
             _refuse_config_with_resume(config, source)
             return recipes.resume(resume_run, overrides or [], command="finetune", runs_dir=runs_dir, reporter=reporter)
@@ -165,7 +175,12 @@ def evaluate(
     quiet: bool = QuietFlag,
 ) -> None:
     """Evaluate a run on the test split: accuracy for classifiers, k-NN accuracy for encoders."""
-    _execute(as_json, quiet, "evaluate", lambda rep: recipes.evaluate(source, overrides or [], runs_dir=runs_dir, reporter=rep))
+    def job(reporter: ConsoleReporter) -> RunResult:
+        from transferctl.recipes import evaluate as evaluate_run
+
+        return evaluate_run(source, overrides or [], runs_dir=runs_dir, reporter=reporter)
+
+    _execute(as_json, quiet, "evaluate", job)
 
 
 @app.command()
@@ -180,7 +195,9 @@ def export(
     quiet: bool = QuietFlag,
 ) -> None:
     """Export a run's model (classifier or encoder) for serving, verified against the eager model."""
-    def job(reporter: ConsoleReporter):
+    def job(reporter: ConsoleReporter) -> ExportResult:
+        from transferctl.export import export_run
+
         result = export_run(source, format_names, output=output, verify=verify, tolerance=tolerance, runs_dir=runs_dir)
         for name, path in result.files.items():
             parity = result.parity.get(name)
@@ -198,7 +215,12 @@ def quickstart(
     quiet: bool = QuietFlag,
 ) -> None:
     """Pretrain, fine-tune and evaluate on the MNIST sample shipped with transferctl (about a minute on a CPU)."""
-    _execute(as_json, quiet, "quickstart", lambda rep: recipes.quickstart(runs_dir=runs_dir, reporter=rep))
+    def job(reporter: ConsoleReporter) -> list[RunResult]:
+        from transferctl.recipes import quickstart as run_quickstart
+
+        return run_quickstart(runs_dir=runs_dir, reporter=reporter)
+
+    _execute(as_json, quiet, "quickstart", job)
 
 
 @app.command("list")

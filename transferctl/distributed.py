@@ -10,11 +10,14 @@ global batch, split evenly over the ranks.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,12 @@ class World:
 def init_from_env() -> World:
     """Join the process group torchrun describes in the environment (idempotent); one process otherwise."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1 and not dist.is_initialized():
+    if size <= 1:
+        return World()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -44,6 +52,11 @@ def init_from_env() -> World:
 
 
 def world() -> World:
+    """This process's place; one process when no process group was started (torch is not imported then)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "torch.distributed" not in sys.modules:
+        return World()
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return World()
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
@@ -53,6 +66,8 @@ def broadcast(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if not world().distributed:
         return obj
+    import torch.distributed as dist
+
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -62,6 +77,8 @@ def all_sum(value: torch.Tensor) -> torch.Tensor:
     """The sum of `value` over all ranks (a copy; `value` is left alone)."""
     if not world().distributed:
         return value
+    import torch.distributed as dist
+
     total = value.clone()
     dist.all_reduce(total)
     return total
@@ -71,6 +88,8 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is true on any: so that all ranks stop at the same step."""
     if not world().distributed:
         return flag
+    import torch
+
     return bool(all_sum(torch.tensor(float(flag), device=device)).item() > 0)
 
 
@@ -78,6 +97,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every rank's `x`, concatenated in rank order; gradients flow back to each rank's own part."""
     if not world().distributed:
         return x
+    import torch
     import torch.distributed.nn.functional as distributed_fn
 
     return torch.cat(distributed_fn.all_gather(x))

@@ -1,4 +1,5 @@
 """Run directories: ids, creation, atomic writes, metrics, checkpoints and resolving `--from`.
+(torch is imported where checkpoints are read or written, so the CLI starts fast.)
 
     runs/<id>/
       config.yaml        the resolved config (every default filled in)
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 import yaml
 
 import transferctl
@@ -113,6 +113,8 @@ class Run:
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
         if not self.writer:
             return self.checkpoint_dir / f"{name}.pt"
+        import torch
+
         buffer = io.BytesIO()
         torch.save({"format": CHECKPOINT_FORMAT, "transferctl": transferctl.__version__, **state}, buffer)
         self.checkpoint_dir.mkdir(exist_ok=True)
@@ -236,6 +238,7 @@ def _git_commit() -> str | None:
 
 
 def environment() -> dict[str, Any]:
+    import torch
     import torchvision
 
     return {
@@ -310,6 +313,8 @@ def read_trained_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecor
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint safely (weights_only); a missing or corrupt file is a usage error."""
+    import torch
+
     if not path.is_file():
         raise UsageError(f"{path}: checkpoint missing; the run did not finish an epoch (check its summary.json)")
     try:
