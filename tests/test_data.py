@@ -97,6 +97,24 @@ def test_image_folder_loads_your_own_images(tmp_path):
     assert grey.images.shape == (4, 1, 16, 16)
 
 
+def test_image_folder_decodes_once_and_notices_changed_files(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    for split in ("train", "test"):
+        (folder / split / "a").mkdir(parents=True)
+        Image.new("RGB", (20, 20), (200, 0, 0)).save(folder / split / "a" / "0.png")
+    cfg = DataConfig(name="image_folder", root=str(folder), image_size=8)
+    first = load_split(cfg, train=True)
+    cached = list((tmp_path / "cache" / "transferctl" / "decoded").glob("*.pt"))
+    assert len(cached) == 1
+    assert torch.equal(load_split(cfg, train=True).images, first.images)  # read back from the cache
+    Image.new("RGB", (20, 20), (0, 0, 200)).save(folder / "train" / "a" / "0.png")
+    changed = load_split(cfg, train=True)
+    assert changed.images[0, 2].float().mean() > 150  # decoded anew: now blue
+    assert len(list((tmp_path / "cache" / "transferctl" / "decoded").glob("*.pt"))) == 2
+
+
 def test_knn_weights_do_not_overflow_at_small_temperatures():
     from transferctl.data import ImageData
     from transferctl.engine import knn_accuracy

@@ -8,6 +8,8 @@ lives in one tensor and batches are drawn by index.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -168,7 +170,15 @@ def image_folder(
         ds = torchvision.datasets.ImageFolder(str(folder), transform=transform)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(f"data set 'image_folder': {exc}") from None
-    images = torch.stack([_decode(ds, i) for i in range(len(ds))])
+    cache = _decoded_cache_path(ds, image_size, channels)
+    if cache.is_file():
+        images = torch.load(cache, weights_only=True)
+    else:
+        images = torch.stack([_decode(ds, i) for i in range(len(ds))])
+        buffer = io.BytesIO()
+        torch.save(images, buffer)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cache, buffer.getvalue())
     as_float = images.float() / 255
     dims = (0, 2, 3)
     return ImageData(
@@ -179,6 +189,16 @@ def image_folder(
         std=tuple(as_float.std(dims).clamp_min(1e-3).tolist()),
         hflip=hflip,
     )
+
+
+def _decoded_cache_path(ds: torchvision.datasets.ImageFolder, image_size: int, channels: int) -> Path:
+    """Where the decoded uint8 tensor of a folder is kept, so the next run skips decoding. The key covers
+    every file's path, size and modification time, and the decoding options: any change decodes anew."""
+    digest = hashlib.sha256(f"{image_size}:{channels}".encode())
+    for path, _ in ds.samples:
+        stat = os.stat(path)
+        digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return default_cache_dir() / "decoded" / f"{digest.hexdigest()[:32]}.pt"
 
 
 def _decode(ds: torchvision.datasets.ImageFolder, index: int) -> torch.Tensor:

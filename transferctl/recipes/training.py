@@ -343,6 +343,8 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
         )
     metrics = {k: v for k, v in position.last.items() if isinstance(v, (int, float))}
     metrics["images_per_s"] = round(result.images_per_s, 1)
+    if p.device.type == "cuda":
+        metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(p.device) / 2**20, 1)
     for key in ("val_accuracy", "val_loss"):
         if key in position.best:
             metrics[f"best_{key}"] = position.best[key]
