@@ -49,3 +49,29 @@ def test_cross_entropy_label_smoothing():
     logits, labels = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([0])
     assert cross_entropy(0.0)(logits, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item())
     assert cross_entropy(0.3)(logits, labels).item() > cross_entropy(0.0)(logits, labels).item()
+
+
+def test_objectives_call_wrapped_forwards_without_asking_their_truth():
+    """torch.compile's wrapper raises on len(); an objective must not test it for truthiness."""
+    from torch import nn
+
+    from transferctl.data.augment import BatchAugment
+    from transferctl.engine import ClassificationObjective, ContrastiveObjective
+    from transferctl.models import Network
+
+    class CompiledLike(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+        def __len__(self):
+            raise TypeError("does not support len()")
+
+    network = Network(nn.Flatten(), nn.Linear(4, 3))
+    x, labels = torch.randn(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    contrastive = ContrastiveObjective(network, nt_xent(0.5), BatchAugment(), CompiledLike(network))
+    classifier = ClassificationObjective(network, cross_entropy(0.0), CompiledLike(network))
+    assert torch.isfinite(contrastive.loss((x, x), labels)) and torch.isfinite(classifier.loss((x,), labels))

@@ -83,8 +83,12 @@ class ContrastiveObjective:
     contrastive: bool = True
     views: int = 2
 
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.network
+
     def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
-        z1, z2 = (self.forward or self.network)(torch.cat(views)).chunk(2)
+        z1, z2 = self.forward(torch.cat(views)).chunk(2)
         return self.criterion(z1, z2, gather=self.gather)
 
     @torch.no_grad()
@@ -111,9 +115,13 @@ class ClassificationObjective:
     contrastive: bool = False
     views: int = 1
 
+    def __post_init__(self) -> None:
+        if self.forward is None:
+            self.forward = self.network
+
     def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         (x,) = views
-        return self.criterion((self.forward or self.network)(x), labels)
+        return self.criterion(self.forward(x), labels)
 
     def validate(self, val: ImageData, batch_size: int) -> dict[str, float]:
         result = classify(self.network, val, batch_size)
