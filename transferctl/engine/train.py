@@ -240,108 +240,140 @@ def fit(
     `row`), every `checkpoint_every` steps and when `should_stop()` turns true (with `row=None`).
     `resume` is a checkpoint written by `save`: training continues at its exact batch, with its RNG.
     """
-    device = next(model.parameters()).device
-    per_epoch = pipeline.batches_per_epoch()
-    steps = int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
-    epochs = math.ceil(steps / per_epoch)
-    frozen = model.frozen_encoder
-    ranks = distributed.world()
-    skip_bad = settings.on_nan == "skip"
-    half = {"bf16": torch.bfloat16, "16": torch.float16}.get(settings.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "16")
-    pos = Position()
+    loop = _Loop(objective, model, optimizer, scheduler, pipeline, val, settings, save, reporter, should_stop)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume.get("scaler", {}))
-        restore_rng(resume["rng"], pipeline)
-        pos = Position(**resume["position"])
+        loop.restore(resume)
+    return loop.run()
 
-    def state() -> dict[str, Any]:
+
+class _Loop:
+    """One training run's loop state; `fit` is its public face."""
+
+    def __init__(self, objective, model, optimizer, scheduler, pipeline, val, settings, save, reporter, should_stop):
+        self.objective, self.model, self.optimizer, self.scheduler = objective, model, optimizer, scheduler
+        self.pipeline, self.val, self.settings = pipeline, val, settings
+        self.save, self.reporter, self.should_stop = save, reporter, should_stop
+        self.device = next(model.parameters()).device
+        self.ranks = distributed.world()
+        self.steps = int(min(settings.epochs * pipeline.batches_per_epoch(), settings.max_steps or math.inf))
+        self.half = {"bf16": torch.bfloat16, "16": torch.float16}.get(settings.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "16")
+        self.pos = Position()
+        self.lr = optimizer.param_groups[-1]["lr"]
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint.get("scaler", {}))
+        restore_rng(checkpoint["rng"], self.pipeline)
+        self.pos = Position(**checkpoint["position"])
+
+    def state(self) -> dict[str, Any]:
         return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": rng_state(pipeline),
-            "position": asdict(pos),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(self.pipeline),
+            "position": asdict(self.pos),
         }
 
-    reporter.start(steps, "pretraining" if objective.contrastive else "training")
-    started, images_done = time.perf_counter(), 0.0
-    lr = optimizer.param_groups[-1]["lr"]
-    try:
-        for epoch in range(pos.epoch, epochs):
-            if pos.step >= steps:
-                break
-            model.train()
-            if frozen:
-                model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
-            running = torch.tensor(pos.epoch_loss_sum, device=device)
-            epoch_start = window_start = time.perf_counter()
-            epoch_start_images, window_images = pos.epoch_images, 0
-            for views, labels in pipeline.batches(epoch, start_batch=pos.batch_in_epoch):
-                with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                    loss = objective.loss(views, labels)
-                optimizer.zero_grad(set_to_none=True)
-                lr = optimizer.param_groups[-1]["lr"]
-                if skip_bad and distributed.any_rank(not torch.isfinite(loss), device):  # a sync per step, only when asked for
-                    pos.skipped_steps += 1
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    running += loss.detach() * len(labels)
-                    pos.epoch_images += len(labels)
-                scheduler.step()
-                pos.step += 1
-                pos.batch_in_epoch += 1
-                window_images += len(labels)
-                if pos.step % settings.log_every == 0 or pos.step == steps:
-                    value = _global_mean(running, pos.epoch_images)
-                    _check_finite(value, f"at step {pos.step}")
-                    rate = ranks.size * window_images / max(time.perf_counter() - window_start, 1e-9)
-                    reporter.progress(pos.step, {"loss": value, "lr": lr, "images_per_s": rate})
-                    window_start, window_images = time.perf_counter(), 0
-                if pos.step >= steps:
+    def stop_requested(self) -> bool:
+        return distributed.any_rank(self.should_stop(), self.device)  # all ranks stop at the same step
+
+    def run(self) -> FitResult:
+        self.reporter.start(self.steps, "pretraining" if self.objective.contrastive else "training")
+        started, images = time.perf_counter(), 0
+        epochs = math.ceil(self.steps / self.pipeline.batches_per_epoch())
+        try:
+            for epoch in range(self.pos.epoch, epochs):
+                if self.pos.step >= self.steps:
                     break
-                stopping = distributed.any_rank(should_stop(), device)
-                if stopping or (settings.checkpoint_every and pos.step % settings.checkpoint_every == 0):
-                    pos.epoch_loss_sum = distributed.all_sum(running).item() / ranks.size  # restores on every rank
-                    _check_finite(pos.epoch_loss_sum, f"before step {pos.step}'s checkpoint")
-                    save(state(), None, False)
-                    if stopping:
-                        return FitResult(pos)
-            epoch_time = time.perf_counter() - epoch_start
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": pos.step,
-                "train_loss": _global_mean(running, pos.epoch_images),
-                "lr": lr,  # the rate of the epoch's last step
-                "images_per_s": ranks.size * (pos.epoch_images - epoch_start_images) / max(epoch_time, 1e-9),
-                "epoch_time_s": round(epoch_time, 3),
-            }
-            if pos.skipped_steps:
-                row["skipped_steps"] = pos.skipped_steps
-            _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
-            last_epoch = pos.step >= steps
-            has_val = val is not None and len(val) > 0
-            if has_val and ((epoch + 1) % settings.val_every == 0 or last_epoch):
-                row.update(objective.validate(val, settings.eval_batch_size))
-            is_best = (not has_val) or ("val_loss" in row and _is_better(row, pos.best, objective.contrastive))
-            images_done += ranks.size * (pos.epoch_images - epoch_start_images)
-            pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0
-            pos.last = row
-            if is_best:
-                pos.best = row
-            reporter.epoch(row)
-            save(state(), row, is_best)
-            if distributed.any_rank(should_stop(), device):
+                done = self.epoch(epoch)
+                if done is None:  # stopped mid-epoch, checkpoint written
+                    return FitResult(self.pos)
+                images += done
+                if self.stop_requested():
+                    break
+        finally:
+            self.reporter.finish()
+        return FitResult(self.pos, images / max(time.perf_counter() - started, 1e-9))
+
+    def epoch(self, epoch: int) -> int | None:
+        """Train the rest of `epoch`; the number of images it trained on (all ranks), or None if stopped."""
+        pos, settings = self.pos, self.settings
+        self.model.train()
+        if self.model.frozen_encoder:
+            self.model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
+        running = torch.tensor(pos.epoch_loss_sum, device=self.device)
+        epoch_start = window_start = time.perf_counter()
+        first_images, window_images = pos.epoch_images, 0
+        for views, labels in self.pipeline.batches(epoch, start_batch=pos.batch_in_epoch):
+            running += self.step(views, labels)
+            window_images += len(labels)
+            if pos.step % settings.log_every == 0 or pos.step == self.steps:
+                value = _global_mean(running, pos.epoch_images)
+                _check_finite(value, f"at step {pos.step}")
+                rate = self.ranks.size * window_images / max(time.perf_counter() - window_start, 1e-9)
+                self.reporter.progress(pos.step, {"loss": value, "lr": self.lr, "images_per_s": rate})
+                window_start, window_images = time.perf_counter(), 0
+            if pos.step >= self.steps:
                 break
-    finally:
-        reporter.finish()
-    return FitResult(pos, images_done / max(time.perf_counter() - started, 1e-9))
+            stopping = self.stop_requested()
+            if stopping or (settings.checkpoint_every and pos.step % settings.checkpoint_every == 0):
+                pos.epoch_loss_sum = distributed.all_sum(running).item() / self.ranks.size  # restores on every rank
+                _check_finite(pos.epoch_loss_sum, f"before step {pos.step}'s checkpoint")
+                self.save(self.state(), None, False)
+                if stopping:
+                    return None
+        images = self.ranks.size * (pos.epoch_images - first_images)
+        self.end_epoch(epoch, running, images, time.perf_counter() - epoch_start)
+        return images
+
+    def step(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; the batch's summed loss (zero for a skipped step)."""
+        with torch.autocast(self.device.type, dtype=self.half, enabled=self.half is not None):
+            loss = self.objective.loss(views, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr = self.optimizer.param_groups[-1]["lr"]
+        skip = self.settings.on_nan == "skip" and distributed.any_rank(not torch.isfinite(loss), self.device)  # a sync, only then
+        if skip:
+            self.pos.skipped_steps += 1
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.pos.epoch_images += len(labels)
+        self.scheduler.step()
+        self.pos.step += 1
+        self.pos.batch_in_epoch += 1
+        return torch.zeros((), device=self.device) if skip else loss.detach() * len(labels)
+
+    def end_epoch(self, epoch: int, running: torch.Tensor, images: int, seconds: float) -> None:
+        """Metrics row, validation, best tracking, and the epoch-end checkpoint."""
+        pos = self.pos
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": pos.step,
+            "train_loss": _global_mean(running, pos.epoch_images),
+            "lr": self.lr,  # the rate of the epoch's last step
+            "images_per_s": images / max(seconds, 1e-9),
+            "epoch_time_s": round(seconds, 3),
+        }
+        if pos.skipped_steps:
+            row["skipped_steps"] = pos.skipped_steps
+        _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
+        has_val = self.val is not None and len(self.val) > 0
+        if has_val and ((epoch + 1) % self.settings.val_every == 0 or pos.step >= self.steps):
+            row.update(self.objective.validate(self.val, self.settings.eval_batch_size))
+        is_best = (not has_val) or ("val_loss" in row and _is_better(row, pos.best, self.objective.contrastive))
+        pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0
+        pos.last = row
+        if is_best:
+            pos.best = row
+        self.reporter.epoch(row)
+        self.save(self.state(), row, is_best)
 
 
 __all__ = [
