@@ -78,3 +78,18 @@ def test_context_names_are_per_kind():
     options = REGISTRIES["datasets"].get("image_folder").options()
     assert {"image_size", "channels"} <= set(options) and "root" not in options
     assert "image_size" not in REGISTRIES["models"].get("mlp").options()
+
+
+def test_the_encoder_learning_rate_scale_reaches_the_optimizer():
+    from transferctl.build import build_network, build_optimizer, parameter_groups
+    from transferctl.config import load_config
+
+    cfg = load_config(None, ["optimizer.lr=0.2"], base={"method": "finetune", "data": {"name": "mnist"}, "optimizer": {"name": "sgd"}})
+    network = build_network(cfg, 1, 28, 10)
+    optimizer = build_optimizer(cfg, parameter_groups(network, encoder_lr_scale=0.1))
+    encoder_ids = {id(p) for p in network.encoder.parameters()}
+    for group in optimizer.param_groups:
+        is_encoder = {id(p) for p in group["params"]} <= encoder_ids
+        assert group["lr"] == pytest.approx(0.02 if is_encoder else 0.2)
+    biases = [g for g in optimizer.param_groups if all(p.ndim == 1 for p in g["params"])]
+    assert biases and all(g["weight_decay"] == 0.0 for g in biases)  # no decay on biases and norm weights
