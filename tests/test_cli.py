@@ -252,3 +252,9 @@ def test_unexpected_errors_are_one_line_exit_1_and_json(cli, simclr_config, tmp_
     result = cli("pretrain", "-c", simclr_config, "--json", "--runs-dir", tmp_path / "runs")
     assert result.code == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.json["exit_code"] == 1 and "ValueError: something unforeseen" in result.json["error"]
+
+
+def test_json_output_turns_nan_into_null():
+    from transferctl.cli import finite
+
+    assert json.dumps(finite({"loss": float("nan"), "rows": [float("inf"), 1.0]})) == '{"loss": null, "rows": [null, 1.0]}'

@@ -175,3 +175,20 @@ def test_a_run_without_a_checkpoint_is_refused(cli, trained):
     result = cli("export", "--from", run.path, "--format", "onnx", "--runs-dir", trained["runs"])
     assert result.code == 2 and "the run has no checkpoint yet" in result.stderr
     assert not (run.path / "export").exists()
+
+
+def test_nan_outputs_never_pass_the_parity_check(trained):
+    model, images = eager_model(trained["classifier"].run_dir)
+
+    def broken(x):
+        return torch.full_like(model(x), float("nan"))
+
+    assert not export_module.check_parity(broken, broken, images[:20], 1e-4, [10]).passed
+
+
+def test_a_new_export_removes_files_its_card_does_not_list(cli, trained, tmp_path):
+    out = tmp_path / "out"
+    assert export(cli, trained, "classifier", "--format", "torchscript", "--format", "safetensors", "--output", out).code == 0
+    assert export(cli, trained, "classifier", "--format", "safetensors", "--output", out).code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model_card.json"]
+    assert json.loads((out / "model_card.json").read_text())["status"] == "completed"

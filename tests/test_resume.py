@@ -170,3 +170,65 @@ def test_on_nan_skip_skips_bad_steps_and_stop_keeps_the_last_good_checkpoint(cli
     (run_dir,) = list((tmp_path / "b").iterdir())
     last = final_state(run_dir)
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+CLASSIFIER = """\
+method: finetune
+model: {{name: cnn, widths: [8, 16]}}
+head: {{name: linear, dropout: 0.5}}
+scheduler: {{name: constant}}
+data: {{name: mnist, root: {root}, labels_per_class: 5, batch_size: 16, pipeline: {pipeline}, num_workers: 0}}
+train: {{device: cpu, epochs: 10}}
+"""
+
+
+@pytest.mark.parametrize("pipeline", ["memory", "loader"])
+def test_extending_a_run_that_stopped_mid_epoch_equals_running_it_whole(tmp_path, digits_root, pipeline):
+    """50 labelled images, batch 16: 4 steps an epoch. A run capped at 6 steps ends inside epoch 2;
+    extended to 11 it must equal an 11-step run (dropout and the loader draw randomness too)."""
+    from transferctl.recipes import finetune, resume
+
+    config = write_config(tmp_path / "ft.yaml", CLASSIFIER.format(root=digits_root, pipeline=pipeline))
+    whole = finetune(None, config, ["train.max_steps=11"], runs_dir=tmp_path / "whole").run_dir
+    part = finetune(None, config, ["train.max_steps=6"], runs_dir=tmp_path / "part").run_dir
+    assert final_state(part)["position"]["batch_in_epoch"] == 2  # the checkpoint stays inside epoch 2
+    resume(str(part), ["train.max_steps=11"], command="finetune", runs_dir=tmp_path / "part")
+    a, b = final_state(whole), final_state(part)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = lambda d: [(r["epoch"], r["step"], r["train_loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    assert rows(whole) == rows(part)
+
+
+def test_a_finetune_resumes_from_any_working_directory(tmp_path, digits_root, config, monkeypatch):
+    from transferctl.recipes import finetune, pretrain, resume
+
+    monkeypatch.chdir(tmp_path)
+    source = pretrain(config, ["train.max_steps=2"], runs_dir=Path("runs"))
+    tuned = finetune(f"runs/{source.run_id}", None, ["data.labels_per_class=5", "train.max_steps=2"], runs_dir=Path("runs"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = resume(str(tmp_path / "runs" / tuned.run_id), ["train.max_steps=4"], command="finetune", runs_dir=Path("runs"))
+    assert result.metrics["step"] == 4
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_closed_by_resume(cli, config, tmp_path):
+    runs = tmp_path / "runs"
+    done = cli("pretrain", "-c", config, "train.max_steps=4", "--runs-dir", runs, "--json").json
+    summary_path = Path(done["run_dir"]) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "status": "running", "metrics": {}}))  # as if killed right then
+    closed = cli("pretrain", "--resume", done["run_dir"], "--runs-dir", runs, "--json")
+    assert closed.code == 0, closed.stderr
+    assert json.loads(summary_path.read_text())["status"] == "completed"
+    assert closed.json["metrics"]["step"] == 4
+
+
+def test_on_nan_may_change_on_resume_and_large_seeds_work_with_the_loader(cli, config, tmp_path):
+    runs = tmp_path / "runs"
+    done = cli("pretrain", "-c", config, "train.max_steps=2", "train.seed=2000000", "data.pipeline=loader", "data.num_workers=0",
+               "--runs-dir", runs, "--json")
+    assert done.code == 0, done.stderr
+    resumed = cli("pretrain", "--resume", done.json["run_dir"], "train.on_nan=skip", "train.max_steps=3",
+                  "--runs-dir", runs, "--json")
+    assert resumed.code == 0, resumed.stderr

@@ -7,6 +7,7 @@ With --json, stdout carries exactly one JSON object; human output goes to stderr
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -72,7 +73,7 @@ class _Output:
         if not self.main:
             return
         if self.as_json:
-            typer.echo(json.dumps(result.to_json()))
+            typer.echo(json.dumps(finite(result.to_json())))
             return
         if hasattr(result, "export_dir"):
             typer.echo(str(result.export_dir))
@@ -97,17 +98,31 @@ def _execute(as_json: bool, quiet: bool, title: str, job: Callable[[ConsoleRepor
         _fail(f"unexpected {type(exc).__name__}: {exc} (please report it with the command that caused it)", 1, as_json)
     results = result if isinstance(result, list) else [result]
     if as_json and len(results) > 1:
-        typer.echo(json.dumps({**results[-1].to_json(), "runs": [r.to_json() for r in results]}))
+        typer.echo(json.dumps(finite({**results[-1].to_json(), "runs": [r.to_json() for r in results]})))
         return
     for item in results:
         out.result(item, title)
 
 
+def finite(obj: Any) -> Any:
+    """NaN and infinities as null: strict JSON parsers (jq, JSON.parse) reject bare NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def _fail(message: str, code: int, as_json: bool) -> None:
-    message = " ".join(message.split())  # always one line
-    typer.echo(f"error: {message}", err=True)
-    if as_json:
-        typer.echo(json.dumps({"status": "error", "exit_code": code, "error": message}))
+    from transferctl.distributed import world
+
+    if world().is_main:  # under torchrun every rank fails alike; one of them says so
+        message = " ".join(message.split())  # always one line
+        typer.echo(f"error: {message}", err=True)
+        if as_json:
+            typer.echo(json.dumps({"status": "error", "exit_code": code, "error": message}))
     raise typer.Exit(code)
 
 

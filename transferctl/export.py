@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -197,7 +198,10 @@ def check_parity(reference: Runner, candidate: Runner, images: torch.Tensor, tol
                 expected, actual = reference(batch).float(), candidate(batch).float()
                 if actual.shape != expected.shape:
                     raise RunFailed(f"exported model returned shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
-                worst = max(worst, (expected - actual).abs().max().item())
+                if not (torch.isfinite(expected).all() and torch.isfinite(actual).all()):
+                    worst = math.inf  # NaN compares false with everything: never let it pass as "no difference"
+                else:
+                    worst = max(worst, (expected - actual).abs().max().item())
                 agree += (expected.argmax(1) == actual.argmax(1)).sum().item()
                 count += len(batch)
             used.append(size)
@@ -286,6 +290,9 @@ def export_run(
         atomic_write_bytes(staging / "model_card.json", (json.dumps(card, indent=2) + "\n").encode())
         for name in [*files.values(), "model_card.json"]:
             os.replace(staging / name, export_dir / name)
+        for fmt in FORMATS.values():  # files of an earlier export that this card does not describe
+            if fmt.name not in files:
+                (export_dir / fmt.filename).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result = ExportResult(record.id, record.path, export_dir, {k: str(export_dir / f) for k, f in files.items()}, parity, verify)
@@ -314,7 +321,9 @@ def _model_card(record, cfg, data: ImageData, module, checkpoint, digests, files
         "output": {"name": "logits" if cfg.is_classifier else "embeddings", "shape": ["batch", out_dim]},
         "classes": list(data.classes) if cfg.is_classifier else None,
         "dataset": cfg.data.name,
+        "status": record.summary.get("status"),
         "metrics": record.summary.get("metrics", {}),
+        "checkpoint_metrics": checkpoint.get("metrics"),
         "files": {name: {"path": files[name], "sha256": digest} for name, digest in digests.items()},
         "parity": {k: {**asdict(v), "passed": v.passed} for k, v in parity.items()} if verified else None,
         "transferctl": transferctl.__version__,

@@ -104,6 +104,11 @@ class Run:
         self.metrics.append(row)
         self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
 
+    def keep_metrics_through(self, epoch: int) -> None:
+        """Drop the rows after `epoch` (the checkpoint's): training redoes them."""
+        self.metrics = [r for r in self.metrics if r.get("epoch", 0) <= epoch and not r.get("partial")]
+        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+
     def log(self, line: str) -> None:
         if not self.writer:
             return
@@ -215,13 +220,22 @@ def recording(run: Run, command: str) -> Iterator[dict[str, Any]]:
     close("completed")
 
 
-def reopen_run(record: "RunRecord", completed_epochs: int) -> Run:
-    """Lock an existing run to continue it; metrics rows past the checkpoint are dropped (they are redone)."""
+def reopen_run(record: "RunRecord") -> Run:
+    """Lock an existing run to continue it (across ranks, rank 0 locks and tells the others how it went)."""
     run = Run(record.path, summary=dict(record.summary), writer=world().is_main)
-    run.lock()
+    if not world().is_main:
+        error = broadcast(None)
+        if error:
+            raise UsageError(error)
+        return run
+    try:
+        run.lock()
+    except UsageError as exc:
+        broadcast(str(exc))
+        raise
+    broadcast("")
     rows_path = record.path / "metrics.jsonl"
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] if rows_path.exists() else []
-    run.metrics = [r for r in rows if r.get("epoch", 0) <= completed_epochs]
+    run.metrics = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()] if rows_path.exists() else []
     return run
 
 

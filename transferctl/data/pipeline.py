@@ -105,7 +105,8 @@ class _PerImageViews(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone when there are no workers
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+            # the CPU generator only (torch.manual_seed would reseed every CUDA generator too)
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
             image = to_unit(self.images[index].clone())
             views = [normalize(self.transform(image).unsqueeze(0), self.mean, self.std)[0] for _ in range(self.views)]
         return views, self.labels[index]
@@ -130,6 +131,7 @@ class LoaderPipeline:
         loader = DataLoader(
             self.dataset, batch_size=self.batch_size // self.world, sampler=sampler, drop_last=False,
             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),  # not the global RNG: resumable
             persistent_workers=False, prefetch_factor=4 if self.num_workers else None,
         )
         for views, labels in loader:

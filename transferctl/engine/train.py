@@ -154,6 +154,7 @@ class Position:
     epoch_loss_sum: float = 0.0  # their loss, summed over images
     epoch_images: int = 0  # images in those batches (the last batch of an epoch may be short)
     skipped_steps: int = 0  # in the unfinished epoch (train.on_nan=skip)
+    lr: float = 0.0  # the learning rate of the last step taken
     best: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
 
@@ -162,6 +163,7 @@ class Position:
 class FitResult:
     position: Position
     images_per_s: float = 0.0
+    stopped: bool = False  # by a signal (on any rank), before the last step
 
 
 def drops_last_batch(settings: Settings, train_size: int, contrastive: bool) -> bool:
@@ -258,8 +260,8 @@ class _Loop:
         self.steps = int(min(settings.epochs * pipeline.batches_per_epoch(), settings.max_steps or math.inf))
         self.half = {"bf16": torch.bfloat16, "16": torch.float16}.get(settings.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "16")
-        self.pos = Position()
-        self.lr = optimizer.param_groups[-1]["lr"]
+        self.per_epoch = pipeline.batches_per_epoch()
+        self.pos = Position(lr=optimizer.param_groups[-1]["lr"])
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -280,7 +282,14 @@ class _Loop:
         }
 
     def stop_requested(self) -> bool:
-        return distributed.any_rank(self.should_stop(), self.device)  # all ranks stop at the same step
+        """All ranks stop at the same step; across ranks that agreement costs a collective, so it is
+        polled at log and checkpoint steps only."""
+        if not self.ranks.distributed:
+            return self.should_stop()
+        polls = self.pos.step % self.settings.log_every == 0 or (
+            self.settings.checkpoint_every and self.pos.step % self.settings.checkpoint_every == 0
+        )
+        return bool(polls) and distributed.any_rank(self.should_stop(), self.device)
 
     def run(self) -> FitResult:
         self.reporter.start(self.steps, "pretraining" if self.objective.contrastive else "training")
@@ -292,10 +301,10 @@ class _Loop:
                     break
                 done = self.epoch(epoch)
                 if done is None:  # stopped mid-epoch, checkpoint written
-                    return FitResult(self.pos)
+                    return FitResult(self.pos, stopped=True)
                 images += done
-                if self.stop_requested():
-                    break
+                if self.pos.step < self.steps and distributed.any_rank(self.should_stop(), self.device):
+                    return FitResult(self.pos, stopped=True)
         finally:
             self.reporter.finish()
         return FitResult(self.pos, images / max(time.perf_counter() - started, 1e-9))
@@ -316,7 +325,7 @@ class _Loop:
                 value = _global_mean(running, pos.epoch_images)
                 _check_finite(value, f"at step {pos.step}")
                 rate = self.ranks.size * window_images / max(time.perf_counter() - window_start, 1e-9)
-                self.reporter.progress(pos.step, {"loss": value, "lr": self.lr, "images_per_s": rate})
+                self.reporter.progress(pos.step, {"loss": value, "lr": pos.lr, "images_per_s": rate})
                 window_start, window_images = time.perf_counter(), 0
             if pos.step >= self.steps:
                 break
@@ -336,7 +345,7 @@ class _Loop:
         with torch.autocast(self.device.type, dtype=self.half, enabled=self.half is not None):
             loss = self.objective.loss(views, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.lr = self.optimizer.param_groups[-1]["lr"]
+        self.pos.lr = self.optimizer.param_groups[-1]["lr"]
         skip = self.settings.on_nan == "skip" and distributed.any_rank(not torch.isfinite(loss), self.device)  # a sync, only then
         if skip:
             self.pos.skipped_steps += 1
@@ -351,24 +360,35 @@ class _Loop:
         return torch.zeros((), device=self.device) if skip else loss.detach() * len(labels)
 
     def end_epoch(self, epoch: int, running: torch.Tensor, images: int, seconds: float) -> None:
-        """Metrics row, validation, best tracking, and the epoch-end checkpoint."""
+        """Metrics row, validation, best tracking, and the epoch-end checkpoint.
+
+        A run that reaches max_steps inside an epoch ends it with a row for the partial epoch, but its
+        checkpoint stays at that batch, so extending the run finishes the epoch exactly.
+        """
         pos = self.pos
+        complete = pos.batch_in_epoch >= self.per_epoch
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": pos.step,
-            "train_loss": _global_mean(running, pos.epoch_images),
-            "lr": self.lr,  # the rate of the epoch's last step
+            "train_loss": _global_mean(running, pos.epoch_images) if pos.epoch_images else None,
+            "lr": pos.lr,  # the rate of the epoch's last step
             "images_per_s": images / max(seconds, 1e-9),
             "epoch_time_s": round(seconds, 3),
         }
         if pos.skipped_steps:
             row["skipped_steps"] = pos.skipped_steps
-        _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
+        if not complete:
+            row["partial"] = True
+        if row["train_loss"] is not None:
+            _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
         has_val = self.val is not None and len(self.val) > 0
         if has_val and ((epoch + 1) % self.settings.val_every == 0 or pos.step >= self.steps):
             row.update(self.objective.validate(self.val, self.settings.eval_batch_size))
         is_best = (not has_val) or ("val_loss" in row and _is_better(row, pos.best, self.objective.contrastive))
-        pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0
+        if complete:
+            pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0
+        else:
+            pos.epoch_loss_sum = distributed.all_sum(running).item() / self.ranks.size
         pos.last = row
         if is_best:
             pos.best = row

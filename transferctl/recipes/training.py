@@ -25,7 +25,7 @@ from transferctl.engine import (
 from transferctl.engine.signals import StopOnSignal
 from transferctl.data.pipeline import Pipeline
 from transferctl.distributed import world
-from transferctl.engine.train import Settings, drops_last_batch, total_steps
+from transferctl.engine.train import Position, Settings, drops_last_batch, total_steps
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.models import Network
 from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_run, read_trained_run, recording, reopen_run
@@ -99,7 +99,7 @@ def finetune_config(
         base["model"] = src["model"]
         base["data"] = {**inherited_data, **base["data"]}
         base["train"] = {**base.get("train", {}), "seed": src["train"]["seed"], "device": src["train"]["device"]}
-        base["finetune"] = {**base.get("finetune", {}), "source": str(record.path)}
+        base["finetune"] = {**base.get("finetune", {}), "source": str(record.path.resolve())}
         user.pop("model", None)
     merged = merge(base, user)
     try:
@@ -151,7 +151,7 @@ class Prepared:
     model: Network
 
 
-def prepare(cfg: Config) -> Prepared:
+def prepare(cfg: Config, load_source: bool = True) -> Prepared:
     """Data, model and device, every check that can fail on bad input done before anything is written."""
     device = pick_device(cfg.train.device)
     if cfg.train.precision == "16" and device.type != "cuda":
@@ -166,7 +166,7 @@ def prepare(cfg: Config) -> Prepared:
     total_steps(_settings(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
     model = build.build_network(cfg, train.channels, train.image_size, train.num_classes)
     _check_fits(model, cfg, train)
-    if cfg.finetune.source:
+    if cfg.finetune.source and load_source:  # a resume takes every weight from its own checkpoint
         load_encoder_weights(model, cfg)
     return Prepared(cfg, device, train, val.to(device), model.to(device))
 
@@ -201,7 +201,7 @@ def train_run(cfg: Config, *, runs_dir: Path, command: str, reporter: Reporter |
 # Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
 SAFE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.device", "train.log_every", "train.checkpoint_every",
-    "train.val_every",
+    "train.val_every", "train.on_nan",
 )
 
 
@@ -216,9 +216,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (old, new)} for every value that differs."""
+    """{dotted key: (old, new)} for every value that differs. Keys the old config lacks are defaults a
+    newer transferctl added; they are not changes."""
     before, after = _flatten(old), _flatten(new)
-    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)}
+    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if k in before and before.get(k) != after.get(k)}
 
 
 def resume(
@@ -229,7 +230,8 @@ def resume(
     runs_dir: Path = DEFAULT_RUNS_DIR,
     reporter: Reporter | None = None,
 ) -> RunResult:
-    """Continue an interrupted or failed run (or extend a finished one) from its last checkpoint, in place."""
+    """Continue an interrupted or failed run (or extend a finished one) from its last checkpoint, in place.
+    A run killed before its first checkpoint starts again from step 0, in place."""
     record = read_run(ref, runs_dir)
     if record.summary.get("command") != command:
         raise UsageError(f"--resume {ref}: the run was made by `transferctl {record.summary.get('command')}`; resume it with that command")
@@ -239,23 +241,41 @@ def resume(
     if refused:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigError(f"--resume {ref}: cannot change {diff}; on resume only {', '.join(SAFE_ON_RESUME)} may change")
-    checkpoint = load_checkpoint(record.checkpoint_path("last"))
-    prepared = prepare(cfg)
+    run = reopen_run(record)  # the lock comes first: nobody else writes the run while we read it
+    last = record.checkpoint_path("last")
+    checkpoint = load_checkpoint(last) if last.is_file() else None
+    prepared = prepare(cfg, load_source=checkpoint is None)
+    if checkpoint is not None:
+        _check_same_world(ref, checkpoint, prepared.device)
     _, steps = total_steps(_settings(cfg), len(prepared.train), not cfg.is_classifier)
-    done = checkpoint["position"]["step"]
+    done = checkpoint["position"]["step"] if checkpoint else 0
     if done >= steps:
-        raise UsageError(
-            f"--resume {ref}: the run already finished its {steps} steps; nothing to resume "
-            f"(to extend it, raise train.epochs or train.max_steps)"
-        )
-    run = reopen_run(record, checkpoint["position"]["epoch"])
-    resumes = [*run.summary.get("resumes", []), {"at_step": done, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in changes.items()}}]
-    run.update_summary(status="running", error=None, resumes=resumes)
+        if record.summary.get("status") == "completed":
+            raise UsageError(
+                f"--resume {ref}: the run already finished its {steps} steps; nothing to resume "
+                f"(to extend it, raise train.epochs or train.max_steps)"
+            )
+        # killed after its last checkpoint but before its summary was closed: close it now
+        run.update_summary(status="completed", error=None, metrics=_final_metrics(Position(**checkpoint["position"]), 0.0))
+        return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
+    run.keep_metrics_through(checkpoint["position"]["epoch"] if checkpoint else 0)
+    entry = {"at_step": done, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in changes.items()}}
+    run.update_summary(status="running", error=None, resumes=[*run.summary.get("resumes", []), entry])
     run.write_config(cfg.to_dict())
     run.log(f"resume at step {done} of {steps}" + (f", changed {', '.join(changes)}" if changes else ""))
     with recording(run, command) as outcome:
         outcome["metrics"] = _fit(prepared, run, command, reporter or SilentReporter(), resume_from=checkpoint)
     return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
+
+
+def _check_same_world(ref: str, checkpoint: dict[str, Any], device: torch.device) -> None:
+    """An exact continuation needs the same number of processes and the same kind of device
+    (the augmentation generator's state belongs to its device)."""
+    saved_world, saved_device = checkpoint.get("world_size", 1), checkpoint.get("device_type", device.type)
+    if saved_world != world().size:
+        raise UsageError(f"--resume {ref}: the run was trained by {saved_world} process(es), not {world().size}; resume it with the same torchrun size")
+    if saved_device != device.type:
+        raise UsageError(f"--resume {ref}: the run was trained on {saved_device}, not {device.type}; resume it on {saved_device} (train.device)")
 
 
 def _settings(cfg: Config) -> Settings:
@@ -284,6 +304,8 @@ def build_training(p: Prepared) -> Training:
     cfg = p.cfg
     if cfg.method == "finetune" and cfg.finetune.freeze_encoder:
         p.model.freeze_encoder()
+    if build.use_channels_last(cfg, p.device):
+        p.model.to(memory_format=torch.channels_last)  # before DDP, whose gradient buckets take the strides
     forward = build.training_forward(cfg, p.model, p.device)  # before the optimizer: SyncBatchNorm swaps modules
     encoder_scale = cfg.finetune.encoder_lr_scale if cfg.method == "finetune" else 1.0
     optimizer = build.build_optimizer(cfg, build.parameter_groups(p.model, encoder_scale))
@@ -298,8 +320,6 @@ def build_training(p: Prepared) -> Training:
     scheduler = build.build_scheduler(cfg, optimizer, steps)
     drop_last = drops_last_batch(settings, len(p.train), objective.contrastive)
     pipeline = build.build_pipeline(cfg, p.train, augment, p.device, views=objective.views, drop_last=drop_last)
-    if build.use_channels_last(cfg, p.device):
-        p.model.to(memory_format=torch.channels_last)
     return Training(objective, optimizer, scheduler, pipeline, settings, steps)
 
 
@@ -318,9 +338,9 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
         if row is not None:
             run.log_metrics(row)
             run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        run.save_checkpoint("last", {**state, **where})
-        if is_best:
+        if is_best:  # before last.pt, whose position.best must never name weights best.pt lacks
             run.save_checkpoint("best", {"model": state["model"], "metrics": row, **where})
+        run.save_checkpoint("last", {**state, **where, "world_size": world().size, "device_type": p.device.type})
 
     with StopOnSignal() as stop, build.cpu_threads(threads):
         try:
@@ -333,18 +353,23 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
                 f"out of memory ({type(exc).__name__}); lower data.batch_size (now {cfg.data.batch_size}) "
                 f"or data.eval_batch_size (now {cfg.data.eval_batch_size})"
             ) from None
-    position = result.position
-    if position.step < t.steps and stop.signum is not None:
-        name = signal.Signals(stop.signum).name
+    if result.stopped:  # by a signal here or on another rank
+        signum = stop.signum or signal.SIGTERM
         raise Interrupted(
-            f"stopped by {name} at step {position.step} of {t.steps}, checkpoint saved; "
+            f"stopped by {signal.Signals(signum).name} at step {result.position.step} of {t.steps}, checkpoint saved; "
             f"continue with `transferctl {command} --resume {run.path}`",
-            stop.signum,
+            signum,
         )
-    metrics = {k: v for k, v in position.last.items() if isinstance(v, (int, float))}
-    metrics["images_per_s"] = round(result.images_per_s, 1)
+    metrics = _final_metrics(result.position, result.images_per_s)
     if p.device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(p.device) / 2**20, 1)
+    return metrics
+
+
+def _final_metrics(position: Position, images_per_s: float) -> dict[str, Any]:
+    """The run's flat metrics: its last row, its throughput and its best validation scores."""
+    metrics = {k: v for k, v in position.last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics["images_per_s"] = round(images_per_s, 1)
     for key in ("val_accuracy", "val_loss"):
         if key in position.best:
             metrics[f"best_{key}"] = position.best[key]
