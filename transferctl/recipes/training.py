@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -28,7 +27,7 @@ from transferctl.distributed import world
 from transferctl.engine.train import Position, Settings, drops_last_batch, total_steps
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.models import Network
-from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_run, read_trained_run, recording, reopen_run
+from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_trained_run, recording
 
 
 @dataclass
@@ -163,7 +162,7 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
         raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA; set it to false on CPU")
     torch.manual_seed(cfg.train.seed)
     train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
-    total_steps(_settings(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
+    total_steps(settings_of(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
     model = build.build_network(cfg, train.channels, train.image_size, train.num_classes)
     _check_fits(model, cfg, train)
     if cfg.finetune.source and load_source:  # a resume takes every weight from its own checkpoint
@@ -194,91 +193,11 @@ def train_run(cfg: Config, *, runs_dir: Path, command: str, reporter: Reporter |
     run = create_run(runs_dir, f"{cfg.method}-{cfg.data.name}", cfg.to_dict(), parent, command, environment)
     run.log(f"{command} {cfg.method} on {cfg.data.name}: {len(prepared.train)} train / {len(prepared.val)} val images, device {prepared.device}")
     with recording(run, command) as outcome:
-        outcome["metrics"] = _fit(prepared, run, command, reporter or SilentReporter())
+        outcome["metrics"] = fit_run(prepared, run, command, reporter or SilentReporter())
     return RunResult(run.id, run.path, "completed", run.summary["metrics"], parent)
 
 
-# Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
-SAFE_ON_RESUME = (
-    "train.epochs", "train.max_steps", "train.device", "train.log_every", "train.checkpoint_every",
-    "train.val_every", "train.on_nan",
-)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (old, new)} for every value that differs. Keys the old config lacks are defaults a
-    newer transferctl added; they are not changes."""
-    before, after = _flatten(old), _flatten(new)
-    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if k in before and before.get(k) != after.get(k)}
-
-
-def resume(
-    ref: str,
-    overrides: list[str] | None = None,
-    *,
-    command: str,
-    runs_dir: Path = DEFAULT_RUNS_DIR,
-    reporter: Reporter | None = None,
-) -> RunResult:
-    """Continue an interrupted or failed run (or extend a finished one) from its last checkpoint, in place.
-    A run killed before its first checkpoint starts again from step 0, in place."""
-    record = read_run(ref, runs_dir)
-    if record.summary.get("command") != command:
-        raise UsageError(f"--resume {ref}: the run was made by `transferctl {record.summary.get('command')}`; resume it with that command")
-    cfg = load_config(None, overrides, base=record.config)
-    changes = config_changes(record.config, cfg.to_dict())
-    refused = {k: v for k, v in changes.items() if k not in SAFE_ON_RESUME}
-    if refused:
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-        raise ConfigError(f"--resume {ref}: cannot change {diff}; on resume only {', '.join(SAFE_ON_RESUME)} may change")
-    run = reopen_run(record)  # the lock comes first: nobody else writes the run while we read it
-    last = record.checkpoint_path("last")
-    checkpoint = load_checkpoint(last) if last.is_file() else None
-    prepared = prepare(cfg, load_source=checkpoint is None)
-    if checkpoint is not None:
-        _check_same_world(ref, checkpoint, prepared.device)
-    _, steps = total_steps(_settings(cfg), len(prepared.train), not cfg.is_classifier)
-    done = checkpoint["position"]["step"] if checkpoint else 0
-    if done >= steps:
-        if record.summary.get("status") == "completed":
-            raise UsageError(
-                f"--resume {ref}: the run already finished its {steps} steps; nothing to resume "
-                f"(to extend it, raise train.epochs or train.max_steps)"
-            )
-        # killed after its last checkpoint but before its summary was closed: close it now
-        run.update_summary(status="completed", error=None, metrics=_final_metrics(Position(**checkpoint["position"]), 0.0))
-        return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
-    run.keep_metrics_through(checkpoint["position"]["epoch"] if checkpoint else 0)
-    entry = {"at_step": done, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in changes.items()}}
-    run.update_summary(status="running", error=None, resumes=[*run.summary.get("resumes", []), entry])
-    run.write_config(cfg.to_dict())
-    run.log(f"resume at step {done} of {steps}" + (f", changed {', '.join(changes)}" if changes else ""))
-    with recording(run, command) as outcome:
-        outcome["metrics"] = _fit(prepared, run, command, reporter or SilentReporter(), resume_from=checkpoint)
-    return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
-
-
-def _check_same_world(ref: str, checkpoint: dict[str, Any], device: torch.device) -> None:
-    """An exact continuation needs the same number of processes and the same kind of device
-    (the augmentation generator's state belongs to its device)."""
-    saved_world, saved_device = checkpoint.get("world_size", 1), checkpoint.get("device_type", device.type)
-    if saved_world != world().size:
-        raise UsageError(f"--resume {ref}: the run was trained by {saved_world} process(es), not {world().size}; resume it with the same torchrun size")
-    if saved_device != device.type:
-        raise UsageError(f"--resume {ref}: the run was trained on {saved_device}, not {device.type}; resume it on {saved_device} (train.device)")
-
-
-def _settings(cfg: Config) -> Settings:
+def settings_of(cfg: Config) -> Settings:
     t = cfg.train
     return Settings(
         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, epochs=t.epochs, max_steps=t.max_steps,
@@ -315,7 +234,7 @@ def build_training(p: Prepared) -> Training:
         objective: ClassificationObjective | ContrastiveObjective = ClassificationObjective(p.model, criterion, forward)
     else:
         objective = ContrastiveObjective(p.model, criterion, augment, forward, gather=world().distributed)
-    settings = _settings(cfg)
+    settings = settings_of(cfg)
     _, steps = total_steps(settings, len(p.train), objective.contrastive)
     scheduler = build.build_scheduler(cfg, optimizer, steps)
     drop_last = drops_last_batch(settings, len(p.train), objective.contrastive)
@@ -323,7 +242,7 @@ def build_training(p: Prepared) -> Training:
     return Training(objective, optimizer, scheduler, pipeline, settings, steps)
 
 
-def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = p.cfg
     t = build_training(p)
     threads = build.training_threads(cfg, t.pipeline, p.device)
@@ -360,13 +279,13 @@ def _fit(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: d
             f"continue with `transferctl {command} --resume {run.path}`",
             signum,
         )
-    metrics = _final_metrics(result.position, result.images_per_s)
+    metrics = final_metrics(result.position, result.images_per_s)
     if p.device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(p.device) / 2**20, 1)
     return metrics
 
 
-def _final_metrics(position: Position, images_per_s: float) -> dict[str, Any]:
+def final_metrics(position: Position, images_per_s: float) -> dict[str, Any]:
     """The run's flat metrics: its last row, its throughput and its best validation scores."""
     metrics = {k: v for k, v in position.last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics["images_per_s"] = round(images_per_s, 1)

@@ -1,0 +1,97 @@
+"""`--resume`: continue an interrupted or failed run, or extend a finished one, in place and exactly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferctl.config import load_config
+from transferctl.distributed import world
+from transferctl.engine import SilentReporter
+from transferctl.engine.train import Position, Reporter, total_steps
+from transferctl.errors import ConfigError, UsageError
+from transferctl.recipes.training import RunResult, final_metrics, fit_run, settings_of, prepare
+from transferctl.runs import DEFAULT_RUNS_DIR, load_checkpoint, read_run, recording, reopen_run
+
+
+# Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
+SAFE_ON_RESUME = (
+    "train.epochs", "train.max_steps", "train.device", "train.log_every", "train.checkpoint_every",
+    "train.val_every", "train.on_nan",
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old, new)} for every value that differs. Keys the old config lacks are defaults a
+    newer transferctl added; they are not changes."""
+    before, after = _flatten(old), _flatten(new)
+    return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if k in before and before.get(k) != after.get(k)}
+
+
+def resume(
+    ref: str,
+    overrides: list[str] | None = None,
+    *,
+    command: str,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
+    reporter: Reporter | None = None,
+) -> RunResult:
+    """Continue an interrupted or failed run (or extend a finished one) from its last checkpoint, in place.
+    A run killed before its first checkpoint starts again from step 0, in place."""
+    record = read_run(ref, runs_dir)
+    if record.summary.get("command") != command:
+        raise UsageError(f"--resume {ref}: the run was made by `transferctl {record.summary.get('command')}`; resume it with that command")
+    cfg = load_config(None, overrides, base=record.config)
+    changes = config_changes(record.config, cfg.to_dict())
+    refused = {k: v for k, v in changes.items() if k not in SAFE_ON_RESUME}
+    if refused:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(f"--resume {ref}: cannot change {diff}; on resume only {', '.join(SAFE_ON_RESUME)} may change")
+    run = reopen_run(record)  # the lock comes first: nobody else writes the run while we read it
+    last = record.checkpoint_path("last")
+    checkpoint = load_checkpoint(last) if last.is_file() else None
+    prepared = prepare(cfg, load_source=checkpoint is None)
+    if checkpoint is not None:
+        _check_same_world(ref, checkpoint, prepared.device)
+    _, steps = total_steps(settings_of(cfg), len(prepared.train), not cfg.is_classifier)
+    done = checkpoint["position"]["step"] if checkpoint else 0
+    if done >= steps:
+        if record.summary.get("status") == "completed":
+            raise UsageError(
+                f"--resume {ref}: the run already finished its {steps} steps; nothing to resume "
+                f"(to extend it, raise train.epochs or train.max_steps)"
+            )
+        # killed after its last checkpoint but before its summary was closed: close it now
+        run.update_summary(status="completed", error=None, metrics=final_metrics(Position(**checkpoint["position"]), 0.0))
+        return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
+    run.keep_metrics_through(checkpoint["position"]["epoch"] if checkpoint else 0)
+    entry = {"at_step": done, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in changes.items()}}
+    run.update_summary(status="running", error=None, resumes=[*run.summary.get("resumes", []), entry])
+    run.write_config(cfg.to_dict())
+    run.log(f"resume at step {done} of {steps}" + (f", changed {', '.join(changes)}" if changes else ""))
+    with recording(run, command) as outcome:
+        outcome["metrics"] = fit_run(prepared, run, command, reporter or SilentReporter(), resume_from=checkpoint)
+    return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
+
+
+def _check_same_world(ref: str, checkpoint: dict[str, Any], device: torch.device) -> None:
+    """An exact continuation needs the same number of processes and the same kind of device
+    (the augmentation generator's state belongs to its device)."""
+    saved_world, saved_device = checkpoint.get("world_size", 1), checkpoint.get("device_type", device.type)
+    if saved_world != world().size:
+        raise UsageError(f"--resume {ref}: the run was trained by {saved_world} process(es), not {world().size}; resume it with the same torchrun size")
+    if saved_device != device.type:
+        raise UsageError(f"--resume {ref}: the run was trained on {saved_device}, not {device.type}; resume it on {saved_device} (train.device)")
