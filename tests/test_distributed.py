@@ -56,7 +56,8 @@ def runs(tmp_path_factory, digits_root):
     config = write_config(base / "c.yaml", CONFIG.format(root=digits_root))
     out = {}
     for nproc in (1, 2):
-        first = transferctl("pretrain", "-c", config, "--runs-dir", base / f"runs{nproc}", "--json", nproc=nproc)
+        # the 2-process run starts through the --nproc convenience flag, and resumes under torchrun itself
+        first = transferctl("pretrain", "-c", config, "--runs-dir", base / f"runs{nproc}", "--json", "--nproc", str(nproc))
         assert first.returncode == 0, first.stderr
         result = json.loads(first.stdout)
         resumed = transferctl("pretrain", "--resume", result["run_dir"], "train.max_steps=9", "--runs-dir", base / f"runs{nproc}",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -40,6 +42,7 @@ Overrides = typer.Argument(None, help="key=value overrides with dotted keys, e.g
 RunsDir = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where runs are written and bare run ids are looked up.")
 JsonFlag = typer.Option(False, "--json", help="Print one JSON object with run_id, run_dir and metrics on stdout.")
 QuietFlag = typer.Option(False, "--quiet", "-q", help="No progress or tables on stderr.")
+NprocOption = typer.Option(1, "--nproc", min=1, help="Train with N processes on this machine (wraps torchrun; GPUs: one each).")
 FromOption = typer.Option(..., "--from", help="A run directory (runs/<id>) or a bare run id.")
 
 
@@ -137,8 +140,10 @@ def pretrain(
     runs_dir: Path = RunsDir,
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
+    nproc: int = NprocOption,
 ) -> None:
     """Pretrain an encoder (method simclr or supervised) into a new run, or --resume one."""
+    _maybe_launch(nproc)
 
     def job(reporter: ConsoleReporter) -> RunResult:
         from transferctl import recipes
@@ -162,8 +167,10 @@ def finetune(
     runs_dir: Path = RunsDir,
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
+    nproc: int = NprocOption,
 ) -> None:
     """Fine-tune a pretrained encoder with a new classifier (default: 10 labels per class), or --resume one."""
+    _maybe_launch(nproc)
 
     def job(reporter: ConsoleReporter) -> RunResult:
         from transferctl import recipes
@@ -174,6 +181,22 @@ def finetune(
         return recipes.finetune(source, config, overrides or [], runs_dir=runs_dir, reporter=reporter)
 
     _execute(as_json, quiet, "finetune", job)
+
+
+def _maybe_launch(nproc: int) -> None:
+    """`--nproc N`: run this same command under torchrun with N local processes, and exit with its code."""
+    if nproc <= 1 or "LOCAL_RANK" in os.environ:  # already one of torchrun's workers
+        return
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "transferctl"]
+    raise typer.Exit(subprocess.call([*launcher, *args]))
 
 
 def _refuse_config_with_resume(config: Optional[Path], source: Optional[str] = None) -> None:
