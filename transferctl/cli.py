@@ -144,18 +144,7 @@ def pretrain(
 ) -> None:
     """Pretrain an encoder (method simclr or supervised) into a new run, or --resume one."""
     _maybe_launch(nproc)
-
-    def job(reporter: ConsoleReporter) -> RunResult:
-        from transferctl import recipes
-
-        if resume_run is not None:
-            _refuse_config_with_resume(config)
-            return recipes.resume(resume_run, overrides or [], command="pretrain", runs_dir=runs_dir, reporter=reporter)
-        if config is None:
-            raise UsageError("pretrain needs -c CONFIG (or --resume RUN)")
-        return recipes.pretrain(config, overrides or [], runs_dir=runs_dir, reporter=reporter)
-
-    _execute(as_json, quiet, "pretrain", job)
+    _execute(as_json, quiet, "pretrain", _training_job("pretrain", None, config, overrides, resume_run, runs_dir))
 
 
 @app.command()
@@ -171,16 +160,27 @@ def finetune(
 ) -> None:
     """Fine-tune a pretrained encoder with a new classifier (default: 10 labels per class), or --resume one."""
     _maybe_launch(nproc)
+    _execute(as_json, quiet, "finetune", _training_job("finetune", source, config, overrides, resume_run, runs_dir))
+
+
+def _training_job(command: str, source: Optional[str], config: Optional[Path], overrides: Optional[list[str]],
+                  resume_run: Optional[str], runs_dir: Path) -> Callable[[ConsoleReporter], RunResult]:
+    """The recipe a pretrain or finetune command line asks for: a new run, or --resume of one."""
 
     def job(reporter: ConsoleReporter) -> RunResult:
         from transferctl import recipes
 
         if resume_run is not None:
-            _refuse_config_with_resume(config, source)
-            return recipes.resume(resume_run, overrides or [], command="finetune", runs_dir=runs_dir, reporter=reporter)
-        return recipes.finetune(source, config, overrides or [], runs_dir=runs_dir, reporter=reporter)
+            if config is not None or source is not None:
+                raise UsageError("--resume uses the config stored in the run; drop -c/--from (key=value overrides may extend it)")
+            return recipes.resume(resume_run, overrides or [], command=command, runs_dir=runs_dir, reporter=reporter)
+        if command == "finetune":
+            return recipes.finetune(source, config, overrides or [], runs_dir=runs_dir, reporter=reporter)
+        if config is None:
+            raise UsageError("pretrain needs -c CONFIG (or --resume RUN)")
+        return recipes.pretrain(config, overrides or [], runs_dir=runs_dir, reporter=reporter)
 
-    _execute(as_json, quiet, "finetune", job)
+    return job
 
 
 def _maybe_launch(nproc: int) -> None:
@@ -197,11 +197,6 @@ def _maybe_launch(nproc: int) -> None:
             args.append(arg)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "transferctl"]
     raise typer.Exit(subprocess.call([*launcher, *args]))
-
-
-def _refuse_config_with_resume(config: Optional[Path], source: Optional[str] = None) -> None:
-    if config is not None or source is not None:
-        raise UsageError("--resume uses the config stored in the run; drop -c/--from (key=value overrides may extend it)")
 
 
 @app.command()

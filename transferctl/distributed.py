@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 class World:
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +58,7 @@ def world() -> World:
 
     if not (dist.is_available() and dist.is_initialized()):
         return World()
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World(dist.get_rank(), dist.get_world_size())
 
 
 def broadcast(obj: Any) -> Any:

@@ -13,7 +13,6 @@ augmented exactly as one process would augment it, so N ranks compute what one p
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator, Protocol
 
 import torch
@@ -160,6 +159,3 @@ def make_pipeline(data: ImageData, augment: BatchAugment, *, kind: str, views: i
         return MemoryPipeline(data.to(device), augment, **common)
     return LoaderPipeline(data, augment, device=device, num_workers=num_workers, **common)
 
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)

@@ -178,7 +178,12 @@ def total_steps(settings: Settings, train_size: int, contrastive: bool) -> tuple
     per_epoch = num_batches(train_size, settings.batch_size, drops_last_batch(settings, train_size, contrastive))
     if per_epoch == 0:
         raise UsageError(f"data.batch_size={settings.batch_size} is larger than the {train_size} training images; lower it")
-    return per_epoch, int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
+    return per_epoch, capped_steps(settings, per_epoch)
+
+
+def capped_steps(settings: Settings, per_epoch: int) -> int:
+    """Optimizer steps of the whole run: its epochs, or max_steps if that comes first."""
+    return int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
 
 
 def rng_state(pipeline: Pipeline) -> dict[str, Any]:
@@ -257,10 +262,10 @@ class _Loop:
         self.save, self.reporter, self.should_stop = save, reporter, should_stop
         self.device = next(model.parameters()).device
         self.ranks = distributed.world()
-        self.steps = int(min(settings.epochs * pipeline.batches_per_epoch(), settings.max_steps or math.inf))
+        self.per_epoch = pipeline.batches_per_epoch()
+        self.steps = capped_steps(settings, self.per_epoch)
         self.half = {"bf16": torch.bfloat16, "16": torch.float16}.get(settings.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "16")
-        self.per_epoch = pipeline.batches_per_epoch()
         self.pos = Position(lr=optimizer.param_groups[-1]["lr"])
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -294,7 +299,7 @@ class _Loop:
     def run(self) -> FitResult:
         self.reporter.start(self.steps, "pretraining" if self.objective.contrastive else "training")
         started, images = time.perf_counter(), 0
-        epochs = math.ceil(self.steps / self.pipeline.batches_per_epoch())
+        epochs = math.ceil(self.steps / self.per_epoch)
         try:
             for epoch in range(self.pos.epoch, epochs):
                 if self.pos.step >= self.steps:
