@@ -77,7 +77,7 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
             start = time.perf_counter()
         views, labels = next(source)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = t.objective.loss(views, labels)
+            loss = t.objective.loss(views, labels, i)
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t.optimizer.step()

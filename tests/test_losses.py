@@ -74,4 +74,4 @@ def test_objectives_call_wrapped_forwards_without_asking_their_truth():
     x, labels = torch.randn(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
     contrastive = ContrastiveObjective(network, nt_xent(0.5), BatchAugment(), CompiledLike(network))
     classifier = ClassificationObjective(network, cross_entropy(0.0), CompiledLike(network))
-    assert torch.isfinite(contrastive.loss((x, x), labels)) and torch.isfinite(classifier.loss((x,), labels))
+    assert torch.isfinite(contrastive.loss((x, x), labels, 0)) and torch.isfinite(classifier.loss((x,), labels, 0))

@@ -36,12 +36,12 @@ def build_augment(cfg: Config, data: ImageData) -> BatchAugment:
     return AUGMENTATIONS.build(augment.name, augment.options, hflip_default=data.hflip)
 
 
-def parameter_groups(model: Network, encoder_lr_scale: float) -> list[dict[str, Any]]:
-    """The encoder's parameters with their learning-rate scale, then the head's."""
-    return [
-        {"params": list(model.encoder.parameters()), "lr_scale": encoder_lr_scale},
-        {"params": list(model.head.parameters()), "lr_scale": 1.0},
-    ]
+def parameter_groups(model: Network, encoder_lr_scale: float, encoder_weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """The encoder's parameters with their learning-rate scale (and, if given, their own weight decay), then the head's."""
+    encoder: dict[str, Any] = {"params": list(model.encoder.parameters()), "lr_scale": encoder_lr_scale}
+    if encoder_weight_decay is not None:
+        encoder["weight_decay"] = encoder_weight_decay
+    return [encoder, {"params": list(model.head.parameters()), "lr_scale": 1.0}]
 
 
 def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -77,7 +77,10 @@ def training_forward(cfg: Config, network: Network, device: torch.device) -> nn.
 
         if cfg.train.sync_batchnorm:
             network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        forward = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
+        warmup = cfg.method == "finetune" and cfg.finetune.head_warmup_steps > 0  # the frozen encoder gets no gradients then
+        forward = DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=warmup
+        )
     if cfg.train.compile:
         forward = torch.compile(forward)
     return forward

@@ -33,6 +33,7 @@ from transferctl.registry import (
 
 Method = Literal["simclr", "supervised", "finetune"]
 PRETRAIN_METHODS = ("simclr", "supervised")
+STRONG_AUGMENT = "simclr"  # the strong view of fine-tuning's unlabeled images, unless configured
 COMMAND_OF_METHOD = {"simclr": "pretrain", "supervised": "pretrain", "finetune": "finetune"}
 
 
@@ -96,11 +97,26 @@ class TrainConfig(BaseModel):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class UnlabeledConfig(BaseModel):
+    """Fine-tuning that also learns from the training images without their labels (FixMatch-style
+    pseudo-labels): a confident prediction on a weakly augmented image is the target for a strongly
+    augmented view of it. Off while `weight` is 0, and then the unlabeled images are never loaded."""
+
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(0.0, ge=0.0)
+    batch_size: PositiveInt = 256
+    threshold: float = Field(0.95, ge=0.0, le=1.0)
+    augment: Optional[Component] = None  # the strong view; the weak one is data.augment
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: Optional[str] = None
     freeze_encoder: bool = False
     encoder_lr_scale: float = Field(1.0, ge=0.0)
+    head_warmup_steps: Annotated[int, Field(ge=0)] = 0  # steps of linear probing (encoder frozen) before the encoder trains
+    l2_sp: float = Field(0.0, ge=0.0)  # strength of the pull toward the pretrained encoder weights (L2-SP)
+    unlabeled: UnlabeledConfig = UnlabeledConfig()
 
 
 class EvalConfig(BaseModel):
@@ -212,6 +228,17 @@ def _component_names(data: dict[str, Any]) -> dict[str, Any]:
     augment = data.get("data", {}).get("augment") if isinstance(data.get("data"), dict) else None
     if isinstance(augment, dict) and "name" not in augment and by_method.get("augment"):
         augment["name"] = by_method["augment"]
+    strong = _section(data, "finetune", "unlabeled", "augment")
+    if isinstance(strong, dict) and "name" not in strong:
+        strong["name"] = STRONG_AUGMENT
+    return data
+
+
+def _section(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
     return data
 
 
@@ -292,6 +319,9 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     cfg.optimizer = _resolve_component(OPTIMIZERS, cfg.optimizer, "optimizer")
     cfg.scheduler = _resolve_component(SCHEDULERS, cfg.scheduler, "scheduler")
     cfg.data.augment = _resolve_component(AUGMENTATIONS, cfg.data.augment, "data.augment")
+    if cfg.method == "finetune":
+        unlabeled = cfg.finetune.unlabeled
+        unlabeled.augment = _resolve_component(AUGMENTATIONS, unlabeled.augment or Component(name=STRONG_AUGMENT), "finetune.unlabeled.augment")
     dataset_options = DATASETS.get(cfg.data.name, where="data").validate(cfg.data.options, where="data")
     cfg.data = DataConfig(**{**cfg.data.model_dump(exclude=set(cfg.data.options)), **dataset_options})
 

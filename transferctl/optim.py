@@ -21,14 +21,15 @@ Betas = tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge
 
 
 def _groups(params: Iterable[dict[str, Any]], lr: float, weight_decay: float) -> list[dict[str, Any]]:
-    """Apply `lr * lr_scale` per group; biases and norm weights (1-d tensors) get no weight decay."""
+    """Apply `lr * lr_scale` per group; biases and norm weights (1-d tensors) get no weight decay, and a
+    group's own `weight_decay` overrides the optimizer's."""
     groups = []
     for group in params:
         scale = group.get("lr_scale", 1.0)
         tensors = [p for p in group["params"] if p.requires_grad]
         decay = [p for p in tensors if p.ndim > 1]
         no_decay = [p for p in tensors if p.ndim <= 1]
-        for subset, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        for subset, wd in ((decay, group.get("weight_decay", weight_decay)), (no_decay, 0.0)):
             if subset:
                 groups.append({"params": subset, "lr": lr * scale, "weight_decay": wd, "lr_scale": scale})
     return groups

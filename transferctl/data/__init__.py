@@ -10,6 +10,8 @@ from transferctl.data.datasets import (
     num_batches,
     load_split,
     load_training_data,
+    load_unlabeled,
+    NO_LABEL,
     split_train_val,
     stratified_subset,
 )
@@ -23,6 +25,8 @@ __all__ = [
     "iterate_batches",
     "load_split",
     "load_training_data",
+    "load_unlabeled",
+    "NO_LABEL",
     "model_input",
     "to_unit",
     "normalize",

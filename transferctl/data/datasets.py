@@ -279,3 +279,15 @@ def load_training_data(data_cfg, labelled_subset: bool) -> tuple[ImageData, Imag
     if labelled_subset and data_cfg.labels_per_class:
         train = train.subset(stratified_subset(train.labels, data_cfg.labels_per_class, data_cfg.seed))
     return train, val
+
+
+NO_LABEL = -1
+
+
+def load_unlabeled(data_cfg) -> ImageData:
+    """Every training image outside the val part, its label replaced by NO_LABEL: what semi-supervised
+    fine-tuning may learn from without seeing more labels than `labels_per_class`."""
+    full = load_split(data_cfg, train=True)
+    train_idx, _ = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)
+    pool = full.subset(train_idx)
+    return replace(pool, labels=torch.full_like(pool.labels, NO_LABEL))

@@ -71,6 +71,36 @@ class MemoryPipeline:
         self.generator.set_state(state["augment"])
 
 
+class UnlabeledStream:
+    """Endless batches of unlabeled images on the device, each as a (weak, strong) augmented pair.
+
+    Batch `step` is a pure function of (seed, step), so a resumed run draws exactly the batches and
+    augmentations an uninterrupted one would, with no state to checkpoint.
+    """
+
+    def __init__(self, data: ImageData, weak: BatchAugment, strong: BatchAugment, *, batch_size: int, seed: int,
+                 channels_last: bool = False, rank: int = 0, world: int = 1):
+        self.data, self.weak, self.strong = data, weak, strong
+        self.batch_size = min(batch_size, len(data))
+        self.seed, self.rank, self.world = seed + 7919, rank, world  # its own order, apart from the labelled batches'
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._order: tuple[int, torch.Tensor] | None = None
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(step, len(self.data) // self.batch_size)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.data), self.seed, epoch).to(self.data.images.device))
+        chosen = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
+        x = to_unit(self.data.images[chosen])
+        generator = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + step)
+        mine = slice(self.rank * len(x) // self.world, (self.rank + 1) * len(x) // self.world)
+        weak, strong = (
+            normalize(augment(x, generator)[mine], self.data.mean, self.data.std).contiguous(memory_format=self.memory_format)
+            for augment in (self.weak, self.strong)
+        )
+        return weak, strong
+
+
 class _EpochOrder(Sampler):
     """Yields (epoch, index) pairs, so workers can seed each image's augmentation deterministically:
     this rank's slice of every global batch from `start_batch` on."""

@@ -20,6 +20,7 @@ from transferctl import distributed
 from transferctl.data import BatchAugment, ImageData, num_batches
 from transferctl.data.pipeline import MemoryPipeline, Pipeline
 from transferctl.engine.evaluate import classify
+from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
 from transferctl.errors import RunFailed, UsageError
 from transferctl.models import Network
 
@@ -63,7 +64,7 @@ class Objective(Protocol):
     contrastive: bool
     views: int  # augmented views of each image a step needs
 
-    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor: ...
+    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor: ...
     def validate(self, val: ImageData, batch_size: int) -> dict[str, float]: ...
 
 
@@ -87,7 +88,7 @@ class ContrastiveObjective:
         if self.forward is None:
             self.forward = self.network
 
-    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor:
         z1, z2 = self.forward(torch.cat(views)).chunk(2)
         return self.criterion(z1, z2, gather=self.gather)
 
@@ -107,11 +108,19 @@ class ContrastiveObjective:
 
 @dataclass
 class ClassificationObjective:
-    """Supervised training or fine-tuning (or a linear probe): augmented images, class logits, cross-entropy."""
+    """Supervised training or fine-tuning (or a linear probe): augmented images, class logits, cross-entropy.
+
+    Fine-tuning may add: `head_warmup_steps` of linear probing first (the encoder frozen, so a random
+    head's large early gradients cannot wreck pretrained features), an L2-SP `anchor`, and
+    `pseudo_labels` on unlabeled images.
+    """
 
     network: Network
     criterion: nn.Module
     forward: nn.Module | None = None
+    head_warmup_steps: int = 0
+    anchor: WeightAnchor | None = None
+    pseudo_labels: PseudoLabels | None = None
     contrastive: bool = False
     views: int = 1
 
@@ -119,9 +128,18 @@ class ClassificationObjective:
         if self.forward is None:
             self.forward = self.network
 
-    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor:
+        if self.head_warmup_steps:
+            warming_up = step < self.head_warmup_steps
+            self.network.frozen_encoder = warming_up
+            self.network.encoder.train(not warming_up)  # frozen: batch-norm statistics stay as pretrained
         (x,) = views
-        return self.criterion(self.forward(x), labels)
+        loss = self.criterion(self.forward(x), labels)
+        if self.pseudo_labels is not None:
+            loss = loss + self.pseudo_labels.loss(self.forward, step)
+        if self.anchor is not None:
+            loss = loss + self.anchor.penalty()
+        return loss
 
     def validate(self, val: ImageData, batch_size: int) -> dict[str, float]:
         result = classify(self.network, val, batch_size)
@@ -348,7 +366,7 @@ class _Loop:
     def step(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step; the batch's summed loss (zero for a skipped step)."""
         with torch.autocast(self.device.type, dtype=self.half, enabled=self.half is not None):
-            loss = self.objective.loss(views, labels)
+            loss = self.objective.loss(views, labels, self.pos.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.pos.lr = self.optimizer.param_groups[-1]["lr"]
         skip = self.settings.on_nan == "skip" and distributed.any_rank(not torch.isfinite(loss), self.device)  # a sync, only then

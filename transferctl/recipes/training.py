@@ -12,7 +12,10 @@ import torch
 
 from transferctl import build
 from transferctl.config import PRETRAIN_METHODS, Config, load_config, merge, read_yaml
-from transferctl.data import ImageData, data_root, load_training_data
+from transferctl.data import BatchAugment, ImageData, data_root, load_training_data, load_unlabeled
+from transferctl.data.pipeline import UnlabeledStream
+from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
+from transferctl.registry import AUGMENTATIONS
 from transferctl.engine import (
     ClassificationObjective,
     ContrastiveObjective,
@@ -123,16 +126,19 @@ def finetune(
     return train_run(cfg, runs_dir=runs_dir, command="finetune", reporter=reporter)
 
 
+def source_encoder_state(cfg: Config) -> dict[str, torch.Tensor]:
+    """The encoder's weights (not the head's) from the source run's last checkpoint."""
+    state = load_checkpoint(Path(cfg.finetune.source) / "checkpoints" / "last.pt")["model"]
+    return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+
+
 def load_encoder_weights(model: Network, cfg: Config) -> None:
-    """Copy the encoder (not the head) from the source run's last checkpoint into `model`."""
-    source = Path(cfg.finetune.source)
-    state = load_checkpoint(source / "checkpoints" / "last.pt")["model"]
-    encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    """Copy the source run's encoder into `model`."""
     try:
-        model.encoder.load_state_dict(encoder_state)
+        model.encoder.load_state_dict(source_encoder_state(cfg))
     except RuntimeError:
         raise UsageError(
-            f"finetune.source {source}: its encoder weights do not fit model '{cfg.model.name}' with {cfg.model.options}; "
+            f"finetune.source {cfg.finetune.source}: its encoder weights do not fit model '{cfg.model.name}' with {cfg.model.options}; "
             f"the run was made with a different architecture"
         ) from None
 
@@ -160,6 +166,7 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not split evenly over {ranks.size} processes")
     if cfg.train.sync_batchnorm and ranks.distributed and device.type != "cuda":
         raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA; set it to false on CPU")
+    _check_finetune_options(cfg)
     torch.manual_seed(cfg.train.seed)
     train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
     total_steps(settings_of(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
@@ -168,6 +175,16 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
     if cfg.finetune.source and load_source:  # a resume takes every weight from its own checkpoint
         load_encoder_weights(model, cfg)
     return Prepared(cfg, device, train, val.to(device), model.to(device))
+
+
+def _check_finetune_options(cfg: Config) -> None:
+    options = cfg.finetune
+    if cfg.method != "finetune":
+        return
+    if options.l2_sp and not options.source:
+        raise ConfigError("finetune.l2_sp pulls the encoder toward pretrained weights, and this run has none; use --from RUN or set it to 0")
+    if options.freeze_encoder and (options.head_warmup_steps or options.l2_sp):
+        raise ConfigError("finetune.freeze_encoder: true never trains the encoder, so head_warmup_steps and l2_sp do nothing; set them to 0")
 
 
 def _check_fits(model: Network, cfg: Config, data: ImageData) -> None:
@@ -226,12 +243,21 @@ def build_training(p: Prepared) -> Training:
     if build.use_channels_last(cfg, p.device):
         p.model.to(memory_format=torch.channels_last)  # before DDP, whose gradient buckets take the strides
     forward = build.training_forward(cfg, p.model, p.device)  # before the optimizer: SyncBatchNorm swaps modules
-    encoder_scale = cfg.finetune.encoder_lr_scale if cfg.method == "finetune" else 1.0
-    optimizer = build.build_optimizer(cfg, build.parameter_groups(p.model, encoder_scale))
+    finetuning = cfg.method == "finetune"
+    groups = build.parameter_groups(
+        p.model, cfg.finetune.encoder_lr_scale if finetuning else 1.0,
+        encoder_weight_decay=0.0 if finetuning and cfg.finetune.l2_sp else None,  # L2-SP replaces the pull toward zero
+    )
+    optimizer = build.build_optimizer(cfg, groups)
     criterion = build.build_loss(cfg)
     augment = build.build_augment(cfg, p.train)
-    if cfg.is_classifier:
-        objective: ClassificationObjective | ContrastiveObjective = ClassificationObjective(p.model, criterion, forward)
+    if finetuning:
+        objective: ClassificationObjective | ContrastiveObjective = ClassificationObjective(
+            p.model, criterion, forward, head_warmup_steps=cfg.finetune.head_warmup_steps,
+            anchor=_weight_anchor(p), pseudo_labels=_pseudo_labels(p, augment),
+        )
+    elif cfg.is_classifier:
+        objective = ClassificationObjective(p.model, criterion, forward)
     else:
         objective = ContrastiveObjective(p.model, criterion, augment, forward, gather=world().distributed)
     settings = settings_of(cfg)
@@ -240,6 +266,27 @@ def build_training(p: Prepared) -> Training:
     drop_last = drops_last_batch(settings, len(p.train), objective.contrastive)
     pipeline = build.build_pipeline(cfg, p.train, augment, p.device, views=objective.views, drop_last=drop_last)
     return Training(objective, optimizer, scheduler, pipeline, settings, steps)
+
+
+def _weight_anchor(p: Prepared) -> WeightAnchor | None:
+    """L2-SP's anchor: the source run's encoder (read again, so a resumed run anchors where the first one did)."""
+    strength = p.cfg.finetune.l2_sp
+    return WeightAnchor.toward(p.model.encoder, source_encoder_state(p.cfg), strength) if strength else None
+
+
+def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
+    options = p.cfg.finetune.unlabeled
+    if not options.weight:
+        return None  # the unlabeled images are not even loaded
+    strong = AUGMENTATIONS.build(options.augment.name, options.augment.options, hflip_default=p.train.hflip)
+    ranks = world()
+    if options.batch_size % ranks.size:
+        raise ConfigError(f"finetune.unlabeled.batch_size: {options.batch_size} does not split evenly over {ranks.size} processes")
+    stream = UnlabeledStream(
+        load_unlabeled(p.cfg.data).to(p.device), weak, strong, batch_size=options.batch_size, seed=p.cfg.train.seed,
+        channels_last=build.use_channels_last(p.cfg, p.device), rank=ranks.rank, world=ranks.size,
+    )
+    return PseudoLabels(stream, options.weight, options.threshold)
 
 
 def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:

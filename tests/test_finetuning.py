@@ -1,0 +1,197 @@
+"""Fine-tuning options do what they claim: head warm-up, encoder LR scale, L2-SP, unlabeled pseudo-labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SMALL_SIMCLR, write_config
+from transferctl import build
+from transferctl.config import DataConfig, load_config
+from transferctl.data import NO_LABEL, BatchAugment, load_split, load_unlabeled, split_train_val
+from transferctl.data.pipeline import UnlabeledStream
+from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
+from transferctl.recipes import finetune, finetune_config, pretrain
+from transferctl.recipes import training
+from transferctl.recipes.training import build_training, prepare
+
+FEW_LABELS = ["data.labels_per_class=5", "data.batch_size=16", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, digits_root) -> Path:
+    """A small SimCLR run to fine-tune from (made once for this module)."""
+    folder = tmp_path_factory.mktemp("source")
+    config = write_config(folder / "simclr.yaml", SMALL_SIMCLR.format(root=digits_root))
+    return pretrain(config, ["train.max_steps=6"], runs_dir=folder / "runs").run_dir
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def encoder_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Squared distance over trainable weights (batch-norm running statistics move either way)."""
+    return sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in a if a[k].is_floating_point() and "running" not in k)
+
+
+def tune(source: Path, tmp_path: Path, *overrides: str) -> Path:
+    return finetune(str(source), None, [*FEW_LABELS, *overrides], runs_dir=tmp_path / "runs").run_dir
+
+
+# --------------------------------------------------------------------------- head warm-up and LR scale
+
+def test_during_head_warmup_the_encoder_and_its_statistics_stay_pretrained(source, tmp_path):
+    warm = tune(source, tmp_path, "train.max_steps=4", "finetune.head_warmup_steps=4")
+    pre, tuned = encoder_of(weights(source)), encoder_of(weights(warm))
+    assert all(torch.equal(pre[k], tuned[k]) for k in pre)  # weights and batch-norm running statistics
+    assert any(not torch.equal(weights(warm)[k], v) for k, v in weights(tune(source, tmp_path, "train.max_steps=1")).items() if k.startswith("head."))
+
+
+def test_after_head_warmup_the_encoder_trains(source, tmp_path):
+    tuned = encoder_of(weights(tune(source, tmp_path, "train.max_steps=6", "finetune.head_warmup_steps=4")))
+    pre = encoder_of(weights(source))
+    assert not torch.equal(pre["0.weight"], tuned["0.weight"])
+
+
+def test_encoder_lr_scale_sets_the_encoder_groups_learning_rate(source, digits_root):
+    cfg = finetune_config(str(source), None, [*FEW_LABELS, "optimizer.lr=0.2", "finetune.encoder_lr_scale=0.1"])
+    prepared = prepare(cfg)
+    groups = build_training(prepared).optimizer.param_groups
+    encoder_ids = {id(p) for p in prepared.model.encoder.parameters()}
+    rates = {("encoder" if id(g["params"][0]) in encoder_ids else "head", round(g["initial_lr"], 9)) for g in groups}  # before warm-up scaling
+    assert rates == {("encoder", 0.02), ("head", 0.2)}
+
+
+def test_encoder_lr_scale_zero_leaves_the_encoder_weights_alone(source, tmp_path):
+    pre = encoder_of(weights(source))
+    tuned = encoder_of(weights(tune(source, tmp_path, "train.max_steps=3", "finetune.encoder_lr_scale=0")))
+    assert all(torch.equal(pre[k], tuned[k]) for k in pre if "running" not in k and "num_batches" not in k)
+
+
+# --------------------------------------------------------------------------- L2-SP
+
+def test_l2_sp_keeps_the_encoder_closer_to_its_pretrained_weights(source, tmp_path):
+    pre = encoder_of(weights(source))
+    steps = ["train.max_steps=8", "optimizer.lr=0.2"]
+    free = distance(encoder_of(weights(tune(source, tmp_path, *steps))), pre)
+    held = distance(encoder_of(weights(tune(source, tmp_path, *steps, "finetune.l2_sp=1"))), pre)
+    assert 0 < held < 0.5 * free
+
+
+def test_l2_sp_replaces_the_encoders_weight_decay(source):
+    cfg = finetune_config(str(source), None, [*FEW_LABELS, "finetune.l2_sp=0.1", "optimizer.weight_decay=0.01"])
+    prepared = prepare(cfg)
+    groups = build_training(prepared).optimizer.param_groups
+    encoder_ids = {id(p) for p in prepared.model.encoder.parameters()}
+    decays = {("encoder" if id(g["params"][0]) in encoder_ids else "head", g["weight_decay"]) for g in groups}
+    assert ("encoder", 0.01) not in decays and ("head", 0.01) in decays
+
+
+def test_weight_anchor_penalty_is_zero_at_the_anchor_and_grows_with_distance():
+    layer = torch.nn.Linear(3, 2)
+    anchor = WeightAnchor.toward(layer, {k: v.clone() for k, v in layer.state_dict().items()}, strength=2.0)
+    assert anchor.penalty().item() == 0.0
+    with torch.no_grad():
+        layer.weight += 1.0
+    assert anchor.penalty().item() == pytest.approx(0.5 * 2.0 * 6)  # six weights, each moved by 1
+
+
+def test_l2_sp_without_pretrained_weights_is_a_config_error(cli, tmp_path, digits_root):
+    config = write_config(tmp_path / "ft.yaml", f"method: finetune\ndata: {{name: mnist, root: {digits_root}}}\n")
+    result = cli("finetune", "-c", config, "finetune.l2_sp=0.1", "--runs-dir", tmp_path / "runs")
+    assert result.code == 2 and "finetune.l2_sp" in result.stderr and "--from" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- unlabeled images
+
+def test_the_unlabeled_pool_is_the_training_part_without_labels(digits_root):
+    cfg = DataConfig(name="mnist", root=str(digits_root), val_fraction=0.2, seed=3)
+    pool = load_unlabeled(cfg)
+    full = load_split(cfg, train=True)
+    train_idx, val_idx = split_train_val(len(full), 0.2, 3)
+    assert len(pool) == len(train_idx) and torch.equal(pool.images, full.images[train_idx])
+    assert (pool.labels == NO_LABEL).all()
+    assert {bytes(i.numpy()) for i in pool.images}.isdisjoint({bytes(i.numpy()) for i in full.images[val_idx]})
+
+
+def test_unlabeled_batches_are_a_pure_function_of_the_step(digits_root):
+    pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
+    strong = BatchAugment(crop_scale=(0.3, 1.0), rotation=20, brightness=0.4)
+    make = lambda: UnlabeledStream(pool, BatchAugment(), strong, batch_size=32, seed=0)
+    a, b = make(), make()
+    weak5, strong5 = a.batch(5)
+    a.batch(6)
+    assert all(torch.equal(x, y) for x, y in zip((weak5, strong5), b.batch(5)))  # no hidden state
+    assert not torch.equal(weak5, a.batch(6)[0])
+    assert not torch.equal(weak5, strong5)
+    per_epoch = len(pool) // 32
+    seen = torch.cat([a.batch(s)[0].flatten(1) for s in range(per_epoch)])
+    assert len(torch.unique(seen, dim=0)) == per_epoch * 32  # an epoch draws every image at most once
+
+
+def test_pseudo_labels_count_only_confident_predictions(digits_root):
+    pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
+    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), batch_size=16, seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    assert PseudoLabels(stream, 1.0, threshold=1.0).loss(model, 0).item() == 0.0  # nothing is that sure
+    assert PseudoLabels(stream, 1.0, threshold=0.0).loss(model, 0).item() > 0.0
+    assert PseudoLabels(stream, 2.0, threshold=0.0).loss(model, 0).item() == pytest.approx(
+        2 * PseudoLabels(stream, 1.0, threshold=0.0).loss(model, 0).item()
+    )
+
+
+def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path, monkeypatch):
+    loaded = []
+    real = training.load_unlabeled
+    monkeypatch.setattr(training, "load_unlabeled", lambda cfg: loaded.append(cfg) or real(cfg))
+    plain = tune(source, tmp_path, "train.max_steps=3")
+    assert loaded == []
+    semi = tune(source, tmp_path, "train.max_steps=3", "finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0",
+                "finetune.unlabeled.batch_size=32")
+    assert len(loaded) == 1
+    assert not torch.equal(weights(plain)["head.1.weight"], weights(semi)["head.1.weight"])
+
+
+def test_a_semi_supervised_finetune_resumes_exactly(source, tmp_path):
+    from transferctl.recipes import resume
+
+    semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0.2", "finetune.unlabeled.batch_size=32",
+            "scheduler.name=constant"]  # a cosine schedule would stretch when the run is extended
+    whole = finetune(str(source), None, [*FEW_LABELS, *semi, "train.max_steps=7"], runs_dir=tmp_path / "whole").run_dir
+    part = finetune(str(source), None, [*FEW_LABELS, *semi, "train.max_steps=4"], runs_dir=tmp_path / "part").run_dir
+    resume(str(part), ["train.max_steps=7"], command="finetune", runs_dir=tmp_path / "part")
+    a, b = weights(whole), weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_strong_augmentation_is_a_component_with_did_you_mean(source):
+    cfg = finetune_config(str(source), None, ["finetune.unlabeled.augment.rotation=25"])
+    assert cfg.finetune.unlabeled.augment.name == "simclr" and cfg.finetune.unlabeled.augment.options["rotation"] == 25
+    with pytest.raises(Exception, match="rotaton"):
+        finetune_config(str(source), None, ["finetune.unlabeled.augment.rotaton=25"])
+
+
+def test_warmup_with_a_frozen_encoder_is_refused(cli, source, tmp_path):
+    result = cli("finetune", "--from", source, "finetune.freeze_encoder=true", "finetune.head_warmup_steps=5",
+                 "--runs-dir", tmp_path / "runs")
+    assert result.code == 2 and "freeze_encoder" in result.stderr
+
+
+def test_pretraining_configs_carry_no_unlabeled_augmentation(source):
+    cfg = load_config(None, [], base=json.loads(json.dumps(_config_of(source))))
+    assert cfg.finetune.unlabeled.augment is None
+
+
+def _config_of(run_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())

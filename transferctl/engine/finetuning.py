@@ -1,0 +1,51 @@
+"""What fine-tuning adds to plain cross-entropy on the few labelled images, each switched on by config:
+a pull toward the pretrained weights (L2-SP) and pseudo-labels on the unlabeled images (FixMatch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transferctl.data.pipeline import UnlabeledStream
+
+
+@dataclass
+class WeightAnchor:
+    """L2-SP (Li et al., 2018): (strength / 2) * ||w - w0||^2 over the encoder's parameters, w0 the
+    pretrained values. Unlike weight decay, which pulls toward zero, it keeps a few-label fine-tune
+    near the features pretraining found."""
+
+    params: list[nn.Parameter]
+    start: list[torch.Tensor]
+    strength: float
+
+    @classmethod
+    def toward(cls, encoder: nn.Module, pretrained: dict[str, torch.Tensor], strength: float) -> "WeightAnchor":
+        named = [(name, p) for name, p in encoder.named_parameters() if p.requires_grad]
+        return cls([p for _, p in named], [pretrained[name].detach().to(p.device, p.dtype).clone() for name, p in named], strength)
+
+    def penalty(self) -> torch.Tensor:
+        distance = sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in zip(self.params, self.start))
+        return 0.5 * self.strength * distance
+
+
+@dataclass
+class PseudoLabels:
+    """FixMatch (Sohn et al., 2020): the model's confident predictions on weakly augmented unlabeled
+    images are cross-entropy targets for strongly augmented views of the same images. Early on few
+    predictions pass `threshold`, so the term grows as the classifier becomes trustworthy."""
+
+    stream: UnlabeledStream
+    weight: float
+    threshold: float
+
+    def loss(self, forward: nn.Module, step: int) -> torch.Tensor:
+        weak, strong = self.stream.batch(step)
+        with torch.no_grad():
+            confidence, targets = forward(weak).float().softmax(dim=1).max(dim=1)
+        mask = (confidence >= self.threshold).float()
+        per_image = F.cross_entropy(forward(strong).float(), targets, reduction="none")
+        return self.weight * (per_image * mask).mean()
