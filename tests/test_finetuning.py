@@ -18,7 +18,7 @@ from transferctl.recipes import finetune, finetune_config, pretrain
 from transferctl.recipes import training
 from transferctl.recipes.training import build_training, prepare
 
-FEW_LABELS = ["data.labels_per_class=5", "data.batch_size=16", "train.device=cpu"]
+FEW_LABELS = ["data.labels_per_class=5", "data.batch_size=16", "train.device=cpu", "finetune.head_warmup_steps=0"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_encoder_lr_scale_zero_leaves_the_encoder_weights_alone(source, tmp_path
 
 def test_l2_sp_keeps_the_encoder_closer_to_its_pretrained_weights(source, tmp_path):
     pre = encoder_of(weights(source))
-    steps = ["train.max_steps=8", "optimizer.lr=0.2"]
+    steps = ["train.max_steps=8", "optimizer.lr=0.1", "finetune.encoder_lr_scale=1"]
     free = distance(encoder_of(weights(tune(source, tmp_path, *steps))), pre)
     held = distance(encoder_of(weights(tune(source, tmp_path, *steps, "finetune.l2_sp=1"))), pre)
     assert 0 < held < 0.5 * free
@@ -180,10 +180,10 @@ def test_the_strong_augmentation_is_a_component_with_did_you_mean(source):
         finetune_config(str(source), None, ["finetune.unlabeled.augment.rotaton=25"])
 
 
-def test_warmup_with_a_frozen_encoder_is_refused(cli, source, tmp_path):
-    result = cli("finetune", "--from", source, "finetune.freeze_encoder=true", "finetune.head_warmup_steps=5",
-                 "--runs-dir", tmp_path / "runs")
-    assert result.code == 2 and "freeze_encoder" in result.stderr
+def test_a_frozen_encoder_stays_frozen_after_the_head_warmup(source, tmp_path):
+    probe = tune(source, tmp_path, "train.max_steps=4", "finetune.freeze_encoder=true", "finetune.head_warmup_steps=2")
+    pre, probed = encoder_of(weights(source)), encoder_of(weights(probe))
+    assert all(torch.equal(pre[k], probed[k]) for k in pre)
 
 
 def test_pretraining_configs_carry_no_unlabeled_augmentation(source):
@@ -195,3 +195,19 @@ def _config_of(run_dir: Path) -> dict:
     import yaml
 
     return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_from_scratch_the_encoder_trains_at_full_rate_from_the_first_step(tmp_path, digits_root):
+    """The LR scale and the head warm-up protect pretrained features: a random encoder has none to protect,
+    so the from-scratch baseline is not handicapped by them."""
+    config = write_config(tmp_path / "ft.yaml", f"""\
+method: finetune
+model: {{name: cnn, widths: [8, 16]}}
+data: {{name: mnist, root: {digits_root}, labels_per_class: 5, batch_size: 16}}
+train: {{max_steps: 2, device: cpu}}
+finetune: {{encoder_lr_scale: 0.1, head_warmup_steps: 50}}
+""")
+    prepared = prepare(load_config(config))
+    training_parts = build_training(prepared)
+    assert {round(g["initial_lr"], 9) for g in training_parts.optimizer.param_groups} == {load_config(config).optimizer.options["lr"]}
+    assert training_parts.objective.head_warmup_steps == 0

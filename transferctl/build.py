@@ -77,7 +77,8 @@ def training_forward(cfg: Config, network: Network, device: torch.device) -> nn.
 
         if cfg.train.sync_batchnorm:
             network = nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        warmup = cfg.method == "finetune" and cfg.finetune.head_warmup_steps > 0  # the frozen encoder gets no gradients then
+        ft = cfg.finetune
+        warmup = cfg.method == "finetune" and ft.head_warmup_steps > 0 and ft.source is not None and not ft.freeze_encoder  # the frozen encoder gets no gradients then
         forward = DistributedDataParallel(
             network, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=warmup
         )

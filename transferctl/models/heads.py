@@ -19,9 +19,17 @@ def projection_head(feature_dim: int, hidden_dim: PositiveInt = 512, out_dim: Po
 
 
 @HEADS.register("linear", classifier=True)
-def classifier_head(feature_dim: int, num_classes: int, dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> nn.Module:
-    """A linear classifier (optionally after dropout) producing class logits."""
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+def classifier_head(
+    feature_dim: int, num_classes: int, dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0, standardize: bool = False
+) -> nn.Module:
+    """A linear classifier (optionally after dropout) producing class logits.
+
+    `standardize` first scales every feature to zero mean and unit variance (a batch norm without
+    affine parameters, as in MAE's linear probe): contrastive features carry their signal as small
+    variations around large means, which leaves a plain linear head badly conditioned for SGD.
+    """
+    norm: list[nn.Module] = [nn.BatchNorm1d(feature_dim, affine=False)] if standardize else []
+    return nn.Sequential(*norm, nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
 
 
 class Network(nn.Module):

@@ -183,8 +183,6 @@ def _check_finetune_options(cfg: Config) -> None:
         return
     if options.l2_sp and not options.source:
         raise ConfigError("finetune.l2_sp pulls the encoder toward pretrained weights, and this run has none; use --from RUN or set it to 0")
-    if options.freeze_encoder and (options.head_warmup_steps or options.l2_sp):
-        raise ConfigError("finetune.freeze_encoder: true never trains the encoder, so head_warmup_steps and l2_sp do nothing; set them to 0")
 
 
 def _check_fits(model: Network, cfg: Config, data: ImageData) -> None:
@@ -244,16 +242,19 @@ def build_training(p: Prepared) -> Training:
         p.model.to(memory_format=torch.channels_last)  # before DDP, whose gradient buckets take the strides
     forward = build.training_forward(cfg, p.model, p.device)  # before the optimizer: SyncBatchNorm swaps modules
     finetuning = cfg.method == "finetune"
+    # The encoder LR scale and the head warm-up protect pretrained features; a randomly initialised
+    # encoder (the from-scratch baseline) has none, so it trains at the full rate from the first step.
+    pretrained = finetuning and cfg.finetune.source is not None
     groups = build.parameter_groups(
-        p.model, cfg.finetune.encoder_lr_scale if finetuning else 1.0,
-        encoder_weight_decay=0.0 if finetuning and cfg.finetune.l2_sp else None,  # L2-SP replaces the pull toward zero
+        p.model, cfg.finetune.encoder_lr_scale if pretrained else 1.0,
+        encoder_weight_decay=0.0 if pretrained and cfg.finetune.l2_sp else None,  # L2-SP replaces the pull toward zero
     )
     optimizer = build.build_optimizer(cfg, groups)
     criterion = build.build_loss(cfg)
     augment = build.build_augment(cfg, p.train)
     if finetuning:
         objective: ClassificationObjective | ContrastiveObjective = ClassificationObjective(
-            p.model, criterion, forward, head_warmup_steps=cfg.finetune.head_warmup_steps,
+            p.model, criterion, forward, head_warmup_steps=_head_warmup_steps(cfg),
             anchor=_weight_anchor(p), pseudo_labels=_pseudo_labels(p, augment),
         )
     elif cfg.is_classifier:
@@ -266,6 +267,11 @@ def build_training(p: Prepared) -> Training:
     drop_last = drops_last_batch(settings, len(p.train), objective.contrastive)
     pipeline = build.build_pipeline(cfg, p.train, augment, p.device, views=objective.views, drop_last=drop_last)
     return Training(objective, optimizer, scheduler, pipeline, settings, steps)
+
+
+def _head_warmup_steps(cfg: Config) -> int:
+    """A frozen encoder (linear probe) is frozen throughout; a random one has nothing to protect."""
+    return cfg.finetune.head_warmup_steps if cfg.finetune.source and not cfg.finetune.freeze_encoder else 0
 
 
 def _weight_anchor(p: Prepared) -> WeightAnchor | None:

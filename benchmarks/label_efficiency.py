@@ -1,0 +1,185 @@
+"""Label efficiency: what pretraining buys when labels are few, on MNIST and Fashion-MNIST.
+
+For each target data set and each encoder (random init, supervised pretraining on the *other* data
+set, SimCLR pretraining on the target's own training images without labels) it measures, through
+the same recipes the CLI runs (`pretrain`, `finetune`, `evaluate`, with the shipped configs):
+
+- linear probe on all labels (configs/linear_<data>.yaml), test accuracy;
+- k-NN accuracy of the frozen encoder (k=20, cosine, temperature 0.07; training split as the bank);
+- fine-tuning on 10 and 100 labels per class (configs/finetune{10,100}_<data>.yaml), mean and spread
+  over label-subset seeds. The random-init row is the same recipe without --from: same steps, head,
+  augmentation and unlabeled images, the encoder at the full learning rate from the first step.
+
+Every finished cell is stored in --out, so an interrupted benchmark continues where it stopped.
+
+    python benchmarks/label_efficiency.py --data-dir ../shared/data            # the full table
+    python benchmarks/label_efficiency.py --data-dir ../shared/data --quick    # a smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from transferctl.config import load_config
+from transferctl.data import load_split
+from transferctl.engine import knn_accuracy
+from transferctl.recipes import evaluate, finetune, pretrain
+from transferctl.recipes.evaluation import as_trained, trained_model
+from transferctl.runs import load_checkpoint, read_trained_run
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+DATASETS = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+OTHER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
+QUICK = ["train.max_steps=3", "data.eval_batch_size=512"]
+TARGETS = {  # the issue's targets, in percent: (data set, column) -> minimum for the SimCLR row
+    ("mnist", "linear"): 99.3, ("mnist", "knn"): 99.0, ("mnist", "ft10"): 97.0, ("mnist", "ft100"): 98.8,
+    ("fashion_mnist", "linear"): 89.0, ("fashion_mnist", "ft10"): 78.0,
+}
+
+
+class Cells:
+    """Finished measurements, one JSON line each, keyed by name: a rerun skips what is done."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                self.done[row["key"]] = row
+
+    def get(self, key: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if key not in self.done:
+            started = time.perf_counter()
+            row = {"key": key, **measure(), "seconds": 0.0}
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.done[key] = row
+            print(f"  {key}: {({k: v for k, v in row.items() if k not in ('key', 'run')})}", flush=True)
+        return self.done[key]
+
+
+def knn_of_probe(probe_dir: str, runs: Path) -> float:
+    """k-NN accuracy of the frozen encoder inside a linear-probe run (for random init: its seeded init)."""
+    record = read_trained_run(probe_dir, runs)
+    cfg = load_config(None, [], base=record.config)
+    checkpoint = load_checkpoint(record.checkpoint_path("last"))
+    test = as_trained(load_split(cfg.data, train=False), checkpoint, probe_dir)
+    bank = as_trained(load_split(cfg.data, train=True), checkpoint, probe_dir)
+    encoder = trained_model(record, cfg, checkpoint, test).encoder
+    return knn_accuracy(encoder, bank, test, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.data.eval_batch_size)
+
+
+def tuned_accuracy(source: str | None, config: Path, overrides: list[str], runs: Path) -> dict[str, Any]:
+    tuned = finetune(source, config, overrides, runs_dir=runs)
+    tested = evaluate(str(tuned.run_dir), runs_dir=runs)
+    return {"accuracy": tested.metrics["accuracy"], "run": str(tuned.run_dir)}
+
+
+def encoders(data: str, cells: Cells, runs: Path, extra: list[str]) -> dict[str, dict[str, Any]]:
+    """The three encoders for target `data`: name -> {source run (None: random init), pretraining seconds}."""
+    other = OTHER[data]
+    supervised = cells.get(f"pretrain/supervised/{other}", lambda: {"run": str(pretrain(CONFIGS / f"supervised_{other}.yaml", extra, runs_dir=runs).run_dir)})
+    simclr = cells.get(f"pretrain/simclr/{data}", lambda: {"run": str(pretrain(CONFIGS / f"simclr_{data}.yaml", extra, runs_dir=runs).run_dir)})
+    return {
+        "random init": {"source": None, "seconds": 0.0},
+        f"supervised on {DATASETS[other]}": {"source": supervised["run"], "seconds": supervised["seconds"]},
+        "SimCLR (no labels)": {"source": simclr["run"], "seconds": simclr["seconds"]},
+    }
+
+
+def measure_row(data: str, name: str, encoder: dict[str, Any], seeds: list[int], cells: Cells, runs: Path, extra: list[str]) -> dict[str, Any]:
+    source, tag = encoder["source"], f"{data}/{name}"
+    target = [f"data.name={data}"]
+    probe = cells.get(f"{tag}/linear", lambda: tuned_accuracy(source, CONFIGS / f"linear_{data}.yaml", target + extra, runs))
+    knn = cells.get(f"{tag}/knn", lambda: {"accuracy": knn_of_probe(probe["run"], runs)})
+    row: dict[str, Any] = {"data": data, "encoder": name, "linear": probe["accuracy"], "knn": knn["accuracy"]}
+    seconds = encoder["seconds"] + probe["seconds"] + knn["seconds"]
+    for labels in (10, 100):
+        config = CONFIGS / f"finetune{labels}_{data}.yaml"
+        runs_of_seed = [
+            cells.get(f"{tag}/ft{labels}/seed{seed}", lambda seed=seed: tuned_accuracy(source, config, [*target, f"data.seed={seed}", *extra], runs))
+            for seed in seeds
+        ]
+        accuracies = [r["accuracy"] for r in runs_of_seed]
+        row[f"ft{labels}"] = statistics.mean(accuracies)
+        row[f"ft{labels}_sd"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        seconds += sum(r["seconds"] for r in runs_of_seed)
+    row["pretrain_min"] = encoder["seconds"] / 60
+    row["row_min"] = seconds / 60
+    return row
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def markdown(rows: list[dict[str, Any]], seeds: int) -> str:
+    lines = [
+        f"| data | encoder | pretraining (min) | linear probe | k-NN | 10 labels/class (n={seeds}) | 100 labels/class (n={seeds}) | row wall time (min) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {DATASETS[r['data']]} | {r['encoder']} | {r['pretrain_min']:.1f} | {pct(r['linear'])} | {pct(r['knn'])} | "
+            f"{pct(r['ft10'])} ± {pct(r['ft10_sd'])} | {pct(r['ft100'])} ± {pct(r['ft100_sd'])} | {r['row_min']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for data in DATASETS:
+        mine = {r["encoder"]: r for r in rows if r["data"] == data}
+        simclr, scratch = mine.get("SimCLR (no labels)"), mine.get("random init")
+        if not simclr:
+            continue
+        for (d, column), minimum in TARGETS.items():
+            if d == data:
+                got = 100 * simclr[column]
+                out.append(f"- {DATASETS[data]} {column}: {got:.2f} (target >= {minimum}): {'met' if got >= minimum else 'NOT met'}")
+        if scratch:
+            gain = 100 * (simclr["ft10"] - scratch["ft10"])
+            out.append(f"- {DATASETS[data]} 10 labels/class, SimCLR minus random init: {gain:+.2f} points (target >= +3): {'met' if gain >= 3 else 'NOT met'}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, help="torchvision-layout folder with MNIST and FashionMNIST (else $TRANSFERCTL_DATA_DIR)")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label-subset seeds (data.seed)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "label_efficiency")
+    parser.add_argument("--quick", action="store_true", help="3 steps per run: checks the plumbing, not the accuracy")
+    args = parser.parse_args()
+
+    out = args.out / "quick" if args.quick else args.out
+    out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs"
+    cells = Cells(out / "cells.jsonl")
+    extra = ([f"data.root={args.data_dir.resolve()}"] if args.data_dir else []) + (QUICK if args.quick else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cells in {cells.path}", flush=True)
+    rows = []
+    for data in args.datasets:
+        for name, encoder in encoders(data, cells, runs, extra).items():
+            rows.append(measure_row(data, name, encoder, args.seeds, cells, runs, extra))
+    table = markdown(rows, len(args.seeds))
+    summary = "\n".join(target_lines(rows))
+    (out / "table.md").write_text(table + "\n\n" + summary + "\n")
+    print(table)
+    print()
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
