@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
+import yaml
 
 import transferctl
 from transferctl.console import ConsoleReporter
 from transferctl.errors import TransferError, UsageError
 from transferctl.registry import REGISTRIES, did_you_mean, load_components
+from transferctl import runs_index
 from transferctl.runs import DEFAULT_RUNS_DIR
 
 if TYPE_CHECKING:
@@ -85,20 +87,25 @@ class _Output:
         typer.echo(str(result.run_dir))
 
 
+def _guarded(as_json: bool, job: Callable[[], Any], cleanup: Callable[[], None] = lambda: None) -> Any:
+    """`job()`; its errors become one line on stderr (and an error object with --json) and the exit code."""
+    try:
+        return job()
+    except TransferError as exc:
+        cleanup()
+        _fail(str(exc), exc.exit_code, as_json)
+    except KeyboardInterrupt:
+        cleanup()
+        _fail("interrupted", 130, as_json)
+    except Exception as exc:  # a bug or an environment problem: still one line, exit 1, and JSON for scripts
+        cleanup()
+        _fail(f"unexpected {type(exc).__name__}: {exc} (please report it with the command that caused it)", 1, as_json)
+
+
 def _execute(as_json: bool, quiet: bool, title: str, job: Callable[[ConsoleReporter], Any]) -> None:
     """Run one recipe; errors become one line on stderr (and an error object with --json)."""
     out = _Output(as_json, quiet)
-    try:
-        result = job(out.reporter)
-    except TransferError as exc:
-        out.reporter.finish()
-        _fail(str(exc), exc.exit_code, as_json)
-    except KeyboardInterrupt:
-        out.reporter.finish()
-        _fail("interrupted", 130, as_json)
-    except Exception as exc:  # a bug or an environment problem: still one line, exit 1, and JSON for scripts
-        out.reporter.finish()
-        _fail(f"unexpected {type(exc).__name__}: {exc} (please report it with the command that caused it)", 1, as_json)
+    result = _guarded(as_json, lambda: job(out.reporter), out.reporter.finish)
     results = result if isinstance(result, list) else [result]
     if as_json and len(results) > 1:
         typer.echo(json.dumps(finite({**results[-1].to_json(), "runs": [r.to_json() for r in results]})))
@@ -274,6 +281,105 @@ def list_components(
         typer.echo(f"{k}:")
         for name, summary in entries.items():
             typer.echo(f"  {name:<16} {summary}")
+
+
+# --------------------------------------------------------------------------- runs: what was run
+
+runs_app = typer.Typer(help="Inspect the runs under --runs-dir: list them, show one, compare two.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(runs_app, name="runs")
+InspectJson = typer.Option(False, "--json", help="Print one JSON object on stdout (tables on stderr otherwise).")
+RunArgument = typer.Argument(..., help="A run directory (runs/<id>) or a bare run id.", show_default=False)
+
+
+def _inspect(as_json: bool, job: Callable[[], dict[str, Any]], render: Callable[[ConsoleReporter, dict[str, Any]], None]) -> None:
+    """A read-only command: one JSON object on stdout, or tables on stderr; the tables render the same object."""
+    result = _guarded(as_json, job)
+    if as_json:
+        typer.echo(json.dumps(finite(result)))
+    else:
+        render(ConsoleReporter(), result)
+
+
+@runs_app.command("ls")
+def runs_ls(runs_dir: Path = RunsDir, as_json: bool = InspectJson) -> None:
+    """List the runs, newest first: command, data set, status, key metric, parent, age."""
+    _inspect(as_json, lambda: runs_index.list_runs(runs_dir).to_json(), _render_ls)
+
+
+@runs_app.command("show")
+def runs_show(run: str = RunArgument, runs_dir: Path = RunsDir, as_json: bool = InspectJson) -> None:
+    """One run: status, final metrics, timings, lineage (parents, fine-tunes, evaluations, exports) and config."""
+    _inspect(as_json, lambda: runs_index.show_run(run, runs_dir), _render_show)
+
+
+@runs_app.command("diff")
+def runs_diff(a: str = RunArgument, b: str = RunArgument, runs_dir: Path = RunsDir, as_json: bool = InspectJson) -> None:
+    """Compare two runs: the config keys that differ (dotted) and their final metrics side by side."""
+    _inspect(as_json, lambda: runs_index.diff_runs(a, b, runs_dir), _render_diff)
+
+
+def _metric(brief: dict[str, Any]) -> str | None:
+    metric = brief["key_metric"]
+    if metric is None:
+        return None
+    value = metric["value"]
+    return f"{metric['name']} {value:.4g}" if isinstance(value, float) else f"{metric['name']} {value}"
+
+
+def _describe(brief: dict[str, Any]) -> str:
+    if brief.get("missing"):
+        return f"{brief['run_id']} (not found)"
+    metric = _metric(brief)
+    return f"{brief['run_id']} ({brief['command']} {brief['method']}, {brief['status']}" + (f", {metric})" if metric else ")")
+
+
+def _render_ls(out: ConsoleReporter, listing: dict[str, Any]) -> None:
+    rows = [
+        [r["run_id"], f"{r['command']} {r['method']}", r["dataset"], r["status"], _metric(r), r["parent"], runs_index.age(r["age_s"])]
+        for r in listing["runs"]
+    ]
+    out.columns(f"{len(rows)} runs in {listing['runs_dir']}", ["run", "command", "data", "status", "key metric", "parent", "age"], rows)
+    if listing["unreadable"]:
+        out.info(f"unreadable (config.yaml or summary.json does not parse): {', '.join(listing['unreadable'])}")
+
+
+def _render_show(out: ConsoleReporter, run: dict[str, Any]) -> None:
+    timings = run["timings"]
+    overview = {
+        "command": f"{run['command']} {run['method']}", "data": run["dataset"], "status": run["status"], "error": run["error"],
+        "parent": run["parent"], "started": timings["started_at"], "finished": timings["finished_at"],
+        "duration_s": timings["duration_s"], "resumes": len(timings["resumes"]) or None, "dir": run["run_dir"],
+    }
+    out.table(f"run {run['run_id']}", {k: v for k, v in overview.items() if v is not None})
+    if run["metrics"]:
+        out.table("metrics", run["metrics"])
+    lineage = run["lineage"]
+    lines = [f"{'  ' * i}<- {_describe(a)}" for i, a in enumerate(reversed(lineage["ancestors"]))]
+    depth = len(lines)
+    lines.append(f"{'  ' * depth}* {run['run_id']} (this run)")
+    lines += _lineage_lines(run, depth + 1, lineage["export"], lineage["children"])
+    out.info("lineage:\n" + "\n".join("  " + line for line in lines))
+    out.info("config:\n" + yaml.safe_dump(run["config"], sort_keys=False).rstrip())
+
+
+def _lineage_lines(run: dict[str, Any], depth: int, export: dict[str, Any] | None, children: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    if export:
+        check = "verified" if export["verified"] else "not verified"
+        lines.append(f"{'  ' * depth}=> export {export['export_dir']} ({', '.join(export['files'])}; {check})")
+    for child in children:
+        lines.append(f"{'  ' * depth}-> {_describe(child)}")
+        lines += _lineage_lines(child, depth + 1, child["export"], child["children"])
+    return lines
+
+
+def _render_diff(out: ConsoleReporter, diff: dict[str, Any]) -> None:
+    out.info(f"A: {_describe(diff['a'])}\nB: {_describe(diff['b'])}")
+    if diff["config"]:
+        out.columns("config differences", ["key", "A", "B"], [[k, v["a"], v["b"]] for k, v in diff["config"].items()])
+    else:
+        out.info("configs: identical")
+    out.columns("metrics", ["metric", "A", "B"], [[k, v["a"], v["b"]] for k, v in diff["metrics"].items()])
 
 
 def main() -> None:

@@ -328,6 +328,17 @@ def load_config(
         raise ConfigError(_origin(str(exc), source, overrides)) from None
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'epochs': 3}} -> {'train.epochs': 3}: the dotted keys that overrides and diffs use."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; `update` wins. A component whose name changes is replaced whole
     (the `data` section is not a component: its batching and split keys carry over)."""

@@ -36,6 +36,7 @@ import transferctl
 from transferctl.distributed import broadcast, world
 from transferctl.errors import Interrupted, RunFailed, UsageError
 from transferctl.fileio import atomic_write_bytes
+from transferctl.registry import did_you_mean
 
 CHECKPOINT_FORMAT = 1
 DEFAULT_RUNS_DIR = Path("runs")
@@ -287,7 +288,7 @@ class RunRecord:
         return self.path / "checkpoints" / f"{name}.pt"
 
 
-def resolve_run(ref: str, runs_dir: Path) -> Path:
+def resolve_run(ref: str, runs_dir: Path, flag: str = "--from") -> Path:
     """A run directory path, or a bare run id under `runs_dir`."""
     candidates = [Path(ref)]
     if os.sep not in ref:
@@ -295,18 +296,31 @@ def resolve_run(ref: str, runs_dir: Path) -> Path:
     for path in candidates:
         if path.is_dir():
             if not (path / "config.yaml").is_file() or not (path / "summary.json").is_file():
-                raise UsageError(f"--from {ref}: {path} is not a transferctl run (no config.yaml/summary.json)")
+                raise UsageError(f"{flag} {ref}: {path} is not a transferctl run (no config.yaml/summary.json)")
             return path
-    raise UsageError(f"--from {ref}: no such run directory or run id under {runs_dir}; see `ls {runs_dir}`")
+    raise UsageError(f"{flag} {ref}: no such run directory or run id under {runs_dir}{_closest_run(ref, runs_dir)}")
 
 
-def read_run(ref: str, runs_dir: Path) -> RunRecord:
-    path = resolve_run(ref, runs_dir)
+def _closest_run(ref: str, runs_dir: Path) -> str:
+    """'; did you mean ID?' for the one run id that contains `ref` (its random suffix, say), else the closest
+    id, else where to look."""
+    try:
+        ids = sorted(p.name for p in runs_dir.iterdir() if (p / "summary.json").is_file())
+    except OSError:
+        ids = []
+    containing = [i for i in ids if ref and ref in i]
+    if len(containing) == 1:
+        return f"; did you mean '{containing[0]}'?"
+    return did_you_mean(ref, ids) or f"; see `transferctl runs ls --runs-dir {runs_dir}`"
+
+
+def read_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecord:
+    path = resolve_run(ref, runs_dir, flag)
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
         summary = json.loads((path / "summary.json").read_text())
     except (yaml.YAMLError, json.JSONDecodeError, OSError) as exc:
-        raise UsageError(f"--from {ref}: cannot read the run's config or summary ({exc})") from None
+        raise UsageError(f"{flag} {ref}: cannot read the run's config or summary ({exc})") from None
     return RunRecord(path, config, summary)
 
 
@@ -315,7 +329,7 @@ TRAINING_COMMANDS = ("pretrain", "finetune")
 
 def read_trained_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecord:
     """A pretrain or finetune run that has written at least one checkpoint."""
-    record = read_run(ref, runs_dir)
+    record = read_run(ref, runs_dir, flag)
     command = record.summary.get("command")
     if command not in TRAINING_COMMANDS:
         raise UsageError(f"{flag} {ref}: that is a `{command}` run; pass a pretrain or finetune run")
