@@ -21,7 +21,7 @@ import transferctl
 from transferctl.console import ConsoleReporter
 from transferctl.errors import TransferError, UsageError
 from transferctl.registry import REGISTRIES, did_you_mean, load_components
-from transferctl import runs_index
+from transferctl import check, runs_index
 from transferctl.runs import DEFAULT_RUNS_DIR
 
 if TYPE_CHECKING:
@@ -380,6 +380,57 @@ def _render_diff(out: ConsoleReporter, diff: dict[str, Any]) -> None:
     else:
         out.info("configs: identical")
     out.columns("metrics", ["metric", "A", "B"], [[k, v["a"], v["b"]] for k, v in diff["metrics"].items()])
+
+
+# --------------------------------------------------------------------------- config: what would run
+
+config_app = typer.Typer(help="Show the resolved config, or check that everything it names builds.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(config_app, name="config")
+ConfigSource = typer.Option(None, "--from", help="A fine-tune's pretraining run (runs/<id> or an id), as `finetune --from` takes it.")
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = Overrides,
+    source: Optional[str] = ConfigSource,
+    runs_dir: Path = RunsDir,
+    as_json: bool = InspectJson,
+) -> None:
+    """Print the fully resolved config (every default filled in) on stdout: YAML, or one JSON object with --json."""
+    cfg = _guarded(as_json, lambda: check.resolved_config(config, overrides, source=source, runs_dir=runs_dir))
+    resolved = cfg.to_dict()
+    typer.echo(json.dumps(resolved) if as_json else yaml.safe_dump(resolved, sort_keys=False).rstrip("\n"))
+
+
+@config_app.command("check")
+def config_check(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = Overrides,
+    source: Optional[str] = ConfigSource,
+    runs_dir: Path = RunsDir,
+    as_json: bool = InspectJson,
+) -> None:
+    """Build every component of the config and put one batch through the model on the CPU, without training:
+    parameter counts and shapes, or the first problem (exit 2)."""
+    def job() -> dict[str, Any]:
+        return check.check_config(check.resolved_config(config, overrides, source=source, runs_dir=runs_dir))
+
+    _inspect(as_json, job, _render_check)
+
+
+def _render_check(out: ConsoleReporter, report: dict[str, Any]) -> None:
+    params, shapes, data = report["parameters"], report["shapes"], report["data"]
+    out.table(f"config check: {report['status']} ({report['method']}, on {report['device']})", {
+        **report["components"],
+        "train / val images": f"{data['train_images']:,} / {data['val_images']:,} ({data['classes']} classes)",
+        "parameters": f"{params['total']:,} ({params['trainable']:,} trainable)",
+        "encoder / head": f"{params['encoder']:,} / {params['head']:,}",
+        "batch": f"{shapes['views']} x {shapes['batch']}",
+        "features / output": f"{shapes['features']} / {shapes['output']}",
+        "first-batch loss": report["loss"],
+        "steps": report["steps"],
+    })
 
 
 def main() -> None:
