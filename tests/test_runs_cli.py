@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -23,6 +24,13 @@ def test_ls_show_diff_follow_a_pretrain_finetune_evaluate_export_chain(cli, simc
     ft2 = _ok(cli("finetune", "--from", pre["run_id"], "optimizer.lr=0.01", *tiny))
     ev = _ok(cli("evaluate", "--from", ft1["run_id"], "--runs-dir", runs, "--json"))
     _ok(cli("export", "--from", ft1["run_id"], "--format", "torchscript", "--runs-dir", runs, "--json"))
+
+    for made in (pre, ft1, ev):  # every run's metrics, also as CSV
+        rows = [json.loads(line) for line in (Path(made["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        with open(Path(made["run_dir"]) / "metrics.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+        assert list(table[0]) == list(dict.fromkeys(k for r in rows for k in r))
+        assert table == [{k: "" if r.get(k) is None else str(r[k]) for k in table[0]} for r in rows]
 
     listing = _ok(cli("runs", "ls", "--runs-dir", runs, "--json"))
     assert [r["run_id"] for r in listing["runs"]] == [ev["run_id"], ft2["run_id"], ft1["run_id"], pre["run_id"]]

@@ -6,6 +6,7 @@
       summary.json       status (running|completed|failed|interrupted), metrics, timings, parent
       environment.json   package versions, git commit, device, seed, platform
       metrics.jsonl      one JSON object per epoch (or per evaluation)
+      metrics.csv        the same rows as a table: the union of their keys as columns
       log.txt            the plain-text log of the run, tracebacks included
       checkpoints/       last.pt and best.pt (classifier and encoder weights, optimizer, RNG state)
 
@@ -15,6 +16,7 @@ never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import io
 import json
@@ -101,14 +103,18 @@ class Run:
         self.write_json("summary.json", self.summary)
 
     def log_metrics(self, row: dict[str, Any]) -> None:
-        """Add one row to metrics.jsonl (rewritten whole, atomically: it is small)."""
+        """Add one row to metrics.jsonl and metrics.csv (each rewritten whole, atomically: they are small)."""
         self.metrics.append(row)
-        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+        self._write_metrics()
 
     def keep_metrics_through(self, epoch: int) -> None:
         """Drop the rows after `epoch` (the checkpoint's): training redoes them."""
         self.metrics = [r for r in self.metrics if r.get("epoch", 0) <= epoch and not r.get("partial")]
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
         self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+        self._write("metrics.csv", metrics_csv(self.metrics).encode())
 
     def log(self, line: str) -> None:
         if not self.writer:
@@ -127,6 +133,18 @@ class Run:
         path = self.checkpoint_dir / f"{name}.pt"
         atomic_write_bytes(path, buffer.getvalue())
         return path
+
+
+def metrics_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV: the union of their keys as columns, in first-seen order; a key a row lacks is empty.
+    Lists and mappings are JSON text, so every cell is one field."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else "" if v is None else v for k, v in row.items()})
+    return out.getvalue()
 
 
 def create_run(
