@@ -57,11 +57,17 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    plugins: Optional[list[str]] = typer.Option(
+        None, "--plugin", help="Import this module (or .py file) first: its decorators register components. Repeatable.",
+        show_default=False,
+    ),
 ) -> None:
     """transferctl: transfer learning from the command line."""
     from transferctl.distributed import init_from_env
+    from transferctl.plugins import load_plugins
 
     init_from_env()  # under torchrun: join the process group before any work
+    load_plugins(plugins or [])  # before the command: its config may name their components
 
 
 class _Output:
@@ -268,19 +274,20 @@ def list_components(
     kind: Optional[str] = typer.Argument(None, help=f"One of: {', '.join(REGISTRIES)}."),
     as_json: bool = JsonFlag,
 ) -> None:
-    """List the registered components (models, losses, optimizers, ...)."""
-    load_components()
+    """List the registered components (models, losses, optimizers, ...), plugins' marked with their module."""
+    _guarded(as_json, load_components)
     if kind is not None and kind not in REGISTRIES:
         _fail(f"unknown kind '{kind}'{did_you_mean(kind, list(REGISTRIES))} (kinds: {', '.join(REGISTRIES)})", 2, as_json)
     kinds = [kind] if kind else list(REGISTRIES)
-    listing = {k: {e.name: e.summary for e in REGISTRIES[k]} for k in kinds}
+    listing = {k: {e.name: {"summary": e.summary, "origin": e.origin} for e in REGISTRIES[k]} for k in kinds}
     if as_json:
         typer.echo(json.dumps(listing))
         return
     for k, entries in listing.items():
         typer.echo(f"{k}:")
-        for name, summary in entries.items():
-            typer.echo(f"  {name:<16} {summary}")
+        for name, entry in entries.items():
+            mark = "" if entry["origin"] == "builtin" else f"  [{entry['origin']}]"
+            typer.echo(f"  {name:<16} {entry['summary']}{mark}")
 
 
 # --------------------------------------------------------------------------- runs: what was run
@@ -437,8 +444,11 @@ def main() -> None:
     """Console-script entry point: usage errors become one line and exit 2."""
     try:
         code = app(standalone_mode=False)
-    except UsageError as exc:  # raised outside a recipe, e.g. while parsing
-        typer.echo(f"error: {exc}", err=True)
+    except UsageError as exc:  # raised outside a recipe, e.g. while parsing or loading a --plugin
+        message = " ".join(str(exc).split())
+        typer.echo(f"error: {message}", err=True)
+        if "--json" in sys.argv[1:]:
+            typer.echo(json.dumps({"status": "error", "exit_code": exc.exit_code, "error": message}))
         sys.exit(exc.exit_code)
     except Exception as exc:
         # click's (or typer's vendored click's) UsageError: duck-typed, as typer's versions differ.
