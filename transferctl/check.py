@@ -88,7 +88,7 @@ def check_config(cfg: Config) -> dict[str, Any]:
         "method": cfg.method,
         "device": "cpu",
         "components": {
-            "model": cfg.model.name, "head": cfg.head.name, "loss": cfg.loss.name, "optimizer": cfg.optimizer.name,
+            "model": cfg.model.name, "weights": cfg.model.weights, "head": cfg.head.name, "loss": cfg.loss.name, "optimizer": cfg.optimizer.name,
             "scheduler": cfg.scheduler.name, "augment": cfg.data.augment.name, "dataset": cfg.data.name,
             "pipeline": type(training.pipeline).__name__,
         },

@@ -95,7 +95,7 @@ def finetune_config(
                     f"({key}={src['model'].get(key)!r}); drop the model section to use the source's"
                 )
         inherited_data = {k: v for k, v in src["data"].items() if k not in ("batch_size", "labels_per_class", "augment", "eval_batch_size")}
-        base["model"] = src["model"]
+        base["model"] = {k: v for k, v in src["model"].items() if k != "weights"}  # the encoder comes from the source run
         base["data"] = {**inherited_data, **base["data"]}
         base["train"] = {**base.get("train", {}), "seed": src["train"]["seed"], "device": src["train"]["device"]}
         base["finetune"] = {**base.get("finetune", {}), "source": str(record.path.resolve())}
@@ -167,6 +167,8 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
     _check_fits(model, cfg, train)
     if cfg.finetune.source and load_source:  # a resume takes every weight from its own checkpoint
         load_encoder_weights(model, cfg)
+    elif cfg.model.weights and load_source:
+        build.load_model_weights(model.encoder, cfg)
     return Prepared(cfg, device, train, val.to(device), model.to(device))
 
 
