@@ -105,6 +105,7 @@ class TrainConfig(BaseModel):
     precision: Literal["32", "bf16", "16"] = "32"
     compile: bool = False
     sync_batchnorm: bool = False
+    tensorboard: bool = False  # event files in runs/<id>/tensorboard/ (the tensorboard extra)
 
     @pydantic.field_validator("precision", mode="before")
     @classmethod

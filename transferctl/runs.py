@@ -9,6 +9,8 @@
       metrics.csv        the same rows as a table: the union of their keys as columns
       log.txt            the plain-text log of the run, tracebacks included
       checkpoints/       last.pt and best.pt (classifier and encoder weights, optimizer, RNG state)
+      *.png              plots, with matplotlib (curves, confusion matrix, SimCLR view pairs)
+      tensorboard/       event files, with train.tensorboard (append-only, written by TensorBoard's writer)
 
 Every file is written atomically (temporary file in the same folder, fsync, rename), so a crash
 never leaves a half-written file behind.
@@ -91,6 +93,14 @@ class Run:
     def _write(self, name: str, data: bytes) -> None:
         if self.writer:
             atomic_write_bytes(self.path / name, data)
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Any other file of the run (a plot, ...), atomically."""
+        self._write(name, data)
 
     def write_json(self, name: str, obj: Any) -> None:
         self._write(name, _json_bytes(obj))

@@ -20,7 +20,7 @@ from transferctl.runs import DEFAULT_RUNS_DIR, load_checkpoint, read_run, record
 # Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
 SAFE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.device", "train.log_every", "train.checkpoint_every",
-    "train.val_every", "train.on_nan",
+    "train.val_every", "train.on_nan", "train.tensorboard",
 )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from transferctl import build
+from transferctl import build, events, plots
 from transferctl.config import PRETRAIN_METHODS, Config, load_config, merge, read_yaml
 from transferctl.data import ImageData, data_root, load_training_data
 from transferctl.engine import (
@@ -160,6 +160,7 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not split evenly over {ranks.size} processes")
     if cfg.train.sync_batchnorm and ranks.distributed and device.type != "cuda":
         raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA; set it to false on CPU")
+    events.check_available(cfg.train.tensorboard)
     torch.manual_seed(cfg.train.seed)
     train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
     total_steps(settings_of(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
@@ -263,10 +264,15 @@ def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from
             run.save_checkpoint("best", {"model": state["model"], "metrics": row, **where})
         run.save_checkpoint("last", {**state, **where, "world_size": world().size, "device_type": p.device.type})
 
+    # SimCLR's first batch of a fresh run is kept for views.png: the views as the model saw them
+    pipeline = plots.FirstBatch(t.pipeline) if not cfg.is_classifier and resume_from is None and run.writer and plots.available() else t.pipeline
+    if cfg.train.tensorboard and run.writer:
+        reporter = events.TensorBoardReporter(reporter, run.tensorboard_dir)
+
     with StopOnSignal() as stop, build.cpu_threads(threads):
         try:
             result = fit(
-                t.objective, p.model, t.optimizer, t.scheduler, t.pipeline, p.val, t.settings,
+                t.objective, p.model, t.optimizer, t.scheduler, pipeline, p.val, t.settings,
                 save=save, reporter=reporter, resume=resume_from, should_stop=stop.requested,
             )
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -274,6 +280,9 @@ def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from
                 f"out of memory ({type(exc).__name__}); lower data.batch_size (now {cfg.data.batch_size}) "
                 f"or data.eval_batch_size (now {cfg.data.eval_batch_size})"
             ) from None
+        finally:
+            if isinstance(reporter, events.TensorBoardReporter):
+                reporter.close()
     if result.stopped:  # by a signal here or on another rank
         signum = stop.signum or signal.SIGTERM
         raise Interrupted(
@@ -281,6 +290,9 @@ def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from
             f"continue with `transferctl {command} --resume {run.path}`",
             signum,
         )
+    plots.write_curves(run)
+    if isinstance(pipeline, plots.FirstBatch) and pipeline.views is not None:
+        plots.write_view_pairs(run, pipeline.views, p.train.mean, p.train.std)
     metrics = final_metrics(result.position, result.images_per_s)
     if p.device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(p.device) / 2**20, 1)
