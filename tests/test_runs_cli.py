@@ -112,3 +112,23 @@ def test_age_is_short(seconds, text):
     from transferctl.runs_index import age
 
     assert age(seconds) == text
+
+
+def test_shell_completion_offers_subcommands_and_run_ids(cli, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    first, second = _fake_run(runs, "simclr-mnist"), _fake_run(runs, "finetune-mnist")
+    monkeypatch.setenv("_TRANSFERCTL_COMPLETE", "complete_bash")
+
+    def complete(line: str) -> list[str]:
+        monkeypatch.setenv("COMP_WORDS", line)
+        monkeypatch.setenv("COMP_CWORD", str(len(line.split()) - (0 if line.endswith(" ") else 1)))
+        result = cli()
+        assert result.code == 0, result.stderr
+        return result.stdout.split()
+
+    assert complete("transferctl runs ") == ["ls", "show", "diff"]
+    assert complete(f"transferctl runs show --runs-dir {runs} ") == sorted([first, second])
+    assert complete(f"transferctl evaluate --runs-dir {runs} --from {second[:-3]}") == [second]
+    monkeypatch.delenv("_TRANSFERCTL_COMPLETE")
+    script = cli("--show-completion", "bash")
+    assert script.code == 0 and "_TRANSFERCTL_COMPLETE=complete_bash" in script.stdout

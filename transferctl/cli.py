@@ -33,11 +33,20 @@ if TYPE_CHECKING:
 app = typer.Typer(
     name="transferctl",
     help="Pretrain an encoder (SimCLR or supervised), fine-tune it on few labels, evaluate it.",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+def _complete_run_ids(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of run ids: the runs under --runs-dir (if already typed) or ./runs."""
+    runs_dir = Path(ctx.params.get("runs_dir") or DEFAULT_RUNS_DIR)
+    try:
+        return sorted(p.name for p in runs_dir.iterdir() if p.name.startswith(incomplete) and (p / "summary.json").is_file())
+    except OSError:
+        return []
+
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file.", dir_okay=False)
 Overrides = typer.Argument(None, help="key=value overrides with dotted keys, e.g. train.epochs=3 optimizer.lr=0.1", show_default=False)
@@ -45,7 +54,7 @@ RunsDir = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where runs are writ
 JsonFlag = typer.Option(False, "--json", help="Print one JSON object with run_id, run_dir and metrics on stdout.")
 QuietFlag = typer.Option(False, "--quiet", "-q", help="No progress or tables on stderr.")
 NprocOption = typer.Option(1, "--nproc", min=1, help="Train with N processes on this machine (wraps torchrun; GPUs: one each).")
-FromOption = typer.Option(..., "--from", help="A run directory (runs/<id>) or a bare run id.")
+FromOption = typer.Option(..., "--from", help="A run directory (runs/<id>) or a bare run id.", autocompletion=_complete_run_ids)
 
 
 def _version(value: bool) -> None:
@@ -58,8 +67,8 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     plugins: Optional[list[str]] = typer.Option(
-        None, "--plugin", help="Import this module (or .py file) first: its decorators register components. Repeatable.",
-        show_default=False,
+        None, "--plugin", metavar="MODULE", show_default=False,
+        help="Import this module (or .py file) first: its decorators register components. Repeatable.",
     ),
 ) -> None:
     """transferctl: transfer learning from the command line."""
@@ -162,7 +171,9 @@ def pretrain(
 
 @app.command()
 def finetune(
-    source: Optional[str] = typer.Option(None, "--from", help="The pretraining run (runs/<id> or an id); omit to train from scratch with -c."),
+    source: Optional[str] = typer.Option(
+        None, "--from", help="The pretraining run (runs/<id> or an id); omit to train from scratch with -c.", autocompletion=_complete_run_ids,
+    ),
     config: Optional[Path] = ConfigOption,
     overrides: Optional[list[str]] = Overrides,
     resume_run: Optional[str] = ResumeOption,
@@ -295,7 +306,7 @@ def list_components(
 runs_app = typer.Typer(help="Inspect the runs under --runs-dir: list them, show one, compare two.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(runs_app, name="runs")
 InspectJson = typer.Option(False, "--json", help="Print one JSON object on stdout (tables on stderr otherwise).")
-RunArgument = typer.Argument(..., help="A run directory (runs/<id>) or a bare run id.", show_default=False)
+RunArgument = typer.Argument(..., help="A run directory (runs/<id>) or a bare run id.", show_default=False, autocompletion=_complete_run_ids)
 
 
 def _inspect(as_json: bool, job: Callable[[], dict[str, Any]], render: Callable[[ConsoleReporter, dict[str, Any]], None]) -> None:
@@ -393,7 +404,9 @@ def _render_diff(out: ConsoleReporter, diff: dict[str, Any]) -> None:
 
 config_app = typer.Typer(help="Show the resolved config, or check that everything it names builds.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(config_app, name="config")
-ConfigSource = typer.Option(None, "--from", help="A fine-tune's pretraining run (runs/<id> or an id), as `finetune --from` takes it.")
+ConfigSource = typer.Option(
+    None, "--from", help="A fine-tune's pretraining run (runs/<id> or an id), as `finetune --from` takes it.", autocompletion=_complete_run_ids,
+)
 
 
 @config_app.command("show")
@@ -443,7 +456,7 @@ def _render_check(out: ConsoleReporter, report: dict[str, Any]) -> None:
 def main() -> None:
     """Console-script entry point: usage errors become one line and exit 2."""
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="transferctl")  # also under `python -m`: completion keys on the name
     except UsageError as exc:  # raised outside a recipe, e.g. while parsing or loading a --plugin
         message = " ".join(str(exc).split())
         typer.echo(f"error: {message}", err=True)
