@@ -18,10 +18,10 @@ import typer
 import yaml
 
 import transferctl
+from transferctl import check, runs_index
 from transferctl.console import ConsoleReporter
 from transferctl.errors import TransferError, UsageError
 from transferctl.registry import REGISTRIES, did_you_mean, load_components
-from transferctl import check, runs_index
 from transferctl.runs import DEFAULT_RUNS_DIR
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
 
 def _complete_run_ids(ctx: typer.Context, incomplete: str) -> list[str]:
     """Shell completion of run ids: the runs under --runs-dir (if already typed) or ./runs."""
