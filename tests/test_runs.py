@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transferctl.errors import UsageError
-from transferctl.runs import atomic_write_bytes, create_run, load_checkpoint, read_run, resolve_run
+from transferctl.runs import atomic_write_bytes, create_run, load_checkpoint, metrics_csv, read_run, resolve_run
 
 
 def make_run(runs, label="simclr-mnist"):
@@ -73,3 +73,23 @@ def test_unwritable_runs_root_is_a_usage_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UsageError, match="runs root"):
         make_run(blocker / "runs")
+
+
+def test_metrics_csv_has_the_union_of_keys_in_first_seen_order():
+    rows = [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.25, "val_loss": None, "partial": True, "shape": [1, 2]}]
+    assert metrics_csv(rows) == "epoch,train_loss,val_loss,partial,shape\n1,0.5,,,\n2,0.25,,True,\"[1, 2]\"\n"
+
+
+def test_metrics_csv_is_written_beside_the_jsonl_and_follows_a_resume_truncation(tmp_path):
+    import csv
+
+    run = make_run(tmp_path / "runs")
+    run.log_metrics({"epoch": 1, "step": 5, "train_loss": 1.0})
+    run.log_metrics({"epoch": 2, "step": 10, "train_loss": 0.5, "val_loss": 0.75})
+    with open(run.path / "metrics.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert table == [{"epoch": "1", "step": "5", "train_loss": "1.0", "val_loss": ""},
+                     {"epoch": "2", "step": "10", "train_loss": "0.5", "val_loss": "0.75"}]
+    run.keep_metrics_through(1)
+    assert (run.path / "metrics.csv").read_text() == "epoch,step,train_loss\n1,5,1.0\n"
+    assert not list(run.path.glob(".*.tmp"))

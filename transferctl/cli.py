@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
+import yaml
 
 import transferctl
+from transferctl import check, runs_index
 from transferctl.console import ConsoleReporter
 from transferctl.errors import TransferError, UsageError
 from transferctl.registry import REGISTRIES, did_you_mean, load_components
@@ -31,11 +33,21 @@ if TYPE_CHECKING:
 app = typer.Typer(
     name="transferctl",
     help="Pretrain an encoder (SimCLR or supervised), fine-tune it on few labels, evaluate it.",
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _complete_run_ids(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of run ids: the runs under --runs-dir (if already typed) or ./runs."""
+    runs_dir = Path(ctx.params.get("runs_dir") or DEFAULT_RUNS_DIR)
+    try:
+        return sorted(p.name for p in runs_dir.iterdir() if p.name.startswith(incomplete) and (p / "summary.json").is_file())
+    except OSError:
+        return []
+
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file.", dir_okay=False)
 Overrides = typer.Argument(None, help="key=value overrides with dotted keys, e.g. train.epochs=3 optimizer.lr=0.1", show_default=False)
@@ -43,7 +55,7 @@ RunsDir = typer.Option(DEFAULT_RUNS_DIR, "--runs-dir", help="Where runs are writ
 JsonFlag = typer.Option(False, "--json", help="Print one JSON object with run_id, run_dir and metrics on stdout.")
 QuietFlag = typer.Option(False, "--quiet", "-q", help="No progress or tables on stderr.")
 NprocOption = typer.Option(1, "--nproc", min=1, help="Train with N processes on this machine (wraps torchrun; GPUs: one each).")
-FromOption = typer.Option(..., "--from", help="A run directory (runs/<id>) or a bare run id.")
+FromOption = typer.Option(..., "--from", help="A run directory (runs/<id>) or a bare run id.", autocompletion=_complete_run_ids)
 
 
 def _version(value: bool) -> None:
@@ -55,11 +67,17 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    plugins: Optional[list[str]] = typer.Option(
+        None, "--plugin", metavar="MODULE", show_default=False,
+        help="Import this module (or .py file) first: its decorators register components. Repeatable.",
+    ),
 ) -> None:
     """transferctl: transfer learning from the command line."""
     from transferctl.distributed import init_from_env
+    from transferctl.plugins import load_plugins
 
     init_from_env()  # under torchrun: join the process group before any work
+    load_plugins(plugins or [])  # before the command: its config may name their components
 
 
 class _Output:
@@ -85,20 +103,25 @@ class _Output:
         typer.echo(str(result.run_dir))
 
 
+def _guarded(as_json: bool, job: Callable[[], Any], cleanup: Callable[[], None] = lambda: None) -> Any:
+    """`job()`; its errors become one line on stderr (and an error object with --json) and the exit code."""
+    try:
+        return job()
+    except TransferError as exc:
+        cleanup()
+        _fail(str(exc), exc.exit_code, as_json)
+    except KeyboardInterrupt:
+        cleanup()
+        _fail("interrupted", 130, as_json)
+    except Exception as exc:  # a bug or an environment problem: still one line, exit 1, and JSON for scripts
+        cleanup()
+        _fail(f"unexpected {type(exc).__name__}: {exc} (please report it with the command that caused it)", 1, as_json)
+
+
 def _execute(as_json: bool, quiet: bool, title: str, job: Callable[[ConsoleReporter], Any]) -> None:
     """Run one recipe; errors become one line on stderr (and an error object with --json)."""
     out = _Output(as_json, quiet)
-    try:
-        result = job(out.reporter)
-    except TransferError as exc:
-        out.reporter.finish()
-        _fail(str(exc), exc.exit_code, as_json)
-    except KeyboardInterrupt:
-        out.reporter.finish()
-        _fail("interrupted", 130, as_json)
-    except Exception as exc:  # a bug or an environment problem: still one line, exit 1, and JSON for scripts
-        out.reporter.finish()
-        _fail(f"unexpected {type(exc).__name__}: {exc} (please report it with the command that caused it)", 1, as_json)
+    result = _guarded(as_json, lambda: job(out.reporter), out.reporter.finish)
     results = result if isinstance(result, list) else [result]
     if as_json and len(results) > 1:
         typer.echo(json.dumps(finite({**results[-1].to_json(), "runs": [r.to_json() for r in results]})))
@@ -149,7 +172,9 @@ def pretrain(
 
 @app.command()
 def finetune(
-    source: Optional[str] = typer.Option(None, "--from", help="The pretraining run (runs/<id> or an id); omit to train from scratch with -c."),
+    source: Optional[str] = typer.Option(
+        None, "--from", help="The pretraining run (runs/<id> or an id); omit to train from scratch with -c.", autocompletion=_complete_run_ids,
+    ),
     config: Optional[Path] = ConfigOption,
     overrides: Optional[list[str]] = Overrides,
     resume_run: Optional[str] = ResumeOption,
@@ -261,27 +286,183 @@ def list_components(
     kind: Optional[str] = typer.Argument(None, help=f"One of: {', '.join(REGISTRIES)}."),
     as_json: bool = JsonFlag,
 ) -> None:
-    """List the registered components (models, losses, optimizers, ...)."""
-    load_components()
+    """List the registered components (models, losses, optimizers, ...), plugins' marked with their module."""
+    _guarded(as_json, load_components)
     if kind is not None and kind not in REGISTRIES:
         _fail(f"unknown kind '{kind}'{did_you_mean(kind, list(REGISTRIES))} (kinds: {', '.join(REGISTRIES)})", 2, as_json)
     kinds = [kind] if kind else list(REGISTRIES)
-    listing = {k: {e.name: e.summary for e in REGISTRIES[k]} for k in kinds}
+    listing = {k: {e.name: {"summary": e.summary, "origin": e.origin} for e in REGISTRIES[k]} for k in kinds}
     if as_json:
         typer.echo(json.dumps(listing))
         return
     for k, entries in listing.items():
         typer.echo(f"{k}:")
-        for name, summary in entries.items():
-            typer.echo(f"  {name:<16} {summary}")
+        for name, entry in entries.items():
+            mark = "" if entry["origin"] == "builtin" else f"  [{entry['origin']}]"
+            typer.echo(f"  {name:<16} {entry['summary']}{mark}")
+
+
+# --------------------------------------------------------------------------- runs: what was run
+
+runs_app = typer.Typer(help="Inspect the runs under --runs-dir: list them, show one, compare two.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(runs_app, name="runs")
+InspectJson = typer.Option(False, "--json", help="Print one JSON object on stdout (tables on stderr otherwise).")
+RunArgument = typer.Argument(..., help="A run directory (runs/<id>) or a bare run id.", show_default=False, autocompletion=_complete_run_ids)
+
+
+def _inspect(as_json: bool, job: Callable[[], dict[str, Any]], render: Callable[[ConsoleReporter, dict[str, Any]], None]) -> None:
+    """A read-only command: one JSON object on stdout, or tables on stderr; the tables render the same object."""
+    result = _guarded(as_json, job)
+    if as_json:
+        typer.echo(json.dumps(finite(result)))
+    else:
+        render(ConsoleReporter(), result)
+
+
+@runs_app.command("ls")
+def runs_ls(runs_dir: Path = RunsDir, as_json: bool = InspectJson) -> None:
+    """List the runs, newest first: command, data set, status, key metric, parent, age."""
+    _inspect(as_json, lambda: runs_index.list_runs(runs_dir).to_json(), _render_ls)
+
+
+@runs_app.command("show")
+def runs_show(run: str = RunArgument, runs_dir: Path = RunsDir, as_json: bool = InspectJson) -> None:
+    """One run: status, final metrics, timings, lineage (parents, fine-tunes, evaluations, exports) and config."""
+    _inspect(as_json, lambda: runs_index.show_run(run, runs_dir), _render_show)
+
+
+@runs_app.command("diff")
+def runs_diff(a: str = RunArgument, b: str = RunArgument, runs_dir: Path = RunsDir, as_json: bool = InspectJson) -> None:
+    """Compare two runs: the config keys that differ (dotted) and their final metrics side by side."""
+    _inspect(as_json, lambda: runs_index.diff_runs(a, b, runs_dir), _render_diff)
+
+
+def _metric(brief: dict[str, Any]) -> str | None:
+    metric = brief["key_metric"]
+    if metric is None:
+        return None
+    value = metric["value"]
+    return f"{metric['name']} {value:.4g}" if isinstance(value, float) else f"{metric['name']} {value}"
+
+
+def _describe(brief: dict[str, Any]) -> str:
+    if brief.get("missing"):
+        return f"{brief['run_id']} (not found)"
+    metric = _metric(brief)
+    return f"{brief['run_id']} ({brief['command']} {brief['method']}, {brief['status']}" + (f", {metric})" if metric else ")")
+
+
+def _render_ls(out: ConsoleReporter, listing: dict[str, Any]) -> None:
+    rows = [
+        [r["run_id"], f"{r['command']} {r['method']}", r["dataset"], r["status"], _metric(r), r["parent"], runs_index.age(r["age_s"])]
+        for r in listing["runs"]
+    ]
+    out.columns(f"{len(rows)} runs in {listing['runs_dir']}", ["run", "command", "data", "status", "key metric", "parent", "age"], rows)
+    if listing["unreadable"]:
+        out.info(f"unreadable (config.yaml or summary.json does not parse): {', '.join(listing['unreadable'])}")
+
+
+def _render_show(out: ConsoleReporter, run: dict[str, Any]) -> None:
+    timings = run["timings"]
+    overview = {
+        "command": f"{run['command']} {run['method']}", "data": run["dataset"], "status": run["status"], "error": run["error"],
+        "parent": run["parent"], "started": timings["started_at"], "finished": timings["finished_at"],
+        "duration_s": timings["duration_s"], "resumes": len(timings["resumes"]) or None, "dir": run["run_dir"],
+    }
+    out.table(f"run {run['run_id']}", {k: v for k, v in overview.items() if v is not None})
+    if run["metrics"]:
+        out.table("metrics", run["metrics"])
+    lineage = run["lineage"]
+    lines = [f"{'  ' * i}<- {_describe(a)}" for i, a in enumerate(reversed(lineage["ancestors"]))]
+    depth = len(lines)
+    lines.append(f"{'  ' * depth}* {run['run_id']} (this run)")
+    lines += _lineage_lines(run, depth + 1, lineage["export"], lineage["children"])
+    out.info("lineage:\n" + "\n".join("  " + line for line in lines))
+    out.info("config:\n" + yaml.safe_dump(run["config"], sort_keys=False).rstrip())
+
+
+def _lineage_lines(run: dict[str, Any], depth: int, export: dict[str, Any] | None, children: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    if export:
+        check = "verified" if export["verified"] else "not verified"
+        lines.append(f"{'  ' * depth}=> export {export['export_dir']} ({', '.join(export['files'])}; {check})")
+    for child in children:
+        lines.append(f"{'  ' * depth}-> {_describe(child)}")
+        lines += _lineage_lines(child, depth + 1, child["export"], child["children"])
+    return lines
+
+
+def _render_diff(out: ConsoleReporter, diff: dict[str, Any]) -> None:
+    out.info(f"A: {_describe(diff['a'])}\nB: {_describe(diff['b'])}")
+    if diff["config"]:
+        out.columns("config differences", ["key", "A", "B"], [[k, v["a"], v["b"]] for k, v in diff["config"].items()])
+    else:
+        out.info("configs: identical")
+    out.columns("metrics", ["metric", "A", "B"], [[k, v["a"], v["b"]] for k, v in diff["metrics"].items()])
+
+
+# --------------------------------------------------------------------------- config: what would run
+
+config_app = typer.Typer(help="Show the resolved config, or check that everything it names builds.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(config_app, name="config")
+ConfigSource = typer.Option(
+    None, "--from", help="A fine-tune's pretraining run (runs/<id> or an id), as `finetune --from` takes it.", autocompletion=_complete_run_ids,
+)
+
+
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = Overrides,
+    source: Optional[str] = ConfigSource,
+    runs_dir: Path = RunsDir,
+    as_json: bool = InspectJson,
+) -> None:
+    """Print the fully resolved config (every default filled in) on stdout: YAML, or one JSON object with --json."""
+    cfg = _guarded(as_json, lambda: check.resolved_config(config, overrides, source=source, runs_dir=runs_dir))
+    resolved = cfg.to_dict()
+    typer.echo(json.dumps(resolved) if as_json else yaml.safe_dump(resolved, sort_keys=False).rstrip("\n"))
+
+
+@config_app.command("check")
+def config_check(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[list[str]] = Overrides,
+    source: Optional[str] = ConfigSource,
+    runs_dir: Path = RunsDir,
+    as_json: bool = InspectJson,
+) -> None:
+    """Build every component of the config and put one batch through the model on the CPU, without training:
+    parameter counts and shapes, or the first problem (exit 2)."""
+    def job() -> dict[str, Any]:
+        return check.check_config(check.resolved_config(config, overrides, source=source, runs_dir=runs_dir))
+
+    _inspect(as_json, job, _render_check)
+
+
+def _render_check(out: ConsoleReporter, report: dict[str, Any]) -> None:
+    params, shapes, data = report["parameters"], report["shapes"], report["data"]
+    out.table(f"config check: {report['status']} ({report['method']}, on {report['device']})", {
+        **report["components"],
+        "train / val images": f"{data['train_images']:,} / {data['val_images']:,} ({data['classes']} classes)",
+        "parameters": f"{params['total']:,} ({params['trainable']:,} trainable)",
+        "encoder / head": f"{params['encoder']:,} / {params['head']:,}",
+        "batch": f"{shapes['views']} x {shapes['batch']}",
+        "features / output": f"{shapes['features']} / {shapes['output']}",
+        "first-batch loss": report["loss"],
+        "steps": report["steps"],
+    })
 
 
 def main() -> None:
     """Console-script entry point: usage errors become one line and exit 2."""
     try:
-        code = app(standalone_mode=False)
-    except UsageError as exc:  # raised outside a recipe, e.g. while parsing
-        typer.echo(f"error: {exc}", err=True)
+        code = app(standalone_mode=False, prog_name="transferctl")  # also under `python -m`: completion keys on the name
+    except UsageError as exc:  # raised outside a recipe, e.g. while parsing or loading a --plugin
+        message = " ".join(str(exc).split())
+        typer.echo(f"error: {message}", err=True)
+        if "--json" in sys.argv[1:]:
+            typer.echo(json.dumps({"status": "error", "exit_code": exc.exit_code, "error": message}))
         sys.exit(exc.exit_code)
     except Exception as exc:
         # click's (or typer's vendored click's) UsageError: duck-typed, as typer's versions differ.

@@ -48,6 +48,22 @@ class Component(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ModelConfig(Component):
+    """The encoder: a registered model, its options, and optionally the weights it starts from."""
+
+    # A .pt or .safetensors state dict of the encoder, or DEFAULT: the model's published weights (resnet18:
+    # torchvision's ImageNet weights). Loaded before training; a fine-tune --from takes the source's instead.
+    weights: Optional[str] = None
+
+    @pydantic.field_validator("weights")
+    @classmethod
+    def _absolute(cls, value: Optional[str]) -> Optional[str]:
+        """A path is stored absolute (like finetune.source), so the run's config still finds it from elsewhere."""
+        if value is None or value.upper() == "DEFAULT":
+            return None if value is None else "DEFAULT"
+        return str(Path(value).expanduser().resolve())
+
+
 Seed = Annotated[int, Field(ge=0, lt=2**31)]
 
 
@@ -90,6 +106,7 @@ class TrainConfig(BaseModel):
     precision: Literal["32", "bf16", "16"] = "32"
     compile: bool = False
     sync_batchnorm: bool = False
+    tensorboard: bool = False  # event files in runs/<id>/tensorboard/ (the tensorboard extra)
 
     @pydantic.field_validator("precision", mode="before")
     @classmethod
@@ -130,7 +147,7 @@ class EvalConfig(BaseModel):
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Method
-    model: Component = Component(name="cnn")
+    model: ModelConfig = ModelConfig(name="cnn")
     head: Optional[Component] = None
     loss: Optional[Component] = None
     optimizer: Component = Component(name="adamw")
@@ -313,7 +330,9 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     cfg.loss = cfg.loss or Component(name=defaults["loss"])
     cfg.data.augment = cfg.data.augment or Component(name=defaults["augment"])
 
-    cfg.model = _resolve_component(MODELS, cfg.model, "model")
+    cfg.model = ModelConfig(weights=cfg.model.weights, **_resolve_component(MODELS, cfg.model, "model").model_dump())
+    if cfg.model.weights and cfg.finetune.source:
+        raise ConfigError("model.weights: a fine-tune --from RUN takes its encoder from RUN; drop model.weights (or --from)")
     cfg.head = _resolve_component(HEADS, cfg.head, "head")
     cfg.loss = _resolve_component(LOSSES, cfg.loss, "loss")
     cfg.optimizer = _resolve_component(OPTIMIZERS, cfg.optimizer, "optimizer")
@@ -356,6 +375,17 @@ def load_config(
         return resolve(data, command)
     except ConfigError as exc:
         raise ConfigError(_origin(str(exc), source, overrides)) from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'epochs': 3}} -> {'train.epochs': 3}: the dotted keys that overrides and diffs use."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

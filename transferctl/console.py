@@ -66,6 +66,19 @@ class ConsoleReporter:
             self._progress.stop()
             self._progress = None
 
+    def columns(self, title: str | None, headers: list[str], rows: list[list[Any]]) -> None:
+        """A table with a header row. Off a terminal it is as wide as its content, not cut at 80 columns
+        (log files and pipes have no width)."""
+        if self.quiet:
+            return
+        table = Table(title=title)
+        for header in headers:
+            table.add_column(header)
+        for row in rows:
+            table.add_row(*("-" if v is None else _fmt(v) for v in row))
+        console = self.console if self.console.is_terminal else Console(file=self.console.file, highlight=False, width=400)
+        console.print(table)
+
     def table(self, title: str, rows: dict[str, Any]) -> None:
         if self.quiet:
             return

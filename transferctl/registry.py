@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pydantic
 
 from transferctl.errors import ConfigError
+from transferctl.plugins import load_entry_points, origin
 
 def did_you_mean(word: str, choices: list[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
@@ -29,6 +30,7 @@ class Entry:
     fn: Callable[..., Any]
     context: frozenset[str] = frozenset()  # arguments the builder supplies, never a config
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: str = "builtin"  # or 'plugin:<module>' for a component a plugin registered
 
     @property
     def summary(self) -> str:
@@ -84,7 +86,7 @@ class Registry:
             key = name or fn.__name__
             if key in self._entries:
                 raise ValueError(f"{self.kind} '{key}' is already registered")
-            self._entries[key] = Entry(key, fn, self.context, meta)
+            self._entries[key] = Entry(key, fn, self.context, meta, origin(fn.__module__))
             return fn
 
         return decorator
@@ -136,9 +138,11 @@ REGISTRIES: dict[str, Registry] = {
 
 
 def load_components() -> None:
-    """Import the modules whose decorators fill the registries."""
+    """Import the modules whose decorators fill the registries, then the installed plugins' (entry points)."""
     import transferctl.data.augment  # noqa: F401
     import transferctl.data.datasets  # noqa: F401
     import transferctl.losses  # noqa: F401
     import transferctl.models  # noqa: F401
     import transferctl.optim  # noqa: F401
+
+    load_entry_points()

@@ -6,8 +6,11 @@
       summary.json       status (running|completed|failed|interrupted), metrics, timings, parent
       environment.json   package versions, git commit, device, seed, platform
       metrics.jsonl      one JSON object per epoch (or per evaluation)
+      metrics.csv        the same rows as a table: the union of their keys as columns
       log.txt            the plain-text log of the run, tracebacks included
       checkpoints/       last.pt and best.pt (classifier and encoder weights, optimizer, RNG state)
+      *.png              plots, with matplotlib (curves, confusion matrix, SimCLR view pairs)
+      tensorboard/       event files, with train.tensorboard (append-only, written by TensorBoard's writer)
 
 Every file is written atomically (temporary file in the same folder, fsync, rename), so a crash
 never leaves a half-written file behind.
@@ -15,6 +18,7 @@ never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import io
 import json
@@ -36,6 +40,7 @@ import transferctl
 from transferctl.distributed import broadcast, world
 from transferctl.errors import Interrupted, RunFailed, UsageError
 from transferctl.fileio import atomic_write_bytes
+from transferctl.registry import did_you_mean
 
 CHECKPOINT_FORMAT = 1
 DEFAULT_RUNS_DIR = Path("runs")
@@ -89,6 +94,14 @@ class Run:
         if self.writer:
             atomic_write_bytes(self.path / name, data)
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Any other file of the run (a plot, ...), atomically."""
+        self._write(name, data)
+
     def write_json(self, name: str, obj: Any) -> None:
         self._write(name, _json_bytes(obj))
 
@@ -100,14 +113,18 @@ class Run:
         self.write_json("summary.json", self.summary)
 
     def log_metrics(self, row: dict[str, Any]) -> None:
-        """Add one row to metrics.jsonl (rewritten whole, atomically: it is small)."""
+        """Add one row to metrics.jsonl and metrics.csv (each rewritten whole, atomically: they are small)."""
         self.metrics.append(row)
-        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+        self._write_metrics()
 
     def keep_metrics_through(self, epoch: int) -> None:
         """Drop the rows after `epoch` (the checkpoint's): training redoes them."""
         self.metrics = [r for r in self.metrics if r.get("epoch", 0) <= epoch and not r.get("partial")]
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
         self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.metrics).encode())
+        self._write("metrics.csv", metrics_csv(self.metrics).encode())
 
     def log(self, line: str) -> None:
         if not self.writer:
@@ -126,6 +143,18 @@ class Run:
         path = self.checkpoint_dir / f"{name}.pt"
         atomic_write_bytes(path, buffer.getvalue())
         return path
+
+
+def metrics_csv(rows: list[dict[str, Any]]) -> str:
+    """The rows as CSV: the union of their keys as columns, in first-seen order; a key a row lacks is empty.
+    Lists and mappings are JSON text, so every cell is one field."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else "" if v is None else v for k, v in row.items()})
+    return out.getvalue()
 
 
 def create_run(
@@ -287,7 +316,7 @@ class RunRecord:
         return self.path / "checkpoints" / f"{name}.pt"
 
 
-def resolve_run(ref: str, runs_dir: Path) -> Path:
+def resolve_run(ref: str, runs_dir: Path, flag: str = "--from") -> Path:
     """A run directory path, or a bare run id under `runs_dir`."""
     candidates = [Path(ref)]
     if os.sep not in ref:
@@ -295,18 +324,31 @@ def resolve_run(ref: str, runs_dir: Path) -> Path:
     for path in candidates:
         if path.is_dir():
             if not (path / "config.yaml").is_file() or not (path / "summary.json").is_file():
-                raise UsageError(f"--from {ref}: {path} is not a transferctl run (no config.yaml/summary.json)")
+                raise UsageError(f"{flag} {ref}: {path} is not a transferctl run (no config.yaml/summary.json)")
             return path
-    raise UsageError(f"--from {ref}: no such run directory or run id under {runs_dir}; see `ls {runs_dir}`")
+    raise UsageError(f"{flag} {ref}: no such run directory or run id under {runs_dir}{_closest_run(ref, runs_dir)}")
 
 
-def read_run(ref: str, runs_dir: Path) -> RunRecord:
-    path = resolve_run(ref, runs_dir)
+def _closest_run(ref: str, runs_dir: Path) -> str:
+    """'; did you mean ID?' for the one run id that contains `ref` (its random suffix, say), else the closest
+    id, else where to look."""
+    try:
+        ids = sorted(p.name for p in runs_dir.iterdir() if (p / "summary.json").is_file())
+    except OSError:
+        ids = []
+    containing = [i for i in ids if ref and ref in i]
+    if len(containing) == 1:
+        return f"; did you mean '{containing[0]}'?"
+    return did_you_mean(ref, ids) or f"; see `transferctl runs ls --runs-dir {runs_dir}`"
+
+
+def read_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecord:
+    path = resolve_run(ref, runs_dir, flag)
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
         summary = json.loads((path / "summary.json").read_text())
     except (yaml.YAMLError, json.JSONDecodeError, OSError) as exc:
-        raise UsageError(f"--from {ref}: cannot read the run's config or summary ({exc})") from None
+        raise UsageError(f"{flag} {ref}: cannot read the run's config or summary ({exc})") from None
     return RunRecord(path, config, summary)
 
 
@@ -315,7 +357,7 @@ TRAINING_COMMANDS = ("pretrain", "finetune")
 
 def read_trained_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecord:
     """A pretrain or finetune run that has written at least one checkpoint."""
-    record = read_run(ref, runs_dir)
+    record = read_run(ref, runs_dir, flag)
     command = record.summary.get("command")
     if command not in TRAINING_COMMANDS:
         raise UsageError(f"{flag} {ref}: that is a `{command}` run; pass a pretrain or finetune run")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import torch
 import torchvision
 from pydantic import Field, PositiveInt
 from torch import nn
 
+from transferctl.errors import ConfigError
 from transferctl.registry import MODELS
 
 
@@ -51,7 +53,31 @@ def cnn(
     return Encoder(*layers, feature_dim=cin)
 
 
-@MODELS.register()
+# torchvision's ResNet attribute -> index of that layer in the resnet18 encoder below
+_TORCHVISION_LAYERS = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
+
+
+def _from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ResNet state dict (conv1.weight, layer1.0.bn1.weight, ..., fc.weight) renamed to the encoder's
+    layers, without the ImageNet classifier (fc); a dict already in the encoder's names is returned as it is."""
+    if "conv1.weight" not in state:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        layer, _, rest = key.partition(".")
+        if layer in _TORCHVISION_LAYERS:
+            renamed[f"{_TORCHVISION_LAYERS[layer]}.{rest}"] = value
+    return renamed
+
+
+def _imagenet_resnet18(small_images: bool = True, **_: object) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet-1k weights (downloaded once into torch's hub cache, $TORCH_HOME)."""
+    if small_images:
+        raise ConfigError("model.weights: DEFAULT: torchvision's ImageNet weights are for the 7x7 stem; set model.small_images=false")
+    return torchvision.models.ResNet18_Weights.DEFAULT.get_state_dict(progress=False)
+
+
+@MODELS.register(published_weights=_imagenet_resnet18, adapt_weights=_from_torchvision)
 def resnet18(in_channels: int, small_images: bool = True) -> Encoder:
     """torchvision's ResNet-18 without its classifier; `small_images` uses a 3x3 stride-1 stem and no max-pool (for 28-64 px)."""
     net = torchvision.models.resnet18(weights=None)

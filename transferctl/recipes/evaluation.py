@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from transferctl import build
+from transferctl import build, plots
 from transferctl.config import Config, load_config
 from transferctl.data import ImageData, load_split
 from transferctl.engine import SilentReporter, classify, knn_accuracy, pick_device
@@ -67,6 +67,7 @@ def evaluate(
                 "confusion.json",
                 {"classes": list(test.classes), "per_class_accuracy": result.per_class_accuracy, "confusion": result.confusion},
             )
+            plots.write_confusion(run, list(test.classes), result.confusion)
             extra["per_class_accuracy"] = dict(zip(test.classes, result.per_class_accuracy))
         else:
             k, temperature = cfg.eval.knn_k, cfg.eval.knn_temperature

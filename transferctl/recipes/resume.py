@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from transferctl.config import load_config
+from transferctl.config import flatten, load_config
 from transferctl.distributed import world
 from transferctl.engine import SilentReporter
 from transferctl.engine.train import Position, Reporter, total_steps
@@ -20,24 +20,14 @@ from transferctl.runs import DEFAULT_RUNS_DIR, load_checkpoint, read_run, record
 # Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
 SAFE_ON_RESUME = (
     "train.epochs", "train.max_steps", "train.device", "train.log_every", "train.checkpoint_every",
-    "train.val_every", "train.on_nan",
+    "train.val_every", "train.on_nan", "train.tensorboard",
 )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every value that differs. Keys the old config lacks are defaults a
     newer transferctl added; they are not changes."""
-    before, after = _flatten(old), _flatten(new)
+    before, after = flatten(old), flatten(new)
     return {k: (before.get(k), after.get(k)) for k in sorted(before.keys() | after.keys()) if k in before and before.get(k) != after.get(k)}
 
 
@@ -51,7 +41,7 @@ def resume(
 ) -> RunResult:
     """Continue an interrupted or failed run (or extend a finished one) from its last checkpoint, in place.
     A run killed before its first checkpoint starts again from step 0, in place."""
-    record = read_run(ref, runs_dir)
+    record = read_run(ref, runs_dir, "--resume")
     if record.summary.get("command") != command:
         raise UsageError(f"--resume {ref}: the run was made by `transferctl {record.summary.get('command')}`; resume it with that command")
     cfg = load_config(None, overrides, base=record.config)

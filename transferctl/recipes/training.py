@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from transferctl import build
+from transferctl import build, events, plots
 from transferctl.config import PRETRAIN_METHODS, Config, load_config, merge, read_yaml
 from transferctl.data import BatchAugment, ImageData, data_root, load_training_data, load_unlabeled
 from transferctl.data.pipeline import UnlabeledStream
@@ -98,7 +98,7 @@ def finetune_config(
                     f"({key}={src['model'].get(key)!r}); drop the model section to use the source's"
                 )
         inherited_data = {k: v for k, v in src["data"].items() if k not in ("batch_size", "labels_per_class", "augment", "eval_batch_size")}
-        base["model"] = src["model"]
+        base["model"] = {k: v for k, v in src["model"].items() if k != "weights"}  # the encoder comes from the source run
         base["data"] = {**inherited_data, **base["data"]}
         base["train"] = {**base.get("train", {}), "seed": src["train"]["seed"], "device": src["train"]["device"]}
         base["finetune"] = {**base.get("finetune", {}), "source": str(record.path.resolve())}
@@ -124,6 +124,20 @@ def finetune(
     """Fine-tune (or linear-probe) a pretrained encoder with a new classifier; a new run."""
     cfg = finetune_config(source, config, overrides, runs_dir=runs_dir)
     return train_run(cfg, runs_dir=runs_dir, command="finetune", reporter=reporter)
+
+
+def has_pretrained_encoder(cfg: Config) -> bool:
+    """Whether fine-tuning starts from pretrained weights: a source run's, or a weights file's (model.weights)."""
+    return bool(cfg.finetune.source or cfg.model.weights)
+
+
+def pretrained_encoder_state(cfg: Config, channels: int, image_size: int) -> dict[str, torch.Tensor]:
+    """The encoder weights fine-tuning started from, read again (a resumed run needs them for L2-SP)."""
+    if cfg.finetune.source:
+        return source_encoder_state(cfg)
+    encoder = build.build_encoder(cfg, channels, image_size)
+    build.load_model_weights(encoder, cfg)
+    return encoder.state_dict()
 
 
 def source_encoder_state(cfg: Config) -> dict[str, torch.Tensor]:
@@ -167,6 +181,7 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
     if cfg.train.sync_batchnorm and ranks.distributed and device.type != "cuda":
         raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA; set it to false on CPU")
     _check_finetune_options(cfg)
+    events.check_available(cfg.train.tensorboard)
     torch.manual_seed(cfg.train.seed)
     train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
     total_steps(settings_of(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
@@ -174,6 +189,8 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
     _check_fits(model, cfg, train)
     if cfg.finetune.source and load_source:  # a resume takes every weight from its own checkpoint
         load_encoder_weights(model, cfg)
+    elif cfg.model.weights and load_source:
+        build.load_model_weights(model.encoder, cfg)
     return Prepared(cfg, device, train, val.to(device), model.to(device))
 
 
@@ -181,8 +198,11 @@ def _check_finetune_options(cfg: Config) -> None:
     options = cfg.finetune
     if cfg.method != "finetune":
         return
-    if options.l2_sp and not options.source:
-        raise ConfigError("finetune.l2_sp pulls the encoder toward pretrained weights, and this run has none; use --from RUN or set it to 0")
+    if options.l2_sp and not has_pretrained_encoder(cfg):
+        raise ConfigError(
+            "finetune.l2_sp pulls the encoder toward pretrained weights, and this run has none; "
+            "use --from RUN (or model.weights) or set it to 0"
+        )
 
 
 def _check_fits(model: Network, cfg: Config, data: ImageData) -> None:
@@ -240,11 +260,12 @@ def build_training(p: Prepared) -> Training:
         p.model.freeze_encoder()
     if build.use_channels_last(cfg, p.device):
         p.model.to(memory_format=torch.channels_last)  # before DDP, whose gradient buckets take the strides
-    forward = build.training_forward(cfg, p.model, p.device)  # before the optimizer: SyncBatchNorm swaps modules
+    warmup_steps = _head_warmup_steps(cfg) if cfg.method == "finetune" else 0
+    forward = build.training_forward(cfg, p.model, p.device, warmup_steps > 0)  # before the optimizer: SyncBatchNorm swaps modules
     finetuning = cfg.method == "finetune"
     # The encoder LR scale and the head warm-up protect pretrained features; a randomly initialised
     # encoder (the from-scratch baseline) has none, so it trains at the full rate from the first step.
-    pretrained = finetuning and cfg.finetune.source is not None
+    pretrained = finetuning and has_pretrained_encoder(cfg)
     groups = build.parameter_groups(
         p.model, cfg.finetune.encoder_lr_scale if pretrained else 1.0,
         encoder_weight_decay=0.0 if pretrained and cfg.finetune.l2_sp else None,  # L2-SP replaces the pull toward zero
@@ -254,7 +275,7 @@ def build_training(p: Prepared) -> Training:
     augment = build.build_augment(cfg, p.train)
     if finetuning:
         objective: ClassificationObjective | ContrastiveObjective = ClassificationObjective(
-            p.model, criterion, forward, head_warmup_steps=_head_warmup_steps(cfg),
+            p.model, criterion, forward, head_warmup_steps=warmup_steps,
             anchor=_weight_anchor(p), pseudo_labels=_pseudo_labels(p, augment),
         )
     elif cfg.is_classifier:
@@ -271,13 +292,15 @@ def build_training(p: Prepared) -> Training:
 
 def _head_warmup_steps(cfg: Config) -> int:
     """A frozen encoder (linear probe) is frozen throughout; a random one has nothing to protect."""
-    return cfg.finetune.head_warmup_steps if cfg.finetune.source and not cfg.finetune.freeze_encoder else 0
+    return cfg.finetune.head_warmup_steps if has_pretrained_encoder(cfg) and not cfg.finetune.freeze_encoder else 0
 
 
 def _weight_anchor(p: Prepared) -> WeightAnchor | None:
-    """L2-SP's anchor: the source run's encoder (read again, so a resumed run anchors where the first one did)."""
+    """L2-SP's anchor: the pretrained encoder (read again, so a resumed run anchors where the first one did)."""
     strength = p.cfg.finetune.l2_sp
-    return WeightAnchor.toward(p.model.encoder, source_encoder_state(p.cfg), strength) if strength else None
+    if not strength:
+        return None
+    return WeightAnchor.toward(p.model.encoder, pretrained_encoder_state(p.cfg, p.train.channels, p.train.image_size), strength)
 
 
 def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
@@ -314,10 +337,15 @@ def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from
             run.save_checkpoint("best", {"model": state["model"], "metrics": row, **where})
         run.save_checkpoint("last", {**state, **where, "world_size": world().size, "device_type": p.device.type})
 
+    # SimCLR's first batch of a fresh run is kept for views.png: the views as the model saw them
+    pipeline = plots.FirstBatch(t.pipeline) if not cfg.is_classifier and resume_from is None and run.writer and plots.available() else t.pipeline
+    if cfg.train.tensorboard and run.writer:
+        reporter = events.TensorBoardReporter(reporter, run.tensorboard_dir)
+
     with StopOnSignal() as stop, build.cpu_threads(threads):
         try:
             result = fit(
-                t.objective, p.model, t.optimizer, t.scheduler, t.pipeline, p.val, t.settings,
+                t.objective, p.model, t.optimizer, t.scheduler, pipeline, p.val, t.settings,
                 save=save, reporter=reporter, resume=resume_from, should_stop=stop.requested,
             )
         except (torch.OutOfMemoryError, MemoryError) as exc:
@@ -325,6 +353,9 @@ def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from
                 f"out of memory ({type(exc).__name__}); lower data.batch_size (now {cfg.data.batch_size}) "
                 f"or data.eval_batch_size (now {cfg.data.eval_batch_size})"
             ) from None
+        finally:
+            if isinstance(reporter, events.TensorBoardReporter):
+                reporter.close()
     if result.stopped:  # by a signal here or on another rank
         signum = stop.signum or signal.SIGTERM
         raise Interrupted(
@@ -332,6 +363,9 @@ def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from
             f"continue with `transferctl {command} --resume {run.path}`",
             signum,
         )
+    plots.write_curves(run)
+    if isinstance(pipeline, plots.FirstBatch) and pipeline.views is not None:
+        plots.write_view_pairs(run, pipeline.views, p.train.mean, p.train.std)
     metrics = final_metrics(result.position, result.images_per_s)
     if p.device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(p.device) / 2**20, 1)

@@ -1,0 +1,107 @@
+"""Plots (curves, confusion matrix, SimCLR view pairs) and TensorBoard event files, written into runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transferctl import plots
+from transferctl.data import load_training_data
+from transferctl.data.augment import simclr
+from transferctl.data.pipeline import MemoryPipeline
+
+matplotlib_image = pytest.importorskip("matplotlib.image")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_shape(path: Path) -> tuple[int, ...]:
+    assert path.read_bytes().startswith(PNG)
+    return matplotlib_image.imread(path).shape
+
+
+def _pretrain(cli, config, runs, *overrides):
+    result = cli("pretrain", "-c", config, "train.max_steps=4", "train.epochs=2", *overrides, "--runs-dir", runs, "--json")
+    assert result.code == 0, result.stderr
+    return result.json
+
+
+def test_training_evaluation_and_simclr_plots(cli, simclr_config, tmp_path):
+    runs = tmp_path / "runs"
+    pre = _pretrain(cli, simclr_config, runs, "data.batch_size=128")  # 540 images: 4 batches, 1 epoch
+    pre_dir = Path(pre["run_dir"])
+    assert _png_shape(pre_dir / "curves.png")[:2] == (340, 840)  # two panels: loss, learning rate
+    assert _png_shape(pre_dir / "views.png")[:2] == (300, 1040)  # 8 images, a row per view
+    tuned = cli("finetune", "--from", pre["run_id"], "data.labels_per_class=5", "data.batch_size=16", "train.max_steps=8",
+                "train.epochs=2", "train.val_every=1", "--runs-dir", runs, "--json").json
+    tuned_dir = Path(tuned["run_dir"])
+    assert _png_shape(tuned_dir / "curves.png")[:2] == (340, 1260)  # and validation accuracy
+    assert not (tuned_dir / "views.png").exists()
+    evaluated = cli("evaluate", "--from", tuned["run_id"], "--runs-dir", runs, "--json").json
+    assert _png_shape(Path(evaluated["run_dir"]) / "confusion.png")[0] > 400
+    knn = cli("evaluate", "--from", pre["run_id"], "eval.knn_k=5", "--runs-dir", runs, "--json").json
+    assert not list(Path(knn["run_dir"]).glob("*.png"))
+    assert not list(runs.rglob(".*.tmp"))
+
+
+def test_without_matplotlib_runs_have_no_plots_and_no_complaints(cli, simclr_config, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails, as when it is not installed
+    assert not plots.available()
+    result = cli("pretrain", "-c", simclr_config, "train.max_steps=2", "--quiet", "--runs-dir", tmp_path / "runs")
+    assert result.code == 0 and result.stderr == ""
+    run_dir = Path(result.stdout.strip())
+    assert (run_dir / "metrics.csv").exists() and not list(run_dir.glob("*.png"))
+    assert "not written" not in (run_dir / "log.txt").read_text()
+
+
+def test_a_plot_that_fails_never_fails_the_run(cli, simclr_config, tmp_path, monkeypatch):
+    def broken(rows):
+        raise ValueError("no fonts")
+
+    monkeypatch.setattr(plots, "_curves", broken)
+    run = _pretrain(cli, simclr_config, tmp_path / "runs")
+    run_dir = Path(run["run_dir"])
+    assert run["status"] == "completed" and not (run_dir / "curves.png").exists() and (run_dir / "views.png").exists()
+    assert "curves.png not written: ValueError: no fonts" in (run_dir / "log.txt").read_text()
+
+
+def test_first_batch_keeps_what_the_model_saw_and_changes_nothing(digits_root, simclr_config):
+    from transferctl.config import load_config
+
+    train, _ = load_training_data(load_config(simclr_config).data, labelled_subset=False)
+    augment = simclr(hflip_default=False)
+
+    def pipeline():
+        return MemoryPipeline(train, augment, views=2, batch_size=32, seed=5, drop_last=True)
+
+    plain, kept = pipeline(), plots.FirstBatch(pipeline(), keep=4)
+    assert kept.batches_per_epoch() == plain.batches_per_epoch()
+    for epoch in range(2):
+        for (a, _), (b, _) in zip(plain.batches(epoch), kept.batches(epoch)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    first = next(iter(pipeline().batches(0)))[0]
+    assert len(kept.views) == 2 and all(torch.equal(v, f[:4]) for v, f in zip(kept.views, first))
+    assert torch.equal(kept.state()["augment"], plain.state()["augment"])
+
+
+def test_tensorboard_event_files(cli, simclr_config, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = _pretrain(cli, simclr_config, tmp_path / "runs", "train.tensorboard=true", "train.log_every=1")
+    (events,) = (Path(run["run_dir"]) / "tensorboard").iterdir()
+    accumulator = event_accumulator.EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"step/loss", "step/lr", "step/images_per_s", "epoch/train_loss", "epoch/val_loss"} <= tags
+    assert [e.step for e in accumulator.Scalars("step/loss")] == [1, 2, 3, 4]
+    (last,) = accumulator.Scalars("epoch/val_loss")
+    assert last.step == 4 and last.value == pytest.approx(run["metrics"]["val_loss"], rel=1e-6)
+
+
+def test_tensorboard_asked_for_but_not_installed(cli, simclr_config, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    result = cli("pretrain", "-c", simclr_config, "train.tensorboard=true", "--runs-dir", tmp_path / "runs")
+    assert result.code == 2 and result.stderr.count("\n") == 1
+    assert 'train.tensorboard: true needs the tensorboard package: pip install "transferctl[tensorboard]"' in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,109 @@
+"""`transferctl config show` and `config check`: the config a command line would run, and every
+component it names built once, on the CPU, with one batch through the model and the loss: no training,
+nothing written. The first problem found is a one-line usage error.
+
+It resolves and builds with the training recipe's own functions (`finetune_config`, `prepare`,
+`build_training`), so what passes here is what `pretrain`/`finetune` would build.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from transferctl.config import Config, apply_overrides, load_config, read_yaml
+from transferctl.errors import ConfigError, TransferError, UsageError
+from transferctl.runs import DEFAULT_RUNS_DIR
+
+T = TypeVar("T")
+
+
+def resolved_config(
+    config: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    source: str | None = None,
+    runs_dir: Path = DEFAULT_RUNS_DIR,
+) -> Config:
+    """The fully resolved config that `pretrain -c` (simclr, supervised) or `finetune [--from] [-c]` (finetune)
+    would run, with every default filled in."""
+    overrides = list(overrides or [])
+    if config is None and source is None:
+        raise UsageError("config needs -c CONFIG (or --from RUN for a fine-tune of that run)")
+    method = "finetune" if source is not None else apply_overrides(read_yaml(config), overrides).get("method")
+    if method == "finetune":  # the fine-tune recipe's defaults and the source's encoder, as `finetune` merges them
+        from transferctl.recipes.training import finetune_config
+
+        return finetune_config(source, config, overrides, runs_dir=runs_dir)
+    return load_config(config, overrides)
+
+
+def _stage(name: str, build: Callable[[], T]) -> T:
+    """Run one stage of the check; an unexpected error there becomes a one-line config error naming the stage."""
+    try:
+        return build()
+    except TransferError:
+        raise
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"config check failed at {name}: {type(exc).__name__}: {reason}") from None
+
+
+def _on_cpu(cfg: Config) -> Config:
+    """The same config on the CPU, in a precision the CPU has (float16 with a scaler is CUDA-only)."""
+    precision = "32" if cfg.train.precision == "16" else cfg.train.precision
+    train = cfg.train.model_copy(update={"device": "cpu", "precision": precision, "compile": False})
+    return cfg.model_copy(update={"train": train})
+
+
+def _count(module: Any, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_config(cfg: Config) -> dict[str, Any]:
+    """Build data, model (with the source's or local weights), head, loss, optimizer, scheduler and batch
+    pipeline; put one training batch through the model and the loss (train mode, no gradients)."""
+    import torch
+
+    from transferctl.recipes.training import build_training, prepare
+
+    cpu = _on_cpu(cfg)
+    prepared = _stage("data and model", lambda: prepare(cpu))
+    training = _stage("optimizer, scheduler, loss and batch pipeline", lambda: build_training(prepared))
+    views, labels = _stage("the first batch", lambda: next(iter(training.pipeline.batches(0))))
+    model = prepared.model
+    model.train()
+    if model.frozen_encoder:
+        model.encoder.eval()  # as training does for a linear probe
+    with torch.no_grad():
+        features = _stage("the encoder's forward pass", lambda: model.encoder(views[0]))
+        output = _stage("the head's forward pass", lambda: model.head(features))
+        loss = _stage("the loss", lambda: training.objective.loss(views, labels)).item()
+    if not math.isfinite(loss):
+        raise ConfigError(f"config check: the loss of the first batch is {loss}; check the data set, model and loss options")
+    train, val = prepared.train, prepared.val
+    return {
+        "status": "ok",
+        "method": cfg.method,
+        "device": "cpu",
+        "components": {
+            "model": cfg.model.name, "weights": cfg.model.weights, "head": cfg.head.name, "loss": cfg.loss.name, "optimizer": cfg.optimizer.name,
+            "scheduler": cfg.scheduler.name, "augment": cfg.data.augment.name, "dataset": cfg.data.name,
+            "pipeline": type(training.pipeline).__name__,
+        },
+        "data": {
+            "train_images": len(train), "val_images": len(val), "classes": train.num_classes,
+            "image_shape": [train.channels, train.image_size, train.image_size],
+        },
+        "parameters": {
+            "total": _count(model), "trainable": _count(model, trainable_only=True),
+            "encoder": _count(model.encoder), "head": _count(model.head),
+        },
+        "shapes": {
+            "batch": list(views[0].shape), "views": len(views),
+            "features": list(features.shape), "output": list(output.shape),
+        },
+        "loss": loss,
+        "steps": training.steps,
+    }

@@ -1,0 +1,129 @@
+"""PNG plots written into runs, when matplotlib is installed (`pip install "transferctl[plots]"`):
+
+    curves.png      training and validation loss, learning rate and validation accuracy per epoch (training runs)
+    confusion.png   the confusion matrix (evaluations of classifiers)
+    views.png       augmented view pairs from the first training batch (SimCLR)
+
+Without matplotlib they are skipped quietly. A plot never fails a run: a problem drawing one goes to
+the run's log. matplotlib is used through its object API (no pyplot): no global backend, no GUI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from transferctl.runs import Run
+
+if TYPE_CHECKING:
+    import torch
+    from matplotlib.figure import Figure
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _write_png(run: Run, name: str, draw: Callable[[], Figure]) -> None:
+    """Draw and write one PNG through the run (atomically); skipped without matplotlib or on rank > 0."""
+    if not run.writer or not available():
+        return
+    try:
+        figure = draw()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+    except Exception as exc:  # a plot is a convenience: never lose a finished run to one
+        run.log(f"{name} not written: {type(exc).__name__}: {exc}")
+        return
+    run.write_file(name, buffer.getvalue())
+
+
+def write_curves(run: Run) -> None:
+    """curves.png from the run's metrics rows: loss, learning rate and (classifiers) validation accuracy by epoch."""
+    rows = [r for r in run.metrics if "epoch" in r]
+    if rows:
+        _write_png(run, "curves.png", lambda: _curves(rows))
+
+
+def _curves(rows: list[dict[str, Any]]) -> Figure:
+    from matplotlib.figure import Figure
+
+    panels = [("loss", ("train_loss", "val_loss")), ("learning rate", ("lr",)), ("accuracy", ("val_accuracy",))]
+    panels = [(title, keys) for title, keys in panels if any(r.get(k) is not None for r in rows for k in keys)]
+    figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
+    for ax, (title, keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for key in keys:
+            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return figure
+
+
+def write_confusion(run: Run, classes: list[str], confusion: list[list[int]]) -> None:
+    _write_png(run, "confusion.png", lambda: _confusion(classes, confusion))
+
+
+def _confusion(classes: list[str], confusion: list[list[int]]) -> Figure:
+    from matplotlib.figure import Figure
+
+    size = max(4.0, 0.45 * len(classes) + 2)
+    figure = Figure(figsize=(size + 1, size), layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(confusion, cmap="Blues")
+    figure.colorbar(image, ax=ax)
+    ticks = range(len(classes))
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title="confusion matrix")
+    ax.set_xticklabels(classes, rotation=90)
+    ax.set_yticklabels(classes)
+    if len(classes) <= 20:  # counts stay legible up to about 20 classes
+        peak = max(max(row) for row in confusion) or 1
+        for i, row in enumerate(confusion):
+            for j, count in enumerate(row):
+                ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if count > peak / 2 else "black")
+    return figure
+
+
+def write_view_pairs(run: Run, views: tuple[torch.Tensor, ...], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """views.png: each column one image, its two augmented views one above the other (as the model saw them)."""
+    _write_png(run, "views.png", lambda: _view_pairs(views, mean, std))
+
+
+def _view_pairs(views: tuple[torch.Tensor, ...], mean: tuple[float, ...], std: tuple[float, ...]) -> Figure:
+    import torch
+    from matplotlib.figure import Figure
+
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    pixels = [(v.float() * s + m).clamp(0, 1).permute(0, 2, 3, 1).numpy() for v in views]  # back to [0, 1] pixels
+    count = len(pixels[0])
+    figure = Figure(figsize=(1.3 * count, 1.3 * len(pixels) + 0.4), layout="constrained")
+    axes = figure.subplots(len(pixels), count, squeeze=False)
+    for row, images in enumerate(pixels):
+        for col, image in enumerate(images):
+            ax = axes[row][col]
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=1)
+            ax.set_axis_off()
+    figure.suptitle("augmented view pairs, first training batch")
+    return figure
+
+
+class FirstBatch:
+    """Wraps a training pipeline and keeps the first few images of each view of the first batch it yields:
+    what the model was really shown (drawing a separate batch would move the augmentation's random state)."""
+
+    def __init__(self, pipeline: Any, keep: int = 8):
+        self.pipeline, self.keep = pipeline, keep
+        self.views: tuple[torch.Tensor, ...] | None = None
+
+    def __getattr__(self, name: str) -> Any:  # batches_per_epoch, state, restore
+        return getattr(self.pipeline, name)
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        for views, labels in self.pipeline.batches(epoch, start_batch):
+            if self.views is None:
+                self.views = tuple(v[: self.keep].detach().float().cpu() for v in views)
+            yield views, labels
