@@ -47,3 +47,23 @@ def test_supervised_recipe_learns_fast_on_real_mnist(cli, real_data, tmp_path):
                  "--runs-dir", tmp_path / "runs")
     assert result.code == 0, result.stderr
     assert result.json["metrics"]["val_accuracy"] > 0.6  # 10 classes: chance is 0.1
+
+
+SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.stem not in ("quickstart", "finetune_imagefolder"))
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_recipe_builds_and_takes_a_batch(cli, real_data, config):
+    result = cli("config", "check", "-c", config, "--json")
+    assert result.code == 0, result.stderr
+    assert result.json["status"] == "ok" and result.json["loss"] > 0
+
+
+def test_the_semi_supervised_recipe_learns_from_unlabeled_images_on_real_mnist(cli, real_data, tmp_path):
+    runs = tmp_path / "runs"
+    pre = cli("pretrain", "-c", REPO / "configs" / "simclr_mnist.yaml", "train.max_steps=20", "data.val_fraction=0.02", "--json", "--runs-dir", runs)
+    assert pre.code == 0, pre.stderr
+    tuned = cli("finetune", "--from", pre.json["run_dir"], "-c", REPO / "configs" / "finetune10_mnist.yaml", "train.max_steps=20",
+                "finetune.head_warmup_steps=5", "finetune.unlabeled.threshold=0.5", "data.val_fraction=0.02", "--json", "--runs-dir", runs)
+    assert tuned.code == 0, tuned.stderr
+    assert tuned.json["metrics"]["val_accuracy"] > 0.3
