@@ -92,3 +92,21 @@ def test_an_unexpected_failure_names_the_stage(cli, simclr_config, monkeypatch):
     monkeypatch.setattr(build, "build_scheduler", broken)
     message = _one_line_error(cli("config", "check", "-c", simclr_config))
     assert "config check failed at optimizer, scheduler, loss and batch pipeline: RuntimeError: scheduler exploded" in message
+
+
+def test_check_a_finetune_with_warmup_l2_sp_and_pseudo_labels(cli, tmp_path, digits_root):
+    """The check's loss is the training objective's, fine-tune options included (it takes the step)."""
+    import torch
+
+    from transferctl.build import build_encoder
+
+    config = write_config(tmp_path / "ft.yaml", f"""\
+method: finetune
+model: {{name: cnn, widths: [8, 16], weights: enc.pt}}
+data: {{name: mnist, root: {digits_root}, labels_per_class: 3, batch_size: 16}}
+finetune: {{head_warmup_steps: 5, l2_sp: 0.1, unlabeled: {{weight: 1.0, batch_size: 8, threshold: 0.0}}}}
+""")
+    torch.save(build_encoder(load_config(config, ["model.weights=null"]), 1, 28).state_dict(), tmp_path / "enc.pt")
+    report = cli("config", "check", "-c", config, "--json")
+    assert report.code == 0, report.stderr
+    assert report.json["loss"] > 0 and report.json["components"]["weights"] == str(tmp_path / "enc.pt")

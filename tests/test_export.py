@@ -142,7 +142,7 @@ def test_a_perturbed_export_fails_with_exit_1_and_keeps_the_previous_export(cli,
     def save_perturbed(module, example, target, cfg):
         broken = copy.deepcopy(module)
         with torch.no_grad():
-            broken.head[1].bias.add_(0.5)
+            broken.head[-1].bias.add_(0.5)  # the classifier's linear layer
         original.save(broken, example, target, cfg)
 
     monkeypatch.setitem(export_module.FORMATS, "torchscript", export_module.Format("torchscript", "model.pt", save_perturbed, original.load))
@@ -192,3 +192,15 @@ def test_a_new_export_removes_files_its_card_does_not_list(cli, trained, tmp_pat
     assert export(cli, trained, "classifier", "--format", "safetensors", "--output", out).code == 0
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "model_card.json"]
     assert json.loads((out / "model_card.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_safetensors_rebuilds_a_classifier_with_its_number_of_classes(tmp_path, standardize):
+    """The fine-tune recipes' standardized head puts its linear layer at head.2, not head.1."""
+    cfg = load_config(None, [f"head.standardize={str(standardize).lower()}"],
+                      base={"method": "finetune", "model": {"name": "mlp", "hidden_dim": 8}, "data": {"name": "mnist"}})
+    network = build_network(cfg, 1, 28, 7).eval()
+    example = torch.randn(3, 1, 28, 28)
+    export_module._save_safetensors(network, example, tmp_path / "model.safetensors", cfg)
+    rebuilt = export_module.load_safetensors(tmp_path / "model.safetensors")
+    assert torch.equal(rebuilt(example), network(example)) and rebuilt(example).shape == (3, 7)

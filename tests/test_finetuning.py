@@ -158,7 +158,7 @@ def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path, monke
     semi = tune(source, tmp_path, "train.max_steps=3", "finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0",
                 "finetune.unlabeled.batch_size=32")
     assert len(loaded) == 1
-    assert not torch.equal(weights(plain)["head.1.weight"], weights(semi)["head.1.weight"])
+    assert not torch.equal(weights(plain)["head.2.weight"], weights(semi)["head.2.weight"])  # standardize, dropout, linear
 
 
 def test_a_semi_supervised_finetune_resumes_exactly(source, tmp_path):

@@ -76,7 +76,7 @@ def test_a_plugin_model_pretrains_and_finetunes_through_the_cli(cli, simclr_conf
     assert tuned.json["parent"] == pre.json["run_id"]
     probed = _state(tuned.json["run_dir"])
     assert probed.keys() == encoder.keys() and all(torch.equal(probed[k], encoder[k]) for k in encoder)
-    assert _state(tuned.json["run_dir"], "head.")["head.1.weight"].shape == (10, 24)
+    assert _state(tuned.json["run_dir"], "head.")["head.2.weight"].shape == (10, 24)  # the recipe's head: standardize, dropout, linear
 
     listing = cli("--plugin", "tiny_plugin", "list", "models", "--json")
     assert listing.json["models"]["tiny_mlp"] == {"summary": "One linear layer on the flattened image (a plugin).", "origin": "plugin:tiny_plugin"}

@@ -79,7 +79,7 @@ def check_config(cfg: Config) -> dict[str, Any]:
     with torch.no_grad():
         features = _stage("the encoder's forward pass", lambda: model.encoder(views[0]))
         output = _stage("the head's forward pass", lambda: model.head(features))
-        loss = _stage("the loss", lambda: training.objective.loss(views, labels)).item()
+        loss = _stage("the loss", lambda: training.objective.loss(views, labels, 0)).item()  # step 0: a fresh run's first
     if not math.isfinite(loss):
         raise ConfigError(f"config check: the loss of the first batch is {loss}; check the data set, model and loss options")
     train, val = prepared.train, prepared.val

@@ -129,11 +129,21 @@ def load_safetensors(path: str | Path) -> nn.Module:
     cfg = load_config(None, base=json.loads(metadata["transferctl_config"]))
     state = load_file(str(path))
     channels, size, _ = json.loads(metadata["input_shape"])
-    num_classes = state["head.1.weight"].shape[0] if "head.1.weight" in state else 1
+    num_classes = _head_outputs(state)
     network = build_network(cfg, channels, size, num_classes)
     module = network if cfg.is_classifier else network.encoder
     module.load_state_dict(state)
     return module.eval()
+
+
+def _head_outputs(state: dict[str, torch.Tensor]) -> int:
+    """A classifier's number of classes: the rows of its head's last linear layer (whatever comes before it,
+    a standardizing batch norm, dropout); 1 for an encoder alone."""
+    linear = [k for k, v in state.items() if k.startswith("head.") and k.endswith(".weight") and v.ndim == 2]
+    if not linear:
+        return 1
+    last = max(linear, key=lambda k: [int(p) if p.isdigit() else -1 for p in k.split(".")[1:-1]])
+    return state[last].shape[0]
 
 
 def _load_safetensors_runner(path: Path) -> Runner:
