@@ -132,3 +132,15 @@ def test_shell_completion_offers_subcommands_and_run_ids(cli, tmp_path, monkeypa
     monkeypatch.delenv("_TRANSFERCTL_COMPLETE")
     script = cli("--show-completion", "bash")
     assert script.code == 0 and "_TRANSFERCTL_COMPLETE=complete_bash" in script.stdout
+
+
+def test_a_damaged_run_is_a_one_line_usage_error(cli, tmp_path):
+    runs = tmp_path / "runs"
+    listed, binary = _fake_run(runs, "listed"), _fake_run(runs, "binary")
+    (runs / listed / "config.yaml").write_text("- a list\n- not a config\n")
+    (runs / binary / "summary.json").write_bytes(b"\xff\xfe\x00garbage")
+    for args in (["show", listed], ["diff", binary, listed]):
+        result = cli("runs", *args, "--runs-dir", runs, "--json")
+        assert result.code == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "not a mapping" in result.json["error"] or "cannot read the run's config or summary" in result.json["error"]
+    assert sorted(_ok(cli("runs", "ls", "--runs-dir", runs, "--json"))["unreadable"]) == sorted([listed, binary])

@@ -347,8 +347,10 @@ def read_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecord:
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
         summary = json.loads((path / "summary.json").read_text())
-    except (yaml.YAMLError, json.JSONDecodeError, OSError) as exc:
+    except (yaml.YAMLError, ValueError, OSError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise UsageError(f"{flag} {ref}: cannot read the run's config or summary ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(summary, dict):
+        raise UsageError(f"{flag} {ref}: the run's config.yaml or summary.json is not a mapping; the run is damaged")
     return RunRecord(path, config, summary)
 
 

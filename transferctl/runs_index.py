@@ -14,8 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from transferctl.config import flatten
 from transferctl.errors import UsageError
 from transferctl.runs import RunRecord, read_run
@@ -73,14 +71,11 @@ class RunInfo:
 
 
 def _read(path: Path) -> RunRecord | None:
+    """The run at `path` as `read_run` reads it, or None when it is not a readable run."""
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text())
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, yaml.YAMLError, json.JSONDecodeError):
+        return read_run(str(path), path.parent)
+    except UsageError:
         return None
-    if not isinstance(config, dict) or not isinstance(summary, dict):
-        return None
-    return RunRecord(path, config, summary)
 
 
 @dataclass(frozen=True)
