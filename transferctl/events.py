@@ -24,11 +24,12 @@ def check_available(tensorboard: bool) -> None:
 class TensorBoardReporter:
     """A Reporter that forwards everything to `inner` and writes the same numbers as TensorBoard scalars."""
 
-    def __init__(self, inner: Any, log_dir: Path):
+    def __init__(self, inner: Any, log_dir: Path, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.inner = inner
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # a resumed run repeats the steps after its checkpoint: TensorBoard drops what it logged for them
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step)
 
     def start(self, total_steps: int, description: str) -> None:
         self.inner.start(total_steps, description)

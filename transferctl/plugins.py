@@ -23,6 +23,7 @@ from transferctl.errors import UsageError
 
 ENTRY_POINT_GROUP = "transferctl.plugins"
 _entry_points_loaded = False
+_FILE_PLUGINS: dict[str, str] = {}  # private module name of a plugin file -> the file's stem, as users know it
 
 
 def _reason(exc: BaseException) -> str:
@@ -30,7 +31,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def _import_file(path: Path) -> ModuleType:
-    name = path.stem
+    name = f"transferctl_plugin_{path.stem}_{abs(hash(str(path))):x}"  # never shadows an installed module
+    _FILE_PLUGINS[name] = path.stem
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"{path} is not a Python module")
@@ -70,7 +72,6 @@ def load_entry_points() -> None:
     global _entry_points_loaded
     if _entry_points_loaded:
         return
-    _entry_points_loaded = True
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             entry.load()
@@ -80,8 +81,11 @@ def load_entry_points() -> None:
                 f"plugin '{entry.name}'{package} (entry point {entry.value} in {ENTRY_POINT_GROUP}) cannot be loaded "
                 f"({_reason(exc)}); fix or uninstall it"
             ) from None
+    _entry_points_loaded = True
 
 
 def origin(module: str) -> str:
     """'builtin' for transferctl's own components, else 'plugin:<module>'."""
-    return "builtin" if module == "transferctl" or module.startswith("transferctl.") else f"plugin:{module}"
+    if module == "transferctl" or module.startswith("transferctl."):
+        return "builtin"
+    return f"plugin:{_FILE_PLUGINS.get(module, module)}"

@@ -129,15 +129,16 @@ class ClassificationObjective:
             self.forward = self.network
 
     def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor:
+        warming_up = step < self.head_warmup_steps
         if self.head_warmup_steps:
-            warming_up = step < self.head_warmup_steps
             self.network.frozen_encoder = warming_up
             self.network.encoder.train(not warming_up)  # frozen: batch-norm statistics stay as pretrained
         (x,) = views
         loss = self.criterion(self.forward(x), labels)
         if self.pseudo_labels is not None:
             loss = loss + self.pseudo_labels.loss(self.forward, step)
-        if self.anchor is not None:
+        if self.anchor is not None and not warming_up:
+            # while frozen the penalty is 0; its zero gradients would still tick Adam's step counts and upset DDP
             loss = loss + self.anchor.penalty()
         return loss
 

@@ -309,12 +309,15 @@ def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
         return None  # the unlabeled images are not even loaded
     strong = AUGMENTATIONS.build(options.augment.name, options.augment.options, hflip_default=p.train.hflip)
     ranks = world()
-    if options.batch_size % ranks.size:
-        raise ConfigError(f"finetune.unlabeled.batch_size: {options.batch_size} does not split evenly over {ranks.size} processes")
     stream = UnlabeledStream(
         load_unlabeled(p.cfg.data).to(p.device), weak, strong, batch_size=options.batch_size, seed=p.cfg.train.seed,
         channels_last=build.use_channels_last(p.cfg, p.device), rank=ranks.rank, world=ranks.size,
     )
+    if stream.batch_size % ranks.size:  # the batch is clipped to the pool's size
+        raise ConfigError(
+            f"finetune.unlabeled.batch_size: {stream.batch_size} unlabeled images a step do not split evenly over "
+            f"{ranks.size} processes; make it a multiple of {ranks.size}"
+        )
     return PseudoLabels(stream, options.weight, options.threshold)
 
 
@@ -323,6 +326,9 @@ def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from
     t = build_training(p)
     threads = build.training_threads(cfg, t.pipeline, p.device)
     run.log(f"pipeline {type(t.pipeline).__name__}, {threads} CPU threads")
+    ft = cfg.finetune
+    if cfg.method == "finetune" and not has_pretrained_encoder(cfg) and (ft.encoder_lr_scale != 1.0 or ft.head_warmup_steps):
+        run.log("random initial encoder: finetune.encoder_lr_scale and head_warmup_steps do not apply (nothing pretrained to protect)")
     config = cfg.to_dict()
     # What evaluate and export need to feed the model as it was trained, whatever the test split holds.
     data_info = {"mean": list(p.train.mean), "std": list(p.train.std), "classes": list(p.train.classes)}
@@ -340,7 +346,8 @@ def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from
     # SimCLR's first batch of a fresh run is kept for views.png: the views as the model saw them
     pipeline = plots.FirstBatch(t.pipeline) if not cfg.is_classifier and resume_from is None and run.writer and plots.available() else t.pipeline
     if cfg.train.tensorboard and run.writer:
-        reporter = events.TensorBoardReporter(reporter, run.tensorboard_dir)
+        resume_step = resume_from["position"]["step"] if resume_from else None
+        reporter = events.TensorBoardReporter(reporter, run.tensorboard_dir, resume_step)
 
     with StopOnSignal() as stop, build.cpu_threads(threads):
         try:
