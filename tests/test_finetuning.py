@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -190,7 +189,7 @@ def test_a_frozen_encoder_stays_frozen_after_the_head_warmup(source, tmp_path):
 
 
 def test_pretraining_configs_carry_no_unlabeled_augmentation(source):
-    cfg = load_config(None, [], base=json.loads(json.dumps(_config_of(source))))
+    cfg = load_config(None, [], base=_config_of(source))
     assert cfg.finetune.unlabeled.augment is None
 
 
@@ -214,3 +213,13 @@ finetune: {{encoder_lr_scale: 0.1, head_warmup_steps: 50}}
     training_parts = build_training(prepared)
     assert {round(g["initial_lr"], 9) for g in training_parts.optimizer.param_groups} == {load_config(config).optimizer.options["lr"]}
     assert training_parts.objective.head_warmup_steps == 0
+
+
+def test_an_unlabeled_batch_that_does_not_split_over_processes_is_refused_before_the_run_exists(cli, source, tmp_path, monkeypatch):
+    from transferctl.distributed import World
+
+    monkeypatch.setattr(training, "world", lambda: World(rank=0, size=2))
+    result = cli("finetune", "--from", source, "finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=33",
+                 "--runs-dir", tmp_path / "runs")
+    assert result.code == 2 and "finetune.unlabeled.batch_size: 33" in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -270,12 +270,17 @@ def load_split(data_cfg, train: bool) -> ImageData:
     return DATASETS.build(data_cfg.name, data_cfg.options, root=data_root(data_cfg), download=data_cfg.download, train=train)
 
 
+def _train_and_val(data_cfg) -> tuple[ImageData, ImageData]:
+    """The training split, cut into its seeded training and held-out val parts."""
+    full = load_split(data_cfg, train=True)
+    train_idx, val_idx = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)
+    return full.subset(train_idx), full.subset(val_idx)
+
+
 def load_training_data(data_cfg, labelled_subset: bool) -> tuple[ImageData, ImageData]:
     """(train, val) from the training split: a seeded held-out val part, and, when asked for,
     a stratified `labels_per_class` subset of the rest. The test split is never touched."""
-    full = load_split(data_cfg, train=True)
-    train_idx, val_idx = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)
-    train, val = full.subset(train_idx), full.subset(val_idx)
+    train, val = _train_and_val(data_cfg)
     if labelled_subset and data_cfg.labels_per_class:
         train = train.subset(stratified_subset(train.labels, data_cfg.labels_per_class, data_cfg.seed))
     return train, val
@@ -287,7 +292,5 @@ NO_LABEL = -1
 def load_unlabeled(data_cfg) -> ImageData:
     """Every training image outside the val part, its label replaced by NO_LABEL: what semi-supervised
     fine-tuning may learn from without seeing more labels than `labels_per_class`."""
-    full = load_split(data_cfg, train=True)
-    train_idx, _ = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)
-    pool = full.subset(train_idx)
+    pool, _ = _train_and_val(data_cfg)
     return replace(pool, labels=torch.full_like(pool.labels, NO_LABEL))

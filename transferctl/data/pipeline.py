@@ -81,7 +81,7 @@ class UnlabeledStream:
     def __init__(self, data: ImageData, weak: BatchAugment, strong: BatchAugment, *, batch_size: int, seed: int,
                  channels_last: bool = False, rank: int = 0, world: int = 1):
         self.data, self.weak, self.strong = data, weak, strong
-        self.batch_size = min(batch_size, len(data))
+        self.batch_size = min(batch_size, len(data) // world * world)  # a small pool: still an even share per rank
         self.seed, self.rank, self.world = seed + 7919, rank, world  # its own order, apart from the labelled batches'
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._order: tuple[int, torch.Tensor] | None = None

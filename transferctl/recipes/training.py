@@ -198,6 +198,12 @@ def _check_finetune_options(cfg: Config) -> None:
     options = cfg.finetune
     if cfg.method != "finetune":
         return
+    ranks = world().size
+    if options.unlabeled.weight and options.unlabeled.batch_size % ranks:
+        raise ConfigError(
+            f"finetune.unlabeled.batch_size: {options.unlabeled.batch_size} does not split evenly over {ranks} processes; "
+            f"make it a multiple of {ranks}"
+        )
     if options.l2_sp and not has_pretrained_encoder(cfg):
         raise ConfigError(
             "finetune.l2_sp pulls the encoder toward pretrained weights, and this run has none; "
@@ -313,11 +319,6 @@ def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
         load_unlabeled(p.cfg.data).to(p.device), weak, strong, batch_size=options.batch_size, seed=p.cfg.train.seed,
         channels_last=build.use_channels_last(p.cfg, p.device), rank=ranks.rank, world=ranks.size,
     )
-    if stream.batch_size % ranks.size:  # the batch is clipped to the pool's size
-        raise ConfigError(
-            f"finetune.unlabeled.batch_size: {stream.batch_size} unlabeled images a step do not split evenly over "
-            f"{ranks.size} processes; make it a multiple of {ranks.size}"
-        )
     return PseudoLabels(stream, options.weight, options.threshold)
 
 
