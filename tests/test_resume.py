@@ -17,6 +17,7 @@ import torch
 from tests.conftest import SMALL_SIMCLR, write_config
 from transferctl.recipes import pretrain
 from transferctl.runs import create_run, load_checkpoint
+from transferctl.runs_index import list_runs
 
 # 540 training images / batch 64 = 8 steps an epoch; 40 steps = 5 epochs, checkpoints every 3 steps.
 LONG = ["train.epochs=5", "train.checkpoint_every=3", "train.log_every=1"]
@@ -83,6 +84,7 @@ def test_interrupted_run_resumes_to_bit_identical_weights(config, tmp_path, refe
         assert summary["status"] == "interrupted" and "--resume" in summary["error"]
     else:
         assert process.returncode == -signal.SIGKILL and summary["status"] == "running"
+        assert list_runs(runs).by_id()[run_dir.name].status() == "crashed"  # its writer is gone
 
     resumed = launch("pretrain", "--resume", run_dir, "--runs-dir", runs, "--json")
     out, err = resumed.communicate(timeout=120)

@@ -9,6 +9,7 @@ import torch
 
 from transferctl.errors import UsageError
 from transferctl.runs import atomic_write_bytes, create_run, load_checkpoint, metrics_csv, read_run, resolve_run
+from transferctl.runs_index import list_runs, show_run
 
 
 def make_run(runs, label="simclr-mnist"):
@@ -93,3 +94,12 @@ def test_metrics_csv_is_written_beside_the_jsonl_and_follows_a_resume_truncation
     run.keep_metrics_through(1)
     assert (run.path / "metrics.csv").read_text() == "epoch,step,train_loss\n1,5,1.0\n"
     assert not list(run.path.glob(".*.tmp"))
+
+
+def test_a_run_whose_process_died_lists_as_crashed(tmp_path):
+    runs = tmp_path / "runs"
+    alive = make_run(runs)  # this process holds its writer lock
+    dead = make_run(runs).id  # the Run and its lock are dropped, as when a killed process's are
+    assert {info.id: info.status() for info in list_runs(runs).runs} == {alive.id: "running", dead: "crashed"}
+    assert f"transferctl pretrain --resume {runs / dead}" in show_run(dead, runs)["error"]
+    assert show_run(alive.id, runs)["error"] is None

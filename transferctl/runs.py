@@ -3,7 +3,7 @@
 
     runs/<id>/
       config.yaml        the resolved config (every default filled in)
-      summary.json       status (running|completed|failed|interrupted), metrics, timings, parent
+      summary.json       status (running|completed|failed|interrupted; `runs ls` shows a running run whose process died as crashed), metrics, timings, parent
       environment.json   package versions, git commit, device, seed, platform
       metrics.jsonl      one JSON object per epoch (or per evaluation)
       metrics.csv        the same rows as a table: the union of their keys as columns
@@ -155,6 +155,22 @@ def metrics_csv(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else "" if v is None else v for k, v in row.items()})
     return out.getvalue()
+
+
+def has_live_writer(run_dir: Path) -> bool:
+    """Whether a process still holds the run's writer lock. A run whose summary says `running` but whose
+    lock is free was killed before it could record how it ended (SIGKILL, out of memory, power loss)."""
+    try:
+        handle = open(run_dir / ".lock", "r")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def create_run(

@@ -16,7 +16,7 @@ from typing import Any
 
 from transferctl.config import flatten
 from transferctl.errors import UsageError
-from transferctl.runs import RunRecord, read_run
+from transferctl.runs import RunRecord, has_live_writer, read_run
 
 # The one metric that sums a run up, first found wins: test scores, then validation accuracy, then losses.
 KEY_METRICS = ("accuracy", "knn_accuracy", "best_val_accuracy", "val_accuracy", "best_val_loss", "val_loss", "train_loss")
@@ -53,6 +53,13 @@ class RunInfo:
         env = self.record.path / "environment.json"
         return self.started(), env.stat().st_mtime_ns if env.exists() else 0
 
+    def status(self) -> str | None:
+        """The recorded status, except that a `running` run whose process is gone is `crashed`."""
+        status = self.record.summary.get("status")
+        if status == "running" and not has_live_writer(self.record.path):
+            return "crashed"
+        return status
+
     def brief(self, now: float | None = None) -> dict[str, Any]:
         config, summary = self.record.config, self.record.summary
         metric = self.key_metric()
@@ -62,7 +69,7 @@ class RunInfo:
             "command": summary.get("command"),
             "method": config.get("method"),
             "dataset": (config.get("data") or {}).get("name"),
-            "status": summary.get("status"),
+            "status": self.status(),
             "key_metric": {"name": metric[0], "value": metric[1]} if metric else None,
             "parent": self.parent,
             "started_at": summary.get("started_at"),
@@ -166,9 +173,13 @@ def show_run(ref: str, runs_dir: Path) -> dict[str, Any]:
     runs = list_runs(record.path.parent).by_id()
     now = time.time()
     summary = record.summary
+    brief = info.brief(now)
+    error = summary.get("error")
+    if brief["status"] == "crashed":
+        error = f"its process died without recording how it ended; `transferctl {summary.get('command')} --resume {record.path}` continues from the last checkpoint"
     return {
-        **info.brief(now),
-        "error": summary.get("error"),
+        **brief,
+        "error": error,
         "metrics": summary.get("metrics") or {},
         "timings": {
             "started_at": summary.get("started_at"),
