@@ -12,7 +12,10 @@ the same recipes the CLI runs (`pretrain`, `finetune`, `evaluate`, with the ship
 - fine-tuning on the 10 labels per class alone, without the unlabeled images (the built-in recipe's
   settings: 200 steps, encoder LR 0.1x after a 50-step head warm-up).
 
-Every finished cell is stored in --out, so an interrupted benchmark continues where it stopped.
+Every finished cell is stored in --out, so an interrupted benchmark continues where it stopped. A
+cell's key includes a digest of the recipe file, the overrides and the source run it ran with, so
+editing a recipe measures again what depends on it (a change to transferctl's code does not: use a
+new --out then).
 
     python benchmarks/label_efficiency.py --data-dir ../shared/data            # the full table
     python benchmarks/label_efficiency.py --data-dir ../shared/data --quick    # a smoke test, seconds
@@ -21,6 +24,7 @@ Every finished cell is stored in --out, so an interrupted benchmark continues wh
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -72,6 +76,11 @@ class Cells:
         return self.done[key]
 
 
+def recipe_digest(config: Path, overrides: list[str], source: str | None = None) -> str:
+    """What a cell's result depends on besides the code: the recipe's text, the overrides, the encoder's run."""
+    return hashlib.sha256(config.read_bytes() + json.dumps([overrides, source]).encode()).hexdigest()[:10]
+
+
 def knn_of_probe(probe_dir: str, runs: Path) -> float:
     """k-NN accuracy of the frozen encoder inside a linear-probe run (for random init: its seeded init)."""
     record = read_trained_run(probe_dir, runs)
@@ -92,8 +101,15 @@ def tuned_accuracy(source: str | None, config: Path, overrides: list[str], runs:
 def encoders(data: str, cells: Cells, runs: Path, extra: list[str]) -> dict[str, dict[str, Any]]:
     """The three encoders for target `data`: name -> {source run (None: random init), pretraining seconds}."""
     other = OTHER[data]
-    supervised = cells.get(f"pretrain/supervised/{other}", lambda: {"run": str(pretrain(CONFIGS / f"supervised_{other}.yaml", extra, runs_dir=runs).run_dir)})
-    simclr = cells.get(f"pretrain/simclr/{data}", lambda: {"run": str(pretrain(CONFIGS / f"simclr_{data}.yaml", extra, runs_dir=runs).run_dir)})
+    supervised_config, simclr_config = CONFIGS / f"supervised_{other}.yaml", CONFIGS / f"simclr_{data}.yaml"
+    supervised = cells.get(
+        f"pretrain/supervised/{other}/{recipe_digest(supervised_config, extra)}",
+        lambda: {"run": str(pretrain(supervised_config, extra, runs_dir=runs).run_dir)},
+    )
+    simclr = cells.get(
+        f"pretrain/simclr/{data}/{recipe_digest(simclr_config, extra)}",
+        lambda: {"run": str(pretrain(simclr_config, extra, runs_dir=runs).run_dir)},
+    )
     return {
         "random init": {"source": None, "seconds": 0.0},
         f"supervised on {DATASETS[other]}": {"source": supervised["run"], "seconds": supervised["seconds"]},
@@ -104,16 +120,19 @@ def encoders(data: str, cells: Cells, runs: Path, extra: list[str]) -> dict[str,
 def measure_row(data: str, name: str, encoder: dict[str, Any], seeds: list[int], cells: Cells, runs: Path, extra: list[str]) -> dict[str, Any]:
     source, tag = encoder["source"], f"{data}/{name}"
     target = [f"data.name={data}"]
-    probe = cells.get(f"{tag}/linear", lambda: tuned_accuracy(source, CONFIGS / f"linear_{data}.yaml", target + extra, runs))
-    knn = cells.get(f"{tag}/knn", lambda: {"accuracy": knn_of_probe(probe["run"], runs)})
+    probe_config, probe_options = CONFIGS / f"linear_{data}.yaml", target + extra
+    probe_key = f"{tag}/linear/{recipe_digest(probe_config, probe_options, source)}"
+    probe = cells.get(probe_key, lambda: tuned_accuracy(source, probe_config, probe_options, runs))
+    knn = cells.get(probe_key.replace("/linear/", "/knn/"), lambda: {"accuracy": knn_of_probe(probe["run"], runs)})
     row: dict[str, Any] = {"data": data, "encoder": name, "linear": probe["accuracy"], "knn": knn["accuracy"]}
     seconds = encoder["seconds"] + probe["seconds"] + knn["seconds"]
     for column, labels, options in (("ft10", 10, []), ("ft100", 100, []), ("ft10_labels_only", 10, LABELS_ONLY)):
         config = CONFIGS / f"finetune{labels}_{data}.yaml"
-        runs_of_seed = [
-            cells.get(f"{tag}/{column}/seed{seed}", lambda seed=seed: tuned_accuracy(source, config, [*target, *options, f"data.seed={seed}", *extra], runs))
-            for seed in seeds
-        ]
+        runs_of_seed = []
+        for seed in seeds:
+            overrides = [*target, *options, f"data.seed={seed}", *extra]
+            key = f"{tag}/{column}/seed{seed}/{recipe_digest(config, overrides, source)}"
+            runs_of_seed.append(cells.get(key, lambda overrides=overrides: tuned_accuracy(source, config, overrides, runs)))
         accuracies = [r["accuracy"] for r in runs_of_seed]
         row[column] = statistics.mean(accuracies)
         row[f"{column}_sd"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0

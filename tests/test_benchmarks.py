@@ -1,0 +1,40 @@
+"""The label-efficiency benchmark's cache: a cell is measured once, and again when what it ran changes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "label_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def label_efficiency():
+    spec = importlib.util.spec_from_file_location("label_efficiency", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_cell_is_measured_once_and_remembered_across_runs(label_efficiency, tmp_path):
+    calls = []
+    measure = lambda: calls.append(1) or {"accuracy": 0.5}  # noqa: E731
+    cells = label_efficiency.Cells(tmp_path / "cells.jsonl")
+    assert cells.get("a", measure)["accuracy"] == 0.5
+    cells.get("a", measure)
+    label_efficiency.Cells(tmp_path / "cells.jsonl").get("a", measure)  # a rerun of the benchmark
+    assert len(calls) == 1
+
+
+def test_the_digest_changes_with_the_recipe_the_overrides_and_the_source(label_efficiency, tmp_path):
+    recipe = tmp_path / "linear.yaml"
+    recipe.write_text("train:\n  epochs: 5\n")
+    digest = label_efficiency.recipe_digest
+    first = digest(recipe, ["data.seed=0"], "runs/a")
+    assert digest(recipe, ["data.seed=0"], "runs/a") == first
+    assert digest(recipe, ["data.seed=1"], "runs/a") != first
+    assert digest(recipe, ["data.seed=0"], "runs/b") != first
+    recipe.write_text("train:\n  epochs: 10\n")
+    assert digest(recipe, ["data.seed=0"], "runs/a") != first
