@@ -1,7 +1,9 @@
-"""Fine-tuning options do what they claim: head warm-up, encoder LR scale, L2-SP, unlabeled pseudo-labels."""
+"""Fine-tuning options do what they claim: head warm-up, encoder LR scale, L2-SP, unlabeled pseudo-labels,
+weight averaging."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from transferctl import build
 from transferctl.config import DataConfig, load_config
 from transferctl.data import NO_LABEL, BatchAugment, load_split, load_unlabeled, split_train_val
 from transferctl.data.pipeline import UnlabeledStream
+from transferctl.engine.averaging import WeightAverage
+from transferctl.engine.evaluate import classify
 from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
 from transferctl.recipes import finetune, finetune_config, pretrain
 from transferctl.recipes import training
@@ -223,3 +227,37 @@ def test_an_unlabeled_batch_that_does_not_split_over_processes_is_refused_before
                  "--runs-dir", tmp_path / "runs")
     assert result.code == 2 and "finetune.unlabeled.batch_size: 33" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- weight averaging (train.ema_decay)
+
+def test_weight_average_follows_the_warmed_up_decay_and_copies_counters():
+    live = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
+    with torch.no_grad():
+        live[0].weight.fill_(0.0)
+    average = WeightAverage(live, decay=0.5)
+    expected = 0.0
+    for step, value in enumerate([1.0, 3.0, -2.0, 5.0]):
+        with torch.no_grad():
+            live[0].weight.fill_(value)
+        live[1].num_batches_tracked += 1
+        decay = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.18, 0.25, then capped at 0.5
+        expected = decay * expected + (1 - decay) * value
+        average.update(live)
+        assert average.network[0].weight.item() == pytest.approx(expected)
+    assert average.network[1].num_batches_tracked.item() == 4
+    assert live[0].weight.item() == 5.0 and not average.network[0].weight.requires_grad
+
+
+def test_the_weight_average_is_what_a_run_validates_and_saves(source, tmp_path):
+    options = ["train.max_steps=6", "train.ema_decay=0.9"]
+    run = tune(source, tmp_path, *options)
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["averaged_steps"] == 6
+    assert not torch.equal(checkpoint["model"]["head.2.weight"], checkpoint["trained_model"]["head.2.weight"])
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(best[k], checkpoint["model"][k]) for k in best)
+    prepared = prepare(finetune_config(str(source), None, [*FEW_LABELS, *options]))
+    prepared.model.load_state_dict(checkpoint["model"])
+    last_row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert classify(prepared.model, prepared.val, 256).accuracy == last_row["val_accuracy"]

@@ -184,20 +184,24 @@ train: {{device: cpu, epochs: 10}}
 """
 
 
-@pytest.mark.parametrize("pipeline", ["memory", "loader"])
-def test_extending_a_run_that_stopped_mid_epoch_equals_running_it_whole(tmp_path, digits_root, pipeline):
+@pytest.mark.parametrize("pipeline, ema", [("memory", 0.0), ("loader", 0.0), ("memory", 0.8)])
+def test_extending_a_run_that_stopped_mid_epoch_equals_running_it_whole(tmp_path, digits_root, pipeline, ema):
     """50 labelled images, batch 16: 4 steps an epoch. A run capped at 6 steps ends inside epoch 2;
-    extended to 11 it must equal an 11-step run (dropout and the loader draw randomness too)."""
+    extended to 11 it must equal an 11-step run (dropout and the loader draw randomness too; with
+    weight averaging, the average and the trained weights both)."""
     from transferctl.recipes import finetune, resume
 
     config = write_config(tmp_path / "ft.yaml", CLASSIFIER.format(root=digits_root, pipeline=pipeline))
-    whole = finetune(None, config, ["train.max_steps=11"], runs_dir=tmp_path / "whole").run_dir
-    part = finetune(None, config, ["train.max_steps=6"], runs_dir=tmp_path / "part").run_dir
+    averaging = [f"train.ema_decay={ema}"]
+    whole = finetune(None, config, ["train.max_steps=11", *averaging], runs_dir=tmp_path / "whole").run_dir
+    part = finetune(None, config, ["train.max_steps=6", *averaging], runs_dir=tmp_path / "part").run_dir
     assert final_state(part)["position"]["batch_in_epoch"] == 2  # the checkpoint stays inside epoch 2
     resume(str(part), ["train.max_steps=11"], command="finetune", runs_dir=tmp_path / "part")
     a, b = final_state(whole), final_state(part)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    rows = lambda d: [(r["epoch"], r["step"], r["train_loss"]) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    for weights in ("model", "trained_model") if ema else ("model",):
+        assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
+    assert a.get("averaged_steps") == b.get("averaged_steps") == (11 if ema else None)
+    rows = lambda d: [(r["epoch"], r["step"], r["train_loss"], r.get("val_accuracy")) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
     assert rows(whole) == rows(part)
 
 

@@ -107,6 +107,7 @@ class TrainConfig(BaseModel):
     compile: bool = False
     sync_batchnorm: bool = False
     tensorboard: bool = False  # event files in runs/<id>/tensorboard/ (the tensorboard extra)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: validate, save and export a moving average of the weights
 
     @pydantic.field_validator("precision", mode="before")
     @classmethod

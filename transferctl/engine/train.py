@@ -19,6 +19,7 @@ from torch import nn
 from transferctl import distributed
 from transferctl.data import BatchAugment, ImageData, num_batches
 from transferctl.data.pipeline import MemoryPipeline, Pipeline
+from transferctl.engine.averaging import WeightAverage
 from transferctl.engine.evaluate import classify
 from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
 from transferctl.errors import RunFailed, UsageError
@@ -65,7 +66,7 @@ class Objective(Protocol):
     views: int  # augmented views of each image a step needs
 
     def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor: ...
-    def validate(self, val: ImageData, batch_size: int) -> dict[str, float]: ...
+    def validate(self, val: ImageData, batch_size: int, network: Network | None = None) -> dict[str, float]: ...
 
 
 @dataclass
@@ -93,14 +94,16 @@ class ContrastiveObjective:
         return self.criterion(z1, z2, gather=self.gather)
 
     @torch.no_grad()
-    def validate(self, val: ImageData, batch_size: int) -> dict[str, float]:
-        """NT-Xent on the held-out images (every rank: all of them), with a fixed augmentation seed so epochs compare."""
-        self.network.eval()
+    def validate(self, val: ImageData, batch_size: int, network: Network | None = None) -> dict[str, float]:
+        """NT-Xent on the held-out images (every rank: all of them), with a fixed augmentation seed so epochs compare.
+        `network` (default: the trained one) is what is scored, e.g. the weight average."""
+        network = network or self.network
+        network.eval()
         size = min(batch_size, len(val))
         views = MemoryPipeline(val, self.augment, views=2, batch_size=size, seed=0, drop_last=True)
         total, count = torch.zeros((), device=val.images.device), 0
         for pair, labels in views.batches(epoch=0):
-            z1, z2 = self.network(torch.cat(pair)).chunk(2)
+            z1, z2 = network(torch.cat(pair)).chunk(2)
             total += self.criterion(z1, z2) * len(labels)
             count += len(labels)
         return {"val_loss": total.item() / max(count, 1)}
@@ -142,8 +145,8 @@ class ClassificationObjective:
             loss = loss + self.anchor.penalty()
         return loss
 
-    def validate(self, val: ImageData, batch_size: int) -> dict[str, float]:
-        result = classify(self.network, val, batch_size)
+    def validate(self, val: ImageData, batch_size: int, network: Network | None = None) -> dict[str, float]:
+        result = classify(network or self.network, val, batch_size)
         return {"val_loss": result.loss, "val_accuracy": result.accuracy}
 
 
@@ -161,6 +164,7 @@ class Settings:
     checkpoint_every: int | None = None
     on_nan: str = "stop"
     precision: str = "32"  # 32, bf16 (autocast) or 16 (autocast and a gradient scaler; CUDA)
+    ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
 
 
 @dataclass
@@ -286,9 +290,13 @@ class _Loop:
         self.half = {"bf16": torch.bfloat16, "16": torch.float16}.get(settings.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "16")
         self.pos = Position(lr=optimizer.param_groups[-1]["lr"])
+        self.average = WeightAverage(model, settings.ema_decay) if settings.ema_decay else None
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
-        self.model.load_state_dict(checkpoint["model"])
+        self.model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))
+        if self.average is not None:
+            self.average.network.load_state_dict(checkpoint["model"])
+            self.average.updates = checkpoint["averaged_steps"]
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint.get("scaler", {}))
@@ -296,8 +304,14 @@ class _Loop:
         self.pos = Position(**checkpoint["position"])
 
     def state(self) -> dict[str, Any]:
+        """What a checkpoint holds. `model` is what evaluation, export and fine-tuning use: the weight
+        average when there is one (the trained weights are then kept as `trained_model`, to resume)."""
+        averaged = {} if self.average is None else {
+            "trained_model": self.model.state_dict(), "averaged_steps": self.average.updates,
+        }
         return {
-            "model": self.model.state_dict(),
+            "model": (self.model if self.average is None else self.average.network).state_dict(),
+            **averaged,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -378,6 +392,8 @@ class _Loop:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.pos.epoch_images += len(labels)
+            if self.average is not None:
+                self.average.update(self.model)
         self.scheduler.step()
         self.pos.step += 1
         self.pos.batch_in_epoch += 1
@@ -407,7 +423,8 @@ class _Loop:
             _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
         has_val = self.val is not None and len(self.val) > 0
         if has_val and ((epoch + 1) % self.settings.val_every == 0 or pos.step >= self.steps):
-            row.update(self.objective.validate(self.val, self.settings.eval_batch_size))
+            scored = None if self.average is None else self.average.network
+            row.update(self.objective.validate(self.val, self.settings.eval_batch_size, scored))
         is_best = (not has_val) or ("val_loss" in row and _is_better(row, pos.best, self.objective.contrastive))
         if complete:
             pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0

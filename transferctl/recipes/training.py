@@ -243,7 +243,7 @@ def settings_of(cfg: Config) -> Settings:
     return Settings(
         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, epochs=t.epochs, max_steps=t.max_steps,
         seed=t.seed, log_every=t.log_every, val_every=t.val_every, checkpoint_every=t.checkpoint_every, on_nan=t.on_nan,
-        precision=t.precision,
+        precision=t.precision, ema_decay=t.ema_decay,
     )
 
 
