@@ -63,12 +63,12 @@ def test_labels_per_class_larger_than_a_class_is_a_usage_error():
 
 def test_training_data_never_overlaps_validation_and_subsets_only_train(digits_root):
     cfg = DataConfig(name="mnist", root=str(digits_root), labels_per_class=5, val_fraction=0.2, seed=0)
-    train, val = load_training_data(cfg, labelled_subset=True)
+    train, val, _ = load_training_data(cfg, labelled_subset=True)
     assert len(train) == 50 and len(val) == 120
     assert torch.bincount(train.labels, minlength=10).tolist() == [5] * 10
     train_set = {bytes(img.numpy()) for img in train.images}
     assert train_set.isdisjoint({bytes(img.numpy()) for img in val.images})
-    unlabelled, _ = load_training_data(cfg, labelled_subset=False)
+    unlabelled = load_training_data(cfg, labelled_subset=False).train
     assert len(unlabelled) == 480
 
 

@@ -155,16 +155,14 @@ def test_pseudo_labels_count_only_confident_predictions(digits_root):
     )
 
 
-def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path, monkeypatch):
-    loaded = []
-    real = training.load_unlabeled
-    monkeypatch.setattr(training, "load_unlabeled", lambda cfg: loaded.append(cfg) or real(cfg))
+def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path):
+    semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0", "finetune.unlabeled.batch_size=32"]
+    assert prepare(finetune_config(str(source), None, FEW_LABELS)).unlabeled is None
+    prepared = prepare(finetune_config(str(source), None, [*FEW_LABELS, *semi]))
+    assert len(prepared.train) == 50 and len(prepared.unlabeled) > 50 and (prepared.unlabeled.labels == NO_LABEL).all()
     plain = tune(source, tmp_path, "train.max_steps=3")
-    assert loaded == []
-    semi = tune(source, tmp_path, "train.max_steps=3", "finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0",
-                "finetune.unlabeled.batch_size=32")
-    assert len(loaded) == 1
-    assert not torch.equal(weights(plain)["head.2.weight"], weights(semi)["head.2.weight"])  # standardize, dropout, linear
+    tuned = tune(source, tmp_path, "train.max_steps=3", *semi)
+    assert not torch.equal(weights(plain)["head.2.weight"], weights(tuned)["head.2.weight"])  # standardize, dropout, linear
 
 
 def test_a_semi_supervised_finetune_resumes_exactly(source, tmp_path):

@@ -70,7 +70,7 @@ def test_a_plot_that_fails_never_fails_the_run(cli, simclr_config, tmp_path, mon
 def test_first_batch_keeps_what_the_model_saw_and_changes_nothing(digits_root, simclr_config):
     from transferctl.config import load_config
 
-    train, _ = load_training_data(load_config(simclr_config).data, labelled_subset=False)
+    train = load_training_data(load_config(simclr_config).data, labelled_subset=False).train
     augment = simclr(hflip_default=False)
 
     def pipeline():

@@ -13,7 +13,7 @@ import io
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, NamedTuple
 
 import torch
 import torchvision
@@ -277,20 +277,27 @@ def _train_and_val(data_cfg) -> tuple[ImageData, ImageData]:
     return full.subset(train_idx), full.subset(val_idx)
 
 
-def load_training_data(data_cfg, labelled_subset: bool) -> tuple[ImageData, ImageData]:
-    """(train, val) from the training split: a seeded held-out val part, and, when asked for,
-    a stratified `labels_per_class` subset of the rest. The test split is never touched."""
-    train, val = _train_and_val(data_cfg)
-    if labelled_subset and data_cfg.labels_per_class:
-        train = train.subset(stratified_subset(train.labels, data_cfg.labels_per_class, data_cfg.seed))
-    return train, val
-
-
 NO_LABEL = -1
 
 
+class TrainingData(NamedTuple):
+    train: ImageData
+    val: ImageData
+    unlabeled: ImageData | None  # when asked for: the training part (labelled subset or not) without labels
+
+
+def load_training_data(data_cfg, labelled_subset: bool, unlabeled: bool = False) -> TrainingData:
+    """(train, val, unlabeled) from the training split, read once: a seeded held-out val part; when asked
+    for, a stratified `labels_per_class` subset of the rest, and every image of the rest with its label
+    replaced by NO_LABEL (what semi-supervised fine-tuning may learn from without seeing more labels).
+    The test split is never touched."""
+    train, val = _train_and_val(data_cfg)
+    pool = replace(train, labels=torch.full_like(train.labels, NO_LABEL)) if unlabeled else None
+    if labelled_subset and data_cfg.labels_per_class:
+        train = train.subset(stratified_subset(train.labels, data_cfg.labels_per_class, data_cfg.seed))
+    return TrainingData(train, val, pool)
+
+
 def load_unlabeled(data_cfg) -> ImageData:
-    """Every training image outside the val part, its label replaced by NO_LABEL: what semi-supervised
-    fine-tuning may learn from without seeing more labels than `labels_per_class`."""
-    pool, _ = _train_and_val(data_cfg)
-    return replace(pool, labels=torch.full_like(pool.labels, NO_LABEL))
+    """Every training image outside the val part, without its label."""
+    return load_training_data(data_cfg, labelled_subset=False, unlabeled=True).unlabeled

@@ -12,7 +12,7 @@ import torch
 
 from transferctl import build, events, plots
 from transferctl.config import PRETRAIN_METHODS, Config, load_config, merge, read_yaml
-from transferctl.data import BatchAugment, ImageData, data_root, load_training_data, load_unlabeled
+from transferctl.data import BatchAugment, ImageData, data_root, load_training_data
 from transferctl.data.pipeline import UnlabeledStream
 from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
 from transferctl.registry import AUGMENTATIONS
@@ -168,6 +168,7 @@ class Prepared:
     train: ImageData
     val: ImageData
     model: Network
+    unlabeled: ImageData | None = None  # the pseudo-label pool, when finetune.unlabeled is on
 
 
 def prepare(cfg: Config, load_source: bool = True) -> Prepared:
@@ -183,7 +184,8 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
     _check_finetune_options(cfg)
     events.check_available(cfg.train.tensorboard)
     torch.manual_seed(cfg.train.seed)
-    train, val = load_training_data(cfg.data, labelled_subset=cfg.is_classifier)
+    pseudo_labelling = cfg.method == "finetune" and cfg.finetune.unlabeled.weight > 0
+    train, val, unlabeled = load_training_data(cfg.data, labelled_subset=cfg.is_classifier, unlabeled=pseudo_labelling)
     total_steps(settings_of(cfg), len(train), not cfg.is_classifier)  # refuses a batch larger than the data
     model = build.build_network(cfg, train.channels, train.image_size, train.num_classes)
     _check_fits(model, cfg, train)
@@ -191,7 +193,7 @@ def prepare(cfg: Config, load_source: bool = True) -> Prepared:
         load_encoder_weights(model, cfg)
     elif cfg.model.weights and load_source:
         build.load_model_weights(model.encoder, cfg)
-    return Prepared(cfg, device, train, val.to(device), model.to(device))
+    return Prepared(cfg, device, train, val.to(device), model.to(device), unlabeled)
 
 
 def _check_finetune_options(cfg: Config) -> None:
@@ -311,12 +313,12 @@ def _weight_anchor(p: Prepared) -> WeightAnchor | None:
 
 def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
     options = p.cfg.finetune.unlabeled
-    if not options.weight:
-        return None  # the unlabeled images are not even loaded
+    if p.unlabeled is None:
+        return None  # finetune.unlabeled is off: the images were not even kept
     strong = AUGMENTATIONS.build(options.augment.name, options.augment.options, hflip_default=p.train.hflip)
     ranks = world()
     stream = UnlabeledStream(
-        load_unlabeled(p.cfg.data).to(p.device), weak, strong, batch_size=options.batch_size, seed=p.cfg.train.seed,
+        p.unlabeled.to(p.device), weak, strong, batch_size=options.batch_size, seed=p.cfg.train.seed,
         channels_last=build.use_channels_last(p.cfg, p.device), rank=ranks.rank, world=ranks.size,
     )
     return PseudoLabels(stream, options.weight, options.threshold)
