@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,10 +36,11 @@ from typing import Any, Callable
 import torch
 
 from transferctl.config import load_config
-from transferctl.data import load_split
+from transferctl.data import DATA_DIR_ENV, load_split
 from transferctl.engine import knn_accuracy
 from transferctl.recipes import evaluate, finetune, pretrain
 from transferctl.recipes.evaluation import as_trained, trained_model
+from transferctl.recipes.training import recipe_path
 from transferctl.runs import load_checkpoint, read_trained_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,8 +79,10 @@ class Cells:
 
 
 def recipe_digest(config: Path, overrides: list[str], source: str | None = None) -> str:
-    """What a cell's result depends on besides the code: the recipe's text, the overrides, the encoder's run."""
-    return hashlib.sha256(config.read_bytes() + json.dumps([overrides, source]).encode()).hexdigest()[:10]
+    """What a cell's result depends on besides the code: the recipe's text (and the built-in fine-tune
+    recipe it is merged onto), the overrides, the encoder's run and the data folder."""
+    texts = config.read_bytes() + recipe_path("finetune").read_bytes()
+    return hashlib.sha256(texts + json.dumps([overrides, source, os.environ.get(DATA_DIR_ENV)]).encode()).hexdigest()[:10]
 
 
 def knn_of_probe(probe_dir: str, runs: Path) -> float:

@@ -37,4 +37,17 @@ def test_the_digest_changes_with_the_recipe_the_overrides_and_the_source(label_e
     assert digest(recipe, ["data.seed=1"], "runs/a") != first
     assert digest(recipe, ["data.seed=0"], "runs/b") != first
     recipe.write_text("train:\n  epochs: 10\n")
-    assert digest(recipe, ["data.seed=0"], "runs/a") != first
+    second = digest(recipe, ["data.seed=0"], "runs/a")
+    assert second != first
+
+
+def test_the_digest_follows_the_built_in_finetune_recipe_and_the_data_folder(label_efficiency, tmp_path, monkeypatch):
+    recipe, built_in = tmp_path / "linear.yaml", tmp_path / "finetune.yaml"
+    recipe.write_text("train:\n  epochs: 5\n")
+    built_in.write_text("finetune:\n  head_warmup_steps: 50\n")
+    monkeypatch.setattr(label_efficiency, "recipe_path", lambda name: built_in)
+    first = label_efficiency.recipe_digest(recipe, [])
+    built_in.write_text("finetune:\n  head_warmup_steps: 0\n")
+    second = label_efficiency.recipe_digest(recipe, [])
+    monkeypatch.setenv(label_efficiency.DATA_DIR_ENV, str(tmp_path))
+    assert len({first, second, label_efficiency.recipe_digest(recipe, [])}) == 3

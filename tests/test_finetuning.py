@@ -159,7 +159,9 @@ def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path):
     semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0", "finetune.unlabeled.batch_size=32"]
     assert prepare(finetune_config(str(source), None, FEW_LABELS)).unlabeled is None
     prepared = prepare(finetune_config(str(source), None, [*FEW_LABELS, *semi]))
-    assert len(prepared.train) == 50 and len(prepared.unlabeled) > 50 and (prepared.unlabeled.labels == NO_LABEL).all()
+    pool = load_unlabeled(prepared.cfg.data)
+    assert len(prepared.train) == 50 and torch.equal(prepared.unlabeled.images, pool.images)
+    assert (prepared.unlabeled.labels == NO_LABEL).all()
     plain = tune(source, tmp_path, "train.max_steps=3")
     tuned = tune(source, tmp_path, "train.max_steps=3", *semi)
     assert not torch.equal(weights(plain)["head.2.weight"], weights(tuned)["head.2.weight"])  # standardize, dropout, linear
@@ -258,4 +260,7 @@ def test_the_weight_average_is_what_a_run_validates_and_saves(source, tmp_path):
     prepared = prepare(finetune_config(str(source), None, [*FEW_LABELS, *options]))
     prepared.model.load_state_dict(checkpoint["model"])
     last_row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert classify(prepared.model, prepared.val, 256).accuracy == last_row["val_accuracy"]
+    scored = classify(prepared.model, prepared.val, 256)
+    assert (scored.accuracy, scored.loss) == pytest.approx((last_row["val_accuracy"], last_row["val_loss"]), rel=1e-6)
+    prepared.model.load_state_dict(checkpoint["trained_model"])
+    assert classify(prepared.model, prepared.val, 256).loss != pytest.approx(last_row["val_loss"], rel=1e-6)

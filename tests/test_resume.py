@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import SMALL_SIMCLR, write_config
 from transferctl.recipes import pretrain
@@ -127,6 +128,20 @@ def test_resume_refuses_changed_config_with_a_diff(cli, config, tmp_path):
     result = cli("pretrain", "--resume", done["run_id"], "optimizer.lr=0.5", "train.max_steps=8", "--runs-dir", runs)
     assert result.code == 2
     assert "cannot change optimizer.lr: 0.003 -> 0.5" in result.stderr and "train.epochs" in result.stderr
+
+
+def test_a_run_older_than_a_setting_resumes_but_cannot_switch_it_on(cli, config, tmp_path):
+    runs = tmp_path / "runs"
+    done = cli("pretrain", "-c", config, "train.max_steps=4", "--runs-dir", runs, "--json").json
+    saved = Path(done["run_dir"]) / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["train"]["ema_decay"]  # as a transferctl from before weight averaging wrote it
+    saved.write_text(yaml.safe_dump(old))
+    switched = cli("pretrain", "--resume", done["run_id"], "train.ema_decay=0.9", "train.max_steps=6", "--runs-dir", runs)
+    assert switched.code == 2 and "cannot change train.ema_decay: 0.0 -> 0.9" in switched.stderr
+    extended = cli("pretrain", "--resume", done["run_id"], "train.max_steps=6", "--runs-dir", runs, "--json")
+    assert extended.code == 0, extended.stderr
+    assert extended.json["metrics"]["step"] == 6
 
 
 def test_resume_of_a_completed_run_has_nothing_to_do_unless_extended(cli, config, tmp_path):

@@ -103,3 +103,5 @@ def test_a_run_whose_process_died_lists_as_crashed(tmp_path):
     assert {info.id: info.status() for info in list_runs(runs).runs} == {alive.id: "running", dead: "crashed"}
     assert f"transferctl pretrain --resume {runs / dead}" in show_run(dead, runs)["error"]
     assert show_run(alive.id, runs)["error"] is None
+    evaluation = create_run(runs, "evaluate-mnist", {"method": "finetune"}, parent=None, command="evaluate").id  # dropped too
+    assert "run `transferctl evaluate` again" in show_run(evaluation, runs)["error"]  # evaluate has no --resume

@@ -159,15 +159,18 @@ def metrics_csv(rows: list[dict[str, Any]]) -> str:
 
 def has_live_writer(run_dir: Path) -> bool:
     """Whether a process still holds the run's writer lock. A run whose summary says `running` but whose
-    lock is free was killed before it could record how it ended (SIGKILL, out of memory, power loss)."""
+    lock is free was killed before it could record how it ended (SIGKILL, out of memory, power loss).
+    When the lock cannot be probed (no permission, a file system without flock) the writer counts as alive."""
     try:
         handle = open(run_dir / ".lock", "r")
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # BlockingIOError: another process holds it
             return True
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False

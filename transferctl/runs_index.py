@@ -56,9 +56,11 @@ class RunInfo:
     def status(self) -> str | None:
         """The recorded status, except that a `running` run whose process is gone is `crashed`."""
         status = self.record.summary.get("status")
-        if status == "running" and not has_live_writer(self.record.path):
-            return "crashed"
-        return status
+        if status != "running" or has_live_writer(self.record.path):
+            return status
+        # the run may have closed its summary between our reading it and probing the lock
+        recorded = _recorded_status(self.record.path)
+        return "crashed" if recorded == "running" else recorded
 
     def brief(self, now: float | None = None) -> dict[str, Any]:
         config, summary = self.record.config, self.record.summary
@@ -75,6 +77,13 @@ class RunInfo:
             "started_at": summary.get("started_at"),
             "age_s": round((now or time.time()) - self.started(), 1),
         }
+
+
+def _recorded_status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
 
 
 def _read(path: Path) -> RunRecord | None:
@@ -176,7 +185,12 @@ def show_run(ref: str, runs_dir: Path) -> dict[str, Any]:
     brief = info.brief(now)
     error = summary.get("error")
     if brief["status"] == "crashed":
-        error = f"its process died without recording how it ended; `transferctl {summary.get('command')} --resume {record.path}` continues from the last checkpoint"
+        command = summary.get("command")
+        again = (
+            f"`transferctl {command} --resume {record.path}` continues from the last checkpoint" if command in ("pretrain", "finetune")
+            else f"run `transferctl {command}` again"
+        )
+        error = f"its process died without recording how it ended; {again}"
     return {
         **brief,
         "error": error,

@@ -45,7 +45,8 @@ def resume(
     if record.summary.get("command") != command:
         raise UsageError(f"--resume {ref}: the run was made by `transferctl {record.summary.get('command')}`; resume it with that command")
     cfg = load_config(None, overrides, base=record.config)
-    changes = config_changes(record.config, cfg.to_dict())
+    # against the old config with today's defaults filled in, so a key it predates still counts as changed
+    changes = config_changes(load_config(None, [], base=record.config).to_dict(), cfg.to_dict())
     refused = {k: v for k, v in changes.items() if k not in SAFE_ON_RESUME}
     if refused:
         diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
