@@ -243,7 +243,7 @@ def test_weight_average_follows_the_warmed_up_decay_and_copies_counters():
         live[1].num_batches_tracked += 1
         decay = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.18, 0.25, then capped at 0.5
         expected = decay * expected + (1 - decay) * value
-        average.update(live)
+        average.update()
         assert average.network[0].weight.item() == pytest.approx(expected)
     assert average.network[1].num_batches_tracked.item() == 4
     assert live[0].weight.item() == 5.0 and not average.network[0].weight.requires_grad

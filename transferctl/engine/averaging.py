@@ -25,17 +25,21 @@ class WeightAverage:
         self.network = copy.deepcopy(network).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
+        # (average, live) tensor pairs, found once: state_dict tensors share storage with the modules,
+        # so the per-step update touches no dicts (load_state_dict copies in place and keeps them valid)
+        averages, live = self.network.state_dict(), network.state_dict()
+        self._floats = [(averages[k], live[k]) for k in averages if averages[k].is_floating_point()]
+        self._counters = [(averages[k], live[k]) for k in averages if not averages[k].is_floating_point()]
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, live: nn.Module) -> None:
+    def update(self) -> None:
+        """One step of the average toward the live network's current weights."""
         weight = 1.0 - self.current_decay()
-        current = live.state_dict()
-        for name, average in self.network.state_dict().items():
-            if average.is_floating_point():
-                average.lerp_(current[name].to(average.dtype), weight)
-            else:
-                average.copy_(current[name])
+        for average, live in self._floats:
+            average.lerp_(live.to(average.dtype), weight)
+        for average, live in self._counters:
+            average.copy_(live)
         self.updates += 1

@@ -393,7 +393,7 @@ class _Loop:
             self.scaler.update()
             self.pos.epoch_images += len(labels)
             if self.average is not None:
-                self.average.update(self.model)
+                self.average.update()
         self.scheduler.step()
         self.pos.step += 1
         self.pos.batch_in_epoch += 1
