@@ -45,6 +45,10 @@ def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in a if a[k].is_floating_point() and "running" not in k)
 
 
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def tune(source: Path, tmp_path: Path, *overrides: str) -> Path:
     return finetune(str(source), None, [*FEW_LABELS, *overrides], runs_dir=tmp_path / "runs").run_dir
 
@@ -155,6 +159,21 @@ def test_pseudo_labels_count_only_confident_predictions(digits_root):
     )
 
 
+def test_pseudo_labels_count_what_they_keep_until_the_counts_are_taken(digits_root):
+    pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
+    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), batch_size=16, seed=0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    with torch.no_grad():
+        confidence = model(stream.batch(0)[0]).softmax(dim=1).max(dim=1).values
+    threshold = confidence.median().item()
+    labels = PseudoLabels(stream, 1.0, threshold=threshold)
+    labels.loss(model, 0)
+    labels.loss(model, 0)
+    passed, seen = labels.take_counts()
+    assert (float(passed), seen) == (2.0 * (confidence >= threshold).sum().item(), 32)
+    assert labels.take_counts() == (0.0, 0)  # taking them starts the count again
+
+
 def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path):
     semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0", "finetune.unlabeled.batch_size=32"]
     assert prepare(finetune_config(str(source), None, FEW_LABELS)).unlabeled is None
@@ -165,6 +184,8 @@ def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path):
     plain = tune(source, tmp_path, "train.max_steps=3")
     tuned = tune(source, tmp_path, "train.max_steps=3", *semi)
     assert not torch.equal(weights(plain)["head.2.weight"], weights(tuned)["head.2.weight"])  # standardize, dropout, linear
+    assert all("pseudo_label_rate" not in row for row in metric_rows(plain))
+    assert [row["pseudo_label_rate"] for row in metric_rows(tuned)] == [1.0] * len(metric_rows(tuned))  # threshold 0 keeps all
 
 
 def test_a_semi_supervised_finetune_resumes_exactly(source, tmp_path):

@@ -36,16 +36,26 @@ class WeightAnchor:
 class PseudoLabels:
     """FixMatch (Sohn et al., 2020): the model's confident predictions on weakly augmented unlabeled
     images are cross-entropy targets for strongly augmented views of the same images. Early on few
-    predictions pass `threshold`, so the term grows as the classifier becomes trustworthy."""
+    predictions pass `threshold`, so the term grows as the classifier becomes trustworthy. `passed` and
+    `seen` count the pseudo-labels kept since they were last taken: the rate a threshold is tuned by."""
 
     stream: UnlabeledStream
     weight: float
     threshold: float
+    passed: torch.Tensor | float = 0.0  # summed on the device: reading it every step would sync
+    seen: int = 0
 
     def loss(self, forward: nn.Module, step: int) -> torch.Tensor:
         weak, strong = self.stream.batch(step)
         with torch.no_grad():
             confidence, targets = forward(weak).float().softmax(dim=1).max(dim=1)
         mask = (confidence >= self.threshold).float()
+        self.passed, self.seen = self.passed + mask.sum(), self.seen + len(mask)
         per_image = F.cross_entropy(forward(strong).float(), targets, reduction="none")
         return self.weight * (per_image * mask).mean()
+
+    def take_counts(self) -> tuple[torch.Tensor | float, int]:
+        """(pseudo-labels kept, unlabeled images seen) since the last call; the counts restart at zero."""
+        counts = (self.passed, self.seen)
+        self.passed, self.seen = 0.0, 0
+        return counts

@@ -67,6 +67,7 @@ class Objective(Protocol):
 
     def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor: ...
     def validate(self, val: ImageData, batch_size: int, network: Network | None = None) -> dict[str, float]: ...
+    def epoch_metrics(self) -> dict[str, float]: ...
 
 
 @dataclass
@@ -108,6 +109,9 @@ class ContrastiveObjective:
             count += len(labels)
         return {"val_loss": total.item() / max(count, 1)}
 
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
+
 
 @dataclass
 class ClassificationObjective:
@@ -148,6 +152,16 @@ class ClassificationObjective:
     def validate(self, val: ImageData, batch_size: int, network: Network | None = None) -> dict[str, float]:
         result = classify(network or self.network, val, batch_size)
         return {"val_loss": result.loss, "val_accuracy": result.accuracy}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """The share of unlabeled images whose pseudo-label passed the threshold, over the steps since the last call."""
+        if self.pseudo_labels is None:
+            return {}
+        passed, seen = self.pseudo_labels.take_counts()
+        return {"pseudo_label_rate": _global_mean(torch.as_tensor(passed, device=self._device()), seen)}
+
+    def _device(self) -> torch.device:
+        return next(self.network.parameters()).device
 
 
 @dataclass
@@ -414,6 +428,7 @@ class _Loop:
             "lr": pos.lr,  # the rate of the epoch's last step
             "images_per_s": images / max(seconds, 1e-9),
             "epoch_time_s": round(seconds, 3),
+            **self.objective.epoch_metrics(),
         }
         if pos.skipped_steps:
             row["skipped_steps"] = pos.skipped_steps
