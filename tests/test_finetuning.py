@@ -174,6 +174,26 @@ def test_pseudo_labels_count_what_they_keep_until_the_counts_are_taken(digits_ro
     assert labels.take_counts() == (0.0, 0)  # taking them starts the count again
 
 
+def test_alignment_hands_the_less_favoured_class_its_share_of_pseudo_labels(digits_root):
+    pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
+    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), batch_size=4, seed=0)
+    leaning = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])  # every image leans to class 0
+    assert PseudoLabels(stream, 1.0, 0.0).targets(leaning)[1].tolist() == [0, 0, 0, 0]
+    confidence, targets = PseudoLabels(stream, 1.0, 0.0, class_shares=torch.tensor([0.5, 0.5])).targets(leaning)
+    assert targets.tolist() == [0, 0, 1, 1]  # the batch now splits as the labelled images do
+    assert confidence[0].item() == pytest.approx(0.75)  # 0.9 * (0.5/0.75) vs 0.1 * (0.5/0.25), renormalised
+
+
+def test_alignment_takes_its_class_shares_from_the_labelled_images(source):
+    semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=32"]
+    plain = build_training(prepare(finetune_config(str(source), None, [*FEW_LABELS, *semi]))).objective
+    assert plain.pseudo_labels.class_shares is None
+    prepared = prepare(finetune_config(str(source), None, [*FEW_LABELS, *semi, "finetune.unlabeled.align=true"]))
+    shares = build_training(prepared).objective.pseudo_labels.class_shares
+    expected = torch.bincount(prepared.train.labels, minlength=10).float() / len(prepared.train)
+    assert torch.allclose(shares, expected) and shares.sum().item() == pytest.approx(1.0)
+
+
 def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path):
     semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0", "finetune.unlabeled.batch_size=32"]
     assert prepare(finetune_config(str(source), None, FEW_LABELS)).unlabeled is None

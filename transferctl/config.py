@@ -124,6 +124,7 @@ class UnlabeledConfig(BaseModel):
     weight: float = Field(0.0, ge=0.0)
     batch_size: PositiveInt = 256
     threshold: float = Field(0.95, ge=0.0, le=1.0)
+    align: bool = False  # distribution alignment: each batch's predictions reweighted to the labelled class shares
     augment: Optional[Component] = None  # the strong view; the weak one is data.augment
 
 

@@ -37,22 +37,34 @@ class PseudoLabels:
     """FixMatch (Sohn et al., 2020): the model's confident predictions on weakly augmented unlabeled
     images are cross-entropy targets for strongly augmented views of the same images. Early on few
     predictions pass `threshold`, so the term grows as the classifier becomes trustworthy. `passed` and
-    `seen` count the pseudo-labels kept since they were last taken: the rate a threshold is tuned by."""
+    `seen` count the pseudo-labels kept since they were last taken: the rate a threshold is tuned by.
+
+    With `class_shares` (distribution alignment, as in ReMixMatch, over each batch): the predictions
+    are reweighted so their batch mean matches those shares before the threshold. Classes the model
+    is unsure of then still get pseudo-labels, instead of the easy classes taking them all."""
 
     stream: UnlabeledStream
     weight: float
     threshold: float
+    class_shares: torch.Tensor | None = None  # the labelled images' class frequencies, summing to 1
     passed: torch.Tensor | float = 0.0  # summed on the device: reading it every step would sync
     seen: int = 0
 
     def loss(self, forward: nn.Module, step: int) -> torch.Tensor:
         weak, strong = self.stream.batch(step)
         with torch.no_grad():
-            confidence, targets = forward(weak).float().softmax(dim=1).max(dim=1)
+            confidence, targets = self.targets(forward(weak).float().softmax(dim=1))
         mask = (confidence >= self.threshold).float()
         self.passed, self.seen = self.passed + mask.sum(), self.seen + len(mask)
         per_image = F.cross_entropy(forward(strong).float(), targets, reduction="none")
         return self.weight * (per_image * mask).mean()
+
+    def targets(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, class) of each weak view's prediction, aligned to `class_shares` when given."""
+        if self.class_shares is not None:
+            aligned = probabilities * (self.class_shares.to(probabilities.device) / probabilities.mean(dim=0).clamp_min(1e-6))
+            probabilities = aligned / aligned.sum(dim=1, keepdim=True)
+        return probabilities.max(dim=1)
 
     def take_counts(self) -> tuple[torch.Tensor | float, int]:
         """(pseudo-labels kept, unlabeled images seen) since the last call; the counts restart at zero."""

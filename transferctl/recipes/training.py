@@ -321,7 +321,11 @@ def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
         p.unlabeled.to(p.device), weak, strong, batch_size=options.batch_size, seed=p.cfg.train.seed,
         channels_last=build.use_channels_last(p.cfg, p.device), rank=ranks.rank, world=ranks.size,
     )
-    return PseudoLabels(stream, options.weight, options.threshold)
+    shares = None
+    if options.align:
+        counts = torch.bincount(p.train.labels, minlength=p.train.num_classes).float()
+        shares = counts / counts.sum()
+    return PseudoLabels(stream, options.weight, options.threshold, class_shares=shares)
 
 
 def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
