@@ -41,7 +41,7 @@ class PseudoLabels:
 
     With `class_shares` (distribution alignment, as in ReMixMatch, over each batch): the predictions
     are reweighted so their batch mean matches those shares before the threshold. Classes the model
-    is unsure of then still get pseudo-labels, instead of the easy classes taking them all."""
+    over-predicts no longer take most pseudo-labels, so the ones it under-predicts get their share."""
 
     stream: UnlabeledStream
     weight: float
