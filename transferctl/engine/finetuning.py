@@ -46,7 +46,7 @@ class PseudoLabels:
     stream: UnlabeledStream
     weight: float
     threshold: float
-    class_shares: torch.Tensor | None = None  # the labelled images' class frequencies, summing to 1
+    class_shares: torch.Tensor | None = None  # the labelled images' class frequencies, summing to 1, on the device
     passed: torch.Tensor | float = 0.0  # summed on the device: reading it every step would sync
     seen: int = 0
 
@@ -62,7 +62,7 @@ class PseudoLabels:
     def targets(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(confidence, class) of each weak view's prediction, aligned to `class_shares` when given."""
         if self.class_shares is not None:
-            aligned = probabilities * (self.class_shares.to(probabilities.device) / probabilities.mean(dim=0).clamp_min(1e-6))
+            aligned = probabilities * (self.class_shares / probabilities.mean(dim=0).clamp_min(1e-6))
             probabilities = aligned / aligned.sum(dim=1, keepdim=True)
         return probabilities.max(dim=1)
 

@@ -324,7 +324,7 @@ def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
     shares = None
     if options.align:
         counts = torch.bincount(p.train.labels, minlength=p.train.num_classes).float()
-        shares = counts / counts.sum()
+        shares = (counts / counts.sum()).to(p.device)  # once here, not every step
     return PseudoLabels(stream, options.weight, options.threshold, class_shares=shares)
 
 
