@@ -51,3 +51,31 @@ def test_the_digest_follows_the_built_in_finetune_recipe_and_the_data_folder(lab
     second = label_efficiency.recipe_digest(recipe, [])
     monkeypatch.setenv(label_efficiency.DATA_DIR_ENV, str(tmp_path))
     assert len({first, second, label_efficiency.recipe_digest(recipe, [])}) == 3
+
+
+def test_editing_a_recipe_measures_again_only_the_cells_that_ran_it(label_efficiency, tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for name in ("linear_digits", "finetune10_digits", "finetune100_digits"):
+        (configs / f"{name}.yaml").write_text("train:\n  epochs: 5\n")
+    measured: list[str] = []
+
+    def fake_tuned(source, config, overrides, runs):
+        measured.append(config.stem)
+        return {"accuracy": 0.5, "run": "runs/x"}
+
+    monkeypatch.setattr(label_efficiency, "CONFIGS", configs)
+    monkeypatch.setattr(label_efficiency, "tuned_accuracy", fake_tuned)
+    monkeypatch.setattr(label_efficiency, "knn_of_probe", lambda probe, runs: 0.5)
+    cells = label_efficiency.Cells(tmp_path / "cells.jsonl")
+    encoder = {"source": "runs/simclr", "seconds": 0.0}
+
+    def measure() -> list[str]:
+        measured.clear()
+        label_efficiency.measure_row("digits", "SimCLR", encoder, [0, 1], cells, tmp_path / "runs", [])
+        return sorted(measured)
+
+    assert measure() == ["finetune100_digits"] * 2 + ["finetune10_digits"] * 4 + ["linear_digits"]
+    assert measure() == []
+    (configs / "finetune10_digits.yaml").write_text("train:\n  epochs: 6\n")
+    assert measure() == ["finetune10_digits"] * 4  # 10/class with and without the unlabeled images, 2 seeds each
