@@ -12,11 +12,12 @@ import torch
 from tests.conftest import SMALL_SIMCLR, write_config
 from transferctl import build
 from transferctl.config import DataConfig, load_config
-from transferctl.data import NO_LABEL, BatchAugment, load_split, load_unlabeled, split_train_val
+from transferctl.data import NO_LABEL, BatchAugment, load_split, load_unlabeled, model_input, split_train_val
 from transferctl.data.pipeline import UnlabeledStream
 from transferctl.engine.averaging import WeightAverage
-from transferctl.engine.evaluate import classify
+from transferctl.engine.evaluate import classify, embed
 from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
+from transferctl.engine.propagation import propagate_labels
 from transferctl.recipes import finetune, finetune_config, pretrain
 from transferctl.recipes import training
 from transferctl.recipes.training import build_training, prepare
@@ -138,9 +139,10 @@ def test_unlabeled_batches_are_a_pure_function_of_the_step(digits_root):
     strong = BatchAugment(crop_scale=(0.3, 1.0), rotation=20, brightness=0.4)
     make = lambda: UnlabeledStream(pool, BatchAugment(), strong, batch_size=32, seed=0)
     a, b = make(), make()
-    weak5, strong5 = a.batch(5)
+    weak5, strong5, index5 = a.batch(5)
     a.batch(6)
-    assert all(torch.equal(x, y) for x, y in zip((weak5, strong5), b.batch(5)))  # no hidden state
+    assert all(torch.equal(x, y) for x, y in zip((weak5, strong5, index5), b.batch(5)))  # no hidden state
+    assert torch.allclose(weak5, model_input(pool.images[index5], pool.mean, pool.std))  # the index says which images
     assert not torch.equal(weak5, a.batch(6)[0])
     assert not torch.equal(weak5, strong5)
     per_epoch = len(pool) // 32
@@ -208,11 +210,12 @@ def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path):
     assert [row["pseudo_label_rate"] for row in metric_rows(tuned)] == [1.0] * len(metric_rows(tuned))  # threshold 0 keeps all
 
 
-def test_a_semi_supervised_finetune_resumes_exactly(source, tmp_path):
+@pytest.mark.parametrize("propagate", [False, True])
+def test_a_semi_supervised_finetune_resumes_exactly(source, tmp_path, propagate):
     from transferctl.recipes import resume
 
     semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0.2", "finetune.unlabeled.batch_size=32",
-            "scheduler.name=constant"]  # a cosine schedule would stretch when the run is extended
+            "scheduler.name=constant", f"finetune.unlabeled.propagate={propagate}"]  # constant: cosine would stretch
     whole = finetune(str(source), None, [*FEW_LABELS, *semi, "train.max_steps=7"], runs_dir=tmp_path / "whole").run_dir
     part = finetune(str(source), None, [*FEW_LABELS, *semi, "train.max_steps=4"], runs_dir=tmp_path / "part").run_dir
     resume(str(part), ["train.max_steps=7"], command="finetune", runs_dir=tmp_path / "part")
@@ -305,3 +308,49 @@ def test_the_weight_average_is_what_a_run_validates_and_saves(source, tmp_path):
     assert (scored.accuracy, scored.loss) == pytest.approx((last_row["val_accuracy"], last_row["val_loss"]), rel=1e-6)
     prepared.model.load_state_dict(checkpoint["trained_model"])
     assert classify(prepared.model, prepared.val, 256).loss != pytest.approx(last_row["val_loss"], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- label propagation
+
+
+def _clusters(centres: torch.Tensor, per_cluster: int, spread: float = 0.05) -> torch.Tensor:
+    """L2-normalised points scattered tightly around each of `centres` (rows), cluster after cluster."""
+    generator = torch.Generator().manual_seed(0)
+    points = centres.repeat_interleave(per_cluster, dim=0)
+    return torch.nn.functional.normalize(points + spread * torch.randn(points.shape, generator=generator), dim=1)
+
+
+def test_propagated_labels_follow_the_feature_graph_and_stop_where_it_ends():
+    centres = torch.eye(3)  # three clusters far apart: 90 degrees
+    pool = _clusters(centres, 8)
+    labelled = _clusters(centres[:2], 1, spread=0.0)  # one labelled image in each of the first two clusters
+    probabilities = propagate_labels(labelled, torch.tensor([1, 0]), pool, num_classes=2, neighbours=3)
+    assert probabilities.argmax(1)[:16].tolist() == [1] * 8 + [0] * 8
+    assert (probabilities[:16].max(1).values > 0.99).all()
+    assert torch.equal(probabilities[16:], torch.full((8, 2), 0.5))  # no label reaches the third cluster
+    assert torch.allclose(probabilities.sum(1), torch.ones(24))
+
+
+def test_a_prior_moves_the_pseudo_label_to_where_model_and_prior_agree(digits_root):
+    pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
+    labels = PseudoLabels(UnlabeledStream(pool, BatchAugment(), BatchAugment(), batch_size=4, seed=0), 1.0, 0.0)
+    model = torch.tensor([[0.6, 0.4], [0.9, 0.1]])
+    prior = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    confidence, targets = labels.targets(model, prior)
+    assert targets.tolist() == [1, 0]  # 0.12 vs 0.32 for the first; an even prior changes nothing
+    assert confidence.tolist() == pytest.approx([0.32 / 0.44, 0.9])
+    assert labels.targets(model)[1].tolist() == [0, 0]
+
+
+def test_propagation_runs_on_the_starting_encoder_also_when_resuming(source):
+    semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=32"]
+    cfg = finetune_config(str(source), None, [*FEW_LABELS, *semi])
+    assert build_training(prepare(cfg)).objective.pseudo_labels.prior is None  # off unless asked for
+    cfg = finetune_config(str(source), None, [*FEW_LABELS, *semi, "finetune.unlabeled.propagate=true"])
+    fresh = prepare(cfg)
+    prior = build_training(fresh).objective.pseudo_labels.prior
+    assert prior.shape == (len(fresh.unlabeled), 10) and torch.allclose(prior.sum(1), torch.ones(len(prior)))
+    resuming = prepare(cfg, load_source=False)  # a resume builds a random encoder, then loads its checkpoint
+    assert torch.allclose(build_training(resuming).objective.pseudo_labels.prior, prior, atol=1e-5)
+    random_encoder = embed(resuming.model.encoder, resuming.train, 256), embed(resuming.model.encoder, resuming.unlabeled, 256)
+    assert not torch.allclose(propagate_labels(*random_encoder[:1], resuming.train.labels, random_encoder[1], 10), prior, atol=1e-3)

@@ -125,6 +125,7 @@ class UnlabeledConfig(BaseModel):
     batch_size: PositiveInt = 256
     threshold: float = Field(0.95, ge=0.0, le=1.0)
     align: bool = False  # distribution alignment: each batch's predictions reweighted to the labelled class shares
+    propagate: bool = False  # predictions multiplied by label propagation over the starting encoder's features
     augment: Optional[Component] = None  # the strong view; the weak one is data.augment
 
 

@@ -13,7 +13,7 @@ augmented exactly as one process would augment it, so N ranks compute what one p
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, NamedTuple, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -71,6 +71,12 @@ class MemoryPipeline:
         self.generator.set_state(state["augment"])
 
 
+class UnlabeledBatch(NamedTuple):
+    weak: torch.Tensor
+    strong: torch.Tensor
+    index: torch.Tensor  # where this rank's images sit in the pool
+
+
 class UnlabeledStream:
     """Endless batches of unlabeled images on the device, each as a (weak, strong) augmented pair.
 
@@ -86,7 +92,7 @@ class UnlabeledStream:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._order: tuple[int, torch.Tensor] | None = None
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> UnlabeledBatch:
         epoch, index = divmod(step, len(self.data) // self.batch_size)
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.data), self.seed, epoch).to(self.data.images.device))
@@ -98,7 +104,7 @@ class UnlabeledStream:
             normalize(augment(x, generator)[mine], self.data.mean, self.data.std).contiguous(memory_format=self.memory_format)
             for augment in (self.weak, self.strong)
         )
-        return weak, strong
+        return UnlabeledBatch(weak, strong, chosen[mine])
 
 
 class _EpochOrder(Sampler):

@@ -1,5 +1,6 @@
 """What fine-tuning adds to plain cross-entropy on the few labelled images, each switched on by config:
-a pull toward the pretrained weights (L2-SP) and pseudo-labels on the unlabeled images (FixMatch)."""
+a pull toward the pretrained weights (L2-SP) and pseudo-labels on the unlabeled images (FixMatch),
+optionally checked against label propagation."""
 
 from __future__ import annotations
 
@@ -41,29 +42,40 @@ class PseudoLabels:
 
     With `class_shares` (distribution alignment, as in ReMixMatch, over each batch): the predictions
     are reweighted so their batch mean matches those shares before the threshold. Classes the model
-    over-predicts no longer take most pseudo-labels, so the ones it under-predicts get their share."""
+    over-predicts no longer take most pseudo-labels, so the ones it under-predicts get their share.
+
+    With a `prior` (label propagation over the starting encoder's features, `propagation.py`): each
+    prediction is multiplied by its image's propagated class distribution and renormalised. The two
+    opinions err differently (the classifier on what the image looks like, the graph on which
+    labelled images it lies near), so a pseudo-label that passes the threshold is one they share."""
 
     stream: UnlabeledStream
     weight: float
     threshold: float
     class_shares: torch.Tensor | None = None  # the labelled images' class frequencies, summing to 1, on the device
+    prior: torch.Tensor | None = None  # per pool image: class probabilities from label propagation, on the device
     passed: torch.Tensor | float = 0.0  # summed on the device: reading it every step would sync
     seen: int = 0
 
     def loss(self, forward: nn.Module, step: int) -> torch.Tensor:
-        weak, strong = self.stream.batch(step)
+        weak, strong, index = self.stream.batch(step)
         with torch.no_grad():
-            confidence, targets = self.targets(forward(weak).float().softmax(dim=1))
+            prior = self.prior[index] if self.prior is not None else None
+            confidence, targets = self.targets(forward(weak).float().softmax(dim=1), prior)
         mask = (confidence >= self.threshold).float()
         self.passed, self.seen = self.passed + mask.sum(), self.seen + len(mask)
         per_image = F.cross_entropy(forward(strong).float(), targets, reduction="none")
         return self.weight * (per_image * mask).mean()
 
-    def targets(self, probabilities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(confidence, class) of each weak view's prediction, aligned to `class_shares` when given."""
+    def targets(self, probabilities: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(confidence, class) of each weak view's prediction, aligned to `class_shares` when given, then
+        multiplied by the images' `prior` (renormalised) when given."""
         if self.class_shares is not None:
             aligned = probabilities * (self.class_shares / probabilities.mean(dim=0).clamp_min(1e-6))
             probabilities = aligned / aligned.sum(dim=1, keepdim=True)
+        if prior is not None:  # two opinions multiplied: a class passes where both find it likely
+            joint = probabilities * prior
+            probabilities = joint / joint.sum(dim=1, keepdim=True).clamp_min(1e-12)
         return probabilities.max(dim=1)
 
     def take_counts(self) -> tuple[torch.Tensor | float, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 from dataclasses import dataclass, field
 from importlib import resources
@@ -14,7 +15,9 @@ from transferctl import build, events, plots
 from transferctl.config import PRETRAIN_METHODS, Config, load_config, merge, read_yaml
 from transferctl.data import BatchAugment, ImageData, data_root, load_training_data
 from transferctl.data.pipeline import UnlabeledStream
+from transferctl.engine.evaluate import embed
 from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
+from transferctl.engine.propagation import propagate_labels
 from transferctl.registry import AUGMENTATIONS
 from transferctl.engine import (
     ClassificationObjective,
@@ -325,7 +328,23 @@ def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
     if options.align:
         counts = torch.bincount(p.train.labels, minlength=p.train.num_classes).float()
         shares = (counts / counts.sum()).to(p.device)  # once here, not every step
-    return PseudoLabels(stream, options.weight, options.threshold, class_shares=shares)
+    prior = _propagated_labels(p) if options.propagate else None
+    return PseudoLabels(stream, options.weight, options.threshold, class_shares=shares, prior=prior)
+
+
+def _propagated_labels(p: Prepared) -> torch.Tensor:
+    """Each pool image's class distribution by label propagation over the starting encoder's features:
+    the pretrained one (read again, so a resumed run propagates as the first one did) or, from scratch,
+    the seeded random one."""
+    encoder = copy.deepcopy(p.model.encoder)
+    if has_pretrained_encoder(p.cfg):
+        encoder.load_state_dict(pretrained_encoder_state(p.cfg, p.train.channels, p.train.image_size))
+    encoder.to(p.device)
+    batch = p.cfg.data.eval_batch_size
+    half = {"bf16": torch.bfloat16, "16": torch.float16}.get(p.cfg.train.precision)
+    with torch.autocast(p.device.type, dtype=half, enabled=half is not None):
+        labelled, pool = embed(encoder, p.train.to(p.device), batch), embed(encoder, p.unlabeled.to(p.device), batch)
+    return propagate_labels(labelled, p.train.labels.to(p.device), pool, p.train.num_classes)
 
 
 def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
