@@ -329,6 +329,8 @@ def test_propagated_labels_follow_the_feature_graph_and_stop_where_it_ends():
     assert (probabilities[:16].max(1).values > 0.99).all()
     assert torch.equal(probabilities[16:], torch.full((8, 2), 0.5))  # no label reaches the third cluster
     assert torch.allclose(probabilities.sum(1), torch.ones(24))
+    in_blocks = propagate_labels(labelled, torch.tensor([1, 0]), pool, num_classes=2, neighbours=3, block_elements=3 * 26)
+    assert torch.allclose(in_blocks, probabilities)  # the similarity search, 3 rows at a time, finds the same graph
 
 
 def test_a_prior_moves_the_pseudo_label_to_where_model_and_prior_agree(digits_root):

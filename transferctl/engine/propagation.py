@@ -19,14 +19,15 @@ def propagate_labels(
     neighbours: int = 50,
     alpha: float = 0.99,
     steps: int = 30,
-    chunk: int = 2048,
+    block_elements: int = 1 << 27,
 ) -> torch.Tensor:
     """Class probabilities of every `pool` row: (I - alpha*W)^-1 Y by `steps` diffusion steps, W the
     symmetric, normalised graph joining each feature to its `neighbours` most similar ones (cosine
     similarity cubed, as Iscen et al.), Y the one-hot labels of `labelled`. Features are L2-normalised
     rows; an image the labels never reach gets the uniform distribution."""
     features = torch.cat([labelled, pool]).float()
-    graph = _normalised_knn_graph(features, min(neighbours, len(features) - 1), chunk)
+    rows_per_block = max(1, min(2048, block_elements // len(features)))  # similarity blocks of at most 512 MB
+    graph = _normalised_knn_graph(features, min(neighbours, len(features) - 1), rows_per_block)
     seeds = torch.zeros(len(features), num_classes, device=features.device)
     seeds[torch.arange(len(labelled), device=features.device), labels] = 1.0
     scores = seeds
