@@ -38,13 +38,13 @@ def propagate_labels(
     return torch.where(reached, F.normalize(scores, p=1, dim=1), torch.full_like(scores, 1.0 / num_classes))
 
 
-def _normalised_knn_graph(features: torch.Tensor, neighbours: int, chunk: int) -> torch.Tensor:
+def _normalised_knn_graph(features: torch.Tensor, neighbours: int, rows_per_block: int) -> torch.Tensor:
     """D^-1/2 (A + A^T) D^-1/2 as a sparse matrix, A[i, j] = max(0, cos(i, j))^3 for j among i's nearest."""
     n = len(features)
     columns, weights = [], []
-    for start in range(0, n, chunk):
-        sims = features[start : start + chunk] @ features.T
-        rows = torch.arange(start, min(start + chunk, n), device=features.device)
+    for start in range(0, n, rows_per_block):
+        sims = features[start : start + rows_per_block] @ features.T
+        rows = torch.arange(start, min(start + rows_per_block, n), device=features.device)
         sims[rows - start, rows] = -2.0  # not its own neighbour
         top, index = sims.topk(neighbours, dim=1)
         columns.append(index)

@@ -203,6 +203,11 @@ class FitResult:
     stopped: bool = False  # by a signal (on any rank), before the last step
 
 
+def half_precision(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a `train.precision` setting; None for float32."""
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+
+
 def drops_last_batch(settings: Settings, train_size: int, contrastive: bool) -> bool:
     """NT-Xent wants full batches of negatives; batch norm cannot train on a last batch of one image;
     ranks must all get a share of every batch."""
@@ -301,7 +306,7 @@ class _Loop:
         self.ranks = distributed.world()
         self.per_epoch = pipeline.batches_per_epoch()
         self.steps = capped_steps(settings, self.per_epoch)
-        self.half = {"bf16": torch.bfloat16, "16": torch.float16}.get(settings.precision)
+        self.half = half_precision(settings.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "16")
         self.pos = Position(lr=optimizer.param_groups[-1]["lr"])
         self.average = WeightAverage(model, settings.ema_decay) if settings.ema_decay else None

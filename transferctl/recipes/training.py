@@ -30,7 +30,7 @@ from transferctl.engine import (
 from transferctl.engine.signals import StopOnSignal
 from transferctl.data.pipeline import Pipeline
 from transferctl.distributed import world
-from transferctl.engine.train import Position, Settings, drops_last_batch, total_steps
+from transferctl.engine.train import Position, Settings, drops_last_batch, half_precision, total_steps
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.models import Network
 from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, load_checkpoint, read_trained_run, recording
@@ -341,7 +341,7 @@ def _propagated_labels(p: Prepared) -> torch.Tensor:
         encoder.load_state_dict(pretrained_encoder_state(p.cfg, p.train.channels, p.train.image_size))
     encoder.to(p.device)
     batch = p.cfg.data.eval_batch_size
-    half = {"bf16": torch.bfloat16, "16": torch.float16}.get(p.cfg.train.precision)
+    half = half_precision(p.cfg.train.precision)
     with torch.autocast(p.device.type, dtype=half, enabled=half is not None):
         labelled, pool = embed(encoder, p.train.to(p.device), batch), embed(encoder, p.unlabeled.to(p.device), batch)
     return propagate_labels(labelled, p.train.labels.to(p.device), pool, p.train.num_classes)
