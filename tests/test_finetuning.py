@@ -354,5 +354,6 @@ def test_propagation_runs_on_the_starting_encoder_also_when_resuming(source):
     assert prior.shape == (len(fresh.unlabeled), 10) and torch.allclose(prior.sum(1), torch.ones(len(prior)))
     resuming = prepare(cfg, load_source=False)  # a resume builds a random encoder, then loads its checkpoint
     assert torch.allclose(build_training(resuming).objective.pseudo_labels.prior, prior, atol=1e-5)
-    random_encoder = embed(resuming.model.encoder, resuming.train, 256), embed(resuming.model.encoder, resuming.unlabeled, 256)
-    assert not torch.allclose(propagate_labels(*random_encoder[:1], resuming.train.labels, random_encoder[1], 10), prior, atol=1e-3)
+    random_labelled, random_pool = (embed(resuming.model.encoder, d, 256) for d in (resuming.train, resuming.unlabeled))
+    from_random = propagate_labels(random_labelled, resuming.train.labels, random_pool, 10)
+    assert not torch.allclose(from_random, prior, atol=1e-3)  # so the resumed run did not use its random encoder

@@ -320,19 +320,20 @@ def _pseudo_labels(p: Prepared, weak: BatchAugment) -> PseudoLabels | None:
         return None  # finetune.unlabeled is off: the images were not even kept
     strong = AUGMENTATIONS.build(options.augment.name, options.augment.options, hflip_default=p.train.hflip)
     ranks = world()
+    pool = p.unlabeled.to(p.device)  # once: the stream and the propagation share it
     stream = UnlabeledStream(
-        p.unlabeled.to(p.device), weak, strong, batch_size=options.batch_size, seed=p.cfg.train.seed,
+        pool, weak, strong, batch_size=options.batch_size, seed=p.cfg.train.seed,
         channels_last=build.use_channels_last(p.cfg, p.device), rank=ranks.rank, world=ranks.size,
     )
     shares = None
     if options.align:
         counts = torch.bincount(p.train.labels, minlength=p.train.num_classes).float()
         shares = (counts / counts.sum()).to(p.device)  # once here, not every step
-    prior = _propagated_labels(p) if options.propagate else None
+    prior = _propagated_labels(p, pool) if options.propagate else None
     return PseudoLabels(stream, options.weight, options.threshold, class_shares=shares, prior=prior)
 
 
-def _propagated_labels(p: Prepared) -> torch.Tensor:
+def _propagated_labels(p: Prepared, pool: ImageData) -> torch.Tensor:
     """Each pool image's class distribution by label propagation over the starting encoder's features:
     the pretrained one (read again, so a resumed run propagates as the first one did) or, from scratch,
     the seeded random one."""
@@ -343,8 +344,8 @@ def _propagated_labels(p: Prepared) -> torch.Tensor:
     batch = p.cfg.data.eval_batch_size
     half = half_precision(p.cfg.train.precision)
     with torch.autocast(p.device.type, dtype=half, enabled=half is not None):
-        labelled, pool = embed(encoder, p.train.to(p.device), batch), embed(encoder, p.unlabeled.to(p.device), batch)
-    return propagate_labels(labelled, p.train.labels.to(p.device), pool, p.train.num_classes)
+        labelled, unlabeled = embed(encoder, p.train.to(p.device), batch), embed(encoder, pool, batch)
+    return propagate_labels(labelled, p.train.labels.to(p.device), unlabeled, p.train.num_classes)
 
 
 def fit_run(p: Prepared, run: Run, command: str, reporter: Reporter, resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
