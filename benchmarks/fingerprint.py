@@ -1,0 +1,124 @@
+"""Fingerprint of a fixed-seed chain: every metric and a digest of every saved weight, to show that a change
+to transferctl's code changes no result.
+
+Runs the quickstart on the shipped sample, then (with real MNIST) a short chain through the shipped recipes:
+SimCLR pretraining -> k-NN evaluation -> semi-supervised fine-tune (pseudo-labels, alignment, label
+propagation, weight averaging) -> evaluation -> export in every format; supervised pretraining -> the
+built-in fine-tune recipe -> evaluation; and a linear probe. Timings (images/s, seconds) are left out:
+everything else must be bit-identical between two versions of the code on the same machine.
+
+    python benchmarks/fingerprint.py --data-dir ../shared/data --out before.json
+    (change the code)
+    python benchmarks/fingerprint.py --data-dir ../shared/data --out after.json --compare before.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transferctl.export import export_run
+from transferctl.recipes import evaluate, finetune, pretrain, quickstart
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+TIMING_KEYS = {"images_per_s", "epoch_time_s", "duration_s", "peak_gpu_memory_mb"}
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over the checkpoint's model weights: names, dtypes, shapes and bytes, in name order."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].reshape(-1).contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def untimed(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+def fingerprint(run_dir: Path) -> dict[str, Any]:
+    """What a run computed: its metrics rows, its final metrics and its weights."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out: dict[str, Any] = {"rows": [untimed(r) for r in rows], "metrics": untimed(summary.get("metrics") or {})}
+    for name in ("last", "best"):
+        path = run_dir / "checkpoints" / f"{name}.pt"
+        if path.is_file():
+            out[f"{name}_weights"] = weights_digest(path)
+    return out
+
+
+def chain(data_dir: Path | None, runs: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for label, result in zip(("quickstart/pretrain", "quickstart/knn", "quickstart/finetune", "quickstart/evaluate"), quickstart(runs_dir=runs)):
+        results[label] = fingerprint(result.run_dir)
+    if data_dir is None:
+        return results
+    root = [f"data.root={data_dir.resolve()}"]
+    simclr = pretrain(CONFIGS / "simclr_mnist.yaml", [*root, "train.max_steps=40", "train.log_every=10"], runs_dir=runs)
+    results["simclr"] = fingerprint(simclr.run_dir)
+    results["simclr/knn"] = fingerprint(evaluate(str(simclr.run_dir), runs_dir=runs).run_dir)
+    semi = [
+        "train.max_steps=40",
+        "finetune.unlabeled.align=true",
+        "finetune.unlabeled.propagate=true",
+        "train.ema_decay=0.9",
+        "finetune.l2_sp=0.01",
+    ]
+    tuned = finetune(str(simclr.run_dir), CONFIGS / "finetune10_mnist.yaml", semi, runs_dir=runs)
+    results["finetune10"] = fingerprint(tuned.run_dir)
+    results["finetune10/evaluate"] = fingerprint(evaluate(str(tuned.run_dir), runs_dir=runs).run_dir)
+    exported = export_run(str(tuned.run_dir), ["torchscript", "onnx", "safetensors"], runs_dir=runs)
+    results["finetune10/export"] = {k: round(v, 9) if isinstance(v, float) else v for k, v in exported.metrics.items()}
+    supervised = pretrain(CONFIGS / "supervised_mnist.yaml", [*root, "train.max_steps=30"], runs_dir=runs)
+    results["supervised"] = fingerprint(supervised.run_dir)
+    default = finetune(str(supervised.run_dir), None, ["train.max_steps=30"], runs_dir=runs)
+    results["supervised/finetune"] = fingerprint(default.run_dir)
+    results["supervised/finetune/evaluate"] = fingerprint(evaluate(str(default.run_dir), runs_dir=runs).run_dir)
+    probe = finetune(str(simclr.run_dir), CONFIGS / "linear_mnist.yaml", ["train.max_steps=20"], runs_dir=runs)
+    results["linear"] = fingerprint(probe.run_dir)
+    return results
+
+
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in dict.fromkeys([*a, *b]) for d in differences(a.get(k), b.get(k), f"{where}.{k}" if where else k)]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ["TRANSFERCTL_DATA_DIR"]) if os.environ.get("TRANSFERCTL_DATA_DIR") else None)
+    parser.add_argument("--out", type=Path, required=True, help="where the fingerprint is written (JSON)")
+    parser.add_argument("--compare", type=Path, help="an earlier fingerprint: exit 1 unless every value is identical")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as runs:
+        results = chain(args.data_dir, Path(runs))
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print("| run | last.pt weights | best.pt weights | final metrics |")
+    print("| --- | --- | --- | --- |")
+    for name, result in results.items():
+        metrics = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in (result.get("metrics") or result).items())
+        print(f"| {name} | {result.get('last_weights', '')} | {result.get('best_weights', '')} | {metrics} |")
+    if args.compare:
+        found = differences(json.loads(args.compare.read_text()), results)
+        print(f"\n{len(found)} differences from {args.compare}" + "".join(f"\n  {d}" for d in found[:50]))
+        sys.exit(1 if found else 0)
+
+
+if __name__ == "__main__":
+    main()
