@@ -35,13 +35,13 @@ from typing import Any, Callable
 
 import torch
 
+from transferctl.build import load_trained
 from transferctl.config import load_config
-from transferctl.data import DATA_DIR_ENV, load_split
+from transferctl.data import DATA_DIR_ENV
 from transferctl.engine import knn_accuracy
 from transferctl.recipes import evaluate, finetune, pretrain
-from transferctl.recipes.evaluation import as_trained, trained_model
 from transferctl.recipes.training import recipe_path
-from transferctl.runs import load_checkpoint, read_trained_run
+from transferctl.runs import read_trained_run
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -89,10 +89,9 @@ def knn_of_probe(probe_dir: str, runs: Path) -> float:
     """k-NN accuracy of the frozen encoder inside a linear-probe run (for random init: its seeded init)."""
     record = read_trained_run(probe_dir, runs)
     cfg = load_config(None, [], base=record.config)
-    checkpoint = load_checkpoint(record.checkpoint_path("last"))
-    test = as_trained(load_split(cfg.data, train=False), checkpoint, probe_dir)
-    bank = as_trained(load_split(cfg.data, train=True), checkpoint, probe_dir)
-    encoder = trained_model(record, cfg, checkpoint, test).encoder
+    trained = load_trained(record, cfg, checkpoint="last", device=torch.device("cpu"), splits=("train", "test"))
+    bank, test = trained.split(train=True), trained.split(train=False)
+    encoder = trained.network.encoder.eval()
     return knn_accuracy(encoder, bank, test, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.data.eval_batch_size)
 
 

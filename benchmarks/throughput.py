@@ -34,7 +34,6 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
 
     from transferctl import build
     from transferctl.config import load_config
-    from transferctl.recipes.training import build_training, prepare
 
     data = "mnist" if os.environ.get("TRANSFERCTL_DATA_DIR") else "mnist_sample"
     overrides = [
@@ -42,10 +41,9 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
         f"data.num_workers={workers}", f"train.device={device}", f"train.precision={precision}",
     ]
     cfg = load_config(REPO / "configs" / "simclr_mnist.yaml", overrides)  # another model.name drops the cnn's options
-    p = prepare(cfg)
-    t = build_training(p)
-    torch.set_num_threads(build.training_threads(cfg, t.pipeline, p.device))  # as `transferctl pretrain` runs it
-    dev = p.device
+    t = build.build_training(cfg)
+    torch.set_num_threads(build.training_threads(cfg, t.pipeline, t.device))  # as `transferctl pretrain` runs it
+    dev = t.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     total = warmup + steps
 
@@ -62,22 +60,22 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        views, labels = next(source)
+        batch = next(source)
     sync()
     data_time = (time.perf_counter() - start) / steps
 
     # training
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    p.model.train()
+    t.network.train()
     source = draw()
     for i in range(total):
         if i == warmup:
             sync()
             start = time.perf_counter()
-        views, labels = next(source)
+        batch = next(source)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = t.objective.loss(views, labels, i)
+            loss = t.objective.loss(batch, i)
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t.optimizer.step()

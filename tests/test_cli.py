@@ -97,7 +97,7 @@ finetune: {{freeze_encoder: true}}
     fresh, pre = encoder_state(checkpoint(Path(scratch.json["run_dir"]))), encoder_state(checkpoint(Path(pretrained["run_dir"])))
     assert not torch.equal(fresh["encoder.0.weight"], pre["encoder.0.weight"])
     torch.manual_seed(0)
-    initial = build_network(load_config(config), 1, 28, 10).encoder.state_dict()
+    initial = build_network(load_config(config), {"in_channels": 1, "image_size": 28}, 10).encoder.state_dict()
     assert torch.equal(fresh["encoder.0.weight"], initial["0.weight"])  # frozen, so still the seeded init
 
 

@@ -38,7 +38,7 @@ def test_check_builds_everything_and_counts_parameters(cli, simclr_config, tmp_p
     report = cli("config", "check", "-c", simclr_config, "--json")
     assert report.code == 0, report.stderr
     report = report.json
-    network = build_network(load_config(simclr_config), 1, 28, 10)
+    network = build_network(load_config(simclr_config), {"in_channels": 1, "image_size": 28}, 10)
     encoder = sum(p.numel() for p in network.encoder.parameters())
     head = sum(p.numel() for p in network.head.parameters())
     assert report["parameters"] == {"total": encoder + head, "trainable": encoder + head, "encoder": encoder, "head": head}
@@ -106,7 +106,7 @@ model: {{name: cnn, widths: [8, 16], weights: enc.pt}}
 data: {{name: mnist, root: {digits_root}, labels_per_class: 3, batch_size: 16}}
 finetune: {{head_warmup_steps: 5, l2_sp: 0.1, unlabeled: {{weight: 1.0, batch_size: 8, threshold: 0.0}}}}
 """)
-    torch.save(build_encoder(load_config(config, ["model.weights=null"]), 1, 28).state_dict(), tmp_path / "enc.pt")
+    torch.save(build_encoder(load_config(config, ["model.weights=null"]), {"in_channels": 1, "image_size": 28}).state_dict(), tmp_path / "enc.pt")
     report = cli("config", "check", "-c", config, "--json")
     assert report.code == 0, report.stderr
     assert report.json["loss"] > 0 and report.json["components"]["weights"] == str(tmp_path / "enc.pt")

@@ -50,7 +50,7 @@ def eager_model(run_dir: Path):
     cfg = load_config(None, base=yaml.safe_load((run_dir / "config.yaml").read_text()))
     state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
     test = load_split(cfg.data, train=False)
-    network = build_network(cfg, test.channels, test.image_size, test.num_classes)
+    network = build_network(cfg, {"in_channels": test.channels, "image_size": test.image_size}, test.num_classes)
     network.load_state_dict(state)
     module = (network if cfg.is_classifier else network.encoder).eval()
     images = normalize(test.images.float() / 255, test.mean, test.std)
@@ -199,7 +199,7 @@ def test_safetensors_rebuilds_a_classifier_with_its_number_of_classes(tmp_path, 
     """The fine-tune recipes' standardized head puts its linear layer at head.2, not head.1."""
     cfg = load_config(None, [f"head.standardize={str(standardize).lower()}"],
                       base={"method": "finetune", "model": {"name": "mlp", "hidden_dim": 8}, "data": {"name": "mnist"}})
-    network = build_network(cfg, 1, 28, 7).eval()
+    network = build_network(cfg, {"in_channels": 1, "image_size": 28}, 7).eval()
     example = torch.randn(3, 1, 28, 28)
     export_module._save_safetensors(network, example, tmp_path / "model.safetensors", cfg)
     rebuilt = export_module.load_safetensors(tmp_path / "model.safetensors")

@@ -12,15 +12,17 @@ import torch
 from tests.conftest import SMALL_SIMCLR, write_config
 from transferctl import build
 from transferctl.config import DataConfig, load_config
-from transferctl.data import NO_LABEL, BatchAugment, load_split, load_unlabeled, model_input, split_train_val
+from transferctl.data import NO_LABEL, BatchAugment, load_split, load_unlabeled, split_train_val
 from transferctl.data.pipeline import UnlabeledStream
 from transferctl.engine.averaging import WeightAverage
 from transferctl.engine.evaluate import classify, embed
 from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
 from transferctl.engine.propagation import propagate_labels
+from transferctl.errors import ConfigError
+from transferctl.modalities import modality_named
 from transferctl.recipes import finetune, finetune_config, pretrain
-from transferctl.recipes import training
-from transferctl.recipes.training import build_training, prepare
+
+IMAGE = modality_named("image")
 
 FEW_LABELS = ["data.labels_per_class=5", "data.batch_size=16", "train.device=cpu", "finetune.head_warmup_steps=0"]
 
@@ -62,7 +64,7 @@ def test_during_head_warmup_the_encoder_and_its_statistics_stay_pretrained(sourc
     assert all(torch.equal(pre[k], tuned[k]) for k in pre)  # weights and batch-norm running statistics
     torch.manual_seed(0)  # the seed the run's head was initialised with
     cfg = finetune_config(str(source), None, [*FEW_LABELS, "finetune.head_warmup_steps=4"])
-    initial_head = build.build_network(cfg, 1, 28, 10).head.state_dict()
+    initial_head = build.build_network(cfg, {"in_channels": 1, "image_size": 28}, 10).head.state_dict()
     assert not torch.equal(warm["head.2.weight"], initial_head["2.weight"])  # the head trained meanwhile
 
 
@@ -74,9 +76,9 @@ def test_after_head_warmup_the_encoder_trains(source, tmp_path):
 
 def test_encoder_lr_scale_sets_the_encoder_groups_learning_rate(source, digits_root):
     cfg = finetune_config(str(source), None, [*FEW_LABELS, "optimizer.lr=0.2", "finetune.encoder_lr_scale=0.1"])
-    prepared = prepare(cfg)
-    groups = build_training(prepared).optimizer.param_groups
-    encoder_ids = {id(p) for p in prepared.model.encoder.parameters()}
+    training = build.build_training(cfg)
+    groups = training.optimizer.param_groups
+    encoder_ids = {id(p) for p in training.network.encoder.parameters()}
     rates = {("encoder" if id(g["params"][0]) in encoder_ids else "head", round(g["initial_lr"], 9)) for g in groups}  # before warm-up scaling
     assert rates == {("encoder", 0.02), ("head", 0.2)}
 
@@ -99,9 +101,9 @@ def test_l2_sp_keeps_the_encoder_closer_to_its_pretrained_weights(source, tmp_pa
 
 def test_l2_sp_replaces_the_encoders_weight_decay(source):
     cfg = finetune_config(str(source), None, [*FEW_LABELS, "finetune.l2_sp=0.1", "optimizer.weight_decay=0.01"])
-    prepared = prepare(cfg)
-    groups = build_training(prepared).optimizer.param_groups
-    encoder_ids = {id(p) for p in prepared.model.encoder.parameters()}
+    training = build.build_training(cfg)
+    groups = training.optimizer.param_groups
+    encoder_ids = {id(p) for p in training.network.encoder.parameters()}
     decays = {("encoder" if id(g["params"][0]) in encoder_ids else "head", g["weight_decay"]) for g in groups}
     assert ("encoder", 0.0) in decays and ("encoder", 0.01) not in decays and ("head", 0.01) in decays
 
@@ -129,20 +131,20 @@ def test_the_unlabeled_pool_is_the_training_part_without_labels(digits_root):
     pool = load_unlabeled(cfg)
     full = load_split(cfg, train=True)
     train_idx, val_idx = split_train_val(len(full), 0.2, 3)
-    assert len(pool) == len(train_idx) and torch.equal(pool.images, full.images[train_idx])
-    assert (pool.labels == NO_LABEL).all()
-    assert {bytes(i.numpy()) for i in pool.images}.isdisjoint({bytes(i.numpy()) for i in full.images[val_idx]})
+    assert len(pool) == len(train_idx) and torch.equal(pool.inputs, full.inputs[train_idx])
+    assert (pool.targets == NO_LABEL).all()
+    assert {bytes(i.numpy()) for i in pool.inputs}.isdisjoint({bytes(i.numpy()) for i in full.inputs[val_idx]})
 
 
 def test_unlabeled_batches_are_a_pure_function_of_the_step(digits_root):
     pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
     strong = BatchAugment(crop_scale=(0.3, 1.0), rotation=20, brightness=0.4)
-    make = lambda: UnlabeledStream(pool, BatchAugment(), strong, batch_size=32, seed=0)
+    make = lambda: UnlabeledStream(pool, BatchAugment(), strong, IMAGE, batch_size=32, seed=0)
     a, b = make(), make()
     weak5, strong5, index5 = a.batch(5)
     a.batch(6)
     assert all(torch.equal(x, y) for x, y in zip((weak5, strong5, index5), b.batch(5)))  # no hidden state
-    assert torch.allclose(weak5, model_input(pool.images[index5], pool.mean, pool.std))  # the index says which images
+    assert torch.allclose(weak5, IMAGE.model_input(pool.inputs[index5], pool))  # the index says which images
     assert not torch.equal(weak5, a.batch(6)[0])
     assert not torch.equal(weak5, strong5)
     per_epoch = len(pool) // 32
@@ -152,7 +154,7 @@ def test_unlabeled_batches_are_a_pure_function_of_the_step(digits_root):
 
 def test_pseudo_labels_count_only_confident_predictions(digits_root):
     pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
-    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), batch_size=16, seed=0)
+    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), IMAGE, batch_size=16, seed=0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     assert PseudoLabels(stream, 1.0, threshold=1.0).loss(model, 0).item() == 0.0  # nothing is that sure
     assert PseudoLabels(stream, 1.0, threshold=0.0).loss(model, 0).item() > 0.0
@@ -163,7 +165,7 @@ def test_pseudo_labels_count_only_confident_predictions(digits_root):
 
 def test_pseudo_labels_count_what_they_keep_until_the_counts_are_taken(digits_root):
     pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
-    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), batch_size=16, seed=0)
+    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), IMAGE, batch_size=16, seed=0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
     with torch.no_grad():
         confidence = model(stream.batch(0)[0]).softmax(dim=1).max(dim=1).values
@@ -178,7 +180,7 @@ def test_pseudo_labels_count_what_they_keep_until_the_counts_are_taken(digits_ro
 
 def test_alignment_hands_the_less_favoured_class_its_share_of_pseudo_labels(digits_root):
     pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
-    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), batch_size=4, seed=0)
+    stream = UnlabeledStream(pool, BatchAugment(), BatchAugment(), IMAGE, batch_size=4, seed=0)
     leaning = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]])  # every image leans to class 0
     assert PseudoLabels(stream, 1.0, 0.0).targets(leaning)[1].tolist() == [0, 0, 0, 0]
     confidence, targets = PseudoLabels(stream, 1.0, 0.0, class_shares=torch.tensor([0.5, 0.5])).targets(leaning)
@@ -188,21 +190,21 @@ def test_alignment_hands_the_less_favoured_class_its_share_of_pseudo_labels(digi
 
 def test_alignment_takes_its_class_shares_from_the_labelled_images(source):
     semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=32"]
-    plain = build_training(prepare(finetune_config(str(source), None, [*FEW_LABELS, *semi]))).objective
+    plain = build.build_training(finetune_config(str(source), None, [*FEW_LABELS, *semi])).objective
     assert plain.pseudo_labels.class_shares is None
-    prepared = prepare(finetune_config(str(source), None, [*FEW_LABELS, *semi, "finetune.unlabeled.align=true"]))
-    shares = build_training(prepared).objective.pseudo_labels.class_shares
-    expected = torch.bincount(prepared.train.labels, minlength=10).float() / len(prepared.train)
+    training = build.build_training(finetune_config(str(source), None, [*FEW_LABELS, *semi, "finetune.unlabeled.align=true"]))
+    shares = training.objective.pseudo_labels.class_shares
+    expected = torch.bincount(training.train.targets, minlength=10).float() / len(training.train)
     assert torch.allclose(shares, expected) and shares.sum().item() == pytest.approx(1.0)
 
 
 def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path):
     semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0", "finetune.unlabeled.batch_size=32"]
-    assert prepare(finetune_config(str(source), None, FEW_LABELS)).unlabeled is None
-    prepared = prepare(finetune_config(str(source), None, [*FEW_LABELS, *semi]))
-    pool = load_unlabeled(prepared.cfg.data)
-    assert len(prepared.train) == 50 and torch.equal(prepared.unlabeled.images, pool.images)
-    assert (prepared.unlabeled.labels == NO_LABEL).all()
+    assert build.build_training(finetune_config(str(source), None, FEW_LABELS)).data.unlabeled is None
+    training = build.build_training(finetune_config(str(source), None, [*FEW_LABELS, *semi]))
+    pool = load_unlabeled(training.cfg.data)
+    assert len(training.train) == 50 and torch.equal(training.data.unlabeled.inputs, pool.inputs)
+    assert (training.data.unlabeled.targets == NO_LABEL).all()
     plain = tune(source, tmp_path, "train.max_steps=3")
     tuned = tune(source, tmp_path, "train.max_steps=3", *semi)
     assert not torch.equal(weights(plain)["head.2.weight"], weights(tuned)["head.2.weight"])  # standardize, dropout, linear
@@ -226,7 +228,8 @@ def test_a_semi_supervised_finetune_resumes_exactly(source, tmp_path, propagate)
 def test_the_strong_augmentation_is_a_component_with_did_you_mean(source):
     cfg = finetune_config(str(source), None, ["finetune.unlabeled.augment.rotation=25"])
     assert cfg.finetune.unlabeled.augment.name == "simclr" and cfg.finetune.unlabeled.augment.options["rotation"] == 25
-    with pytest.raises(Exception, match="rotaton"):
+    expected = r"finetune\.unlabeled\.augment\.rotaton: unknown option for finetune\.unlabeled\.augment 'simclr'; did you mean 'rotation'\?"
+    with pytest.raises(ConfigError, match=expected):
         finetune_config(str(source), None, ["finetune.unlabeled.augment.rotaton=25"])
 
 
@@ -257,8 +260,7 @@ data: {{name: mnist, root: {digits_root}, labels_per_class: 5, batch_size: 16}}
 train: {{max_steps: 2, device: cpu}}
 finetune: {{encoder_lr_scale: 0.1, head_warmup_steps: 50}}
 """)
-    prepared = prepare(load_config(config))
-    training_parts = build_training(prepared)
+    training_parts = build.build_training(load_config(config))
     assert {round(g["initial_lr"], 9) for g in training_parts.optimizer.param_groups} == {load_config(config).optimizer.options["lr"]}
     assert training_parts.objective.head_warmup_steps == 0
 
@@ -266,7 +268,7 @@ finetune: {{encoder_lr_scale: 0.1, head_warmup_steps: 50}}
 def test_an_unlabeled_batch_that_does_not_split_over_processes_is_refused_before_the_run_exists(cli, source, tmp_path, monkeypatch):
     from transferctl.distributed import World
 
-    monkeypatch.setattr(training, "world", lambda: World(rank=0, size=2))
+    monkeypatch.setattr(build, "world", lambda: World(rank=0, size=2))
     result = cli("finetune", "--from", source, "finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=33",
                  "--runs-dir", tmp_path / "runs")
     assert result.code == 2 and "finetune.unlabeled.batch_size: 33" in result.stderr
@@ -297,17 +299,17 @@ def test_the_weight_average_is_what_a_run_validates_and_saves(source, tmp_path):
     options = ["train.max_steps=6", "train.ema_decay=0.9"]
     run = tune(source, tmp_path, *options)
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert checkpoint["averaged_steps"] == 6
-    assert not torch.equal(checkpoint["model"]["head.2.weight"], checkpoint["trained_model"]["head.2.weight"])
+    assert checkpoint["training"]["averaged_steps"] == 6
+    assert not torch.equal(checkpoint["model"]["head.2.weight"], checkpoint["training"]["trained_model"]["head.2.weight"])
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(best[k], checkpoint["model"][k]) for k in best)
-    prepared = prepare(finetune_config(str(source), None, [*FEW_LABELS, *options]))
-    prepared.model.load_state_dict(checkpoint["model"])
+    training = build.build_training(finetune_config(str(source), None, [*FEW_LABELS, *options]))
+    training.network.load_state_dict(checkpoint["model"])
     last_row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    scored = classify(prepared.model, prepared.val, 256)
+    scored = classify(training.network, training.val, 256)
     assert (scored.accuracy, scored.loss) == pytest.approx((last_row["val_accuracy"], last_row["val_loss"]), rel=1e-6)
-    prepared.model.load_state_dict(checkpoint["trained_model"])
-    assert classify(prepared.model, prepared.val, 256).loss != pytest.approx(last_row["val_loss"], rel=1e-6)
+    training.network.load_state_dict(checkpoint["training"]["trained_model"])
+    assert classify(training.network, training.val, 256).loss != pytest.approx(last_row["val_loss"], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- label propagation
@@ -335,7 +337,7 @@ def test_propagated_labels_follow_the_feature_graph_and_stop_where_it_ends():
 
 def test_a_prior_moves_the_pseudo_label_to_where_model_and_prior_agree(digits_root):
     pool = load_unlabeled(DataConfig(name="mnist", root=str(digits_root)))
-    labels = PseudoLabels(UnlabeledStream(pool, BatchAugment(), BatchAugment(), batch_size=4, seed=0), 1.0, 0.0)
+    labels = PseudoLabels(UnlabeledStream(pool, BatchAugment(), BatchAugment(), IMAGE, batch_size=4, seed=0), 1.0, 0.0)
     model = torch.tensor([[0.6, 0.4], [0.9, 0.1]])
     prior = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
     confidence, targets = labels.targets(model, prior)
@@ -346,14 +348,18 @@ def test_a_prior_moves_the_pseudo_label_to_where_model_and_prior_agree(digits_ro
 
 def test_propagation_runs_on_the_starting_encoder_also_when_resuming(source):
     semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=32"]
-    cfg = finetune_config(str(source), None, [*FEW_LABELS, *semi])
-    assert build_training(prepare(cfg)).objective.pseudo_labels.prior is None  # off unless asked for
+    plain = build.build_training(finetune_config(str(source), None, [*FEW_LABELS, *semi])).objective
+    plain.prepare()
+    assert plain.pseudo_labels.prior is None  # off unless asked for
     cfg = finetune_config(str(source), None, [*FEW_LABELS, *semi, "finetune.unlabeled.propagate=true"])
-    fresh = prepare(cfg)
-    prior = build_training(fresh).objective.pseudo_labels.prior
-    assert prior.shape == (len(fresh.unlabeled), 10) and torch.allclose(prior.sum(1), torch.ones(len(prior)))
-    resuming = prepare(cfg, load_source=False)  # a resume builds a random encoder, then loads its checkpoint
-    assert torch.allclose(build_training(resuming).objective.pseudo_labels.prior, prior, atol=1e-5)
-    random_labelled, random_pool = (embed(resuming.model.encoder, d, 256) for d in (resuming.train, resuming.unlabeled))
-    from_random = propagate_labels(random_labelled, resuming.train.labels, random_pool, 10)
+    fresh = build.build_training(cfg)
+    assert fresh.objective.pseudo_labels.prior is None  # not before prepare(), which config check never calls
+    fresh.objective.prepare()
+    prior = fresh.objective.pseudo_labels.prior
+    assert prior.shape == (len(fresh.data.unlabeled), 10) and torch.allclose(prior.sum(1), torch.ones(len(prior)))
+    resuming = build.build_training(cfg, load_weights=False)  # a resume builds a random encoder, then loads its checkpoint
+    resuming.objective.prepare()
+    assert torch.allclose(resuming.objective.pseudo_labels.prior, prior, atol=1e-5)
+    random_labelled, random_pool = (embed(resuming.network.encoder, d, 256) for d in (resuming.train, resuming.data.unlabeled))
+    from_random = propagate_labels(random_labelled, resuming.train.targets, random_pool, 10)
     assert not torch.allclose(from_random, prior, atol=1e-3)  # so the resumed run did not use its random encoder

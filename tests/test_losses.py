@@ -55,9 +55,13 @@ def test_objectives_call_wrapped_forwards_without_asking_their_truth():
     """torch.compile's wrapper raises on len(); an objective must not test it for truthiness."""
     from torch import nn
 
+    from transferctl.data import Batch
     from transferctl.data.augment import BatchAugment
-    from transferctl.engine import ClassificationObjective, ContrastiveObjective
+    from transferctl.methods.simclr import ContrastiveObjective
+    from transferctl.methods.supervised import TaskObjective
+    from transferctl.modalities import modality_named
     from transferctl.models import Network
+    from transferctl.tasks.classification import Classification
 
     class CompiledLike(nn.Module):
         def __init__(self, inner):
@@ -72,6 +76,6 @@ def test_objectives_call_wrapped_forwards_without_asking_their_truth():
 
     network = Network(nn.Flatten(), nn.Linear(4, 3))
     x, labels = torch.randn(6, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2])
-    contrastive = ContrastiveObjective(network, nt_xent(0.5), BatchAugment(), CompiledLike(network))
-    classifier = ClassificationObjective(network, cross_entropy(0.0), CompiledLike(network))
-    assert torch.isfinite(contrastive.loss((x, x), labels, 0)) and torch.isfinite(classifier.loss((x,), labels, 0))
+    contrastive = ContrastiveObjective(CompiledLike(network), nt_xent(0.5), BatchAugment(), modality_named("image"))
+    classifier = TaskObjective(network, Classification(), cross_entropy(0.0), CompiledLike(network))
+    assert torch.isfinite(contrastive.loss(Batch((x, x), labels), 0)) and torch.isfinite(classifier.loss(Batch((x,), labels), 0))

@@ -20,7 +20,7 @@ from transferctl.recipes.training import prepare
 def _saved_encoder(cfg, path: Path, seed: int = 123) -> dict[str, torch.Tensor]:
     """A freshly initialised encoder (another seed than training's), saved to `path`."""
     torch.manual_seed(seed)
-    state = build_encoder(cfg, 1, 28).state_dict()
+    state = build_encoder(cfg, {"in_channels": 1, "image_size": 28}).state_dict()
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:
@@ -40,7 +40,7 @@ def test_a_saved_resnet18_encoder_loads_through_the_config(simclr_config, tmp_pa
     loaded = prepare(cfg).model.encoder.state_dict()
     assert _same(loaded, saved)
     torch.manual_seed(0)
-    assert not torch.equal(build_encoder(cfg, 1, 28).state_dict()["0.weight"], saved["0.weight"])  # not the default init
+    assert not torch.equal(build_encoder(cfg, {"in_channels": 1, "image_size": 28}).state_dict()["0.weight"], saved["0.weight"])  # not the default init
 
 
 def test_finetune_from_local_weights_through_the_cli(cli, simclr_config, tmp_path, digits_root):
@@ -62,7 +62,7 @@ def test_a_whole_network_or_a_run_checkpoint_gives_its_encoder(simclr_config, tm
     cfg = load_config(simclr_config)
     saved = _saved_encoder(cfg, tmp_path / "enc.pt")
     torch.save({"model": {**{f"encoder.{k}": v for k, v in saved.items()}, "head.0.weight": torch.ones(2)}, "step": 3}, tmp_path / "ckpt.pt")
-    encoder = build_encoder(cfg, 1, 28)
+    encoder = build_encoder(cfg, {"in_channels": 1, "image_size": 28})
     load_model_weights(encoder, load_config(simclr_config, ["model.weights=ckpt.pt"]))
     assert _same(encoder.state_dict(), saved)
 
@@ -98,7 +98,7 @@ def test_default_resnet18_weights_are_torchvisions_imagenet_weights_renamed(simc
     published = torchvision.models.resnet18(weights=None).state_dict()  # stands in for the download
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda url, **kwargs: published)
     cfg = load_config(simclr_config, ["model.name=resnet18", "model.small_images=false", "model.weights=DEFAULT"])
-    encoder = build_encoder(cfg, 3, 64)
+    encoder = build_encoder(cfg, {"in_channels": 3, "image_size": 64})
     load_model_weights(encoder, cfg)
     loaded = encoder.state_dict()
     assert torch.equal(loaded["0.weight"], published["conv1.weight"])

@@ -1,101 +1,49 @@
-"""Turn a validated Config into components, through the registries."""
+"""The one assembly layer: a validated config becomes everything a training run needs (`build_training`), and
+a trained run's checkpoint becomes its model and data again (`load_trained`). Recipes, resume, `config check`,
+export and the benchmarks all build through here, so steps, batches and weights are worked out in one place.
+"""
 
 from __future__ import annotations
 
-import io
 import os
-from contextlib import contextmanager, redirect_stderr
-from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from transferctl import checkpoints, events
+from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config
-from transferctl.data import BatchAugment, ImageData
+from transferctl.data import BatchAugment, Samples, load_split, load_training_data
+from transferctl.data.datasets import TrainingData
 from transferctl.data.pipeline import LoaderPipeline, Pipeline, make_pipeline
 from transferctl.distributed import world
-from transferctl.models import Network
+from transferctl.engine.train import Objective, Settings, Steps, pick_device, plan_steps
 from transferctl.errors import ConfigError, UsageError
-from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, Entry
+from transferctl.methods import Method, Parts, method_of
+from transferctl.modalities import DEFAULT_MODALITY, Modality, dataset_modality, modality_named
+from transferctl.models import Network
+from transferctl.models import weights
+from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
+from transferctl.runs import RunRecord
+
+# --------------------------------------------------------------------------- components
 
 
-def build_encoder(cfg: Config, channels: int, image_size: int) -> nn.Module:
-    return MODELS.build(cfg.model.name, cfg.model.options, in_channels=channels, image_size=image_size)
+def modality_of_config(cfg: Config) -> Modality:
+    return modality_named(dataset_modality(cfg.data.name))
 
 
-def load_model_weights(encoder: nn.Module, cfg: Config) -> None:
-    """`model.weights`: the encoder's starting weights, from a .pt (torch.save of a state dict; loaded with
-    weights_only) or .safetensors file, or DEFAULT: the model's published weights. A file may also hold a
-    whole network (`encoder.` keys) or a transferctl checkpoint; a model can accept foreign layouts
-    (resnet18: torchvision's)."""
-    entry = MODELS.get(cfg.model.name)
-    where = f"model.weights {cfg.model.weights}"
-    if cfg.model.weights == "DEFAULT":
-        state = _published_weights(entry, cfg)
-    else:
-        state = _read_weights(Path(cfg.model.weights), where)
-    state = entry.meta.get("adapt_weights", lambda s: s)(_encoder_part(state, where))
-    expected = encoder.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{len(missing)} missing keys (first: {missing[0]})"] if missing else []
-    problems += [f"{len(unexpected)} unexpected keys (first: {unexpected[0]})"] if unexpected else []
-    problems += [f"{len(mismatched)} of other shapes (first: {mismatched[0]})"] if mismatched else []
-    if problems:
-        raise ConfigError(f"{where}: does not fit model '{cfg.model.name}' with {cfg.model.options}: {'; '.join(problems)}")
-    encoder.load_state_dict(state)
+def build_encoder(cfg: Config, context: dict[str, Any]) -> nn.Module:
+    """The configured encoder for data described by `context` (the modality's `model_context`)."""
+    return MODELS.build(cfg.model.name, cfg.model.options, **context)
 
 
-def _published_weights(entry: Entry, cfg: Config) -> dict[str, Any]:
-    fetch = entry.meta.get("published_weights")
-    if fetch is None:
-        raise ConfigError(f"model.weights: DEFAULT: model '{cfg.model.name}' has no published weights; give a .pt or .safetensors file")
-    try:
-        with redirect_stderr(io.StringIO()):  # torch.hub's "Downloading: ..." line: errors stay one line
-            return fetch(**cfg.model.options)
-    except ConfigError:
-        raise
-    except Exception as exc:  # offline: URLError; a proxy or a bad cache: many others
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise UsageError(
-            f"model.weights: DEFAULT: downloading the published weights of '{cfg.model.name}' failed ({reason}); "
-            f"offline, use a local file: model.weights=PATH (a .pt or .safetensors state dict)"
-        ) from None
-
-
-def _read_weights(path: Path, where: str) -> Any:
-    if not path.is_file():
-        raise ConfigError(f"{where}: no such file; give a .pt or .safetensors state dict of the encoder (or DEFAULT)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch and safetensors raise many types for foreign or truncated files
-        raise ConfigError(f"{where}: not a readable state dict ({type(exc).__name__}); write one with torch.save(encoder.state_dict(), path)") from None
-
-
-def _encoder_part(state: Any, where: str) -> dict[str, torch.Tensor]:
-    """The encoder's tensors: from a transferctl checkpoint ('model'), a {'state_dict': ...} wrapper, a whole
-    network ('encoder.' keys), or a plain state dict."""
-    if isinstance(state, dict):
-        for wrapper in ("model", "state_dict"):
-            if isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-                break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{where}: not a state dict (a mapping of parameter names to tensors)")
-    if any(k.startswith("encoder.") for k in state):
-        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    return state
-
-
-def build_network(cfg: Config, channels: int, image_size: int, num_classes: int) -> Network:
-    encoder = build_encoder(cfg, channels, image_size)
-    head = HEADS.build(cfg.head.name, cfg.head.options, feature_dim=encoder.feature_dim, num_classes=num_classes)
+def build_network(cfg: Config, context: dict[str, Any], num_outputs: int) -> Network:
+    encoder = build_encoder(cfg, context)
+    head = HEADS.build(cfg.head.name, cfg.head.options, feature_dim=encoder.feature_dim, num_outputs=num_outputs)
     return Network(encoder, head)
 
 
@@ -103,9 +51,9 @@ def build_loss(cfg: Config) -> nn.Module:
     return LOSSES.build(cfg.loss.name, cfg.loss.options)
 
 
-def build_augment(cfg: Config, data: ImageData) -> BatchAugment:
+def build_augment(cfg: Config, data: Samples, modality: Modality) -> BatchAugment:
     augment = cfg.data.augment
-    return AUGMENTATIONS.build(augment.name, augment.options, hflip_default=data.hflip)
+    return AUGMENTATIONS.build(augment.name, augment.options, **modality.augment_context(data))
 
 
 def parameter_groups(model: Network, encoder_lr_scale: float, encoder_weight_decay: float | None = None) -> list[dict[str, Any]]:
@@ -126,16 +74,21 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     """`auto`: channels_last for conv nets on CUDA, and on CPU with bf16 (where oneDNN's bf16 convolutions
-    want it: measured 1.5x over bf16 alone on a 2-core CPU, but only +5% in float32)."""
+    want it, far more than float32 ones do). A model may declare `channels_last=False`; by default image
+    models use it and others (inputs that are not 4-D) do not."""
     if cfg.train.channels_last == "auto":
-        return cfg.model.name != "mlp" and (device.type == "cuda" or cfg.train.precision == "bf16")
+        entry = MODELS.get(cfg.model.name)
+        conv = entry.meta.get("channels_last", entry.meta.get("modality", DEFAULT_MODALITY) == "image")
+        return conv and (device.type == "cuda" or cfg.train.precision == "bf16")
     return bool(cfg.train.channels_last)
 
 
-def build_pipeline(cfg: Config, train: ImageData, augment: BatchAugment, device: torch.device, *, views: int, drop_last: bool) -> Pipeline:
+def build_pipeline(
+    cfg: Config, train: Samples, augment: BatchAugment, modality: Modality, device: torch.device, *, views: int, drop_last: bool
+) -> Pipeline:
     ranks = world()
     return make_pipeline(
-        train, augment, kind=cfg.data.pipeline, views=views, batch_size=cfg.data.batch_size, seed=cfg.train.seed,
+        train, augment, modality, kind=cfg.data.pipeline, views=views, batch_size=cfg.data.batch_size, seed=cfg.train.seed,
         drop_last=drop_last, device=device, num_workers=cfg.data.num_workers, budget_mb=cfg.data.memory_budget_mb,
         channels_last=use_channels_last(cfg, device), rank=ranks.rank, world=ranks.size,
     )
@@ -175,3 +128,172 @@ def cpu_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def settings_of(cfg: Config, steps: Steps) -> Settings:
+    t = cfg.train
+    return Settings(
+        steps=steps, eval_batch_size=cfg.data.eval_batch_size, log_every=t.log_every, val_every=t.val_every,
+        checkpoint_every=t.checkpoint_every, on_nan=t.on_nan, precision=t.precision, ema_decay=t.ema_decay,
+    )
+
+
+# --------------------------------------------------------------------------- a training run
+
+
+@dataclass
+class Training:
+    """Everything one training run steps through, built before its directory exists (bad input writes nothing)."""
+
+    cfg: Config
+    method: Method
+    modality: Modality
+    device: torch.device
+    data: TrainingData
+    val: Samples  # data.val, on the training device
+    network: Network
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    pipeline: Pipeline
+    settings: Settings
+    notes: list[str] = field(default_factory=list)  # options that have no effect as configured
+
+    @property
+    def train(self) -> Samples:
+        return self.data.train
+
+    @property
+    def steps(self) -> Steps:
+        return self.settings.steps
+
+
+def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
+    """A validated config -> data, network, objective, optimizer, scheduler, pipeline and steps, every check that
+    can fail on bad input done first. `load_weights=False` (a resume) leaves the starting weights to the checkpoint."""
+    device = pick_device(cfg.train.device)
+    if cfg.train.precision == "16" and device.type != "cuda":
+        raise ConfigError(f"train.precision: 16 (float16 with a gradient scaler) needs CUDA, not {device.type}; use bf16 or 32")
+    ranks = world()
+    if cfg.data.batch_size % ranks.size:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} (the global batch) does not split evenly over {ranks.size} processes")
+    if cfg.train.sync_batchnorm and ranks.distributed and device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA; set it to false on CPU")
+    method = method_of(cfg)
+    method.check(cfg, ranks)
+    events.check_available(cfg.train.tensorboard)
+    torch.manual_seed(cfg.train.seed)
+    modality = modality_of_config(cfg)
+    data = load_training_data(cfg.data, labelled_subset=method.uses_labels, unlabeled=method.wants_unlabeled_pool(cfg))
+    _check_targets(cfg, method, data.train)
+    steps = plan_steps(
+        len(data.train), cfg.data.batch_size, cfg.train.epochs, cfg.train.max_steps, full_batches=method.full_batches, ranks=ranks.size
+    )
+    context = modality.model_context(data.train.sample_shape)
+    network = build_network(cfg, context, method.num_outputs(data.train))
+    _check_fits(network, cfg, data.train, modality)
+    if load_weights:  # a resume takes every weight from its own checkpoint
+        weights.load_starting_weights(network.encoder, cfg)
+    network.to(device)
+    val = data.val.to(device)
+
+    method.prepare_network(network, cfg)
+    channels_last = use_channels_last(cfg, device)
+    if channels_last:
+        network.to(memory_format=torch.channels_last)  # before DDP, whose gradient buckets take the strides
+    forward = training_forward(cfg, network, device, method.some_steps_frozen(cfg))  # before the optimizer: SyncBatchNorm swaps modules
+    lr_scale, encoder_decay = method.encoder_optimization(cfg)
+    optimizer = build_optimizer(cfg, parameter_groups(network, lr_scale, encoder_weight_decay=encoder_decay))
+    criterion = build_loss(cfg)
+    augment = build_augment(cfg, data.train, modality)
+    starting = (lambda: weights.starting_encoder_state(cfg, build_encoder(cfg, context))) if weights.has_pretrained_encoder(cfg) else None
+    parts = Parts(cfg, device, modality, data.train, val, data.unlabeled, network, forward, criterion, augment, channels_last, starting)
+    objective = method.objective(parts)
+    scheduler = build_scheduler(cfg, optimizer, steps.total)
+    pipeline = build_pipeline(cfg, data.train, augment, modality, device, views=method.views, drop_last=steps.drop_last)
+    return Training(
+        cfg, method, modality, device, data, val, network, objective, optimizer, scheduler, pipeline, settings_of(cfg, steps), method.notes(cfg)
+    )
+
+
+def _check_targets(cfg: Config, method: Method, train: Samples) -> None:
+    """A task trains on one kind of target; the data set must have it."""
+    task = method.task
+    if task is not None and train.target_kind != task.target_kind:
+        raise ConfigError(
+            f"task: '{cfg.task.name}' trains on targets of kind '{task.target_kind}', and data set '{cfg.data.name}' has "
+            f"'{train.target_kind}'; pick a data set with {task.target_kind} targets, or another task"
+        )
+
+
+def _check_fits(network: Network, cfg: Config, data: Samples, modality: Modality) -> None:
+    """One eval-mode forward pass (no statistics change, no randomness drawn): an encoder that cannot take the
+    data's shape fails here, as a config error, not mid-run."""
+    network.eval()
+    try:
+        with torch.no_grad():
+            network(modality.example_input(data, 2))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0]
+        shape = "x".join(map(str, data.sample_shape))
+        raise ConfigError(
+            f"model: '{cfg.model.name}' does not fit {shape} inputs of data set '{cfg.data.name}' ({reason}); "
+            f"change model options or the data's size"
+        ) from None
+
+
+# --------------------------------------------------------------------------- a trained run
+
+
+@dataclass
+class Trained:
+    """A trained run read back: its config, checkpoint, method and network with the checkpoint's weights, and its
+    data splits read as the training split was (its classes, its fitted state)."""
+
+    record: RunRecord
+    cfg: Config
+    checkpoint: Checkpoint
+    method: Method
+    modality: Modality
+    network: Network
+    device: torch.device
+    splits: dict[bool, Samples]
+
+    def split(self, train: bool) -> Samples:
+        """The whole train or test split, as trained, on the run's device (read once)."""
+        if train not in self.splits:
+            self.splits[train] = as_trained(load_split(self.cfg.data, train=train), self.checkpoint, self.modality, str(self.record.path)).to(self.device)
+        return self.splits[train]
+
+    def served(self) -> nn.Module:
+        """What an export holds and evaluation scores: the whole network, or its encoder alone."""
+        module = self.network.encoder if self.method.export().encoder_only else self.network
+        return module.eval()
+
+
+def as_trained(data: Samples, checkpoint: Checkpoint, modality: Modality, where: str) -> Samples:
+    """`data` read the way the model was trained: its classes in training order, the modality's fitted state."""
+    trained = checkpoint.data
+    if list(data.classes) != list(trained["classes"]):
+        raise UsageError(f"{where}: the test split's classes {list(data.classes)} differ from the trained classes {trained['classes']}")
+    return modality.as_trained(data, trained)
+
+
+def load_trained(
+    record: RunRecord, cfg: Config, *, checkpoint: str | None = None, device: torch.device | None = None, splits: tuple[str, ...] | None = None
+) -> Trained:
+    """A run's `checkpoint` (default: `eval.checkpoint`) with its network, and its `splits` (default: those its
+    method evaluates on; the test split always), all read before anything is written."""
+    saved = checkpoints.read(record.checkpoint_path(checkpoint or cfg.eval.checkpoint))
+    method, modality = method_of(cfg), modality_of_config(cfg)
+    device = device or pick_device(cfg.train.device)
+    test = as_trained(load_split(cfg.data, train=False), saved, modality, str(record.path))
+    network = build_network(cfg, modality.model_context(test.sample_shape), method.num_outputs(test))
+    try:
+        network.load_state_dict(saved.model)
+    except RuntimeError:
+        raise UsageError(f"{record.path}: its checkpoint does not fit model '{cfg.model.name}' as configured; drop model overrides") from None
+    trained = Trained(record, cfg, saved, method, modality, network.to(device).eval(), device, {False: test.to(device)})
+    for split in method.evaluation_splits if splits is None else splits:
+        trained.split(train=split == "train")
+    return trained

@@ -2,8 +2,8 @@
 component it names built once, on the CPU, with one batch through the model and the loss: no training,
 nothing written. The first problem found is a one-line usage error.
 
-It resolves and builds with the training recipe's own functions (`finetune_config`, `prepare`,
-`build_training`), so what passes here is what `pretrain`/`finetune` would build.
+It resolves with the fine-tune recipe's `finetune_config` and builds with the assembly layer's `build_training`,
+so what passes here is what `pretrain`/`finetune` would build.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from transferctl.config import Config, apply_overrides, load_config, read_yaml
+from transferctl.config import Config, apply_overrides, component_name, load_config, read_yaml
 from transferctl.errors import ConfigError, TransferError, UsageError
 from transferctl.runs import DEFAULT_RUNS_DIR
 
@@ -31,12 +31,20 @@ def resolved_config(
     overrides = list(overrides or [])
     if config is None and source is None:
         raise UsageError("config needs -c CONFIG (or --from RUN for a fine-tune of that run)")
-    method = "finetune" if source is not None else apply_overrides(read_yaml(config), overrides).get("method")
-    if method == "finetune":  # the fine-tune recipe's defaults and the source's encoder, as `finetune` merges them
+    method = "finetune" if source is not None else component_name(apply_overrides(read_yaml(config), overrides).get("method"))
+    if _command_of(method) == "finetune":  # the fine-tune recipe's defaults and the source's encoder, as `finetune` merges them
         from transferctl.recipes.training import finetune_config
 
         return finetune_config(source, config, overrides, runs_dir=runs_dir)
     return load_config(config, overrides)
+
+
+def _command_of(method: Any) -> str | None:
+    """The verb that runs `method` (None for a name that is not a registered method: validation says so)."""
+    from transferctl.registry import METHODS, load_components
+
+    load_components()
+    return METHODS.get(method).fn.command if isinstance(method, str) and method in METHODS else None
 
 
 def _stage(name: str, build: Callable[[], T]) -> T:
@@ -63,47 +71,49 @@ def _count(module: Any, trainable_only: bool = False) -> int:
 
 def check_config(cfg: Config) -> dict[str, Any]:
     """Build data, model (with the source's or local weights), head, loss, optimizer, scheduler and batch
-    pipeline; put one training batch through the model and the loss (train mode, no gradients)."""
+    pipeline through the assembly layer, as training would; put one training batch through the model and the
+    loss (train mode, no gradients). Passes over the data that only training needs (label propagation) are
+    skipped."""
     import torch
 
-    from transferctl.recipes.training import build_training, prepare
+    from transferctl.build import build_training
+    from transferctl.modalities import dataset_modality
 
-    cpu = _on_cpu(cfg)
-    prepared = _stage("data and model", lambda: prepare(cpu))
-    training = _stage("optimizer, scheduler, loss and batch pipeline", lambda: build_training(prepared))
-    views, labels = _stage("the first batch", lambda: next(iter(training.pipeline.batches(0))))
-    model = prepared.model
+    training = _stage("building the run (data, model, objective, optimizer, pipeline)", lambda: build_training(_on_cpu(cfg)))
+    batch = _stage("the first batch", lambda: next(iter(training.pipeline.batches(0))))
+    model = training.network
     model.train()
     if model.frozen_encoder:
         model.encoder.eval()  # as training does for a linear probe
     with torch.no_grad():
-        features = _stage("the encoder's forward pass", lambda: model.encoder(views[0]))
+        features = _stage("the encoder's forward pass", lambda: model.encoder(batch.inputs[0]))
         output = _stage("the head's forward pass", lambda: model.head(features))
-        loss = _stage("the loss", lambda: training.objective.loss(views, labels, 0)).item()  # step 0: a fresh run's first
+        loss = _stage("the loss", lambda: training.objective.loss(batch, 0)).item()  # step 0: a fresh run's first
     if not math.isfinite(loss):
         raise ConfigError(f"config check: the loss of the first batch is {loss}; check the data set, model and loss options")
-    train, val = prepared.train, prepared.val
+    train, val = training.train, training.val
     return {
         "status": "ok",
-        "method": cfg.method,
+        "method": cfg.method.name,
+        "task": cfg.task.name if cfg.task is not None else None,
         "device": "cpu",
         "components": {
             "model": cfg.model.name, "weights": cfg.model.weights, "head": cfg.head.name, "loss": cfg.loss.name, "optimizer": cfg.optimizer.name,
             "scheduler": cfg.scheduler.name, "augment": cfg.data.augment.name, "dataset": cfg.data.name,
-            "pipeline": type(training.pipeline).__name__,
+            "modality": dataset_modality(cfg.data.name), "pipeline": type(training.pipeline).__name__,
         },
         "data": {
-            "train_images": len(train), "val_images": len(val), "classes": train.num_classes,
-            "image_shape": [train.channels, train.image_size, train.image_size],
+            "train_samples": len(train), "val_samples": len(val), "classes": train.num_classes, "input_shape": list(train.sample_shape),
         },
         "parameters": {
             "total": _count(model), "trainable": _count(model, trainable_only=True),
             "encoder": _count(model.encoder), "head": _count(model.head),
         },
         "shapes": {
-            "batch": list(views[0].shape), "views": len(views),
+            "batch": list(batch.inputs[0].shape), "views": len(batch.inputs),
             "features": list(features.shape), "output": list(output.shape),
         },
         "loss": loss,
-        "steps": training.steps,
+        "steps": training.steps.total,
+        "notes": training.notes,
     }

@@ -183,7 +183,7 @@ def finetune(
     quiet: bool = QuietFlag,
     nproc: int = NprocOption,
 ) -> None:
-    """Fine-tune a pretrained encoder with a new classifier (default: 10 labels per class), or --resume one."""
+    """Fine-tune a pretrained encoder with a new task head (default: a classifier, 10 labels per class), or --resume one."""
     _maybe_launch(nproc)
     _execute(as_json, quiet, "finetune", _training_job("finetune", source, config, overrides, resume_run, runs_dir))
 
@@ -232,7 +232,7 @@ def evaluate(
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
 ) -> None:
-    """Evaluate a run on the test split: accuracy for classifiers, k-NN accuracy for encoders."""
+    """Evaluate a run on the test split by its method: a task's metrics (accuracy, ...), or k-NN accuracy for encoders."""
     def job(reporter: ConsoleReporter) -> RunResult:
         from transferctl.recipes import evaluate as evaluate_run
 
@@ -252,7 +252,7 @@ def export(
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
 ) -> None:
-    """Export a run's model (classifier or encoder) for serving, verified against the eager model."""
+    """Export a run's model (a trained head's network, or an encoder) for serving, verified against the eager model."""
     def job(reporter: ConsoleReporter) -> ExportResult:
         from transferctl.export import export_run
 
@@ -349,15 +349,16 @@ def _describe(brief: dict[str, Any]) -> str:
     if brief.get("missing"):
         return f"{brief['run_id']} (not found)"
     metric = _metric(brief)
-    return f"{brief['run_id']} ({brief['command']} {brief['method']}, {brief['status']}" + (f", {metric})" if metric else ")")
+    return f"{brief['run_id']} ({brief['command']} {brief['trains']}, {brief['status']}" + (f", {metric})" if metric else ")")
 
 
 def _render_ls(out: ConsoleReporter, listing: dict[str, Any]) -> None:
     rows = [
-        [r["run_id"], f"{r['command']} {r['method']}", r["dataset"], r["status"], _metric(r), r["parent"], runs_index.age(r["age_s"])]
+        [r["run_id"], r["command"], r["trains"], r["dataset"], r["status"], _metric(r), r["parent"], runs_index.age(r["age_s"])]
         for r in listing["runs"]
     ]
-    out.columns(f"{len(rows)} runs in {listing['runs_dir']}", ["run", "command", "data", "status", "key metric", "parent", "age"], rows)
+    headers = ["run", "command", "trains", "data", "status", "key metric", "parent", "age"]
+    out.columns(f"{len(rows)} runs in {listing['runs_dir']}", headers, rows)
     if listing["unreadable"]:
         out.info(f"unreadable (config.yaml or summary.json does not parse): {', '.join(listing['unreadable'])}")
 
@@ -365,7 +366,7 @@ def _render_ls(out: ConsoleReporter, listing: dict[str, Any]) -> None:
 def _render_show(out: ConsoleReporter, run: dict[str, Any]) -> None:
     timings = run["timings"]
     overview = {
-        "command": f"{run['command']} {run['method']}", "data": run["dataset"], "status": run["status"], "error": run["error"],
+        "command": run["command"], "trains": run["trains"], "data": run["dataset"], "status": run["status"], "error": run["error"],
         "parent": run["parent"], "started": timings["started_at"], "finished": timings["finished_at"],
         "duration_s": timings["duration_s"], "resumes": len(timings["resumes"]) or None, "dir": run["run_dir"],
     }
@@ -444,13 +445,14 @@ def _render_check(out: ConsoleReporter, report: dict[str, Any]) -> None:
     params, shapes, data = report["parameters"], report["shapes"], report["data"]
     out.table(f"config check: {report['status']} ({report['method']}, on {report['device']})", {
         **report["components"],
-        "train / val images": f"{data['train_images']:,} / {data['val_images']:,} ({data['classes']} classes)",
+        "train / val samples": f"{data['train_samples']:,} / {data['val_samples']:,} ({data['classes']} classes)",
         "parameters": f"{params['total']:,} ({params['trainable']:,} trainable)",
         "encoder / head": f"{params['encoder']:,} / {params['head']:,}",
         "batch": f"{shapes['views']} x {shapes['batch']}",
         "features / output": f"{shapes['features']} / {shapes['output']}",
         "first-batch loss": report["loss"],
         "steps": report["steps"],
+        **({"notes": "; ".join(report["notes"])} if report["notes"] else {}),
     })
 
 

@@ -23,18 +23,18 @@ from transferctl.registry import (
     DATASETS,
     HEADS,
     LOSSES,
+    METHODS,
     MODELS,
     OPTIMIZERS,
     SCHEDULERS,
+    TASKS,
     Registry,
     did_you_mean,
     load_components,
+    serves,
 )
 
-Method = Literal["simclr", "supervised", "finetune"]
-PRETRAIN_METHODS = ("simclr", "supervised")
-STRONG_AUGMENT = "simclr"  # the strong view of fine-tuning's unlabeled images, unless configured
-COMMAND_OF_METHOD = {"simclr": "pretrain", "supervised": "pretrain", "finetune": "finetune"}
+SHORTHAND_SECTIONS = ("method", "task")  # `method: simclr` is short for `method: {name: simclr}`
 
 
 class Component(BaseModel):
@@ -147,9 +147,15 @@ class EvalConfig(BaseModel):
     knn_temperature: float = Field(0.07, gt=0.0)
 
 
+def component_name(section: Any) -> str | None:
+    """The name of a component section as a stored config holds it: `simclr` or `{name: simclr}`."""
+    return section.get("name") if isinstance(section, dict) else section
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    method: Method
+    method: Component  # how the run trains (a registered method) and its options
+    task: Optional[Component] = None  # what a method that trains a head trains it for; default: classification
     model: ModelConfig = ModelConfig(name="cnn")
     head: Optional[Component] = None
     loss: Optional[Component] = None
@@ -160,20 +166,13 @@ class Config(BaseModel):
     finetune: FinetuneConfig = FinetuneConfig()
     eval: EvalConfig = EvalConfig()
 
-    @property
-    def is_classifier(self) -> bool:
-        return self.method != "simclr"
+    @pydantic.field_validator(*SHORTHAND_SECTIONS, mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-# Head, loss and augmentation that each method gets unless the config names others.
-METHOD_DEFAULTS: dict[str, dict[str, str]] = {
-    "simclr": {"head": "projection", "loss": "nt_xent", "augment": "simclr", "loss_kind": "contrastive"},
-    "supervised": {"head": "linear", "loss": "cross_entropy", "augment": "light", "loss_kind": "classification"},
-    "finetune": {"head": "linear", "loss": "cross_entropy", "augment": "light", "loss_kind": "classification"},
-}
 
 
 # --------------------------------------------------------------------------- loading
@@ -182,9 +181,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Safe-load a YAML mapping; errors name the file and, for syntax errors, line and column."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found; check the path passed to -c") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (it is not UTF-8); pass a YAML config to -c") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     try:
@@ -226,6 +227,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             child = node.setdefault(part, {})
             if child is None:
                 child = node[part] = {}
+            if depth == 0 and part in SHORTHAND_SECTIONS and isinstance(child, str):
+                child = node[part] = {"name": child}
             if not isinstance(child, dict):
                 dotted = ".".join(path[: depth + 1])
                 raise ConfigError(f"override '{text}': {dotted} is a value, not a section")
@@ -240,18 +243,33 @@ def _component_names(data: dict[str, Any]) -> dict[str, Any]:
     """Name the default component of every component section that an override created without a name,
     so that `optimizer.lr=0.1` works on a config that never mentions the optimizer."""
     defaults = {key: Config.model_fields[key].default for key in ("model", "optimizer", "scheduler")}
-    by_method = METHOD_DEFAULTS.get(data.get("method"), {}) if isinstance(data.get("method"), str) else {}
-    sections = {**{k: v.name for k, v in defaults.items()}, "head": by_method.get("head"), "loss": by_method.get("loss")}
+    chosen = _defaults_for(data)
+    sections = {**{k: v.name for k, v in defaults.items()}, **{k: chosen.get(k) for k in ("head", "loss", "task")}}
     for key, name in sections.items():
         if isinstance(data.get(key), dict) and "name" not in data[key] and name:
             data[key]["name"] = name
-    augment = data.get("data", {}).get("augment") if isinstance(data.get("data"), dict) else None
-    if isinstance(augment, dict) and "name" not in augment and by_method.get("augment"):
-        augment["name"] = by_method["augment"]
-    strong = _section(data, "finetune", "unlabeled", "augment")
-    if isinstance(strong, dict) and "name" not in strong:
-        strong["name"] = STRONG_AUGMENT
+    for path, name in {"data.augment": chosen.get("augment"), **chosen.get("sections", {})}.items():
+        section = _section(data, *path.split("."))
+        if isinstance(section, dict) and "name" not in section and name:
+            section["name"] = name
     return data
+
+
+def _defaults_for(data: dict[str, Any]) -> dict[str, Any]:
+    """The default components of the raw config's method, task and data set; {} while any is unknown
+    (`resolve` then says which)."""
+    from transferctl.methods import component_defaults
+    from transferctl.modalities import dataset_modality, modality_named
+
+    load_components()
+    method, dataset = component_name(data.get("method")), _section(data, "data", "name")
+    if not isinstance(method, str) or method not in METHODS or not isinstance(dataset, str) or dataset not in DATASETS:
+        return {}
+    method_cls = METHODS.get(method).fn
+    task = component_name(data.get("task")) or method_cls.default_task
+    task_cls = TASKS.get(task).fn if method_cls.trains_task and isinstance(task, str) and task in TASKS else None
+    chosen = component_defaults(method_cls, task_cls, modality_named(dataset_modality(dataset)))
+    return {**chosen, "task": method_cls.default_task}
 
 
 def _section(data: Any, *path: str) -> Any:
@@ -317,22 +335,35 @@ def _resolve_component(registry: Registry, component: Component, where: str) -> 
 
 
 def resolve(data: dict[str, Any], command: str | None = None) -> Config:
-    """Validate a raw config dict and fill in method defaults and every component option.
+    """Validate a raw config dict and fill in the method's defaults and every component option.
 
     With `command`, a method that belongs to another command is refused first, naming that command.
     """
+    from transferctl.methods import component_defaults
+    from transferctl.modalities import dataset_modality, modality_named
+
     load_components()
     try:
         cfg = Config.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_pydantic_message(exc.errors()[0])) from None
-    if command is not None and COMMAND_OF_METHOD[cfg.method] != command:
-        raise ConfigError(f"method: '{cfg.method}' is run by `transferctl {COMMAND_OF_METHOD[cfg.method]}`, not `transferctl {command}`")
-    defaults = METHOD_DEFAULTS[cfg.method]
+    method = METHODS.get(cfg.method.name, where="method").fn
+    if command is not None and method.command != command:
+        raise ConfigError(f"method: '{cfg.method.name}' is run by `transferctl {method.command}`, not `transferctl {command}`")
+    if method.trains_task:
+        cfg.task = cfg.task or Component(name=method.default_task)
+    elif cfg.task is not None:
+        raise ConfigError(f"task: method '{cfg.method.name}' trains no task head; drop the task section (fine-tuning and supervised pretraining take one)")
+    task = TASKS.get(cfg.task.name, where="task").fn if cfg.task is not None else None
+    modality = dataset_modality(cfg.data.name)
+    defaults = component_defaults(method, task, modality_named(modality))
     cfg.head = cfg.head or Component(name=defaults["head"])
     cfg.loss = cfg.loss or Component(name=defaults["loss"])
     cfg.data.augment = cfg.data.augment or Component(name=defaults["augment"])
 
+    cfg.method = _resolve_component(METHODS, cfg.method, "method")
+    if cfg.task is not None:
+        cfg.task = _resolve_component(TASKS, cfg.task, "task")
     cfg.model = ModelConfig(weights=cfg.model.weights, **_resolve_component(MODELS, cfg.model, "model").model_dump())
     if cfg.model.weights and cfg.finetune.source:
         raise ConfigError("model.weights: a fine-tune --from RUN takes its encoder from RUN; drop model.weights (or --from)")
@@ -340,25 +371,42 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     cfg.loss = _resolve_component(LOSSES, cfg.loss, "loss")
     cfg.optimizer = _resolve_component(OPTIMIZERS, cfg.optimizer, "optimizer")
     cfg.scheduler = _resolve_component(SCHEDULERS, cfg.scheduler, "scheduler")
+    augments = {"data.augment": cfg.data.augment}
     cfg.data.augment = _resolve_component(AUGMENTATIONS, cfg.data.augment, "data.augment")
-    if cfg.method == "finetune":
-        unlabeled = cfg.finetune.unlabeled
-        unlabeled.augment = _resolve_component(AUGMENTATIONS, unlabeled.augment or Component(name=STRONG_AUGMENT), "finetune.unlabeled.augment")
+    for path, name in defaults["sections"].items():  # the method's own augmentation sections
+        *parents, key = path.split(".")
+        owner = _attribute(cfg, parents)
+        setattr(owner, key, _resolve_component(AUGMENTATIONS, getattr(owner, key) or Component(name=name), path))
+        augments[path] = getattr(owner, key)
     dataset_options = DATASETS.get(cfg.data.name, where="data").validate(cfg.data.options, where="data")
     cfg.data = DataConfig(**{**cfg.data.model_dump(exclude=set(cfg.data.options)), **dataset_options})
-
-    loss_kind = LOSSES.get(cfg.loss.name).meta.get("kind")
-    if loss_kind != defaults["loss_kind"]:
-        fitting = [e.name for e in LOSSES if e.meta.get("kind") == defaults["loss_kind"]]
-        raise ConfigError(
-            f"loss.name: loss '{cfg.loss.name}' does not fit method '{cfg.method}'; use one of: {', '.join(fitting)}"
-        )
-    if HEADS.get(cfg.head.name).meta.get("classifier") != cfg.is_classifier:
-        fitting = [e.name for e in HEADS if e.meta.get("classifier") == cfg.is_classifier]
-        raise ConfigError(
-            f"head.name: head '{cfg.head.name}' does not fit method '{cfg.method}'; use one of: {', '.join(fitting)}"
-        )
+    _check_fits(cfg, defaults["serves"], modality, augments)
     return cfg
+
+
+def _attribute(obj: Any, path: list[str]) -> Any:
+    for part in path:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_fits(cfg: Config, kind: str, modality: str, augments: dict[str, Component]) -> None:
+    """The head and loss serve the method's (or task's) kind; the model and augmentations take the data's modality."""
+    owner = f"task '{cfg.task.name}'" if cfg.task is not None else f"method '{cfg.method.name}'"
+    for section, registry in (("loss", LOSSES), ("head", HEADS)):
+        name = getattr(cfg, section).name
+        if kind not in serves(registry.get(name)):
+            fitting = [e.name for e in registry if kind in serves(e)]
+            raise ConfigError(f"{section}.name: {registry.kind} '{name}' does not fit {owner}; use one of: {', '.join(fitting)}")
+    from transferctl.modalities import DEFAULT_MODALITY
+
+    if MODELS.get(cfg.model.name).meta.get("modality", DEFAULT_MODALITY) != modality:
+        fitting = [e.name for e in MODELS if e.meta.get("modality", DEFAULT_MODALITY) == modality]
+        raise ConfigError(f"model.name: model '{cfg.model.name}' does not take {modality} data (data set '{cfg.data.name}'); use one of: {', '.join(fitting)}")
+    for path, component in augments.items():
+        if AUGMENTATIONS.get(component.name).meta.get("modality") not in (None, modality):
+            fitting = [e.name for e in AUGMENTATIONS if e.meta.get("modality") in (None, modality)]
+            raise ConfigError(f"{path}.name: augmentation '{component.name}' is not for {modality} data; use one of: {', '.join(fitting)}")
 
 
 def load_config(

@@ -61,6 +61,10 @@ class ConsoleReporter:
         else:
             self.info(line)
 
+    def note(self, message: str) -> None:
+        """A one-line note on an option that has no effect as configured."""
+        self.info(f"note: {message}")
+
     def finish(self) -> None:
         if self._progress is not None:
             self._progress.stop()

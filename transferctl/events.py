@@ -45,6 +45,9 @@ class TensorBoardReporter:
                 self.writer.add_scalar(f"epoch/{key}", value, row.get("step"))
         self.inner.epoch(row)
 
+    def note(self, message: str) -> None:
+        self.inner.note(message)
+
     def finish(self) -> None:
         self.inner.finish()
         self.writer.flush()

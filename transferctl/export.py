@@ -1,9 +1,10 @@
 """Export a run's model to TorchScript, ONNX or safetensors, and check every export against the eager model.
 
-A classifier run exports the whole classifier (normalized images -> logits); an encoder-only run
-exports the encoder (normalized images -> embeddings). Files are staged in a private folder and
-checked; only then is each moved into place with an atomic rename, so a failed export replaces
-nothing and no file is ever half-written. The model card beside the files says how to feed the model.
+The run's method says what an export holds (`Method.export`): a trained head's whole network (classifier:
+normalized images -> logits) or the encoder alone (SimCLR: normalized images -> embeddings); the modality says
+what its input is. Files are staged in a private folder and checked; only then is each moved into place with an
+atomic rename, so a failed export replaces nothing and no file is ever half-written. The model card beside the
+files says how to feed the model.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ import torch
 from torch import nn
 
 import transferctl
-from transferctl.build import build_network
-from transferctl.config import Config, load_config
-from transferctl.data import ImageData, load_split, model_input
+from transferctl.build import Trained, build_network, load_trained, modality_of_config
+from transferctl.config import load_config
 from transferctl.errors import RunFailed, UsageError
-from transferctl.registry import did_you_mean
 from transferctl.fileio import atomic_write_bytes
-from transferctl.recipes.evaluation import as_trained, trained_model
-from transferctl.runs import DEFAULT_RUNS_DIR, load_checkpoint, read_trained_run
+from transferctl.methods import Export
+from transferctl.registry import did_you_mean
+from transferctl.runs import DEFAULT_RUNS_DIR, read_trained_run
 
 TRACE_BATCH = 16
 ONNX_OPSET = 18  # the lowest opset torch's dynamo exporter emits; onnxruntime has run it since 1.14
@@ -44,12 +44,24 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Exported:
+    """What a format writes: the module, an example input to trace, and what the files record about them."""
+
+    module: nn.Module
+    example: torch.Tensor
+    spec: Export  # encoder alone or the whole network, and the output's name
+    input_name: str
+    config: dict[str, Any]
+    num_outputs: int  # of the head the network was built with (safetensors rebuilds it)
+
+
+@dataclass(frozen=True)
 class Format:
     """One export format: how to write it and how to run what was written without transferctl."""
 
     name: str
     filename: str
-    save: Callable[[nn.Module, torch.Tensor, Path, Config], None]
+    save: Callable[[Exported, Path], None]
     load: Callable[[Path], Runner]
     modules: tuple[str, ...] = ()  # optional packages it needs, all from the [onnx] extra
 
@@ -59,11 +71,11 @@ class Format:
 
 # --------------------------------------------------------------------------- torchscript
 
-def _save_torchscript(module: nn.Module, example: torch.Tensor, path: Path, cfg: Config) -> None:
+def _save_torchscript(exported: Exported, path: Path) -> None:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream but still the one loadable format
-        torch.jit.save(torch.jit.trace(module, example), buffer)
+        torch.jit.save(torch.jit.trace(exported.module, exported.example), buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -78,15 +90,15 @@ def _load_torchscript(path: Path) -> Runner:
 
 # --------------------------------------------------------------------------- onnx
 
-def _save_onnx(module: nn.Module, example: torch.Tensor, path: Path, cfg: Config) -> None:
+def _save_onnx(exported: Exported, path: Path) -> None:
     import onnx
 
     batch = torch.export.Dim("batch", min=1, max=65536)
-    output = "logits" if cfg.is_classifier else "embeddings"
+    module = exported.module
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):  # keep stdout for --json
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, (example,), dynamo=True, input_names=["images"], output_names=[output],
+            module, (exported.example,), dynamo=True, input_names=[exported.input_name], output_names=[exported.spec.output],
             dynamic_shapes={_forward_arg(module): {0: batch}},
             opset_version=ONNX_OPSET, verbose=False,
         )
@@ -111,16 +123,22 @@ def _load_onnx(path: Path) -> Runner:
 
 # --------------------------------------------------------------------------- safetensors
 
-def _save_safetensors(module: nn.Module, example: torch.Tensor, path: Path, cfg: Config) -> None:
+def _save_safetensors(exported: Exported, path: Path) -> None:
     from safetensors.torch import save
 
-    state = {k: v.contiguous() for k, v in module.state_dict().items()}
-    metadata = {"transferctl_config": json.dumps(cfg.to_dict()), "input_shape": json.dumps(list(example.shape[1:]))}
+    state = {k: v.contiguous() for k, v in exported.module.state_dict().items()}
+    metadata = {
+        "transferctl_config": json.dumps(exported.config),
+        "input_shape": json.dumps(list(exported.example.shape[1:])),
+        "num_outputs": json.dumps(exported.num_outputs),
+        "encoder_only": json.dumps(exported.spec.encoder_only),
+    }
     atomic_write_bytes(path, save(state, metadata=metadata))
 
 
 def load_safetensors(path: str | Path) -> nn.Module:
-    """Rebuild an exported model with transferctl from its .safetensors file alone."""
+    """Rebuild an exported model with transferctl from its .safetensors file alone (also one that transferctl
+    0.1.0 wrote, whose metadata lacks `num_outputs` and `encoder_only`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -128,16 +146,17 @@ def load_safetensors(path: str | Path) -> nn.Module:
         metadata = f.metadata()
     cfg = load_config(None, base=json.loads(metadata["transferctl_config"]))
     state = load_file(str(path))
-    channels, size, _ = json.loads(metadata["input_shape"])
-    num_classes = _head_outputs(state)
-    network = build_network(cfg, channels, size, num_classes)
-    module = network if cfg.is_classifier else network.encoder
+    context = modality_of_config(cfg).model_context(tuple(json.loads(metadata["input_shape"])))
+    encoder_only = json.loads(metadata["encoder_only"]) if "encoder_only" in metadata else not any(k.startswith("head.") for k in state)
+    num_outputs = json.loads(metadata["num_outputs"]) if "num_outputs" in metadata else _head_outputs(state)
+    network = build_network(cfg, context, num_outputs)
+    module = network.encoder if encoder_only else network
     module.load_state_dict(state)
     return module.eval()
 
 
 def _head_outputs(state: dict[str, torch.Tensor]) -> int:
-    """A classifier's number of classes: the rows of its head's last linear layer (whatever comes before it,
+    """For files without `num_outputs`: the rows of the head's last linear layer (whatever comes before it,
     a standardizing batch norm, dropout); 1 for an encoder alone."""
     linear = [k for k, v in state.items() if k.startswith("head.") and k.endswith(".weight") and v.ndim == 2]
     if not linear:
@@ -270,11 +289,12 @@ def export_run(
     chosen = resolve_formats(format_names)
     record = read_trained_run(source, runs_dir)
     cfg = load_config(None, base=record.config)
-    checkpoint = load_checkpoint(record.checkpoint_path(cfg.eval.checkpoint))
-    data = as_trained(load_split(cfg.data, train=False), checkpoint, str(record.path))
-    module = trained_model(record, cfg, checkpoint, data)
-    images = model_input(data.images[: max(verify_images, TRACE_BATCH)], data.mean, data.std)
-    example = images[:TRACE_BATCH]
+    trained = load_trained(record, cfg, device=torch.device("cpu"), splits=("test",))
+    data, modality = trained.split(train=False), trained.modality
+    module = trained.served()
+    inputs = modality.model_input(data.inputs[: max(verify_images, TRACE_BATCH)], data)
+    spec = trained.method.export()
+    exported = Exported(module, inputs[:TRACE_BATCH], spec, modality.input_name, cfg.to_dict(), trained.method.num_outputs(data))
 
     export_dir = output or record.path / "export"
     try:
@@ -287,16 +307,19 @@ def export_run(
         parity: dict[str, Parity] = {}
         for fmt in chosen:
             staged = staging / fmt.filename
-            fmt.save(module, example, staged, cfg)
+            fmt.save(exported, staged)
             if verify:
-                # batch sizes other than the traced one, and a single image
-                parity[fmt.name] = check_parity(module, fmt.load(staged), images, tolerance, [250, 1 if len(images) < 50 else 7])
+                # batch sizes other than the traced one, and a single sample
+                parity[fmt.name] = check_parity(module, fmt.load(staged), inputs, tolerance, [250, 1 if len(inputs) < 50 else 7])
         failed = {k: p for k, p in parity.items() if not p.passed}
         if failed:
-            detail = "; ".join(f"{k}: max abs diff {p.max_abs_diff:.3g} (tolerance {p.tolerance:g}), top-1 agreement {p.top1_agreement:.4f}" for k, p in failed.items())
+            detail = "; ".join(
+                f"{k}: max abs diff {p.max_abs_diff:.3g} (tolerance {p.tolerance:g}), top-1 agreement {p.top1_agreement:.4f}" for k, p in failed.items()
+            )
             raise RunFailed(f"export of {record.id} failed its parity check: {detail}; nothing was replaced")
         files = {fmt.name: fmt.filename for fmt in chosen}
-        card = _model_card(record, cfg, data, module, checkpoint, {k: _sha256(staging / f) for k, f in files.items()}, files, parity, verify)
+        digests = {k: _sha256(staging / f) for k, f in files.items()}
+        card = _model_card(trained, data, digests, files, parity, verify)
         atomic_write_bytes(staging / "model_card.json", (json.dumps(card, indent=2) + "\n").encode())
         for name in [*files.values(), "model_card.json"]:
             os.replace(staging / name, export_dir / name)
@@ -310,30 +333,25 @@ def export_run(
     return result
 
 
-def _model_card(record, cfg, data: ImageData, module, checkpoint, digests, files, parity, verified) -> dict[str, Any]:
+def _model_card(trained: Trained, data, digests, files, parity, verified) -> dict[str, Any]:
+    record, cfg, checkpoint, spec = trained.record, trained.cfg, trained.checkpoint, trained.method.export()
     with torch.no_grad():
-        out_dim = module(torch.zeros(1, data.channels, data.image_size, data.image_size)).shape[1]
+        out_shape = list(trained.served()(trained.modality.example_input(data, 1)).shape[1:])
     return {
         "run_id": record.id,
         "parent": record.summary.get("parent"),
-        "kind": "classifier" if cfg.is_classifier else "encoder",
-        "method": cfg.method,
+        "kind": spec.kind,
+        "method": cfg.method.name,
+        "task": cfg.task.name if cfg.task is not None else None,
         "model": cfg.model.name,
-        "checkpoint": {"name": cfg.eval.checkpoint, "epoch": checkpoint.get("epoch"), "step": checkpoint.get("step")},
-        "input": {
-            "name": "images",
-            "shape": ["batch", data.channels, data.image_size, data.image_size],
-            "dtype": "float32",
-            "preprocessing": "x = (pixels / 255 - mean) / std, per channel, NCHW",
-            "mean": list(data.mean),
-            "std": list(data.std),
-        },
-        "output": {"name": "logits" if cfg.is_classifier else "embeddings", "shape": ["batch", out_dim]},
-        "classes": list(data.classes) if cfg.is_classifier else None,
+        "checkpoint": {"name": cfg.eval.checkpoint, "epoch": checkpoint.epoch, "step": checkpoint.step},
+        "input": trained.modality.describe_input(data),
+        "output": {"name": spec.output, "shape": ["batch", *out_shape]},
+        **trained.method.card(data),
         "dataset": cfg.data.name,
         "status": record.summary.get("status"),
         "metrics": record.summary.get("metrics", {}),
-        "checkpoint_metrics": checkpoint.get("metrics"),
+        "checkpoint_metrics": checkpoint.metrics,
         "files": {name: {"path": files[name], "sha256": digest} for name, digest in digests.items()},
         "parity": {k: {**asdict(v), "passed": v.passed} for k, v in parity.items()} if verified else None,
         "transferctl": transferctl.__version__,

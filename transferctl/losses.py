@@ -1,4 +1,5 @@
-"""Losses. `kind` tells which methods a loss fits: contrastive (simclr) or classification."""
+"""Losses. `serves` names the kinds of objective a loss fits: contrastive (simclr), classification, ...; a method
+or task names the kind it needs."""
 
 from __future__ import annotations
 
@@ -37,13 +38,13 @@ class NTXentLoss(nn.Module):
         return F.cross_entropy(logits, targets)
 
 
-@LOSSES.register(kind="contrastive")
+@LOSSES.register(serves=("contrastive",))
 def nt_xent(temperature: PositiveFloat = 0.5) -> nn.Module:
     """NT-Xent (SimCLR): contrast each view's partner against all other views in the batch."""
     return NTXentLoss(temperature)
 
 
-@LOSSES.register(kind="classification")
+@LOSSES.register(serves=("classification",))
 def cross_entropy(label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> nn.Module:
     """Cross-entropy on class logits, with optional label smoothing."""
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)

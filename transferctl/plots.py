@@ -2,7 +2,7 @@
 
     curves.png      training and validation loss, learning rate and validation accuracy per epoch (training runs)
     confusion.png   the confusion matrix (evaluations of classifiers)
-    views.png       augmented view pairs from the first training batch (SimCLR)
+    views.png       augmented view pairs from the first training batch (SimCLR: a method draws its own)
 
 Without matplotlib they are skipped quietly. A plot never fails a run: a problem drawing one goes to
 the run's log. matplotlib is used through its object API (no pyplot): no global backend, no GUI.
@@ -19,6 +19,8 @@ from transferctl.runs import Run
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
+
+    from transferctl.data.samples import Batch
 
 
 def available() -> bool:
@@ -88,17 +90,16 @@ def _confusion(classes: list[str], confusion: list[list[int]]) -> Figure:
     return figure
 
 
-def write_view_pairs(run: Run, views: tuple[torch.Tensor, ...], mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """views.png: each column one image, its two augmented views one above the other (as the model saw them)."""
-    _write_png(run, "views.png", lambda: _view_pairs(views, mean, std))
+def write_view_pairs(run: Run, views: list[torch.Tensor]) -> None:
+    """views.png: each column one image, its augmented views one above the other (as the model saw them);
+    `views` are displayable images, (N, H, W, C) in [0, 1] (the modality's `displayable`)."""
+    _write_png(run, "views.png", lambda: _view_pairs(views))
 
 
-def _view_pairs(views: tuple[torch.Tensor, ...], mean: tuple[float, ...], std: tuple[float, ...]) -> Figure:
-    import torch
+def _view_pairs(views: list[torch.Tensor]) -> Figure:
     from matplotlib.figure import Figure
 
-    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-    pixels = [(v.float() * s + m).clamp(0, 1).permute(0, 2, 3, 1).numpy() for v in views]  # back to [0, 1] pixels
+    pixels = [v.numpy() for v in views]
     count = len(pixels[0])
     figure = Figure(figsize=(1.3 * count, 1.3 * len(pixels) + 0.4), layout="constrained")
     axes = figure.subplots(len(pixels), count, squeeze=False)
@@ -112,18 +113,18 @@ def _view_pairs(views: tuple[torch.Tensor, ...], mean: tuple[float, ...], std: t
 
 
 class FirstBatch:
-    """Wraps a training pipeline and keeps the first few images of each view of the first batch it yields:
+    """Wraps a training pipeline and keeps the first few samples of each input of the first batch it yields:
     what the model was really shown (drawing a separate batch would move the augmentation's random state)."""
 
     def __init__(self, pipeline: Any, keep: int = 8):
         self.pipeline, self.keep = pipeline, keep
-        self.views: tuple[torch.Tensor, ...] | None = None
+        self.inputs: tuple[torch.Tensor, ...] | None = None
 
-    def __getattr__(self, name: str) -> Any:  # batches_per_epoch, state, restore
+    def __getattr__(self, name: str) -> Any:  # views, state, restore
         return getattr(self.pipeline, name)
 
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
-        for views, labels in self.pipeline.batches(epoch, start_batch):
-            if self.views is None:
-                self.views = tuple(v[: self.keep].detach().float().cpu() for v in views)
-            yield views, labels
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        for batch in self.pipeline.batches(epoch, start_batch):
+            if self.inputs is None:
+                self.inputs = tuple(v[: self.keep].detach().float().cpu() for v in batch.inputs)
+            yield batch

@@ -118,8 +118,12 @@ class Registry:
 
 
 # Each kind names the arguments its builder supplies from context (data shape, parameters, ...).
+# A modality supplies the model context of its data: images give in_channels and image_size.
+METHODS = Registry("method", context=("task",))
+TASKS = Registry("task")
+MODALITIES = Registry("modality")
 MODELS = Registry("model", context=("in_channels", "image_size"))
-HEADS = Registry("head", context=("feature_dim", "num_classes"))
+HEADS = Registry("head", context=("feature_dim", "num_outputs"))
 LOSSES = Registry("loss")
 OPTIMIZERS = Registry("optimizer", context=("params",))
 SCHEDULERS = Registry("scheduler", context=("optimizer", "total_steps"))
@@ -127,6 +131,9 @@ DATASETS = Registry("dataset", context=("root", "download", "train"))
 AUGMENTATIONS = Registry("augmentation", context=("hflip_default",))
 
 REGISTRIES: dict[str, Registry] = {
+    "methods": METHODS,
+    "tasks": TASKS,
+    "modalities": MODALITIES,
     "models": MODELS,
     "heads": HEADS,
     "losses": LOSSES,
@@ -137,12 +144,21 @@ REGISTRIES: dict[str, Registry] = {
 }
 
 
+def serves(entry: Entry) -> tuple[str, ...]:
+    """The kinds of objective a head or loss serves (`register(serves=("classification",))`): a method or task
+    names the one it needs, so `mse` can serve regression and reconstruction alike."""
+    return tuple(entry.meta.get("serves", ()))
+
+
 def load_components() -> None:
     """Import the modules whose decorators fill the registries, then the installed plugins' (entry points)."""
     import transferctl.data.augment  # noqa: F401
     import transferctl.data.datasets  # noqa: F401
     import transferctl.losses  # noqa: F401
+    import transferctl.methods  # noqa: F401
+    import transferctl.modalities  # noqa: F401
     import transferctl.models  # noqa: F401
     import transferctl.optim  # noqa: F401
+    import transferctl.tasks  # noqa: F401
 
     load_entry_points()

@@ -8,7 +8,7 @@
       metrics.jsonl      one JSON object per epoch (or per evaluation)
       metrics.csv        the same rows as a table: the union of their keys as columns
       log.txt            the plain-text log of the run, tracebacks included
-      checkpoints/       last.pt and best.pt (classifier and encoder weights, optimizer, RNG state)
+      checkpoints/       last.pt and best.pt (weights, fitted state, and in last.pt what resuming needs: checkpoints.py)
       *.png              plots, with matplotlib (curves, confusion matrix, SimCLR view pairs)
       tensorboard/       event files, with train.tensorboard (append-only, written by TensorBoard's writer)
 
@@ -37,12 +37,13 @@ from typing import Any, Iterator
 import yaml
 
 import transferctl
+from transferctl import checkpoints
+from transferctl.checkpoints import Checkpoint
 from transferctl.distributed import broadcast, world
 from transferctl.errors import Interrupted, RunFailed, UsageError
 from transferctl.fileio import atomic_write_bytes
 from transferctl.registry import did_you_mean
 
-CHECKPOINT_FORMAT = 1
 DEFAULT_RUNS_DIR = Path("runs")
 
 
@@ -132,16 +133,12 @@ class Run:
         with open(self.log_path, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
-    def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
-        if not self.writer:
-            return self.checkpoint_dir / f"{name}.pt"
-        import torch
-
-        buffer = io.BytesIO()
-        torch.save({"format": CHECKPOINT_FORMAT, "transferctl": transferctl.__version__, **state}, buffer)
-        self.checkpoint_dir.mkdir(exist_ok=True)
+    def save_checkpoint(self, name: str, checkpoint: Checkpoint) -> Path:
+        """checkpoints/<name>.pt, in the current checkpoint format (`checkpoints.py`)."""
         path = self.checkpoint_dir / f"{name}.pt"
-        atomic_write_bytes(path, buffer.getvalue())
+        if self.writer:
+            self.checkpoint_dir.mkdir(exist_ok=True)
+            atomic_write_bytes(path, checkpoints.to_bytes(checkpoint))
         return path
 
 
@@ -373,7 +370,7 @@ def read_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecord:
     return RunRecord(path, config, summary)
 
 
-TRAINING_COMMANDS = ("pretrain", "finetune")
+TRAINING_COMMANDS = ("pretrain", "finetune")  # the verbs whose runs hold checkpoints; each method names its own
 
 
 def read_trained_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecord:
@@ -388,16 +385,6 @@ def read_trained_run(ref: str, runs_dir: Path, flag: str = "--from") -> RunRecor
     return record
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only); a missing or corrupt file is a usage error."""
-    import torch
-
-    if not path.is_file():
-        raise UsageError(f"{path}: checkpoint missing; the run did not finish an epoch (check its summary.json)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise UsageError(f"{path}: not a readable checkpoint ({type(exc).__name__}); it may be truncated or corrupt") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(f"{path}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'} is not supported by transferctl {transferctl.__version__}")
-    return state
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load a checkpoint safely, in any format this release reads; a missing or corrupt file is a usage error."""
+    return checkpoints.read(path)

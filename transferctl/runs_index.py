@@ -14,9 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transferctl.config import flatten
+from transferctl.config import component_name, flatten
 from transferctl.errors import UsageError
-from transferctl.runs import RunRecord, has_live_writer, read_run
+from transferctl.runs import TRAINING_COMMANDS, RunRecord, has_live_writer, read_run
 
 # The one metric that sums a run up, first found wins: test scores, then validation accuracy, then losses.
 KEY_METRICS = ("accuracy", "knn_accuracy", "best_val_accuracy", "val_accuracy", "best_val_loss", "val_loss", "train_loss")
@@ -69,7 +69,9 @@ class RunInfo:
             "run_id": self.id,
             "run_dir": str(self.record.path),
             "command": summary.get("command"),
-            "method": config.get("method"),
+            "method": component_name(config.get("method")),
+            "task": component_name(config.get("task")),
+            "trains": trains(config, summary.get("command")),
             "dataset": (config.get("data") or {}).get("name"),
             "status": self.status(),
             "key_metric": {"name": metric[0], "value": metric[1]} if metric else None,
@@ -77,6 +79,14 @@ class RunInfo:
             "started_at": summary.get("started_at"),
             "age_s": round((now or time.time()) - self.started(), 1),
         }
+
+
+def trains(config: dict[str, Any], command: str | None) -> str | None:
+    """What a run trains (or, for an evaluation, what it scored), in words: its method and task, leaving out a
+    name the command already says ("simclr", "supervised classification"; a fine-tune: "classification")."""
+    names = [component_name(config.get(key)) for key in ("method", "task")]
+    words = [n for n in names if isinstance(n, str) and n != command]
+    return " ".join(words) or names[0]
 
 
 def _recorded_status(run_dir: Path) -> str | None:
@@ -187,7 +197,7 @@ def show_run(ref: str, runs_dir: Path) -> dict[str, Any]:
     if brief["status"] == "crashed":
         command = summary.get("command")
         again = (
-            f"`transferctl {command} --resume {record.path}` continues from the last checkpoint" if command in ("pretrain", "finetune")
+            f"`transferctl {command} --resume {record.path}` continues from the last checkpoint" if command in TRAINING_COMMANDS
             else f"run `transferctl {command}` again"
         )
         error = f"its process died without recording how it ended; {again}"

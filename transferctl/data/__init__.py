@@ -1,35 +1,32 @@
-"""Data sets (torchvision-backed, held in memory), splits, label subsets and batched augmentation."""
+"""Data: the split contract (`Samples`), data sets per modality, splits and label subsets, augmentation, batch pipelines."""
 
-from transferctl.data.augment import BatchAugment, model_input, normalize, to_unit
+from transferctl.data.samples import NO_LABEL, Batch, Samples, TargetKind, batch_indices, iterate_batches, num_batches  # noqa: I001  (first: the rest builds on it)
+from transferctl.data.augment import BatchAugment
 from transferctl.data.datasets import (
     DATA_DIR_ENV,
-    ImageData,
     data_root,
     default_root,
-    iterate_batches,
-    num_batches,
     load_split,
     load_training_data,
     load_unlabeled,
-    NO_LABEL,
     split_train_val,
     stratified_subset,
 )
 
 __all__ = [
+    "Batch",
     "BatchAugment",
     "DATA_DIR_ENV",
-    "ImageData",
+    "NO_LABEL",
+    "Samples",
+    "TargetKind",
+    "batch_indices",
     "data_root",
     "default_root",
     "iterate_batches",
     "load_split",
     "load_training_data",
     "load_unlabeled",
-    "NO_LABEL",
-    "model_input",
-    "to_unit",
-    "normalize",
     "num_batches",
     "split_train_val",
     "stratified_subset",

@@ -1,9 +1,9 @@
-"""Augmentations applied to whole batches on the training device, each image with its own parameters.
+"""Image augmentations applied to whole batches on the training device, each image with its own parameters.
 
 One affine grid + `grid_sample` does random resized crop, rotation, translation and flip for the
 whole batch; colour jitter, grayscale and Gaussian blur are batched tensor ops. Randomness comes
 from the generator the engine passes in, so a seeded run is reproducible. Input and output are
-float images in [0, 1]; normalization is the engine's last step.
+float images in [0, 1] (the image modality's `decode`); normalization comes after.
 """
 
 from __future__ import annotations
@@ -171,23 +171,7 @@ def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nij,njhw->nihw", matrix, x)
 
 
-def to_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [0, 1]."""
-    return images.float().div_(255)
-
-
-def model_input(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 pixels -> what the models take (and what exports expect): (pixels / 255 - mean) / std."""
-    return normalize(to_unit(images), mean, std)
-
-
-def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
-
-
-@AUGMENTATIONS.register()
+@AUGMENTATIONS.register(modality="image")
 def simclr(
     hflip_default: bool,
     crop_scale: Range = (0.3, 1.0),
@@ -212,7 +196,7 @@ def simclr(
     )
 
 
-@AUGMENTATIONS.register()
+@AUGMENTATIONS.register(modality="image")
 def light(
     hflip_default: bool,
     crop_scale: Range = (0.8, 1.0),
@@ -228,7 +212,7 @@ def light(
     )
 
 
-@AUGMENTATIONS.register()
+@AUGMENTATIONS.register()  # no modality: fits every one
 def none() -> BatchAugment:
     """No augmentation."""
     return BatchAugment()

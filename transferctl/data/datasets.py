@@ -1,8 +1,8 @@
 """Data sets, loaded through torchvision into one uint8 tensor each, plus splits and label subsets.
 
-Every registered data set returns an `ImageData` for its train or test split. Small image data sets
-(the MNIST family, CIFAR-10, modest image folders) fit in memory many times over, so the whole split
-lives in one tensor and batches are drawn by index.
+Every registered data set declares its modality and returns that modality's `Samples` for its train or test
+split (here: `ImageData`). Small image data sets (the MNIST family, CIFAR-10, modest image folders) fit in
+memory many times over, so the whole split lives in one tensor and batches are drawn by index.
 """
 
 from __future__ import annotations
@@ -11,52 +11,20 @@ import gzip
 import hashlib
 import io
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torchvision
 from pydantic import PositiveInt
 
+from transferctl.data.samples import Samples
 from transferctl.errors import UsageError
 from transferctl.fileio import atomic_write_bytes
+from transferctl.modalities.image import ImageData
 from transferctl.registry import DATASETS
 
 DATA_DIR_ENV = "TRANSFERCTL_DATA_DIR"
-
-
-@dataclass(frozen=True)
-class ImageData:
-    """One split: uint8 images (N, C, H, W), int64 labels (N,), and how to read them."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    hflip: bool  # whether a horizontal flip keeps an image's meaning (not for digits)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.images.shape[-1]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def subset(self, indices: torch.Tensor) -> "ImageData":
-        return replace(self, images=self.images[indices], labels=self.labels[indices])
-
-    def to(self, device: torch.device) -> "ImageData":
-        return replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
 
 def default_root() -> Path:
@@ -90,8 +58,8 @@ def _torchvision(cls, name: str, root: Path, download: bool, train: bool, looked
 def _mnist_like(cls, name: str, root: Path, download: bool, train: bool, hflip: bool, mean: float, std: float) -> ImageData:
     ds = _torchvision(cls, name, root, download, train, f"{cls.__name__}/raw")
     return ImageData(
-        images=ds.data.unsqueeze(1).contiguous(),
-        labels=ds.targets.long(),
+        inputs=ds.data.unsqueeze(1).contiguous(),
+        targets=ds.targets.long(),
         classes=tuple(ds.classes),
         mean=(mean,),
         std=(std,),
@@ -99,13 +67,13 @@ def _mnist_like(cls, name: str, root: Path, download: bool, train: bool, hflip: 
     )
 
 
-@DATASETS.register()
+@DATASETS.register(modality="image")
 def mnist(root: Path, download: bool, train: bool) -> ImageData:
     """MNIST handwritten digits, 28x28 grey, 10 classes (60,000 train / 10,000 test)."""
     return _mnist_like(torchvision.datasets.MNIST, "mnist", root, download, train, False, 0.1307, 0.3081)
 
 
-@DATASETS.register()
+@DATASETS.register(modality="image")
 def fashion_mnist(root: Path, download: bool, train: bool) -> ImageData:
     """Fashion-MNIST clothing images, 28x28 grey, 10 classes (60,000 train / 10,000 test)."""
     return _mnist_like(torchvision.datasets.FashionMNIST, "fashion_mnist", root, download, train, True, 0.2860, 0.3530)
@@ -114,7 +82,7 @@ def fashion_mnist(root: Path, download: bool, train: bool) -> ImageData:
 SAMPLE_DIR = Path(__file__).parent / "sample"
 
 
-@DATASETS.register()
+@DATASETS.register(modality="image")
 def mnist_sample(root: Path, download: bool, train: bool) -> ImageData:
     """A 2,500/500-image sample of real MNIST shipped with transferctl: the offline quickstart's data."""
     cache = default_cache_dir() / "mnist_sample"
@@ -127,13 +95,13 @@ def mnist_sample(root: Path, download: bool, train: bool) -> ImageData:
     return _mnist_like(torchvision.datasets.MNIST, "mnist_sample", cache, False, train, False, 0.1307, 0.3081)
 
 
-@DATASETS.register()
+@DATASETS.register(modality="image")
 def cifar10(root: Path, download: bool, train: bool) -> ImageData:
     """CIFAR-10, 32x32 colour, 10 classes (50,000 train / 10,000 test)."""
     ds = _torchvision(torchvision.datasets.CIFAR10, "cifar10", root, download, train, "cifar-10-batches-py")
     return ImageData(
-        images=torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
-        labels=torch.tensor(ds.targets, dtype=torch.long),
+        inputs=torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(),
+        targets=torch.tensor(ds.targets, dtype=torch.long),
         classes=tuple(ds.classes),
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
@@ -141,7 +109,7 @@ def cifar10(root: Path, download: bool, train: bool) -> ImageData:
     )
 
 
-@DATASETS.register()
+@DATASETS.register(modality="image")
 def image_folder(
     root: Path,
     download: bool,
@@ -182,8 +150,8 @@ def image_folder(
     as_float = images.float() / 255
     dims = (0, 2, 3)
     return ImageData(
-        images=images,
-        labels=torch.tensor(ds.targets, dtype=torch.long),
+        inputs=images,
+        targets=torch.tensor(ds.targets, dtype=torch.long),
         classes=tuple(ds.classes),
         mean=tuple(as_float.mean(dims).tolist()),
         std=tuple(as_float.std(dims).clamp_min(1e-3).tolist()),
@@ -236,28 +204,6 @@ def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.
     return torch.cat(chosen).sort().values
 
 
-def iterate_batches(
-    data: ImageData,
-    batch_size: int,
-    *,
-    order: torch.Tensor | None = None,
-    drop_last: bool = False,
-    start_batch: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches by index, in `order` (default: as stored), from `start_batch` on."""
-    n = len(data)
-    order = (order if order is not None else torch.arange(n)).to(data.images.device)
-    stop = n - n % batch_size if drop_last else n
-    for start in range(start_batch * batch_size, stop, batch_size):
-        idx = order[start : start + batch_size]
-        yield data.images[idx], data.labels[idx]
-
-
-def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
-    return n // batch_size if drop_last else -(-n // batch_size)
-
-
-
 # --------------------------------------------------------------------------- from a data config
 
 def data_root(data_cfg) -> Path:
@@ -265,25 +211,22 @@ def data_root(data_cfg) -> Path:
     return (Path(data_cfg.root).expanduser() if data_cfg.root else default_root()).resolve()
 
 
-def load_split(data_cfg, train: bool) -> ImageData:
+def load_split(data_cfg, train: bool) -> Samples:
     """The whole train or test split of the configured data set."""
     return DATASETS.build(data_cfg.name, data_cfg.options, root=data_root(data_cfg), download=data_cfg.download, train=train)
 
 
-def _train_and_val(data_cfg) -> tuple[ImageData, ImageData]:
+def _train_and_val(data_cfg) -> tuple[Samples, Samples]:
     """The training split, cut into its seeded training and held-out val parts."""
     full = load_split(data_cfg, train=True)
     train_idx, val_idx = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)
     return full.subset(train_idx), full.subset(val_idx)
 
 
-NO_LABEL = -1
-
-
 class TrainingData(NamedTuple):
-    train: ImageData
-    val: ImageData
-    unlabeled: ImageData | None  # when asked for: the training part (labelled subset or not) without labels
+    train: Samples
+    val: Samples
+    unlabeled: Samples | None  # when asked for: the training part (labelled subset or not) without labels
 
 
 def load_training_data(data_cfg, labelled_subset: bool, unlabeled: bool = False) -> TrainingData:
@@ -292,12 +235,12 @@ def load_training_data(data_cfg, labelled_subset: bool, unlabeled: bool = False)
     replaced by NO_LABEL (what semi-supervised fine-tuning may learn from without seeing more labels).
     The test split is never touched."""
     train, val = _train_and_val(data_cfg)
-    pool = replace(train, labels=torch.full_like(train.labels, NO_LABEL)) if unlabeled else None
+    pool = train.without_targets() if unlabeled else None
     if labelled_subset and data_cfg.labels_per_class:
-        train = train.subset(stratified_subset(train.labels, data_cfg.labels_per_class, data_cfg.seed))
+        train = train.subset(stratified_subset(train.targets, data_cfg.labels_per_class, data_cfg.seed))
     return TrainingData(train, val, pool)
 
 
-def load_unlabeled(data_cfg) -> ImageData:
+def load_unlabeled(data_cfg) -> Samples:
     """Every training image outside the val part, without its label."""
     return load_training_data(data_cfg, labelled_subset=False, unlabeled=True).unlabeled

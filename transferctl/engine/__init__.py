@@ -1,26 +1,32 @@
-"""The training engine and the evaluation protocols."""
+"""The training engine (a loop that knows no method, task or modality) and the evaluation protocols."""
 
 from transferctl.engine.evaluate import Classification, classify, embed, knn_accuracy
 from transferctl.engine.train import (
-    ClassificationObjective,
-    ContrastiveObjective,
     FitResult,
+    Objective,
     Reporter,
+    Selection,
+    Settings,
     SilentReporter,
+    Steps,
     fit,
     pick_device,
+    plan_steps,
 )
 
 __all__ = [
     "Classification",
-    "ClassificationObjective",
-    "ContrastiveObjective",
     "FitResult",
+    "Objective",
     "Reporter",
+    "Selection",
+    "Settings",
     "SilentReporter",
+    "Steps",
     "classify",
     "embed",
     "fit",
     "knn_accuracy",
     "pick_device",
+    "plan_steps",
 ]

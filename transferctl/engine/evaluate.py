@@ -1,14 +1,25 @@
-"""Evaluation protocols: classification (accuracy, loss, per-class accuracy, confusion) and k-NN on features."""
+"""Evaluation protocols: classification (accuracy, loss, per-class accuracy, confusion) and k-NN on features.
+Samples reach the model through their modality (`model_input`), whatever it is."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transferctl.data import ImageData, iterate_batches, model_input
+from transferctl.data.samples import Samples, iterate_batches
+from transferctl.modalities import modality_of
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` reports: flat metrics for summary.json, and extra JSON for the command's output."""
+
+    metrics: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -20,14 +31,15 @@ class Classification:
 
 
 @torch.no_grad()
-def classify(model: nn.Module, data: ImageData, batch_size: int) -> Classification:
+def classify(model: nn.Module, data: Samples, batch_size: int) -> Classification:
     """Top-1 accuracy, mean cross-entropy and the confusion matrix of `model` on `data`."""
     model.eval()
+    modality = modality_of(data)
     k = data.num_classes
-    confusion = torch.zeros(k, k, dtype=torch.long, device=data.images.device)
-    total_loss = torch.zeros((), device=data.images.device)
-    for images, labels in iterate_batches(data, batch_size):
-        logits = model(model_input(images, data.mean, data.std))
+    confusion = torch.zeros(k, k, dtype=torch.long, device=data.inputs.device)
+    total_loss = torch.zeros((), device=data.inputs.device)
+    for inputs, labels in iterate_batches(data, batch_size):
+        logits = model(modality.model_input(inputs, data))
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k)
     confusion = confusion.cpu()
@@ -41,16 +53,17 @@ def classify(model: nn.Module, data: ImageData, batch_size: int) -> Classificati
 
 
 @torch.no_grad()
-def embed(encoder: nn.Module, data: ImageData, batch_size: int) -> torch.Tensor:
-    """L2-normalized features of every image in `data`, in order."""
+def embed(encoder: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
+    """L2-normalized features of every sample in `data`, in order."""
     encoder.eval()
+    modality = modality_of(data)
     batches = iterate_batches(data, batch_size)
-    return torch.cat([F.normalize(encoder(model_input(images, data.mean, data.std)).float(), dim=1) for images, _ in batches])
+    return torch.cat([F.normalize(encoder(modality.model_input(inputs, data)).float(), dim=1) for inputs, _ in batches])
 
 
 @torch.no_grad()
 def knn_accuracy(
-    encoder: nn.Module, bank: ImageData, queries: ImageData, *, k: int, temperature: float, batch_size: int
+    encoder: nn.Module, bank: Samples, queries: Samples, *, k: int, temperature: float, batch_size: int
 ) -> float:
     """Weighted k-NN (cosine similarity, weights exp(sim / temperature)) from `bank`'s labels onto `queries`."""
     bank_features, query_features = embed(encoder, bank, batch_size), embed(encoder, queries, batch_size)
@@ -61,6 +74,6 @@ def knn_accuracy(
         top_sims, top_idx = sims.topk(k, dim=1)
         weights = ((top_sims - top_sims[:, :1]) / temperature).exp()  # shifted by the max: no overflow at small T
         votes = torch.zeros(len(sims), queries.num_classes, device=sims.device)
-        votes.scatter_add_(1, bank.labels[top_idx], weights)
-        correct += (votes.argmax(1) == queries.labels[start : start + batch_size]).sum().item()
+        votes.scatter_add_(1, bank.targets[top_idx], weights)
+        correct += (votes.argmax(1) == queries.targets[start : start + batch_size]).sum().item()
     return correct / max(len(queries), 1)

@@ -5,6 +5,7 @@ optionally checked against label propagation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,12 @@ class PseudoLabels:
     prior: torch.Tensor | None = None  # per pool image: class probabilities from label propagation, on the device
     passed: torch.Tensor | float = 0.0  # summed on the device: reading it every step would sync
     seen: int = 0
+    propagate: Callable[[], torch.Tensor] | None = None  # computes `prior` (a pass over the data) in `prepare`
+
+    def prepare(self) -> None:
+        """Compute the prior, once, before training (`config check` skips it: it costs a pass over the pool)."""
+        if self.propagate is not None:
+            self.prior = self.propagate()
 
     def loss(self, forward: nn.Module, step: int) -> torch.Tensor:
         weak, strong, index = self.stream.batch(step)

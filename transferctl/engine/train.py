@@ -1,7 +1,8 @@
-"""The training loop: batches by index from device-resident data, batched augmentation, one objective.
+"""The training loop: batches from a pipeline, one objective, checkpoints, validation and best tracking.
 
-The loop avoids a host-device sync per step: losses accumulate on the device and are read only
-every `train.log_every` steps and at epoch ends.
+The loop knows no method, task or modality: an objective (built by a method) computes the loss of a batch
+and scores the held-out split, and its `selection` picks `best.pt`. The loop avoids a host-device sync per
+step: losses accumulate on the device and are read only every `train.log_every` steps and at epoch ends.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import torch
 from torch import nn
 
 from transferctl import distributed
-from transferctl.data import BatchAugment, ImageData, num_batches
-from transferctl.data.pipeline import MemoryPipeline, Pipeline
+from transferctl.checkpoints import Checkpoint
+from transferctl.data.pipeline import Pipeline
+from transferctl.data.samples import Batch, Samples, num_batches
 from transferctl.engine.averaging import WeightAverage
-from transferctl.engine.evaluate import classify
-from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
 from transferctl.errors import RunFailed, UsageError
-from transferctl.models import Network
+from transferctl.models.heads import Network
 
 
 class Reporter(Protocol):
@@ -32,6 +32,7 @@ class Reporter(Protocol):
     def start(self, total_steps: int, description: str) -> None: ...
     def progress(self, step: int, values: dict[str, float]) -> None: ...
     def epoch(self, row: dict[str, Any]) -> None: ...
+    def note(self, message: str) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -39,6 +40,7 @@ class SilentReporter:
     def start(self, total_steps: int, description: str) -> None: ...
     def progress(self, step: int, values: dict[str, float]) -> None: ...
     def epoch(self, row: dict[str, Any]) -> None: ...
+    def note(self, message: str) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -59,120 +61,56 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which validation metric picks `best.pt`, and whether higher is better."""
+
+    metric: str
+    higher_is_better: bool
+
+    def better(self, row: dict[str, Any], best: dict[str, Any]) -> bool:
+        """Whether `row` is at least as good as `best` (ties go to the later epoch)."""
+        if not best:
+            return True
+        if self.higher_is_better:
+            return row[self.metric] >= best.get(self.metric, -math.inf)
+        return row[self.metric] <= best.get(self.metric, math.inf)
+
+
 class Objective(Protocol):
-    """What one training step optimizes, and how the held-out split scores the model."""
+    """What a training step optimizes and how the held-out split scores the model: a method builds one.
 
-    contrastive: bool
-    views: int  # augmented views of each image a step needs
+    `prepare` runs once before `fit`, on the starting weights (before a checkpoint is restored): passes over
+    the data that the loss needs, such as label propagation, belong there, so that `config check` skips them.
+    `state_dict` is checkpointed with the run (random generators an objective draws from, ...)."""
 
-    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor: ...
-    def validate(self, val: ImageData, batch_size: int, network: Network | None = None) -> dict[str, float]: ...
+    description: str  # what the progress bar calls the run: "pretraining", "training"
+    selection: Selection
+
+    def prepare(self) -> None: ...
+    def loss(self, batch: Batch, step: int) -> torch.Tensor: ...
+    def validate(self, val: Samples, batch_size: int, network: nn.Module) -> dict[str, float]: ...
     def epoch_metrics(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-@dataclass
-class ContrastiveObjective:
-    """SimCLR: two augmented views of every image, projected and contrasted with NT-Xent.
+@dataclass(frozen=True)
+class Steps:
+    """How many optimizer steps a run takes, worked out once (`plan_steps`) for the loop, the pipeline and the
+    schedule alike."""
 
-    `forward` is what training calls (the network, or its DDP / compiled wrapper); `network` the plain one.
-    Across ranks, NT-Xent gathers every rank's embeddings: negatives come from the global batch.
-    """
-
-    network: Network
-    criterion: nn.Module
-    augment: BatchAugment  # for validation views
-    forward: nn.Module | None = None
-    gather: bool = False
-    contrastive: bool = True
-    views: int = 2
-
-    def __post_init__(self) -> None:
-        if self.forward is None:
-            self.forward = self.network
-
-    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor:
-        z1, z2 = self.forward(torch.cat(views)).chunk(2)
-        return self.criterion(z1, z2, gather=self.gather)
-
-    @torch.no_grad()
-    def validate(self, val: ImageData, batch_size: int, network: Network | None = None) -> dict[str, float]:
-        """NT-Xent on the held-out images (every rank: all of them), with a fixed augmentation seed so epochs compare.
-        `network` (default: the trained one) is what is scored, e.g. the weight average."""
-        network = network or self.network
-        network.eval()
-        size = min(batch_size, len(val))
-        views = MemoryPipeline(val, self.augment, views=2, batch_size=size, seed=0, drop_last=True)
-        total, count = torch.zeros((), device=val.images.device), 0
-        for pair, labels in views.batches(epoch=0):
-            z1, z2 = network(torch.cat(pair)).chunk(2)
-            total += self.criterion(z1, z2) * len(labels)
-            count += len(labels)
-        return {"val_loss": total.item() / max(count, 1)}
-
-    def epoch_metrics(self) -> dict[str, float]:
-        return {}
-
-
-@dataclass
-class ClassificationObjective:
-    """Supervised training or fine-tuning (or a linear probe): augmented images, class logits, cross-entropy.
-
-    Fine-tuning may add: `head_warmup_steps` of linear probing first (the encoder frozen, so a random
-    head's large early gradients cannot wreck pretrained features), an L2-SP `anchor`, and
-    `pseudo_labels` on unlabeled images.
-    """
-
-    network: Network
-    criterion: nn.Module
-    forward: nn.Module | None = None
-    head_warmup_steps: int = 0
-    anchor: WeightAnchor | None = None
-    pseudo_labels: PseudoLabels | None = None
-    contrastive: bool = False
-    views: int = 1
-
-    def __post_init__(self) -> None:
-        if self.forward is None:
-            self.forward = self.network
-
-    def loss(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor, step: int) -> torch.Tensor:
-        warming_up = step < self.head_warmup_steps
-        if self.head_warmup_steps:
-            self.network.frozen_encoder = warming_up
-            self.network.encoder.train(not warming_up)  # frozen: batch-norm statistics stay as pretrained
-        (x,) = views
-        loss = self.criterion(self.forward(x), labels)
-        if self.pseudo_labels is not None:
-            loss = loss + self.pseudo_labels.loss(self.forward, step)
-        if self.anchor is not None and not warming_up:
-            # while frozen the penalty is 0; its zero gradients would still tick Adam's step counts and upset DDP
-            loss = loss + self.anchor.penalty()
-        return loss
-
-    def validate(self, val: ImageData, batch_size: int, network: Network | None = None) -> dict[str, float]:
-        result = classify(network or self.network, val, batch_size)
-        return {"val_loss": result.loss, "val_accuracy": result.accuracy}
-
-    def epoch_metrics(self) -> dict[str, float]:
-        """The share of unlabeled images whose pseudo-label passed the threshold, over the steps since the last call."""
-        if self.pseudo_labels is None:
-            return {}
-        passed, seen = self.pseudo_labels.take_counts()
-        return {"pseudo_label_rate": _global_mean(torch.as_tensor(passed, device=self._device()), seen)}
-
-    def _device(self) -> torch.device:
-        return next(self.network.parameters()).device
+    per_epoch: int
+    total: int
+    drop_last: bool  # the pipeline skips each epoch's short last batch
 
 
 @dataclass
 class Settings:
-    """How long and how to train; from the config's data and train sections."""
+    """How to train: from the config's data and train sections, with the run's steps."""
 
-    batch_size: int
+    steps: Steps
     eval_batch_size: int
-    epochs: int
-    max_steps: int | None
-    seed: int
     log_every: int
     val_every: int
     checkpoint_every: int | None = None
@@ -208,24 +146,16 @@ def half_precision(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
 
 
-def drops_last_batch(settings: Settings, train_size: int, contrastive: bool) -> bool:
-    """NT-Xent wants full batches of negatives; batch norm cannot train on a last batch of one image;
-    ranks must all get a share of every batch."""
-    short_last = train_size > settings.batch_size and train_size % settings.batch_size == 1
-    return contrastive or short_last or distributed.world().distributed
-
-
-def total_steps(settings: Settings, train_size: int, contrastive: bool) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps) for a training set of `train_size` images."""
-    per_epoch = num_batches(train_size, settings.batch_size, drops_last_batch(settings, train_size, contrastive))
+def plan_steps(train_size: int, batch_size: int, epochs: int, max_steps: int | None, *, full_batches: bool, ranks: int) -> Steps:
+    """The steps of a run over `train_size` samples. Methods that need `full_batches` (NT-Xent's negatives) drop
+    an epoch's short last batch; so does every run across ranks (each needs a share of every batch) and one
+    whose last batch would hold a single sample (batch norm cannot train on it)."""
+    short_last = train_size > batch_size and train_size % batch_size == 1
+    drop_last = full_batches or short_last or ranks > 1
+    per_epoch = num_batches(train_size, batch_size, drop_last)
     if per_epoch == 0:
-        raise UsageError(f"data.batch_size={settings.batch_size} is larger than the {train_size} training images; lower it")
-    return per_epoch, capped_steps(settings, per_epoch)
-
-
-def capped_steps(settings: Settings, per_epoch: int) -> int:
-    """Optimizer steps of the whole run: its epochs, or max_steps if that comes first."""
-    return int(min(settings.epochs * per_epoch, settings.max_steps or math.inf))
+        raise UsageError(f"data.batch_size={batch_size} is larger than the {train_size} training samples; lower it")
+    return Steps(per_epoch, int(min(epochs * per_epoch, max_steps or math.inf)), drop_last)
 
 
 def rng_state(pipeline: Pipeline) -> dict[str, Any]:
@@ -250,15 +180,7 @@ def restore_rng(state: dict[str, Any], pipeline: Pipeline) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def _is_better(row: dict[str, Any], best: dict[str, Any], contrastive: bool) -> bool:
-    if not best:
-        return True
-    if contrastive or "val_accuracy" not in row:
-        return row.get("val_loss", math.inf) <= best.get("val_loss", math.inf)
-    return row["val_accuracy"] >= best["val_accuracy"]
-
-
-def _global_mean(total: torch.Tensor, count: int) -> float:
+def global_mean(total: torch.Tensor, count: int) -> float:
     """Mean over all ranks of a per-image loss summed (`total`) over `count` local images."""
     both = distributed.all_sum(torch.stack([total.float(), torch.tensor(float(count), device=total.device)]))
     return (both[0] / both[1].clamp_min(1)).item()
@@ -275,19 +197,21 @@ def fit(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     pipeline: Pipeline,
-    val: ImageData | None,
+    val: Samples | None,
     settings: Settings,
     *,
-    save: Callable[[dict[str, Any], dict[str, Any] | None, bool], None],
+    save: Callable[[dict[str, Any], dict[str, Any], dict[str, Any] | None, bool], None],
     reporter: Reporter,
-    resume: dict[str, Any] | None = None,
+    resume: Checkpoint | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> FitResult:
-    """Train on `pipeline`'s batches for `settings.epochs` (or `max_steps`), validating every `val_every` epochs.
+    """Train on `pipeline`'s batches for `settings.steps`, validating every `val_every` epochs.
 
-    `save(state, row, is_best)` persists a checkpoint: at every epoch end (with that epoch's metrics
-    `row`), every `checkpoint_every` steps and when `should_stop()` turns true (with `row=None`).
-    `resume` is a checkpoint written by `save`: training continues at its exact batch, with its RNG.
+    `save(weights, training, row, is_best)` persists a checkpoint: at every epoch end (with that epoch's
+    metrics `row`), every `checkpoint_every` steps and when `should_stop()` turns true (with `row=None`).
+    `weights` are the network's for use (the weight average, if kept); `training` is what resuming needs.
+    `resume` is a checkpoint written from those: training continues at its exact batch, with its RNG.
+    Call `objective.prepare()` first, on the starting weights (a resumed run prepares as its first start did).
     """
     loop = _Loop(objective, model, optimizer, scheduler, pipeline, val, settings, save, reporter, should_stop)
     if resume is not None:
@@ -304,39 +228,40 @@ class _Loop:
         self.save, self.reporter, self.should_stop = save, reporter, should_stop
         self.device = next(model.parameters()).device
         self.ranks = distributed.world()
-        self.per_epoch = pipeline.batches_per_epoch()
-        self.steps = capped_steps(settings, self.per_epoch)
+        self.per_epoch, self.steps = settings.steps.per_epoch, settings.steps.total
         self.half = half_precision(settings.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "16")
         self.pos = Position(lr=optimizer.param_groups[-1]["lr"])
         self.average = WeightAverage(model, settings.ema_decay) if settings.ema_decay else None
 
-    def restore(self, checkpoint: dict[str, Any]) -> None:
-        self.model.load_state_dict(checkpoint.get("trained_model", checkpoint["model"]))
+    def restore(self, checkpoint: Checkpoint) -> None:
+        training = checkpoint.training
+        self.model.load_state_dict(training.get("trained_model", checkpoint.model))
         if self.average is not None:
-            self.average.network.load_state_dict(checkpoint["model"])
-            self.average.updates = checkpoint["averaged_steps"]
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint.get("scaler", {}))
-        restore_rng(checkpoint["rng"], self.pipeline)
-        self.pos = Position(**checkpoint["position"])
+            self.average.network.load_state_dict(checkpoint.model)
+            self.average.updates = training["averaged_steps"]
+        self.optimizer.load_state_dict(training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        self.scaler.load_state_dict(training.get("scaler", {}))
+        self.objective.load_state_dict(training.get("objective", {}))
+        restore_rng(training["rng"], self.pipeline)
+        self.pos = Position(**training["position"])
 
-    def state(self) -> dict[str, Any]:
-        """What a checkpoint holds. `model` is what evaluation, export and fine-tuning use: the weight
-        average when there is one (the trained weights are then kept as `trained_model`, to resume)."""
-        averaged = {} if self.average is None else {
-            "trained_model": self.model.state_dict(), "averaged_steps": self.average.updates,
-        }
-        return {
-            "model": (self.model if self.average is None else self.average.network).state_dict(),
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(weights, training state) of a checkpoint. The weights are what evaluation, export and fine-tuning
+        use: the weight average when there is one (the trained weights then go with the training state)."""
+        averaged = {} if self.average is None else {"trained_model": self.model.state_dict(), "averaged_steps": self.average.updates}
+        weights = (self.model if self.average is None else self.average.network).state_dict()
+        training = {
             **averaged,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "objective": self.objective.state_dict(),
             "rng": rng_state(self.pipeline),
             "position": asdict(self.pos),
         }
+        return weights, training
 
     def stop_requested(self) -> bool:
         """All ranks stop at the same step; across ranks that agreement costs a collective, so it is
@@ -349,7 +274,7 @@ class _Loop:
         return bool(polls) and distributed.any_rank(self.should_stop(), self.device)
 
     def run(self) -> FitResult:
-        self.reporter.start(self.steps, "pretraining" if self.objective.contrastive else "training")
+        self.reporter.start(self.steps, self.objective.description)
         started, images = time.perf_counter(), 0
         epochs = math.ceil(self.steps / self.per_epoch)
         try:
@@ -367,7 +292,7 @@ class _Loop:
         return FitResult(self.pos, images / max(time.perf_counter() - started, 1e-9))
 
     def epoch(self, epoch: int) -> int | None:
-        """Train the rest of `epoch`; the number of images it trained on (all ranks), or None if stopped."""
+        """Train the rest of `epoch`; the number of samples it trained on (all ranks), or None if stopped."""
         pos, settings = self.pos, self.settings
         self.model.train()
         if self.model.frozen_encoder:
@@ -375,11 +300,11 @@ class _Loop:
         running = torch.tensor(pos.epoch_loss_sum, device=self.device)
         epoch_start = window_start = time.perf_counter()
         first_images, window_images = pos.epoch_images, 0
-        for views, labels in self.pipeline.batches(epoch, start_batch=pos.batch_in_epoch):
-            running += self.step(views, labels)
-            window_images += len(labels)
+        for batch in self.pipeline.batches(epoch, start_batch=pos.batch_in_epoch):
+            running += self.step(batch)
+            window_images += len(batch)
             if pos.step % settings.log_every == 0 or pos.step == self.steps:
-                value = _global_mean(running, pos.epoch_images)
+                value = global_mean(running, pos.epoch_images)
                 _check_finite(value, f"at step {pos.step}")
                 rate = self.ranks.size * window_images / max(time.perf_counter() - window_start, 1e-9)
                 self.reporter.progress(pos.step, {"loss": value, "lr": pos.lr, "images_per_s": rate})
@@ -390,17 +315,17 @@ class _Loop:
             if stopping or (settings.checkpoint_every and pos.step % settings.checkpoint_every == 0):
                 pos.epoch_loss_sum = distributed.all_sum(running).item() / self.ranks.size  # restores on every rank
                 _check_finite(pos.epoch_loss_sum, f"before step {pos.step}'s checkpoint")
-                self.save(self.state(), None, False)
+                self.save(*self.state(), None, False)
                 if stopping:
                     return None
         images = self.ranks.size * (pos.epoch_images - first_images)
         self.end_epoch(epoch, running, images, time.perf_counter() - epoch_start)
         return images
 
-    def step(self, views: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    def step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step; the batch's summed loss (zero for a skipped step)."""
         with torch.autocast(self.device.type, dtype=self.half, enabled=self.half is not None):
-            loss = self.objective.loss(views, labels, self.pos.step)
+            loss = self.objective.loss(batch, self.pos.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.pos.lr = self.optimizer.param_groups[-1]["lr"]
         skip = self.settings.on_nan == "skip" and distributed.any_rank(not torch.isfinite(loss), self.device)  # a sync, only then
@@ -410,13 +335,13 @@ class _Loop:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.pos.epoch_images += len(labels)
+            self.pos.epoch_images += len(batch)
             if self.average is not None:
                 self.average.update()
         self.scheduler.step()
         self.pos.step += 1
         self.pos.batch_in_epoch += 1
-        return torch.zeros((), device=self.device) if skip else loss.detach() * len(labels)
+        return torch.zeros((), device=self.device) if skip else loss.detach() * len(batch)
 
     def end_epoch(self, epoch: int, running: torch.Tensor, images: int, seconds: float) -> None:
         """Metrics row, validation, best tracking, and the epoch-end checkpoint.
@@ -429,7 +354,7 @@ class _Loop:
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": pos.step,
-            "train_loss": _global_mean(running, pos.epoch_images) if pos.epoch_images else None,
+            "train_loss": global_mean(running, pos.epoch_images) if pos.epoch_images else None,
             "lr": pos.lr,  # the rate of the epoch's last step
             "images_per_s": images / max(seconds, 1e-9),
             "epoch_time_s": round(seconds, 3),
@@ -443,9 +368,10 @@ class _Loop:
             _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
         has_val = self.val is not None and len(self.val) > 0
         if has_val and ((epoch + 1) % self.settings.val_every == 0 or pos.step >= self.steps):
-            scored = None if self.average is None else self.average.network
+            scored = self.model if self.average is None else self.average.network
             row.update(self.objective.validate(self.val, self.settings.eval_batch_size, scored))
-        is_best = (not has_val) or ("val_loss" in row and _is_better(row, pos.best, self.objective.contrastive))
+        selection = self.objective.selection
+        is_best = (not has_val) or (selection.metric in row and selection.better(row, pos.best))
         if complete:
             pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0
         else:
@@ -454,10 +380,7 @@ class _Loop:
         if is_best:
             pos.best = row
         self.reporter.epoch(row)
-        self.save(self.state(), row, is_best)
+        self.save(*self.state(), row, is_best)
 
 
-__all__ = [
-    "fit", "pick_device", "total_steps", "ContrastiveObjective", "ClassificationObjective",
-    "Position", "Settings", "Reporter", "SilentReporter",
-]
+__all__ = ["fit", "pick_device", "plan_steps", "FitResult", "Objective", "Position", "Reporter", "Selection", "Settings", "SilentReporter", "Steps"]

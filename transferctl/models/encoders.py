@@ -1,4 +1,10 @@
-"""Encoders: image batch (N, C, H, W) -> features (N, feature_dim). Each sets `feature_dim`."""
+"""Encoders: a batch of model inputs -> pooled features (N, feature_dim), and feature maps at their stages.
+
+The contract (plugins follow it too): an encoder is an `nn.Module` whose forward returns (N, feature_dim) and
+which has a `feature_dim` attribute. One that dense heads (segmentation decoders, image decoders) can build on
+also has `stage_channels` (the channels of each stage's map, shallow to deep) and `feature_maps(x)`, which
+returns those maps, each at its stage's resolution. `Encoder` gives both to any stack of layers.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +20,27 @@ from transferctl.registry import MODELS
 
 
 class Encoder(nn.Sequential):
-    def __init__(self, *layers: nn.Module, feature_dim: int):
+    """Layers applied in order. The output of the layer at each of `stage_ends` is that stage's feature map;
+    weight names are the layers' indices, as they always were, so saved weights keep loading."""
+
+    def __init__(self, *layers: nn.Module, feature_dim: int, stage_ends: tuple[int, ...] = (), stage_channels: tuple[int, ...] = ()):
         super().__init__(*layers)
         self.feature_dim = feature_dim
+        self.stage_ends, self.stage_channels = tuple(stage_ends), tuple(stage_channels)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The feature map at the end of every stage, shallow to deep."""
+        maps = []
+        for index, layer in enumerate(self):
+            if len(maps) == len(self.stage_ends):
+                break
+            x = layer(x)
+            if index in self.stage_ends:
+                maps.append(x)
+        return maps
 
 
-@MODELS.register()
+@MODELS.register(modality="image", channels_last=False)  # channels-last would only add a copy before Flatten
 def mlp(in_channels: int, image_size: int, hidden_dim: PositiveInt = 128) -> Encoder:
     """The classic 784-128 network: one hidden ReLU layer on the flattened image."""
     return Encoder(
@@ -34,7 +55,7 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-@MODELS.register()
+@MODELS.register(modality="image")
 def cnn(
     in_channels: int,
     widths: Annotated[tuple[PositiveInt, ...], Field(min_length=1, max_length=6)] = (32, 64, 128),
@@ -42,15 +63,17 @@ def cnn(
 ) -> Encoder:
     """A small VGG-style conv net for 28-32 px images: conv stages with max-pooling, then global average pooling."""
     layers: list[nn.Module] = []
+    ends: list[int] = []
     cin = in_channels
     for stage, width in enumerate(widths):
         for _ in range(convs_per_stage):
             layers += _conv_bn(cin, width)
             cin = width
+        ends.append(len(layers) - 1)  # the stage's map: full resolution, then halved by each pooling after it
         if stage < len(widths) - 1:
             layers.append(nn.MaxPool2d(2))
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-    return Encoder(*layers, feature_dim=cin)
+    return Encoder(*layers, feature_dim=cin, stage_ends=tuple(ends), stage_channels=tuple(widths))
 
 
 # torchvision's ResNet attribute -> index of that layer in the resnet18 encoder below
@@ -77,7 +100,7 @@ def _imagenet_resnet18(small_images: bool = True, **_: object) -> dict[str, torc
     return torchvision.models.ResNet18_Weights.DEFAULT.get_state_dict(progress=False)
 
 
-@MODELS.register(published_weights=_imagenet_resnet18, adapt_weights=_from_torchvision)
+@MODELS.register(modality="image", published_weights=_imagenet_resnet18, adapt_weights=_from_torchvision)
 def resnet18(in_channels: int, small_images: bool = True) -> Encoder:
     """torchvision's ResNet-18 without its classifier; `small_images` uses a 3x3 stride-1 stem and no max-pool (for 28-64 px)."""
     net = torchvision.models.resnet18(weights=None)
@@ -87,5 +110,8 @@ def resnet18(in_channels: int, small_images: bool = True) -> Encoder:
     elif in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     body = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
-    return Encoder(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), feature_dim=net.fc.in_features)
+    stages = (4, 5, 6, 7)  # layer1 to layer4: strides 1, 2, 4, 8 with small_images, else 4, 8, 16, 32
+    return Encoder(
+        *body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), feature_dim=net.fc.in_features, stage_ends=stages, stage_channels=(64, 128, 256, 512)
+    )
 

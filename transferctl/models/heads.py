@@ -11,25 +11,25 @@ from torch import nn
 from transferctl.registry import HEADS
 
 
-@HEADS.register("projection", classifier=False)
+@HEADS.register("projection", serves=("contrastive",))
 def projection_head(feature_dim: int, hidden_dim: PositiveInt = 512, out_dim: PositiveInt = 128, batch_norm: bool = True) -> nn.Module:
     """SimCLR's projection MLP: Linear-BN-ReLU-Linear; thrown away after pretraining."""
     norm: list[nn.Module] = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
     return nn.Sequential(nn.Linear(feature_dim, hidden_dim, bias=not batch_norm), *norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
-@HEADS.register("linear", classifier=True)
+@HEADS.register("linear", serves=("classification",))
 def classifier_head(
-    feature_dim: int, num_classes: int, dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0, standardize: bool = False
+    feature_dim: int, num_outputs: int, dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0, standardize: bool = False
 ) -> nn.Module:
-    """A linear classifier (optionally after dropout) producing class logits.
+    """A linear layer (optionally after dropout) producing one output per class (or value).
 
     `standardize` first scales every feature to zero mean and unit variance (a batch norm without
     affine parameters, as in MAE's linear probe): contrastive features carry their signal as small
     variations around large means, which leaves a plain linear head badly conditioned for SGD.
     """
     norm: list[nn.Module] = [nn.BatchNorm1d(feature_dim, affine=False)] if standardize else []
-    return nn.Sequential(*norm, nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+    return nn.Sequential(*norm, nn.Dropout(dropout), nn.Linear(feature_dim, num_outputs))
 
 
 class Network(nn.Module):

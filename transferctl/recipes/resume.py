@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from transferctl.build import build_training
+from transferctl.checkpoints import Checkpoint
 from transferctl.config import flatten, load_config
 from transferctl.distributed import world
 from transferctl.engine import SilentReporter
-from transferctl.engine.train import Position, Reporter, total_steps
+from transferctl.engine.train import Position, Reporter
 from transferctl.errors import ConfigError, UsageError
-from transferctl.recipes.training import RunResult, final_metrics, fit_run, settings_of, prepare
+from transferctl.recipes.training import RunResult, final_metrics, run_training
 from transferctl.runs import DEFAULT_RUNS_DIR, load_checkpoint, read_run, recording, reopen_run
 
 
@@ -54,11 +56,12 @@ def resume(
     run = reopen_run(record)  # the lock comes first: nobody else writes the run while we read it
     last = record.checkpoint_path("last")
     checkpoint = load_checkpoint(last) if last.is_file() else None
-    prepared = prepare(cfg, load_source=checkpoint is None)
+    training = build_training(cfg, load_weights=checkpoint is None)
     if checkpoint is not None:
-        _check_same_world(ref, checkpoint, prepared.device)
-    _, steps = total_steps(settings_of(cfg), len(prepared.train), not cfg.is_classifier)
-    done = checkpoint["position"]["step"] if checkpoint else 0
+        _check_same_world(ref, checkpoint, training.device)
+    steps = training.steps.total
+    position = Position(**checkpoint.training["position"]) if checkpoint else None
+    done = position.step if position else 0
     if done >= steps:
         if record.summary.get("status") == "completed":
             raise UsageError(
@@ -66,22 +69,23 @@ def resume(
                 f"(to extend it, raise train.epochs or train.max_steps)"
             )
         # killed after its last checkpoint but before its summary was closed: close it now
-        run.update_summary(status="completed", error=None, metrics=final_metrics(Position(**checkpoint["position"]), 0.0))
+        run.update_summary(status="completed", error=None, metrics=final_metrics(position, 0.0))
         return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
-    run.keep_metrics_through(checkpoint["position"]["epoch"] if checkpoint else 0)
+    run.keep_metrics_through(position.epoch if position else 0)
     entry = {"at_step": done, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in changes.items()}}
     run.update_summary(status="running", error=None, resumes=[*run.summary.get("resumes", []), entry])
     run.write_config(cfg.to_dict())
     run.log(f"resume at step {done} of {steps}" + (f", changed {', '.join(changes)}" if changes else ""))
     with recording(run, command) as outcome:
-        outcome["metrics"] = fit_run(prepared, run, command, reporter or SilentReporter(), resume_from=checkpoint)
+        outcome["metrics"] = run_training(training, run, command, reporter or SilentReporter(), resume_from=checkpoint)
     return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
 
 
-def _check_same_world(ref: str, checkpoint: dict[str, Any], device: torch.device) -> None:
+def _check_same_world(ref: str, checkpoint: Checkpoint, device: torch.device) -> None:
     """An exact continuation needs the same number of processes and the same kind of device
     (the augmentation generator's state belongs to its device)."""
-    saved_world, saved_device = checkpoint.get("world_size", 1), checkpoint.get("device_type", device.type)
+    training = checkpoint.training or {}
+    saved_world, saved_device = training.get("world_size", 1), training.get("device_type", device.type)
     if saved_world != world().size:
         raise UsageError(f"--resume {ref}: the run was trained by {saved_world} process(es), not {world().size}; resume it with the same torchrun size")
     if saved_device != device.type:

@@ -1,0 +1,106 @@
+"""The checkpoint schema, versioned, written and read here alone.
+
+Format 2 (`checkpoints/last.pt` and `best.pt`), a mapping that loads with `torch.load(..., weights_only=True)`:
+
+    format        2
+    transferctl   the version that wrote it
+    config        the run's resolved config
+    model         the network's weights for use (evaluation, export, fine-tuning): the weight average, if kept
+    data          the training split's classes and the modality's fitted state (images: mean, std)
+    task          the task's fitted state (empty for classification)
+    epoch, step   where training stood
+    metrics       best.pt: the epoch's row that made it best; else absent
+    training      last.pt: what resuming needs: position, optimizer, scheduler, scaler, rng, objective state,
+                  world_size, device_type and, with weight averaging, trained_model and averaged_steps
+
+Format 1 (transferctl 0.1.0) kept the training entries at the top level and had no `task`; it is read as
+format 2. Any other format is refused with a one-line error that names it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import transferctl
+from transferctl.errors import UsageError
+
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+_FORMAT_1_TRAINING_KEYS = ("position", "optimizer", "scheduler", "scaler", "rng", "world_size", "device_type", "trained_model", "averaged_steps")
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint, in the current schema (see the module docstring)."""
+
+    config: dict[str, Any]
+    model: dict[str, Any]
+    data: dict[str, Any]
+    epoch: int
+    step: int
+    task: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
+    training: dict[str, Any] | None = None
+
+    def encoder(self) -> dict[str, Any]:
+        """The encoder's weights, without the `encoder.` prefix (what fine-tuning starts from)."""
+        return encoder_part(self.model)
+
+    def to_file(self) -> dict[str, Any]:
+        saved: dict[str, Any] = {
+            "format": FORMAT, "transferctl": transferctl.__version__, "config": self.config, "model": self.model,
+            "data": self.data, "task": self.task, "epoch": self.epoch, "step": self.step,
+        }
+        if self.metrics is not None:
+            saved["metrics"] = self.metrics
+        if self.training is not None:
+            saved["training"] = self.training
+        return saved
+
+    @classmethod
+    def from_file(cls, saved: dict[str, Any]) -> Checkpoint:
+        """A checkpoint as `torch.load` returned it, in any readable format."""
+        if saved.get("format") == 1:
+            training = {k: saved[k] for k in _FORMAT_1_TRAINING_KEYS if k in saved}
+            saved = {**saved, "task": {}, "training": training or None}
+        return cls(
+            config=saved["config"], model=saved["model"], data=saved["data"], epoch=saved["epoch"], step=saved["step"],
+            task=saved.get("task", {}), metrics=saved.get("metrics"), training=saved.get("training"),
+        )
+
+
+def encoder_part(weights: dict[str, Any]) -> dict[str, Any]:
+    return {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
+
+
+def to_bytes(checkpoint: Checkpoint) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(checkpoint.to_file(), buffer)
+    return buffer.getvalue()
+
+
+def read(path: Path) -> Checkpoint:
+    """Load a checkpoint safely (weights_only); a missing, corrupt or unknown-format file is a usage error."""
+    import torch
+
+    if not path.is_file():
+        raise UsageError(f"{path}: checkpoint missing; the run did not finish an epoch (check its summary.json)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise UsageError(f"{path}: not a readable checkpoint ({type(exc).__name__}); it may be truncated or corrupt") from None
+    version = saved.get("format") if isinstance(saved, dict) else None
+    if version not in READABLE_FORMATS:
+        raise UsageError(
+            f"{path}: checkpoint format {version if version is not None else 'unknown'} is not one that transferctl "
+            f"{transferctl.__version__} reads (formats {', '.join(map(str, READABLE_FORMATS))}); use the transferctl that wrote it"
+        )
+    try:
+        return Checkpoint.from_file(saved)
+    except KeyError as exc:
+        raise UsageError(f"{path}: checkpoint format {version} lacks {exc}; the file is damaged") from None

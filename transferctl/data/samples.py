@@ -1,0 +1,95 @@
+"""The data contract: one split of a data set, whatever its modality, and the batches a training step gets.
+
+A split is `Samples`: raw samples stacked in one tensor (`inputs`), one target per sample (`targets`), and the
+class names. A modality's subclass adds what reading its samples takes (an image split's mean, std and whether a
+flip keeps its meaning). Everything that only batches, splits or subsets data works on `Samples` alone.
+
+A split that does not fit in memory (a streamed source) keeps the same contract without `inputs`: `len()`,
+`targets` and `classes` (from its manifest), `subset(indices)`, and `sample(index)`, which decodes one sample;
+the loader pipeline reads samples only through `sample`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Iterator, Literal
+
+import torch
+
+NO_LABEL = -1  # the target of a sample whose label is not used (the unlabeled pool of semi-supervised fine-tuning)
+
+# What a sample's target is: a class index, a vector of values, or a class index per pixel.
+TargetKind = Literal["class", "values", "class_per_pixel"]
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One split in memory: raw `inputs` (N, ...), `targets` (N, ...), and class names (empty when targets are values)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    classes: tuple[str, ...]
+    target_kind: TargetKind = field(default="class", kw_only=True)
+    modality: ClassVar[str]  # the registered modality that reads these inputs
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def sample(self, index: int) -> torch.Tensor:
+        """One raw sample."""
+        return self.inputs[index]
+
+    def subset(self, indices: torch.Tensor) -> Samples:
+        return replace(self, inputs=self.inputs[indices], targets=self.targets[indices])
+
+    def to(self, device: torch.device) -> Samples:
+        return replace(self, inputs=self.inputs.to(device), targets=self.targets.to(device))
+
+    def without_targets(self) -> Samples:
+        """The same samples, every target replaced by NO_LABEL."""
+        return replace(self, targets=torch.full_like(self.targets, NO_LABEL))
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def batch_indices(
+    n: int, batch_size: int, *, order: torch.Tensor | None = None, drop_last: bool = False, start_batch: int = 0
+) -> Iterator[torch.Tensor]:
+    """The indices of each batch, in `order` (default: as stored), from `start_batch` on."""
+    order = order if order is not None else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(start_batch * batch_size, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def iterate_batches(
+    data: Samples, batch_size: int, *, order: torch.Tensor | None = None, drop_last: bool = False, start_batch: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) batches by index, in `order` (default: as stored), from `start_batch` on."""
+    order = (order if order is not None else torch.arange(len(data))).to(data.inputs.device)
+    for idx in batch_indices(len(data), batch_size, order=order, drop_last=drop_last, start_batch=start_batch):
+        yield data.inputs[idx], data.targets[idx]
+
+
+@dataclass
+class Batch:
+    """What a training step gets: the model `inputs`, one tensor per view the method asked for; the `targets` of
+    those samples (their kind is the data's `target_kind`); and `extras` a method may use, such as `index`
+    (where each sample sits in its split) or a mask."""
+
+    inputs: tuple[torch.Tensor, ...]
+    targets: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.inputs[0].shape[0]

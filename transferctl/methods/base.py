@@ -1,0 +1,140 @@
+"""What a method is to the rest of transferctl: the one place a command, the config, the assembly layer,
+evaluation and export ask about how a run trains.
+
+A method is a registered class (`@METHODS.register("name")`); its constructor's keyword arguments are its
+config options (`method: {name: ..., option: value}`). Class attributes declare what the tool needs before
+anything is built: which command runs it, its default head, loss and augmentation, whether it trains a task
+(whose head, loss, metrics and export it then takes), the views a batch needs and whether batches must be
+full. Instances build the objective of a run, evaluate its checkpoints and say what an export holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from transferctl.data.augment import BatchAugment
+from transferctl.data.samples import Samples
+from transferctl.engine.evaluate import Evaluation
+from transferctl.engine.train import Objective
+from transferctl.modalities.base import Modality
+from transferctl.models.heads import Network
+
+if TYPE_CHECKING:
+    from transferctl.config import Config
+    from transferctl.distributed import World
+    from transferctl.runs import Run
+    from transferctl.tasks.base import Task
+
+
+@dataclass
+class Parts:
+    """What a method's objective is built from: the assembly layer fills it (`build.build_training`)."""
+
+    cfg: Config
+    device: torch.device
+    modality: Modality
+    train: Samples
+    val: Samples
+    unlabeled: Samples | None  # the pool of semi-supervised fine-tuning, when the method asked for one
+    network: Network
+    forward: nn.Module  # what training calls: the network, or its DDP / compiled wrapper
+    criterion: nn.Module
+    augment: BatchAugment
+    channels_last: bool
+    # the encoder weights training started from, read again (None: a random start): L2-SP, label propagation
+    starting_encoder: Callable[[], dict[str, torch.Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class Export:
+    """What an export of a method's run holds: the whole network, or its encoder alone, and its output."""
+
+    encoder_only: bool
+    output: str  # the output's name: "embeddings", "logits", ...
+    kind: str  # the model card's kind: "encoder", "classifier", ...
+
+
+class Method:
+    """Base class of a registered method. Subclasses set the class attributes and implement `objective` and
+    `evaluate`; see `transferctl/methods/simclr.py` for a pretraining method in one file."""
+
+    command: ClassVar[str] = "pretrain"  # the verb that runs it: pretrain or finetune
+    trains_task: ClassVar[bool] = False  # trains a task's head (the `task` section): its head, loss and metrics
+    default_task: ClassVar[str | None] = None  # the task when the config names none
+    head: ClassVar[str | None] = None  # default head; None: the task's
+    loss: ClassVar[str | None] = None  # default loss; None: the task's
+    serves: ClassVar[str | None] = None  # the kind of head and loss it needs; None: the task's
+    augmentation: ClassVar[str] = "light"  # the role of data.augment's default in the modality's table
+    # further augmentation sections it owns (dotted path -> role), resolved like data.augment
+    augment_sections: ClassVar[Mapping[str, str]] = {}
+    views: ClassVar[int] = 1  # augmented views of each sample a batch holds
+    full_batches: ClassVar[bool] = False  # every batch full (an epoch's short last batch dropped)
+    uses_labels: ClassVar[bool] = True  # trains on labels: data.labels_per_class subsets the training split
+    plots_first_batch: ClassVar[bool] = False  # keep the first training batch's inputs for `write_plots`
+    evaluation_splits: ClassVar[tuple[str, ...]] = ("test",)  # the splits `evaluate` reads (loaded before its run exists)
+
+    task: Task | None = None
+
+    # ------------------------------------------------------------------ before anything is built
+
+    def check(self, cfg: Config, ranks: World) -> None:
+        """Refuse options that cannot work together (a ConfigError), before anything is loaded or written."""
+
+    def notes(self, cfg: Config) -> list[str]:
+        """One-line notes on options that have no effect as configured: logged and shown, never fatal."""
+        return []
+
+    def wants_unlabeled_pool(self, cfg: Config) -> bool:
+        """Whether the training split's samples without their labels are loaded too."""
+        return False
+
+    def encoder_optimization(self, cfg: Config) -> tuple[float, float | None]:
+        """(learning-rate scale, weight decay or None for the optimizer's) of the encoder's parameters."""
+        return 1.0, None
+
+    def prepare_network(self, network: Network, cfg: Config) -> None:
+        """Adjust the network before training (freeze parts of it, ...)."""
+
+    def some_steps_frozen(self, cfg: Config) -> bool:
+        """Whether the encoder gets no gradients on some steps (which DDP must be told)."""
+        return False
+
+    def num_outputs(self, data: Samples) -> int:
+        """The head's outputs."""
+        return self.task.num_outputs(data) if self.task is not None else data.num_classes
+
+    # ------------------------------------------------------------------ training
+
+    def objective(self, parts: Parts) -> Objective:
+        raise NotImplementedError
+
+    def write_plots(self, run: Run, first_inputs: tuple[torch.Tensor, ...] | None, data: Samples, modality: Modality) -> None:
+        """PNGs that only this method draws, from the first training batch's inputs (kept when `plots_first_batch`)."""
+
+    # ------------------------------------------------------------------ trained runs
+
+    def evaluate(self, trained: Any, run: Run) -> Evaluation:
+        """Score a trained run (`build.Trained`) on its test split; files it writes go through `run`."""
+        raise NotImplementedError
+
+    def export(self) -> Export:
+        raise NotImplementedError
+
+    def card(self, data: Samples) -> dict[str, Any]:
+        """What the model card says about the outputs beyond their name and shape (a classifier's classes)."""
+        return self.task.card(data) if self.task is not None else {"classes": None}
+
+
+def component_defaults(method: type[Method], task: type[Task] | None, modality: Modality) -> dict[str, Any]:
+    """The head, loss and augmentation a config gets unless it names them, and the kind of head and loss it needs."""
+    return {
+        "head": method.head or (task.head if task else None),
+        "loss": method.loss or (task.loss if task else None),
+        "serves": method.serves or (task.serves if task else None),
+        "augment": modality.augmentations.get(method.augmentation),
+        "sections": {path: modality.augmentations.get(role) for path, role in method.augment_sections.items()},
+    }

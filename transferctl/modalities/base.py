@@ -1,0 +1,66 @@
+"""What a modality tells the rest of transferctl about its data.
+
+A modality (image, audio, text) turns a split's raw samples into model inputs, names the augmentations that
+fit them, builds example inputs for `config check` and export, carries the state fitted on the training split
+with a run (an image split's mean and std), and says what the model card writes about the input. Pipelines,
+evaluation, export and plots call these methods; none of them knows a modality by name.
+
+Raw samples become model inputs in two steps, so augmentations sit between them and see what they expect:
+`decode` (raw -> floats the augmentations act on, e.g. pixels in [0, 1]) and `normalize` (-> what the model takes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from transferctl.data.samples import Samples
+
+
+class Modality:
+    """Base class of a registered modality (`@MODALITIES.register("name")`): stateless, one instance per name."""
+
+    input_name: ClassVar[str] = "inputs"  # the exported model's input
+    # augmentation role -> registered augmentation; methods ask for a role ("strong" views, "light" for labels)
+    augmentations: ClassVar[Mapping[str, str]] = {}
+
+    def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The keyword arguments a model builder takes from the data (images: in_channels and image_size)."""
+        raise NotImplementedError
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        """A batch of raw samples as the floats the augmentations act on."""
+        raise NotImplementedError
+
+    def normalize(self, x: torch.Tensor, data: Samples) -> torch.Tensor:
+        """Decoded (and augmented) samples as the model's inputs."""
+        raise NotImplementedError
+
+    def model_input(self, raw: torch.Tensor, data: Samples) -> torch.Tensor:
+        """Raw samples straight to model inputs: what evaluation and export feed the model."""
+        return self.normalize(self.decode(raw), data)
+
+    def augment_context(self, data: Samples) -> dict[str, Any]:
+        """What the augmentation builders take from the data set."""
+        return {}
+
+    def example_input(self, data: Samples, count: int) -> torch.Tensor:
+        """`count` model inputs of the data's shape (zeros): a forward pass that checks a model fits the data."""
+        return torch.zeros(count, *data.sample_shape)
+
+    def fitted_state(self, data: Samples) -> dict[str, Any]:
+        """What reading other data as the training split was read needs (checkpoints and exports carry it)."""
+        return {}
+
+    def as_trained(self, data: Samples, fitted: dict[str, Any]) -> Samples:
+        """`data` read with the training split's fitted state."""
+        return data
+
+    def describe_input(self, data: Samples) -> dict[str, Any]:
+        """The model card's `input`: name, shape, dtype and the preprocessing a caller must apply."""
+        raise NotImplementedError
+
+    def displayable(self, x: torch.Tensor, data: Samples) -> torch.Tensor:
+        """Model inputs back to something a plot can show (images: pixels in [0, 1], NHWC)."""
+        raise NotImplementedError

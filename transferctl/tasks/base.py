@@ -1,0 +1,56 @@
+"""What a task is to the rest of transferctl: the target a head is trained for, and everything that follows
+from it: the default head and loss, the kind of targets it needs, its loss of a batch, its validation metric,
+its evaluation, the state it fits on the training split, and what an export of it returns.
+
+A task is a registered class (`@TASKS.register("name")`); its constructor's keyword arguments are its config
+options (`task: {name: ..., option: value}`). Methods that train a task (`supervised`, `finetune`) hand these
+questions to it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from transferctl.data.samples import Samples, TargetKind
+from transferctl.engine.train import Selection
+
+if TYPE_CHECKING:
+    from transferctl.engine.evaluate import Evaluation
+    from transferctl.runs import Run
+
+
+class Task:
+    """Base class of a registered task; see `transferctl/tasks/classification.py`."""
+
+    head: ClassVar[str]  # default head
+    loss: ClassVar[str]  # default loss
+    serves: ClassVar[str]  # the kind of head and loss it needs (`register(serves=...)` on heads and losses)
+    target_kind: ClassVar[TargetKind]  # the targets it trains on
+    selection: ClassVar[Selection]  # the validation metric that picks best.pt
+    output: ClassVar[str]  # the name of an export's output
+    exported_as: ClassVar[str]  # the model card's kind
+    pseudo_labels: ClassVar[bool] = False  # its outputs are class scores that pseudo-labels can be read from
+
+    def num_outputs(self, data: Samples) -> int:
+        raise NotImplementedError
+
+    def fitted_state(self, train: Samples) -> dict[str, Any]:
+        """State fitted on the training split that the run and its export carry (a regression target's mean and std)."""
+        return {}
+
+    def batch_loss(self, criterion: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return criterion(outputs, targets)
+
+    def validate(self, network: nn.Module, val: Samples, batch_size: int) -> dict[str, float]:
+        """Metrics of the held-out split, each named `val_<metric>`; `selection.metric` among them."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, test: Samples, batch_size: int, run: Run) -> Evaluation:
+        raise NotImplementedError
+
+    def card(self, data: Samples) -> dict[str, Any]:
+        """The model card's entries about the outputs (classes, units, ...)."""
+        return {}
