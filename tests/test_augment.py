@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from transferctl.data.augment import BatchAugment, light, normalize, simclr
+from transferctl.data.augment import BatchAugment, light, simclr
+from transferctl.modalities.image import normalize
 
 
 def batch(n=8, channels=1, size=28) -> torch.Tensor:
@@ -56,9 +57,15 @@ def test_blur_smooths_and_keeps_the_mean():
     assert torch.allclose(blurred.mean(), x.mean(), atol=0.02)
 
 
-def test_colour_ops_leave_grey_images_grey_shaped():
-    out = simclr(hflip_default=False, grayscale_p=1.0, saturation=0.5, hue=0.2)(batch(channels=1), gen())
-    assert out.shape[1] == 1
+def test_colour_ops_leave_grey_images_alone():
+    """Saturation, hue and grayscale act on colour images only: on grey ones they change no pixel."""
+    colour_only = BatchAugment(saturation=0.5, hue=0.2, jitter_p=1.0, grayscale_p=1.0)
+    grey = batch(channels=1)
+    assert torch.equal(colour_only.colour(grey, gen()), grey)
+    as_colour = grey.expand(-1, 3, -1, -1).contiguous() * torch.tensor([1.0, 0.6, 0.3]).view(1, 3, 1, 1)
+    assert not torch.allclose(colour_only.colour(as_colour, gen()), as_colour, atol=1e-3)  # they do act on colour
+    out = simclr(hflip_default=False, grayscale_p=1.0, saturation=0.5, hue=0.2)(grey, gen())
+    assert out.shape == grey.shape
 
 
 def test_grayscale_makes_channels_equal():

@@ -54,13 +54,14 @@ def test_whole_chain_writes_complete_runs(cli, pretrained, tmp_path):
     tuned = tuned.json
     assert tuned["parent"] == pretrained["run_id"] and "val_accuracy" in tuned["metrics"]
     tuned_cfg = yaml.safe_load((Path(tuned["run_dir"]) / "config.yaml").read_text())
-    assert tuned_cfg["method"] == "finetune" and tuned_cfg["model"]["widths"] == [8, 16]
+    assert tuned_cfg["method"] == {"name": "finetune"} and tuned_cfg["task"] == {"name": "classification"}
+    assert tuned_cfg["model"]["widths"] == [8, 16]
     assert tuned_cfg["data"]["labels_per_class"] == 5 and tuned_cfg["finetune"]["source"] == pretrained["run_dir"]
 
     evaluated = cli("evaluate", "--from", tuned["run_dir"], "--runs-dir", runs, "--json")
     assert evaluated.code == 0, evaluated.stderr
     metrics = evaluated.json["metrics"]
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["test_images"] == 200
+    assert metrics["test_images"] == 200
     confusion = json.loads((Path(evaluated.json["run_dir"]) / "confusion.json").read_text())
     assert sum(map(sum, confusion["confusion"])) == 200 and len(confusion["per_class_accuracy"]) == 10
     correct = sum(confusion["confusion"][i][i] for i in range(10))
@@ -68,8 +69,31 @@ def test_whole_chain_writes_complete_runs(cli, pretrained, tmp_path):
 
     knn = cli("evaluate", "--from", pretrained["run_dir"], "eval.knn_k=5", "--runs-dir", runs, "--json")
     assert knn.code == 0, knn.stderr
-    assert 0.0 <= knn.json["metrics"]["knn_accuracy"] <= 1.0 and "accuracy" not in knn.json["metrics"]
+    assert "accuracy" not in knn.json["metrics"]
+    assert knn.json["metrics"]["knn_accuracy"] == pytest.approx(knn_by_hand(Path(pretrained["run_dir"]), k=5), abs=1 / 200)
+    assert knn.json["metrics"]["knn_accuracy"] > 0.5  # digits' neighbours share their class far above chance (0.1)
     assert len(list(runs.iterdir())) == 4
+
+
+def knn_by_hand(run_dir: Path, k: int, temperature: float = 0.07) -> float:
+    """Weighted k-NN accuracy, one test image at a time: the training split's features vote by exp(cosine / T)."""
+    from transferctl.build import load_trained
+    from transferctl.runs import read_run
+
+    record = read_run(str(run_dir), run_dir.parent)
+    trained = load_trained(record, load_config(None, base=record.config), splits=("train", "test"))
+    encoder, bank, test = trained.network.encoder.eval(), trained.split(train=True), trained.split(train=False)
+
+    def features(data):
+        with torch.no_grad():
+            return torch.nn.functional.normalize(encoder(trained.modality.model_input(data.inputs, data)), dim=1)
+
+    bank_features, correct = features(bank), 0
+    for feature, label in zip(features(test), test.targets):
+        top = (bank_features @ feature).topk(k)
+        votes = torch.zeros(10).index_add_(0, bank.targets[top.indices], (top.values / temperature).exp())
+        correct += int(votes.argmax() == label)
+    return correct / len(test)
 
 
 def test_finetune_loads_the_encoder_and_a_linear_probe_keeps_it(cli, pretrained, tmp_path):
@@ -79,8 +103,12 @@ def test_finetune_loads_the_encoder_and_a_linear_probe_keeps_it(cli, pretrained,
     source, probed = encoder_state(checkpoint(Path(pretrained["run_dir"]))), encoder_state(checkpoint(Path(probe.json["run_dir"])))
     assert source.keys() == probed.keys()
     assert all(torch.equal(source[k], probed[k]) for k in source)  # weights and batch-norm statistics
-    head_before = {k: v for k, v in checkpoint(Path(probe.json["run_dir"]))["model"].items() if k.startswith("head.")}
-    assert head_before  # the classifier head was trained and saved
+    head = {k.removeprefix("head."): v for k, v in checkpoint(Path(probe.json["run_dir"]))["model"].items() if k.startswith("head.")}
+    torch.manual_seed(0)  # the run's seed: its network, and so its head, started from this init
+    cfg = load_config(None, base=yaml.safe_load((Path(probe.json["run_dir"]) / "config.yaml").read_text()))
+    initial = build_network(cfg, {"in_channels": 1, "image_size": 28}, 10).head.state_dict()
+    assert head.keys() == initial.keys() and head["2.weight"].shape == (10, 16)  # standardize, dropout, linear: 16 features
+    assert not torch.equal(head["2.weight"], initial["2.weight"])  # the head trained, the encoder did not
 
 
 def test_finetune_from_scratch_starts_from_random_weights(cli, pretrained, tmp_path, digits_root):
@@ -117,9 +145,14 @@ def _runs_snapshot(runs):
         (["pretrain", "-c", "{cfg}", "train.epoch=3"], "train.epoch: unknown key; did you mean 'epochs'?"),
         (["pretrain", "-c", "{cfg}", "model.name=cnnn"], "unknown model 'cnnn'; did you mean 'cnn'?"),
         (["pretrain", "-c", "{cfg}", "data.batch_size=-4"], "data.batch_size"),
-        (["pretrain", "-c", "{cfg}", "data.batch_size=5000"], "data.batch_size=5000 is larger than the 540 training images"),
+        (["pretrain", "-c", "{cfg}", "data.batch_size=5000"], "data.batch_size=5000 is larger than the 540 training samples"),
         (["pretrain", "-c", "{cfg}", "data.root={tmp}/nowhere"], "data set 'mnist' not found: looked for"),
         (["pretrain", "-c", "{cfg}", "method=finetune"], "is run by `transferctl finetune`"),
+        (["pretrain", "-c", "{cfg}", "method=simclar"], "method.name: unknown method 'simclar'; did you mean 'simclr'?"),
+        (["pretrain", "-c", "{cfg}", "method.name=supervised", "task=clasification"], "unknown task 'clasification'; did you mean 'classification'?"),
+        (["finetune", "-c", "{cfg}", "method=finetune", "task.name=clasification"], "unknown task 'clasification'; did you mean 'classification'?"),
+        (["pretrain", "-c", "{cfg}", "task=classification"], "method 'simclr' trains no task head"),
+        (["pretrain", "-c", "{binary}"], "not a text file (it is not UTF-8)"),
         (["pretrain", "-c", "{tmp}/missing.yaml"], "config file not found"),
         (["pretrain", "-c", "{bad_yaml}"], "malformed YAML at line"),
         (["pretrain", "-c", "{cfg}", "epochs"], "expected dotted.key=value"),
@@ -131,7 +164,7 @@ def _runs_snapshot(runs):
         (["finetune", "--from", "{tmp}"], "is not a transferctl run"),
         (["finetune", "-c", "{cfg}"], "is run by `transferctl pretrain`"),
         (["evaluate", "--from", "nope"], "no such run directory or run id"),
-        (["pretrain", "-c", "{cfg}", "model.widths=[8,8,8,8,8,8]"], "does not fit 1x28x28 images"),
+        (["pretrain", "-c", "{cfg}", "model.widths=[8,8,8,8,8,8]"], "does not fit 1x28x28 inputs"),
         (["pretrain", "-c", "{cfg}", "data.root={truncated}"], "is unreadable"),
         (["pretrain", "-c", "{cfg}", "data.name=image_folder", "data.test_dir=train", "data.root={tmp}"], "must be two different folders"),
         (["pretrain", "--json", "--bogus"], "No such option"),
@@ -141,12 +174,14 @@ def _runs_snapshot(runs):
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(cli, simclr_config, tmp_path, args, expected):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("method: simclr\ndata: [unclosed\n")
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
     truncated = make_mnist_root(tmp_path / "truncated", 100, 10)
     images = truncated / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
     runs = tmp_path / "runs"
     before = _runs_snapshot(runs)
-    args = [a.format(cfg=simclr_config, tmp=tmp_path, bad_yaml=bad_yaml, truncated=truncated) for a in args]
+    args = [a.format(cfg=simclr_config, tmp=tmp_path, bad_yaml=bad_yaml, truncated=truncated, binary=binary) for a in args]
     result = cli(*args, "--runs-dir", runs)
     assert result.code == 2, result.stderr
     assert expected in result.stderr
@@ -197,7 +232,9 @@ def test_list_and_version(cli):
     listing = cli("list", "losses", "--json")
     assert listing.code == 0 and set(listing.json["losses"]) == {"nt_xent", "cross_entropy"}
     everything = cli("list", "--json").json
-    assert {"models", "heads", "losses", "optimizers", "schedulers", "datasets", "augmentations"} == set(everything)
+    kinds = {"methods", "tasks", "modalities", "models", "heads", "losses", "optimizers", "schedulers", "datasets", "augmentations"}
+    assert kinds == set(everything)
+    assert set(everything["methods"]) == {"simclr", "supervised", "finetune"} and set(everything["tasks"]) == {"classification"}
     assert cli("list", "los").code == 2
     version = cli("--version")
     assert version.code == 0 and version.stdout.startswith("transferctl ")

@@ -43,7 +43,8 @@ def test_check_builds_everything_and_counts_parameters(cli, simclr_config, tmp_p
     head = sum(p.numel() for p in network.head.parameters())
     assert report["parameters"] == {"total": encoder + head, "trainable": encoder + head, "encoder": encoder, "head": head}
     assert report["shapes"] == {"batch": [64, 1, 28, 28], "views": 2, "features": [64, 16], "output": [64, 16]}
-    assert report["data"] == {"train_images": 540, "val_images": 60, "classes": 10, "image_shape": [1, 28, 28]}
+    assert report["data"] == {"train_samples": 540, "val_samples": 60, "classes": 10, "input_shape": [1, 28, 28]}
+    assert (report["method"], report["task"], report["components"]["modality"], report["notes"]) == ("simclr", None, "image", [])
     assert report["components"]["loss"] == "nt_xent" and report["loss"] > 0 and report["steps"] == 16
     assert not (tmp_path / "runs").exists()  # nothing written
     human = cli("config", "check", "-c", simclr_config)
@@ -54,14 +55,14 @@ def test_show_and_check_a_finetune_from_a_run(cli, simclr_config, tmp_path):
     runs = tmp_path / "runs"
     pre = cli("pretrain", "-c", simclr_config, "train.max_steps=2", "--runs-dir", runs, "--json").json
     shown = cli("config", "show", "--from", pre["run_id"], "--runs-dir", runs, "--json").json
-    assert shown["method"] == "finetune" and shown["model"]["widths"] == [8, 16]
+    assert shown["method"] == {"name": "finetune"} and shown["task"] == {"name": "classification"} and shown["model"]["widths"] == [8, 16]
     assert shown["finetune"]["source"] == str(Path(pre["run_dir"]).resolve())
     probe = cli("config", "check", "--from", pre["run_id"], "finetune.freeze_encoder=true", "data.labels_per_class=5",
                 "data.batch_size=16", "--runs-dir", runs, "--json")
     assert probe.code == 0, probe.stderr
     params = probe.json["parameters"]
     assert params["trainable"] == params["head"] == 16 * 10 + 10  # a linear probe trains the classifier only
-    assert probe.json["shapes"]["output"] == [16, 10] and probe.json["data"]["train_images"] == 50
+    assert probe.json["shapes"]["output"] == [16, 10] and probe.json["data"]["train_samples"] == 50
     assert len(list(runs.iterdir())) == 1
 
 
@@ -70,7 +71,7 @@ def test_show_and_check_a_finetune_from_a_run(cli, simclr_config, tmp_path):
     [
         (["show", "-c", "{cfg}", "train.epoch=3"], "train.epoch: unknown key; did you mean 'epochs'?"),
         (["check", "-c", "{cfg}", "model.name=cnnn"], "did you mean 'cnn'?"),
-        (["check", "-c", "{cfg}", "model.widths=[8,8,8,8,8,8]"], "does not fit 1x28x28 images"),
+        (["check", "-c", "{cfg}", "model.widths=[8,8,8,8,8,8]"], "does not fit 1x28x28 inputs"),
         (["check", "-c", "{cfg}", "loss.temperature=1e-40"], "the loss of the first batch is nan"),
         (["check", "-c", "{cfg}", "data.root={tmp}/nowhere"], "data set 'mnist' not found"),
         (["show"], "config needs -c CONFIG"),
@@ -91,7 +92,7 @@ def test_an_unexpected_failure_names_the_stage(cli, simclr_config, monkeypatch):
 
     monkeypatch.setattr(build, "build_scheduler", broken)
     message = _one_line_error(cli("config", "check", "-c", simclr_config))
-    assert "config check failed at optimizer, scheduler, loss and batch pipeline: RuntimeError: scheduler exploded" in message
+    assert "config check failed at building the run (data, model, objective, optimizer, pipeline): RuntimeError: scheduler exploded" in message
 
 
 def test_check_a_finetune_with_warmup_l2_sp_and_pseudo_labels(cli, tmp_path, digits_root):

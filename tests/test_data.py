@@ -12,8 +12,8 @@ from transferctl.errors import UsageError
 
 def test_mnist_idx_files_load_through_torchvision(digits_root):
     train = load_split(DataConfig(name="mnist", root=str(digits_root)), train=True)
-    assert train.images.shape == (600, 1, 28, 28) and train.images.dtype == torch.uint8
-    assert train.labels.shape == (600,) and train.num_classes == 10
+    assert train.inputs.shape == (600, 1, 28, 28) and train.inputs.dtype == torch.uint8
+    assert train.targets.shape == (600,) and train.num_classes == 10
     assert not train.hflip  # flipping a digit changes its meaning
     assert len(load_split(DataConfig(name="mnist", root=str(digits_root)), train=False)) == 200
 
@@ -35,7 +35,7 @@ def test_shipped_sample_loads_offline():
     train = load_split(DataConfig(name="mnist_sample"), train=True)
     test = load_split(DataConfig(name="mnist_sample"), train=False)
     assert (len(train), len(test)) == (2500, 500)
-    assert set(train.labels.tolist()) == set(range(10))
+    assert set(train.targets.tolist()) == set(range(10))
 
 
 def test_split_is_disjoint_seeded_and_complete():
@@ -65,9 +65,9 @@ def test_training_data_never_overlaps_validation_and_subsets_only_train(digits_r
     cfg = DataConfig(name="mnist", root=str(digits_root), labels_per_class=5, val_fraction=0.2, seed=0)
     train, val, _ = load_training_data(cfg, labelled_subset=True)
     assert len(train) == 50 and len(val) == 120
-    assert torch.bincount(train.labels, minlength=10).tolist() == [5] * 10
-    train_set = {bytes(img.numpy()) for img in train.images}
-    assert train_set.isdisjoint({bytes(img.numpy()) for img in val.images})
+    assert torch.bincount(train.targets, minlength=10).tolist() == [5] * 10
+    train_set = {bytes(img.numpy()) for img in train.inputs}
+    assert train_set.isdisjoint({bytes(img.numpy()) for img in val.inputs})
     unlabelled = load_training_data(cfg, labelled_subset=False).train
     assert len(unlabelled) == 480
 
@@ -75,7 +75,7 @@ def test_training_data_never_overlaps_validation_and_subsets_only_train(digits_r
 def test_batches_cover_every_image_once_per_epoch(digits_root):
     data = load_split(DataConfig(name="mnist", root=str(digits_root)), train=False)
     seen = torch.cat([labels for _, labels in iterate_batches(data, 64, order=torch.randperm(len(data)))])
-    assert sorted(seen.tolist()) == sorted(data.labels.tolist())
+    assert sorted(seen.tolist()) == sorted(data.targets.tolist())
     assert len(list(iterate_batches(data, 64, drop_last=True))) == 200 // 64
 
 
@@ -90,11 +90,11 @@ def test_image_folder_loads_your_own_images(tmp_path):
                 Image.new("RGB", (40 + i, 30), colour).save(folder / f"{i}.png")
     cfg = DataConfig(name="image_folder", root=str(tmp_path), image_size=16)
     train = load_split(cfg, train=True)
-    assert train.images.shape == (8, 3, 16, 16) and train.classes == ("cats", "dogs")
-    assert train.labels.tolist() == [0] * 4 + [1] * 4
-    assert train.images[0, 0].float().mean() > 200 and train.images[-1, 2].float().mean() > 200
+    assert train.inputs.shape == (8, 3, 16, 16) and train.classes == ("cats", "dogs")
+    assert train.targets.tolist() == [0] * 4 + [1] * 4
+    assert train.inputs[0, 0].float().mean() > 200 and train.inputs[-1, 2].float().mean() > 200
     grey = load_split(DataConfig(name="image_folder", root=str(tmp_path), image_size=16, channels=1), train=False)
-    assert grey.images.shape == (4, 1, 16, 16)
+    assert grey.inputs.shape == (4, 1, 16, 16)
 
 
 def test_image_folder_decodes_once_and_notices_changed_files(tmp_path):
@@ -108,16 +108,16 @@ def test_image_folder_decodes_once_and_notices_changed_files(tmp_path):
     first = load_split(cfg, train=True)
     cached = list((tmp_path / "cache" / "transferctl" / "decoded").glob("*.pt"))
     assert len(cached) == 1
-    assert torch.equal(load_split(cfg, train=True).images, first.images)  # read back from the cache
+    assert torch.equal(load_split(cfg, train=True).inputs, first.inputs)  # read back from the cache
     Image.new("RGB", (20, 20), (0, 0, 200)).save(folder / "train" / "a" / "0.png")
     changed = load_split(cfg, train=True)
-    assert changed.images[0, 2].float().mean() > 150  # decoded anew: now blue
+    assert changed.inputs[0, 2].float().mean() > 150  # decoded anew: now blue
     assert len(list((tmp_path / "cache" / "transferctl" / "decoded").glob("*.pt"))) == 2
 
 
 def test_knn_weights_do_not_overflow_at_small_temperatures():
-    from transferctl.data import ImageData
     from transferctl.engine import knn_accuracy
+    from transferctl.modalities import ImageData
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 1, 4, 4, generator=generator) * 3
@@ -131,11 +131,13 @@ def test_knn_weights_do_not_overflow_at_small_temperatures():
 
 
 def test_evaluation_reads_test_images_as_trained():
-    from transferctl.data import ImageData
-    from transferctl.recipes.evaluation import as_trained
+    from transferctl.build import as_trained
+    from transferctl.checkpoints import Checkpoint
+    from transferctl.modalities import ImageData, modality_named
 
     test = ImageData(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]), ("a", "b"), (0.9,), (0.9,), False)
-    checkpoint = {"data": {"classes": ["a", "b"], "mean": [0.5], "std": [0.25]}}
-    assert as_trained(test, checkpoint, "run").mean == (0.5,)
+    checkpoint = Checkpoint(config={}, model={}, data={"classes": ["a", "b"], "mean": [0.5], "std": [0.25]}, epoch=1, step=1)
+    assert as_trained(test, checkpoint, modality_named("image"), "run").mean == (0.5,)
+    checkpoint.data["classes"] = ["a", "c"]
     with pytest.raises(UsageError, match="differ from the trained classes"):
-        as_trained(test, {"data": {**checkpoint["data"], "classes": ["a", "c"]}}, "run")
+        as_trained(test, checkpoint, modality_named("image"), "run")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -19,7 +20,9 @@ from tests.conftest import make_mnist_root, write_config
 from transferctl import export as export_module
 from transferctl.build import build_network
 from transferctl.config import load_config
-from transferctl.data import load_split, normalize
+from transferctl.data import load_split
+from transferctl.methods import Export
+from transferctl.modalities.image import normalize
 from transferctl.recipes import finetune, pretrain
 from transferctl.runs import create_run
 
@@ -52,8 +55,8 @@ def eager_model(run_dir: Path):
     test = load_split(cfg.data, train=False)
     network = build_network(cfg, {"in_channels": test.channels, "image_size": test.image_size}, test.num_classes)
     network.load_state_dict(state)
-    module = (network if cfg.is_classifier else network.encoder).eval()
-    images = normalize(test.images.float() / 255, test.mean, test.std)
+    module = (network if cfg.method.name == "finetune" else network.encoder).eval()
+    images = normalize(test.inputs.float() / 255, test.mean, test.std)
     return module, images
 
 
@@ -139,11 +142,11 @@ def test_a_perturbed_export_fails_with_exit_1_and_keeps_the_previous_export(cli,
 
     original = export_module.FORMATS["torchscript"]
 
-    def save_perturbed(module, example, target, cfg):
-        broken = copy.deepcopy(module)
+    def save_perturbed(exported, target):
+        broken = copy.deepcopy(exported.module)
         with torch.no_grad():
             broken.head[-1].bias.add_(0.5)  # the classifier's linear layer
-        original.save(broken, example, target, cfg)
+        original.save(dataclasses.replace(exported, module=broken), target)
 
     monkeypatch.setitem(export_module.FORMATS, "torchscript", export_module.Format("torchscript", "model.pt", save_perturbed, original.load))
     second = export(cli, trained, "classifier", "--format", "torchscript")
@@ -201,6 +204,24 @@ def test_safetensors_rebuilds_a_classifier_with_its_number_of_classes(tmp_path, 
                       base={"method": "finetune", "model": {"name": "mlp", "hidden_dim": 8}, "data": {"name": "mnist"}})
     network = build_network(cfg, {"in_channels": 1, "image_size": 28}, 7).eval()
     example = torch.randn(3, 1, 28, 28)
-    export_module._save_safetensors(network, example, tmp_path / "model.safetensors", cfg)
+    spec = Export(encoder_only=False, output="logits", kind="classifier")
+    exported = export_module.Exported(network, example, spec, "images", cfg.to_dict(), num_outputs=7)
+    export_module._save_safetensors(exported, tmp_path / "model.safetensors")
     rebuilt = export_module.load_safetensors(tmp_path / "model.safetensors")
     assert torch.equal(rebuilt(example), network(example)) and rebuilt(example).shape == (3, 7)
+
+
+def test_safetensors_of_transferctl_0_1_still_rebuild(tmp_path):
+    """0.1.0 wrote only the config and the input shape: the head's size and whether it is an encoder come from the weights."""
+    from safetensors.torch import save_file
+
+    cfg = load_config(None, [], base={"method": "finetune", "model": {"name": "mlp", "hidden_dim": 8}, "data": {"name": "mnist"}})
+    network = build_network(cfg, {"in_channels": 1, "image_size": 28}, 7).eval()
+    old = cfg.to_dict() | {"method": "finetune"}
+    old.pop("task")
+    metadata = {"transferctl_config": json.dumps(old), "input_shape": json.dumps([1, 28, 28])}
+    example = torch.randn(3, 1, 28, 28)
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, tmp_path / "classifier.safetensors", metadata=metadata)
+    save_file({k: v.contiguous() for k, v in network.encoder.state_dict().items()}, tmp_path / "encoder.safetensors", metadata=metadata)
+    assert torch.equal(export_module.load_safetensors(tmp_path / "classifier.safetensors")(example), network(example))
+    assert torch.equal(export_module.load_safetensors(tmp_path / "encoder.safetensors")(example), network.encoder(example))

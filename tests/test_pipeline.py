@@ -11,6 +11,9 @@ from transferctl.config import DataConfig
 from transferctl.data import load_split
 from transferctl.data.augment import BatchAugment, simclr
 from transferctl.data.pipeline import LoaderPipeline, MemoryPipeline, make_pipeline
+from transferctl.modalities import modality_named
+
+IMAGE = modality_named("image")
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +26,24 @@ def digits(tmp_path_factory):
 
 def pipelines(data, augment, **kw):
     common = dict(views=1, batch_size=32, seed=3, drop_last=False) | kw
-    memory = MemoryPipeline(data, augment, **common)
-    loader = LoaderPipeline(data, augment, device=torch.device("cpu"), num_workers=0, **common)
+    memory = MemoryPipeline(data, augment, IMAGE, **common)
+    loader = LoaderPipeline(data, augment, IMAGE, device=torch.device("cpu"), num_workers=0, **common)
     return memory, loader
 
 
 def test_both_pipelines_visit_the_same_images_in_the_same_order(digits):
     memory, loader = pipelines(digits, BatchAugment())
-    assert memory.batches_per_epoch() == loader.batches_per_epoch() == 5
     for epoch in (0, 1):
         from_memory = list(memory.batches(epoch))
         from_loader = list(loader.batches(epoch))
-        assert len(from_memory) == len(from_loader)
-        for (mv, ml), (lv, ll) in zip(from_memory, from_loader):
-            assert torch.equal(ml, ll)
-            assert torch.allclose(mv[0], lv[0], atol=1e-6)
-    first, second = (torch.cat([l for _, l in memory.batches(e)]) for e in (0, 1))
+        assert len(from_memory) == len(from_loader) == 5
+        for m, b in zip(from_memory, from_loader):
+            assert torch.equal(m.targets, b.targets) and torch.equal(m.extras["index"], b.extras["index"])
+            assert torch.allclose(m.inputs[0], b.inputs[0], atol=1e-6)
+            assert torch.equal(m.targets, digits.targets[m.extras["index"]])  # the index names the samples
+    first, second = (torch.cat([b.extras["index"] for b in memory.batches(e)]) for e in (0, 1))
     assert not torch.equal(first, second)  # a new order every epoch
-    assert sorted(first.tolist()) == sorted(digits.labels.tolist())  # every image once
+    assert sorted(first.tolist()) == list(range(len(digits)))  # every image once
 
 
 def test_loader_augmentation_is_seeded_per_image_and_resumable(digits):
@@ -49,27 +52,27 @@ def test_loader_augmentation_is_seeded_per_image_and_resumable(digits):
     full = list(loader.batches(epoch=1))
     again = list(loader.batches(epoch=1))
     tail = list(loader.batches(epoch=1, start_batch=3))
-    assert torch.equal(full[0][0][0], again[0][0][0])
-    assert not torch.equal(full[0][0][0], full[0][0][1])  # two different views of each image
-    assert len(tail) == 2 and torch.equal(tail[0][0][1], full[3][0][1])
+    assert torch.equal(full[0].inputs[0], again[0].inputs[0])
+    assert not torch.equal(full[0].inputs[0], full[0].inputs[1])  # two different views of each image
+    assert len(tail) == 2 and torch.equal(tail[0].inputs[1], full[3].inputs[1])
 
 
 def test_memory_augmentation_state_restores(digits):
     memory, _ = pipelines(digits, simclr(hflip_default=False), views=2)
     state = memory.state()
-    first = next(memory.batches(0))[0][0]
+    first = next(memory.batches(0)).inputs[0]
     memory.restore(state)
-    assert torch.equal(next(memory.batches(0))[0][0], first)
+    assert torch.equal(next(memory.batches(0)).inputs[0], first)
 
 
 def test_auto_picks_memory_within_the_budget_and_the_loader_beyond_it(digits):
     from dataclasses import replace
 
     common = dict(views=1, batch_size=32, seed=0, drop_last=False, device=torch.device("cpu"), num_workers=0, channels_last=False)
-    assert isinstance(make_pipeline(digits, BatchAugment(), kind="auto", budget_mb=1, **common), MemoryPipeline)
-    big = replace(digits, images=torch.zeros(3000, 1, 28, 28, dtype=torch.uint8), labels=torch.zeros(3000, dtype=torch.long))
-    assert isinstance(make_pipeline(big, BatchAugment(), kind="auto", budget_mb=1, **common), LoaderPipeline)
-    assert isinstance(make_pipeline(big, BatchAugment(), kind="memory", budget_mb=1, **common), MemoryPipeline)
+    assert isinstance(make_pipeline(digits, BatchAugment(), IMAGE, kind="auto", budget_mb=1, **common), MemoryPipeline)
+    big = replace(digits, inputs=torch.zeros(3000, 1, 28, 28, dtype=torch.uint8), targets=torch.zeros(3000, dtype=torch.long))
+    assert isinstance(make_pipeline(big, BatchAugment(), IMAGE, kind="auto", budget_mb=1, **common), LoaderPipeline)
+    assert isinstance(make_pipeline(big, BatchAugment(), IMAGE, kind="memory", budget_mb=1, **common), MemoryPipeline)
 
 
 def test_the_torchvision_twin_of_the_batched_augmentation():

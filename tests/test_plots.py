@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from transferctl import plots
 from transferctl.data import load_training_data
 from transferctl.data.augment import simclr
 from transferctl.data.pipeline import MemoryPipeline
+from transferctl.modalities import modality_named
 
 matplotlib_image = pytest.importorskip("matplotlib.image")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -28,19 +31,62 @@ def _pretrain(cli, config, runs, *overrides):
     return result.json
 
 
-def test_training_evaluation_and_simclr_plots(cli, simclr_config, tmp_path):
+def _drawn(monkeypatch) -> dict:
+    """Capture every figure a run draws, by file name, as it is written."""
+    figures = {}
+    write = plots._write_png
+
+    def capture(run, name, draw):
+        figures[name] = draw()
+        write(run, name, lambda: figures[name])
+
+    monkeypatch.setattr(plots, "_write_png", capture)
+    return figures
+
+
+def _lines(figure) -> dict[str, dict[str, list]]:
+    """{panel title: {line label: y values}} of a curves figure."""
+    return {ax.get_title(): {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()} for ax in figure.axes}
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_evaluation_and_simclr_plots(cli, simclr_config, tmp_path, monkeypatch):
+    from transferctl.build import build_training
+    from transferctl.config import load_config
+    from transferctl.modalities import modality_named
+
+    figures = _drawn(monkeypatch)
     runs = tmp_path / "runs"
     pre = _pretrain(cli, simclr_config, runs, "data.batch_size=128")  # 540 images: 4 batches, 1 epoch
     pre_dir = Path(pre["run_dir"])
-    assert _png_shape(pre_dir / "curves.png")[:2] == (340, 840)  # two panels: loss, learning rate
-    assert _png_shape(pre_dir / "views.png")[:2] == (300, 1040)  # 8 images, a row per view
+    rows = _rows(pre_dir)
+    assert _lines(figures["curves.png"]) == {
+        "loss": {"train_loss": [r["train_loss"] for r in rows], "val_loss": [r["val_loss"] for r in rows]},
+        "learning rate": {"lr": [r["lr"] for r in rows]},
+    }
+    # views.png shows the first batch's two views, exactly as the pipeline made them for the model
+    training = build_training(load_config(simclr_config, ["train.max_steps=4", "train.epochs=2", "data.batch_size=128"]))
+    first = next(iter(training.pipeline.batches(0))).inputs
+    shown = [[ax.get_images()[0].get_array() for ax in figures["views.png"].axes[row * 8 : (row + 1) * 8]] for row in range(2)]
+    for view, images in zip(first, shown):
+        expected = modality_named("image").displayable(view[:8], training.train)[..., 0].numpy()
+        assert np.allclose(np.stack(images), expected, atol=1e-6)
+    assert _png_shape(pre_dir / "views.png")[:2] == (300, 1040)  # the written file is that figure: 8 images, a row per view
+
     tuned = cli("finetune", "--from", pre["run_id"], "data.labels_per_class=5", "data.batch_size=16", "train.max_steps=8",
                 "train.epochs=2", "train.val_every=1", "--runs-dir", runs, "--json").json
-    tuned_dir = Path(tuned["run_dir"])
-    assert _png_shape(tuned_dir / "curves.png")[:2] == (340, 1260)  # and validation accuracy
-    assert not (tuned_dir / "views.png").exists()
+    tuned_rows = _rows(Path(tuned["run_dir"]))
+    assert _lines(figures["curves.png"])["accuracy"] == {"val_accuracy": [r["val_accuracy"] for r in tuned_rows]}
+    assert not (Path(tuned["run_dir"]) / "views.png").exists()
     evaluated = cli("evaluate", "--from", tuned["run_id"], "--runs-dir", runs, "--json").json
-    assert _png_shape(Path(evaluated["run_dir"]) / "confusion.png")[0] > 400
+    confusion = json.loads((Path(evaluated["run_dir"]) / "confusion.json").read_text())["confusion"]
+    (matrix_axes, _colorbar) = figures["confusion.png"].axes
+    assert np.array_equal(matrix_axes.get_images()[0].get_array(), np.array(confusion))
+    assert [t.get_text() for t in matrix_axes.texts] == [str(c) for row in confusion for c in row]
+    assert (Path(evaluated["run_dir"]) / "confusion.png").read_bytes().startswith(PNG)
     knn = cli("evaluate", "--from", pre["run_id"], "eval.knn_k=5", "--runs-dir", runs, "--json").json
     assert not list(Path(knn["run_dir"]).glob("*.png"))
     assert not list(runs.rglob(".*.tmp"))
@@ -74,15 +120,14 @@ def test_first_batch_keeps_what_the_model_saw_and_changes_nothing(digits_root, s
     augment = simclr(hflip_default=False)
 
     def pipeline():
-        return MemoryPipeline(train, augment, views=2, batch_size=32, seed=5, drop_last=True)
+        return MemoryPipeline(train, augment, modality_named("image"), views=2, batch_size=32, seed=5, drop_last=True)
 
     plain, kept = pipeline(), plots.FirstBatch(pipeline(), keep=4)
-    assert kept.batches_per_epoch() == plain.batches_per_epoch()
     for epoch in range(2):
-        for (a, _), (b, _) in zip(plain.batches(epoch), kept.batches(epoch)):
-            assert all(torch.equal(x, y) for x, y in zip(a, b))
-    first = next(iter(pipeline().batches(0)))[0]
-    assert len(kept.views) == 2 and all(torch.equal(v, f[:4]) for v, f in zip(kept.views, first))
+        for a, b in zip(plain.batches(epoch), kept.batches(epoch), strict=True):
+            assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs))
+    first = next(iter(pipeline().batches(0))).inputs
+    assert len(kept.inputs) == 2 and all(torch.equal(v, f[:4]) for v, f in zip(kept.inputs, first))
     assert torch.equal(kept.state()["augment"], plain.state()["augment"])
 
 

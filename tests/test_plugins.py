@@ -30,7 +30,7 @@ from torch import nn
 from transferctl.registry import LOSSES
 
 
-@LOSSES.register(kind="classification")
+@LOSSES.register(serves=("classification",))
 def smooth_ce(smoothing: float = 0.2) -> nn.Module:
     """Cross-entropy with label smoothing (from an entry point)."""
     return nn.CrossEntropyLoss(label_smoothing=smoothing)

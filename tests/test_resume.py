@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from tests.conftest import SMALL_SIMCLR, write_config
+from transferctl.checkpoints import Checkpoint
 from transferctl.recipes import pretrain
 from transferctl.runs import create_run, load_checkpoint
 from transferctl.runs_index import list_runs
@@ -46,7 +47,9 @@ def wait_for_checkpoint(runs: Path, process: subprocess.Popen, timeout: float = 
 
 
 def final_state(run_dir: Path) -> dict:
-    return load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    """The last checkpoint's weights and training state, in one mapping."""
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    return {"model": checkpoint.model, **checkpoint.training}
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -109,17 +112,17 @@ def test_sigterm_checkpoints_and_exits_143(config, tmp_path):
 
 def test_a_write_that_dies_before_the_rename_leaves_last_loadable(tmp_path, monkeypatch):
     run = create_run(tmp_path / "runs", "x", {}, None, "pretrain")
-    run.save_checkpoint("last", {"model": {"w": torch.zeros(3)}, "step": 1})
+    run.save_checkpoint("last", Checkpoint(config={}, model={"w": torch.zeros(3)}, data={}, epoch=0, step=1))
 
     def die(*args):
         raise KeyboardInterrupt  # as if the process were killed mid-checkpoint
 
     monkeypatch.setattr(os, "replace", die)
     with pytest.raises(KeyboardInterrupt):
-        run.save_checkpoint("last", {"model": {"w": torch.ones(3)}, "step": 2})
+        run.save_checkpoint("last", Checkpoint(config={}, model={"w": torch.ones(3)}, data={}, epoch=0, step=2))
     monkeypatch.undo()
     state = load_checkpoint(run.checkpoint_dir / "last.pt")
-    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.zeros(3))
+    assert state.step == 1 and torch.equal(state.model["w"], torch.zeros(3))
 
 
 def test_resume_refuses_changed_config_with_a_diff(cli, config, tmp_path):

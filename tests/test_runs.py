@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from transferctl.checkpoints import Checkpoint
 from transferctl.errors import UsageError
 from transferctl.runs import atomic_write_bytes, create_run, load_checkpoint, metrics_csv, read_run, resolve_run
 from transferctl.runs_index import list_runs, show_run
@@ -46,17 +47,39 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
 
+def _checkpoint(weights: torch.Tensor, step: int = 3) -> Checkpoint:
+    return Checkpoint(config={"method": {"name": "simclr"}}, model={"w": weights}, data={"classes": ["a"]}, epoch=1, step=step)
+
+
 def test_checkpoints_round_trip_with_weights_only(tmp_path):
     run = make_run(tmp_path / "runs")
-    path = run.save_checkpoint("last", {"model": {"w": torch.ones(2)}, "step": 3})
+    path = run.save_checkpoint("last", _checkpoint(torch.ones(2)))
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == 2 and "training" not in raw and raw["task"] == {}
     state = load_checkpoint(path)
-    assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert state.step == 3 and torch.equal(state.model["w"], torch.ones(2)) and state.training is None
+
+
+def test_a_format_1_checkpoint_reads_as_format_2(tmp_path):
+    """0.1.0 kept the training state at the top level."""
+    position = {"step": 4, "epoch": 1}
+    torch.save({"format": 1, "config": {}, "model": {"w": torch.ones(2)}, "data": {"classes": []}, "epoch": 1, "step": 4,
+                "position": position, "optimizer": {"state": {}}, "world_size": 1}, tmp_path / "old.pt")
+    state = load_checkpoint(tmp_path / "old.pt")
+    assert state.training == {"position": position, "optimizer": {"state": {}}, "world_size": 1} and state.task == {}
+
+
+@pytest.mark.parametrize("version", [0, 3, None])
+def test_a_checkpoint_of_another_format_names_its_version(tmp_path, version):
+    torch.save({"format": version, "model": {}}, tmp_path / "other.pt")
+    with pytest.raises(UsageError, match=f"checkpoint format {version if version is not None else 'unknown'} is not one that transferctl"):
+        load_checkpoint(tmp_path / "other.pt")
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
 def test_truncated_or_foreign_checkpoints_are_usage_errors(tmp_path, content):
     run = make_run(tmp_path / "runs")
-    path = run.save_checkpoint("last", {"model": {"w": torch.ones(1000)}})
+    path = run.save_checkpoint("last", _checkpoint(torch.ones(1000)))
     path.write_bytes(path.read_bytes()[:100] if content is None else content)
     with pytest.raises(UsageError, match="not a readable checkpoint"):
         load_checkpoint(path)

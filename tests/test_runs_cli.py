@@ -39,11 +39,16 @@ def test_ls_show_diff_follow_a_pretrain_finetune_evaluate_export_chain(cli, simc
     assert by_id[ft1["run_id"]]["key_metric"]["name"] == "best_val_accuracy"
     assert by_id[pre["run_id"]]["key_metric"] == {"name": "best_val_loss", "value": pre["metrics"]["best_val_loss"]}
     assert (by_id[pre["run_id"]]["command"], by_id[pre["run_id"]]["method"], by_id[pre["run_id"]]["dataset"]) == ("pretrain", "simclr", "mnist")
+    # what each run trains, without repeating the command: "finetune finetune" was printed before
+    trains = {made["run_id"]: (by_id[made["run_id"]]["command"], by_id[made["run_id"]]["trains"]) for made in (pre, ft1, ev)}
+    assert trains == {pre["run_id"]: ("pretrain", "simclr"), ft1["run_id"]: ("finetune", "classification"),
+                      ev["run_id"]: ("evaluate", "finetune classification")}
+    assert (by_id[ft1["run_id"]]["method"], by_id[ft1["run_id"]]["task"]) == ("finetune", "classification")
     assert by_id[ev["run_id"]]["parent"] == ft1["run_id"] and all(r["status"] == "completed" for r in listing["runs"])
     assert all(r["age_s"] >= 0 for r in listing["runs"])
 
     shown = _ok(cli("runs", "show", pre["run_id"], "--runs-dir", runs, "--json"))
-    assert shown["config"]["method"] == "simclr" and shown["metrics"] == pre["metrics"]
+    assert shown["config"]["method"] == {"name": "simclr"} and shown["metrics"] == pre["metrics"]
     assert shown["timings"]["duration_s"] > 0 and shown["lineage"]["ancestors"] == []
     children = shown["lineage"]["children"]
     assert [c["run_id"] for c in children] == [ft1["run_id"], ft2["run_id"]]
@@ -62,6 +67,7 @@ def test_ls_show_diff_follow_a_pretrain_finetune_evaluate_export_chain(cli, simc
     human = cli("runs", "ls", "--runs-dir", runs)
     assert human.code == 0 and human.stdout == ""
     assert all(r["run_id"] in human.stderr for r in listing["runs"]) and "best_val_loss" in human.stderr
+    assert "finetune finetune" not in human.stderr and "evaluate finetune" not in human.stderr
     tree = cli("runs", "show", pre["run_id"], "--runs-dir", runs)
     assert tree.code == 0 and f"-> {ev['run_id']}" in tree.stderr and "=> export" in tree.stderr
     assert "optimizer.lr" in cli("runs", "diff", ft1["run_id"], ft2["run_id"], "--runs-dir", runs).stderr

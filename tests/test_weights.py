@@ -12,9 +12,9 @@ import torchvision
 from safetensors.torch import save_file
 
 from tests.conftest import write_config
-from transferctl.build import build_encoder, load_model_weights
+from transferctl.build import build_encoder, build_training
 from transferctl.config import load_config
-from transferctl.recipes.training import prepare
+from transferctl.models.weights import load_model_weights
 
 
 def _saved_encoder(cfg, path: Path, seed: int = 123) -> dict[str, torch.Tensor]:
@@ -37,7 +37,7 @@ def test_a_saved_resnet18_encoder_loads_through_the_config(simclr_config, tmp_pa
     saved = _saved_encoder(load_config(simclr_config, ["model.name=resnet18"]), tmp_path / filename)
     cfg = load_config(simclr_config, ["model.name=resnet18", f"model.weights={filename}"])  # relative to the cwd
     assert cfg.model.weights == str(tmp_path / filename)  # stored absolute
-    loaded = prepare(cfg).model.encoder.state_dict()
+    loaded = build_training(cfg).network.encoder.state_dict()
     assert _same(loaded, saved)
     torch.manual_seed(0)
     assert not torch.equal(build_encoder(cfg, {"in_channels": 1, "image_size": 28}).state_dict()["0.weight"], saved["0.weight"])  # not the default init
@@ -136,6 +136,6 @@ def test_the_shipped_image_folder_config_checks_with_local_torchvision_weights(c
     assert result.code == 0, result.stderr
     report = result.json
     assert report["components"]["weights"] == str(tmp_path / "resnet18-local.pth")
-    assert report["data"] == {"train_images": 11, "val_images": 1, "classes": 2, "image_shape": [3, 32, 32]}
+    assert report["data"] == {"train_samples": 11, "val_samples": 1, "classes": 2, "input_shape": [3, 32, 32]}
     assert report["shapes"]["features"] == [11, 512] and report["shapes"]["output"] == [11, 2]
     assert report["parameters"]["head"] == 512 * 2 + 2
