@@ -1,6 +1,6 @@
 """The training engine (a loop that knows no method, task or modality) and the evaluation protocols."""
 
-from transferctl.engine.evaluate import Classification, classify, embed, knn_accuracy
+from transferctl.engine.evaluate import Classification, Evaluation, classify, embed, knn_accuracy
 from transferctl.engine.train import (
     FitResult,
     Objective,
@@ -16,6 +16,7 @@ from transferctl.engine.train import (
 
 __all__ = [
     "Classification",
+    "Evaluation",
     "FitResult",
     "Objective",
     "Reporter",

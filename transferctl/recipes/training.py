@@ -13,7 +13,7 @@ import torch
 from transferctl import build, events, plots
 from transferctl.build import Training
 from transferctl.checkpoints import Checkpoint
-from transferctl.config import Config, load_config, merge, read_yaml
+from transferctl.config import Config, apply_overrides, component_name, load_config, merge, read_yaml
 from transferctl.data import data_root
 from transferctl.distributed import world
 from transferctl.engine import Reporter, SilentReporter, fit
@@ -40,8 +40,21 @@ class RunResult:
 
 
 def recipe_path(name: str) -> Path:
-    """A YAML recipe shipped inside the package (used when no -c is given)."""
+    """A YAML recipe shipped inside the package (used when no -c is given), or a recipe file by its path."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
     return Path(str(resources.files("transferctl.recipes") / f"{name}.yaml"))
+
+
+def task_recipe(task: str | None) -> dict[str, Any]:
+    """The fine-tune recipe a task starts from (`Task.recipe`; classification's is `recipes/finetune.yaml`), under the
+    config and overrides. A task without one (or a name that is not a registered task) starts from the defaults."""
+    from transferctl.registry import TASKS, load_components
+
+    load_components()
+    name = task or METHODS.get("finetune").fn.default_task
+    recipe = TASKS.get(name).fn.recipe if name in TASKS else None
+    return read_yaml(recipe_path(recipe)) if recipe else {"method": "finetune"}
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -76,8 +89,8 @@ def finetune_config(
     """
     if source is None and config is None:
         raise UsageError("finetune needs --from RUN (a pretraining run) or -c CONFIG (to train from scratch)")
-    base = read_yaml(recipe_path("finetune"))
     user = read_yaml(config) if config is not None else {}
+    base = task_recipe(component_name(apply_overrides(user, list(overrides or [])).get("task")))
     if source is not None:
         record = read_trained_run(source, runs_dir)
         src = record.config
@@ -91,7 +104,7 @@ def finetune_config(
                 )
         inherited_data = {k: v for k, v in src["data"].items() if k not in ("batch_size", "labels_per_class", "augment", "eval_batch_size")}
         base["model"] = {k: v for k, v in src["model"].items() if k != "weights"}  # the encoder comes from the source run
-        base["data"] = {**inherited_data, **base["data"]}
+        base["data"] = {**inherited_data, **base.get("data", {})}
         base["train"] = {**base.get("train", {}), "seed": src["train"]["seed"], "device": src["train"]["device"]}
         base["finetune"] = {**base.get("finetune", {}), "source": str(record.path.resolve())}
         user.pop("model", None)

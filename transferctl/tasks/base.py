@@ -33,6 +33,8 @@ class Task:
     output: ClassVar[str]  # the name of an export's output
     exported_as: ClassVar[str]  # the model card's kind
     pseudo_labels: ClassVar[bool] = False  # its outputs are class scores that pseudo-labels can be read from
+    # the fine-tune recipe `finetune` starts from (a built-in recipe's name or a YAML file's path); None: the defaults
+    recipe: ClassVar[str | None] = None
 
     def num_outputs(self, data: Samples) -> int:
         raise NotImplementedError

@@ -31,6 +31,7 @@ class Classification(Task):
     output = "logits"
     exported_as = "classifier"
     pseudo_labels = True
+    recipe = "finetune"  # transferctl/recipes/finetune.yaml: 10 labels per class, a standardized linear head, ...
 
     def num_outputs(self, data: Samples) -> int:
         return data.num_classes
