@@ -62,7 +62,9 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
 
 def chain(data_dir: Path | None, runs: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for label, result in zip(("quickstart/pretrain", "quickstart/knn", "quickstart/finetune", "quickstart/evaluate"), quickstart(runs_dir=runs)):
+    for label, result in zip(
+        ("quickstart/pretrain", "quickstart/knn", "quickstart/finetune", "quickstart/evaluate"), quickstart(runs_dir=runs), strict=True
+    ):
         results[label] = fingerprint(result.run_dir)
     if data_dir is None:
         return results
@@ -96,13 +98,15 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in dict.fromkeys([*a, *b]) for d in differences(a.get(k), b.get(k), f"{where}.{k}" if where else k)]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{where}[{i}]")]
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ["TRANSFERCTL_DATA_DIR"]) if os.environ.get("TRANSFERCTL_DATA_DIR") else None)
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ["TRANSFERCTL_DATA_DIR"]) if os.environ.get("TRANSFERCTL_DATA_DIR") else None
+    )
     parser.add_argument("--out", type=Path, required=True, help="where the fingerprint is written (JSON)")
     parser.add_argument("--compare", type=Path, help="an earlier fingerprint: exit 1 unless every value is identical")
     args = parser.parse_args()

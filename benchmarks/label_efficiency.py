@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -50,8 +50,12 @@ OTHER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}
 QUICK = ["train.max_steps=3", "data.eval_batch_size=512"]
 LABELS_ONLY = ["finetune.unlabeled.weight=0", "finetune.encoder_lr_scale=0.1", "train.max_steps=200"]
 TARGETS = {  # the targets, in percent: (data set, column) -> minimum for the SimCLR row
-    ("mnist", "linear"): 99.3, ("mnist", "knn"): 99.0, ("mnist", "ft10"): 97.0, ("mnist", "ft100"): 98.8,
-    ("fashion_mnist", "linear"): 89.0, ("fashion_mnist", "ft10"): 78.0,
+    ("mnist", "linear"): 99.3,
+    ("mnist", "knn"): 99.0,
+    ("mnist", "ft10"): 97.0,
+    ("mnist", "ft100"): 98.8,
+    ("fashion_mnist", "linear"): 89.0,
+    ("fashion_mnist", "ft10"): 78.0,
 }
 
 
@@ -74,7 +78,7 @@ class Cells:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             self.done[key] = row
-            print(f"  {key}: {({k: v for k, v in row.items() if k not in ('key', 'run')})}", flush=True)
+            print(f"  {key}: { ({k: v for k, v in row.items() if k not in ('key', 'run')}) }", flush=True)
         return self.done[key]
 
 
@@ -120,7 +124,9 @@ def encoders(data: str, cells: Cells, runs: Path, extra: list[str]) -> dict[str,
     }
 
 
-def measure_row(data: str, name: str, encoder: dict[str, Any], seeds: list[int], cells: Cells, runs: Path, extra: list[str]) -> dict[str, Any]:
+def measure_row(
+    data: str, name: str, encoder: dict[str, Any], seeds: list[int], cells: Cells, runs: Path, extra: list[str]
+) -> dict[str, Any]:
     source, tag = encoder["source"], f"{data}/{name}"
     target = [f"data.name={data}"]
     probe_config, probe_options = CONFIGS / f"linear_{data}.yaml", target + extra
@@ -135,7 +141,7 @@ def measure_row(data: str, name: str, encoder: dict[str, Any], seeds: list[int],
         for seed in seeds:
             overrides = [*target, *options, f"data.seed={seed}", *extra]
             key = f"{tag}/{column}/seed{seed}/{recipe_digest(config, overrides, source)}"
-            runs_of_seed.append(cells.get(key, lambda overrides=overrides: tuned_accuracy(source, config, overrides, runs)))
+            runs_of_seed.append(cells.get(key, lambda overrides=overrides, config=config: tuned_accuracy(source, config, overrides, runs)))
         accuracies = [r["accuracy"] for r in runs_of_seed]
         row[column] = statistics.mean(accuracies)
         row[f"{column}_sd"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
@@ -178,7 +184,8 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
         if scratch:
             for column, what in (("ft10", "10 labels/class"), ("ft10_labels_only", "10 labels/class, labels only")):
                 gain = 100 * (simclr[column] - scratch[column])
-                out.append(f"- {DATASETS[data]} {what}, SimCLR minus random init: {gain:+.2f} points (target >= +3): {'met' if gain >= 3 else 'NOT met'}")
+                verdict = "met" if gain >= 3 else "NOT met"
+                out.append(f"- {DATASETS[data]} {what}, SimCLR minus random init: {gain:+.2f} points (target >= +3): {verdict}")
     return out
 
 

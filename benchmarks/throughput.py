@@ -37,8 +37,13 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
 
     data = "mnist" if os.environ.get("TRANSFERCTL_DATA_DIR") else "mnist_sample"
     overrides = [
-        f"model.name={model}", f"data.name={data}", f"data.batch_size={batch}", f"data.pipeline={pipeline}",
-        f"data.num_workers={workers}", f"train.device={device}", f"train.precision={precision}",
+        f"model.name={model}",
+        f"data.name={data}",
+        f"data.batch_size={batch}",
+        f"data.pipeline={pipeline}",
+        f"data.num_workers={workers}",
+        f"train.device={device}",
+        f"train.precision={precision}",
     ]
     cfg = load_config(REPO / "configs" / "simclr_mnist.yaml", overrides)  # another model.name drops the cnn's options
     t = build.build_training(cfg)
@@ -84,10 +89,18 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
     step_time = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "model": model, "precision": precision, "pipeline": type(t.pipeline).__name__.removesuffix("Pipeline").lower(), "device": str(dev),
-        "data": data, "batch": batch, "threads": torch.get_num_threads(), "workers": workers if pipeline == "loader" else 0,
-        "data_images_per_s": batch / data_time, "train_images_per_s": batch / step_time,
-        "data_share": data_time / step_time, "peak_mb": peak,
+        "model": model,
+        "precision": precision,
+        "pipeline": type(t.pipeline).__name__.removesuffix("Pipeline").lower(),
+        "device": str(dev),
+        "data": data,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "workers": workers if pipeline == "loader" else 0,
+        "data_images_per_s": batch / data_time,
+        "train_images_per_s": batch / step_time,
+        "data_share": data_time / step_time,
+        "peak_mb": peak,
     }
 
 
@@ -109,23 +122,43 @@ def main() -> None:
 
     rows = []
     for model, precision, pipeline in itertools.product(args.models, args.precisions, args.pipelines):
-        command = [sys.executable, __file__, "--one", model, pipeline, precision, "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--workers", str(args.workers), "--device", args.device]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            model,
+            pipeline,
+            precision,
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--workers",
+            str(args.workers),
+            "--device",
+            args.device,
+        ]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"measured {model}/{pipeline}/{precision}", file=sys.stderr)
-    print("| model | precision | pipeline | device | batch | threads | workers | data only (img/s) | training (img/s) | data share of a step | peak memory (MB) |")
+    columns = ["model", "precision", "pipeline", "device", "batch", "threads", "workers", "data only (img/s)", "training (img/s)"]
+    print("| " + " | ".join([*columns, "data share of a step", "peak memory (MB)"]) + " |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['model']} | {r['precision']} | {r['pipeline']} | {r['device']} | {r['batch']} | {r['threads']} | {r['workers']} | "
-              f"{r['data_images_per_s']:,.0f} | {r['train_images_per_s']:,.0f} | {r['data_share']:.1%} | {r['peak_mb']:,.0f} |")
+        print(
+            f"| {r['model']} | {r['precision']} | {r['pipeline']} | {r['device']} | {r['batch']} | {r['threads']} | {r['workers']} | "
+            f"{r['data_images_per_s']:,.0f} | {r['train_images_per_s']:,.0f} | {r['data_share']:.1%} | {r['peak_mb']:,.0f} |"
+        )
     print()
     for model, precision in itertools.product(args.models, args.precisions):
         by = {r["pipeline"]: r for r in rows if (r["model"], r["precision"]) == (model, precision)}
         if {"memory", "loader"} <= by.keys():
             speedup = by["memory"]["train_images_per_s"] / by["loader"]["train_images_per_s"]
             ratio = by["memory"]["data_images_per_s"] / by["memory"]["train_images_per_s"]
-            print(f"{model}, {precision}: memory trains {speedup:.2f}x the loader's images/s; its data path runs {ratio:.1f}x the training rate")
+            print(f"{model}, {precision}: memory trains {speedup:.2f}x the loader's images/s;", end=" ")
+            print(f"its data path runs {ratio:.1f}x the training rate")
     print(f"\n(data: {rows[0]['data']}; {os.cpu_count()} CPU cores)")
 
 

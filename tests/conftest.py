@@ -111,4 +111,3 @@ train: {{epochs: 2, log_every: 2, device: cpu}}
 @pytest.fixture
 def simclr_config(tmp_path, digits_root) -> Path:
     return write_config(tmp_path / "simclr.yaml", SMALL_SIMCLR.format(root=digits_root))
-

@@ -46,7 +46,7 @@ def test_identity_parameters_give_back_the_input():
 def test_flip_mirrors_the_image():
     x = batch(4)
     flipped = BatchAugment(hflip=True).geometry(x, gen())
-    for original, out in zip(x, flipped):
+    for original, out in zip(x, flipped, strict=True):
         assert torch.allclose(out, original, atol=1e-5) or torch.allclose(out, original.flip(-1), atol=1e-5)
 
 

@@ -20,7 +20,7 @@ def label_efficiency():
 
 def test_a_cell_is_measured_once_and_remembered_across_runs(label_efficiency, tmp_path):
     calls = []
-    measure = lambda: calls.append(1) or {"accuracy": 0.5}  # noqa: E731
+    measure = lambda: calls.append(1) or {"accuracy": 0.5}
     cells = label_efficiency.Cells(tmp_path / "cells.jsonl")
     assert cells.get("a", measure)["accuracy"] == 0.5
     cells.get("a", measure)

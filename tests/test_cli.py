@@ -37,7 +37,7 @@ def test_whole_chain_writes_complete_runs(cli, pretrained, tmp_path):
     runs = tmp_path / "runs"
     pre_dir = Path(pretrained["run_dir"])
     assert pretrained["status"] == "completed" and pretrained["metrics"]["step"] == 10
-    assert RUN_FILES <= {p.name for p in pre_dir.iterdir()}
+    assert {p.name for p in pre_dir.iterdir()} >= RUN_FILES
     assert {"last.pt", "best.pt"} <= {p.name for p in (pre_dir / "checkpoints").iterdir()}
     summary = json.loads((pre_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["duration_s"] > 0 and summary["parent"] is None
@@ -48,8 +48,17 @@ def test_whole_chain_writes_complete_runs(cli, pretrained, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and all("val_loss" in r for r in rows)
 
     # finetune by bare run id, resolved under --runs-dir
-    tuned = cli("finetune", "--from", pretrained["run_id"], "data.labels_per_class=5", "data.batch_size=16",
-                "train.max_steps=8", "--runs-dir", runs, "--json")
+    tuned = cli(
+        "finetune",
+        "--from",
+        pretrained["run_id"],
+        "data.labels_per_class=5",
+        "data.batch_size=16",
+        "train.max_steps=8",
+        "--runs-dir",
+        runs,
+        "--json",
+    )
     assert tuned.code == 0, tuned.stderr
     tuned = tuned.json
     assert tuned["parent"] == pretrained["run_id"] and "val_accuracy" in tuned["metrics"]
@@ -89,7 +98,7 @@ def knn_by_hand(run_dir: Path, k: int, temperature: float = 0.07) -> float:
             return torch.nn.functional.normalize(encoder(trained.modality.model_input(data.inputs, data)), dim=1)
 
     bank_features, correct = features(bank), 0
-    for feature, label in zip(features(test), test.targets):
+    for feature, label in zip(features(test), test.targets, strict=True):
         top = (bank_features @ feature).topk(k)
         votes = torch.zeros(10).index_add_(0, bank.targets[top.indices], (top.values / temperature).exp())
         correct += int(votes.argmax() == label)
@@ -97,8 +106,18 @@ def knn_by_hand(run_dir: Path, k: int, temperature: float = 0.07) -> float:
 
 
 def test_finetune_loads_the_encoder_and_a_linear_probe_keeps_it(cli, pretrained, tmp_path):
-    probe = cli("finetune", "--from", pretrained["run_dir"], "finetune.freeze_encoder=true", "data.labels_per_class=5",
-                "data.batch_size=16", "train.max_steps=4", "--runs-dir", tmp_path / "runs", "--json")
+    probe = cli(
+        "finetune",
+        "--from",
+        pretrained["run_dir"],
+        "finetune.freeze_encoder=true",
+        "data.labels_per_class=5",
+        "data.batch_size=16",
+        "train.max_steps=4",
+        "--runs-dir",
+        tmp_path / "runs",
+        "--json",
+    )
     assert probe.code == 0, probe.stderr
     source, probed = encoder_state(checkpoint(Path(pretrained["run_dir"]))), encoder_state(checkpoint(Path(probe.json["run_dir"])))
     assert source.keys() == probed.keys()
@@ -112,13 +131,16 @@ def test_finetune_loads_the_encoder_and_a_linear_probe_keeps_it(cli, pretrained,
 
 
 def test_finetune_from_scratch_starts_from_random_weights(cli, pretrained, tmp_path, digits_root):
-    config = write_config(tmp_path / "ft.yaml", f"""\
+    config = write_config(
+        tmp_path / "ft.yaml",
+        f"""\
 method: finetune
 model: {{name: cnn, widths: [8, 16]}}
 data: {{name: mnist, root: {digits_root}, labels_per_class: 5, batch_size: 16}}
 train: {{max_steps: 2, device: cpu}}
 finetune: {{freeze_encoder: true}}
-""")
+""",
+    )
     scratch = cli("finetune", "-c", config, "--runs-dir", tmp_path / "runs", "--json")
     assert scratch.code == 0, scratch.stderr
     assert scratch.json["parent"] is None
@@ -149,8 +171,14 @@ def _runs_snapshot(runs):
         (["pretrain", "-c", "{cfg}", "data.root={tmp}/nowhere"], "data set 'mnist' not found: looked for"),
         (["pretrain", "-c", "{cfg}", "method=finetune"], "is run by `transferctl finetune`"),
         (["pretrain", "-c", "{cfg}", "method=simclar"], "method.name: unknown method 'simclar'; did you mean 'simclr'?"),
-        (["pretrain", "-c", "{cfg}", "method.name=supervised", "task=clasification"], "unknown task 'clasification'; did you mean 'classification'?"),
-        (["finetune", "-c", "{cfg}", "method=finetune", "task.name=clasification"], "unknown task 'clasification'; did you mean 'classification'?"),
+        (
+            ["pretrain", "-c", "{cfg}", "method.name=supervised", "task=clasification"],
+            "unknown task 'clasification'; did you mean 'classification'?",
+        ),
+        (
+            ["finetune", "-c", "{cfg}", "method=finetune", "task.name=clasification"],
+            "unknown task 'clasification'; did you mean 'classification'?",
+        ),
         (["pretrain", "-c", "{cfg}", "task=classification"], "method 'simclr' trains no task head"),
         (["pretrain", "-c", "{binary}"], "not a text file (it is not UTF-8)"),
         (["pretrain", "-c", "{tmp}/missing.yaml"], "config file not found"),
@@ -205,8 +233,17 @@ def test_json_errors_are_one_object_on_stdout(cli, simclr_config, tmp_path):
 
 def test_runtime_failure_exits_1_and_marks_the_run_failed(cli, simclr_config, tmp_path):
     runs = tmp_path / "runs"
-    result = cli("pretrain", "-c", simclr_config, "optimizer.name=sgd", "optimizer.lr=1e12", "optimizer.weight_decay=0",
-                 "train.log_every=1", "--runs-dir", runs)
+    result = cli(
+        "pretrain",
+        "-c",
+        simclr_config,
+        "optimizer.name=sgd",
+        "optimizer.lr=1e12",
+        "optimizer.weight_decay=0",
+        "train.log_every=1",
+        "--runs-dir",
+        runs,
+    )
     assert result.code == 1, result.stderr
     assert "loss became nan" in result.stderr.lower() or "loss became inf" in result.stderr.lower()
     assert "log: " in result.stderr and "Traceback" not in result.stderr
@@ -273,8 +310,17 @@ def test_finetune_config_with_a_scalar_model_section(cli, pretrained, tmp_path):
 
 
 def test_a_classifier_batch_larger_than_the_labelled_set_trains_on_all_of_it(cli, pretrained, tmp_path):
-    result = cli("finetune", "--from", pretrained["run_dir"], "data.labels_per_class=5", "data.batch_size=64",
-                 "train.epochs=2", "--runs-dir", tmp_path / "runs", "--json")
+    result = cli(
+        "finetune",
+        "--from",
+        pretrained["run_dir"],
+        "data.labels_per_class=5",
+        "data.batch_size=64",
+        "train.epochs=2",
+        "--runs-dir",
+        tmp_path / "runs",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     assert result.json["metrics"]["step"] == 2  # one batch of all 50 images an epoch
 

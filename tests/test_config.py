@@ -51,7 +51,7 @@ def test_overrides_parse_yaml_scalars_and_dotted_keys():
 
 @pytest.mark.parametrize("text", ["train.epochs", "=3", "train..epochs=3", "1x=2"])
 def test_malformed_override_is_a_config_error(text):
-    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+    with pytest.raises(ConfigError, match=r"expected dotted\.key=value"):
         parse_override(text)
 
 

@@ -57,8 +57,18 @@ def test_show_and_check_a_finetune_from_a_run(cli, simclr_config, tmp_path):
     shown = cli("config", "show", "--from", pre["run_id"], "--runs-dir", runs, "--json").json
     assert shown["method"] == {"name": "finetune"} and shown["task"] == {"name": "classification"} and shown["model"]["widths"] == [8, 16]
     assert shown["finetune"]["source"] == str(Path(pre["run_dir"]).resolve())
-    probe = cli("config", "check", "--from", pre["run_id"], "finetune.freeze_encoder=true", "data.labels_per_class=5",
-                "data.batch_size=16", "--runs-dir", runs, "--json")
+    probe = cli(
+        "config",
+        "check",
+        "--from",
+        pre["run_id"],
+        "finetune.freeze_encoder=true",
+        "data.labels_per_class=5",
+        "data.batch_size=16",
+        "--runs-dir",
+        runs,
+        "--json",
+    )
     assert probe.code == 0, probe.stderr
     params = probe.json["parameters"]
     assert params["trainable"] == params["head"] == 16 * 10 + 10  # a linear probe trains the classifier only
@@ -92,7 +102,9 @@ def test_an_unexpected_failure_names_the_stage(cli, simclr_config, monkeypatch):
 
     monkeypatch.setattr(build, "build_scheduler", broken)
     message = _one_line_error(cli("config", "check", "-c", simclr_config))
-    assert "config check failed at building the run (data, model, objective, optimizer, pipeline): RuntimeError: scheduler exploded" in message
+    assert (
+        "config check failed at building the run (data, model, objective, optimizer, pipeline): RuntimeError: scheduler exploded" in message
+    )
 
 
 def test_check_a_finetune_with_warmup_l2_sp_and_pseudo_labels(cli, tmp_path, digits_root):
@@ -101,13 +113,18 @@ def test_check_a_finetune_with_warmup_l2_sp_and_pseudo_labels(cli, tmp_path, dig
 
     from transferctl.build import build_encoder
 
-    config = write_config(tmp_path / "ft.yaml", f"""\
+    config = write_config(
+        tmp_path / "ft.yaml",
+        f"""\
 method: finetune
 model: {{name: cnn, widths: [8, 16], weights: enc.pt}}
 data: {{name: mnist, root: {digits_root}, labels_per_class: 3, batch_size: 16}}
 finetune: {{head_warmup_steps: 5, l2_sp: 0.1, unlabeled: {{weight: 1.0, batch_size: 8, threshold: 0.0}}}}
-""")
-    torch.save(build_encoder(load_config(config, ["model.weights=null"]), {"in_channels": 1, "image_size": 28}).state_dict(), tmp_path / "enc.pt")
+""",
+    )
+    torch.save(
+        build_encoder(load_config(config, ["model.weights=null"]), {"in_channels": 1, "image_size": 28}).state_dict(), tmp_path / "enc.pt"
+    )
     report = cli("config", "check", "-c", config, "--json")
     assert report.code == 0, report.stderr
     assert report.json["loss"] > 0 and report.json["components"]["weights"] == str(tmp_path / "enc.pt")

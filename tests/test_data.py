@@ -122,7 +122,7 @@ def test_knn_weights_do_not_overflow_at_small_temperatures():
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(3, 1, 4, 4, generator=generator) * 3
     labels = torch.arange(3).repeat_interleave(20)
-    images = (centres[labels] + torch.randn(60, 1, 4, 4, generator=generator) * 0.3)
+    images = centres[labels] + torch.randn(60, 1, 4, 4, generator=generator) * 0.3
     pixels = ((images - images.min()) / (images.max() - images.min()) * 255).round().to(torch.uint8)
     data = ImageData(pixels, labels, ("a", "b", "c"), (0.0,), (1.0,), False)
     encoder = torch.nn.Flatten()

@@ -36,7 +36,11 @@ def free_port() -> int:
 
 
 def transferctl(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*launcher, "-m", "transferctl", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
 
@@ -60,8 +64,9 @@ def runs(tmp_path_factory, digits_root):
         first = transferctl("pretrain", "-c", config, "--runs-dir", base / f"runs{nproc}", "--json", "--nproc", str(nproc))
         assert first.returncode == 0, first.stderr
         result = json.loads(first.stdout)
-        resumed = transferctl("pretrain", "--resume", result["run_dir"], "train.max_steps=9", "--runs-dir", base / f"runs{nproc}",
-                              "--json", nproc=nproc)
+        resumed = transferctl(
+            "pretrain", "--resume", result["run_dir"], "train.max_steps=9", "--runs-dir", base / f"runs{nproc}", "--json", nproc=nproc
+        )
         assert resumed.returncode == 0, resumed.stderr
         out[nproc] = {"first": first, "result": result, "resumed": resumed, "runs": base / f"runs{nproc}"}
     return out
@@ -81,7 +86,9 @@ def test_only_rank_0_writes_and_the_layout_is_the_same(runs):
     for nproc in (1, 2):
         assert [p.name for p in runs[nproc]["runs"].iterdir()] == [runs[nproc]["result"]["run_id"]]
         assert runs[nproc]["first"].stdout.count("\n") == 1  # one JSON object, from rank 0
-    layout = [sorted(str(p.relative_to(runs[n]["result"]["run_dir"])) for p in Path(runs[n]["result"]["run_dir"]).rglob("*")) for n in (1, 2)]
+    layout = [
+        sorted(str(p.relative_to(runs[n]["result"]["run_dir"])) for p in Path(runs[n]["result"]["run_dir"]).rglob("*")) for n in (1, 2)
+    ]
     assert layout[0] == layout[1]
     env = json.loads((Path(runs[2]["result"]["run_dir"]) / "environment.json").read_text())
     assert env["world_size"] == 2

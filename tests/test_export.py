@@ -33,19 +33,25 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("export")
     root = make_mnist_root(base / "data", 300, 120)
     runs = base / "runs"
-    classifier_cfg = write_config(base / "ft.yaml", f"""\
+    classifier_cfg = write_config(
+        base / "ft.yaml",
+        f"""\
 method: finetune
 model: {{name: cnn, widths: [8, 16]}}
 data: {{name: mnist, root: {root}, labels_per_class: 10, batch_size: 32}}
 train: {{max_steps: 6, device: cpu}}
-""")
-    simclr_cfg = write_config(base / "simclr.yaml", f"""\
+""",
+    )
+    simclr_cfg = write_config(
+        base / "simclr.yaml",
+        f"""\
 method: simclr
 model: {{name: mlp, hidden_dim: 32}}
 head: {{name: projection, hidden_dim: 32, out_dim: 8}}
 data: {{name: mnist, root: {root}, batch_size: 64}}
 train: {{max_steps: 3, device: cpu}}
-""")
+""",
+    )
     return {"classifier": finetune(None, classifier_cfg, runs_dir=runs), "encoder": pretrain(simclr_cfg, runs_dir=runs), "runs": runs}
 
 
@@ -115,7 +121,7 @@ def test_model_card_describes_inputs_classes_and_parity(cli, trained):
 def test_encoder_run_exports_the_encoder(cli, trained, tmp_path):
     result = export(cli, trained, "encoder", "--format", "torchscript", "--format", "onnx", "--output", tmp_path / "out")
     assert result.code == 0, result.stderr
-    model, images = eager_model(trained["encoder"].run_dir)
+    _, images = eager_model(trained["encoder"].run_dir)
     scripted = torch.jit.load(str(tmp_path / "out" / "model.pt"))
     assert scripted(images[:5]).shape == (5, 32)
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
@@ -148,7 +154,9 @@ def test_a_perturbed_export_fails_with_exit_1_and_keeps_the_previous_export(cli,
             broken.head[-1].bias.add_(0.5)  # the classifier's linear layer
         original.save(dataclasses.replace(exported, module=broken), target)
 
-    monkeypatch.setitem(export_module.FORMATS, "torchscript", export_module.Format("torchscript", "model.pt", save_perturbed, original.load))
+    monkeypatch.setitem(
+        export_module.FORMATS, "torchscript", export_module.Format("torchscript", "model.pt", save_perturbed, original.load)
+    )
     second = export(cli, trained, "classifier", "--format", "torchscript")
     assert second.code == 1
     assert "failed its parity check" in second.stderr and "max abs diff 0.5" in second.stderr
@@ -200,8 +208,11 @@ def test_a_new_export_removes_files_its_card_does_not_list(cli, trained, tmp_pat
 @pytest.mark.parametrize("standardize", [False, True])
 def test_safetensors_rebuilds_a_classifier_with_its_number_of_classes(tmp_path, standardize):
     """The fine-tune recipes' standardized head puts its linear layer at head.2, not head.1."""
-    cfg = load_config(None, [f"head.standardize={str(standardize).lower()}"],
-                      base={"method": "finetune", "model": {"name": "mlp", "hidden_dim": 8}, "data": {"name": "mnist"}})
+    cfg = load_config(
+        None,
+        [f"head.standardize={str(standardize).lower()}"],
+        base={"method": "finetune", "model": {"name": "mlp", "hidden_dim": 8}, "data": {"name": "mnist"}},
+    )
     network = build_network(cfg, {"in_channels": 1, "image_size": 28}, 7).eval()
     example = torch.randn(3, 1, 28, 28)
     spec = Export(encoder_only=False, output="logits", kind="classifier")

@@ -58,6 +58,7 @@ def tune(source: Path, tmp_path: Path, *overrides: str) -> Path:
 
 # --------------------------------------------------------------------------- head warm-up and LR scale
 
+
 def test_during_head_warmup_the_encoder_and_its_statistics_stay_pretrained(source, tmp_path):
     warm = weights(tune(source, tmp_path, "train.max_steps=4", "finetune.head_warmup_steps=4"))
     pre, tuned = encoder_of(weights(source)), encoder_of(warm)
@@ -79,7 +80,9 @@ def test_encoder_lr_scale_sets_the_encoder_groups_learning_rate(source, digits_r
     training = build.build_training(cfg)
     groups = training.optimizer.param_groups
     encoder_ids = {id(p) for p in training.network.encoder.parameters()}
-    rates = {("encoder" if id(g["params"][0]) in encoder_ids else "head", round(g["initial_lr"], 9)) for g in groups}  # before warm-up scaling
+    rates = {
+        ("encoder" if id(g["params"][0]) in encoder_ids else "head", round(g["initial_lr"], 9)) for g in groups
+    }  # before warm-up scaling
     assert rates == {("encoder", 0.02), ("head", 0.2)}
 
 
@@ -90,6 +93,7 @@ def test_encoder_lr_scale_zero_leaves_the_encoder_weights_alone(source, tmp_path
 
 
 # --------------------------------------------------------------------------- L2-SP
+
 
 def test_l2_sp_keeps_the_encoder_closer_to_its_pretrained_weights(source, tmp_path):
     pre = encoder_of(weights(source))
@@ -126,6 +130,7 @@ def test_l2_sp_without_pretrained_weights_is_a_config_error(cli, tmp_path, digit
 
 # --------------------------------------------------------------------------- unlabeled images
 
+
 def test_the_unlabeled_pool_is_the_training_part_without_labels(digits_root):
     cfg = DataConfig(name="mnist", root=str(digits_root), val_fraction=0.2, seed=3)
     pool = load_unlabeled(cfg)
@@ -143,7 +148,7 @@ def test_unlabeled_batches_are_a_pure_function_of_the_step(digits_root):
     a, b = make(), make()
     weak5, strong5, index5 = a.batch(5)
     a.batch(6)
-    assert all(torch.equal(x, y) for x, y in zip((weak5, strong5, index5), b.batch(5)))  # no hidden state
+    assert all(torch.equal(x, y) for x, y in zip((weak5, strong5, index5), b.batch(5), strict=True))  # no hidden state
     assert torch.allclose(weak5, IMAGE.model_input(pool.inputs[index5], pool))  # the index says which images
     assert not torch.equal(weak5, a.batch(6)[0])
     assert not torch.equal(weak5, strong5)
@@ -216,8 +221,13 @@ def test_unlabeled_images_are_loaded_only_when_asked_for(source, tmp_path):
 def test_a_semi_supervised_finetune_resumes_exactly(source, tmp_path, propagate):
     from transferctl.recipes import resume
 
-    semi = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0.2", "finetune.unlabeled.batch_size=32",
-            "scheduler.name=constant", f"finetune.unlabeled.propagate={propagate}"]  # constant: cosine would stretch
+    semi = [
+        "finetune.unlabeled.weight=1",
+        "finetune.unlabeled.threshold=0.2",
+        "finetune.unlabeled.batch_size=32",
+        "scheduler.name=constant",
+        f"finetune.unlabeled.propagate={propagate}",
+    ]  # constant: cosine would stretch
     whole = finetune(str(source), None, [*FEW_LABELS, *semi, "train.max_steps=7"], runs_dir=tmp_path / "whole").run_dir
     part = finetune(str(source), None, [*FEW_LABELS, *semi, "train.max_steps=4"], runs_dir=tmp_path / "part").run_dir
     resume(str(part), ["train.max_steps=7"], command="finetune", runs_dir=tmp_path / "part")
@@ -253,13 +263,16 @@ def _config_of(run_dir: Path) -> dict:
 def test_from_scratch_the_encoder_trains_at_full_rate_from_the_first_step(tmp_path, digits_root):
     """The LR scale and the head warm-up protect pretrained features: a random encoder has none to protect,
     so the from-scratch baseline is not handicapped by them."""
-    config = write_config(tmp_path / "ft.yaml", f"""\
+    config = write_config(
+        tmp_path / "ft.yaml",
+        f"""\
 method: finetune
 model: {{name: cnn, widths: [8, 16]}}
 data: {{name: mnist, root: {digits_root}, labels_per_class: 5, batch_size: 16}}
 train: {{max_steps: 2, device: cpu}}
 finetune: {{encoder_lr_scale: 0.1, head_warmup_steps: 50}}
-""")
+""",
+    )
     training_parts = build.build_training(load_config(config))
     assert {round(g["initial_lr"], 9) for g in training_parts.optimizer.param_groups} == {load_config(config).optimizer.options["lr"]}
     assert training_parts.objective.head_warmup_steps == 0
@@ -269,13 +282,15 @@ def test_an_unlabeled_batch_that_does_not_split_over_processes_is_refused_before
     from transferctl.distributed import World
 
     monkeypatch.setattr(build, "world", lambda: World(rank=0, size=2))
-    result = cli("finetune", "--from", source, "finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=33",
-                 "--runs-dir", tmp_path / "runs")
+    result = cli(
+        "finetune", "--from", source, "finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=33", "--runs-dir", tmp_path / "runs"
+    )
     assert result.code == 2 and "finetune.unlabeled.batch_size: 33" in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------- weight averaging (train.ema_decay)
+
 
 def test_weight_average_follows_the_warmed_up_decay_and_copies_counters():
     live = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))

@@ -11,7 +11,11 @@ import pytest
 import torch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "format1"
-PRETRAIN, FINETUNE, EVALUATE = "20261201-093111-simclr-mnist_sample-8ac8", "20261201-093117-finetune-mnist_sample-abdc", "20261201-095322-evaluate-mnist_sample-53ed"
+PRETRAIN, FINETUNE, EVALUATE = (
+    "20261201-093111-simclr-mnist_sample-8ac8",
+    "20261201-093117-finetune-mnist_sample-abdc",
+    "20261201-095322-evaluate-mnist_sample-53ed",
+)
 
 
 @pytest.fixture
@@ -45,11 +49,28 @@ def test_an_old_run_resumes_exactly(cli, runs, tmp_path):
 
 
 def test_an_old_run_serves_as_from_and_its_fine_tune_evaluates_and_exports_as_before(cli, runs):
-    tuned = _ok(cli("finetune", "--from", PRETRAIN, "data.labels_per_class=2", "data.batch_size=10", "train.max_steps=2",
-                    "train.device=cpu", "--runs-dir", runs, "--json"))
-    pretrained = {k.removeprefix("encoder."): v for k, v in torch.load(runs / PRETRAIN / "checkpoints" / "last.pt", weights_only=True)["model"].items()
-                  if k.startswith("encoder.")}
-    assert tuned["parent"] == PRETRAIN and set(pretrained) == {k.removeprefix("encoder.") for k in _weights(Path(tuned["run_dir"])) if k.startswith("encoder.")}
+    tuned = _ok(
+        cli(
+            "finetune",
+            "--from",
+            PRETRAIN,
+            "data.labels_per_class=2",
+            "data.batch_size=10",
+            "train.max_steps=2",
+            "train.device=cpu",
+            "--runs-dir",
+            runs,
+            "--json",
+        )
+    )
+    pretrained = {
+        k.removeprefix("encoder."): v
+        for k, v in torch.load(runs / PRETRAIN / "checkpoints" / "last.pt", weights_only=True)["model"].items()
+        if k.startswith("encoder.")
+    }
+    assert tuned["parent"] == PRETRAIN and set(pretrained) == {
+        k.removeprefix("encoder.") for k in _weights(Path(tuned["run_dir"])) if k.startswith("encoder.")
+    }
     knn = _ok(cli("evaluate", "--from", PRETRAIN, "--runs-dir", runs, "--json"))
     assert set(knn["metrics"]) == {"knn_accuracy", "test_images"}
     # the old fine-tune, evaluated today, scores exactly what 0.1.0 measured
@@ -57,14 +78,20 @@ def test_an_old_run_serves_as_from_and_its_fine_tune_evaluates_and_exports_as_be
     assert _ok(cli("evaluate", "--from", FINETUNE, "--runs-dir", runs, "--json"))["metrics"] == before
     exported = _ok(cli("export", "--from", FINETUNE, "--format", "torchscript", "--runs-dir", runs, "--json"))
     card = json.loads((runs / FINETUNE / "export" / "model_card.json").read_text())
-    assert exported["parity"]["torchscript"]["passed"] and (card["kind"], card["method"], card["task"]) == ("classifier", "finetune", "classification")
+    assert exported["parity"]["torchscript"]["passed"] and (card["kind"], card["method"], card["task"]) == (
+        "classifier",
+        "finetune",
+        "classification",
+    )
 
 
 def test_old_runs_show_in_runs_ls_show_and_diff(cli, runs):
     listing = _ok(cli("runs", "ls", "--runs-dir", runs, "--json"))
     briefs = {r["run_id"]: r for r in listing["runs"]}
     assert {(r["command"], r["method"], r["trains"]) for r in briefs.values()} == {
-        ("pretrain", "simclr", "simclr"), ("finetune", "finetune", "finetune"), ("evaluate", "finetune", "finetune")
+        ("pretrain", "simclr", "simclr"),
+        ("finetune", "finetune", "finetune"),
+        ("evaluate", "finetune", "finetune"),
     }
     assert listing["unreadable"] == [] and all(r["status"] == "completed" for r in briefs.values())
     shown = _ok(cli("runs", "show", PRETRAIN, "--runs-dir", runs, "--json"))

@@ -37,7 +37,7 @@ def test_both_pipelines_visit_the_same_images_in_the_same_order(digits):
         from_memory = list(memory.batches(epoch))
         from_loader = list(loader.batches(epoch))
         assert len(from_memory) == len(from_loader) == 5
-        for m, b in zip(from_memory, from_loader):
+        for m, b in zip(from_memory, from_loader, strict=True):
             assert torch.equal(m.targets, b.targets) and torch.equal(m.extras["index"], b.extras["index"])
             assert torch.allclose(m.inputs[0], b.inputs[0], atol=1e-6)
             assert torch.equal(m.targets, digits.targets[m.extras["index"]])  # the index names the samples
@@ -85,8 +85,17 @@ def test_the_torchvision_twin_of_the_batched_augmentation():
 
 @pytest.mark.parametrize("pipeline", ["memory", "loader"])
 def test_a_short_pretraining_lowers_the_loss_on_each_pipeline(cli, simclr_config, tmp_path, pipeline):
-    result = cli("pretrain", "-c", simclr_config, f"data.pipeline={pipeline}", "data.num_workers=1", "train.epochs=4",
-                 "--runs-dir", tmp_path / "runs", "--json")
+    result = cli(
+        "pretrain",
+        "-c",
+        simclr_config,
+        f"data.pipeline={pipeline}",
+        "data.num_workers=1",
+        "train.epochs=4",
+        "--runs-dir",
+        tmp_path / "runs",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "runs" / result.json["run_id"] / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.1
@@ -105,7 +114,8 @@ def test_bf16_autocast_trains_on_cpu_and_float16_needs_cuda(cli, simclr_config, 
 
 def test_a_loader_run_leaves_the_process_thread_count_alone(cli, simclr_config, tmp_path):
     before = torch.get_num_threads()
-    result = cli("pretrain", "-c", simclr_config, "data.pipeline=loader", "data.num_workers=1", "train.max_steps=2",
-                 "--runs-dir", tmp_path / "runs")
+    result = cli(
+        "pretrain", "-c", simclr_config, "data.pipeline=loader", "data.num_workers=1", "train.max_steps=2", "--runs-dir", tmp_path / "runs"
+    )
     assert result.code == 0, result.stderr
     assert torch.get_num_threads() == before

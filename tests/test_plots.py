@@ -71,13 +71,24 @@ def test_training_evaluation_and_simclr_plots(cli, simclr_config, tmp_path, monk
     training = build_training(load_config(simclr_config, ["train.max_steps=4", "train.epochs=2", "data.batch_size=128"]))
     first = next(iter(training.pipeline.batches(0))).inputs
     shown = [[ax.get_images()[0].get_array() for ax in figures["views.png"].axes[row * 8 : (row + 1) * 8]] for row in range(2)]
-    for view, images in zip(first, shown):
+    for view, images in zip(first, shown, strict=True):
         expected = modality_named("image").displayable(view[:8], training.train)[..., 0].numpy()
         assert np.allclose(np.stack(images), expected, atol=1e-6)
     assert _png_shape(pre_dir / "views.png")[:2] == (300, 1040)  # the written file is that figure: 8 images, a row per view
 
-    tuned = cli("finetune", "--from", pre["run_id"], "data.labels_per_class=5", "data.batch_size=16", "train.max_steps=8",
-                "train.epochs=2", "train.val_every=1", "--runs-dir", runs, "--json").json
+    tuned = cli(
+        "finetune",
+        "--from",
+        pre["run_id"],
+        "data.labels_per_class=5",
+        "data.batch_size=16",
+        "train.max_steps=8",
+        "train.epochs=2",
+        "train.val_every=1",
+        "--runs-dir",
+        runs,
+        "--json",
+    ).json
     tuned_rows = _rows(Path(tuned["run_dir"]))
     assert _lines(figures["curves.png"])["accuracy"] == {"val_accuracy": [r["val_accuracy"] for r in tuned_rows]}
     assert not (Path(tuned["run_dir"]) / "views.png").exists()
@@ -125,9 +136,9 @@ def test_first_batch_keeps_what_the_model_saw_and_changes_nothing(digits_root, s
     plain, kept = pipeline(), plots.FirstBatch(pipeline(), keep=4)
     for epoch in range(2):
         for a, b in zip(plain.batches(epoch), kept.batches(epoch), strict=True):
-            assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs))
+            assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs, strict=True))
     first = next(iter(pipeline().batches(0))).inputs
-    assert len(kept.inputs) == 2 and all(torch.equal(v, f[:4]) for v, f in zip(kept.inputs, first))
+    assert len(kept.inputs) == 2 and all(torch.equal(v, f[:4]) for v, f in zip(kept.inputs, first, strict=True))
     assert torch.equal(kept.state()["augment"], plain.state()["augment"])
 
 

@@ -70,8 +70,20 @@ def test_a_plugin_model_pretrains_and_finetunes_through_the_cli(cli, simclr_conf
     encoder = _state(pre.json["run_dir"])
     assert encoder["encoder.1.weight"].shape == (24, 28 * 28)
 
-    tuned = cli("--plugin", "tiny_plugin", "finetune", "--from", pre.json["run_id"], "finetune.freeze_encoder=true",
-                "data.labels_per_class=2", "data.batch_size=16", "train.max_steps=2", "--runs-dir", runs, "--json")
+    tuned = cli(
+        "--plugin",
+        "tiny_plugin",
+        "finetune",
+        "--from",
+        pre.json["run_id"],
+        "finetune.freeze_encoder=true",
+        "data.labels_per_class=2",
+        "data.batch_size=16",
+        "train.max_steps=2",
+        "--runs-dir",
+        runs,
+        "--json",
+    )
     assert tuned.code == 0, tuned.stderr
     assert tuned.json["parent"] == pre.json["run_id"]
     probed = _state(tuned.json["run_dir"])
@@ -79,7 +91,10 @@ def test_a_plugin_model_pretrains_and_finetunes_through_the_cli(cli, simclr_conf
     assert _state(tuned.json["run_dir"], "head.")["head.2.weight"].shape == (10, 24)  # the recipe's head: standardize, dropout, linear
 
     listing = cli("--plugin", "tiny_plugin", "list", "models", "--json")
-    assert listing.json["models"]["tiny_mlp"] == {"summary": "One linear layer on the flattened image (a plugin).", "origin": "plugin:tiny_plugin"}
+    assert listing.json["models"]["tiny_mlp"] == {
+        "summary": "One linear layer on the flattened image (a plugin).",
+        "origin": "plugin:tiny_plugin",
+    }
     assert listing.json["models"]["cnn"]["origin"] == "builtin"
     human = cli("list", "models")
     assert "tiny_mlp" in human.stdout and "[plugin:tiny_plugin]" in human.stdout
@@ -99,8 +114,10 @@ def test_a_plugin_file_path_works_too(cli, tmp_path):
     [
         (None, "--plugin missing_plugin: cannot load it (ModuleNotFoundError: No module named 'missing_plugin')"),
         ("raise RuntimeError('no GPU\\nhere')", "cannot load it (RuntimeError: no GPU here)"),
-        ("from transferctl.registry import MODELS\n@MODELS.register()\ndef cnn(in_channels: int):\n    '''x'''\n",
-         "cannot load it (ValueError: model 'cnn' is already registered)"),
+        (
+            "from transferctl.registry import MODELS\n@MODELS.register()\ndef cnn(in_channels: int):\n    '''x'''\n",
+            "cannot load it (ValueError: model 'cnn' is already registered)",
+        ),
     ],
 )
 def test_a_plugin_that_fails_to_load_is_a_one_line_error(cli, simclr_config, tmp_path, source, expected):

@@ -36,15 +36,34 @@ def test_shipped_recipes_run_the_chain_on_real_mnist(cli, real_data, tmp_path):
     assert evaluated.json["metrics"]["test_images"] == 10_000
     assert evaluated.json["metrics"]["accuracy"] > 0.2  # well above chance after 30 steps on 100 labels
 
-    probe = cli("finetune", "--from", pre.json["run_dir"], "-c", REPO / "configs" / "linear_mnist.yaml", "train.max_steps=20",
-                small_val, "--json", "--runs-dir", runs)
+    probe = cli(
+        "finetune",
+        "--from",
+        pre.json["run_dir"],
+        "-c",
+        REPO / "configs" / "linear_mnist.yaml",
+        "train.max_steps=20",
+        small_val,
+        "--json",
+        "--runs-dir",
+        runs,
+    )
     assert probe.code == 0, probe.stderr
     assert probe.json["metrics"]["val_accuracy"] > 0.3
 
 
 def test_supervised_recipe_learns_fast_on_real_mnist(cli, real_data, tmp_path):
-    result = cli("pretrain", "-c", REPO / "configs" / "supervised_mnist.yaml", "train.max_steps=60", "scheduler.warmup_steps=10", "data.val_fraction=0.02", "--json",
-                 "--runs-dir", tmp_path / "runs")
+    result = cli(
+        "pretrain",
+        "-c",
+        REPO / "configs" / "supervised_mnist.yaml",
+        "train.max_steps=60",
+        "scheduler.warmup_steps=10",
+        "data.val_fraction=0.02",
+        "--json",
+        "--runs-dir",
+        tmp_path / "runs",
+    )
     assert result.code == 0, result.stderr
     assert result.json["metrics"]["val_accuracy"] > 0.6  # 10 classes: chance is 0.1
 
@@ -61,9 +80,30 @@ def test_every_shipped_recipe_builds_and_takes_a_batch(cli, real_data, config):
 
 def test_the_semi_supervised_recipe_learns_from_unlabeled_images_on_real_mnist(cli, real_data, tmp_path):
     runs = tmp_path / "runs"
-    pre = cli("pretrain", "-c", REPO / "configs" / "simclr_mnist.yaml", "train.max_steps=20", "data.val_fraction=0.02", "--json", "--runs-dir", runs)
+    pre = cli(
+        "pretrain",
+        "-c",
+        REPO / "configs" / "simclr_mnist.yaml",
+        "train.max_steps=20",
+        "data.val_fraction=0.02",
+        "--json",
+        "--runs-dir",
+        runs,
+    )
     assert pre.code == 0, pre.stderr
-    tuned = cli("finetune", "--from", pre.json["run_dir"], "-c", REPO / "configs" / "finetune10_mnist.yaml", "train.max_steps=20",
-                "finetune.head_warmup_steps=5", "finetune.unlabeled.threshold=0.5", "data.val_fraction=0.02", "--json", "--runs-dir", runs)
+    tuned = cli(
+        "finetune",
+        "--from",
+        pre.json["run_dir"],
+        "-c",
+        REPO / "configs" / "finetune10_mnist.yaml",
+        "train.max_steps=20",
+        "finetune.head_warmup_steps=5",
+        "finetune.unlabeled.threshold=0.5",
+        "data.val_fraction=0.02",
+        "--json",
+        "--runs-dir",
+        runs,
+    )
     assert tuned.code == 0, tuned.stderr
     assert tuned.json["metrics"]["val_accuracy"] > 0.3

@@ -41,7 +41,7 @@ def test_duplicate_names_are_refused():
 def test_context_arguments_are_not_config_options():
     entry = make_registry().get("small")
     assert list(entry.options()) == ["size", "label"]
-    with pytest.raises(ConfigError, match="widget.in_channels: unknown option"):
+    with pytest.raises(ConfigError, match=r"widget\.in_channels: unknown option"):
         entry.validate({"in_channels": 3}, where="widget")
 
 

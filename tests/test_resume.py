@@ -31,8 +31,9 @@ def config(tmp_path, digits_root):
 
 
 def launch(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "transferctl", *map(str, args), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "transferctl", *map(str, args), "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for_checkpoint(runs: Path, process: subprocess.Popen, timeout: float = 120.0) -> Path:
@@ -63,7 +64,7 @@ def assert_same_training(a: Path, b: Path) -> None:
     assert sa["model"].keys() == sb["model"].keys()
     for key in sa["model"]:
         assert torch.equal(sa["model"][key], sb["model"][key]), key
-    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+    for pa, pb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(), strict=True):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert losses(a) == losses(b)
 
@@ -219,7 +220,10 @@ def test_extending_a_run_that_stopped_mid_epoch_equals_running_it_whole(tmp_path
     for weights in ("model", "trained_model") if ema else ("model",):
         assert all(torch.equal(a[weights][k], b[weights][k]) for k in a[weights])
     assert a.get("averaged_steps") == b.get("averaged_steps") == (11 if ema else None)
-    rows = lambda d: [(r["epoch"], r["step"], r["train_loss"], r.get("val_accuracy")) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    rows = lambda d: [
+        (r["epoch"], r["step"], r["train_loss"], r.get("val_accuracy"))
+        for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+    ]
     assert rows(whole) == rows(part)
 
 
@@ -250,9 +254,18 @@ def test_a_run_killed_after_its_last_checkpoint_is_closed_by_resume(cli, config,
 
 def test_on_nan_may_change_on_resume_and_large_seeds_work_with_the_loader(cli, config, tmp_path):
     runs = tmp_path / "runs"
-    done = cli("pretrain", "-c", config, "train.max_steps=2", "train.seed=2000000", "data.pipeline=loader", "data.num_workers=0",
-               "--runs-dir", runs, "--json")
+    done = cli(
+        "pretrain",
+        "-c",
+        config,
+        "train.max_steps=2",
+        "train.seed=2000000",
+        "data.pipeline=loader",
+        "data.num_workers=0",
+        "--runs-dir",
+        runs,
+        "--json",
+    )
     assert done.code == 0, done.stderr
-    resumed = cli("pretrain", "--resume", done.json["run_dir"], "train.on_nan=skip", "train.max_steps=3",
-                  "--runs-dir", runs, "--json")
+    resumed = cli("pretrain", "--resume", done.json["run_dir"], "train.on_nan=skip", "train.max_steps=3", "--runs-dir", runs, "--json")
     assert resumed.code == 0, resumed.stderr

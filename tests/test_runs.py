@@ -63,8 +63,20 @@ def test_checkpoints_round_trip_with_weights_only(tmp_path):
 def test_a_format_1_checkpoint_reads_as_format_2(tmp_path):
     """0.1.0 kept the training state at the top level."""
     position = {"step": 4, "epoch": 1}
-    torch.save({"format": 1, "config": {}, "model": {"w": torch.ones(2)}, "data": {"classes": []}, "epoch": 1, "step": 4,
-                "position": position, "optimizer": {"state": {}}, "world_size": 1}, tmp_path / "old.pt")
+    torch.save(
+        {
+            "format": 1,
+            "config": {},
+            "model": {"w": torch.ones(2)},
+            "data": {"classes": []},
+            "epoch": 1,
+            "step": 4,
+            "position": position,
+            "optimizer": {"state": {}},
+            "world_size": 1,
+        },
+        tmp_path / "old.pt",
+    )
     state = load_checkpoint(tmp_path / "old.pt")
     assert state.training == {"position": position, "optimizer": {"state": {}}, "world_size": 1} and state.task == {}
 
@@ -101,7 +113,7 @@ def test_unwritable_runs_root_is_a_usage_error(tmp_path):
 
 def test_metrics_csv_has_the_union_of_keys_in_first_seen_order():
     rows = [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.25, "val_loss": None, "partial": True, "shape": [1, 2]}]
-    assert metrics_csv(rows) == "epoch,train_loss,val_loss,partial,shape\n1,0.5,,,\n2,0.25,,True,\"[1, 2]\"\n"
+    assert metrics_csv(rows) == 'epoch,train_loss,val_loss,partial,shape\n1,0.5,,,\n2,0.25,,True,"[1, 2]"\n'
 
 
 def test_metrics_csv_is_written_beside_the_jsonl_and_follows_a_resume_truncation(tmp_path):
@@ -112,8 +124,10 @@ def test_metrics_csv_is_written_beside_the_jsonl_and_follows_a_resume_truncation
     run.log_metrics({"epoch": 2, "step": 10, "train_loss": 0.5, "val_loss": 0.75})
     with open(run.path / "metrics.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert table == [{"epoch": "1", "step": "5", "train_loss": "1.0", "val_loss": ""},
-                     {"epoch": "2", "step": "10", "train_loss": "0.5", "val_loss": "0.75"}]
+    assert table == [
+        {"epoch": "1", "step": "5", "train_loss": "1.0", "val_loss": ""},
+        {"epoch": "2", "step": "10", "train_loss": "0.5", "val_loss": "0.75"},
+    ]
     run.keep_metrics_through(1)
     assert (run.path / "metrics.csv").read_text() == "epoch,step,train_loss\n1,5,1.0\n"
     assert not list(run.path.glob(".*.tmp"))

@@ -38,11 +38,18 @@ def test_ls_show_diff_follow_a_pretrain_finetune_evaluate_export_chain(cli, simc
     assert by_id[ev["run_id"]]["key_metric"] == {"name": "accuracy", "value": ev["metrics"]["accuracy"]}
     assert by_id[ft1["run_id"]]["key_metric"]["name"] == "best_val_accuracy"
     assert by_id[pre["run_id"]]["key_metric"] == {"name": "best_val_loss", "value": pre["metrics"]["best_val_loss"]}
-    assert (by_id[pre["run_id"]]["command"], by_id[pre["run_id"]]["method"], by_id[pre["run_id"]]["dataset"]) == ("pretrain", "simclr", "mnist")
+    assert (by_id[pre["run_id"]]["command"], by_id[pre["run_id"]]["method"], by_id[pre["run_id"]]["dataset"]) == (
+        "pretrain",
+        "simclr",
+        "mnist",
+    )
     # what each run trains, without repeating the command: "finetune finetune" was printed before
     trains = {made["run_id"]: (by_id[made["run_id"]]["command"], by_id[made["run_id"]]["trains"]) for made in (pre, ft1, ev)}
-    assert trains == {pre["run_id"]: ("pretrain", "simclr"), ft1["run_id"]: ("finetune", "classification"),
-                      ev["run_id"]: ("evaluate", "finetune classification")}
+    assert trains == {
+        pre["run_id"]: ("pretrain", "simclr"),
+        ft1["run_id"]: ("finetune", "classification"),
+        ev["run_id"]: ("evaluate", "finetune classification"),
+    }
     assert (by_id[ft1["run_id"]]["method"], by_id[ft1["run_id"]]["task"]) == ("finetune", "classification")
     assert by_id[ev["run_id"]]["parent"] == ft1["run_id"] and all(r["status"] == "completed" for r in listing["runs"])
     assert all(r["age_s"] >= 0 for r in listing["runs"])

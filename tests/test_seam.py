@@ -117,7 +117,8 @@ def smooth_l1(beta: float = 1.0) -> nn.Module:
 def absolute_errors(model, data, batch_size, scale):
     model.eval()
     modality = modality_of(data)
-    return torch.cat([(model(modality.model_input(x, data)).squeeze(1) / scale - y.float()).abs() for x, y in iterate_batches(data, batch_size)])
+    batches = iterate_batches(data, batch_size)
+    return torch.cat([(model(modality.model_input(x, data)).squeeze(1) / scale - y.float()).abs() for x, y in batches])
 
 
 @TASKS.register("digit_value")
@@ -204,8 +205,22 @@ def test_a_plugins_method_and_task_run_the_whole_chain(cli, plugin, tmp_path, di
     turns = _ok(cli(*plugin, "evaluate", "--from", pre["run_id"], "--runs-dir", runs, "--json"))
     assert set(turns["metrics"]) == {"turn_accuracy", "test_images"}
 
-    tuned = _ok(cli(*plugin, "finetune", "--from", pre["run_id"], "task.name=digit_value", "task.scale=0.5", "data.labels_per_class=5",
-                    "data.batch_size=16", "train.max_steps=6", "--runs-dir", runs, "--json"))
+    tuned = _ok(
+        cli(
+            *plugin,
+            "finetune",
+            "--from",
+            pre["run_id"],
+            "task.name=digit_value",
+            "task.scale=0.5",
+            "data.labels_per_class=5",
+            "data.batch_size=16",
+            "train.max_steps=6",
+            "--runs-dir",
+            runs,
+            "--json",
+        )
+    )
     tuned_dir = Path(tuned["run_dir"])
     stored = json.loads(json.dumps(__import__("yaml").safe_load((tuned_dir / "config.yaml").read_text())))
     assert stored["task"] == {"name": "digit_value", "scale": 0.5}
@@ -215,12 +230,19 @@ def test_a_plugins_method_and_task_run_the_whole_chain(cli, plugin, tmp_path, di
     assert "val_mae" in tuned["metrics"] and "best_val_mae" in tuned["metrics"]
 
     evaluated = _ok(cli(*plugin, "evaluate", "--from", tuned["run_id"], "--runs-dir", runs, "--json"))
-    exported = _ok(cli(*plugin, "export", "--from", tuned["run_id"], "--format", "torchscript", "--format", "safetensors",
-                       "--runs-dir", runs, "--json"))
+    exported = _ok(
+        cli(
+            *plugin, "export", "--from", tuned["run_id"], "--format", "torchscript", "--format", "safetensors", "--runs-dir", runs, "--json"
+        )
+    )
     assert all(p["passed"] for p in exported["parity"].values())
     card = json.loads((tuned_dir / "export" / "model_card.json").read_text())
     assert (card["kind"], card["method"], card["task"], card["unit"], card["output"]) == (
-        "regressor", "finetune", "digit_value", "digit value", {"name": "value", "shape": ["batch", 1]}
+        "regressor",
+        "finetune",
+        "digit_value",
+        "digit value",
+        {"name": "value", "shape": ["batch", 1]},
     )
     # the exported model, served without transferctl, scores what evaluate measured
     from transferctl.config import DataConfig
@@ -249,11 +271,14 @@ def test_unknown_methods_and_tasks_get_a_did_you_mean(plugin, digits_root):
         load_config(None, ["task=digit_value", "loss.name=cross_entropy"], base={**base, "method": "finetune"})
 
 
-@pytest.mark.parametrize("model, options, channels, strides", [
-    ("cnn", {"widths": (8, 16, 32)}, (8, 16, 32), (1, 2, 4)),
-    ("resnet18", {"small_images": True}, (64, 128, 256, 512), (1, 2, 4, 8)),
-    ("resnet18", {"small_images": False}, (64, 128, 256, 512), (4, 8, 16, 32)),
-])
+@pytest.mark.parametrize(
+    "model, options, channels, strides",
+    [
+        ("cnn", {"widths": (8, 16, 32)}, (8, 16, 32), (1, 2, 4)),
+        ("resnet18", {"small_images": True}, (64, 128, 256, 512), (1, 2, 4, 8)),
+        ("resnet18", {"small_images": False}, (64, 128, 256, 512), (4, 8, 16, 32)),
+    ],
+)
 def test_encoders_give_their_stage_feature_maps(model, options, channels, strides):
     from transferctl.registry import MODELS
 
@@ -262,7 +287,7 @@ def test_encoders_give_their_stage_feature_maps(model, options, channels, stride
     x = torch.randn(2, 3, 64, 64)
     maps = encoder.feature_maps(x)
     assert encoder.stage_channels == channels
-    assert [tuple(m.shape) for m in maps] == [(2, c, 64 // s, 64 // s) for c, s in zip(channels, strides)]
+    assert [tuple(m.shape) for m in maps] == [(2, c, 64 // s, 64 // s) for c, s in zip(channels, strides, strict=True)]
     with torch.no_grad():
         assert torch.allclose(maps[-1].mean(dim=(2, 3)), encoder(x))  # the pooled features are the deepest map's mean
 
@@ -274,17 +299,22 @@ def test_config_check_skips_label_propagation_and_notes_options_that_do_nothing(
         raise AssertionError("config check ran label propagation")
 
     monkeypatch.setattr(finetune_method, "propagate_labels", never)
-    config = write_config(tmp_path / "ft.yaml", f"""\
+    config = write_config(
+        tmp_path / "ft.yaml",
+        f"""\
 method: finetune
 model: {{name: cnn, widths: [8, 16]}}
 data: {{name: mnist, root: {digits_root}, labels_per_class: 3, batch_size: 16}}
 finetune: {{unlabeled: {{weight: 1.0, batch_size: 8, propagate: true, align: true}}}}
-""")
+""",
+    )
     checked = cli("config", "check", "-c", config, "--json")
     assert checked.code == 0, checked.stderr
     assert not any("finetune.unlabeled" in note for note in checked.json["notes"])
     idle = cli("config", "check", "-c", config, "finetune.unlabeled.weight=0", "--json").json
-    expected = "finetune.unlabeled.align and finetune.unlabeled.propagate take effect only with pseudo-labels: finetune.unlabeled.weight is 0"
+    expected = (
+        "finetune.unlabeled.align and finetune.unlabeled.propagate take effect only with pseudo-labels: finetune.unlabeled.weight is 0"
+    )
     assert any(note.startswith(expected) for note in idle["notes"])
     run = cli("finetune", "-c", config, "finetune.unlabeled.weight=0", "train.max_steps=1", "--runs-dir", tmp_path / "runs")
     assert run.code == 0 and f"note: {expected}" in run.stderr

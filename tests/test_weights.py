@@ -40,17 +40,22 @@ def test_a_saved_resnet18_encoder_loads_through_the_config(simclr_config, tmp_pa
     loaded = build_training(cfg).network.encoder.state_dict()
     assert _same(loaded, saved)
     torch.manual_seed(0)
-    assert not torch.equal(build_encoder(cfg, {"in_channels": 1, "image_size": 28}).state_dict()["0.weight"], saved["0.weight"])  # not the default init
+    assert not torch.equal(
+        build_encoder(cfg, {"in_channels": 1, "image_size": 28}).state_dict()["0.weight"], saved["0.weight"]
+    )  # not the default init
 
 
 def test_finetune_from_local_weights_through_the_cli(cli, simclr_config, tmp_path, digits_root):
-    config = write_config(tmp_path / "ft.yaml", f"""\
+    config = write_config(
+        tmp_path / "ft.yaml",
+        f"""\
 method: finetune
 model: {{name: cnn, widths: [8, 16], weights: enc.pt}}
 data: {{name: mnist, root: {digits_root}, labels_per_class: 2, batch_size: 16}}
 train: {{max_steps: 2, device: cpu}}
 finetune: {{freeze_encoder: true}}
-""")
+""",
+    )
     saved = _saved_encoder(load_config(config, ["model.weights=null"]), tmp_path / "enc.pt")
     result = cli("finetune", "-c", config, "--runs-dir", tmp_path / "runs", "--json")
     assert result.code == 0, result.stderr
@@ -61,7 +66,9 @@ finetune: {{freeze_encoder: true}}
 def test_a_whole_network_or_a_run_checkpoint_gives_its_encoder(simclr_config, tmp_path):
     cfg = load_config(simclr_config)
     saved = _saved_encoder(cfg, tmp_path / "enc.pt")
-    torch.save({"model": {**{f"encoder.{k}": v for k, v in saved.items()}, "head.0.weight": torch.ones(2)}, "step": 3}, tmp_path / "ckpt.pt")
+    torch.save(
+        {"model": {**{f"encoder.{k}": v for k, v in saved.items()}, "head.0.weight": torch.ones(2)}, "step": 3}, tmp_path / "ckpt.pt"
+    )
     encoder = build_encoder(cfg, {"in_channels": 1, "image_size": 28})
     load_model_weights(encoder, load_config(simclr_config, ["model.weights=ckpt.pt"]))
     assert _same(encoder.state_dict(), saved)
@@ -76,7 +83,10 @@ def test_a_whole_network_or_a_run_checkpoint_gives_its_encoder(simclr_config, tm
         (["model.weights=junk.pt"], "not a readable state dict (UnpicklingError)"),
         (["model.weights=DEFAULT"], "model 'cnn' has no published weights"),
         (["model.name=resnet18", "model.weights=DEFAULT"], "set model.small_images=false"),
-        (["model.name=resnet18", "model.small_images=false", "model.weights=DEFAULT"], "downloading the published weights of 'resnet18' failed (URLError"),
+        (
+            ["model.name=resnet18", "model.small_images=false", "model.weights=DEFAULT"],
+            "downloading the published weights of 'resnet18' failed (URLError",
+        ),
     ],
 )
 def test_weights_that_cannot_be_used_are_one_line_errors(cli, simclr_config, tmp_path, monkeypatch, overrides, expected):
@@ -110,7 +120,9 @@ def test_a_finetune_from_a_run_refuses_other_weights(cli, tmp_path):
     from transferctl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="takes its encoder from RUN"):
-        load_config(None, ["model.weights=x.pt"], base={"method": "finetune", "data": {"name": "mnist"}, "finetune": {"source": str(tmp_path)}})
+        load_config(
+            None, ["model.weights=x.pt"], base={"method": "finetune", "data": {"name": "mnist"}, "finetune": {"source": str(tmp_path)}}
+        )
 
 
 def _image_folder(root: Path, per_class: dict[str, int]) -> Path:

@@ -6,9 +6,10 @@ export and the benchmarks all build through here, so steps, batches and weights 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +25,7 @@ from transferctl.engine.train import Objective, Settings, Steps, pick_device, pl
 from transferctl.errors import ConfigError, UsageError
 from transferctl.methods import Method, Parts, method_of
 from transferctl.modalities import DEFAULT_MODALITY, Modality, dataset_modality, modality_named
-from transferctl.models import Network
-from transferctl.models import weights
+from transferctl.models import Network, weights
 from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 from transferctl.runs import RunRecord
 
@@ -88,9 +88,20 @@ def build_pipeline(
 ) -> Pipeline:
     ranks = world()
     return make_pipeline(
-        train, augment, modality, kind=cfg.data.pipeline, views=views, batch_size=cfg.data.batch_size, seed=cfg.train.seed,
-        drop_last=drop_last, device=device, num_workers=cfg.data.num_workers, budget_mb=cfg.data.memory_budget_mb,
-        channels_last=use_channels_last(cfg, device), rank=ranks.rank, world=ranks.size,
+        train,
+        augment,
+        modality,
+        kind=cfg.data.pipeline,
+        views=views,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.train.seed,
+        drop_last=drop_last,
+        device=device,
+        num_workers=cfg.data.num_workers,
+        budget_mb=cfg.data.memory_budget_mb,
+        channels_last=use_channels_last(cfg, device),
+        rank=ranks.rank,
+        world=ranks.size,
     )
 
 
@@ -133,8 +144,14 @@ def cpu_threads(count: int) -> Iterator[None]:
 def settings_of(cfg: Config, steps: Steps) -> Settings:
     t = cfg.train
     return Settings(
-        steps=steps, eval_batch_size=cfg.data.eval_batch_size, log_every=t.log_every, val_every=t.val_every,
-        checkpoint_every=t.checkpoint_every, on_nan=t.on_nan, precision=t.precision, ema_decay=t.ema_decay,
+        steps=steps,
+        eval_batch_size=cfg.data.eval_batch_size,
+        log_every=t.log_every,
+        val_every=t.val_every,
+        checkpoint_every=t.checkpoint_every,
+        on_nan=t.on_nan,
+        precision=t.precision,
+        ema_decay=t.ema_decay,
     )
 
 
@@ -212,7 +229,19 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     scheduler = build_scheduler(cfg, optimizer, steps.total)
     pipeline = build_pipeline(cfg, data.train, augment, modality, device, views=method.views, drop_last=steps.drop_last)
     return Training(
-        cfg, method, modality, device, data, val, network, objective, optimizer, scheduler, pipeline, settings_of(cfg, steps), method.notes(cfg)
+        cfg,
+        method,
+        modality,
+        device,
+        data,
+        val,
+        network,
+        objective,
+        optimizer,
+        scheduler,
+        pipeline,
+        settings_of(cfg, steps),
+        method.notes(cfg),
     )
 
 
@@ -262,7 +291,9 @@ class Trained:
     def split(self, train: bool) -> Samples:
         """The whole train or test split, as trained, on the run's device (read once)."""
         if train not in self.splits:
-            self.splits[train] = as_trained(load_split(self.cfg.data, train=train), self.checkpoint, self.modality, str(self.record.path)).to(self.device)
+            self.splits[train] = as_trained(
+                load_split(self.cfg.data, train=train), self.checkpoint, self.modality, str(self.record.path)
+            ).to(self.device)
         return self.splits[train]
 
     def served(self) -> nn.Module:
@@ -280,7 +311,12 @@ def as_trained(data: Samples, checkpoint: Checkpoint, modality: Modality, where:
 
 
 def load_trained(
-    record: RunRecord, cfg: Config, *, checkpoint: str | None = None, device: torch.device | None = None, splits: tuple[str, ...] | None = None
+    record: RunRecord,
+    cfg: Config,
+    *,
+    checkpoint: str | None = None,
+    device: torch.device | None = None,
+    splits: tuple[str, ...] | None = None,
 ) -> Trained:
     """A run's `checkpoint` (default: `eval.checkpoint`) with its network, and its `splits` (default: those its
     method evaluates on; the test split always), all read before anything is written."""
@@ -292,7 +328,9 @@ def load_trained(
     try:
         network.load_state_dict(saved.model)
     except RuntimeError:
-        raise UsageError(f"{record.path}: its checkpoint does not fit model '{cfg.model.name}' as configured; drop model overrides") from None
+        raise UsageError(
+            f"{record.path}: its checkpoint does not fit model '{cfg.model.name}' as configured; drop model overrides"
+        ) from None
     trained = Trained(record, cfg, saved, method, modality, network.to(device).eval(), device, {False: test.to(device)})
     for split in method.evaluation_splits if splits is None else splits:
         trained.split(train=split == "train")

@@ -9,8 +9,9 @@ so what passes here is what `pretrain`/`finetune` would build.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from transferctl.config import Config, apply_overrides, component_name, load_config, read_yaml
 from transferctl.errors import ConfigError, TransferError, UsageError
@@ -98,20 +99,34 @@ def check_config(cfg: Config) -> dict[str, Any]:
         "task": cfg.task.name if cfg.task is not None else None,
         "device": "cpu",
         "components": {
-            "model": cfg.model.name, "weights": cfg.model.weights, "head": cfg.head.name, "loss": cfg.loss.name, "optimizer": cfg.optimizer.name,
-            "scheduler": cfg.scheduler.name, "augment": cfg.data.augment.name, "dataset": cfg.data.name,
-            "modality": dataset_modality(cfg.data.name), "pipeline": type(training.pipeline).__name__,
+            "model": cfg.model.name,
+            "weights": cfg.model.weights,
+            "head": cfg.head.name,
+            "loss": cfg.loss.name,
+            "optimizer": cfg.optimizer.name,
+            "scheduler": cfg.scheduler.name,
+            "augment": cfg.data.augment.name,
+            "dataset": cfg.data.name,
+            "modality": dataset_modality(cfg.data.name),
+            "pipeline": type(training.pipeline).__name__,
         },
         "data": {
-            "train_samples": len(train), "val_samples": len(val), "classes": train.num_classes, "input_shape": list(train.sample_shape),
+            "train_samples": len(train),
+            "val_samples": len(val),
+            "classes": train.num_classes,
+            "input_shape": list(train.sample_shape),
         },
         "parameters": {
-            "total": _count(model), "trainable": _count(model, trainable_only=True),
-            "encoder": _count(model.encoder), "head": _count(model.head),
+            "total": _count(model),
+            "trainable": _count(model, trainable_only=True),
+            "encoder": _count(model.encoder),
+            "head": _count(model.head),
         },
         "shapes": {
-            "batch": list(batch.inputs[0].shape), "views": len(batch.inputs),
-            "features": list(features.shape), "output": list(output.shape),
+            "batch": list(batch.inputs[0].shape),
+            "views": len(batch.inputs),
+            "features": list(features.shape),
+            "output": list(output.shape),
         },
         "loss": loss,
         "steps": training.steps.total,

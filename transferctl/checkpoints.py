@@ -29,7 +29,17 @@ from transferctl.errors import UsageError
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
-_FORMAT_1_TRAINING_KEYS = ("position", "optimizer", "scheduler", "scaler", "rng", "world_size", "device_type", "trained_model", "averaged_steps")
+_FORMAT_1_TRAINING_KEYS = (
+    "position",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "world_size",
+    "device_type",
+    "trained_model",
+    "averaged_steps",
+)
 
 
 @dataclass
@@ -51,8 +61,14 @@ class Checkpoint:
 
     def to_file(self) -> dict[str, Any]:
         saved: dict[str, Any] = {
-            "format": FORMAT, "transferctl": transferctl.__version__, "config": self.config, "model": self.model,
-            "data": self.data, "task": self.task, "epoch": self.epoch, "step": self.step,
+            "format": FORMAT,
+            "transferctl": transferctl.__version__,
+            "config": self.config,
+            "model": self.model,
+            "data": self.data,
+            "task": self.task,
+            "epoch": self.epoch,
+            "step": self.step,
         }
         if self.metrics is not None:
             saved["metrics"] = self.metrics
@@ -67,8 +83,14 @@ class Checkpoint:
             training = {k: saved[k] for k in _FORMAT_1_TRAINING_KEYS if k in saved}
             saved = {**saved, "task": {}, "training": training or None}
         return cls(
-            config=saved["config"], model=saved["model"], data=saved["data"], epoch=saved["epoch"], step=saved["step"],
-            task=saved.get("task", {}), metrics=saved.get("metrics"), training=saved.get("training"),
+            config=saved["config"],
+            model=saved["model"],
+            data=saved["data"],
+            epoch=saved["epoch"],
+            step=saved["step"],
+            task=saved.get("task", {}),
+            metrics=saved.get("metrics"),
+            training=saved.get("training"),
         )
 
 

@@ -11,8 +11,9 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 import yaml
@@ -67,8 +68,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    plugins: Optional[list[str]] = typer.Option(
-        None, "--plugin", metavar="MODULE", show_default=False,
+    plugins: list[str] | None = typer.Option(
+        None,
+        "--plugin",
+        metavar="MODULE",
+        show_default=False,
         help="Import this module (or .py file) first: its decorators register components. Repeatable.",
     ),
 ) -> None:
@@ -157,9 +161,9 @@ ResumeOption = typer.Option(None, "--resume", help="Continue this run (runs/<id>
 
 @app.command()
 def pretrain(
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = Overrides,
-    resume_run: Optional[str] = ResumeOption,
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = Overrides,
+    resume_run: str | None = ResumeOption,
     runs_dir: Path = RunsDir,
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
@@ -172,12 +176,15 @@ def pretrain(
 
 @app.command()
 def finetune(
-    source: Optional[str] = typer.Option(
-        None, "--from", help="The pretraining run (runs/<id> or an id); omit to train from scratch with -c.", autocompletion=_complete_run_ids,
+    source: str | None = typer.Option(
+        None,
+        "--from",
+        help="The pretraining run (runs/<id> or an id); omit to train from scratch with -c.",
+        autocompletion=_complete_run_ids,
     ),
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = Overrides,
-    resume_run: Optional[str] = ResumeOption,
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = Overrides,
+    resume_run: str | None = ResumeOption,
     runs_dir: Path = RunsDir,
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
@@ -188,8 +195,9 @@ def finetune(
     _execute(as_json, quiet, "finetune", _training_job("finetune", source, config, overrides, resume_run, runs_dir))
 
 
-def _training_job(command: str, source: Optional[str], config: Optional[Path], overrides: Optional[list[str]],
-                  resume_run: Optional[str], runs_dir: Path) -> Callable[[ConsoleReporter], RunResult]:
+def _training_job(
+    command: str, source: str | None, config: Path | None, overrides: list[str] | None, resume_run: str | None, runs_dir: Path
+) -> Callable[[ConsoleReporter], RunResult]:
     """The recipe a pretrain or finetune command line asks for: a new run, or --resume of one."""
 
     def job(reporter: ConsoleReporter) -> RunResult:
@@ -227,12 +235,13 @@ def _maybe_launch(nproc: int) -> None:
 @app.command()
 def evaluate(
     source: str = FromOption,
-    overrides: Optional[list[str]] = Overrides,
+    overrides: list[str] | None = Overrides,
     runs_dir: Path = RunsDir,
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
 ) -> None:
     """Evaluate a run on the test split by its method: a task's metrics (accuracy, ...), or k-NN accuracy for encoders."""
+
     def job(reporter: ConsoleReporter) -> RunResult:
         from transferctl.recipes import evaluate as evaluate_run
 
@@ -245,7 +254,7 @@ def evaluate(
 def export(
     source: str = FromOption,
     format_names: list[str] = typer.Option(..., "--format", "-f", help="torchscript, onnx or safetensors; repeat for several."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the files (default: RUN/export/).", file_okay=False),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Folder for the files (default: RUN/export/).", file_okay=False),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the exported model against the eager one (default: on)."),
     tolerance: float = typer.Option(1e-4, "--tolerance", min=0.0, help="Largest max-abs output difference that passes."),
     runs_dir: Path = RunsDir,
@@ -253,6 +262,7 @@ def export(
     quiet: bool = QuietFlag,
 ) -> None:
     """Export a run's model (a trained head's network, or an encoder) for serving, verified against the eager model."""
+
     def job(reporter: ConsoleReporter) -> ExportResult:
         from transferctl.export import export_run
 
@@ -273,6 +283,7 @@ def quickstart(
     quiet: bool = QuietFlag,
 ) -> None:
     """Pretrain, fine-tune and evaluate on the MNIST sample shipped with transferctl (about 20 seconds on a 2-core CPU)."""
+
     def job(reporter: ConsoleReporter) -> list[RunResult]:
         from transferctl.recipes import quickstart as run_quickstart
 
@@ -283,7 +294,7 @@ def quickstart(
 
 @app.command("list")
 def list_components(
-    kind: Optional[str] = typer.Argument(None, help=f"One of: {', '.join(REGISTRIES)}."),
+    kind: str | None = typer.Argument(None, help=f"One of: {', '.join(REGISTRIES)}."),
     as_json: bool = JsonFlag,
 ) -> None:
     """List the registered components (models, losses, optimizers, ...), plugins' marked with their module."""
@@ -304,10 +315,14 @@ def list_components(
 
 # --------------------------------------------------------------------------- runs: what was run
 
-runs_app = typer.Typer(help="Inspect the runs under --runs-dir: list them, show one, compare two.", no_args_is_help=True, rich_markup_mode=None)
+runs_app = typer.Typer(
+    help="Inspect the runs under --runs-dir: list them, show one, compare two.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(runs_app, name="runs")
 InspectJson = typer.Option(False, "--json", help="Print one JSON object on stdout (tables on stderr otherwise).")
-RunArgument = typer.Argument(..., help="A run directory (runs/<id>) or a bare run id.", show_default=False, autocompletion=_complete_run_ids)
+RunArgument = typer.Argument(
+    ..., help="A run directory (runs/<id>) or a bare run id.", show_default=False, autocompletion=_complete_run_ids
+)
 
 
 def _inspect(as_json: bool, job: Callable[[], dict[str, Any]], render: Callable[[ConsoleReporter, dict[str, Any]], None]) -> None:
@@ -366,9 +381,17 @@ def _render_ls(out: ConsoleReporter, listing: dict[str, Any]) -> None:
 def _render_show(out: ConsoleReporter, run: dict[str, Any]) -> None:
     timings = run["timings"]
     overview = {
-        "command": run["command"], "trains": run["trains"], "data": run["dataset"], "status": run["status"], "error": run["error"],
-        "parent": run["parent"], "started": timings["started_at"], "finished": timings["finished_at"],
-        "duration_s": timings["duration_s"], "resumes": len(timings["resumes"]) or None, "dir": run["run_dir"],
+        "command": run["command"],
+        "trains": run["trains"],
+        "data": run["dataset"],
+        "status": run["status"],
+        "error": run["error"],
+        "parent": run["parent"],
+        "started": timings["started_at"],
+        "finished": timings["finished_at"],
+        "duration_s": timings["duration_s"],
+        "resumes": len(timings["resumes"]) or None,
+        "dir": run["run_dir"],
     }
     out.table(f"run {run['run_id']}", {k: v for k, v in overview.items() if v is not None})
     if run["metrics"]:
@@ -404,18 +427,23 @@ def _render_diff(out: ConsoleReporter, diff: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- config: what would run
 
-config_app = typer.Typer(help="Show the resolved config, or check that everything it names builds.", no_args_is_help=True, rich_markup_mode=None)
+config_app = typer.Typer(
+    help="Show the resolved config, or check that everything it names builds.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(config_app, name="config")
 ConfigSource = typer.Option(
-    None, "--from", help="A fine-tune's pretraining run (runs/<id> or an id), as `finetune --from` takes it.", autocompletion=_complete_run_ids,
+    None,
+    "--from",
+    help="A fine-tune's pretraining run (runs/<id> or an id), as `finetune --from` takes it.",
+    autocompletion=_complete_run_ids,
 )
 
 
 @config_app.command("show")
 def config_show(
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = Overrides,
-    source: Optional[str] = ConfigSource,
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = Overrides,
+    source: str | None = ConfigSource,
     runs_dir: Path = RunsDir,
     as_json: bool = InspectJson,
 ) -> None:
@@ -427,14 +455,15 @@ def config_show(
 
 @config_app.command("check")
 def config_check(
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[list[str]] = Overrides,
-    source: Optional[str] = ConfigSource,
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = Overrides,
+    source: str | None = ConfigSource,
     runs_dir: Path = RunsDir,
     as_json: bool = InspectJson,
 ) -> None:
     """Build every component of the config and put one batch through the model on the CPU, without training:
     parameter counts and shapes, or the first problem (exit 2)."""
+
     def job() -> dict[str, Any]:
         return check.check_config(check.resolved_config(config, overrides, source=source, runs_dir=runs_dir))
 
@@ -443,17 +472,20 @@ def config_check(
 
 def _render_check(out: ConsoleReporter, report: dict[str, Any]) -> None:
     params, shapes, data = report["parameters"], report["shapes"], report["data"]
-    out.table(f"config check: {report['status']} ({report['method']}, on {report['device']})", {
-        **report["components"],
-        "train / val samples": f"{data['train_samples']:,} / {data['val_samples']:,} ({data['classes']} classes)",
-        "parameters": f"{params['total']:,} ({params['trainable']:,} trainable)",
-        "encoder / head": f"{params['encoder']:,} / {params['head']:,}",
-        "batch": f"{shapes['views']} x {shapes['batch']}",
-        "features / output": f"{shapes['features']} / {shapes['output']}",
-        "first-batch loss": report["loss"],
-        "steps": report["steps"],
-        **({"notes": "; ".join(report["notes"])} if report["notes"] else {}),
-    })
+    out.table(
+        f"config check: {report['status']} ({report['method']}, on {report['device']})",
+        {
+            **report["components"],
+            "train / val samples": f"{data['train_samples']:,} / {data['val_samples']:,} ({data['classes']} classes)",
+            "parameters": f"{params['total']:,} ({params['trainable']:,} trainable)",
+            "encoder / head": f"{params['encoder']:,} / {params['head']:,}",
+            "batch": f"{shapes['views']} x {shapes['batch']}",
+            "features / output": f"{shapes['features']} / {shapes['output']}",
+            "first-batch loss": report["loss"],
+            "steps": report["steps"],
+            **({"notes": "; ".join(report["notes"])} if report["notes"] else {}),
+        },
+    )
 
 
 def main() -> None:

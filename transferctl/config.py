@@ -11,7 +11,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -53,11 +53,11 @@ class ModelConfig(Component):
 
     # A .pt or .safetensors state dict of the encoder, or DEFAULT: the model's published weights (resnet18:
     # torchvision's ImageNet weights). Loaded before training; a fine-tune --from takes the source's instead.
-    weights: Optional[str] = None
+    weights: str | None = None
 
     @pydantic.field_validator("weights")
     @classmethod
-    def _absolute(cls, value: Optional[str]) -> Optional[str]:
+    def _absolute(cls, value: str | None) -> str | None:
         """A path is stored absolute (like finetune.source), so the run's config still finds it from elsewhere."""
         if value is None or value.upper() == "DEFAULT":
             return None if value is None else "DEFAULT"
@@ -72,14 +72,14 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str
-    root: Optional[str] = None  # None: $TRANSFERCTL_DATA_DIR, else a per-user data folder
+    root: str | None = None  # None: $TRANSFERCTL_DATA_DIR, else a per-user data folder
     download: bool = False
     batch_size: PositiveInt = 256
     eval_batch_size: PositiveInt = 1024
-    labels_per_class: Optional[PositiveInt] = None
+    labels_per_class: PositiveInt | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: Seed = 0
-    augment: Optional[Component] = None
+    augment: Component | None = None
     pipeline: Literal["auto", "memory", "loader"] = "auto"
     memory_budget_mb: PositiveInt = 4096
     num_workers: Annotated[int, Field(ge=0, le=64)] = 2
@@ -95,12 +95,12 @@ DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: PositiveInt = 10
-    max_steps: Optional[PositiveInt] = None
+    max_steps: PositiveInt | None = None
     seed: Seed = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     log_every: PositiveInt = 50
     val_every: PositiveInt = 1
-    checkpoint_every: Optional[PositiveInt] = None
+    checkpoint_every: PositiveInt | None = None
     on_nan: Literal["stop", "skip"] = "stop"
     channels_last: Literal["auto", True, False] = "auto"
     precision: Literal["32", "bf16", "16"] = "32"
@@ -126,12 +126,12 @@ class UnlabeledConfig(BaseModel):
     threshold: float = Field(0.95, ge=0.0, le=1.0)
     align: bool = False  # distribution alignment: each batch's predictions reweighted to the labelled class shares
     propagate: bool = False  # predictions multiplied by label propagation over the starting encoder's features
-    augment: Optional[Component] = None  # the strong view; the weak one is data.augment
+    augment: Component | None = None  # the strong view; the weak one is data.augment
 
 
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: Optional[str] = None
+    source: str | None = None
     freeze_encoder: bool = False
     encoder_lr_scale: float = Field(1.0, ge=0.0)
     head_warmup_steps: Annotated[int, Field(ge=0)] = 0  # steps of linear probing (encoder frozen) before the encoder trains
@@ -155,10 +155,10 @@ def component_name(section: Any) -> str | None:
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Component  # how the run trains (a registered method) and its options
-    task: Optional[Component] = None  # what a method that trains a head trains it for; default: classification
+    task: Component | None = None  # what a method that trains a head trains it for; default: classification
     model: ModelConfig = ModelConfig(name="cnn")
-    head: Optional[Component] = None
-    loss: Optional[Component] = None
+    head: Component | None = None
+    loss: Component | None = None
     optimizer: Component = Component(name="adamw")
     scheduler: Component = Component(name="cosine")
     data: DataConfig
@@ -176,6 +176,7 @@ class Config(BaseModel):
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Safe-load a YAML mapping; errors name the file and, for syntax errors, line and column."""
@@ -282,6 +283,7 @@ def _section(data: Any, *path: str) -> Any:
 
 # --------------------------------------------------------------------------- validation
 
+
 def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
     """The BaseModel inside `X`, `Optional[X]` or `X | None`, if any."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -353,7 +355,9 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     if method.trains_task:
         cfg.task = cfg.task or Component(name=method.default_task)
     elif cfg.task is not None:
-        raise ConfigError(f"task: method '{cfg.method.name}' trains no task head; drop the task section (fine-tuning and supervised pretraining take one)")
+        raise ConfigError(
+            f"task: method '{cfg.method.name}' trains no task head; drop the task section (fine-tuning and supervised pretraining take one)"
+        )
     task = TASKS.get(cfg.task.name, where="task").fn if cfg.task is not None else None
     modality = dataset_modality(cfg.data.name)
     defaults = component_defaults(method, task, modality_named(modality))
@@ -402,7 +406,8 @@ def _check_fits(cfg: Config, kind: str, modality: str, augments: dict[str, Compo
 
     if MODELS.get(cfg.model.name).meta.get("modality", DEFAULT_MODALITY) != modality:
         fitting = [e.name for e in MODELS if e.meta.get("modality", DEFAULT_MODALITY) == modality]
-        raise ConfigError(f"model.name: model '{cfg.model.name}' does not take {modality} data (data set '{cfg.data.name}'); use one of: {', '.join(fitting)}")
+        where = f"model.name: model '{cfg.model.name}' does not take {modality} data (data set '{cfg.data.name}')"
+        raise ConfigError(f"{where}; use one of: {', '.join(fitting)}")
     for path, component in augments.items():
         if AUGMENTATIONS.get(component.name).meta.get("modality") not in (None, modality):
             fitting = [e.name for e in AUGMENTATIONS if e.meta.get("modality") in (None, modality)]

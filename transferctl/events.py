@@ -18,7 +18,9 @@ from transferctl.errors import ConfigError
 def check_available(tensorboard: bool) -> None:
     """A config that asks for TensorBoard on a machine without it fails before its run exists."""
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError('train.tensorboard: true needs the tensorboard package: pip install "transferctl[tensorboard]" (or set it to false)')
+        raise ConfigError(
+            'train.tensorboard: true needs the tensorboard package: pip install "transferctl[tensorboard]" (or set it to false)'
+        )
 
 
 class TensorBoardReporter:

@@ -21,9 +21,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -71,6 +72,7 @@ class Format:
 
 # --------------------------------------------------------------------------- torchscript
 
+
 def _save_torchscript(exported: Exported, path: Path) -> None:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -87,8 +89,8 @@ def _load_torchscript(path: Path) -> Runner:
     return lambda x: scripted(x)
 
 
-
 # --------------------------------------------------------------------------- onnx
+
 
 def _save_onnx(exported: Exported, path: Path) -> None:
     import onnx
@@ -98,9 +100,14 @@ def _save_onnx(exported: Exported, path: Path) -> None:
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):  # keep stdout for --json
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, (exported.example,), dynamo=True, input_names=[exported.input_name], output_names=[exported.spec.output],
+            module,
+            (exported.example,),
+            dynamo=True,
+            input_names=[exported.input_name],
+            output_names=[exported.spec.output],
             dynamic_shapes={_forward_arg(module): {0: batch}},
-            opset_version=ONNX_OPSET, verbose=False,
+            opset_version=ONNX_OPSET,
+            verbose=False,
         )
     proto = program.model_proto
     onnx.checker.check_model(proto, full_check=True)
@@ -120,8 +127,8 @@ def _load_onnx(path: Path) -> Runner:
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
 
-
 # --------------------------------------------------------------------------- safetensors
+
 
 def _save_safetensors(exported: Exported, path: Path) -> None:
     from safetensors.torch import save
@@ -202,6 +209,7 @@ def resolve_formats(names: list[str]) -> list[Format]:
 
 # --------------------------------------------------------------------------- parity
 
+
 @dataclass
 class Parity:
     """How an exported model's outputs compare with the eager model's on real images."""
@@ -239,6 +247,7 @@ def check_parity(reference: Runner, candidate: Runner, images: torch.Tensor, tol
 
 # --------------------------------------------------------------------------- the export recipe
 
+
 @dataclass
 class ExportResult:
     run_id: str
@@ -267,8 +276,6 @@ class ExportResult:
             "parity": {k: {**asdict(v), "passed": v.passed} for k, v in self.parity.items()},
             "metrics": self.metrics,
         }
-
-
 
 
 def _sha256(path: Path) -> str:
@@ -314,7 +321,8 @@ def export_run(
         failed = {k: p for k, p in parity.items() if not p.passed}
         if failed:
             detail = "; ".join(
-                f"{k}: max abs diff {p.max_abs_diff:.3g} (tolerance {p.tolerance:g}), top-1 agreement {p.top1_agreement:.4f}" for k, p in failed.items()
+                f"{k}: max abs diff {p.max_abs_diff:.3g} (tolerance {p.tolerance:g}), top-1 agreement {p.top1_agreement:.4f}"
+                for k, p in failed.items()
             )
             raise RunFailed(f"export of {record.id} failed its parity check: {detail}; nothing was replaced")
         files = {fmt.name: fmt.filename for fmt in chosen}

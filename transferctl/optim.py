@@ -8,7 +8,8 @@ optimizer steps, so they apply to every group alike.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Iterable
+from collections.abc import Iterable
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
@@ -85,7 +86,13 @@ class LARS(torch.optim.Optimizer):
 
 
 @OPTIMIZERS.register()
-def lars(params, lr: PositiveFloat = 0.3, momentum: Momentum = 0.9, weight_decay: NonNegativeFloat = 1e-6, trust_coefficient: PositiveFloat = 0.001):
+def lars(
+    params,
+    lr: PositiveFloat = 0.3,
+    momentum: Momentum = 0.9,
+    weight_decay: NonNegativeFloat = 1e-6,
+    trust_coefficient: PositiveFloat = 0.001,
+):
     """LARS: SGD with momentum and a per-layer trust ratio, for large-batch contrastive pretraining."""
     return LARS(_groups(params, lr, weight_decay), lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from transferctl.runs import Run
 
@@ -54,11 +55,11 @@ def _curves(rows: list[dict[str, Any]]) -> Figure:
     panels = [("loss", ("train_loss", "val_loss")), ("learning rate", ("lr",)), ("accuracy", ("val_accuracy",))]
     panels = [(title, keys) for title, keys in panels if any(r.get(k) is not None for r in rows for k in keys)]
     figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
-    for ax, (title, keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+    for ax, (title, keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for key in keys:
             points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=key)
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)

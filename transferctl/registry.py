@@ -10,13 +10,15 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pydantic
 
 from transferctl.errors import ConfigError
 from transferctl.plugins import load_entry_points, origin
+
 
 def did_you_mean(word: str, choices: list[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
@@ -39,11 +41,7 @@ class Entry:
     def options(self) -> dict[str, inspect.Parameter]:
         """The keyword arguments a config may set, with their defaults."""
         params = inspect.signature(self.fn, eval_str=True).parameters.values()
-        return {
-            p.name: p
-            for p in params
-            if p.name not in self.context and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
+        return {p.name: p for p in params if p.name not in self.context and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
     def _schema(self) -> type[pydantic.BaseModel]:
         fields: dict[str, Any] = {}
@@ -61,8 +59,7 @@ class Entry:
             if key not in options:
                 allowed = ", ".join(options) or "none"
                 raise ConfigError(
-                    f"{where}.{key}: unknown option for {where} '{self.name}'{did_you_mean(key, options)}"
-                    f" (options: {allowed})"
+                    f"{where}.{key}: unknown option for {where} '{self.name}'{did_you_mean(key, options)} (options: {allowed})"
                 )
         try:
             model = self._schema().model_validate(kwargs)
@@ -98,10 +95,7 @@ class Registry:
         if name not in self._entries:
             names = self.names()
             prefix = f"{where}.name: " if where else ""
-            raise ConfigError(
-                f"{prefix}unknown {self.kind} '{name}'{did_you_mean(name, names)}"
-                f" (registered: {', '.join(names)})"
-            )
+            raise ConfigError(f"{prefix}unknown {self.kind} '{name}'{did_you_mean(name, names)} (registered: {', '.join(names)})")
         return self._entries[name]
 
     def build(self, name: str, options: dict[str, Any], **context: Any) -> Any:
@@ -152,13 +146,13 @@ def serves(entry: Entry) -> tuple[str, ...]:
 
 def load_components() -> None:
     """Import the modules whose decorators fill the registries, then the installed plugins' (entry points)."""
-    import transferctl.data.augment  # noqa: F401
-    import transferctl.data.datasets  # noqa: F401
-    import transferctl.losses  # noqa: F401
-    import transferctl.methods  # noqa: F401
-    import transferctl.modalities  # noqa: F401
-    import transferctl.models  # noqa: F401
-    import transferctl.optim  # noqa: F401
+    import transferctl.data.augment
+    import transferctl.data.datasets
+    import transferctl.losses
+    import transferctl.methods
+    import transferctl.modalities
+    import transferctl.models
+    import transferctl.optim
     import transferctl.tasks  # noqa: F401
 
     load_entry_points()

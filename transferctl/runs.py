@@ -3,7 +3,8 @@
 
     runs/<id>/
       config.yaml        the resolved config (every default filled in)
-      summary.json       status (running|completed|failed|interrupted; `runs ls` shows a running run whose process died as crashed), metrics, timings, parent
+      summary.json       status (running|completed|failed|interrupted; a running run whose process died lists as crashed),
+                         metrics, timings, parent
       environment.json   package versions, git commit, device, seed, platform
       metrics.jsonl      one JSON object per epoch (or per evaluation)
       metrics.csv        the same rows as a table: the union of their keys as columns
@@ -29,10 +30,11 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -71,7 +73,7 @@ class Run:
         The OS drops it when the process dies, however it dies."""
         if not self.writer:
             return
-        handle = open(self.path / ".lock", "a+")
+        handle = open(self.path / ".lock", "a+")  # noqa: SIM115  (held open for the process's life: that is the lock)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -159,7 +161,7 @@ def has_live_writer(run_dir: Path) -> bool:
     lock is free was killed before it could record how it ended (SIGKILL, out of memory, power loss).
     When the lock cannot be probed (no permission, a file system without flock) the writer counts as alive."""
     try:
-        handle = open(run_dir / ".lock", "r")
+        handle = open(run_dir / ".lock")  # noqa: SIM115  (closed by the `with` below, once it is known to exist)
     except FileNotFoundError:
         return False
     except OSError:
@@ -265,7 +267,7 @@ def recording(run: Run, command: str) -> Iterator[dict[str, Any]]:
     close("completed")
 
 
-def reopen_run(record: "RunRecord") -> Run:
+def reopen_run(record: RunRecord) -> Run:
     """Lock an existing run to continue it (across ranks, rank 0 locks and tells the others how it went)."""
     run = Run(record.path, summary=dict(record.summary), writer=world().is_main)
     if not world().is_main:
@@ -286,9 +288,7 @@ def reopen_run(record: "RunRecord") -> Run:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(transferctl.__file__).parent, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(transferctl.__file__).parent, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -315,6 +315,7 @@ def environment() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- reading runs
+
 
 @dataclass(frozen=True)
 class RunRecord:

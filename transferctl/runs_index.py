@@ -137,6 +137,7 @@ def list_runs(runs_dir: Path) -> Listing:
 
 # --------------------------------------------------------------------------- one run
 
+
 def export_info(run_dir: Path) -> dict[str, Any] | None:
     """What the run's last export wrote (from its export_report.json), or None."""
     try:
@@ -197,7 +198,8 @@ def show_run(ref: str, runs_dir: Path) -> dict[str, Any]:
     if brief["status"] == "crashed":
         command = summary.get("command")
         again = (
-            f"`transferctl {command} --resume {record.path}` continues from the last checkpoint" if command in TRAINING_COMMANDS
+            f"`transferctl {command} --resume {record.path}` continues from the last checkpoint"
+            if command in TRAINING_COMMANDS
             else f"run `transferctl {command}` again"
         )
         error = f"its process died without recording how it ended; {again}"
@@ -221,6 +223,7 @@ def show_run(ref: str, runs_dir: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- two runs
+
 
 def _side_by_side(a: dict[str, Any], b: dict[str, Any], only_differences: bool) -> dict[str, dict[str, Any]]:
     """{key: {"a": value, "b": value}} over the keys of both (a missing key is null), in first-seen order."""

@@ -14,10 +14,10 @@ from transferctl.data.datasets import (
 )
 
 __all__ = [
-    "Batch",
-    "BatchAugment",
     "DATA_DIR_ENV",
     "NO_LABEL",
+    "Batch",
+    "BatchAugment",
     "Samples",
     "TargetKind",
     "batch_indices",

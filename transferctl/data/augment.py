@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +79,10 @@ class BatchAugment:
             steps.append(v2.RandomHorizontalFlip())
         colour = channels == 3
         jitter = {
-            "brightness": self.brightness, "contrast": self.contrast,
-            "saturation": self.saturation if colour else 0.0, "hue": self.hue if colour else 0.0,
+            "brightness": self.brightness,
+            "contrast": self.contrast,
+            "saturation": self.saturation if colour else 0.0,
+            "hue": self.hue if colour else 0.0,
         }
         if self.jitter_p > 0 and any(jitter.values()):
             steps.append(v2.RandomApply([v2.ColorJitter(**{k: v for k, v in jitter.items() if v})], p=self.jitter_p))
@@ -178,7 +180,7 @@ def simclr(
     crop_ratio: Range = (0.75, 1.3333),
     rotation: Annotated[float, Field(ge=0, le=180)] = 10.0,
     translate: Strength = 0.0,
-    hflip: Optional[bool] = None,
+    hflip: bool | None = None,
     brightness: Strength = 0.4,
     contrast: Strength = 0.4,
     saturation: Strength = 0.4,
@@ -191,8 +193,19 @@ def simclr(
     """SimCLR views: random resized crop, small rotation, flip (where the data allows), colour jitter, grayscale, blur.
     Saturation, hue and grayscale apply to colour images only; `hflip: null` follows the data set."""
     return BatchAugment(
-        crop_scale, crop_ratio, rotation, translate, hflip_default if hflip is None else hflip,
-        brightness, contrast, saturation, hue, jitter_p, grayscale_p, blur_p, padding=padding,
+        crop_scale,
+        crop_ratio,
+        rotation,
+        translate,
+        hflip_default if hflip is None else hflip,
+        brightness,
+        contrast,
+        saturation,
+        hue,
+        jitter_p,
+        grayscale_p,
+        blur_p,
+        padding=padding,
     )
 
 
@@ -202,13 +215,16 @@ def light(
     crop_scale: Range = (0.8, 1.0),
     rotation: Annotated[float, Field(ge=0, le=180)] = 10.0,
     translate: Strength = 0.05,
-    hflip: Optional[bool] = None,
+    hflip: bool | None = None,
     padding: Literal["zeros", "border", "reflection"] = "zeros",
 ) -> BatchAugment:
     """Mild geometric augmentation for supervised training and fine-tuning: crop, rotation, shift, flip."""
     return BatchAugment(
-        crop_scale=crop_scale, rotation=rotation, translate=translate,
-        hflip=hflip_default if hflip is None else hflip, padding=padding,
+        crop_scale=crop_scale,
+        rotation=rotation,
+        translate=translate,
+        hflip=hflip_default if hflip is None else hflip,
+        padding=padding,
     )
 
 

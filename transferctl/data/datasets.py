@@ -51,8 +51,12 @@ def _torchvision(cls, name: str, root: Path, download: bool, train: bool, looked
         if not download and "not found" in reason.lower():
             raise _missing(name, root, looked_for) from None
         if download and ("download" in reason.lower() or isinstance(exc, OSError)):
-            raise UsageError(f"data set '{name}': download into {root} failed ({reason}); copy the files there and set data.download=false") from None
-        raise UsageError(f"data set '{name}' under {root / looked_for} is unreadable ({reason}); replace the files with a complete copy") from None
+            raise UsageError(
+                f"data set '{name}': download into {root} failed ({reason}); copy the files there and set data.download=false"
+            ) from None
+        raise UsageError(
+            f"data set '{name}' under {root / looked_for} is unreadable ({reason}); replace the files with a complete copy"
+        ) from None
 
 
 def _mnist_like(cls, name: str, root: Path, download: bool, train: bool, hflip: bool, mean: float, std: float) -> ImageData:
@@ -173,7 +177,9 @@ def _decode(ds: torchvision.datasets.ImageFolder, index: int) -> torch.Tensor:
     try:
         return ds[index][0]
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise UsageError(f"data set 'image_folder': cannot read {ds.samples[index][0]} ({type(exc).__name__}); remove or replace it") from None
+        raise UsageError(
+            f"data set 'image_folder': cannot read {ds.samples[index][0]} ({type(exc).__name__}); remove or replace it"
+        ) from None
 
 
 def default_cache_dir() -> Path:
@@ -183,10 +189,11 @@ def default_cache_dir() -> Path:
 
 # --------------------------------------------------------------------------- splits and subsets
 
+
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded disjoint (train, val) indices over a split of `n` images."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(n * val_fraction))
+    n_val = round(n * val_fraction)
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
@@ -197,14 +204,13 @@ def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.
     for cls in labels.unique().tolist():
         members = (labels == cls).nonzero().flatten()
         if len(members) < per_class:
-            raise UsageError(
-                f"data.labels_per_class={per_class} is larger than class {cls}'s {len(members)} training images; lower it"
-            )
+            raise UsageError(f"data.labels_per_class={per_class} is larger than class {cls}'s {len(members)} training images; lower it")
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(chosen).sort().values
 
 
 # --------------------------------------------------------------------------- from a data config
+
 
 def data_root(data_cfg) -> Path:
     """The folder a data config reads: data.root, else $TRANSFERCTL_DATA_DIR, else a per-user folder."""

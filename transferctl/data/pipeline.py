@@ -14,7 +14,8 @@ model inputs around the augmentation (`decode`, then `normalize`); a pipeline kn
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple, Protocol
+from collections.abc import Iterator
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler

@@ -11,8 +11,9 @@ the loader pipeline reads samples only through `sample`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Iterator, Literal
+from typing import ClassVar, Literal
 
 import torch
 

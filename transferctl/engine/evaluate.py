@@ -62,9 +62,7 @@ def embed(encoder: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def knn_accuracy(
-    encoder: nn.Module, bank: Samples, queries: Samples, *, k: int, temperature: float, batch_size: int
-) -> float:
+def knn_accuracy(encoder: nn.Module, bank: Samples, queries: Samples, *, k: int, temperature: float, batch_size: int) -> float:
     """Weighted k-NN (cosine similarity, weights exp(sim / temperature)) from `bank`'s labels onto `queries`."""
     bank_features, query_features = embed(encoder, bank, batch_size), embed(encoder, queries, batch_size)
     k = min(k, len(bank))

@@ -4,8 +4,8 @@ optionally checked against label propagation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,12 @@ class WeightAnchor:
     strength: float
 
     @classmethod
-    def toward(cls, encoder: nn.Module, pretrained: dict[str, torch.Tensor], strength: float) -> "WeightAnchor":
+    def toward(cls, encoder: nn.Module, pretrained: dict[str, torch.Tensor], strength: float) -> WeightAnchor:
         named = [(name, p) for name, p in encoder.named_parameters() if p.requires_grad]
         return cls([p for _, p in named], [pretrained[name].detach().to(p.device, p.dtype).clone() for name, p in named], strength)
 
     def penalty(self) -> torch.Tensor:
-        distance = sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in zip(self.params, self.start))
+        distance = sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in zip(self.params, self.start, strict=True))
         return 0.5 * self.strength * distance
 
 

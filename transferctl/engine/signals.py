@@ -26,7 +26,7 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

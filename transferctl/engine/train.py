@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -55,7 +56,8 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device={name}: CUDA is not available here; use train.device=auto or cpu")
     if name.startswith("cuda:") and int(name.split(":")[1]) >= torch.cuda.device_count():
-        raise UsageError(f"train.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        count = torch.cuda.device_count()
+        raise UsageError(f"train.device={name}: this machine has {count} CUDA device(s); use cuda:0 to cuda:{count - 1}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("train.device=mps: MPS is not available here; use train.device=auto or cpu")
     return torch.device(name)
@@ -383,4 +385,16 @@ class _Loop:
         self.save(*self.state(), row, is_best)
 
 
-__all__ = ["fit", "pick_device", "plan_steps", "FitResult", "Objective", "Position", "Reporter", "Selection", "Settings", "SilentReporter", "Steps"]
+__all__ = [
+    "FitResult",
+    "Objective",
+    "Position",
+    "Reporter",
+    "Selection",
+    "Settings",
+    "SilentReporter",
+    "Steps",
+    "fit",
+    "pick_device",
+    "plan_steps",
+]

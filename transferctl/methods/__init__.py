@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transferctl.methods import finetune, simclr, supervised  # noqa: F401  (registers)
 from transferctl.engine.evaluate import Evaluation
+from transferctl.methods import finetune, simclr, supervised  # noqa: F401  (registers)
 from transferctl.methods.base import Export, Method, Parts, component_defaults
 from transferctl.registry import METHODS, TASKS
 

@@ -6,8 +6,9 @@ and pseudo-labels on the unlabeled training samples (with distribution alignment
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -38,7 +39,7 @@ class Finetune(TaskMethod):
 
     task: Task
     command = "finetune"
-    augment_sections = {"finetune.unlabeled.augment": "strong"}  # the strong view of the unlabeled samples
+    augment_sections: ClassVar[Mapping[str, str]] = {"finetune.unlabeled.augment": "strong"}  # the unlabeled samples' strong view
 
     def check(self, cfg: Config, ranks: World) -> None:
         options = cfg.finetune
@@ -49,16 +50,21 @@ class Finetune(TaskMethod):
                 f"make it a multiple of {ranks.size}"
             )
         if unlabeled.weight and not self.task.pseudo_labels:
-            raise ConfigError(f"finetune.unlabeled.weight: pseudo-labels need class scores, and task '{cfg.task.name}' has none; set it to 0")
+            raise ConfigError(
+                f"finetune.unlabeled.weight: pseudo-labels need class scores, and task '{cfg.task.name}' has none; set it to 0"
+            )
         if options.l2_sp and not has_pretrained_encoder(cfg):
             raise ConfigError(
-                "finetune.l2_sp pulls the encoder toward pretrained weights, and this run has none; use --from RUN (or model.weights) or set it to 0"
+                "finetune.l2_sp pulls the encoder toward pretrained weights, and this run has none; "
+                "use --from RUN (or model.weights) or set it to 0"
             )
 
     def notes(self, cfg: Config) -> list[str]:
         options, notes = cfg.finetune, []
         if not has_pretrained_encoder(cfg) and (options.encoder_lr_scale != 1.0 or options.head_warmup_steps):
-            notes.append("random initial encoder: finetune.encoder_lr_scale and head_warmup_steps do not apply (nothing pretrained to protect)")
+            notes.append(
+                "random initial encoder: finetune.encoder_lr_scale and head_warmup_steps do not apply (nothing pretrained to protect)"
+            )
         unused = [key for key in ("align", "propagate") if getattr(options.unlabeled, key)]
         if unused and not options.unlabeled.weight:
             keys = " and ".join(f"finetune.unlabeled.{key}" for key in unused)
@@ -84,8 +90,13 @@ class Finetune(TaskMethod):
 
     def objective(self, parts: Parts) -> TaskObjective:
         return TaskObjective(
-            parts.network, self.task, parts.criterion, parts.forward,
-            head_warmup_steps=head_warmup_steps(parts.cfg), anchor=_weight_anchor(parts), pseudo_labels=_pseudo_labels(parts),
+            parts.network,
+            self.task,
+            parts.criterion,
+            parts.forward,
+            head_warmup_steps=head_warmup_steps(parts.cfg),
+            anchor=_weight_anchor(parts),
+            pseudo_labels=_pseudo_labels(parts),
         )
 
 
@@ -110,8 +121,15 @@ def _pseudo_labels(parts: Parts) -> PseudoLabels | None:
     ranks = world()
     pool = parts.unlabeled.to(parts.device)  # once: the stream and the propagation share it
     stream = UnlabeledStream(
-        pool, parts.augment, strong, parts.modality, batch_size=options.batch_size, seed=parts.cfg.train.seed,
-        channels_last=parts.channels_last, rank=ranks.rank, world=ranks.size,
+        pool,
+        parts.augment,
+        strong,
+        parts.modality,
+        batch_size=options.batch_size,
+        seed=parts.cfg.train.seed,
+        channels_last=parts.channels_last,
+        rank=ranks.rank,
+        world=ranks.size,
     )
     shares = None
     if options.align:

@@ -94,8 +94,12 @@ class SimCLR(Method):
         """Weighted k-NN from the labelled training split's features onto the test split's."""
         cfg = trained.cfg
         accuracy = knn_accuracy(
-            trained.served(), trained.split(train=True), trained.split(train=False),
-            k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.data.eval_batch_size,
+            trained.served(),
+            trained.split(train=True),
+            trained.split(train=False),
+            k=cfg.eval.knn_k,
+            temperature=cfg.eval.knn_temperature,
+            batch_size=cfg.data.eval_batch_size,
         )
         return Evaluation({"knn_accuracy": accuracy})
 

@@ -11,7 +11,8 @@ Raw samples become model inputs in two steps, so augmentations sit between them 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -47,7 +48,7 @@ class ImageModality(Modality):
     """Images: uint8 (N, C, H, W) pixels, normalized per channel; augmented as pixels in [0, 1]."""
 
     input_name = "images"
-    augmentations = {"strong": "simclr", "light": "light", "none": "none"}
+    augmentations: ClassVar[Mapping[str, str]] = {"strong": "simclr", "light": "light", "none": "none"}
 
     def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:
         return {"in_channels": sample_shape[0], "image_size": sample_shape[-1]}

@@ -114,4 +114,3 @@ def resnet18(in_channels: int, small_images: bool = True) -> Encoder:
     return Encoder(
         *body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), feature_dim=net.fc.in_features, stage_ends=stages, stage_channels=(64, 128, 256, 512)
     )
-

@@ -15,7 +15,9 @@ from transferctl.registry import HEADS
 def projection_head(feature_dim: int, hidden_dim: PositiveInt = 512, out_dim: PositiveInt = 128, batch_norm: bool = True) -> nn.Module:
     """SimCLR's projection MLP: Linear-BN-ReLU-Linear; thrown away after pretraining."""
     norm: list[nn.Module] = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
-    return nn.Sequential(nn.Linear(feature_dim, hidden_dim, bias=not batch_norm), *norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(
+        nn.Linear(feature_dim, hidden_dim, bias=not batch_norm), *norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+    )
 
 
 @HEADS.register("linear", serves=("classification",))

@@ -71,7 +71,11 @@ def load_model_weights(encoder: nn.Module, cfg: Config) -> None:
     expected = encoder.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here" for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    mismatched = [
+        f"{k} is {tuple(state[k].shape)} there, {tuple(v.shape)} here"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     problems = [f"{len(missing)} missing keys (first: {missing[0]})"] if missing else []
     problems += [f"{len(unexpected)} unexpected keys (first: {unexpected[0]})"] if unexpected else []
     problems += [f"{len(mismatched)} of other shapes (first: {mismatched[0]})"] if mismatched else []
@@ -107,7 +111,9 @@ def _read_weights(path: Path, where: str) -> Any:
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for foreign or truncated files
-        raise ConfigError(f"{where}: not a readable state dict ({type(exc).__name__}); write one with torch.save(encoder.state_dict(), path)") from None
+        raise ConfigError(
+            f"{where}: not a readable state dict ({type(exc).__name__}); write one with torch.save(encoder.state_dict(), path)"
+        ) from None
 
 
 def _encoder_part(state: Any, where: str) -> dict[str, torch.Tensor]:

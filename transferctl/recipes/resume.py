@@ -18,11 +18,16 @@ from transferctl.errors import ConfigError, UsageError
 from transferctl.recipes.training import RunResult, final_metrics, run_training
 from transferctl.runs import DEFAULT_RUNS_DIR, load_checkpoint, read_run, recording, reopen_run
 
-
 # Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
 SAFE_ON_RESUME = (
-    "train.epochs", "train.max_steps", "train.device", "train.log_every", "train.checkpoint_every",
-    "train.val_every", "train.on_nan", "train.tensorboard",
+    "train.epochs",
+    "train.max_steps",
+    "train.device",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.val_every",
+    "train.on_nan",
+    "train.tensorboard",
 )
 
 
@@ -87,6 +92,10 @@ def _check_same_world(ref: str, checkpoint: Checkpoint, device: torch.device) ->
     training = checkpoint.training or {}
     saved_world, saved_device = training.get("world_size", 1), training.get("device_type", device.type)
     if saved_world != world().size:
-        raise UsageError(f"--resume {ref}: the run was trained by {saved_world} process(es), not {world().size}; resume it with the same torchrun size")
+        raise UsageError(
+            f"--resume {ref}: the run was trained by {saved_world} process(es), not {world().size}; resume it with the same torchrun size"
+        )
     if saved_device != device.type:
-        raise UsageError(f"--resume {ref}: the run was trained on {saved_device}, not {device.type}; resume it on {saved_device} (train.device)")
+        raise UsageError(
+            f"--resume {ref}: the run was trained on {saved_device}, not {device.type}; resume it on {saved_device} (train.device)"
+        )

@@ -36,7 +36,14 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "run_dir": str(self.run_dir), "status": self.status, "parent": self.parent, "metrics": self.metrics, **self.extra}
+        return {
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "status": self.status,
+            "parent": self.parent,
+            "metrics": self.metrics,
+            **self.extra,
+        }
 
 
 def recipe_path(name: str) -> Path:
@@ -59,6 +66,7 @@ def task_recipe(task: str | None) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- pretrain
 
+
 def pretrain(
     config: str | Path | Config,
     overrides: list[str] | None = None,
@@ -75,6 +83,7 @@ def pretrain(
 
 
 # --------------------------------------------------------------------------- finetune
+
 
 def finetune_config(
     source: str | None,
@@ -182,8 +191,17 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     with StopOnSignal() as stop, build.cpu_threads(threads):
         try:
             result = fit(
-                t.objective, t.network, t.optimizer, t.scheduler, pipeline, t.val, t.settings,
-                save=save, reporter=reporter, resume=resume_from, should_stop=stop.requested,
+                t.objective,
+                t.network,
+                t.optimizer,
+                t.scheduler,
+                pipeline,
+                t.val,
+                t.settings,
+                save=save,
+                reporter=reporter,
+                resume=resume_from,
+                should_stop=stop.requested,
             )
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise RunFailed(

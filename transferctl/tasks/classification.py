@@ -43,9 +43,12 @@ class Classification(Task):
     def evaluate(self, model: nn.Module, test: Samples, batch_size: int, run: Run) -> Evaluation:
         result = classify(model, test, batch_size)
         classes = list(test.classes)
-        run.write_json("confusion.json", {"classes": classes, "per_class_accuracy": result.per_class_accuracy, "confusion": result.confusion})
+        run.write_json(
+            "confusion.json", {"classes": classes, "per_class_accuracy": result.per_class_accuracy, "confusion": result.confusion}
+        )
         plots.write_confusion(run, classes, result.confusion)
-        return Evaluation({"accuracy": result.accuracy, "loss": result.loss}, {"per_class_accuracy": dict(zip(classes, result.per_class_accuracy))})
+        per_class = dict(zip(classes, result.per_class_accuracy, strict=True))
+        return Evaluation({"accuracy": result.accuracy, "loss": result.loss}, {"per_class_accuracy": per_class})
 
     def card(self, data: Samples) -> dict[str, Any]:
         return {"classes": list(data.classes)}
