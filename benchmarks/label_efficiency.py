@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from transferctl.build import load_trained
-from transferctl.config import load_config
+from transferctl.config import load_config, read_yaml
 from transferctl.data import DATA_DIR_ENV
 from transferctl.engine import knn_accuracy
 from transferctl.recipes import evaluate, finetune, pretrain
@@ -83,10 +83,12 @@ class Cells:
 
 
 def recipe_digest(config: Path, overrides: list[str], source: str | None = None) -> str:
-    """What a cell's result depends on besides the code: the recipe's text (and the built-in fine-tune
-    recipe it is merged onto), the overrides, the encoder's run and the data folder."""
-    texts = config.read_bytes() + recipe_path("finetune").read_bytes()
-    return hashlib.sha256(texts + json.dumps([overrides, source, os.environ.get(DATA_DIR_ENV)]).encode()).hexdigest()[:10]
+    """What a cell's result depends on besides the code: the recipe's settings (and the built-in fine-tune
+    recipe's it is merged onto), the overrides, the encoder's run and the data folder. Settings, not text:
+    a comment or the layout of a file changes nothing that runs."""
+    recipes = [read_yaml(config), read_yaml(recipe_path("finetune"))]
+    what = json.dumps([recipes, overrides, source, os.environ.get(DATA_DIR_ENV)], sort_keys=True)
+    return hashlib.sha256(what.encode()).hexdigest()[:10]
 
 
 def knn_of_probe(probe_dir: str, runs: Path) -> float:
