@@ -128,3 +128,42 @@ def test_gathered_nt_xent_loss_and_gradient_equal_one_process():
         assert loss == pytest.approx(expected.item(), rel=1e-6)
         # every rank holds the global loss, so the gather's backward sums 2 equal copies; DDP's mean undoes it
         assert torch.allclose(grad_a / 2, a.grad[shard], atol=1e-7) and torch.allclose(grad_b / 2, b.grad[shard], atol=1e-7)
+
+
+def _joins_and_leaves_at_exit(rank: int, world: int, port: int, out: dict) -> None:
+    import atexit
+
+    from transferctl import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    joined = distributed.init_from_env()
+    distributed.all_sum(torch.ones(1))
+    before = dist.is_initialized()
+    atexit._run_exitfuncs()  # what interpreter shutdown runs first
+    out[rank] = (joined.size, before, dist.is_initialized())
+
+
+def test_a_process_leaves_its_group_at_exit():
+    """A Gloo group left to interpreter shutdown can abort the process (SIGABRT) after a run that went well."""
+    results = mp.Manager().dict()
+    mp.spawn(_joins_and_leaves_at_exit, args=(2, free_port(), results), nprocs=2, join=True)
+    assert dict(results) == {0: (2, True, False), 1: (2, True, False)}
+
+
+def test_a_torchrun_worker_leaves_its_group_and_exits_with_its_code(cli, monkeypatch):
+    """Python's finalization can abort a Gloo worker after a run that went well (SIGABRT, now and then on a busy
+    machine): a worker leaves its group and exits at once, with the command's exit code, its output flushed."""
+    from transferctl import cli as cli_module
+    from transferctl import distributed
+
+    left, exits = [], []
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(rank=1, size=2))
+    monkeypatch.setattr(distributed, "leave", lambda: left.append(True))
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli_module.os, "_exit", exit_now)
+    assert cli("--version").code == 0 and cli("pretrain").code == 2
+    assert left == [True, True] and exits == [0, 2]

@@ -490,6 +490,22 @@ def _render_check(out: ConsoleReporter, report: dict[str, Any]) -> None:
 
 def main() -> None:
     """Console-script entry point: usage errors become one line and exit 2."""
+    code = _run()
+    from transferctl import distributed
+
+    if distributed.world().distributed:
+        # A torchrun worker that has done its work leaves its process group, then exits without Python's
+        # finalization: Gloo's threads can abort a worker there (SIGABRT) after a run that went well.
+        # Every file of a run is already written whole (atomically, fsync'd); only the standard streams wait.
+        distributed.leave()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run() -> int:
+    """Run the command line; its exit code."""
     try:
         code = app(standalone_mode=False, prog_name="transferctl")  # also under `python -m`: completion keys on the name
     except UsageError as exc:  # raised outside a recipe, e.g. while parsing or loading a --plugin
@@ -497,7 +513,7 @@ def main() -> None:
         typer.echo(f"error: {message}", err=True)
         if "--json" in sys.argv[1:]:
             typer.echo(json.dumps({"status": "error", "exit_code": exc.exit_code, "error": message}))
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except Exception as exc:
         # click's (or typer's vendored click's) UsageError: duck-typed, as typer's versions differ.
         if getattr(exc, "exit_code", None) == 2 and hasattr(exc, "format_message"):
@@ -507,9 +523,9 @@ def main() -> None:
             typer.echo(f"error: {message}", err=True)
             if "--json" in sys.argv[1:]:
                 typer.echo(json.dumps({"status": "error", "exit_code": 2, "error": message}))
-            sys.exit(2)
+            return 2
         if type(exc).__name__ == "Abort":
             typer.echo("error: interrupted", err=True)
-            sys.exit(130)
+            return 130
         raise
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0

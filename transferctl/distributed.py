@@ -9,6 +9,7 @@ global batch, split evenly over the ranks.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from dataclasses import dataclass
@@ -45,7 +46,18 @@ def init_from_env() -> World:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # Left to interpreter shutdown, Gloo's worker threads can release tensors after Python is gone: a
+        # SIGABRT ("terminate called without an active exception") on an exit that should be clean.
+        atexit.register(leave)
     return world()
+
+
+def leave() -> None:
+    """Destroy this process's group (idempotent): at exit, while the interpreter can still release what it holds."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> World:
