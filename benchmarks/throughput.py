@@ -65,7 +65,7 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
     sync()
     start = time.perf_counter()
     for _ in range(steps):
-        batch = next(source)
+        drawn = next(source)
     sync()
     data_time = (time.perf_counter() - start) / steps
 
@@ -78,9 +78,9 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
         if i == warmup:
             sync()
             start = time.perf_counter()
-        batch = next(source)
+        drawn = next(source)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = t.objective.loss(batch, i)
+            loss = t.objective.loss(drawn, i)
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t.optimizer.step()

@@ -81,3 +81,12 @@ def test_editing_a_recipe_measures_again_only_the_cells_that_ran_it(label_effici
     assert measure() == []
     (configs / "finetune10_digits.yaml").write_text("train:\n  epochs: 6\n")
     assert measure() == ["finetune10_digits"] * 4  # 10/class with and without the unlabeled images, 2 seeds each
+
+
+def test_the_throughput_benchmark_measures_a_pipeline_through_the_assembly_layer():
+    spec = importlib.util.spec_from_file_location("throughput", BENCHMARK.parent / "throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    row = throughput.measure("cnn", "memory", "32", batch=32, steps=1, warmup=1, workers=0, device="cpu")
+    assert (row["pipeline"], row["data"], row["batch"]) == ("memory", "mnist_sample", 32)
+    assert row["train_images_per_s"] > 0 and row["data_images_per_s"] > row["train_images_per_s"]
