@@ -55,6 +55,16 @@ class Checkpoint:
     metrics: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
 
+    @property
+    def position(self) -> dict[str, Any]:
+        """Where training stood (last.pt): step, completed epochs, batches into the next, ... ({} for best.pt)."""
+        return (self.training or {}).get("position", {})
+
+    def trained_by(self) -> tuple[int, str | None]:
+        """(processes, device type) that trained a last.pt: an exact resume needs the same."""
+        training = self.training or {}
+        return training.get("world_size", 1), training.get("device_type")
+
     def encoder(self) -> dict[str, Any]:
         """The encoder's weights, without the `encoder.` prefix (what fine-tuning starts from)."""
         return encoder_part(self.model)

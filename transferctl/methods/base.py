@@ -25,6 +25,7 @@ from transferctl.modalities.base import Modality
 from transferctl.models.heads import Network
 
 if TYPE_CHECKING:
+    from transferctl.build import Trained
     from transferctl.config import Config
     from transferctl.distributed import World
     from transferctl.runs import Run
@@ -118,7 +119,7 @@ class Method:
 
     # ------------------------------------------------------------------ trained runs
 
-    def evaluate(self, trained: Any, run: Run) -> Evaluation:
+    def evaluate(self, trained: Trained, run: Run) -> Evaluation:
         """Score a trained run (`build.Trained`) on its test split; files it writes go through `run`."""
         raise NotImplementedError
 

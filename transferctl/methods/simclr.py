@@ -21,6 +21,7 @@ from transferctl.modalities.base import Modality
 from transferctl.registry import METHODS
 
 if TYPE_CHECKING:
+    from transferctl.build import Trained
     from transferctl.runs import Run
 
 VALIDATION = Selection("val_loss", higher_is_better=False)
@@ -90,7 +91,7 @@ class SimCLR(Method):
         if first_inputs is not None:
             plots.write_view_pairs(run, [modality.displayable(view, data) for view in first_inputs])
 
-    def evaluate(self, trained: Any, run: Run) -> Evaluation:
+    def evaluate(self, trained: Trained, run: Run) -> Evaluation:
         """Weighted k-NN from the labelled training split's features onto the test split's."""
         cfg = trained.cfg
         accuracy = knn_accuracy(

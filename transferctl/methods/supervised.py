@@ -20,6 +20,7 @@ from transferctl.registry import METHODS
 from transferctl.tasks.base import Task
 
 if TYPE_CHECKING:
+    from transferctl.build import Trained
     from transferctl.runs import Run
 
 
@@ -92,7 +93,7 @@ class TaskMethod(Method):
     def objective(self, parts: Parts) -> TaskObjective:
         return TaskObjective(parts.network, self.task, parts.criterion, parts.forward)
 
-    def evaluate(self, trained: Any, run: Run) -> Evaluation:
+    def evaluate(self, trained: Trained, run: Run) -> Evaluation:
         return self.task.evaluate(trained.served(), trained.split(train=False), trained.cfg.data.eval_batch_size, run)
 
     def export(self) -> Export:

@@ -65,7 +65,7 @@ def resume(
     if checkpoint is not None:
         _check_same_world(ref, checkpoint, training.device)
     steps = training.steps.total
-    position = Position(**checkpoint.training["position"]) if checkpoint else None
+    position = Position(**checkpoint.position) if checkpoint else None
     done = position.step if position else 0
     if done >= steps:
         if record.summary.get("status") == "completed":
@@ -89,8 +89,8 @@ def resume(
 def _check_same_world(ref: str, checkpoint: Checkpoint, device: torch.device) -> None:
     """An exact continuation needs the same number of processes and the same kind of device
     (the augmentation generator's state belongs to its device)."""
-    training = checkpoint.training or {}
-    saved_world, saved_device = training.get("world_size", 1), training.get("device_type", device.type)
+    saved_world, saved_device = checkpoint.trained_by()
+    saved_device = saved_device or device.type
     if saved_world != world().size:
         raise UsageError(
             f"--resume {ref}: the run was trained by {saved_world} process(es), not {world().size}; resume it with the same torchrun size"

@@ -185,7 +185,7 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     keep_first = t.method.plots_first_batch and resume_from is None and run.writer and plots.available()
     pipeline = plots.FirstBatch(t.pipeline) if keep_first else t.pipeline
     if cfg.train.tensorboard and run.writer:
-        resume_step = resume_from.training["position"]["step"] if resume_from else None
+        resume_step = resume_from.position["step"] if resume_from else None
         reporter = events.TensorBoardReporter(reporter, run.tensorboard_dir, resume_step)
 
     with StopOnSignal() as stop, build.cpu_threads(threads):
