@@ -88,12 +88,14 @@ def test_an_old_run_serves_as_from_and_its_fine_tune_evaluates_and_exports_as_be
 def test_old_runs_show_in_runs_ls_show_and_diff(cli, runs):
     listing = _ok(cli("runs", "ls", "--runs-dir", runs, "--json"))
     briefs = {r["run_id"]: r for r in listing["runs"]}
-    assert {(r["command"], r["method"], r["trains"]) for r in briefs.values()} == {
-        ("pretrain", "simclr", "simclr"),
-        ("finetune", "finetune", "finetune"),
-        ("evaluate", "finetune", "finetune"),
+    assert {(r["command"], r["method"], r["task"], r["trains"]) for r in briefs.values()} == {
+        ("pretrain", "simclr", None, "simclr"),
+        ("finetune", "finetune", "classification", "classification"),  # 0.1.0's fine-tunes trained classifiers
+        ("evaluate", "finetune", "classification", "finetune classification"),
     }
     assert listing["unreadable"] == [] and all(r["status"] == "completed" for r in briefs.values())
+    human = cli("runs", "show", EVALUATE, "--runs-dir", runs)
+    assert human.code == 0 and "finetune finetune" not in human.stderr and f"{FINETUNE} (finetune classification," in human.stderr
     shown = _ok(cli("runs", "show", PRETRAIN, "--runs-dir", runs, "--json"))
     assert [c["run_id"] for c in shown["lineage"]["children"]] == [FINETUNE]
     assert [g["run_id"] for g in shown["lineage"]["children"][0]["children"]] == [EVALUATE]

@@ -90,7 +90,7 @@ def test_training_evaluation_and_simclr_plots(cli, simclr_config, tmp_path, monk
         "--json",
     ).json
     tuned_rows = _rows(Path(tuned["run_dir"]))
-    assert _lines(figures["curves.png"])["accuracy"] == {"val_accuracy": [r["val_accuracy"] for r in tuned_rows]}
+    assert _lines(figures["curves.png"])["validation"] == {"val_accuracy": [r["val_accuracy"] for r in tuned_rows]}
     assert not (Path(tuned["run_dir"]) / "views.png").exists()
     evaluated = cli("evaluate", "--from", tuned["run_id"], "--runs-dir", runs, "--json").json
     confusion = json.loads((Path(evaluated["run_dir"]) / "confusion.json").read_text())["confusion"]

@@ -138,8 +138,12 @@ class DigitValue(Task):
     def num_outputs(self, data):
         return 1
 
-    def fitted_state(self, train):
-        return {"mean_value": train.targets.float().mean().item()}
+    def fit(self, train):
+        self.mean_value = train.targets.float().mean().item()
+        return {"mean_value": self.mean_value}
+
+    def load_fitted(self, state):
+        self.mean_value = state["mean_value"]
 
     def batch_loss(self, criterion, outputs, targets):
         return criterion(outputs.squeeze(1), targets.float() * self.scale)
@@ -151,7 +155,7 @@ class DigitValue(Task):
         return Evaluation({"mae": absolute_errors(model, test, batch_size, self.scale).mean().item()})
 
     def card(self, data):
-        return {"classes": None, "unit": "digit value"}
+        return {"classes": None, "unit": "digit value", "mean_value": self.mean_value}  # fitted on the training split
 '''
 
 TURNS = """\
@@ -165,17 +169,26 @@ train: {{epochs: 1, max_steps: 4, log_every: 2, device: cpu}}
 
 
 @pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    """The plugin file in the current folder; the registries, sys.path and sys.modules as they were afterwards."""
+def restored(tmp_path, monkeypatch):
+    """Plugins register into process-wide registries: the registries, sys.path and the plugin modules are as they
+    were after the test."""
     load_components()
     saved = {kind: dict(registry._entries) for kind, registry in REGISTRIES.items()}
     monkeypatch.setattr(sys, "path", list(sys.path))
-    (tmp_path / "seam_plugin.py").write_text(SEAM_PLUGIN)
-    yield ["--plugin", "seam_plugin"]
+    yield
     for kind, registry in REGISTRIES.items():
         registry._entries.clear()
         registry._entries.update(saved[kind])
-    sys.modules.pop("seam_plugin", None)
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def plugin(tmp_path, restored):
+    """The seam plugin, as a file in the current folder."""
+    (tmp_path / "seam_plugin.py").write_text(SEAM_PLUGIN)
+    return ["--plugin", "seam_plugin"]
 
 
 def _ok(result) -> dict:
@@ -244,6 +257,14 @@ def test_a_plugins_method_and_task_run_the_whole_chain(cli, plugin, tmp_path, di
         "digit value",
         {"name": "value", "shape": ["batch", 1]},
     )
+    assert card["mean_value"] == saved["task"]["mean_value"]  # the export's task got its fitted state back
+    listing = {r["run_id"]: r["key_metric"]["name"] for r in _ok(cli("runs", "ls", "--runs-dir", runs, "--json"))["runs"]}
+    assert [listing[made["run_id"]] for made in (pre, turns, tuned, evaluated)] == [
+        "best_val_turn_accuracy",
+        "turn_accuracy",
+        "best_val_mae",
+        "mae",
+    ]
     # the exported model, served without transferctl, scores what evaluate measured
     from transferctl.config import DataConfig
     from transferctl.data import load_split
@@ -319,3 +340,67 @@ finetune: {{unlabeled: {{weight: 1.0, batch_size: 8, propagate: true, align: tru
     run = cli("finetune", "-c", config, "finetune.unlabeled.weight=0", "train.max_steps=1", "--runs-dir", tmp_path / "runs")
     assert run.code == 0 and f"note: {expected}" in run.stderr
     assert f"note: {expected}" in (Path(run.stdout.strip()) / "log.txt").read_text()
+
+
+EDGE_PLUGIN = """
+from dataclasses import dataclass
+
+from transferctl.methods import Method
+from transferctl.registry import AUGMENTATIONS, METHODS
+
+
+@METHODS.register("headless")
+@dataclass
+class Headless(Method):
+    '''A method that names no default head or loss.'''
+
+
+@METHODS.register("taskless")
+@dataclass
+class Taskless(Method):
+    '''A method that trains a task but names no default one.'''
+
+    trains_task = True
+
+
+@AUGMENTATIONS.register(modality="image")
+def jitter(hflip_default: bool, amount: float = 0.1):
+    '''Noise on whole batches: a plain callable, with no per-sample form.'''
+    import torch
+
+    return lambda x, generator: (x + amount * torch.randn(x.shape, generator=generator, device=x.device)).clamp(0, 1)
+"""
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["method=headless", "head=null"], "head.name: method 'headless' has no default head; name one"),
+        (["method=headless"], "loss.name: method 'headless' has no default loss; name one"),
+        (["method=taskless"], "task: method 'taskless' trains a task head and has no default task; set task.name (classification"),
+        (["task.foo=1"], "override 'task.foo=1': task: method 'simclr' trains no task head"),
+        (["data.augment.name=jitter", "data.pipeline=loader"], "the loader pipeline augments one sample at a time"),
+    ],
+)
+def test_what_a_component_leaves_out_is_a_one_line_error(cli, tmp_path, restored, simclr_config, args, expected):
+    (tmp_path / "edge_plugin.py").write_text(EDGE_PLUGIN)
+    result = cli("--plugin", "edge_plugin", "config", "check", "-c", simclr_config, *args, "--json")
+    assert result.code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert expected in result.json["error"]
+
+
+def test_a_plain_callable_augmentation_trains_on_the_memory_pipeline(cli, tmp_path, restored, simclr_config):
+    (tmp_path / "edge_plugin.py").write_text(EDGE_PLUGIN)
+    result = cli(
+        "--plugin",
+        "edge_plugin",
+        "pretrain",
+        "-c",
+        simclr_config,
+        "data.augment.name=jitter",
+        "train.max_steps=2",
+        "--runs-dir",
+        tmp_path / "runs",
+        "--json",
+    )
+    assert result.code == 0, result.stderr

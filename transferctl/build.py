@@ -24,7 +24,7 @@ from transferctl.distributed import world
 from transferctl.engine.train import Objective, Settings, Steps, pick_device, plan_steps
 from transferctl.errors import ConfigError, UsageError
 from transferctl.methods import Method, Parts, method_of
-from transferctl.modalities import DEFAULT_MODALITY, Modality, dataset_modality, modality_named
+from transferctl.modalities import Modality, dataset_modality, modality_named
 from transferctl.models import Network, weights
 from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
 from transferctl.runs import RunRecord
@@ -74,12 +74,11 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
 
 def use_channels_last(cfg: Config, device: torch.device) -> bool:
     """`auto`: channels_last for conv nets on CUDA, and on CPU with bf16 (where oneDNN's bf16 convolutions
-    want it, far more than float32 ones do). A model may declare `channels_last=False`; by default image
-    models use it and others (inputs that are not 4-D) do not."""
+    want it, far more than float32 ones do). It applies where the modality's inputs are NCHW images; a model
+    may opt out with `channels_last=False`."""
     if cfg.train.channels_last == "auto":
-        entry = MODELS.get(cfg.model.name)
-        conv = entry.meta.get("channels_last", entry.meta.get("modality", DEFAULT_MODALITY) == "image")
-        return conv and (device.type == "cuda" or cfg.train.precision == "bf16")
+        wanted = MODELS.get(cfg.model.name).meta.get("channels_last", modality_of_config(cfg).channels_last)
+        return wanted and (device.type == "cuda" or cfg.train.precision == "bf16")
     return bool(cfg.train.channels_last)
 
 
@@ -175,6 +174,7 @@ class Training:
     pipeline: Pipeline
     settings: Settings
     notes: list[str] = field(default_factory=list)  # options that have no effect as configured
+    task_state: dict[str, Any] = field(default_factory=dict)  # what the task fitted on the training split
 
     @property
     def train(self) -> Samples:
@@ -203,6 +203,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     modality = modality_of_config(cfg)
     data = load_training_data(cfg.data, labelled_subset=method.uses_labels, unlabeled=method.wants_unlabeled_pool(cfg))
     _check_targets(cfg, method, data.train)
+    task_state = method.task.fit(data.train) if method.task is not None else {}
     steps = plan_steps(
         len(data.train), cfg.data.batch_size, cfg.train.epochs, cfg.train.max_steps, full_batches=method.full_batches, ranks=ranks.size
     )
@@ -242,6 +243,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         pipeline,
         settings_of(cfg, steps),
         method.notes(cfg),
+        task_state,
     )
 
 
@@ -322,6 +324,8 @@ def load_trained(
     method evaluates on; the test split always), all read before anything is written."""
     saved = checkpoints.read(record.checkpoint_path(checkpoint or cfg.eval.checkpoint))
     method, modality = method_of(cfg), modality_of_config(cfg)
+    if method.task is not None:
+        method.task.load_fitted(saved.task)
     device = device or pick_device(cfg.train.device)
     test = as_trained(load_split(cfg.data, train=False), saved, modality, str(record.path))
     network = build_network(cfg, modality.model_context(test.sample_shape), method.num_outputs(test))

@@ -152,6 +152,15 @@ def component_name(section: Any) -> str | None:
     return section.get("name") if isinstance(section, dict) else section
 
 
+# transferctl 0.1.0 wrote no task section: its methods that trained a head trained a classifier.
+TASKS_OF_0_1_METHODS = {"supervised": "classification", "finetune": "classification"}
+
+
+def stored_task(config: dict[str, Any]) -> str | None:
+    """The task a stored run config trains, also for a config of transferctl 0.1.0 (read without the registries)."""
+    return component_name(config.get("task")) or TASKS_OF_0_1_METHODS.get(str(component_name(config.get("method"))))
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Component  # how the run trains (a registered method) and its options
@@ -259,18 +268,25 @@ def _component_names(data: dict[str, Any]) -> dict[str, Any]:
 def _defaults_for(data: dict[str, Any]) -> dict[str, Any]:
     """The default components of the raw config's method, task and data set; {} while any is unknown
     (`resolve` then says which)."""
-    from transferctl.methods import component_defaults
-    from transferctl.modalities import dataset_modality, modality_named
-
     load_components()
     method, dataset = component_name(data.get("method")), _section(data, "data", "name")
     if not isinstance(method, str) or method not in METHODS or not isinstance(dataset, str) or dataset not in DATASETS:
         return {}
     method_cls = METHODS.get(method).fn
     task = component_name(data.get("task")) or method_cls.default_task
-    task_cls = TASKS.get(task).fn if method_cls.trains_task and isinstance(task, str) and task in TASKS else None
-    chosen = component_defaults(method_cls, task_cls, modality_named(dataset_modality(dataset)))
-    return {**chosen, "task": method_cls.default_task}
+    if method_cls.trains_task and not (isinstance(task, str) and task in TASKS):
+        return {}
+    return {**_defaults_of(method_cls, task, dataset)[1], "task": method_cls.default_task}
+
+
+def _defaults_of(method: type, task: str | None, dataset: str) -> tuple[type | None, dict[str, Any]]:
+    """The task class a method trains (the named task, else its default; None for a method that trains none)
+    and the components a config gets unless it names them: the one place defaults are worked out."""
+    from transferctl.methods import component_defaults
+    from transferctl.modalities import dataset_modality, modality_named
+
+    task_cls = TASKS.get(task or method.default_task, where="task").fn if method.trains_task else None
+    return task_cls, component_defaults(method, task_cls, modality_named(dataset_modality(dataset)))
 
 
 def _section(data: Any, *path: str) -> Any:
@@ -341,10 +357,19 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
 
     With `command`, a method that belongs to another command is refused first, naming that command.
     """
-    from transferctl.methods import component_defaults
-    from transferctl.modalities import dataset_modality, modality_named
+    from transferctl.modalities import dataset_modality
 
     load_components()
+    raw_method = component_name(data.get("method"))
+    if (
+        data.get("task") is not None
+        and isinstance(raw_method, str)
+        and raw_method in METHODS
+        and not METHODS.get(raw_method).fn.trains_task
+    ):
+        raise ConfigError(
+            f"task: method '{raw_method}' trains no task head; drop the task section (fine-tuning and supervised pretraining take one)"
+        )
     try:
         cfg = Config.model_validate(data)
     except pydantic.ValidationError as exc:
@@ -352,18 +377,19 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     method = METHODS.get(cfg.method.name, where="method").fn
     if command is not None and method.command != command:
         raise ConfigError(f"method: '{cfg.method.name}' is run by `transferctl {method.command}`, not `transferctl {command}`")
-    if method.trains_task:
-        cfg.task = cfg.task or Component(name=method.default_task)
-    elif cfg.task is not None:
+    if method.trains_task and cfg.task is None and method.default_task is None:
         raise ConfigError(
-            f"task: method '{cfg.method.name}' trains no task head; drop the task section (fine-tuning and supervised pretraining take one)"
+            f"task: method '{cfg.method.name}' trains a task head and has no default task; set task.name ({', '.join(TASKS.names())})"
         )
-    task = TASKS.get(cfg.task.name, where="task").fn if cfg.task is not None else None
+    task, defaults = _defaults_of(method, cfg.task.name if cfg.task is not None else None, cfg.data.name)
+    if task is not None:
+        cfg.task = cfg.task or Component(name=method.default_task)
     modality = dataset_modality(cfg.data.name)
-    defaults = component_defaults(method, task, modality_named(modality))
-    cfg.head = cfg.head or Component(name=defaults["head"])
-    cfg.loss = cfg.loss or Component(name=defaults["loss"])
-    cfg.data.augment = cfg.data.augment or Component(name=defaults["augment"])
+    owner = f"task '{cfg.task.name}'" if cfg.task is not None else f"method '{cfg.method.name}'"
+    cfg.head = cfg.head or _default(defaults["head"], "head", f"{owner} has no default head")
+    cfg.loss = cfg.loss or _default(defaults["loss"], "loss", f"{owner} has no default loss")
+    augment_missing = f"the {modality} modality has no '{method.augmentation}' augmentation for method '{cfg.method.name}'"
+    cfg.data.augment = cfg.data.augment or _default(defaults["augment"], "data.augment", augment_missing)
 
     cfg.method = _resolve_component(METHODS, cfg.method, "method")
     if cfg.task is not None:
@@ -379,13 +405,21 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     cfg.data.augment = _resolve_component(AUGMENTATIONS, cfg.data.augment, "data.augment")
     for path, name in defaults["sections"].items():  # the method's own augmentation sections
         *parents, key = path.split(".")
-        owner = _attribute(cfg, parents)
-        setattr(owner, key, _resolve_component(AUGMENTATIONS, getattr(owner, key) or Component(name=name), path))
-        augments[path] = getattr(owner, key)
+        section = _attribute(cfg, parents)
+        chosen = getattr(section, key) or _default(name, path, f"the {modality} modality has no augmentation for it")
+        setattr(section, key, _resolve_component(AUGMENTATIONS, chosen, path))
+        augments[path] = getattr(section, key)
     dataset_options = DATASETS.get(cfg.data.name, where="data").validate(cfg.data.options, where="data")
     cfg.data = DataConfig(**{**cfg.data.model_dump(exclude=set(cfg.data.options)), **dataset_options})
     _check_fits(cfg, defaults["serves"], modality, augments)
     return cfg
+
+
+def _default(name: str | None, where: str, missing: str) -> Component:
+    """The default component of a section, or a one-line error when there is none to take."""
+    if name is None:
+        raise ConfigError(f"{where}.name: {missing}; name one")
+    return Component(name=name)
 
 
 def _attribute(obj: Any, path: list[str]) -> Any:
@@ -402,15 +436,15 @@ def _check_fits(cfg: Config, kind: str, modality: str, augments: dict[str, Compo
         if kind not in serves(registry.get(name)):
             fitting = [e.name for e in registry if kind in serves(e)]
             raise ConfigError(f"{section}.name: {registry.kind} '{name}' does not fit {owner}; use one of: {', '.join(fitting)}")
-    from transferctl.modalities import DEFAULT_MODALITY
+    from transferctl.modalities import fits_modality
 
-    if MODELS.get(cfg.model.name).meta.get("modality", DEFAULT_MODALITY) != modality:
-        fitting = [e.name for e in MODELS if e.meta.get("modality", DEFAULT_MODALITY) == modality]
+    if not fits_modality(MODELS.get(cfg.model.name), modality):
+        fitting = [e.name for e in MODELS if fits_modality(e, modality)]
         where = f"model.name: model '{cfg.model.name}' does not take {modality} data (data set '{cfg.data.name}')"
         raise ConfigError(f"{where}; use one of: {', '.join(fitting)}")
     for path, component in augments.items():
-        if AUGMENTATIONS.get(component.name).meta.get("modality") not in (None, modality):
-            fitting = [e.name for e in AUGMENTATIONS if e.meta.get("modality") in (None, modality)]
+        if not fits_modality(AUGMENTATIONS.get(component.name), modality, default=None):
+            fitting = [e.name for e in AUGMENTATIONS if fits_modality(e, modality, default=None)]
             raise ConfigError(f"{path}.name: augmentation '{component.name}' is not for {modality} data; use one of: {', '.join(fitting)}")
 
 

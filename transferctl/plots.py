@@ -1,6 +1,6 @@
 """PNG plots written into runs, when matplotlib is installed (`pip install "transferctl[plots]"`):
 
-    curves.png      training and validation loss, learning rate and validation accuracy per epoch (training runs)
+    curves.png      training and validation loss, learning rate and the other validation metrics per epoch (training runs)
     confusion.png   the confusion matrix (evaluations of classifiers)
     views.png       augmented view pairs from the first training batch (SimCLR: a method draws its own)
 
@@ -43,16 +43,22 @@ def _write_png(run: Run, name: str, draw: Callable[[], Figure]) -> None:
 
 
 def write_curves(run: Run) -> None:
-    """curves.png from the run's metrics rows: loss, learning rate and (classifiers) validation accuracy by epoch."""
+    """curves.png from the run's metrics rows: loss, learning rate and the method's or task's other validation
+    metrics (classifiers: val_accuracy) by epoch."""
     rows = [r for r in run.metrics if "epoch" in r]
     if rows:
         _write_png(run, "curves.png", lambda: _curves(rows))
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _curves(rows: list[dict[str, Any]]) -> Figure:
     from matplotlib.figure import Figure
 
-    panels = [("loss", ("train_loss", "val_loss")), ("learning rate", ("lr",)), ("accuracy", ("val_accuracy",))]
+    validation = tuple(dict.fromkeys(k for r in rows for k, v in r.items() if k.startswith("val_") and k != "val_loss" and _number(v)))
+    panels = [("loss", ("train_loss", "val_loss")), ("learning rate", ("lr",)), ("validation", validation)]
     panels = [(title, keys) for title, keys in panels if any(r.get(k) is not None for r in rows for k in keys)]
     figure = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
     for ax, (title, keys) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):

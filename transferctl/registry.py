@@ -30,7 +30,7 @@ def did_you_mean(word: str, choices: list[str]) -> str:
 class Entry:
     name: str
     fn: Callable[..., Any]
-    context: frozenset[str] = frozenset()  # arguments the builder supplies, never a config
+    context: set[str] = field(default_factory=set)  # arguments the builder supplies, never a config (the registry's set)
     meta: dict[str, Any] = field(default_factory=dict)
     origin: str = "builtin"  # or 'plugin:<module>' for a component a plugin registered
 
@@ -75,7 +75,7 @@ class Registry:
 
     def __init__(self, kind: str, context: tuple[str, ...] = ()):
         self.kind = kind
-        self.context = frozenset(context)
+        self.context = set(context)  # shared with every entry, so a context name added later applies to all
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str | None = None, **meta: Any) -> Callable[[Callable], Callable]:
@@ -98,6 +98,10 @@ class Registry:
             raise ConfigError(f"{prefix}unknown {self.kind} '{name}'{did_you_mean(name, names)} (registered: {', '.join(names)})")
         return self._entries[name]
 
+    def add_context(self, *names: str) -> None:
+        """More arguments the builder supplies (a modality's model context: images give in_channels and image_size)."""
+        self.context.update(names)
+
     def build(self, name: str, options: dict[str, Any], **context: Any) -> Any:
         """Call the component with its config options plus the context it needs."""
         entry = self.get(name)
@@ -111,18 +115,18 @@ class Registry:
         return iter(self._entries[n] for n in self.names())
 
 
-# Each kind names the arguments its builder supplies from context (data shape, parameters, ...).
-# A modality supplies the model context of its data: images give in_channels and image_size.
+# Each kind names the arguments its builder supplies from context (data shape, parameters, ...); a modality adds
+# the context of its data to MODELS and AUGMENTATIONS (images: in_channels, image_size; hflip_default).
 METHODS = Registry("method", context=("task",))
 TASKS = Registry("task")
 MODALITIES = Registry("modality")
-MODELS = Registry("model", context=("in_channels", "image_size"))
+MODELS = Registry("model")
 HEADS = Registry("head", context=("feature_dim", "num_outputs"))
 LOSSES = Registry("loss")
 OPTIMIZERS = Registry("optimizer", context=("params",))
 SCHEDULERS = Registry("scheduler", context=("optimizer", "total_steps"))
 DATASETS = Registry("dataset", context=("root", "download", "train"))
-AUGMENTATIONS = Registry("augmentation", context=("hflip_default",))
+AUGMENTATIONS = Registry("augmentation")
 
 REGISTRIES: dict[str, Registry] = {
     "methods": METHODS,

@@ -14,11 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transferctl.config import component_name, flatten
+from transferctl.config import component_name, flatten, stored_task
 from transferctl.errors import UsageError
 from transferctl.runs import TRAINING_COMMANDS, RunRecord, has_live_writer, read_run
 
-# The one metric that sums a run up, first found wins: test scores, then validation accuracy, then losses.
+# The one metric that sums a run up: the one its summary names (its method's or task's), else the first found
+# of these (runs of 0.1.0, runs without that metric): test scores, then validation accuracy, then losses.
 KEY_METRICS = ("accuracy", "knn_accuracy", "best_val_accuracy", "val_accuracy", "best_val_loss", "val_loss", "train_loss")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
@@ -38,8 +39,10 @@ class RunInfo:
         return self.record.summary.get("parent")
 
     def key_metric(self) -> tuple[str, Any] | None:
-        metrics = self.record.summary.get("metrics") or {}
-        return next(((k, metrics[k]) for k in KEY_METRICS if metrics.get(k) is not None), None)
+        summary = self.record.summary
+        metrics = summary.get("metrics") or {}
+        names = [summary["key_metric"]] if isinstance(summary.get("key_metric"), str) else []
+        return next(((k, metrics[k]) for k in [*names, *KEY_METRICS] if metrics.get(k) is not None), None)
 
     def started(self) -> float:
         """Start time in seconds since the epoch (the summary's, else the folder's)."""
@@ -70,7 +73,7 @@ class RunInfo:
             "run_dir": str(self.record.path),
             "command": summary.get("command"),
             "method": component_name(config.get("method")),
-            "task": component_name(config.get("task")),
+            "task": stored_task(config),
             "trains": trains(config, summary.get("command")),
             "dataset": (config.get("data") or {}).get("name"),
             "status": self.status(),
@@ -84,7 +87,7 @@ class RunInfo:
 def trains(config: dict[str, Any], command: str | None) -> str | None:
     """What a run trains (or, for an evaluation, what it scored), in words: its method and task, leaving out a
     name the command already says ("simclr", "supervised classification"; a fine-tune: "classification")."""
-    names = [component_name(config.get(key)) for key in ("method", "task")]
+    names = [component_name(config.get("method")), stored_task(config)]
     words = [n for n in names if isinstance(n, str) and n != command]
     return " ".join(words) or names[0]
 

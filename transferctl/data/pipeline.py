@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transferctl.data.augment import BatchAugment
 from transferctl.data.samples import Batch, Samples, batch_indices
+from transferctl.errors import ConfigError
 from transferctl.modalities.base import Modality
 
 
@@ -192,6 +193,11 @@ class LoaderPipeline:
         self.rank, self.world = rank, world
         self.n, self.device, self.num_workers = len(data), device, num_workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if not hasattr(augment, "torchvision_transform"):
+            raise ConfigError(
+                "data.pipeline: the loader pipeline augments one sample at a time, and data.augment has no per-sample "
+                "form (a BatchAugment's torchvision_transform); use data.pipeline=memory"
+            )
         transform = augment.torchvision_transform(data.sample_shape[-1], data.sample_shape[0])
         self.dataset = _PerSampleViews(data, modality, transform, views, seed)
 

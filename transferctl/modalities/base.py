@@ -23,6 +23,7 @@ class Modality:
     """Base class of a registered modality (`@MODALITIES.register("name")`): stateless, one instance per name."""
 
     input_name: ClassVar[str] = "inputs"  # the exported model's input
+    channels_last: ClassVar[bool] = False  # its model inputs are NCHW images, where channels-last memory pays
     # augmentation role -> registered augmentation; methods ask for a role ("strong" views, "light" for labels)
     augmentations: ClassVar[Mapping[str, str]] = {}
 

@@ -10,7 +10,10 @@ import torch
 
 from transferctl.data.samples import Samples
 from transferctl.modalities.base import Modality
-from transferctl.registry import MODALITIES
+from transferctl.registry import AUGMENTATIONS, MODALITIES, MODELS
+
+MODELS.add_context("in_channels", "image_size")  # what `model_context` gives an image model
+AUGMENTATIONS.add_context("hflip_default")  # what `augment_context` gives an image augmentation
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,10 @@ class ImageModality(Modality):
     """Images: uint8 (N, C, H, W) pixels, normalized per channel; augmented as pixels in [0, 1]."""
 
     input_name = "images"
+    channels_last = True
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "simclr", "light": "light", "none": "none"}
 
-    def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:
+    def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:  # names added to MODELS' context above
         return {"in_channels": sample_shape[0], "image_size": sample_shape[-1]}
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,7 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     """Fit a built training run into `run`: checkpoints, metrics rows, plots; its final metrics."""
     cfg = t.cfg
     t.objective.prepare()  # passes over the data the loss needs, on the starting weights
+    run.update_summary(key_metric=f"best_{t.objective.selection.metric}")  # what `runs ls` sums the run up by
     threads = build.training_threads(cfg, t.pipeline, t.device)
     run.log(f"pipeline {type(t.pipeline).__name__}, {threads} CPU threads")
     for note in t.notes:
@@ -168,7 +169,7 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     config = cfg.to_dict()
     # What evaluate and export need to read data as the model was trained, whatever the test split holds.
     data_info = {"classes": list(t.train.classes), **t.modality.fitted_state(t.train)}
-    task_state = t.method.task.fitted_state(t.train) if t.method.task is not None else {}
+    task_state = t.task_state
 
     def save(weights: dict[str, Any], training: dict[str, Any], row: dict[str, Any] | None, is_best: bool) -> None:
         position = training["position"]

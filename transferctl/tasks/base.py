@@ -39,9 +39,13 @@ class Task:
     def num_outputs(self, data: Samples) -> int:
         raise NotImplementedError
 
-    def fitted_state(self, train: Samples) -> dict[str, Any]:
-        """State fitted on the training split that the run and its export carry (a regression target's mean and std)."""
+    def fit(self, train: Samples) -> dict[str, Any]:
+        """Fit what the task needs from the training split (a regression target's mean and std), keep it, and return
+        it for the checkpoints; a trained run's task gets it back through `load_fitted`."""
         return {}
+
+    def load_fitted(self, state: dict[str, Any]) -> None:
+        """Take back the state `fit` returned, from a trained run's checkpoint (evaluation, export)."""
 
     def batch_loss(self, criterion: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return criterion(outputs, targets)
