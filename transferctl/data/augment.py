@@ -66,6 +66,10 @@ class BatchAugment:
             x = self.blur(x, generator)
         return x
 
+    def per_sample(self, sample_shape: tuple[int, ...]):
+        """The loader pipeline's form of this augmentation: a transform of one decoded sample."""
+        return self.torchvision_transform(sample_shape[-1], sample_shape[0])
+
     def torchvision_transform(self, image_size: int, channels: int):
         """The same augmentation as per-image torchvision transforms (float CxHxW in [0, 1]), for the loader pipeline."""
         from torchvision.transforms import v2

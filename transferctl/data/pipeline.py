@@ -193,12 +193,12 @@ class LoaderPipeline:
         self.rank, self.world = rank, world
         self.n, self.device, self.num_workers = len(data), device, num_workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if not hasattr(augment, "torchvision_transform"):
+        if not hasattr(augment, "per_sample"):
             raise ConfigError(
                 "data.pipeline: the loader pipeline augments one sample at a time, and data.augment has no per-sample "
-                "form (a BatchAugment's torchvision_transform); use data.pipeline=memory"
+                "form (a BatchAugment's per_sample); use data.pipeline=memory"
             )
-        transform = augment.torchvision_transform(data.sample_shape[-1], data.sample_shape[0])
+        transform = augment.per_sample(data.sample_shape)
         self.dataset = _PerSampleViews(data, modality, transform, views, seed)
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
