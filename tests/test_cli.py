@@ -125,7 +125,7 @@ def test_finetune_loads_the_encoder_and_a_linear_probe_keeps_it(cli, pretrained,
     head = {k.removeprefix("head."): v for k, v in checkpoint(Path(probe.json["run_dir"]))["model"].items() if k.startswith("head.")}
     torch.manual_seed(0)  # the run's seed: its network, and so its head, started from this init
     cfg = load_config(None, base=yaml.safe_load((Path(probe.json["run_dir"]) / "config.yaml").read_text()))
-    initial = build_network(cfg, {"in_channels": 1, "image_size": 28}, 10).head.state_dict()
+    initial = build_network(cfg, (1, 28, 28), 10).head.state_dict()
     assert head.keys() == initial.keys() and head["2.weight"].shape == (10, 16)  # standardize, dropout, linear: 16 features
     assert not torch.equal(head["2.weight"], initial["2.weight"])  # the head trained, the encoder did not
 
@@ -147,7 +147,7 @@ finetune: {{freeze_encoder: true}}
     fresh, pre = encoder_state(checkpoint(Path(scratch.json["run_dir"]))), encoder_state(checkpoint(Path(pretrained["run_dir"])))
     assert not torch.equal(fresh["encoder.0.weight"], pre["encoder.0.weight"])
     torch.manual_seed(0)
-    initial = build_network(load_config(config), {"in_channels": 1, "image_size": 28}, 10).encoder.state_dict()
+    initial = build_network(load_config(config), (1, 28, 28), 10).encoder.state_dict()
     assert torch.equal(fresh["encoder.0.weight"], initial["0.weight"])  # frozen, so still the seeded init
 
 

@@ -38,7 +38,7 @@ def test_check_builds_everything_and_counts_parameters(cli, simclr_config, tmp_p
     report = cli("config", "check", "-c", simclr_config, "--json")
     assert report.code == 0, report.stderr
     report = report.json
-    network = build_network(load_config(simclr_config), {"in_channels": 1, "image_size": 28}, 10)
+    network = build_network(load_config(simclr_config), (1, 28, 28), 10)
     encoder = sum(p.numel() for p in network.encoder.parameters())
     head = sum(p.numel() for p in network.head.parameters())
     assert report["parameters"] == {"total": encoder + head, "trainable": encoder + head, "encoder": encoder, "head": head}

@@ -59,7 +59,7 @@ def eager_model(run_dir: Path):
     cfg = load_config(None, base=yaml.safe_load((run_dir / "config.yaml").read_text()))
     state = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["model"]
     test = load_split(cfg.data, train=False)
-    network = build_network(cfg, {"in_channels": test.channels, "image_size": test.image_size}, test.num_classes)
+    network = build_network(cfg, (test.channels, test.image_size, test.image_size), test.num_classes)
     network.load_state_dict(state)
     module = (network if cfg.method.name == "finetune" else network.encoder).eval()
     images = normalize(test.inputs.float() / 255, test.mean, test.std)
@@ -213,7 +213,7 @@ def test_safetensors_rebuilds_a_classifier_with_its_number_of_classes(tmp_path, 
         [f"head.standardize={str(standardize).lower()}"],
         base={"method": "finetune", "model": {"name": "mlp", "hidden_dim": 8}, "data": {"name": "mnist"}},
     )
-    network = build_network(cfg, {"in_channels": 1, "image_size": 28}, 7).eval()
+    network = build_network(cfg, (1, 28, 28), 7).eval()
     example = torch.randn(3, 1, 28, 28)
     spec = Export(encoder_only=False, output="logits", kind="classifier")
     exported = export_module.Exported(network, example, spec, "images", cfg.to_dict(), num_outputs=7)
@@ -227,7 +227,7 @@ def test_safetensors_of_transferctl_0_1_still_rebuild(tmp_path):
     from safetensors.torch import save_file
 
     cfg = load_config(None, [], base={"method": "finetune", "model": {"name": "mlp", "hidden_dim": 8}, "data": {"name": "mnist"}})
-    network = build_network(cfg, {"in_channels": 1, "image_size": 28}, 7).eval()
+    network = build_network(cfg, (1, 28, 28), 7).eval()
     old = cfg.to_dict() | {"method": "finetune"}
     old.pop("task")
     metadata = {"transferctl_config": json.dumps(old), "input_shape": json.dumps([1, 28, 28])}

@@ -65,7 +65,7 @@ def test_during_head_warmup_the_encoder_and_its_statistics_stay_pretrained(sourc
     assert all(torch.equal(pre[k], tuned[k]) for k in pre)  # weights and batch-norm running statistics
     torch.manual_seed(0)  # the seed the run's head was initialised with
     cfg = finetune_config(str(source), None, [*FEW_LABELS, "finetune.head_warmup_steps=4"])
-    initial_head = build.build_network(cfg, {"in_channels": 1, "image_size": 28}, 10).head.state_dict()
+    initial_head = build.build_network(cfg, (1, 28, 28), 10).head.state_dict()
     assert not torch.equal(warm["head.2.weight"], initial_head["2.weight"])  # the head trained meanwhile
 
 

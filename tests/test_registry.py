@@ -88,7 +88,7 @@ def test_the_encoder_learning_rate_scale_reaches_the_optimizer():
     from transferctl.config import load_config
 
     cfg = load_config(None, ["optimizer.lr=0.2"], base={"method": "finetune", "data": {"name": "mnist"}, "optimizer": {"name": "sgd"}})
-    network = build_network(cfg, {"in_channels": 1, "image_size": 28}, 10)
+    network = build_network(cfg, (1, 28, 28), 10)
     optimizer = build_optimizer(cfg, parameter_groups(network, encoder_lr_scale=0.1))
     encoder_ids = {id(p) for p in network.encoder.parameters()}
     for group in optimizer.param_groups:

@@ -41,10 +41,25 @@ def build_encoder(cfg: Config, context: dict[str, Any]) -> nn.Module:
     return MODELS.build(cfg.model.name, cfg.model.options, **context)
 
 
-def build_network(cfg: Config, context: dict[str, Any], num_outputs: int) -> Network:
-    encoder = build_encoder(cfg, context)
-    head = HEADS.build(cfg.head.name, cfg.head.options, feature_dim=encoder.feature_dim, num_outputs=num_outputs)
-    return Network(encoder, head)
+def build_network(cfg: Config, sample_shape: tuple[int, ...], num_outputs: int) -> Network:
+    """The encoder for samples of `sample_shape` and the head on it (sized from the encoder: its pooled
+    features, or its stage feature maps for a head that reads them)."""
+    encoder = build_encoder(cfg, modality_of_config(cfg).model_context(tuple(sample_shape)))
+    reads = HEADS.get(cfg.head.name).meta.get("reads", "features")
+    if reads == "feature_maps" and not getattr(encoder, "stage_channels", ()):
+        raise ConfigError(
+            f"head.name: head '{cfg.head.name}' reads an encoder's stage feature maps, and model '{cfg.model.name}' has none; "
+            f"use an encoder with stages (cnn, resnet18)"
+        )
+    head = HEADS.build(
+        cfg.head.name,
+        cfg.head.options,
+        feature_dim=encoder.feature_dim,
+        num_outputs=num_outputs,
+        stage_channels=tuple(getattr(encoder, "stage_channels", ())),
+        sample_shape=tuple(sample_shape),
+    )
+    return Network(encoder, head, reads)
 
 
 def build_loss(cfg: Config) -> nn.Module:
@@ -208,7 +223,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         len(data.train), cfg.data.batch_size, cfg.train.epochs, cfg.train.max_steps, full_batches=method.full_batches, ranks=ranks.size
     )
     context = modality.model_context(data.train.sample_shape)
-    network = build_network(cfg, context, method.num_outputs(data.train))
+    network = build_network(cfg, data.train.sample_shape, method.num_outputs(data.train))
     _check_fits(network, cfg, data.train, modality)
     if load_weights:  # a resume takes every weight from its own checkpoint
         weights.load_starting_weights(network.encoder, cfg)
@@ -328,7 +343,7 @@ def load_trained(
         method.task.load_fitted(saved.task)
     device = device or pick_device(cfg.train.device)
     test = as_trained(load_split(cfg.data, train=False), saved, modality, str(record.path))
-    network = build_network(cfg, modality.model_context(test.sample_shape), method.num_outputs(test))
+    network = build_network(cfg, test.sample_shape, method.num_outputs(test))
     try:
         network.load_state_dict(saved.model)
     except RuntimeError:

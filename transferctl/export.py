@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import transferctl
-from transferctl.build import Trained, build_network, load_trained, modality_of_config
+from transferctl.build import Trained, build_network, load_trained
 from transferctl.config import load_config
 from transferctl.errors import RunFailed, UsageError
 from transferctl.fileio import atomic_write_bytes
@@ -153,10 +153,10 @@ def load_safetensors(path: str | Path) -> nn.Module:
         metadata = f.metadata()
     cfg = load_config(None, base=json.loads(metadata["transferctl_config"]))
     state = load_file(str(path))
-    context = modality_of_config(cfg).model_context(tuple(json.loads(metadata["input_shape"])))
+    sample_shape = tuple(json.loads(metadata["input_shape"]))
     encoder_only = json.loads(metadata["encoder_only"]) if "encoder_only" in metadata else not any(k.startswith("head.") for k in state)
     num_outputs = json.loads(metadata["num_outputs"]) if "num_outputs" in metadata else _head_outputs(state)
-    network = build_network(cfg, context, num_outputs)
+    network = build_network(cfg, sample_shape, num_outputs)
     module = network.encoder if encoder_only else network
     module.load_state_dict(state)
     return module.eval()

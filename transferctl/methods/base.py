@@ -25,7 +25,7 @@ from transferctl.modalities.base import Modality
 from transferctl.models.heads import Network
 
 if TYPE_CHECKING:
-    from transferctl.build import Trained
+    from transferctl.build import Trained, Training
     from transferctl.config import Config
     from transferctl.distributed import World
     from transferctl.runs import Run
@@ -114,8 +114,9 @@ class Method:
     def objective(self, parts: Parts) -> Objective:
         raise NotImplementedError
 
-    def write_plots(self, run: Run, first_inputs: tuple[torch.Tensor, ...] | None, data: Samples, modality: Modality) -> None:
-        """PNGs that only this method draws, from the first training batch's inputs (kept when `plots_first_batch`)."""
+    def write_plots(self, run: Run, training: Training, first_inputs: tuple[torch.Tensor, ...] | None) -> None:
+        """PNGs that only this method draws, after training: from the trained run (its network and data) and the
+        first training batch's inputs (kept when `plots_first_batch`)."""
 
     # ------------------------------------------------------------------ trained runs
 

@@ -21,7 +21,7 @@ from transferctl.modalities.base import Modality
 from transferctl.registry import METHODS
 
 if TYPE_CHECKING:
-    from transferctl.build import Trained
+    from transferctl.build import Trained, Training
     from transferctl.runs import Run
 
 VALIDATION = Selection("val_loss", higher_is_better=False)
@@ -87,9 +87,9 @@ class SimCLR(Method):
     def objective(self, parts: Parts) -> ContrastiveObjective:
         return ContrastiveObjective(parts.forward, parts.criterion, parts.augment, parts.modality, gather=world().distributed)
 
-    def write_plots(self, run: Run, first_inputs: tuple[torch.Tensor, ...] | None, data: Samples, modality: Modality) -> None:
+    def write_plots(self, run: Run, training: Training, first_inputs: tuple[torch.Tensor, ...] | None) -> None:
         if first_inputs is not None:
-            plots.write_view_pairs(run, [modality.displayable(view, data) for view in first_inputs])
+            plots.write_view_pairs(run, [training.modality.displayable(view, training.train) for view in first_inputs])
 
     def evaluate(self, trained: Trained, run: Run) -> Evaluation:
         """Weighted k-NN from the labelled training split's features onto the test split's."""

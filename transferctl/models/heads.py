@@ -35,21 +35,28 @@ def classifier_head(
 
 
 class Network(nn.Module):
-    """An encoder and a head; `encoder` is what pretraining hands on to fine-tuning."""
+    """An encoder and a head; `encoder` is what pretraining hands on to fine-tuning. The head reads the encoder's
+    pooled features or, when it was registered with `reads="feature_maps"` (decoders, dense heads), the
+    encoder's stage feature maps, shallow to deep."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module):
+    def __init__(self, encoder: nn.Module, head: nn.Module, reads: str = "features"):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.reads = reads
         self.frozen_encoder = False  # linear probe: no gradients into the encoder (and its BN statistics fixed by eval())
 
     def freeze_encoder(self) -> None:
         self.frozen_encoder = True
         self.encoder.requires_grad_(False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """What the head reads: pooled features, or the stage feature maps."""
+        return self.encoder.feature_maps(inputs) if self.reads == "feature_maps" else self.encoder(inputs)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self.frozen_encoder:
             with torch.no_grad():
-                features = self.encoder(images)
+                features = self.encode(inputs)
             return self.head(features)
-        return self.head(self.encoder(images))
+        return self.head(self.encode(inputs))

@@ -220,8 +220,8 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
             signum,
         )
     plots.write_curves(run)
-    if isinstance(pipeline, plots.FirstBatch):
-        t.method.write_plots(run, pipeline.inputs, t.train, t.modality)
+    if run.writer and plots.available():
+        t.method.write_plots(run, t, pipeline.inputs if isinstance(pipeline, plots.FirstBatch) else None)
     metrics = final_metrics(result.position, result.images_per_s)
     if t.device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(t.device) / 2**20, 1)
