@@ -100,13 +100,18 @@ def _confusion(classes: list[str], confusion: list[list[int]]) -> Figure:
 def write_view_pairs(run: Run, views: list[torch.Tensor]) -> None:
     """views.png: each column one image, its augmented views one above the other (as the model saw them);
     `views` are displayable images, (N, H, W, C) in [0, 1] (the modality's `displayable`)."""
-    _write_png(run, "views.png", lambda: _view_pairs(views))
+    write_image_rows(run, "views.png", views, "augmented view pairs, first training batch")
 
 
-def _view_pairs(views: list[torch.Tensor]) -> Figure:
+def write_image_rows(run: Run, name: str, rows: list[torch.Tensor], title: str, row_titles: list[str] | None = None) -> None:
+    """A PNG of images in rows (each (N, H, W, C) in [0, 1]), one column per sample: views, reconstructions, ..."""
+    _write_png(run, name, lambda: _image_rows(rows, title, row_titles))
+
+
+def _image_rows(rows: list[torch.Tensor], title: str, row_titles: list[str] | None) -> Figure:
     from matplotlib.figure import Figure
 
-    pixels = [v.numpy() for v in views]
+    pixels = [v.numpy() for v in rows]
     count = len(pixels[0])
     figure = Figure(figsize=(1.3 * count, 1.3 * len(pixels) + 0.4), layout="constrained")
     axes = figure.subplots(len(pixels), count, squeeze=False)
@@ -115,7 +120,9 @@ def _view_pairs(views: list[torch.Tensor]) -> Figure:
             ax = axes[row][col]
             ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None, vmin=0, vmax=1)
             ax.set_axis_off()
-    figure.suptitle("augmented view pairs, first training batch")
+            if row_titles and col == 0:
+                ax.set_title(row_titles[row], fontsize=8, loc="left")
+    figure.suptitle(title)
     return figure
 
 
