@@ -337,12 +337,14 @@ def _pydantic_message(err: dict[str, Any]) -> str:
 
 
 def _origin(message: str, source: str, overrides: list[str]) -> str:
-    """Prefix a message with the override that set its key, else the config file."""
+    """Prefix a message with the override that set its key (the most specific one: `method.mask_ratio=2` rather
+    than `method=mae`), else the config file."""
     dotted = message.split(":", 1)[0]
-    for text in overrides:
-        key = text.partition("=")[0]
-        if key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + "."):
-            return f"override '{text}': {message}"
+    keys = {text: text.partition("=")[0] for text in overrides}
+    matching = [t for t, k in keys.items() if k == dotted or k.startswith(dotted + ".") or dotted.startswith(k + ".")]
+    if matching:
+        text = max(matching, key=lambda t: (keys[t] == dotted, len(keys[t])))
+        return f"override '{text}': {message}"
     return f"{source}: {message}"
 
 

@@ -48,3 +48,32 @@ def nt_xent(temperature: PositiveFloat = 0.5) -> nn.Module:
 def cross_entropy(label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> nn.Module:
     """Cross-entropy on class logits, with optional label smoothing."""
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+class ElementwiseLoss(nn.Module):
+    """The mean of a per-element loss between a prediction and its target, or its weighted mean: `weight` (1 where
+    an element counts, 0 where not: the hidden patches of masked modelling) broadcasts over the elements.
+    `unit_targets`: the loss wants targets in [0, 1] (pixels), not in the model's input space."""
+
+    def __init__(self, elementwise, unit_targets: bool = False):
+        super().__init__()
+        self.elementwise, self.unit_targets = elementwise, unit_targets
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        loss = self.elementwise(prediction.float(), target.float())
+        if weight is None:
+            return loss.mean()
+        weight = weight.float().expand_as(loss)
+        return (loss * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@LOSSES.register(serves=("reconstruction", "regression"))
+def mse() -> nn.Module:
+    """Mean squared error between prediction and target (optionally over the elements a weight selects)."""
+    return ElementwiseLoss(lambda p, t: F.mse_loss(p, t, reduction="none"))
+
+
+@LOSSES.register(serves=("reconstruction",))
+def bce() -> nn.Module:
+    """Binary cross-entropy of predicted logits against targets in [0, 1] (pixels), optionally weighted."""
+    return ElementwiseLoss(lambda p, t: F.binary_cross_entropy_with_logits(p, t, reduction="none"), unit_targets=True)
