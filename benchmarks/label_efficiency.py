@@ -1,7 +1,7 @@
 """Label efficiency: what pretraining buys when labels are few, on MNIST and Fashion-MNIST.
 
 For each target data set and each encoder (random init, supervised pretraining on the *other* data
-set, SimCLR pretraining on the target's own training images without labels) it measures, through
+set; SimCLR, autoencoder and MAE pretraining on the target's own training images without labels) it measures, through
 the same recipes the CLI runs (`pretrain`, `finetune`, `evaluate`, with the shipped configs):
 
 - linear probe on all labels (configs/linear_<data>.yaml), test accuracy;
@@ -107,23 +107,34 @@ def tuned_accuracy(source: str | None, config: Path, overrides: list[str], runs:
     return {"accuracy": tested.metrics["accuracy"], "run": str(tuned.run_dir)}
 
 
-def encoders(data: str, cells: Cells, runs: Path, extra: list[str]) -> dict[str, dict[str, Any]]:
-    """The three encoders for target `data`: name -> {source run (None: random init), pretraining seconds}."""
-    other = OTHER[data]
-    supervised_config, simclr_config = CONFIGS / f"supervised_{other}.yaml", CONFIGS / f"simclr_{data}.yaml"
-    supervised = cells.get(
-        f"pretrain/supervised/{other}/{recipe_digest(supervised_config, extra)}",
-        lambda: {"run": str(pretrain(supervised_config, extra, runs_dir=runs).run_dir)},
-    )
-    simclr = cells.get(
-        f"pretrain/simclr/{data}/{recipe_digest(simclr_config, extra)}",
-        lambda: {"run": str(pretrain(simclr_config, extra, runs_dir=runs).run_dir)},
-    )
-    return {
-        "random init": {"source": None, "seconds": 0.0},
-        f"supervised on {DATASETS[other]}": {"source": supervised["run"], "seconds": supervised["seconds"]},
-        "SimCLR (no labels)": {"source": simclr["run"], "seconds": simclr["seconds"]},
-    }
+# The encoders of each row: a pretraining recipe (its config, on the target data set or the other one), or none.
+ENCODERS = {
+    "random": ("random init", None, None),
+    "supervised": ("supervised on {other}", "supervised", "other"),
+    "simclr": ("SimCLR (no labels)", "simclr", "own"),
+    "autoencoder": ("autoencoder (no labels)", "autoencoder", "own"),
+    "mae": ("MAE (no labels)", "mae", "own"),
+}
+RECONSTRUCTION_ROWS = ("autoencoder (no labels)", "MAE (no labels)")
+FINETUNE_COLUMNS = ("ft10", "ft100", "ft10_labels_only")
+
+
+def encoders(data: str, cells: Cells, runs: Path, extra: list[str], chosen: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The chosen encoders for target `data` (default: all): row name -> {source run (None: random init), pretraining seconds}."""
+    other, rows = OTHER[data], {}
+    for key in chosen or list(ENCODERS):
+        name, method, on = ENCODERS[key]
+        if method is None:
+            rows[name] = {"source": None, "seconds": 0.0}
+            continue
+        pretrained_on = other if on == "other" else data
+        config = CONFIGS / f"{method}_{pretrained_on}.yaml"
+        cell = cells.get(
+            f"pretrain/{method}/{pretrained_on}/{recipe_digest(config, extra)}",
+            lambda config=config: {"run": str(pretrain(config, extra, runs_dir=runs).run_dir)},
+        )
+        rows[name.format(other=DATASETS[other])] = {"source": cell["run"], "seconds": cell["seconds"]}
+    return rows
 
 
 def measure_row(
@@ -188,6 +199,31 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
                 gain = 100 * (simclr[column] - scratch[column])
                 verdict = "met" if gain >= 3 else "NOT met"
                 out.append(f"- {DATASETS[data]} {what}, SimCLR minus random init: {gain:+.2f} points (target >= +3): {verdict}")
+    return out + reconstruction_lines(rows)
+
+
+def reconstruction_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The reconstruction encoders' targets: each beats random init by >= 3 points at 10 labels/class with the labels
+    alone; the best of them beats SimCLR in at least one fine-tune column."""
+    out = []
+    for data in DATASETS:
+        mine = {r["encoder"]: r for r in rows if r["data"] == data}
+        scratch, simclr = mine.get("random init"), mine.get("SimCLR (no labels)")
+        for name in RECONSTRUCTION_ROWS:
+            if name in mine and scratch:
+                gain = 100 * (mine[name]["ft10_labels_only"] - scratch["ft10_labels_only"])
+                verdict = "met" if gain >= 3 else "NOT met"
+                what = f"{DATASETS[data]} 10 labels/class, labels only, {name} minus random init"
+                out.append(f"- {what}: {gain:+.2f} points (target >= +3): {verdict}")
+        if simclr and any(name in mine for name in RECONSTRUCTION_ROWS):
+            leads = {
+                column: max(100 * (mine[name][column] - simclr[column]) for name in RECONSTRUCTION_ROWS if name in mine)
+                for column in FINETUNE_COLUMNS
+            }
+            best = max(leads, key=leads.get)
+            verdict = "met" if leads[best] > 0 else "NOT met"
+            what = f"{DATASETS[data]} best reconstruction encoder minus SimCLR, best fine-tune column ({best})"
+            out.append(f"- {what}: {leads[best]:+.2f} points (target > 0): {verdict}")
     return out
 
 
@@ -198,6 +234,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label-subset seeds (data.seed)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "label_efficiency")
     parser.add_argument("--quick", action="store_true", help="3 steps per run: checks the plumbing, not the accuracy")
+    parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS), help="the rows to measure")
     args = parser.parse_args()
 
     out = args.out / "quick" if args.quick else args.out
@@ -208,7 +245,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cells in {cells.path}", flush=True)
     rows = []
     for data in args.datasets:
-        for name, encoder in encoders(data, cells, runs, extra).items():
+        for name, encoder in encoders(data, cells, runs, extra, args.encoders).items():
             rows.append(measure_row(data, name, encoder, args.seeds, cells, runs, extra))
     table = markdown(rows, len(args.seeds))
     summary = "\n".join(target_lines(rows))

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import PositiveInt
 from torch import nn
 
 from transferctl import plots
@@ -44,9 +45,9 @@ class Decoder(nn.Module):
     and convolve (batch norm, ReLU), then a 1x1 convolution to the input's channels at its size. It reads only
     the deepest map, a bottleneck: the shallow maps, which nearly copy the input, give it only their sizes."""
 
-    def __init__(self, stage_channels: tuple[int, ...], sample_shape: tuple[int, ...]):
+    def __init__(self, stage_channels: tuple[int, ...], sample_shape: tuple[int, ...], width: int | None = None):
         super().__init__()
-        deep_to_shallow = list(reversed(stage_channels))
+        deep_to_shallow = [stage_channels[-1]] + [min(c, width or c) for c in reversed(stage_channels[:-1])]
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
             for cin, cout in itertools.pairwise(deep_to_shallow)
@@ -64,9 +65,10 @@ class Decoder(nn.Module):
 
 
 @HEADS.register("decoder", serves=("reconstruction",), reads="feature_maps")
-def decoder(stage_channels: tuple[int, ...], sample_shape: tuple[int, ...]) -> nn.Module:
-    """A light convolutional decoder from the encoder's deepest feature map back to the input image."""
-    return Decoder(stage_channels, sample_shape)
+def decoder(stage_channels: tuple[int, ...], sample_shape: tuple[int, ...], width: PositiveInt | None = None) -> nn.Module:
+    """A light convolutional decoder from the encoder's deepest feature map back to the input image; `width` caps
+    its channels (default: the encoder's stage widths, deep to shallow)."""
+    return Decoder(stage_channels, sample_shape, width)
 
 
 # --------------------------------------------------------------------------- pixels and patches
