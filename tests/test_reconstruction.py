@@ -114,6 +114,13 @@ def test_bad_options_are_one_line_errors(cli, tmp_path, digits_root, args, expec
     assert expected in result.stderr and not (tmp_path / "runs").exists()
 
 
+def test_config_check_puts_a_batch_through_the_encoders_feature_maps_and_the_decoder(cli, tmp_path, digits_root):
+    config = write_config(tmp_path / "mae.yaml", MAE.format(root=digits_root))
+    report = cli("config", "check", "-c", config, "--json")
+    assert report.code == 0, report.stderr
+    assert report.json["shapes"]["features"] == [[64, 8, 28, 28], [64, 16, 14, 14]] and report.json["shapes"]["output"] == [64, 1, 28, 28]
+
+
 def _ok(result) -> dict:
     assert result.code == 0, result.stderr
     return result.json

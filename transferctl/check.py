@@ -87,7 +87,7 @@ def check_config(cfg: Config) -> dict[str, Any]:
     if model.frozen_encoder:
         model.encoder.eval()  # as training does for a linear probe
     with torch.no_grad():
-        features = _stage("the encoder's forward pass", lambda: model.encoder(batch.inputs[0]))
+        features = _stage("the encoder's forward pass", lambda: model.encode(batch.inputs[0]))  # what the head reads
         output = _stage("the head's forward pass", lambda: model.head(features))
         loss = _stage("the loss", lambda: training.objective.loss(batch, 0)).item()  # step 0: a fresh run's first
     if not math.isfinite(loss):
@@ -125,7 +125,7 @@ def check_config(cfg: Config) -> dict[str, Any]:
         "shapes": {
             "batch": list(batch.inputs[0].shape),
             "views": len(batch.inputs),
-            "features": list(features.shape),
+            "features": [list(f.shape) for f in features] if isinstance(features, list) else list(features.shape),
             "output": list(output.shape),
         },
         "loss": loss,
