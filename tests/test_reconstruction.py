@@ -96,6 +96,21 @@ def test_the_decoder_gives_back_the_input_shape(model, options, shape):
     assert head(encoder.feature_maps(torch.randn(2, *shape))).shape == (2, *shape)
 
 
+def test_a_pooled_decoder_reads_the_pooled_features_alone():
+    """`pooled`: a bottleneck through what k-NN, probes and fine-tunes read; where in the deepest map a feature
+    sits cannot reach the decoder."""
+    torch.manual_seed(0)
+    shapes = ((8, 28, 28), (16, 14, 14), (32, 7, 7))
+    head = decoder((8, 16, 32), (1, 28, 28), stage_shapes=shapes, pooled=True).eval()
+    maps = [torch.randn(2, *shape) for shape in shapes]
+    shuffled = maps[-1].flatten(2)[..., torch.randperm(49)].view(2, 32, 7, 7)
+    with torch.no_grad():
+        out = head(maps)
+        assert out.shape == (2, 1, 28, 28) and torch.allclose(head([*maps[:-1], shuffled]), out, atol=1e-6)
+        spatial = decoder((8, 16, 32), (1, 28, 28)).eval()
+        assert not torch.allclose(spatial([*maps[:-1], shuffled]), spatial(maps))  # the default decoder reads positions
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [

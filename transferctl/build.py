@@ -57,9 +57,19 @@ def build_network(cfg: Config, sample_shape: tuple[int, ...], num_outputs: int) 
         feature_dim=encoder.feature_dim,
         num_outputs=num_outputs,
         stage_channels=tuple(getattr(encoder, "stage_channels", ())),
+        stage_shapes=_stage_shapes(encoder, sample_shape) if reads == "feature_maps" else (),
         sample_shape=tuple(sample_shape),
     )
     return Network(encoder, head, reads)
+
+
+def _stage_shapes(encoder: nn.Module, sample_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """(channels, height, width) of each stage's map for one sample: a dry eval-mode pass (no statistics move)."""
+    was_training = encoder.training
+    with torch.no_grad():
+        maps = encoder.eval().feature_maps(torch.zeros(1, *sample_shape))
+    encoder.train(was_training)
+    return tuple(tuple(m.shape[1:]) for m in maps)
 
 
 def build_loss(cfg: Config) -> nn.Module:

@@ -5,6 +5,7 @@ and the reconstruction error) and reconstructions.png. Images only: targets are 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,9 +46,20 @@ class Decoder(nn.Module):
     and convolve (batch norm, ReLU), then a 1x1 convolution to the input's channels at its size. It reads only
     the deepest map, a bottleneck: the shallow maps, which nearly copy the input, give it only their sizes."""
 
-    def __init__(self, stage_channels: tuple[int, ...], sample_shape: tuple[int, ...], width: int | None = None):
+    def __init__(
+        self,
+        stage_channels: tuple[int, ...],
+        sample_shape: tuple[int, ...],
+        width: int | None = None,
+        pooled: bool = False,
+        stage_shapes: tuple[tuple[int, ...], ...] = (),
+    ):
         super().__init__()
         deep_to_shallow = [stage_channels[-1]] + [min(c, width or c) for c in reversed(stage_channels[:-1])]
+        # pooled: decode from the pooled features alone (what k-NN, probes and fine-tunes read), spread back over
+        # the deepest map's positions by a linear layer
+        self.expand = nn.Linear(stage_channels[-1], stage_channels[-1] * math.prod(stage_shapes[-1][1:])) if pooled else None
+        self.deepest = tuple(stage_shapes[-1]) if pooled else None
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
             for cin, cout in itertools.pairwise(deep_to_shallow)
@@ -57,6 +69,8 @@ class Decoder(nn.Module):
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         x = maps[-1]
+        if self.expand is not None:
+            x = F.relu(self.expand(x.mean(dim=(2, 3)))).view(len(x), *self.deepest)
         for block, shallower in zip(self.blocks, reversed(maps[:-1]), strict=True):
             x = block(F.interpolate(x, size=shallower.shape[-2:], mode="bilinear", align_corners=False))
         if tuple(x.shape[-2:]) != self.size:
@@ -65,10 +79,16 @@ class Decoder(nn.Module):
 
 
 @HEADS.register("decoder", serves=("reconstruction",), reads="feature_maps")
-def decoder(stage_channels: tuple[int, ...], sample_shape: tuple[int, ...], width: PositiveInt | None = None) -> nn.Module:
+def decoder(
+    stage_channels: tuple[int, ...],
+    sample_shape: tuple[int, ...],
+    stage_shapes: tuple[tuple[int, ...], ...] = (),
+    width: PositiveInt | None = None,
+    pooled: bool = False,
+) -> nn.Module:
     """A light convolutional decoder from the encoder's deepest feature map back to the input image; `width` caps
-    its channels (default: the encoder's stage widths, deep to shallow)."""
-    return Decoder(stage_channels, sample_shape, width)
+    its channels (default: the encoder's stage widths, deep to shallow); `pooled` decodes from the pooled features."""
+    return Decoder(stage_channels, sample_shape, width, pooled, stage_shapes)
 
 
 # --------------------------------------------------------------------------- pixels and patches
