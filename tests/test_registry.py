@@ -61,12 +61,12 @@ def test_build_passes_only_the_context_a_component_takes():
 def test_every_kind_the_cli_lists_is_populated():
     load_components()
     expected = {
-        "methods": {"simclr", "supervised", "finetune"},
+        "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae"},
         "tasks": {"classification"},
         "modalities": {"image"},
         "models": {"mlp", "cnn", "resnet18"},
-        "heads": {"projection", "linear"},
-        "losses": {"nt_xent", "cross_entropy"},
+        "heads": {"projection", "linear", "decoder"},
+        "losses": {"nt_xent", "cross_entropy", "mse", "bce"},
         "optimizers": {"sgd", "adam", "adamw", "lars"},
         "schedulers": {"cosine", "constant"},
         "datasets": {"mnist", "fashion_mnist", "cifar10", "image_folder", "mnist_sample"},
