@@ -235,6 +235,10 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     context = modality.model_context(data.train.sample_shape)
     network = build_network(cfg, data.train.sample_shape, method.num_outputs(data.train))
     _check_fits(network, cfg, data.train, modality)
+    augment = build_augment(cfg, data.train, modality)
+    if method.task is not None:
+        _check_augment_keeps_targets(cfg, method.task, augment)
+        method.task.initialize(network)
     if load_weights:  # a resume takes every weight from its own checkpoint
         weights.load_starting_weights(network.encoder, cfg)
     network.to(device)
@@ -248,7 +252,6 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     lr_scale, encoder_decay = method.encoder_optimization(cfg)
     optimizer = build_optimizer(cfg, parameter_groups(network, lr_scale, encoder_weight_decay=encoder_decay))
     criterion = build_loss(cfg)
-    augment = build_augment(cfg, data.train, modality)
     starting = (lambda: weights.starting_encoder_state(cfg, build_encoder(cfg, context))) if weights.has_pretrained_encoder(cfg) else None
     parts = Parts(cfg, device, modality, data.train, val, data.unlabeled, network, forward, criterion, augment, channels_last, starting)
     objective = method.objective(parts)
@@ -279,6 +282,17 @@ def _check_targets(cfg: Config, method: Method, train: Samples) -> None:
         raise ConfigError(
             f"task: '{cfg.task.name}' trains on targets of kind '{task.target_kind}', and data set '{cfg.data.name}' has "
             f"'{train.target_kind}'; pick a data set with {task.target_kind} targets, or another task"
+        )
+
+
+def _check_augment_keeps_targets(cfg: Config, task: Any, augment: BatchAugment) -> None:
+    """An augmentation must leave the task's targets true (a rotation would corrupt angle targets)."""
+    broken = sorted(augment.effects() & task.breaking_effects())
+    if broken:
+        raise ConfigError(
+            f"data.augment: '{cfg.data.augment.name}' applies {' and '.join(broken)}, which change task '{cfg.task.name}''s targets; "
+            f"turn them off (e.g. data.augment.rotation=0 data.augment.hflip=false), use data.augment.name=none, "
+            f"or set task.changed_by=[] if your targets do not change with them"
         )
 
 

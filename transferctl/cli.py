@@ -269,7 +269,7 @@ def export(
         result = export_run(source, format_names, output=output, verify=verify, tolerance=tolerance, runs_dir=runs_dir)
         for name, path in result.files.items():
             parity = result.parity.get(name)
-            check = f"max abs diff {parity.max_abs_diff:.2g}, top-1 agreement {parity.top1_agreement:.4f}" if parity else "not verified"
+            check = parity.describe() if parity else "not verified"
             reporter.info(f"{name}: {path} ({check})")
         return result
 

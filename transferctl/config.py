@@ -76,7 +76,8 @@ class DataConfig(BaseModel):
     download: bool = False
     batch_size: PositiveInt = 256
     eval_batch_size: PositiveInt = 1024
-    labels_per_class: PositiveInt | None = None
+    labels_per_class: PositiveInt | None = None  # a seeded subset of that many labelled samples of every class
+    labeled_samples: PositiveInt | None = None  # a seeded subset of that many labelled samples, whatever their targets
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: Seed = 0
     augment: Component | None = None
@@ -384,6 +385,7 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
             f"task: method '{cfg.method.name}' trains a task head and has no default task; set task.name ({', '.join(TASKS.names())})"
         )
     task, defaults = _defaults_of(method, cfg.task.name if cfg.task is not None else None, cfg.data.name)
+    _check_label_budget(cfg.data, task, cfg.task.name if cfg.task is not None else method.default_task)
     if task is not None:
         cfg.task = cfg.task or Component(name=method.default_task)
     modality = dataset_modality(cfg.data.name)
@@ -415,6 +417,19 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     cfg.data = DataConfig(**{**cfg.data.model_dump(exclude=set(cfg.data.options)), **dataset_options})
     _check_fits(cfg, defaults["serves"], modality, augments)
     return cfg
+
+
+def _check_label_budget(data: DataConfig, task: type | None, task_name: str | None) -> None:
+    """One way of choosing the labelled samples; labels per class only where a sample has one class."""
+    if data.labels_per_class and data.labeled_samples:
+        raise ConfigError(
+            "data.labels_per_class and data.labeled_samples both choose the labelled samples; set one of them (the other to null)"
+        )
+    if data.labels_per_class and task is not None and task.target_kind != "class":
+        raise ConfigError(
+            f"data.labels_per_class: task '{task_name}' has no class per sample; set it to null and use data.labeled_samples "
+            f"(a seeded subset of that many labelled samples) instead"
+        )
 
 
 def _default(name: str | None, where: str, missing: str) -> Component:

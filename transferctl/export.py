@@ -215,18 +215,25 @@ class Parity:
     """How an exported model's outputs compare with the eager model's on real images."""
 
     max_abs_diff: float
-    top1_agreement: float  # argmax agreement: classes for classifiers, strongest feature for encoders
+    top1_agreement: float | None  # argmax agreement: classes for classifiers, strongest feature for encoders; None: values
     images: int
     batch_sizes: list[int]
     tolerance: float
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.top1_agreement == 1.0
+        return self.max_abs_diff <= self.tolerance and self.top1_agreement in (None, 1.0)
+
+    def describe(self) -> str:
+        top1 = f", top-1 agreement {self.top1_agreement:.4f}" if self.top1_agreement is not None else ""
+        return f"max abs diff {self.max_abs_diff:.2g}{top1}"
 
 
-def check_parity(reference: Runner, candidate: Runner, images: torch.Tensor, tolerance: float, batch_sizes: list[int]) -> Parity:
-    """Run both on `images`, split into batches of each size in turn, and compare their outputs."""
+def check_parity(
+    reference: Runner, candidate: Runner, images: torch.Tensor, tolerance: float, batch_sizes: list[int], top1: bool = True
+) -> Parity:
+    """Run both on `images`, split into batches of each size in turn, and compare their outputs (and with `top1`,
+    each row's argmax)."""
     worst, agree, count, used = 0.0, 0, 0, []
     with torch.no_grad():
         for size in batch_sizes:
@@ -242,7 +249,7 @@ def check_parity(reference: Runner, candidate: Runner, images: torch.Tensor, tol
                 agree += (expected.argmax(1) == actual.argmax(1)).sum().item()
                 count += len(batch)
             used.append(size)
-    return Parity(worst, agree / max(count, 1), len(images), used, tolerance)
+    return Parity(worst, agree / max(count, 1) if top1 else None, len(images), used, tolerance)
 
 
 # --------------------------------------------------------------------------- the export recipe
@@ -262,7 +269,8 @@ class ExportResult:
         flat: dict[str, Any] = {}
         for name, parity in self.parity.items():
             flat[f"{name}_max_abs_diff"] = parity.max_abs_diff
-            flat[f"{name}_top1_agreement"] = parity.top1_agreement
+            if parity.top1_agreement is not None:
+                flat[f"{name}_top1_agreement"] = parity.top1_agreement
         return flat
 
     def to_json(self) -> dict[str, Any]:
@@ -317,12 +325,12 @@ def export_run(
             fmt.save(exported, staged)
             if verify:
                 # batch sizes other than the traced one, and a single sample
-                parity[fmt.name] = check_parity(module, fmt.load(staged), inputs, tolerance, [250, 1 if len(inputs) < 50 else 7])
+                sizes = [250, 1 if len(inputs) < 50 else 7]
+                parity[fmt.name] = check_parity(module, fmt.load(staged), inputs, tolerance, sizes, top1=spec.top1)
         failed = {k: p for k, p in parity.items() if not p.passed}
         if failed:
             detail = "; ".join(
-                f"{k}: max abs diff {p.max_abs_diff:.3g} (tolerance {p.tolerance:g}), top-1 agreement {p.top1_agreement:.4f}"
-                for k, p in failed.items()
+                f"{k}: {p.describe()} (tolerance {p.tolerance:g})" for k, p in failed.items()
             )
             raise RunFailed(f"export of {record.id} failed its parity check: {detail}; nothing was replaced")
         files = {fmt.name: fmt.filename for fmt in chosen}

@@ -77,3 +77,15 @@ def mse() -> nn.Module:
 def bce() -> nn.Module:
     """Binary cross-entropy of predicted logits against targets in [0, 1] (pixels), optionally weighted."""
     return ElementwiseLoss(lambda p, t: F.binary_cross_entropy_with_logits(p, t, reduction="none"), unit_targets=True)
+
+
+@LOSSES.register(serves=("regression",))
+def l1() -> nn.Module:
+    """Mean absolute error between prediction and target."""
+    return ElementwiseLoss(lambda p, t: F.l1_loss(p, t, reduction="none"))
+
+
+@LOSSES.register(serves=("regression",))
+def huber(delta: PositiveFloat = 1.0) -> nn.Module:
+    """Huber loss: squared below `delta` (in standardized target units for regression), absolute above it."""
+    return ElementwiseLoss(lambda p, t: F.huber_loss(p, t, reduction="none", delta=delta))

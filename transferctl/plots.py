@@ -2,6 +2,7 @@
 
     curves.png      training and validation loss, learning rate and the other validation metrics per epoch (training runs)
     confusion.png   the confusion matrix (evaluations of classifiers)
+    regression.png  predicted against true values (evaluations of regressors)
     views.png       augmented view pairs from the first training batch (SimCLR: a method draws its own)
 
 Without matplotlib they are skipped quietly. A plot never fails a run: a problem drawing one goes to
@@ -94,6 +95,25 @@ def _confusion(classes: list[str], confusion: list[list[int]]) -> Figure:
         for i, row in enumerate(confusion):
             for j, count in enumerate(row):
                 ax.text(j, i, count, ha="center", va="center", fontsize=7, color="white" if count > peak / 2 else "black")
+    return figure
+
+
+def write_regression(run: Run, names: list[str], predictions: torch.Tensor, targets: torch.Tensor) -> None:
+    """regression.png: predicted against true, one panel per target, with the line of perfect predictions."""
+    _write_png(run, "regression.png", lambda: _regression(names, predictions.numpy(), targets.numpy()))
+
+
+def _regression(names: list[str], predictions: Any, targets: Any) -> Figure:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.2 * len(names), 4.2), layout="constrained")
+    axes = figure.subplots(1, len(names), squeeze=False)[0]
+    for i, (ax, name) in enumerate(zip(axes, names, strict=True)):
+        true, predicted = targets[:, i], predictions[:, i]
+        low, high = min(true.min(), predicted.min()), max(true.max(), predicted.max())
+        ax.scatter(true, predicted, s=4, alpha=0.4)
+        ax.plot([low, high], [low, high], color="black", linewidth=1)
+        ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=f"{name}: {len(true)} test samples")
     return figure
 
 

@@ -152,6 +152,7 @@ def load_components() -> None:
     """Import the modules whose decorators fill the registries, then the installed plugins' (entry points)."""
     import transferctl.data.augment
     import transferctl.data.datasets
+    import transferctl.data.regression
     import transferctl.losses
     import transferctl.methods
     import transferctl.modalities

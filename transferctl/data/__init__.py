@@ -9,6 +9,7 @@ from transferctl.data.datasets import (
     load_split,
     load_training_data,
     load_unlabeled,
+    seeded_subset,
     split_train_val,
     stratified_subset,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "load_training_data",
     "load_unlabeled",
     "num_batches",
+    "seeded_subset",
     "split_train_val",
     "stratified_subset",
 ]

@@ -66,6 +66,18 @@ class BatchAugment:
             x = self.blur(x, generator)
         return x
 
+    def effects(self) -> frozenset[str]:
+        """What it can do to an image: "crop", "rotation", "translate", "hflip" (geometric), "colour", "blur"."""
+        active = {
+            "crop": self.crop_scale != (1.0, 1.0) or self.crop_ratio != (1.0, 1.0),
+            "rotation": self.rotation > 0,
+            "translate": self.translate > 0,
+            "hflip": self.hflip,
+            "colour": (self.jitter_p > 0 and any((self.brightness, self.contrast, self.saturation, self.hue))) or self.grayscale_p > 0,
+            "blur": self.blur_p > 0,
+        }
+        return frozenset(name for name, on in active.items() if on)
+
     def per_sample(self, sample_shape: tuple[int, ...]):
         """The loader pipeline's form of this augmentation: a transform of one decoded sample."""
         return self.torchvision_transform(sample_shape[-1], sample_shape[0])

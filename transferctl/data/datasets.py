@@ -36,7 +36,7 @@ def default_root() -> Path:
     return Path(base) / "transferctl" / "data"
 
 
-def _missing(name: str, root: Path, looked_for: str) -> UsageError:
+def missing_data(name: str, root: Path, looked_for: str) -> UsageError:
     return UsageError(
         f"data set '{name}' not found: looked for {root / looked_for}; point data.root or "
         f"${DATA_DIR_ENV} at a folder that holds it (or set data.download=true when online)"
@@ -49,7 +49,7 @@ def _torchvision(cls, name: str, root: Path, download: bool, train: bool, looked
     except (RuntimeError, OSError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         if not download and "not found" in reason.lower():
-            raise _missing(name, root, looked_for) from None
+            raise missing_data(name, root, looked_for) from None
         if download and ("download" in reason.lower() or isinstance(exc, OSError)):
             raise UsageError(
                 f"data set '{name}': download into {root} failed ({reason}); copy the files there and set data.download=false"
@@ -129,8 +129,44 @@ def image_folder(
         raise UsageError(f"data.train_dir={train_dir!r} and data.test_dir={test_dir!r} must be two different folders under data.root")
     folder = root / (train_dir if train else test_dir)
     if not folder.is_dir():
-        raise _missing("image_folder", root, train_dir if train else test_dir)
-    transform = torchvision.transforms.Compose(
+        raise missing_data("image_folder", root, train_dir if train else test_dir)
+    try:
+        ds = torchvision.datasets.ImageFolder(str(folder))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(f"data set 'image_folder': {exc}") from None
+    images = decode_image_files("image_folder", [Path(path) for path, _ in ds.samples], image_size, channels)
+    return ImageData(
+        inputs=images,
+        targets=torch.tensor(ds.targets, dtype=torch.long),
+        classes=tuple(ds.classes),
+        **image_statistics(images),
+        hflip=hflip,
+    )
+
+
+def image_statistics(images: torch.Tensor) -> dict[str, tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, as pixels in [0, 1]."""
+    as_float, dims = images.float() / 255, (0, 2, 3)
+    return {"mean": tuple(as_float.mean(dims).tolist()), "std": tuple(as_float.std(dims).clamp_min(1e-3).tolist())}
+
+
+def decode_image_files(name: str, paths: list[Path], image_size: int, channels: int) -> torch.Tensor:
+    """Image files as one uint8 (N, channels, image_size, image_size) tensor: resized (shorter side) and centre-cropped,
+    kept decoded in the cache so the next run skips decoding."""
+    cache = _decoded_cache_path(paths, image_size, channels)
+    if cache.is_file():
+        return torch.load(cache, weights_only=True)
+    transform = _image_transform(image_size, channels)
+    images = torch.stack([_decode(name, path, transform) for path in paths])
+    buffer = io.BytesIO()
+    torch.save(images, buffer)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cache, buffer.getvalue())
+    return images
+
+
+def _image_transform(image_size: int, channels: int):
+    return torchvision.transforms.Compose(
         [
             torchvision.transforms.Grayscale(channels) if channels == 1 else torchvision.transforms.Lambda(lambda im: im.convert("RGB")),
             torchvision.transforms.Resize(image_size),
@@ -138,48 +174,26 @@ def image_folder(
             torchvision.transforms.PILToTensor(),
         ]
     )
-    try:
-        ds = torchvision.datasets.ImageFolder(str(folder), transform=transform)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise UsageError(f"data set 'image_folder': {exc}") from None
-    cache = _decoded_cache_path(ds, image_size, channels)
-    if cache.is_file():
-        images = torch.load(cache, weights_only=True)
-    else:
-        images = torch.stack([_decode(ds, i) for i in range(len(ds))])
-        buffer = io.BytesIO()
-        torch.save(images, buffer)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cache, buffer.getvalue())
-    as_float = images.float() / 255
-    dims = (0, 2, 3)
-    return ImageData(
-        inputs=images,
-        targets=torch.tensor(ds.targets, dtype=torch.long),
-        classes=tuple(ds.classes),
-        mean=tuple(as_float.mean(dims).tolist()),
-        std=tuple(as_float.std(dims).clamp_min(1e-3).tolist()),
-        hflip=hflip,
-    )
 
 
-def _decoded_cache_path(ds: torchvision.datasets.ImageFolder, image_size: int, channels: int) -> Path:
-    """Where the decoded uint8 tensor of a folder is kept, so the next run skips decoding. The key covers
-    every file's path, size and modification time, and the decoding options: any change decodes anew."""
+def _decoded_cache_path(paths: list[Path], image_size: int, channels: int) -> Path:
+    """Where the decoded uint8 tensor of some files is kept. The key covers every file's path, size and
+    modification time, and the decoding options: any change decodes anew."""
     digest = hashlib.sha256(f"{image_size}:{channels}".encode())
-    for path, _ in ds.samples:
+    for path in paths:
         stat = os.stat(path)
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return default_cache_dir() / "decoded" / f"{digest.hexdigest()[:32]}.pt"
 
 
-def _decode(ds: torchvision.datasets.ImageFolder, index: int) -> torch.Tensor:
+def _decode(name: str, path: Path, transform) -> torch.Tensor:
+    from PIL import Image
+
     try:
-        return ds[index][0]
+        with Image.open(path) as image:
+            return transform(image)
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise UsageError(
-            f"data set 'image_folder': cannot read {ds.samples[index][0]} ({type(exc).__name__}); remove or replace it"
-        ) from None
+        raise UsageError(f"data set '{name}': cannot read {path} ({type(exc).__name__}); remove or replace it") from None
 
 
 def default_cache_dir() -> Path:
@@ -207,6 +221,13 @@ def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.
             raise UsageError(f"data.labels_per_class={per_class} is larger than class {cls}'s {len(members)} training images; lower it")
         chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
     return torch.cat(chosen).sort().values
+
+
+def seeded_subset(n: int, count: int, seed: int) -> torch.Tensor:
+    """Indices of `count` of `n` samples, drawn with a seeded generator, in stored order."""
+    if count > n:
+        raise UsageError(f"data.labeled_samples={count} is more than the {n} training samples; lower it")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
 # --------------------------------------------------------------------------- from a data config
@@ -239,11 +260,14 @@ def load_training_data(data_cfg, labelled_subset: bool, unlabeled: bool = False)
     """(train, val, unlabeled) from the training split, read once: a seeded held-out val part; when asked
     for, a stratified `labels_per_class` subset of the rest, and every image of the rest with its label
     replaced by NO_LABEL (what semi-supervised fine-tuning may learn from without seeing more labels).
+    `labeled_samples` draws a seeded subset of that many instead, whatever the targets are.
     The test split is never touched."""
     train, val = _train_and_val(data_cfg)
     pool = train.without_targets() if unlabeled else None
     if labelled_subset and data_cfg.labels_per_class:
         train = train.subset(stratified_subset(train.targets, data_cfg.labels_per_class, data_cfg.seed))
+    if labelled_subset and data_cfg.labeled_samples:
+        train = train.subset(seeded_subset(len(train), data_cfg.labeled_samples, data_cfg.seed))
     return TrainingData(train, val, pool)
 
 

@@ -25,12 +25,14 @@ TargetKind = Literal["class", "values", "class_per_pixel"]
 
 @dataclass(frozen=True)
 class Samples:
-    """One split in memory: raw `inputs` (N, ...), `targets` (N, ...), and class names (empty when targets are values)."""
+    """One split in memory: raw `inputs` (N, ...), `targets` (N, ...), and class names (empty when targets are
+    values, which `target_names` names instead: float targets (N, len(target_names)))."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     classes: tuple[str, ...]
     target_kind: TargetKind = field(default="class", kw_only=True)
+    target_names: tuple[str, ...] = field(default=(), kw_only=True)
     modality: ClassVar[str]  # the registered modality that reads these inputs
 
     def __len__(self) -> int:

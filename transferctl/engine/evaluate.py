@@ -53,6 +53,14 @@ def classify(model: nn.Module, data: Samples, batch_size: int) -> Classification
 
 
 @torch.no_grad()
+def predict(model: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
+    """The model's outputs (float) for every sample in `data`, in order."""
+    model.eval()
+    modality = modality_of(data)
+    return torch.cat([model(modality.model_input(inputs, data)).float() for inputs, _ in iterate_batches(data, batch_size)])
+
+
+@torch.no_grad()
 def embed(encoder: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
     """L2-normalized features of every sample in `data`, in order."""
     encoder.eval()

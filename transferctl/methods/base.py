@@ -58,6 +58,7 @@ class Export:
     encoder_only: bool
     output: str  # the output's name: "embeddings", "logits", ...
     kind: str  # the model card's kind: "encoder", "classifier", ...
+    top1: bool = True  # parity also compares each output row's argmax (classes; an encoder's strongest feature)
 
 
 class Method:
@@ -138,6 +139,6 @@ def component_defaults(method: type[Method], task: type[Task] | None, modality: 
         "head": method.head or (task.head if task else None),
         "loss": method.loss or (task.loss if task else None),
         "serves": method.serves or (task.serves if task else None),
-        "augment": modality.augmentations.get(method.augmentation),
+        "augment": modality.augmentations.get((task.augmentation if task else None) or method.augmentation),
         "sections": {path: modality.augmentations.get(role) for path, role in method.augment_sections.items()},
     }

@@ -13,7 +13,7 @@ import torch
 from transferctl import build, events, plots
 from transferctl.build import Training
 from transferctl.checkpoints import Checkpoint
-from transferctl.config import Config, apply_overrides, component_name, load_config, merge, read_yaml
+from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml
 from transferctl.data import data_root
 from transferctl.distributed import world
 from transferctl.engine import Reporter, SilentReporter, fit
@@ -111,7 +111,7 @@ def finetune_config(
                     f"{config}: model.{key}={value!r} differs from the source run's encoder "
                     f"({key}={src['model'].get(key)!r}); drop the model section to use the source's"
                 )
-        inherited_data = {k: v for k, v in src["data"].items() if k not in ("batch_size", "labels_per_class", "augment", "eval_batch_size")}
+        inherited_data = _inherited_data(src["data"], (user.get("data") or {}).get("name"))
         base["model"] = {k: v for k, v in src["model"].items() if k != "weights"}  # the encoder comes from the source run
         base["data"] = {**inherited_data, **base.get("data", {})}
         base["train"] = {**base.get("train", {}), "seed": src["train"]["seed"], "device": src["train"]["device"]}
@@ -125,6 +125,19 @@ def finetune_config(
         if config is not None and message.startswith("config: "):
             message = f"{config}: " + message.removeprefix("config: ")
         raise ConfigError(message) from None
+
+
+NOT_INHERITED = ("batch_size", "labels_per_class", "labeled_samples", "augment", "eval_batch_size")
+
+
+def _inherited_data(source_data: dict[str, Any], named: str | None) -> dict[str, Any]:
+    """What a fine-tune takes from its source run's data section: the data set and its options, unless the config
+    names another data set (a segmentation or regression set made from the same images), which then keeps only
+    where data lives and how it is read."""
+    kept = {k: v for k, v in source_data.items() if k not in NOT_INHERITED}
+    if named is not None and named != source_data.get("name"):
+        kept = {k: v for k, v in kept.items() if k in DataConfig.model_fields and k not in ("name", "seed")}
+    return kept
 
 
 def finetune(

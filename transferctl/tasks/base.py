@@ -33,6 +33,8 @@ class Task:
     output: ClassVar[str]  # the name of an export's output
     exported_as: ClassVar[str]  # the model card's kind
     pseudo_labels: ClassVar[bool] = False  # its outputs are class scores that pseudo-labels can be read from
+    augmentation: ClassVar[str | None] = None  # the augmentation role of its default (None: the method's)
+    agreement: ClassVar[str | None] = "top1"  # what an export's parity check compares beyond the outputs' values
     # the fine-tune recipe `finetune` starts from (a built-in recipe's name or a YAML file's path); None: the defaults
     recipe: ClassVar[str | None] = None
 
@@ -46,6 +48,14 @@ class Task:
 
     def load_fitted(self, state: dict[str, Any]) -> None:
         """Take back the state `fit` returned, from a trained run's checkpoint (evaluation, export)."""
+
+    def initialize(self, network: nn.Module) -> None:
+        """Put what `fit` found into a new network before training (a regression head's target mean and std)."""
+
+    def breaking_effects(self) -> frozenset[str]:
+        """The augmentation effects (`BatchAugment.effects`) that would make its targets untrue: a rotation
+        changes an angle. Training refuses an augmentation with any of them."""
+        return frozenset()
 
     def batch_loss(self, criterion: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return criterion(outputs, targets)
