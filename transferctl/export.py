@@ -329,9 +329,7 @@ def export_run(
                 parity[fmt.name] = check_parity(module, fmt.load(staged), inputs, tolerance, sizes, top1=spec.top1)
         failed = {k: p for k, p in parity.items() if not p.passed}
         if failed:
-            detail = "; ".join(
-                f"{k}: {p.describe()} (tolerance {p.tolerance:g})" for k, p in failed.items()
-            )
+            detail = "; ".join(f"{k}: {p.describe()} (tolerance {p.tolerance:g})" for k, p in failed.items())
             raise RunFailed(f"export of {record.id} failed its parity check: {detail}; nothing was replaced")
         files = {fmt.name: fmt.filename for fmt in chosen}
         digests = {k: _sha256(staging / f) for k, f in files.items()}
