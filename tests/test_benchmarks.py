@@ -90,3 +90,20 @@ def test_the_throughput_benchmark_measures_a_pipeline_through_the_assembly_layer
     row = throughput.measure("cnn", "memory", "32", batch=32, steps=1, warmup=1, workers=0, device="cpu")
     assert (row["pipeline"], row["data"], row["batch"]) == ("memory", "mnist_sample", 32)
     assert row["train_images_per_s"] > 0 and row["data_images_per_s"] > row["train_images_per_s"]
+
+
+def test_the_dense_tasks_benchmark_runs_its_cells_through_the_recipes(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import make_mnist_root
+
+    digits_root = make_mnist_root(tmp_path / "data", 1200, 100)  # 1,080 training digits: room for 1,000 labelled
+    script = BENCHMARK.parent / "dense_tasks.py"
+    command = [sys.executable, str(script), "--quick", "--encoders", "random", "--seeds", "0", "1", "--data-dir", str(digits_root)]
+    out = ["--out", str(tmp_path / "dense"), "--pretrain-out", str(tmp_path / "pretrain")]
+    done = subprocess.run([*command, *out], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cells = (tmp_path / "dense" / "quick" / "cells.jsonl").read_text().splitlines()
+    assert len(cells) == 5  # 100 and 1,000 labelled with 2 seeds each, all labels once
+    assert "| rotation: mean abs error (degrees) | random init | 0.0 |" in done.stdout and "target <= 5" in done.stdout

@@ -143,7 +143,9 @@ def test_shell_completion_offers_subcommands_and_run_ids(cli, tmp_path, monkeypa
     assert complete(f"transferctl runs show --runs-dir {runs} ") == sorted([first, second])
     assert complete(f"transferctl evaluate --runs-dir {runs} --from {second[:-3]}") == [second]
     monkeypatch.delenv("_TRANSFERCTL_COMPLETE")
-    script = cli("--show-completion", "bash")
+    # Typer finds the shell from the process tree (shellingham), which a suite started outside a shell lacks
+    monkeypatch.setattr("typer.completion._get_shell_name", lambda: "bash")
+    script = cli("--show-completion")
     assert script.code == 0 and "_TRANSFERCTL_COMPLETE=complete_bash" in script.stdout
 
 
