@@ -5,7 +5,8 @@ segmentation), through the same recipes the CLI runs.
   is the angle), with 100, 1,000 and all labelled training images: the test set's mean absolute error in degrees,
   through configs/regress_mnist_rotation.yaml (600 steps of 64 images; with all labels 2,000 steps of 128).
 - Encoders: random init (the same recipe without --from), and SimCLR, the denoising autoencoder and MAE, each
-  pretrained on MNIST's training digits without labels by its shipped recipe. The pretraining runs are the
+  pretrained on MNIST's training digits without labels by its shipped recipe; and SimCLR with views turned by
+  up to 45 degrees instead of 10, an encoder taught to ignore the very thing the task measures. The pretraining runs are the
   label-efficiency benchmark's: they are shared through its cells (`--pretrain-out`), so neither benchmark
   trains them twice.
 - The small budgets are repeated over 3 label-subset seeds (mean and spread); all labels run once. Every cell
@@ -25,17 +26,33 @@ from typing import Any
 import torch
 from label_efficiency import QUICK, REPO, Cells, encoders, recipe_digest
 
-from transferctl.recipes import evaluate, finetune
+from transferctl.recipes import evaluate, finetune, pretrain
 
 CONFIGS = REPO / "configs"
 ROTATION = CONFIGS / "regress_mnist_rotation.yaml"
 ENCODER_ROWS = ["random", "simclr", "autoencoder", "mae"]
+# Pretraining variants beyond the shipped recipes: SimCLR taught to ignore rotations (its recipe turns by up to 10 degrees)
+VARIANTS = {"simclr_rotation45": ("SimCLR, views turned by up to 45 degrees (no labels)", "simclr", ["data.augment.rotation=45"])}
 BUDGETS = {  # labelled training images -> the overrides that choose them (all: more steps, to see every image)
     "100": ["data.labeled_samples=100"],
     "1000": ["data.labeled_samples=1000"],
     "all": ["data.labeled_samples=null", "train.max_steps=2000", "data.batch_size=128"],
 }
 TARGET_MAE_AT_1000 = 5.0  # degrees
+
+
+def variants(chosen: list[str], cells: Cells, runs: Path, extra: list[str]) -> dict[str, dict[str, Any]]:
+    """Row name -> {source run, pretraining seconds} of each chosen pretraining variant (on MNIST)."""
+    rows = {}
+    for key in chosen:
+        name, method, options = VARIANTS[key]
+        config, overrides = CONFIGS / f"{method}_mnist.yaml", [*options, *extra]
+        cell = cells.get(
+            f"pretrain/{key}/mnist/{recipe_digest(config, overrides)}",
+            lambda config=config, overrides=overrides: {"run": str(pretrain(config, overrides, runs_dir=runs).run_dir)},
+        )
+        rows[name] = {"source": cell["run"], "seconds": cell["seconds"]}
+    return rows
 
 
 def regression_cell(source: str | None, overrides: list[str], runs: Path) -> dict[str, Any]:
@@ -104,6 +121,7 @@ def main() -> None:
         "--pretrain-out", type=Path, default=REPO / "benchmarks" / "results" / "label_efficiency", help="where the pretraining cells live"
     )
     parser.add_argument("--encoders", nargs="+", default=ENCODER_ROWS, choices=ENCODER_ROWS)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="pretraining variants' rows")
     parser.add_argument("--quick", action="store_true", help="3 steps per run: checks the plumbing, not the error")
     args = parser.parse_args()
 
@@ -114,6 +132,7 @@ def main() -> None:
     extra = ([f"data.root={args.data_dir.resolve()}"] if args.data_dir else []) + (QUICK if args.quick else [])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cells in {cells.path}", flush=True)
     sources = encoders("mnist", pretrain_cells, pretrained_in / "runs", extra, args.encoders)
+    sources |= variants(args.variants, pretrain_cells, pretrained_in / "runs", extra)
     rows = [regression_row(name, encoder, args.seeds, cells, out / "runs", extra) for name, encoder in sources.items()]
     table, summary = markdown(rows, len(args.seeds)), "\n".join(target_lines(rows))
     (out / "table.md").write_text(table + "\n\n" + summary + "\n")
