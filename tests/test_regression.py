@@ -170,6 +170,11 @@ def test_a_regression_folder_reads_several_targets(cli, tmp_path):
     tuned = _ok(cli("finetune", "-c", config, "--runs-dir", runs, "--json"))
     metrics = _ok(cli("evaluate", "--from", tuned["run_id"], "--runs-dir", runs, "--json"))["metrics"]
     assert {"size_mean_abs_error", "brightness_r2", "mean_abs_error"} <= set(metrics)
+    other = (root / "test" / "targets.csv").read_text().replace("file,size,brightness", "file,size,weight")
+    (root / "test" / "targets.csv").write_text(other)
+    mismatch = cli("evaluate", "--from", tuned["run_id"], "--runs-dir", runs)
+    assert mismatch.code == 2 and "differ from the trained targets ['size', 'brightness']" in mismatch.stderr
+    assert len(list(runs.iterdir())) == 2  # the fine-tune and its evaluation: the refused one wrote nothing
 
 
 @pytest.mark.parametrize(

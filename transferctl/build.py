@@ -290,7 +290,8 @@ def _check_augment_keeps_targets(cfg: Config, task: Any, augment: BatchAugment) 
     broken = sorted(augment.effects() & task.breaking_effects())
     if broken:
         raise ConfigError(
-            f"data.augment: '{cfg.data.augment.name}' applies {' and '.join(broken)}, which change task '{cfg.task.name}''s targets; "
+            f"data.augment: '{cfg.data.augment.name}' would corrupt task '{cfg.task.name}''s targets "
+            f"({', '.join(broken)}: task.changed_by); "
             f"turn them off (e.g. data.augment.rotation=0 data.augment.hflip=false), use data.augment.name=none, "
             f"or set task.changed_by=[] if your targets do not change with them"
         )
@@ -348,6 +349,11 @@ def as_trained(data: Samples, checkpoint: Checkpoint, modality: Modality, where:
     trained = checkpoint.data
     if list(data.classes) != list(trained["classes"]):
         raise UsageError(f"{where}: the test split's classes {list(data.classes)} differ from the trained classes {trained['classes']}")
+    if list(data.target_names) != list(trained.get("target_names", [])):
+        raise UsageError(
+            f"{where}: the test split's targets {list(data.target_names)} differ from the trained targets "
+            f"{trained.get('target_names', [])}; give both splits the same target columns"
+        )
     return modality.as_trained(data, trained)
 
 

@@ -181,7 +181,8 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
         reporter.note(note)
     config = cfg.to_dict()
     # What evaluate and export need to read data as the model was trained, whatever the test split holds.
-    data_info = {"classes": list(t.train.classes), **t.modality.fitted_state(t.train)}
+    names = {"target_names": list(t.train.target_names)} if t.train.target_names else {}  # values: what each one is
+    data_info = {"classes": list(t.train.classes), **names, **t.modality.fitted_state(t.train)}
     task_state = t.task_state
 
     def save(weights: dict[str, Any], training: dict[str, Any], row: dict[str, Any] | None, is_best: bool) -> None:
