@@ -219,22 +219,29 @@ class Parity:
     images: int
     batch_sizes: list[int]
     tolerance: float
+    pixel_agreement: float | None = None  # the share of pixels whose argmax class agrees (segmentation)
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.top1_agreement in (None, 1.0)
+        pixels_agree = self.pixel_agreement is None or self.pixel_agreement >= PIXEL_AGREEMENT
+        return self.max_abs_diff <= self.tolerance and self.top1_agreement in (None, 1.0) and pixels_agree
 
     def describe(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.4f}" if self.top1_agreement is not None else ""
-        return f"max abs diff {self.max_abs_diff:.2g}{top1}"
+        pixels = f", pixel agreement {self.pixel_agreement:.5f}" if self.pixel_agreement is not None else ""
+        return f"max abs diff {self.max_abs_diff:.2g}{top1}{pixels}"
+
+
+PIXEL_AGREEMENT = 0.999  # a logit within tolerance can still flip the argmax of a pixel on a class boundary
 
 
 def check_parity(
-    reference: Runner, candidate: Runner, images: torch.Tensor, tolerance: float, batch_sizes: list[int], top1: bool = True
+    reference: Runner, candidate: Runner, images: torch.Tensor, tolerance: float, batch_sizes: list[int], agreement: str | None = "top1"
 ) -> Parity:
-    """Run both on `images`, split into batches of each size in turn, and compare their outputs (and with `top1`,
-    each row's argmax)."""
+    """Run both on `images`, split into batches of each size in turn, and compare their outputs (and their argmax:
+    each row's with `agreement="top1"`, each pixel's with "pixels")."""
     worst, agree, count, used = 0.0, 0, 0, []
+    same_pixels, pixels = 0, 0
     with torch.no_grad():
         for size in batch_sizes:
             for start in range(0, len(images), size):
@@ -246,10 +253,15 @@ def check_parity(
                     worst = math.inf  # NaN compares false with everything: never let it pass as "no difference"
                 else:
                     worst = max(worst, (expected - actual).abs().max().item())
-                agree += (expected.argmax(1) == actual.argmax(1)).sum().item()
+                same = expected.argmax(1) == actual.argmax(1)
+                if agreement == "pixels":
+                    same_pixels, pixels = same_pixels + same.sum().item(), pixels + same.numel()
+                else:
+                    agree += same.sum().item()
                 count += len(batch)
             used.append(size)
-    return Parity(worst, agree / max(count, 1) if top1 else None, len(images), used, tolerance)
+    top1 = agree / max(count, 1) if agreement == "top1" else None
+    return Parity(worst, top1, len(images), used, tolerance, same_pixels / max(pixels, 1) if agreement == "pixels" else None)
 
 
 # --------------------------------------------------------------------------- the export recipe
@@ -271,6 +283,8 @@ class ExportResult:
             flat[f"{name}_max_abs_diff"] = parity.max_abs_diff
             if parity.top1_agreement is not None:
                 flat[f"{name}_top1_agreement"] = parity.top1_agreement
+            if parity.pixel_agreement is not None:
+                flat[f"{name}_pixel_agreement"] = parity.pixel_agreement
         return flat
 
     def to_json(self) -> dict[str, Any]:
@@ -326,7 +340,7 @@ def export_run(
             if verify:
                 # batch sizes other than the traced one, and a single sample
                 sizes = [250, 1 if len(inputs) < 50 else 7]
-                parity[fmt.name] = check_parity(module, fmt.load(staged), inputs, tolerance, sizes, top1=spec.top1)
+                parity[fmt.name] = check_parity(module, fmt.load(staged), inputs, tolerance, sizes, agreement=spec.agreement)
         failed = {k: p for k, p in parity.items() if not p.passed}
         if failed:
             detail = "; ".join(f"{k}: {p.describe()} (tolerance {p.tolerance:g})" for k, p in failed.items())

@@ -3,6 +3,7 @@
     curves.png      training and validation loss, learning rate and the other validation metrics per epoch (training runs)
     confusion.png   the confusion matrix (evaluations of classifiers)
     regression.png  predicted against true values (evaluations of regressors)
+    segmentation.png test images with their true and predicted masks (evaluations of segmenters)
     views.png       augmented view pairs from the first training batch (SimCLR: a method draws its own)
 
 Without matplotlib they are skipped quietly. A plot never fails a run: a problem drawing one goes to
@@ -114,6 +115,31 @@ def _regression(names: list[str], predictions: Any, targets: Any) -> Figure:
         ax.scatter(true, predicted, s=4, alpha=0.4)
         ax.plot([low, high], [low, high], color="black", linewidth=1)
         ax.set(xlabel=f"true {name}", ylabel=f"predicted {name}", title=f"{name}: {len(true)} test samples")
+    return figure
+
+
+def write_segmentation(run: Run, images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> None:
+    """segmentation.png: test images (N, H, W, C in [0, 1]) above their true and their predicted masks (N, H, W)."""
+    _write_png(run, "segmentation.png", lambda: _segmentation(images, truth, predicted, num_classes))
+
+
+def _segmentation(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> Figure:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(1.3 * len(images), 4.3), layout="constrained")
+    axes = figure.subplots(3, len(images), squeeze=False)
+    for col in range(len(images)):
+        image = images[col].numpy()
+        axes[0][col].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+        for row, masks in ((1, truth), (2, predicted)):
+            mask = masks[col].numpy().astype(float)
+            mask[mask == 255] = float("nan")  # no class: left blank
+            axes[row][col].imshow(mask, cmap="tab20", vmin=0, vmax=max(num_classes - 1, 1), interpolation="nearest")
+        for row in range(3):
+            axes[row][col].set_axis_off()
+    for row, title in enumerate(("image", "true mask", "predicted mask")):
+        axes[row][0].set_title(title, fontsize=8, loc="left")
+    figure.suptitle("segmentation of test images")
     return figure
 
 

@@ -153,6 +153,7 @@ def load_components() -> None:
     import transferctl.data.augment
     import transferctl.data.datasets
     import transferctl.data.regression
+    import transferctl.data.segmentation
     import transferctl.losses
     import transferctl.methods
     import transferctl.modalities

@@ -66,6 +66,19 @@ class BatchAugment:
             x = self.blur(x, generator)
         return x
 
+    def with_masks(self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images augmented as `__call__` does, and their per-pixel class masks (N, H, W) moved by the same
+        geometry (nearest neighbour; pixels from outside the image become IGNORE_INDEX); colour and blur touch the
+        images only."""
+        if self == IDENTITY:
+            return x, masks
+        theta = self.affine(x.shape[0], generator, x.device)
+        x = self.colour(_sample(x, theta, "bilinear", self.padding), generator)
+        if self.blur_p > 0:
+            x = self.blur(x, generator)
+        moved = _sample(masks.unsqueeze(1).float() - IGNORE_INDEX, theta, "nearest", "zeros") + IGNORE_INDEX
+        return x, moved.squeeze(1).round().to(masks.dtype)
+
     def effects(self) -> frozenset[str]:
         """What it can do to an image: "crop", "rotation", "translate", "hflip" (geometric), "colour", "blur"."""
         active = {
@@ -110,7 +123,11 @@ class BatchAugment:
         return v2.Compose(steps) if steps else v2.Identity()
 
     def geometry(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        n, dev = x.shape[0], x.device
+        theta = self.affine(x.shape[0], generator, x.device)
+        return _sample(x, theta, "bilinear", self.padding)
+
+    def affine(self, n: int, generator: torch.Generator, dev: torch.device) -> torch.Tensor:
+        """Each image's random crop, rotation, shift and flip as an affine matrix (N, 2, 3) for `affine_grid`."""
         area = _uniform(n, *self.crop_scale, generator, dev)
         log_ratio = _uniform(n, math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), generator, dev)
         ratio = log_ratio.exp()
@@ -123,15 +140,13 @@ class BatchAugment:
         ty = _uniform(n, -self.translate, self.translate, generator, dev) * 2
         flip = torch.where(_chance(n, 0.5 if self.hflip else 0.0, generator, dev), -1.0, 1.0)
         cos, sin = angle.cos(), angle.sin()
-        theta = torch.stack(
+        return torch.stack(
             [
                 torch.stack([w * flip * cos, -h * sin, cx + tx], dim=1),
                 torch.stack([w * flip * sin, h * cos, cy + ty], dim=1),
             ],
             dim=1,
         )
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding, align_corners=False)
 
     def colour(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, dev = x.shape[0], x.device
@@ -176,6 +191,12 @@ class BatchAugment:
 
 
 IDENTITY = BatchAugment()
+IGNORE_INDEX = 255  # a mask pixel without a class (segmentation): unlabelled in the file, or moved in from outside
+
+
+def _sample(x: torch.Tensor, theta: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
 def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:

@@ -73,11 +73,15 @@ class MemoryPipeline:
             x = self.modality.decode(self.data.inputs[idx])
             # every rank augments the whole global batch (the data path has headroom), then keeps its slice
             mine = rank_slice(len(x), self.rank, self.world)
-            views = tuple(
-                self.modality.normalize(self.augment(x, self.generator)[mine], self.data).contiguous(memory_format=self.memory_format)
-                for _ in range(self.views)
-            )
+            if self.data.target_kind == "class_per_pixel":  # masks move with their images
+                x, masks = self.augment.with_masks(x, self.data.targets[idx], self.generator)
+                yield Batch((self._model_input(x[mine]),), masks[mine], {"index": idx[mine]})
+                continue
+            views = tuple(self._model_input(self.augment(x, self.generator)[mine]) for _ in range(self.views))
             yield Batch(views, self.data.targets[idx][mine], {"index": idx[mine]})
+
+    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.modality.normalize(x, self.data).contiguous(memory_format=self.memory_format)
 
     def state(self) -> dict[str, Any]:
         return {"augment": self.generator.get_state().cpu()}
@@ -193,6 +197,11 @@ class LoaderPipeline:
         self.rank, self.world = rank, world
         self.n, self.device, self.num_workers = len(data), device, num_workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if data.target_kind == "class_per_pixel":
+            raise ConfigError(
+                "data.pipeline: the loader pipeline does not move masks with their images; use data.pipeline=memory "
+                "(raise data.memory_budget_mb if the split is larger than it)"
+            )
         if not hasattr(augment, "per_sample"):
             raise ConfigError(
                 "data.pipeline: the loader pipeline augments one sample at a time, and data.augment has no per-sample "

@@ -58,7 +58,9 @@ class Export:
     encoder_only: bool
     output: str  # the output's name: "embeddings", "logits", ...
     kind: str  # the model card's kind: "encoder", "classifier", ...
-    top1: bool = True  # parity also compares each output row's argmax (classes; an encoder's strongest feature)
+    # what parity compares beyond the values: "top1", each output row's argmax (classes; an encoder's strongest
+    # feature); "pixels", each pixel's argmax over dim 1 (segmentation); None: nothing (values)
+    agreement: str | None = "top1"
 
 
 class Method:

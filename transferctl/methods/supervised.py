@@ -97,7 +97,7 @@ class TaskMethod(Method):
         return self.task.evaluate(trained.served(), trained.split(train=False), trained.cfg.data.eval_batch_size, run)
 
     def export(self) -> Export:
-        return Export(encoder_only=False, output=self.task.output, kind=self.task.exported_as, top1=self.task.agreement == "top1")
+        return Export(encoder_only=False, output=self.task.output, kind=self.task.exported_as, agreement=self.task.agreement)
 
 
 @METHODS.register("supervised")

@@ -1,0 +1,140 @@
+"""Image data sets whose targets are a class per pixel (semantic segmentation): `mnist_scenes`, canvases of real
+MNIST digits, and `segmentation_folder`, the user's own images and masks. Masks are uint8 (N, H, W) class
+indices; IGNORE_INDEX (255) marks pixels without a class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+
+from transferctl.data.augment import IGNORE_INDEX
+from transferctl.data.datasets import image_statistics, missing_data, mnist
+from transferctl.errors import UsageError
+from transferctl.modalities.image import ImageData
+from transferctl.registry import DATASETS
+
+STROKE = 128  # a pasted digit's pixel at or above this is a stroke: its mask pixel takes the digit's class
+SCALES = (0.7, 1.5)  # a pasted digit's side, as a multiple of MNIST's 28 pixels
+
+
+def compose_scenes(
+    digits: torch.Tensor, labels: torch.Tensor, count: int, size: int, max_digits: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` canvases (N, 1, size, size) of 1 to `max_digits` digits each, at random positions and scales, and
+    their masks: each stroke pixel holds its digit's class + 1 (0: background); where digits overlap, the image
+    keeps the brighter pixel and the mask the digit pasted last."""
+    images = torch.zeros(count, 1, size, size, dtype=torch.uint8)
+    masks = torch.zeros(count, size, size, dtype=torch.uint8)
+    per_scene = torch.randint(1, max_digits + 1, (count,), generator=generator)
+    total = int(per_scene.sum())
+    chosen = torch.randint(0, len(digits), (total,), generator=generator)
+    scale = SCALES[0] + (SCALES[1] - SCALES[0]) * torch.rand(total, generator=generator)
+    sides = (28 * scale).round().long().clamp(max=size)
+    corners = (torch.rand(total, 2, generator=generator) * (size - sides + 1).unsqueeze(1)).long()
+    scene_of = torch.repeat_interleave(torch.arange(count), per_scene)
+    for j in range(total):
+        side, (top, left), scene = int(sides[j]), corners[j].tolist(), int(scene_of[j])
+        digit = digits[chosen[j]].float()[None, None]
+        pasted = F.interpolate(digit, size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0, 0]
+        pasted = pasted.round().clamp(0, 255).to(torch.uint8)
+        region = (slice(top, top + side), slice(left, left + side))
+        images[scene, 0][region] = torch.maximum(images[scene, 0][region], pasted)
+        masks[scene][region][pasted >= STROKE] = int(labels[chosen[j]]) + 1
+    return images, masks
+
+
+@DATASETS.register(modality="image")
+def mnist_scenes(
+    root: Path,
+    download: bool,
+    train: bool,
+    train_scenes: PositiveInt = 10000,
+    test_scenes: PositiveInt = 2000,
+    image_size: Annotated[int, Field(ge=32, le=256)] = 64,
+    max_digits: Annotated[int, Field(ge=1, le=8)] = 4,
+    scene_seed: Annotated[int, Field(ge=0)] = 0,
+) -> ImageData:
+    """Canvases of 1 to `max_digits` real MNIST digits at random positions and scales (seeded); the mask gives each
+    stroke pixel its digit's class, 0 the background: 11 classes. Training scenes from MNIST train, test from test."""
+    digits = mnist(root, download, train)
+    generator = torch.Generator().manual_seed(2 * scene_seed + (0 if train else 1))
+    count = train_scenes if train else test_scenes
+    images, masks = compose_scenes(digits.inputs[:, 0], digits.targets, count, image_size, max_digits, generator)
+    return ImageData(
+        inputs=images,
+        targets=masks,
+        classes=("background", *digits.classes),
+        target_kind="class_per_pixel",
+        **image_statistics(images),
+        hflip=False,  # a flipped digit is no digit
+    )
+
+
+@DATASETS.register(modality="image")
+def segmentation_folder(
+    root: Path,
+    download: bool,
+    train: bool,
+    image_size: PositiveInt = 64,
+    channels: Literal[1, 3] = 3,
+    train_dir: str = "train",
+    test_dir: str = "test",
+    hflip: bool = True,
+) -> ImageData:
+    """Your own images and masks: <root>/classes.txt (one class name a line), <root>/<train_dir>/images/*.png|jpg and
+    <root>/<train_dir>/masks/<same stem>.png (8-bit class indices, 255: no class); the same under <test_dir>. Both
+    are resized to image_size x image_size, the masks with nearest neighbour."""
+    names = root / "classes.txt"
+    if not names.is_file():
+        raise missing_data("segmentation_folder", root, "classes.txt")
+    classes = tuple(line.strip() for line in names.read_text(encoding="utf-8").splitlines() if line.strip())
+    folder = root / (train_dir if train else test_dir)
+    if not (folder / "images").is_dir():
+        raise missing_data("segmentation_folder", root, f"{train_dir if train else test_dir}/images")
+    paths = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not paths:
+        raise UsageError(f"{folder / 'images'}: no .png or .jpg images; add some")
+    pairs = [_read_pair(path, folder / "masks" / f"{path.stem}.png", len(classes), image_size, channels) for path in paths]
+    images = torch.stack([image for image, _ in pairs])
+    return ImageData(
+        inputs=images,
+        targets=torch.stack([mask for _, mask in pairs]),
+        classes=classes,
+        target_kind="class_per_pixel",
+        **image_statistics(images),
+        hflip=hflip,
+    )
+
+
+def _read_pair(image_path: Path, mask_path: Path, num_classes: int, size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    if not mask_path.is_file():
+        raise UsageError(f"{image_path}: its mask {mask_path} does not exist; add it (the same file stem, .png)")
+    try:
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            picture = TF.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+            if mask.mode not in ("L", "P"):
+                raise UsageError(f"{mask_path}: a mask must be an 8-bit single-channel PNG of class indices, not mode {mask.mode}")
+            indices = TF.pil_to_tensor(mask)[0]
+    except OSError as exc:
+        raise UsageError(f"cannot read {image_path} or {mask_path} ({type(exc).__name__}); remove or replace them") from None
+    if tuple(indices.shape) != tuple(picture.shape[1:]):
+        raise UsageError(
+            f"{mask_path}: the mask is {indices.shape[1]}x{indices.shape[0]} and its image {picture.shape[2]}x{picture.shape[1]}; "
+            f"give them the same size"
+        )
+    unknown = indices[(indices >= num_classes) & (indices != IGNORE_INDEX)]
+    if len(unknown):
+        raise UsageError(
+            f"{mask_path}: class index {int(unknown.max())} is outside classes.txt's {num_classes} classes (0-{num_classes - 1}, "
+            f"255 for no class); fix the mask or add the class"
+        )
+    picture = TF.resize(picture, [size, size], antialias=True)
+    indices = TF.resize(indices[None], [size, size], interpolation=TF.InterpolationMode.NEAREST)[0]
+    return picture, indices
