@@ -16,7 +16,7 @@ the CLI runs.
 - The small budgets are repeated over 3 label-subset seeds (mean and spread); all labels run once. Every cell
   is stored in --out with its wall time, keyed by a digest of its recipe, overrides and source run.
 
-    python benchmarks/dense_tasks.py --data-dir ../shared/data            # about 2 hours on a 2-core CPU
+    python benchmarks/dense_tasks.py --data-dir ../shared/data            # 70 min on a 2-core CPU, plus pretraining
     python benchmarks/dense_tasks.py --data-dir ../shared/data --quick    # the plumbing, seconds
 """
 
