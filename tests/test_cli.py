@@ -267,12 +267,20 @@ def test_human_mode_reports_progress_on_stderr(cli, simclr_config, tmp_path):
 
 def test_list_and_version(cli):
     listing = cli("list", "losses", "--json")
-    assert listing.code == 0 and set(listing.json["losses"]) == {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber"}
+    assert listing.code == 0 and set(listing.json["losses"]) == {
+        "nt_xent",
+        "cross_entropy",
+        "mse",
+        "bce",
+        "l1",
+        "huber",
+        "pixel_cross_entropy",
+    }
     everything = cli("list", "--json").json
     kinds = {"methods", "tasks", "modalities", "models", "heads", "losses", "optimizers", "schedulers", "datasets", "augmentations"}
     assert kinds == set(everything)
     assert set(everything["methods"]) == {"simclr", "supervised", "finetune", "autoencoder", "mae"}
-    assert set(everything["tasks"]) == {"classification", "regression"}
+    assert set(everything["tasks"]) == {"classification", "regression", "segmentation"}
     assert cli("list", "los").code == 2
     version = cli("--version")
     assert version.code == 0 and version.stdout.startswith("transferctl ")

@@ -62,14 +62,24 @@ def test_every_kind_the_cli_lists_is_populated():
     load_components()
     expected = {
         "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae"},
-        "tasks": {"classification", "regression"},
+        "tasks": {"classification", "regression", "segmentation"},
         "modalities": {"image"},
         "models": {"mlp", "cnn", "resnet18"},
-        "heads": {"projection", "linear", "decoder", "regressor"},
-        "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber"},
+        "heads": {"projection", "linear", "decoder", "regressor", "fpn"},
+        "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy"},
         "optimizers": {"sgd", "adam", "adamw", "lars"},
         "schedulers": {"cosine", "constant"},
-        "datasets": {"mnist", "fashion_mnist", "cifar10", "image_folder", "mnist_sample", "mnist_rotation", "regression_folder"},
+        "datasets": {
+            "mnist",
+            "fashion_mnist",
+            "cifar10",
+            "image_folder",
+            "mnist_sample",
+            "mnist_rotation",
+            "regression_folder",
+            "mnist_scenes",
+            "segmentation_folder",
+        },
         "augmentations": {"simclr", "light", "none"},
     }
     for kind, names in expected.items():
