@@ -5,14 +5,13 @@ exact resume after SIGKILL)."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import write_config
-from tests.test_resume import launch, wait_for_checkpoint
+from tests.test_resume import killed_and_resumed
 from transferctl.data import Batch
 from transferctl.losses import mse
 from transferctl.methods.reconstruction import GaussianNoise, PatchMask, ReconstructionObjective, decoder, hidden_patches, to_pixels
@@ -174,17 +173,8 @@ def test_a_masked_autoencoder_learns_evaluates_fine_tunes_and_exports_its_encode
 
 
 def test_a_killed_masked_autoencoder_resumes_bit_exactly(tmp_path, digits_root):
-    from transferctl.recipes import pretrain
-
     config = write_config(tmp_path / "mae.yaml", MAE.format(root=digits_root))
     short = ["train.epochs=2", "train.checkpoint_every=2"]
-    whole = pretrain(config, short, runs_dir=tmp_path / "whole").run_dir
-    runs = tmp_path / "runs"
-    process = launch("pretrain", "-c", config, *short, "--runs-dir", runs)
-    run_dir = wait_for_checkpoint(runs, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert launch("pretrain", "--resume", run_dir, "--runs-dir", runs).wait() == 0
-    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, run_dir))
+    a, b = killed_and_resumed("pretrain", config, short, tmp_path)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert torch.equal(a["training"]["objective"]["generator"], b["training"]["objective"]["generator"])  # the masks drawn

@@ -5,7 +5,6 @@ budget (data.labeled_samples), augmentations that would corrupt the targets, and
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from tests.conftest import write_config
-from tests.test_resume import launch, wait_for_checkpoint
+from tests.test_resume import killed_and_resumed
 from transferctl.config import load_config
 from transferctl.data import load_training_data
 from transferctl.data.regression import rotate
@@ -195,18 +194,9 @@ def test_bad_targets_files_are_one_line_errors(cli, tmp_path, rows, header, name
 
 
 def test_a_killed_regression_fine_tune_resumes_bit_exactly(tmp_path, digits_root):
-    from transferctl.recipes import finetune
-
     config = write_config(tmp_path / "rotation.yaml", ROTATION.format(root=digits_root))
     short = ["train.epochs=3", "train.checkpoint_every=2"]
-    whole = finetune(None, config, short, runs_dir=tmp_path / "whole").run_dir
-    runs = tmp_path / "runs"
-    process = launch("finetune", "-c", config, *short, "--runs-dir", runs)
-    run_dir = wait_for_checkpoint(runs, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert launch("finetune", "--resume", run_dir, "--runs-dir", runs).wait() == 0
-    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, run_dir))
+    a, b = killed_and_resumed("finetune", config, short, tmp_path)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

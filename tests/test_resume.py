@@ -47,6 +47,25 @@ def wait_for_checkpoint(runs: Path, process: subprocess.Popen, timeout: float = 
     raise AssertionError("no checkpoint appeared")
 
 
+def killed_and_resumed(command: str, config: Path, overrides: list[str], tmp_path: Path) -> tuple[dict, dict]:
+    """The last checkpoints of a run left alone and of the same run killed (SIGKILL) after its first checkpoint
+    and resumed: (whole, resumed)."""
+    from transferctl.recipes import finetune
+
+    if command == "pretrain":
+        whole = pretrain(config, overrides, runs_dir=tmp_path / "whole").run_dir
+    else:
+        whole = finetune(None, config, overrides, runs_dir=tmp_path / "whole").run_dir
+    runs = tmp_path / "runs"
+    process = launch(command, "-c", config, *overrides, "--runs-dir", runs)
+    run_dir = wait_for_checkpoint(runs, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert launch(command, "--resume", run_dir, "--runs-dir", runs).wait() == 0
+    whole_state, resumed = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, run_dir))
+    return whole_state, resumed
+
+
 def final_state(run_dir: Path) -> dict:
     """The last checkpoint's weights and training state, in one mapping."""
     checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")

@@ -5,7 +5,6 @@ whole chain (train, evaluate, export with pixel agreement) and an exact resume a
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import write_config
-from tests.test_resume import launch, wait_for_checkpoint
+from tests.test_resume import killed_and_resumed
 from transferctl.data.augment import IGNORE_INDEX, BatchAugment
 from transferctl.data.segmentation import compose_scenes
 from transferctl.tasks.segmentation import dice_loss, iou_metrics, pixel_confusion
@@ -178,16 +177,7 @@ def test_segmentation_folders_and_their_bad_masks(cli, tmp_path, mask_size, bad_
 
 
 def test_a_killed_segmentation_fine_tune_resumes_bit_exactly(tmp_path, digits_root):
-    from transferctl.recipes import finetune
-
     config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root))
     short = ["train.epochs=3", "train.checkpoint_every=2"]
-    whole = finetune(None, config, short, runs_dir=tmp_path / "whole").run_dir
-    runs = tmp_path / "runs"
-    process = launch("finetune", "-c", config, *short, "--runs-dir", runs)
-    run_dir = wait_for_checkpoint(runs, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert launch("finetune", "--resume", run_dir, "--runs-dir", runs).wait() == 0
-    a, b = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (whole, run_dir))
+    a, b = killed_and_resumed("finetune", config, short, tmp_path)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
