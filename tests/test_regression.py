@@ -219,3 +219,11 @@ def test_a_fine_tune_on_another_data_set_takes_none_of_the_sources_data_options(
     tuned = _ok(cli("finetune", "--from", source["run_id"], "-c", classify, "--runs-dir", runs, "--json"))  # no max_angle for mnist
     shown = _ok(cli("runs", "show", tuned["run_id"], "--runs-dir", runs, "--json"))
     assert shown["config"]["data"]["root"] == str(digits_root.resolve()) and "max_angle" not in shown["config"]["data"]
+
+
+def test_a_regression_folder_refuses_the_same_folder_for_training_and_test(cli, tmp_path):
+    root, runs = _regression_folder(tmp_path / "data", {}), tmp_path / "runs"
+    config = write_config(tmp_path / "folder.yaml", FOLDER.format(root=root))
+    result = cli("finetune", "-c", config, "data.test_dir=train", "--runs-dir", runs)
+    assert result.code == 2 and "two different folders" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not runs.exists() or not any(runs.iterdir())

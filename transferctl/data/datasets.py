@@ -125,11 +125,7 @@ def image_folder(
     hflip: bool = True,
 ) -> ImageData:
     """Your own images: <root>/<train_dir>/<class>/*.png and <root>/<test_dir>/<class>/*, resized to image_size."""
-    if not train_dir or not test_dir or Path(train_dir) == Path(test_dir):
-        raise UsageError(f"data.train_dir={train_dir!r} and data.test_dir={test_dir!r} must be two different folders under data.root")
-    folder = root / (train_dir if train else test_dir)
-    if not folder.is_dir():
-        raise missing_data("image_folder", root, train_dir if train else test_dir)
+    folder = split_folder("image_folder", root, train, train_dir, test_dir)
     try:
         ds = torchvision.datasets.ImageFolder(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:
@@ -142,6 +138,16 @@ def image_folder(
         **image_statistics(images),
         hflip=hflip,
     )
+
+
+def split_folder(name: str, root: Path, train: bool, train_dir: str, test_dir: str) -> Path:
+    """The folder of the train or test split of a user's data set under `root`: two different, existing folders."""
+    if not train_dir or not test_dir or Path(train_dir) == Path(test_dir):
+        raise UsageError(f"data.train_dir={train_dir!r} and data.test_dir={test_dir!r} must be two different folders under data.root")
+    folder = root / (train_dir if train else test_dir)
+    if not folder.is_dir():
+        raise missing_data(name, root, train_dir if train else test_dir)
+    return folder
 
 
 def image_statistics(images: torch.Tensor) -> dict[str, tuple[float, ...]]:

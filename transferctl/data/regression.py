@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
-from transferctl.data.datasets import decode_image_files, image_statistics, missing_data, mnist
+from transferctl.data.datasets import decode_image_files, image_statistics, missing_data, mnist, split_folder
 from transferctl.errors import UsageError
 from transferctl.modalities.image import ImageData
 from transferctl.registry import DATASETS
@@ -73,8 +73,7 @@ def regression_folder(
 ) -> ImageData:
     """Your own images with values: <root>/<train_dir>/targets.csv (a header `file,<target>,...`, then one row per
     image, its file name relative to the folder) and the images beside it; the same under <test_dir>."""
-    folder = root / (train_dir if train else test_dir)
-    table = folder / "targets.csv"
+    table = split_folder("regression_folder", root, train, train_dir, test_dir) / "targets.csv"
     if not table.is_file():
         raise missing_data("regression_folder", root, f"{train_dir if train else test_dir}/targets.csv")
     names, paths, values = read_targets(table)
@@ -107,11 +106,7 @@ def read_targets(table: Path) -> tuple[tuple[str, ...], list[Path], list[list[fl
         path = table.parent / row[0].strip()
         if not path.is_file():
             raise UsageError(f"{table} line {line}: image '{row[0].strip()}' does not exist in {table.parent}; add it or drop the line")
-        try:
-            numbers = [float(cell) for cell in row[1:]]
-        except ValueError:
-            bad = next(cell for cell in row[1:] if not _is_number(cell))
-            raise UsageError(f"{table} line {line}: '{bad.strip()}' is not a number; targets must be numeric") from None
+        numbers = [_number(cell, f"{table} line {line}") for cell in row[1:]]
         if not all(math.isfinite(n) for n in numbers):
             raise UsageError(f"{table} line {line}: a target is not finite (nan or inf); give a number")
         paths.append(path)
@@ -121,9 +116,8 @@ def read_targets(table: Path) -> tuple[tuple[str, ...], list[Path], list[list[fl
     return names, paths, values
 
 
-def _is_number(text: str) -> bool:
+def _number(cell: str, where: str) -> float:
     try:
-        float(text)
+        return float(cell)
     except ValueError:
-        return False
-    return True
+        raise UsageError(f"{where}: '{cell.strip()}' is not a number; targets must be numeric") from None

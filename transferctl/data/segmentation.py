@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 
 from transferctl.data.augment import IGNORE_INDEX
-from transferctl.data.datasets import image_statistics, missing_data, mnist
+from transferctl.data.datasets import image_statistics, missing_data, mnist, split_folder
 from transferctl.errors import UsageError
 from transferctl.modalities.image import ImageData
 from transferctl.registry import DATASETS
@@ -92,7 +92,7 @@ def segmentation_folder(
     if not names.is_file():
         raise missing_data("segmentation_folder", root, "classes.txt")
     classes = tuple(line.strip() for line in names.read_text(encoding="utf-8").splitlines() if line.strip())
-    folder = root / (train_dir if train else test_dir)
+    folder = split_folder("segmentation_folder", root, train, train_dir, test_dir)
     if not (folder / "images").is_dir():
         raise missing_data("segmentation_folder", root, f"{train_dir if train else test_dir}/images")
     paths = sorted(p for p in (folder / "images").iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))

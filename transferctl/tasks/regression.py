@@ -113,8 +113,9 @@ class Regression(Task):
         head.target_std.copy_(self.std)
 
     def batch_loss(self, criterion: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(outputs.device), self.std.to(outputs.device)
-        return criterion((outputs.float() - mean) / std, (targets.float() - mean) / std)
+        if self.mean.device != outputs.device:  # once: the statistics then stay on the training device
+            self.mean, self.std = self.mean.to(outputs.device), self.std.to(outputs.device)
+        return criterion((outputs.float() - self.mean) / self.std, (targets.float() - self.mean) / self.std)
 
     def validate(self, network: nn.Module, val: Samples, batch_size: int) -> dict[str, float]:
         predictions = predict(network, val, batch_size)
