@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,6 +228,8 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     torch.manual_seed(cfg.train.seed)
     modality = modality_of_config(cfg)
     data = load_training_data(cfg.data, labelled_subset=method.uses_labels, unlabeled=method.wants_unlabeled_pool(cfg))
+    if cfg.finetune.source:
+        data = _read_as_source(data, modality, cfg.finetune.source)
     _check_targets(cfg, method, data.train)
     task_state = method.task.fit(data.train) if method.task is not None else {}
     steps = plan_steps(
@@ -273,6 +276,13 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         method.notes(cfg),
         task_state,
     )
+
+
+def _read_as_source(data: TrainingData, modality: Modality, source: str) -> TrainingData:
+    """The fine-tune's splits as its source run's encoder learnt to read them (`Modality.inherited`: audio keeps the
+    source's front end and statistics; images keep their own)."""
+    fitted = checkpoints.read(Path(source) / "checkpoints" / "last.pt").data
+    return TrainingData(*(modality.inherited(split, fitted) if split is not None else None for split in data))
 
 
 def _check_targets(cfg: Config, method: Method, train: Samples) -> None:

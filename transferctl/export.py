@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import transferctl
-from transferctl.build import Trained, build_network, load_trained
+from transferctl.build import Trained, build_network, load_trained, modality_of_config
 from transferctl.config import load_config
 from transferctl.errors import RunFailed, UsageError
 from transferctl.fileio import atomic_write_bytes
@@ -48,12 +48,14 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 class Exported:
     """What a format writes: the module, an example input to trace, and what the files record about them."""
 
-    module: nn.Module
+    module: nn.Module  # what takes the export's inputs: the network or encoder, behind the modality's front end if it has one
     example: torch.Tensor
     spec: Export  # encoder alone or the whole network, and the output's name
     input_name: str
     config: dict[str, Any]
     num_outputs: int  # of the head the network was built with (safetensors rebuilds it)
+    sample_shape: tuple[int, ...]  # of the network's inputs (safetensors rebuilds it)
+    fitted: dict[str, Any]  # the modality's fitted state (safetensors rebuilds its front end)
 
 
 @dataclass(frozen=True)
@@ -136,16 +138,17 @@ def _save_safetensors(exported: Exported, path: Path) -> None:
     state = {k: v.contiguous() for k, v in exported.module.state_dict().items()}
     metadata = {
         "transferctl_config": json.dumps(exported.config),
-        "input_shape": json.dumps(list(exported.example.shape[1:])),
+        "input_shape": json.dumps(list(exported.sample_shape)),
         "num_outputs": json.dumps(exported.num_outputs),
         "encoder_only": json.dumps(exported.spec.encoder_only),
+        "fitted_state": json.dumps(exported.fitted),
     }
     atomic_write_bytes(path, save(state, metadata=metadata))
 
 
 def load_safetensors(path: str | Path) -> nn.Module:
     """Rebuild an exported model with transferctl from its .safetensors file alone (also one that transferctl
-    0.1.0 wrote, whose metadata lacks `num_outputs` and `encoder_only`)."""
+    0.1.0 wrote, whose metadata lacks `num_outputs` and `encoder_only`; and 0.3.0's, without `fitted_state`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -157,7 +160,7 @@ def load_safetensors(path: str | Path) -> nn.Module:
     encoder_only = json.loads(metadata["encoder_only"]) if "encoder_only" in metadata else not any(k.startswith("head.") for k in state)
     num_outputs = json.loads(metadata["num_outputs"]) if "num_outputs" in metadata else _head_outputs(state)
     network = build_network(cfg, sample_shape, num_outputs)
-    module = network.encoder if encoder_only else network
+    module = modality_of_config(cfg).served(network.encoder if encoder_only else network, json.loads(metadata.get("fitted_state", "{}")))
     module.load_state_dict(state)
     return module.eval()
 
@@ -320,10 +323,12 @@ def export_run(
     cfg = load_config(None, base=record.config)
     trained = load_trained(record, cfg, device=torch.device("cpu"), splits=("test",))
     data, modality = trained.split(train=False), trained.modality
-    module = trained.served()
-    inputs = modality.model_input(data.inputs[: max(verify_images, TRACE_BATCH)], data)
+    fitted = modality.fitted_state(data)
+    module = modality.served(trained.served(), fitted)
+    inputs = modality.export_input(data.inputs[: max(verify_images, TRACE_BATCH)], data)
     spec = trained.method.export()
-    exported = Exported(module, inputs[:TRACE_BATCH], spec, modality.input_name, cfg.to_dict(), trained.method.num_outputs(data))
+    num_outputs = trained.method.num_outputs(data)
+    exported = Exported(module, inputs[:TRACE_BATCH], spec, modality.input_name, cfg.to_dict(), num_outputs, data.sample_shape, fitted)
 
     export_dir = output or record.path / "export"
     try:

@@ -150,6 +150,8 @@ def serves(entry: Entry) -> tuple[str, ...]:
 
 def load_components() -> None:
     """Import the modules whose decorators fill the registries, then the installed plugins' (entry points)."""
+    import transferctl.data.audio
+    import transferctl.data.audio_augment
     import transferctl.data.augment
     import transferctl.data.datasets
     import transferctl.data.regression

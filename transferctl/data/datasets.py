@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -159,16 +160,22 @@ def image_statistics(images: torch.Tensor) -> dict[str, tuple[float, ...]]:
 def decode_image_files(name: str, paths: list[Path], image_size: int, channels: int) -> torch.Tensor:
     """Image files as one uint8 (N, channels, image_size, image_size) tensor: resized (shorter side) and centre-cropped,
     kept decoded in the cache so the next run skips decoding."""
-    cache = _decoded_cache_path(paths, image_size, channels)
+    transform = _image_transform(image_size, channels)
+    return cached_decoding(paths, f"{image_size}:{channels}", lambda: torch.stack([_decode(name, path, transform) for path in paths]))
+
+
+def cached_decoding(paths: list[Path], options: str, decode_all: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """`decode_all()` of some files, kept in the cache: the next run with the same files and decoding `options`
+    loads the tensor instead."""
+    cache = _decoded_cache_path(paths, options)
     if cache.is_file():
         return torch.load(cache, weights_only=True)
-    transform = _image_transform(image_size, channels)
-    images = torch.stack([_decode(name, path, transform) for path in paths])
+    decoded = decode_all()
     buffer = io.BytesIO()
-    torch.save(images, buffer)
+    torch.save(decoded, buffer)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cache, buffer.getvalue())
-    return images
+    return decoded
 
 
 def _image_transform(image_size: int, channels: int):
@@ -182,10 +189,10 @@ def _image_transform(image_size: int, channels: int):
     )
 
 
-def _decoded_cache_path(paths: list[Path], image_size: int, channels: int) -> Path:
-    """Where the decoded uint8 tensor of some files is kept. The key covers every file's path, size and
-    modification time, and the decoding options: any change decodes anew."""
-    digest = hashlib.sha256(f"{image_size}:{channels}".encode())
+def _decoded_cache_path(paths: list[Path], options: str) -> Path:
+    """Where the decoded tensor of some files is kept. The key covers every file's path, size and modification
+    time, and the decoding options: any change decodes anew."""
+    digest = hashlib.sha256(options.encode())
     for path in paths:
         stat = os.stat(path)
         digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())

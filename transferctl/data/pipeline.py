@@ -44,6 +44,18 @@ class Pipeline(Protocol):
     def restore(self, state: dict[str, Any]) -> None: ...
 
 
+def augmented_input(
+    x: torch.Tensor, augment: BatchAugment, modality: Modality, data: Samples, generator: torch.Generator, mine: slice
+) -> torch.Tensor:
+    """This rank's slice of a global batch of decoded samples, augmented and made model inputs: the augmentation,
+    the modality's `normalize`, then the augmentation's stage on model inputs, if it has one (audio: SpecAugment on
+    the spectrograms). Every random draw covers the whole global batch, as one process would draw it."""
+    on_model_inputs = getattr(augment, "on_model_inputs", None)
+    if on_model_inputs is None:
+        return modality.normalize(augment(x, generator)[mine], data)
+    return on_model_inputs(modality.normalize(augment(x, generator), data), generator)[mine]
+
+
 class MemoryPipeline:
     """Data on the device, batched augmentation on the device (airbench-style)."""
 
@@ -77,8 +89,11 @@ class MemoryPipeline:
                 x, masks = self.augment.with_masks(x, self.data.targets[idx], self.generator)
                 yield Batch((self._model_input(x[mine]),), masks[mine], {"index": idx[mine]})
                 continue
-            views = tuple(self._model_input(self.augment(x, self.generator)[mine]) for _ in range(self.views))
+            views = tuple(self._view(x, mine) for _ in range(self.views))
             yield Batch(views, self.data.targets[idx][mine], {"index": idx[mine]})
+
+    def _view(self, x: torch.Tensor, mine: slice) -> torch.Tensor:
+        return augmented_input(x, self.augment, self.modality, self.data, self.generator, mine).contiguous(memory_format=self.memory_format)
 
     def _model_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.modality.normalize(x, self.data).contiguous(memory_format=self.memory_format)
@@ -131,7 +146,7 @@ class UnlabeledStream:
         generator = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + step)
         mine = rank_slice(len(x), self.rank, self.world)
         weak, strong = (
-            self.modality.normalize(augment(x, generator)[mine], self.data).contiguous(memory_format=self.memory_format)
+            augmented_input(x, augment, self.modality, self.data, generator, mine).contiguous(memory_format=self.memory_format)
             for augment in (self.weak, self.strong)
         )
         return UnlabeledBatch(weak, strong, chosen[mine])

@@ -1,6 +1,7 @@
 """What the reconstruction methods (`autoencoder`, `mae`) share: a decoder head over the encoder's feature maps,
 the corruptions (noise, hidden patches) and their random draws, the objective, the evaluation (k-NN of the encoder
-and the reconstruction error) and reconstructions.png. Images only: targets are pixels."""
+and the reconstruction error) and reconstructions.png. Targets are the
+modality's signal (`Modality.to_signal`): pixels of images, standardized log-mel spectrograms of audio."""
 
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ from transferctl.engine.evaluate import Evaluation, knn_accuracy
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
 from transferctl.methods.base import Export, Method, Parts
-from transferctl.modalities import dataset_modality, modality_of
-from transferctl.modalities.image import normalize
+from transferctl.modalities import dataset_modality, modality_named, modality_of
 from transferctl.registry import HEADS, LOSSES
 
 if TYPE_CHECKING:
@@ -94,16 +94,10 @@ def decoder(
 # --------------------------------------------------------------------------- pixels and patches
 
 
-def _stats(data: Samples, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(data.mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(data.std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-    return mean, std
-
-
-def to_pixels(x: torch.Tensor, data: Samples) -> torch.Tensor:
-    """Model inputs (normalized images) back to pixels in [0, 1]."""
-    mean, std = _stats(data, x)
-    return (x * std + mean).clamp(0, 1)
+def to_signal(x: torch.Tensor, data: Samples) -> torch.Tensor:
+    """Model inputs as the signal a reconstruction is scored on: pixels in [0, 1] (images), the standardized
+    log-mel spectrogram itself (audio)."""
+    return modality_of(data).to_signal(x, data)
 
 
 def hidden_patches(count: int, height: int, width: int, patch: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -138,15 +132,17 @@ def no_corruption(x: torch.Tensor, generator: torch.Generator, rank: int, ranks:
 
 @dataclass(frozen=True)
 class GaussianNoise:
-    """Adds noise of `std` (in pixels of [0, 1]) to every pixel, clipped to [0, 1]; the loss counts every pixel."""
+    """Adds noise of `std` to every element of the signal (pixels of [0, 1], clipped to them; a standardized
+    spectrogram); the loss counts every element."""
 
     std: float
     data: Samples
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator, rank: int, ranks: int) -> tuple[torch.Tensor, None]:
         noise = torch.randn((len(x) * ranks, *x.shape[1:]), generator=generator)[_mine(len(x), rank, ranks)]
-        noisy = (to_pixels(x, self.data) + self.std * noise.to(x.device, x.dtype)).clamp(0, 1)
-        return normalize(noisy, self.data.mean, self.data.std), None
+        modality = modality_of(self.data)
+        noisy = to_signal(x, self.data) + self.std * noise.to(x.device, x.dtype)
+        return modality.from_signal(noisy.clamp(0, 1) if modality.unit_signal else noisy, self.data), None
 
 
 @dataclass(frozen=True)
@@ -195,7 +191,7 @@ class ReconstructionObjective:
         return self.criterion(self.forward(corrupted), self.target(x), weight)
 
     def target(self, clean: torch.Tensor) -> torch.Tensor:
-        target = to_pixels(clean, self.stats) if getattr(self.criterion, "unit_targets", False) else clean
+        target = to_signal(clean, self.stats) if getattr(self.criterion, "unit_targets", False) else clean
         if self.norm_pix_patch:
             mean, std = _patch_stats(target, self.norm_pix_patch)
             target = (target - mean) / std
@@ -205,12 +201,12 @@ class ReconstructionObjective:
         """The decoder's output as pixels in [0, 1] (per-patch normalized outputs take the clean patches' statistics back)."""
         output = output.float()
         if self.norm_pix_patch:
-            reference = to_pixels(clean, self.stats) if getattr(self.criterion, "unit_targets", False) else clean
+            reference = to_signal(clean, self.stats) if getattr(self.criterion, "unit_targets", False) else clean
             mean, std = _patch_stats(reference.float(), self.norm_pix_patch)
             output = output * std + mean
         if getattr(self.criterion, "unit_targets", False):
             return torch.sigmoid(output) if not self.norm_pix_patch else output.clamp(0, 1)
-        return to_pixels(output, self.stats)
+        return to_signal(output, self.stats)
 
     @torch.no_grad()
     def measure(self, network: nn.Module, data: Samples, batch_size: int) -> dict[str, float]:
@@ -222,7 +218,7 @@ class ReconstructionObjective:
             clean = modality.model_input(inputs, data)
             corrupted, weight = self.corrupt(clean, generator, 0, 1)
             output = network(corrupted)
-            error = F.mse_loss(self.as_pixels(output, clean), to_pixels(clean.float(), self.stats), reduction="none")
+            error = F.mse_loss(self.as_pixels(output, clean), to_signal(clean.float(), self.stats), reduction="none")
             counted = weight.float().expand_as(error) if weight is not None else torch.ones_like(error)
             total["loss"] += self.criterion(output, self.target(clean), weight).item() * len(clean)
             total["reconstruction_mse"] += ((error * counted).sum() / counted.sum().clamp_min(1)).item() * len(clean)
@@ -267,15 +263,16 @@ class ReconstructionMethod(Method):
         return None
 
     def check(self, cfg: Config, ranks: World) -> None:
-        if dataset_modality(cfg.data.name) != "image":
-            raise ConfigError(f"method: '{cfg.method.name}' reconstructs images, and data set '{cfg.data.name}' is not one")
+        modality = dataset_modality(cfg.data.name)
+        if getattr(LOSSES.build(cfg.loss.name, cfg.loss.options), "unit_targets", False) and not modality_named(modality).unit_signal:
+            raise ConfigError(f"loss.name: '{cfg.loss.name}' needs targets in [0, 1], and {modality} inputs are not; use loss.name=mse")
 
     def reconstruction(self, forward: nn.Module, criterion: nn.Module, cfg: Config, stats: Samples) -> ReconstructionObjective:
         """The objective of this method's reconstructions, for training or for scoring a trained network."""
         patch = self.patch_in_use()
         if patch and any(side % patch for side in stats.sample_shape[-2:]):
             size = "x".join(map(str, stats.sample_shape[-2:]))
-            raise ConfigError(f"method.patch_size: {patch} does not divide the {size} images of data set '{cfg.data.name}'; pick a divisor")
+            raise ConfigError(f"method.patch_size: {patch} does not divide the {size} inputs of data set '{cfg.data.name}'; pick a divisor")
         ranks = world()
         return ReconstructionObjective(
             forward, criterion, self.make_corruption(stats), stats, cfg.train.seed, self.norm_pix_patch(), rank=ranks.rank, ranks=ranks.size
@@ -312,8 +309,8 @@ class ReconstructionMethod(Method):
         clean = training.modality.model_input(shown.inputs, shown)
         corrupted, _ = objective.corrupt(clean, torch.Generator().manual_seed(EVALUATION_SEED), 0, 1)
         training.network.eval()
-        reconstructed = objective.as_pixels(training.network(corrupted), clean).permute(0, 2, 3, 1).cpu()
-        rows = [training.modality.displayable(clean, shown), training.modality.displayable(corrupted, shown), reconstructed]
+        reconstructed = training.modality.from_signal(objective.as_pixels(training.network(corrupted), clean), shown)
+        rows = [training.modality.displayable(x, shown) for x in (clean, corrupted, reconstructed)]
         plots.write_image_rows(
             run, "reconstructions.png", rows, "reconstructions, held-out images", ["input", "corrupted", "reconstructed"]
         )

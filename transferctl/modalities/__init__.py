@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cache
 
 from transferctl.data.samples import Samples
+from transferctl.modalities.audio import AudioData, AudioModality
 from transferctl.modalities.base import Modality
 from transferctl.modalities.image import ImageData, ImageModality
 from transferctl.registry import DATASETS, MODALITIES, Entry
@@ -36,6 +37,8 @@ def dataset_modality(dataset: str) -> str:
 
 __all__ = [
     "DEFAULT_MODALITY",
+    "AudioData",
+    "AudioModality",
     "ImageData",
     "ImageModality",
     "Modality",

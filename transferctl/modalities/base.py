@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from transferctl.data.samples import Samples
 
@@ -26,6 +27,7 @@ class Modality:
     channels_last: ClassVar[bool] = False  # its model inputs are NCHW images, where channels-last memory pays
     # augmentation role -> registered augmentation; methods ask for a role ("strong" views, "light" for labels)
     augmentations: ClassVar[Mapping[str, str]] = {}
+    unit_signal: ClassVar[bool] = True  # `to_signal` gives values in [0, 1] (pixels), which a loss like bce can take
 
     def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:
         """The keyword arguments a model builder takes from the data (images: in_channels and image_size)."""
@@ -58,6 +60,28 @@ class Modality:
     def as_trained(self, data: Samples, fitted: dict[str, Any]) -> Samples:
         """`data` read with the training split's fitted state."""
         return data
+
+    def inherited(self, data: Samples, source: dict[str, Any]) -> Samples:
+        """`data` as a fine-tune from a run reads it, given that run's fitted state: images keep their own
+        statistics; audio takes the source's front end, which its encoder learnt to read."""
+        return data
+
+    def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
+        """What an export holds around the trained module (images: the module itself, on normalized images; audio:
+        the front end, then the module, on raw waveforms), built from the training split's fitted state."""
+        return module
+
+    def export_input(self, raw: torch.Tensor, data: Samples) -> torch.Tensor:
+        """Raw samples as the exported model's inputs (what `served` takes)."""
+        return self.model_input(raw, data)
+
+    def to_signal(self, x: torch.Tensor, data: Samples) -> torch.Tensor:
+        """Model inputs as the signal a reconstruction is scored on (images: pixels in [0, 1])."""
+        raise NotImplementedError
+
+    def from_signal(self, x: torch.Tensor, data: Samples) -> torch.Tensor:
+        """The inverse of `to_signal`."""
+        raise NotImplementedError
 
     def describe_input(self, data: Samples) -> dict[str, Any]:
         """The model card's `input`: name, shape, dtype and the preprocessing a caller must apply."""

@@ -82,6 +82,14 @@ class ImageModality(Modality):
             "std": list(data.std),
         }
 
+    def to_signal(self, x: torch.Tensor, data: ImageData) -> torch.Tensor:
+        m = torch.tensor(data.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(data.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x * s + m).clamp(0, 1)
+
+    def from_signal(self, x: torch.Tensor, data: ImageData) -> torch.Tensor:
+        return normalize(x, data.mean, data.std)
+
     def displayable(self, x: torch.Tensor, data: ImageData) -> torch.Tensor:
         m, s = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
         return (x.float().cpu() * s + m).clamp(0, 1).permute(0, 2, 3, 1)

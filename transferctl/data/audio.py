@@ -1,0 +1,180 @@
+"""Audio data sets: `fsdd` (the Free Spoken Digit Dataset) and `audio_folder`, the user's own recordings.
+
+Files are read once (16-bit PCM `.wav` through the standard `wave` module, other formats through `soundfile`),
+downmixed to mono, resampled to `sample_rate` (torchaudio), kept from their start up to `max_seconds`, and
+stacked into one zero-padded int16 tensor, which the decoded cache keeps for the next run. The split's log-mel
+statistics are computed once here; the front end (`modalities/audio.py`) reads every batch with them.
+"""
+
+from __future__ import annotations
+
+import re
+import wave
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from transferctl.data.datasets import cached_decoding, missing_data, split_folder
+from transferctl.errors import UsageError
+from transferctl.modalities.audio import AudioData, FrontEnd, log_mel_statistics, torchaudio
+from transferctl.registry import DATASETS
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+Seconds = Annotated[float, Field(gt=0.0, le=60.0)]
+Milliseconds = Annotated[float, Field(gt=0.0, le=1000.0)]
+SampleRate = Annotated[int, Field(ge=1000, le=192_000)]
+MelBins = Annotated[int, Field(ge=8, le=256)]
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_audio(name: str, path: Path) -> tuple[torch.Tensor, int]:
+    """A file's samples as mono float32 in [-1, 1], and its sample rate; a file that is not audio, is cut short
+    or holds no samples is a one-line error naming it."""
+    try:
+        samples, rate = _read_pcm_wav(path) if path.suffix.lower() == ".wav" else _read_soundfile(path)
+    except (wave.Error, EOFError, RuntimeError, ValueError) as exc:
+        raise UsageError(f"data set '{name}': cannot read {path} as audio ({exc}); remove or replace it") from None
+    if samples.numel() == 0:
+        raise UsageError(f"data set '{name}': {path} holds no samples; remove it")
+    return samples, rate
+
+
+def _read_pcm_wav(path: Path) -> tuple[torch.Tensor, int]:
+    """PCM `.wav` (8, 16, 24 or 32 bit); other encodings go to soundfile."""
+    try:
+        with wave.open(str(path), "rb") as reader:
+            channels, width, frames, rate = reader.getnchannels(), reader.getsampwidth(), reader.getnframes(), reader.getframerate()
+            data = reader.readframes(frames)
+    except wave.Error as exc:
+        if "unknown format" in str(exc):  # IEEE float or compressed: not PCM
+            return _read_soundfile(path)
+        raise
+    if len(data) < frames * channels * width:
+        raise EOFError(f"truncated: its header promises {frames} samples, it holds {len(data) // (channels * width)}")
+    return _pcm_to_float(data, width, channels), rate
+
+
+def _pcm_to_float(data: bytes, width: int, channels: int) -> torch.Tensor:
+    if width == 1:  # 8-bit wav is unsigned
+        values = torch.frombuffer(bytearray(data), dtype=torch.uint8).float().sub_(128).div_(128)
+    elif width == 3:
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(-1, 3).int()
+        values = (raw[:, 0] | raw[:, 1] << 8 | raw[:, 2] << 16).float()
+        values = torch.where(values >= 2**23, values - 2**24, values).div_(2**23)
+    else:
+        dtype = {2: torch.int16, 4: torch.int32}[width]
+        values = torch.frombuffer(bytearray(data), dtype=dtype).float().div_(2 ** (8 * width - 1))
+    return values.view(-1, channels).mean(dim=1)
+
+
+def _read_soundfile(path: Path) -> tuple[torch.Tensor, int]:
+    try:
+        import soundfile
+    except ImportError:
+        raise UsageError(f'{path}: reading {path.suffix} files needs soundfile: pip install "transferctl[audio]"') from None
+    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    return torch.from_numpy(samples).mean(dim=1), rate
+
+
+def decode_audio_files(name: str, paths: list[Path], sample_rate: int, max_samples: int) -> torch.Tensor:
+    """Audio files as one int16 tensor (N, longest kept length): mono, at `sample_rate`, each from its start up to
+    `max_samples`, zero-padded at the end; kept decoded in the cache so the next run skips reading."""
+    return cached_decoding(paths, f"audio:{sample_rate}:{max_samples}", lambda: _decode_all(name, paths, sample_rate, max_samples))
+
+
+def _decode_all(name: str, paths: list[Path], sample_rate: int, max_samples: int) -> torch.Tensor:
+    clips = []
+    for path in paths:
+        samples, rate = read_audio(name, path)
+        if rate != sample_rate:
+            samples = torchaudio().functional.resample(samples, rate, sample_rate)
+        clips.append((samples[:max_samples].clamp(-1, 1) * 32767).round().to(torch.int16))
+    out = torch.zeros(len(clips), max((len(c) for c in clips), default=1), dtype=torch.int16)
+    for row, clip in zip(out, clips, strict=True):
+        row[: len(clip)] = clip
+    return out
+
+
+def audio_split(waveforms: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...], front_end: FrontEnd) -> AudioData:
+    return AudioData(waveforms, targets, classes, front_end, **log_mel_statistics(waveforms, front_end))
+
+
+def _front_end(sample_rate: int, clip_seconds: float, n_mels: int, window_ms: float, hop_ms: float) -> FrontEnd:
+    return FrontEnd.of(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
+
+
+# --------------------------------------------------------------------------- data sets
+
+FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)$")
+FSDD_TEST_TAKES = 5  # the data set's own split: takes 0-4 of every digit and speaker are the test set
+
+
+@DATASETS.register(modality="audio")
+def fsdd(
+    root: Path,
+    download: bool,
+    train: bool,
+    split: Literal["official", "speakers"] = "official",
+    test_speakers: tuple[str, ...] = ("george", "lucas"),
+    sample_rate: SampleRate = 8000,
+    clip_seconds: Seconds = 1.0,
+    max_seconds: Seconds = 2.5,
+    n_mels: MelBins = 40,
+    window_ms: Milliseconds = 32.0,
+    hop_ms: Milliseconds = 10.0,
+) -> AudioData:
+    """Free Spoken Digit Dataset: 3,000 recordings of the digits 0-9 by 6 speakers at 8 kHz; `split: official` tests on
+    takes 0-4 (300 clips), `split: speakers` on every clip of `test_speakers`."""
+    front_end = _front_end(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
+    folder = root / "FSDD" / "recordings"
+    recordings = sorted(folder.glob("*.wav")) if folder.is_dir() else []
+    if not recordings:
+        raise missing_data("fsdd", root, "FSDD/recordings/*.wav")
+    named = [(path, FSDD_NAME.match(path.stem)) for path in recordings]
+    if bad := next((path for path, match in named if match is None), None):
+        raise UsageError(f"data set 'fsdd': {bad.name} is not named {{digit}}_{{speaker}}_{{take}}.wav; remove or rename it")
+    speakers = {match[2] for _, match in named}
+    if split == "speakers" and (unknown := sorted(set(test_speakers) - speakers)):
+        raise UsageError(f"data.test_speakers: {', '.join(unknown)} not among the speakers ({', '.join(sorted(speakers))}); name them")
+    in_test = (lambda m: int(m[3]) < FSDD_TEST_TAKES) if split == "official" else (lambda m: m[2] in test_speakers)
+    chosen = [(path, int(match[1])) for path, match in named if in_test(match) != train]
+    waveforms = decode_audio_files("fsdd", [p for p, _ in chosen], sample_rate, round(max_seconds * sample_rate))
+    targets = torch.tensor([digit for _, digit in chosen], dtype=torch.long)
+    return audio_split(waveforms, targets, tuple(str(d) for d in range(10)), front_end)
+
+
+@DATASETS.register(modality="audio")
+def audio_folder(
+    root: Path,
+    download: bool,
+    train: bool,
+    train_dir: str = "train",
+    test_dir: str = "test",
+    sample_rate: SampleRate = 16000,
+    clip_seconds: Seconds = 1.0,
+    max_seconds: Seconds = 4.0,
+    n_mels: MelBins = 64,
+    window_ms: Milliseconds = 25.0,
+    hop_ms: Milliseconds = 10.0,
+) -> AudioData:
+    """Your own recordings: <root>/<train_dir>/<class>/*.wav (also .flac, .ogg) and the same under <test_dir>;
+    resampled to sample_rate, downmixed to mono."""
+    front_end = _front_end(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
+    folder = split_folder("audio_folder", root, train, train_dir, test_dir)
+    classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    files = [(path, index) for index, cls in enumerate(classes) for path in sorted((folder / cls).iterdir()) if _is_audio(path)]
+    if not files:
+        raise UsageError(f"data set 'audio_folder': {folder} has no class folders with recordings; put them in {folder}/<class>/*.wav")
+    empty = sorted(set(classes) - {classes[i] for _, i in files})
+    if empty:
+        raise UsageError(f"data set 'audio_folder': class folder {folder / empty[0]} has no recordings; add some or remove it")
+    waveforms = decode_audio_files("audio_folder", [p for p, _ in files], sample_rate, round(max_seconds * sample_rate))
+    return audio_split(waveforms, torch.tensor([i for _, i in files], dtype=torch.long), classes, front_end)
+
+
+def _is_audio(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES and not path.name.startswith(".")

@@ -1,0 +1,224 @@
+"""Audio: int16 waveforms (N, samples) at one sample rate; models take a normalized log-mel spectrogram of a clip.
+
+A split keeps each recording from its start, zero-padded to the longest one it holds, so training can crop or
+shift a clip anywhere in it. Model inputs are made in two steps, as for every modality: `decode` (int16 ->
+floats in [-1, 1], what the waveform augmentations act on) and `normalize`, the front end: the first
+`clip_samples` of each waveform (zero-padded when shorter), its log-mel spectrogram, standardized per mel bin
+with the training split's statistics. Spectrogram augmentations (SpecAugment) act after it. The front end is a
+module (`LogMel`), so an export holds it in front of the network and takes raw waveforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from transferctl.data.samples import Samples
+from transferctl.errors import ConfigError, UsageError
+from transferctl.modalities.base import Modality
+from transferctl.registry import AUGMENTATIONS, MODALITIES, MODELS
+
+MODELS.add_context("sequence_features")  # what `model_context` gives an encoder over frames (gru, conv1d): mel bins
+AUGMENTATIONS.add_context("clip_samples")  # what `augment_context` gives an audio augmentation
+LOG_FLOOR = 1e-6  # added to mel energies before the log: silence (zero padding) stays finite
+INSTALL_HINT = 'pip install "transferctl[audio]"'
+
+
+def torchaudio():
+    """torchaudio, or a one-line error naming the extra that installs it."""
+    try:
+        import torchaudio as module
+    except ImportError:
+        raise UsageError(f"audio data needs torchaudio: {INSTALL_HINT}") from None
+    return module
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """What turns a waveform into model inputs: the clip, the STFT and the mel scale (all in samples)."""
+
+    sample_rate: int
+    clip_samples: int
+    n_fft: int
+    win_length: int
+    hop_length: int
+    n_mels: int
+
+    @property
+    def frames(self) -> int:
+        """Spectrogram frames of a clip: one per hop that starts inside it."""
+        return self.clip_samples // self.hop_length
+
+    @classmethod
+    def of(cls, sample_rate: int, clip_seconds: float, n_mels: int, window_ms: float, hop_ms: float) -> FrontEnd:
+        win_length = round(sample_rate * window_ms / 1000)
+        hop_length = round(sample_rate * hop_ms / 1000)
+        clip_samples = round(sample_rate * clip_seconds)
+        if not 0 < hop_length <= win_length or clip_samples < win_length:
+            raise ConfigError(
+                f"data: a {window_ms} ms window with a {hop_ms} ms hop does not fit a {clip_seconds} s clip at {sample_rate} Hz; "
+                f"use 0 < hop_ms <= window_ms and window_ms <= clip_seconds * 1000"
+            )
+        return cls(sample_rate, clip_samples, 1 << (win_length - 1).bit_length(), win_length, hop_length, n_mels)
+
+
+@dataclass(frozen=True)
+class AudioData(Samples):
+    """An audio split: int16 `inputs` (N, samples), the front end that reads them and its per-mel-bin statistics
+    (of the training split's log-mel energies)."""
+
+    front_end: FrontEnd
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    modality = "audio"
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """The model's input: a one-channel log-mel image (1, n_mels, frames)."""
+        return (1, self.front_end.n_mels, self.front_end.frames)
+
+
+class LogMel(nn.Module):
+    """Waveforms (N, samples) at the front end's rate -> standardized log-mel spectrograms (N, 1, n_mels, frames).
+    Longer waveforms are cut to the clip, shorter ones zero-padded at the end."""
+
+    def __init__(self, front_end: FrontEnd, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
+        super().__init__()
+        f = self.front_end = front_end
+        self.mel = torchaudio().transforms.MelSpectrogram(
+            f.sample_rate, n_fft=f.n_fft, win_length=f.win_length, hop_length=f.hop_length, n_mels=f.n_mels, power=2.0
+        )
+        self.register_buffer("mean", torch.tensor(mean or [0.0] * f.n_mels).view(-1, 1))
+        self.register_buffer("std", torch.tensor(std or [1.0] * f.n_mels).view(-1, 1))
+
+    def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(N, n_mels, frames) log mel energies of each clip, before standardization."""
+        clip = self.front_end.clip_samples
+        waveforms = waveforms[:, :clip]
+        if waveforms.shape[1] < clip:
+            waveforms = nn.functional.pad(waveforms, (0, clip - waveforms.shape[1]))
+        return (self.mel(waveforms.float()) + LOG_FLOOR).log()[..., : self.front_end.frames]
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return ((self.log_mel(waveforms) - self.mean) / self.std).unsqueeze(1)
+
+
+@lru_cache(maxsize=16)
+def _front_end_module(front_end: FrontEnd, mean: tuple[float, ...], std: tuple[float, ...], device: str) -> LogMel:
+    return LogMel(front_end, mean, std).to(device).eval()
+
+
+def front_end_of(data: AudioData, device: torch.device) -> LogMel:
+    """The split's front end (with its statistics) on `device`, built once."""
+    return _front_end_module(data.front_end, data.mean, data.std, str(device))
+
+
+def log_mel_statistics(waveforms: torch.Tensor, front_end: FrontEnd, batch_size: int = 512) -> dict[str, tuple[float, ...]]:
+    """Per-mel-bin mean and std of the clips' log-mel energies (int16 waveforms, read as evaluation reads them)."""
+    module = LogMel(front_end)
+    total = torch.zeros(front_end.n_mels, dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    with torch.no_grad():
+        for start in range(0, len(waveforms), batch_size):
+            energies = module.log_mel(decode(waveforms[start : start + batch_size])).double()
+            total += energies.sum(dim=(0, 2))
+            squares += energies.square().sum(dim=(0, 2))
+    count = max(len(waveforms), 1) * front_end.frames
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-6).sqrt()
+    return {"mean": tuple(mean.tolist()), "std": tuple(std.tolist())}
+
+
+def decode(raw: torch.Tensor) -> torch.Tensor:
+    """int16 samples -> float in [-1, 1]."""
+    return raw.float().div_(32768)
+
+
+class Waveforms(nn.Module):
+    """What an audio export holds: the front end, then the network (or encoder). Input: float32 waveforms."""
+
+    def __init__(self, front_end: LogMel, network: nn.Module):
+        super().__init__()
+        self.front_end, self.network = front_end, network
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return self.network(self.front_end(waveforms))
+
+
+@MODALITIES.register("audio")
+class AudioModality(Modality):
+    """Audio: int16 waveforms, read through a log-mel front end; augmented as waveforms, then as spectrograms."""
+
+    input_name = "waveforms"
+    augmentations: ClassVar[Mapping[str, str]] = {"strong": "audio_simclr", "light": "audio_light", "none": "none"}
+    unit_signal = False  # a reconstruction is scored on the standardized log-mel itself
+
+    def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:  # names added to MODELS' context above
+        return {"in_channels": sample_shape[0], "sequence_features": sample_shape[1]}
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        return decode(raw)
+
+    def normalize(self, x: torch.Tensor, data: AudioData) -> torch.Tensor:
+        return front_end_of(data, x.device)(x)
+
+    def augment_context(self, data: AudioData) -> dict[str, Any]:
+        return {"clip_samples": data.front_end.clip_samples}
+
+    def fitted_state(self, data: AudioData) -> dict[str, Any]:
+        return {"front_end": asdict(data.front_end), "mean": list(data.mean), "std": list(data.std)}
+
+    def as_trained(self, data: AudioData, fitted: dict[str, Any]) -> AudioData:
+        trained = FrontEnd(**fitted["front_end"])
+        if trained.sample_rate != data.front_end.sample_rate:
+            raise ConfigError(
+                f"data.sample_rate: {data.front_end.sample_rate} Hz differs from the {trained.sample_rate} Hz the model was trained on; "
+                f"set data.sample_rate={trained.sample_rate}"
+            )
+        return replace(data, front_end=trained, mean=tuple(fitted["mean"]), std=tuple(fitted["std"]))
+
+    def inherited(self, data: AudioData, source: dict[str, Any]) -> AudioData:
+        """A fine-tune reads its data through the source run's front end: its options and statistics."""
+        return self.as_trained(data, source)
+
+    def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
+        front_end = LogMel(FrontEnd(**fitted["front_end"]), tuple(fitted["mean"]), tuple(fitted["std"]))
+        return Waveforms(front_end, module).eval()
+
+    def export_input(self, raw: torch.Tensor, data: AudioData) -> torch.Tensor:
+        clip = data.front_end.clip_samples
+        waveforms = decode(raw[:, :clip])
+        return nn.functional.pad(waveforms, (0, clip - waveforms.shape[1]))
+
+    def describe_input(self, data: AudioData) -> dict[str, Any]:
+        f = data.front_end
+        return {
+            "name": self.input_name,
+            "shape": ["batch", f.clip_samples],
+            "dtype": "float32",
+            "sample_rate": f.sample_rate,
+            "clip_seconds": f.clip_samples / f.sample_rate,
+            "preprocessing": (
+                f"mono float32 samples in [-1, 1] (16-bit PCM / 32768) at {f.sample_rate} Hz: resample other rates and average "
+                f"the channels; keep the first {f.clip_samples} samples (the clip's start, as evaluation reads it) and zero-pad "
+                f"shorter clips at the end"
+            ),
+            "front_end": {**asdict(f), "frames": f.frames, "log": f"log(mel power + {LOG_FLOOR:g}), standardized per mel bin"},
+            "mean": list(data.mean),
+            "std": list(data.std),
+        }
+
+    def to_signal(self, x: torch.Tensor, data: AudioData) -> torch.Tensor:
+        return x
+
+    def from_signal(self, x: torch.Tensor, data: AudioData) -> torch.Tensor:
+        return x
+
+    def displayable(self, x: torch.Tensor, data: AudioData) -> torch.Tensor:
+        """Spectrograms as images: low frequencies at the bottom, +-3 standard deviations mapped to [0, 1]."""
+        return ((x.float().cpu().flip(2) + 3) / 6).clamp(0, 1).permute(0, 2, 3, 1)
