@@ -216,7 +216,7 @@ def test_safetensors_rebuilds_a_classifier_with_its_number_of_classes(tmp_path, 
     network = build_network(cfg, (1, 28, 28), 7).eval()
     example = torch.randn(3, 1, 28, 28)
     spec = Export(encoder_only=False, output="logits", kind="classifier")
-    exported = export_module.Exported(network, example, spec, "images", cfg.to_dict(), num_outputs=7)
+    exported = export_module.Exported(network, example, spec, "images", cfg.to_dict(), num_outputs=7, sample_shape=(1, 28, 28), fitted={})
     export_module._save_safetensors(exported, tmp_path / "model.safetensors")
     rebuilt = export_module.load_safetensors(tmp_path / "model.safetensors")
     assert torch.equal(rebuilt(example), network(example)) and rebuilt(example).shape == (3, 7)

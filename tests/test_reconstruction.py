@@ -14,7 +14,7 @@ from tests.conftest import write_config
 from tests.test_resume import killed_and_resumed
 from transferctl.data import Batch
 from transferctl.losses import mse
-from transferctl.methods.reconstruction import GaussianNoise, PatchMask, ReconstructionObjective, decoder, hidden_patches, to_pixels
+from transferctl.methods.reconstruction import GaussianNoise, PatchMask, ReconstructionObjective, decoder, hidden_patches, to_signal
 from transferctl.modalities import ImageData
 
 MAE = """\
@@ -74,8 +74,8 @@ def test_denoising_corrupts_the_input_and_reconstructs_the_clean_image():
     replay.set_state(noisy.generator.get_state())  # the draws the objective is about to make
     loss = noisy.loss(Batch((clean,), data.targets), 0).item()
     corrupted, _ = noisy.corrupt(clean, replay, 0, 1)
-    added = to_pixels(corrupted, data) - to_pixels(clean, data)
-    assert 0.1 < added.std().item() < 0.25 and to_pixels(corrupted, data).min() >= 0  # noise in pixels, clipped to [0, 1]
+    added = to_signal(corrupted, data) - to_signal(clean, data)
+    assert 0.1 < added.std().item() < 0.25 and to_signal(corrupted, data).min() >= 0  # noise in pixels, clipped to [0, 1]
     # a model that hands back its input is wrong by exactly the noise: the target is the clean image
     assert loss == pytest.approx(((corrupted - clean) ** 2).mean().item(), rel=1e-5)
     masked = ReconstructionObjective(identity, mse(), PatchMask(0.5, 4, weigh_hidden=False), data, seed=0)

@@ -59,6 +59,8 @@ def _read_pcm_wav(path: Path) -> tuple[torch.Tensor, int]:
 
 
 def _pcm_to_float(data: bytes, width: int, channels: int) -> torch.Tensor:
+    if not data:
+        return torch.zeros(0)  # torch.frombuffer refuses an empty buffer
     if width == 1:  # 8-bit wav is unsigned
         values = torch.frombuffer(bytearray(data), dtype=torch.uint8).float().sub_(128).div_(128)
     elif width == 3:
