@@ -9,6 +9,7 @@ torchvision transforms in DataLoader workers), in a fresh subprocess each (so pe
 
     python benchmarks/throughput.py                       # cnn, batch 256, both pipelines
     python benchmarks/throughput.py --models cnn resnet18 --steps 30
+    python benchmarks/throughput.py --audio --pipelines memory --models cnn conv1d gru   # FSDD clips ($TRANSFERCTL_DATA_DIR)
 
 Uses real MNIST when TRANSFERCTL_DATA_DIR points at it, else the MNIST sample shipped in the package.
 Prints a markdown table.
@@ -29,13 +30,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, warmup: int, workers: int, device: str) -> dict:
+def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, warmup: int, workers: int, device: str, audio: bool) -> dict:
     import torch
 
     from transferctl import build
     from transferctl.config import load_config
 
-    data = "mnist" if os.environ.get("TRANSFERCTL_DATA_DIR") else "mnist_sample"
+    if audio:
+        data, config = "fsdd", REPO / "configs" / "simclr_fsdd.yaml"
+    else:
+        data, config = "mnist" if os.environ.get("TRANSFERCTL_DATA_DIR") else "mnist_sample", REPO / "configs" / "simclr_mnist.yaml"
     overrides = [
         f"model.name={model}",
         f"data.name={data}",
@@ -45,7 +49,7 @@ def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, w
         f"train.device={device}",
         f"train.precision={precision}",
     ]
-    cfg = load_config(REPO / "configs" / "simclr_mnist.yaml", overrides)  # another model.name drops the cnn's options
+    cfg = load_config(config, overrides)  # another model.name drops the cnn's options
     t = build.build_training(cfg)
     torch.set_num_threads(build.training_threads(cfg, t.pipeline, t.device))  # as `transferctl pretrain` runs it
     dev = t.device
@@ -114,10 +118,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the loader pipeline")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--audio", action="store_true", help="FSDD clips through configs/simclr_fsdd.yaml (memory pipeline only)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "PIPELINE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(*args.one, args.batch, args.steps, args.warmup, args.workers, args.device)))
+        print(json.dumps(measure(*args.one, args.batch, args.steps, args.warmup, args.workers, args.device, args.audio)))
         return
 
     rows = []
@@ -139,6 +144,7 @@ def main() -> None:
             str(args.workers),
             "--device",
             args.device,
+            *(["--audio"] if args.audio else []),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))

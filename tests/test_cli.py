@@ -281,6 +281,7 @@ def test_list_and_version(cli):
     assert kinds == set(everything)
     assert set(everything["methods"]) == {"simclr", "supervised", "finetune", "autoencoder", "mae"}
     assert set(everything["tasks"]) == {"classification", "regression", "segmentation"}
+    assert set(everything["modalities"]) == {"image", "audio"}
     assert cli("list", "los").code == 2
     version = cli("--version")
     assert version.code == 0 and version.stdout.startswith("transferctl ")

@@ -115,7 +115,7 @@ def test_a_pooled_decoder_reads_the_pooled_features_alone():
     [
         (["method.mask_ratio=1.0"], "method.mask_ratio: Input should be less than 1"),
         (["method.mask_ratio=0"], "method.mask_ratio: Input should be greater than 0"),
-        (["method.patch_size=5"], "method.patch_size: 5 does not divide the 28x28 images"),
+        (["method.patch_size=5"], "method.patch_size: 5 does not divide the 28x28 inputs"),
         (["method.norm_pix_loss=true", "loss.name=bce"], "method.norm_pix_loss: per-patch normalized targets are not in [0, 1]"),
         (["model.name=mlp"], "head 'decoder' reads an encoder's stage feature maps, and model 'mlp' has none"),
         (["method.name=autoencoder", "method.corruption=blur"], "method.corruption: Input should be 'none', 'noise' or 'mask'"),

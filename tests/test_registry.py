@@ -63,8 +63,8 @@ def test_every_kind_the_cli_lists_is_populated():
     expected = {
         "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae"},
         "tasks": {"classification", "regression", "segmentation"},
-        "modalities": {"image"},
-        "models": {"mlp", "cnn", "resnet18"},
+        "modalities": {"image", "audio"},
+        "models": {"mlp", "cnn", "resnet18", "gru", "conv1d"},
         "heads": {"projection", "linear", "decoder", "regressor", "fpn"},
         "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy"},
         "optimizers": {"sgd", "adam", "adamw", "lars"},
@@ -79,8 +79,10 @@ def test_every_kind_the_cli_lists_is_populated():
             "regression_folder",
             "mnist_scenes",
             "segmentation_folder",
+            "fsdd",
+            "audio_folder",
         },
-        "augmentations": {"simclr", "light", "none"},
+        "augmentations": {"simclr", "light", "none", "audio_simclr", "audio_light"},
     }
     for kind, names in expected.items():
         assert names <= set(REGISTRIES[kind].names()), kind
