@@ -36,12 +36,14 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 FINETUNE = CONFIGS / "finetune10_fsdd.yaml"
 SPLITS = {"official": ["data.split=official"], "speakers": ["data.split=speakers", "data.test_speakers=[george,lucas]"]}
+RANDOM_ENCODER = ["model.name=conv1d"]  # the random-init row: the SimCLR recipe's encoder, untrained
 ENCODERS = {
-    "random": ("random init", None),
-    "simclr": ("SimCLR (no labels)", "simclr"),
-    "autoencoder": ("masked autoencoder (no labels)", "autoencoder"),
+    "random": ("random init (conv1d)", None),
+    "simclr": ("SimCLR, conv1d (no labels)", "simclr"),
+    "autoencoder": ("masked autoencoder, cnn (no labels)", "autoencoder"),
 }
 CLASSIC = "log-spectrogram + logistic regression"
+UNLABELED_UNUSED = ("5", "10", "all")  # the classic baseline's columns: it learns from labelled clips only
 LABELS_ONLY = ["finetune.unlabeled.weight=0"]
 ALL_LABELS = ["data.labels_per_class=null", "finetune.unlabeled.weight=0", "train.max_steps=1000"]
 COLUMNS = {  # column -> (labels per class or None for all, overrides)
@@ -98,11 +100,13 @@ def pretrained(split: str, method: str | None, cells: Cells, runs: Path, extra: 
     return {"source": cell["run"], "seconds": cell["seconds"]}
 
 
-def measure_row(split: str, name: str, measure, pretrain_seconds: float, seeds: list[int], cells: Cells, tag: str) -> dict[str, Any]:
+def measure_row(
+    split: str, name: str, measure, pretrain_seconds: float, seeds: list[int], cells: Cells, tag: str, columns=tuple(COLUMNS)
+) -> dict[str, Any]:
     """One row: each column's mean and spread over the seeds (all labels: the first seed), and the row's wall time."""
     row: dict[str, Any] = {"split": split, "encoder": name, "pretrain_min": pretrain_seconds / 60}
     seconds = pretrain_seconds
-    for column in COLUMNS:
+    for column in columns:
         done = []
         for seed in seeds if column != "all" else seeds[:1]:
             done.append(cells.get(f"{tag}/{column}/seed{seed}", lambda column=column, seed=seed: measure(column, seed)))
@@ -121,15 +125,15 @@ def rows_of(split: str, encoders: list[str], seeds: list[int], cells: Cells, run
         encoder = pretrained(split, method, cells, runs, extra)
         source = encoder["source"]
 
-        def measure(column: str, seed: int, source=source) -> dict[str, Any]:
-            return tuned_accuracy(source, FINETUNE, overrides_of(split, column, seed, extra), runs)
+        encoder_options = RANDOM_ENCODER if source is None else []
 
-        tag = f"fsdd-{split}/{key}/{recipe_digest(FINETUNE, extra, source)}"
+        def measure(column: str, seed: int, source=source, options=encoder_options) -> dict[str, Any]:
+            return tuned_accuracy(source, FINETUNE, [*options, *overrides_of(split, column, seed, extra)], runs)
+
+        tag = f"fsdd-{split}/{key}/{recipe_digest(FINETUNE, [*encoder_options, *extra], source)}"
         rows.append(measure_row(split, name, measure, encoder["seconds"], seeds, cells, tag))
     classic = lambda column, seed: classic_accuracy(split, column, seed, extra)
-    rows.append(
-        measure_row(split, "log-spectrogram + logistic regression", classic, 0.0, seeds, cells, f"fsdd-{split}/classic/{'-'.join(extra)}")
-    )
+    rows.append(measure_row(split, CLASSIC, classic, 0.0, seeds, cells, f"fsdd-{split}/classic/{'-'.join(extra)}", UNLABELED_UNUSED))
     return rows
 
 
@@ -137,6 +141,8 @@ def rows_of(split: str, encoders: list[str], seeds: list[int], cells: Cells, run
 
 
 def cell_text(row: dict[str, Any], column: str) -> str:
+    if column not in row:
+        return "—"
     spread = row[f"{column}_sd"]
     return f"{100 * row[column]:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
 
@@ -158,14 +164,15 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     for split in SPLITS:
         mine = {r["encoder"]: r for r in rows if r["split"] == split}
         classic = mine.get(CLASSIC)
-        scratch = mine.get("random init")
-        pretrained_rows = [r for name, r in mine.items() if name not in ("random init", CLASSIC)]
+        scratch = mine.get(ENCODERS["random"][0])
+        pretrained_rows = [r for name, r in mine.items() if name not in (ENCODERS["random"][0], CLASSIC)]
         if not pretrained_rows:
             continue
         best = {c: max(r[c] for r in pretrained_rows) for c in COLUMNS}
-        if classic:
-            beaten = [c for c in COLUMNS if best[c] > classic[c]]
-            verdict = "met" if len(beaten) == len(COLUMNS) else f"NOT met (beaten at {', '.join(beaten) or 'none'})"
+        if classic:  # its budgets are labels per class; a pretrained encoder may use the unlabeled clips too
+            best_at = {c: max(best[c], best.get(f"{c}+u", 0.0)) for c in UNLABELED_UNUSED}
+            beaten = [c for c in UNLABELED_UNUSED if best_at[c] > classic[c]]
+            verdict = "met" if len(beaten) == len(UNLABELED_UNUSED) else f"NOT met (beaten at {', '.join(beaten) or 'none'})"
             out.append(f"- {split}: best pretrained encoder beats the classic baseline at every budget: {verdict}")
         if scratch:
             gain = 100 * (best["5"] - scratch["5"])

@@ -133,7 +133,7 @@ def _change_speed(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
 def audio_simclr(
     clip_samples: int,
     time_shift: bool = True,
-    speed: SpeedRange = (0.9, 1.1),
+    speed: SpeedRange = (0.8, 1.25),  # wide: a voice's pitch and formants move, which speakers differ in
     gain_db: Decibels = 6.0,
     noise_p: Probability = 0.5,
     snr_db: SnrRange = (5.0, 30.0),
