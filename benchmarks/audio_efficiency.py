@@ -133,7 +133,9 @@ def rows_of(split: str, encoders: list[str], seeds: list[int], cells: Cells, run
         tag = f"fsdd-{split}/{key}/{recipe_digest(FINETUNE, [*encoder_options, *extra], source)}"
         rows.append(measure_row(split, name, measure, encoder["seconds"], seeds, cells, tag))
     classic = lambda column, seed: classic_accuracy(split, column, seed, extra)
-    rows.append(measure_row(split, CLASSIC, classic, 0.0, seeds, cells, f"fsdd-{split}/classic/{'-'.join(extra)}", UNLABELED_UNUSED))
+    rows.append(
+        measure_row(split, CLASSIC, classic, 0.0, seeds, cells, f"fsdd-{split}/classic/{recipe_digest(FINETUNE, extra)}", UNLABELED_UNUSED)
+    )
     return rows
 
 

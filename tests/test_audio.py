@@ -17,7 +17,7 @@ from tests.conftest import write_config
 from tests.test_resume import killed_and_resumed
 from transferctl.data.audio import decode_audio_files, read_audio
 from transferctl.data.audio_augment import AudioAugment, audio_simclr, content_length
-from transferctl.modalities.audio import FrontEnd, LogMel
+from transferctl.modalities.audio import AudioData, AudioModality, FrontEnd, LogMel
 from transferctl.registry import DATASETS, MODELS, load_components
 
 RATE = 8000
@@ -175,13 +175,34 @@ def test_augmentations_keep_shapes_are_seeded_and_shift_within_the_clip():
     out = augment(x, torch.Generator().manual_seed(3))
     assert out.shape == (6, 4000) and torch.equal(out, augment(x, torch.Generator().manual_seed(3)))
     assert not torch.equal(out, augment(x, torch.Generator().manual_seed(4)))
-    spectrograms = torch.randn(6, 1, 40, 100)
-    masked = augment.on_model_inputs(spectrograms, torch.Generator().manual_seed(0))
-    assert masked.shape == spectrograms.shape and (masked == 0).any() and ((masked == spectrograms) | (masked == 0)).all()
     plain = AudioAugment(clip_samples=4000, time_shift=True)
+    crops = plain(x[:1].expand(20, -1).contiguous(), torch.Generator().manual_seed(0))
+    windows = x[0].unfold(0, 4000, 1)  # every contiguous 4000-sample window of the long recording
+    starts = [int((windows == crop).all(dim=1).nonzero()[0]) for crop in crops]  # each crop is one of them
+    assert len(set(starts)) > 10 and max(starts) <= 5000
     shifted = plain(x[1:2].expand(50, -1).contiguous(), torch.Generator().manual_seed(0))
     kept = (shifted != 0).sum(dim=1)
     assert (kept == 2000).all() and len({int(row.nonzero()[0]) for row in shifted}) > 5  # the whole clip, at many places
+
+
+def test_spec_augment_hides_whole_frames_and_whole_bins():
+    spectrograms = torch.randn(8, 1, 40, 100) + 5  # nothing is 0 before masking
+    for options, along in (({"time_masks": 2, "time_mask_frames": 10}, 3), ({"freq_masks": 2, "freq_mask_bins": 6}, 2)):
+        masked = AudioAugment(clip_samples=8000, **options).on_model_inputs(spectrograms, torch.Generator().manual_seed(0))
+        hidden = masked == 0
+        assert hidden.any() and torch.equal(masked[~hidden], spectrograms[~hidden])
+        across = 2 if along == 3 else 3  # a hidden frame is hidden in every bin, and a hidden bin in every frame
+        assert torch.equal(hidden.all(dim=across), hidden.any(dim=across))
+        assert (hidden.any(dim=across).sum(dim=-1) <= 2 * max(options.values())).all()
+
+
+def test_the_front_end_runs_in_float32_inside_a_bf16_step():
+    front_end = FrontEnd.of(RATE, 1.0, n_mels=40, window_ms=32, hop_ms=10)
+    data = AudioData(torch.zeros(2, RATE, dtype=torch.int16), torch.zeros(2, dtype=torch.long), ("a",), front_end, (0.0,) * 40, (1.0,) * 40)
+    x = torch.randn(2, RATE) * 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = AudioModality().normalize(x, data)
+    assert inside.dtype == torch.float32 and torch.equal(inside, AudioModality().normalize(x, data))
 
 
 def test_speed_perturbation_changes_pitch_and_length():
@@ -213,9 +234,9 @@ def test_pretrain_finetune_evaluate_export_on_waveforms(cli, tmp_path, audio_roo
     pretrained = _ok(cli("pretrain", "-c", config, "--json"))
     run = Path(pretrained["run_dir"])
     assert _ok(cli("evaluate", "--from", run, "--json"))["metrics"]["accuracy"] > 0.9  # three tones: an easy task, learnt
-    tuned = _ok(
-        cli("finetune", "--from", run, "data.labels_per_class=3", "data.n_mels=64", "train.max_steps=30", "train.device=cpu", "--json")
-    )
+    result = cli("finetune", "--from", run, "data.labels_per_class=3", "data.n_mels=64", "train.max_steps=30", "train.device=cpu", "--json")
+    tuned = _ok(result)
+    assert "source run's front end (n_mels=32)" in result.stderr  # says which of its own settings has no effect
     fitted = torch.load(Path(tuned["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)["data"]
     assert fitted["front_end"]["n_mels"] == 32  # the source's front end, not data.n_mels=64: its encoder reads 32 bins
     assert fitted["mean"] == torch.load(run / "checkpoints" / "last.pt", weights_only=True)["data"]["mean"]
@@ -230,11 +251,12 @@ def test_pretrain_finetune_evaluate_export_on_waveforms(cli, tmp_path, audio_roo
     # the README's recipe: a .wav file, the card, onnxruntime; nothing from transferctl
     import onnxruntime
 
-    samples, _ = read_audio("test", audio_root / "test" / "low" / "0.wav")
-    clip = np.zeros(card["input"]["shape"][1], dtype=np.float32)
-    clip[: min(len(samples), len(clip))] = samples.numpy()[: len(clip)]
+    with wave.open(str(audio_root / "test" / "low" / "0.wav")) as f:  # 16-bit mono PCM at the card's sample rate
+        x = np.frombuffer(f.readframes(f.getnframes()), "<i2") / 32768
+    clip = np.zeros(card["input"]["shape"][1], np.float32)  # the clip's start, zero-padded
+    clip[: min(len(x), len(clip))] = x[: len(clip)]
     session = onnxruntime.InferenceSession(exported["files"]["onnx"], providers=["CPUExecutionProvider"])
-    (logits,) = session.run(None, {card["input"]["name"]: clip[None]})
+    logits = session.run(None, {card["input"]["name"]: clip[None]})[0]
     assert card["classes"][int(logits.argmax())] == "low"
 
 
@@ -310,6 +332,12 @@ def test_an_audio_encoder_on_images_is_refused(cli, tmp_path, digits_root):
     )
     result = cli("config", "check", "-c", config)
     assert result.code == 2 and "gru" in result.stderr and "image" in result.stderr
+
+
+def test_more_mel_bins_than_frequencies_is_refused(cli, tmp_path, audio_root):
+    config = write_config(tmp_path / "c.yaml", SUPERVISED.format(root=audio_root))
+    result = cli("config", "check", "-c", config, "data.n_mels=200")
+    assert result.code == 2 and "data.n_mels: 200 mel bins" in result.stderr and "window_ms" in result.stderr
 
 
 def test_frames_and_seconds_are_consistent():

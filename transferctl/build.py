@@ -228,8 +228,10 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     torch.manual_seed(cfg.train.seed)
     modality = modality_of_config(cfg)
     data = load_training_data(cfg.data, labelled_subset=method.uses_labels, unlabeled=method.wants_unlabeled_pool(cfg))
-    if cfg.finetune.source:
-        data = _read_as_source(data, modality, cfg.finetune.source)
+    notes = method.notes(cfg)
+    if cfg.finetune.source and modality.inherits_fitted_state:
+        data, note = _read_as_source(data, modality, cfg.finetune.source)
+        notes += [note] if note else []
     _check_targets(cfg, method, data.train)
     task_state = method.task.fit(data.train) if method.task is not None else {}
     steps = plan_steps(
@@ -273,16 +275,18 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         scheduler,
         pipeline,
         settings_of(cfg, steps),
-        method.notes(cfg),
+        notes,
         task_state,
     )
 
 
-def _read_as_source(data: TrainingData, modality: Modality, source: str) -> TrainingData:
+def _read_as_source(data: TrainingData, modality: Modality, source: str) -> tuple[TrainingData, str | None]:
     """The fine-tune's splits as its source run's encoder learnt to read them (`Modality.inherited`: audio keeps the
-    source's front end and statistics; images keep their own)."""
+    source's front end and statistics), and a note on the data options that this makes moot."""
     fitted = checkpoints.read(Path(source) / "checkpoints" / "last.pt").data
-    return TrainingData(*(modality.inherited(split, fitted) if split is not None else None for split in data))
+    (train, note), (val, _) = modality.inherited(data.train, fitted), modality.inherited(data.val, fitted)
+    unlabeled = modality.inherited(data.unlabeled, fitted)[0] if data.unlabeled is not None else None
+    return TrainingData(train, val, unlabeled), note
 
 
 def _check_targets(cfg: Config, method: Method, train: Samples) -> None:

@@ -6,7 +6,7 @@ Format 2 (`checkpoints/last.pt` and `best.pt`), a mapping that loads with `torch
     transferctl   the version that wrote it
     config        the run's resolved config
     model         the network's weights for use (evaluation, export, fine-tuning): the weight average, if kept
-    data          the training split's classes and the modality's fitted state (images: mean, std)
+    data          the training split's classes and the modality's fitted state (images: mean, std; audio: front_end, mean, std)
     task          the task's fitted state (empty for classification)
     epoch, step   where training stood
     metrics       best.pt: the epoch's row that made it best; else absent

@@ -2,7 +2,8 @@
 
 The run's method says what an export holds (`Method.export`): a trained head's whole network (classifier:
 normalized images -> logits) or the encoder alone (SimCLR: normalized images -> embeddings); the modality says
-what its input is. Files are staged in a private folder and checked; only then is each moved into place with an
+what its input is and what the export holds around the module (`Modality.served`: audio puts its front end in
+front, so its exports take waveforms). Files are staged in a private folder and checked; only then is each moved into place with an
 atomic rename, so a failed export replaces nothing and no file is ever half-written. The model card beside the
 files says how to feed the model.
 """

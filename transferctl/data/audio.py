@@ -67,9 +67,11 @@ def _pcm_to_float(data: bytes, width: int, channels: int) -> torch.Tensor:
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(-1, 3).int()
         values = (raw[:, 0] | raw[:, 1] << 8 | raw[:, 2] << 16).float()
         values = torch.where(values >= 2**23, values - 2**24, values).div_(2**23)
-    else:
-        dtype = {2: torch.int16, 4: torch.int32}[width]
+    elif width in (2, 4):
+        dtype = torch.int16 if width == 2 else torch.int32
         values = torch.frombuffer(bytearray(data), dtype=dtype).float().div_(2 ** (8 * width - 1))
+    else:
+        raise ValueError(f"{8 * width}-bit PCM is not read; convert it to 16-bit")
     return values.view(-1, channels).mean(dim=1)
 
 

@@ -24,6 +24,7 @@ from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
 from transferctl.methods.base import Export, Method, Parts
 from transferctl.modalities import dataset_modality, modality_named, modality_of
+from transferctl.modalities.base import Modality
 from transferctl.registry import HEADS, LOSSES
 
 if TYPE_CHECKING:
@@ -264,6 +265,8 @@ class ReconstructionMethod(Method):
 
     def check(self, cfg: Config, ranks: World) -> None:
         modality = dataset_modality(cfg.data.name)
+        if type(modality_named(modality)).to_signal is Modality.to_signal:
+            raise ConfigError(f"method: '{cfg.method.name}' reconstructs a modality's signal, and the {modality} modality gives none")
         if getattr(LOSSES.build(cfg.loss.name, cfg.loss.options), "unit_targets", False) and not modality_named(modality).unit_signal:
             raise ConfigError(f"loss.name: '{cfg.loss.name}' needs targets in [0, 1], and {modality} inputs are not; use loss.name=mse")
 

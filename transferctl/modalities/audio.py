@@ -59,6 +59,11 @@ class FrontEnd:
         win_length = round(sample_rate * window_ms / 1000)
         hop_length = round(sample_rate * hop_ms / 1000)
         clip_samples = round(sample_rate * clip_seconds)
+        if n_mels > (1 << (win_length - 1).bit_length()) // 2 + 1:  # the STFT's frequencies
+            raise ConfigError(
+                f"data.n_mels: {n_mels} mel bins are more than a {window_ms} ms window at {sample_rate} Hz has frequencies; "
+                f"lower n_mels or lengthen window_ms"
+            )
         if not 0 < hop_length <= win_length or clip_samples < win_length:
             raise ConfigError(
                 f"data: a {window_ms} ms window with a {hop_ms} ms hop does not fit a {clip_seconds} s clip at {sample_rate} Hz; "
@@ -157,6 +162,7 @@ class AudioModality(Modality):
     input_name = "waveforms"
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "audio_simclr", "light": "audio_light", "none": "none"}
     unit_signal = False  # a reconstruction is scored on the standardized log-mel itself
+    inherits_fitted_state = True  # a fine-tune reads its clips through its source run's front end
 
     def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:  # names added to MODELS' context above
         return {"in_channels": sample_shape[0], "sequence_features": sample_shape[1]}
@@ -165,7 +171,10 @@ class AudioModality(Modality):
         return decode(raw)
 
     def normalize(self, x: torch.Tensor, data: AudioData) -> torch.Tensor:
-        return front_end_of(data, x.device)(x)
+        # float32 always, also inside a bf16 step (the pseudo-labels' views): the mel projection is a matmul that
+        # autocast would run in bf16, and evaluation and exports read float32 spectrograms
+        with torch.autocast(x.device.type, enabled=False):
+            return front_end_of(data, x.device)(x.float())
 
     def augment_context(self, data: AudioData) -> dict[str, Any]:
         return {"clip_samples": data.front_end.clip_samples}
@@ -182,9 +191,17 @@ class AudioModality(Modality):
             )
         return replace(data, front_end=trained, mean=tuple(fitted["mean"]), std=tuple(fitted["std"]))
 
-    def inherited(self, data: AudioData, source: dict[str, Any]) -> AudioData:
+    def inherited(self, data: AudioData, source: dict[str, Any]) -> tuple[AudioData, str | None]:
         """A fine-tune reads its data through the source run's front end: its options and statistics."""
-        return self.as_trained(data, source)
+        if "front_end" not in source:
+            raise UsageError("finetune.source: that run was not trained on audio; fine-tune from a run whose data set is audio")
+        inherited = self.as_trained(data, source)
+        ignored = {k: v for k, v in asdict(data.front_end).items() if asdict(inherited.front_end)[k] != v}
+        note = None
+        if ignored:
+            kept = ", ".join(f"{k}={asdict(inherited.front_end)[k]}" for k in ignored)
+            note = f"data: clips are read through the source run's front end ({kept}); this run's own setting has no effect"
+        return inherited, note
 
     def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
         front_end = LogMel(FrontEnd(**fitted["front_end"]), tuple(fitted["mean"]), tuple(fitted["std"]))
@@ -205,8 +222,8 @@ class AudioModality(Modality):
             "clip_seconds": f.clip_samples / f.sample_rate,
             "preprocessing": (
                 f"mono float32 samples in [-1, 1] (16-bit PCM / 32768) at {f.sample_rate} Hz: resample other rates and average "
-                f"the channels; keep the first {f.clip_samples} samples (the clip's start, as evaluation reads it) and zero-pad "
-                f"shorter clips at the end"
+                f"the channels; pass exactly {f.clip_samples} samples: the first ones of a recording (the clip's start, as "
+                f"evaluation reads it), zero-padded at the end when it is shorter"
             ),
             "front_end": {**asdict(f), "frames": f.frames, "log": f"log(mel power + {LOG_FLOOR:g}), standardized per mel bin"},
             "mean": list(data.mean),

@@ -27,7 +27,8 @@ class Modality:
     channels_last: ClassVar[bool] = False  # its model inputs are NCHW images, where channels-last memory pays
     # augmentation role -> registered augmentation; methods ask for a role ("strong" views, "light" for labels)
     augmentations: ClassVar[Mapping[str, str]] = {}
-    unit_signal: ClassVar[bool] = True  # `to_signal` gives values in [0, 1] (pixels), which a loss like bce can take
+    unit_signal: ClassVar[bool] = False  # `to_signal` gives values in [0, 1] (pixels), which a loss like bce can take
+    inherits_fitted_state: ClassVar[bool] = False  # a fine-tune reads its data with its source run's fitted state
 
     def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:
         """The keyword arguments a model builder takes from the data (images: in_channels and image_size)."""
@@ -61,10 +62,11 @@ class Modality:
         """`data` read with the training split's fitted state."""
         return data
 
-    def inherited(self, data: Samples, source: dict[str, Any]) -> Samples:
-        """`data` as a fine-tune from a run reads it, given that run's fitted state: images keep their own
-        statistics; audio takes the source's front end, which its encoder learnt to read."""
-        return data
+    def inherited(self, data: Samples, source: dict[str, Any]) -> tuple[Samples, str | None]:
+        """`data` as a fine-tune from a run reads it, given that run's fitted state (called only where
+        `inherits_fitted_state`: audio takes the source's front end, which its encoder learnt to read; images keep
+        their own statistics), and a note naming the data options that then have no effect, if any."""
+        return data, None
 
     def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
         """What an export holds around the trained module (images: the module itself, on normalized images; audio:

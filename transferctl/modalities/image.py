@@ -52,6 +52,7 @@ class ImageModality(Modality):
 
     input_name = "images"
     channels_last = True
+    unit_signal = True
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "simclr", "light": "light", "none": "none"}
 
     def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:  # names added to MODELS' context above
