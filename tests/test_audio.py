@@ -214,10 +214,11 @@ def test_speed_perturbation_changes_pitch_and_length():
     assert abs(spectrum.argmax().item() * RATE / 8000 - 1250.0) <= 2.0
 
 
-def test_recurrent_and_1d_conv_encoders_read_mel_frames():
+def test_every_audio_encoder_reads_log_mel_inputs():
     load_components()
     x = torch.randn(3, 1, 40, 100)
-    for name, options in (("gru", {"pooling": "attention", "hidden_dim": 16}), ("conv1d", {"widths": [16, 32]})):
+    encoders = (("gru", {"pooling": "attention", "hidden_dim": 16}), ("conv1d", {"widths": [16, 32]}), ("resnet18", {}), ("cnn", {}))
+    for name, options in encoders:  # the last two on the log-mel as a one-channel image
         encoder = MODELS.build(name, options, in_channels=1, sequence_features=40)
         assert encoder(x).shape == (3, encoder.feature_dim)
     gru = MODELS.build("gru", {"hidden_dim": 16}, sequence_features=40).eval()
