@@ -30,7 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def measure(model: str, pipeline: str, precision: str, batch: int, steps: int, warmup: int, workers: int, device: str, audio: bool) -> dict:
+def measure(
+    model: str, pipeline: str, precision: str, batch: int, steps: int, warmup: int, workers: int, device: str, audio: bool = False
+) -> dict:
     import torch
 
     from transferctl import build
