@@ -108,3 +108,22 @@ def test_the_dense_tasks_benchmark_runs_its_cells_through_the_recipes(tmp_path):
     assert len(cells) == 6  # per task: the two small budgets and all labels
     assert "| rotation: mean abs error (degrees) | random init | 0.0 |" in done.stdout and "target <= 5" in done.stdout
     assert "| scenes: mIoU | random init | 0.0 |" in done.stdout and "target >= 0.9" in done.stdout
+
+
+def test_the_audio_benchmark_runs_its_cells_through_the_recipes(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.test_audio import make_fsdd
+
+    root = make_fsdd(tmp_path / "data", takes=20)  # 3 digits x 3 speakers: 15 training takes each, room for 10 a digit
+    script = BENCHMARK.parent / "audio_efficiency.py"
+    command = [sys.executable, str(script), "--quick", "--splits", "official", "--encoders", "random", "--seeds", "0"]
+    done = subprocess.run(
+        [*command, "--data-dir", str(root), "--out", str(tmp_path / "audio")], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    cells = (tmp_path / "audio" / "quick" / "cells.jsonl").read_text().splitlines()
+    assert len(cells) == 5 + 3  # random init: 5 budgets; the classic baseline: the 3 without unlabeled clips
+    assert "| official | random init (conv1d) | 0.0 |" in done.stdout
+    assert "| official | log-spectrogram + logistic regression | 0.0 |" in done.stdout and "— |" in done.stdout
