@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import wave
 from pathlib import Path
 
@@ -298,7 +299,7 @@ def test_autoencoding_a_spectrogram_and_bce_refused(cli, tmp_path, audio_root):
         ("truncated", "truncated"),
         ("empty", "holds no samples"),
         ("no_classes", "no class folders"),
-        ("fsdd_without_recordings", "FSDD/recordings"),
+        ("fsdd_without_recordings", "FSDD/recordings/*.wav; point data.root"),
     ],
 )
 def test_bad_audio_is_one_line_exit_2_and_no_run(cli, tmp_path, fault, message):
@@ -323,7 +324,15 @@ def test_bad_audio_is_one_line_exit_2_and_no_run(cli, tmp_path, fault, message):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     if fault in ("not_audio", "truncated", "empty"):
         assert str(bad) in result.stderr  # names the file
+    assert "download" not in result.stderr  # no data set here can download itself
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_audio_without_the_audio_extra_is_one_line(cli, tmp_path, audio_root, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchaudio", None)  # as if torchaudio were not installed
+    result = cli("pretrain", "-c", write_config(tmp_path / "c.yaml", SUPERVISED.format(root=audio_root)))
+    assert result.code == 2 and 'pip install "transferctl[audio]"' in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_audio_encoder_on_images_is_refused(cli, tmp_path, digits_root):

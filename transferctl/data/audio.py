@@ -107,10 +107,6 @@ def audio_split(waveforms: torch.Tensor, targets: torch.Tensor, classes: tuple[s
     return AudioData(waveforms, targets, classes, front_end, **log_mel_statistics(waveforms, front_end))
 
 
-def _front_end(sample_rate: int, clip_seconds: float, n_mels: int, window_ms: float, hop_ms: float) -> FrontEnd:
-    return FrontEnd.of(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
-
-
 # --------------------------------------------------------------------------- data sets
 
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)$")
@@ -133,7 +129,7 @@ def fsdd(
 ) -> AudioData:
     """Free Spoken Digit Dataset: 3,000 recordings of the digits 0-9 by 6 speakers at 8 kHz; `split: official` tests on
     takes 0-4 (300 clips), `split: speakers` on every clip of `test_speakers`."""
-    front_end = _front_end(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
+    front_end = FrontEnd.of(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
     folder = root / "FSDD" / "recordings"
     recordings = sorted(folder.glob("*.wav")) if folder.is_dir() else []
     if not recordings:
@@ -167,7 +163,7 @@ def audio_folder(
 ) -> AudioData:
     """Your own recordings: <root>/<train_dir>/<class>/*.wav (also .flac, .ogg) and the same under <test_dir>;
     resampled to sample_rate, downmixed to mono."""
-    front_end = _front_end(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
+    front_end = FrontEnd.of(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
     folder = split_folder("audio_folder", root, train, train_dir, test_dir)
     classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
     files = [(path, index) for index, cls in enumerate(classes) for path in sorted((folder / cls).iterdir()) if _is_audio(path)]

@@ -37,10 +37,11 @@ def default_root() -> Path:
     return Path(base) / "transferctl" / "data"
 
 
-def missing_data(name: str, root: Path, looked_for: str) -> UsageError:
+def missing_data(name: str, root: Path, looked_for: str, downloadable: bool = False) -> UsageError:
+    """The one-line error of a data set that is not where the config points; only torchvision's data sets download."""
+    online = " (or set data.download=true when online)" if downloadable else ""
     return UsageError(
-        f"data set '{name}' not found: looked for {root / looked_for}; point data.root or "
-        f"${DATA_DIR_ENV} at a folder that holds it (or set data.download=true when online)"
+        f"data set '{name}' not found: looked for {root / looked_for}; point data.root or ${DATA_DIR_ENV} at a folder that holds it{online}"
     )
 
 
@@ -50,7 +51,7 @@ def _torchvision(cls, name: str, root: Path, download: bool, train: bool, looked
     except (RuntimeError, OSError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         if not download and "not found" in reason.lower():
-            raise missing_data(name, root, looked_for) from None
+            raise missing_data(name, root, looked_for, downloadable=True) from None
         if download and ("download" in reason.lower() or isinstance(exc, OSError)):
             raise UsageError(
                 f"data set '{name}': download into {root} failed ({reason}); copy the files there and set data.download=false"
