@@ -42,15 +42,22 @@ def build_encoder(cfg: Config, context: dict[str, Any]) -> nn.Module:
     return MODELS.build(cfg.model.name, cfg.model.options, **context)
 
 
-def build_network(cfg: Config, sample_shape: tuple[int, ...], num_outputs: int) -> Network:
+def build_network(cfg: Config, sample_shape: tuple[int, ...], num_outputs: int, fitted: dict[str, Any] | None = None) -> Network:
     """The encoder for samples of `sample_shape` and the head on it (sized from the encoder: its pooled
-    features, or its stage feature maps for a head that reads them)."""
-    encoder = build_encoder(cfg, modality_of_config(cfg).model_context(tuple(sample_shape)))
+    features, its stage feature maps or its token features, for a head that reads them). `fitted`: the training
+    split's fitted state, which some modalities' models are sized from (text: the vocabulary)."""
+    modality = modality_of_config(cfg)
+    encoder = build_encoder(cfg, modality.model_context(tuple(sample_shape), fitted))
     reads = HEADS.get(cfg.head.name).meta.get("reads", "features")
     if reads == "feature_maps" and not getattr(encoder, "stage_channels", ()):
         raise ConfigError(
             f"head.name: head '{cfg.head.name}' reads an encoder's stage feature maps, and model '{cfg.model.name}' has none; "
             f"use an encoder with stages (cnn, resnet18)"
+        )
+    if reads == "token_features" and not hasattr(encoder, "token_features"):
+        raise ConfigError(
+            f"head.name: head '{cfg.head.name}' reads an encoder's features at every token, and model '{cfg.model.name}' has none; "
+            f"use a sequence encoder (gru, lstm, transformer, hf)"
         )
     head = HEADS.build(
         cfg.head.name,
@@ -60,6 +67,7 @@ def build_network(cfg: Config, sample_shape: tuple[int, ...], num_outputs: int) 
         stage_channels=tuple(getattr(encoder, "stage_channels", ())),
         stage_shapes=_stage_shapes(encoder, sample_shape) if reads == "feature_maps" else (),
         sample_shape=tuple(sample_shape),
+        **modality.head_context(fitted),
     )
     return Network(encoder, head, reads)
 
@@ -232,13 +240,15 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     if cfg.finetune.source and modality.inherits_fitted_state:
         data, note = _read_as_source(data, modality, cfg.finetune.source)
         notes += [note] if note else []
+    notes += modality.notes(data.train)
     _check_targets(cfg, method, data.train)
     task_state = method.task.fit(data.train) if method.task is not None else {}
     steps = plan_steps(
         len(data.train), cfg.data.batch_size, cfg.train.epochs, cfg.train.max_steps, full_batches=method.full_batches, ranks=ranks.size
     )
-    context = modality.model_context(data.train.sample_shape)
-    network = build_network(cfg, data.train.sample_shape, method.num_outputs(data.train))
+    fitted = modality.fitted_state(data.train)
+    context = modality.model_context(data.train.sample_shape, fitted)
+    network = build_network(cfg, data.train.sample_shape, method.num_outputs(data.train), fitted)
     _check_fits(network, cfg, data.train, modality)
     augment = build_augment(cfg, data.train, modality)
     if method.task is not None:
@@ -387,7 +397,7 @@ def load_trained(
         method.task.load_fitted(saved.task)
     device = device or pick_device(cfg.train.device)
     test = as_trained(load_split(cfg.data, train=False), saved, modality, str(record.path))
-    network = build_network(cfg, test.sample_shape, method.num_outputs(test))
+    network = build_network(cfg, test.sample_shape, method.num_outputs(test), modality.fitted_state(test))
     try:
         network.load_state_dict(saved.model)
     except RuntimeError:

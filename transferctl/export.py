@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import inspect
 import io
 import json
 import math
@@ -42,7 +41,8 @@ from transferctl.runs import DEFAULT_RUNS_DIR, read_trained_run
 TRACE_BATCH = 16
 ONNX_OPSET = 18  # the lowest opset torch's dynamo exporter emits; onnxruntime has run it since 1.14
 
-Runner = Callable[[torch.Tensor], torch.Tensor]
+Runner = Callable[..., torch.Tensor]  # the export's inputs (one tensor, or several: text's ids and mask) -> its output
+Inputs = tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ class Exported:
     """What a format writes: the module, an example input to trace, and what the files record about them."""
 
     module: nn.Module  # what takes the export's inputs: the network or encoder, behind the modality's front end if it has one
-    example: torch.Tensor
+    example: Inputs
     spec: Export  # encoder alone or the whole network, and the output's name
-    input_name: str
+    input_names: tuple[str, ...]
     config: dict[str, Any]
     num_outputs: int  # of the head the network was built with (safetensors rebuilds it)
     sample_shape: tuple[int, ...]  # of the network's inputs (safetensors rebuilds it)
@@ -89,7 +89,7 @@ def _load_torchscript(path: Path) -> Runner:
         warnings.simplefilter("ignore")
         scripted = torch.jit.load(str(path), map_location="cpu")
     scripted.eval()
-    return lambda x: scripted(x)
+    return lambda *x: scripted(*x)
 
 
 # --------------------------------------------------------------------------- onnx
@@ -104,11 +104,11 @@ def _save_onnx(exported: Exported, path: Path) -> None:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
-            (exported.example,),
+            exported.example,
             dynamo=True,
-            input_names=[exported.input_name],
+            input_names=list(exported.input_names),
             output_names=[exported.spec.output],
-            dynamic_shapes={_forward_arg(module): {0: batch}},
+            dynamic_shapes=tuple({0: batch} for _ in exported.example),
             opset_version=ONNX_OPSET,
             verbose=False,
         )
@@ -117,17 +117,12 @@ def _save_onnx(exported: Exported, path: Path) -> None:
     atomic_write_bytes(path, proto.SerializeToString())
 
 
-def _forward_arg(module: nn.Module) -> str:
-    """The name of forward's input (dynamic shapes are keyed by it): `images`, or `input` for nn.Sequential."""
-    return next(iter(inspect.signature(module.forward).parameters))
-
-
 def _load_onnx(path: Path) -> Runner:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    names = [i.name for i in session.get_inputs()]
+    return lambda *x: torch.from_numpy(session.run(None, {name: t.numpy() for name, t in zip(names, x, strict=True)})[0])
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -160,8 +155,9 @@ def load_safetensors(path: str | Path) -> nn.Module:
     sample_shape = tuple(json.loads(metadata["input_shape"]))
     encoder_only = json.loads(metadata["encoder_only"]) if "encoder_only" in metadata else not any(k.startswith("head.") for k in state)
     num_outputs = json.loads(metadata["num_outputs"]) if "num_outputs" in metadata else _head_outputs(state)
-    network = build_network(cfg, sample_shape, num_outputs)
-    module = modality_of_config(cfg).served(network.encoder if encoder_only else network, json.loads(metadata.get("fitted_state", "{}")))
+    fitted = json.loads(metadata.get("fitted_state", "{}"))
+    network = build_network(cfg, sample_shape, num_outputs, fitted)
+    module = modality_of_config(cfg).served(network.encoder if encoder_only else network, fitted)
     module.load_state_dict(state)
     return module.eval()
 
@@ -178,7 +174,7 @@ def _head_outputs(state: dict[str, torch.Tensor]) -> int:
 
 def _load_safetensors_runner(path: Path) -> Runner:
     module = load_safetensors(path)
-    return lambda x: module(x)
+    return lambda *x: module(*x)
 
 
 FORMATS: dict[str, Format] = {
@@ -240,17 +236,24 @@ PIXEL_AGREEMENT = 0.999  # a logit within tolerance can still flip the argmax of
 
 
 def check_parity(
-    reference: Runner, candidate: Runner, images: torch.Tensor, tolerance: float, batch_sizes: list[int], agreement: str | None = "top1"
+    reference: Runner,
+    candidate: Runner,
+    images: torch.Tensor | Inputs,
+    tolerance: float,
+    batch_sizes: list[int],
+    agreement: str | None = "top1",
 ) -> Parity:
-    """Run both on `images`, split into batches of each size in turn, and compare their outputs (and their argmax:
-    each row's with `agreement="top1"`, each pixel's with "pixels")."""
+    """Run both on `images` (the export's input, or its inputs), split into batches of each size in turn, and
+    compare their outputs (and their argmax: each row's with `agreement="top1"`, each pixel's with "pixels")."""
+    inputs = images if isinstance(images, tuple) else (images,)
+    total = len(inputs[0])
     worst, agree, count, used = 0.0, 0, 0, []
     same_pixels, pixels = 0, 0
     with torch.no_grad():
         for size in batch_sizes:
-            for start in range(0, len(images), size):
-                batch = images[start : start + size]
-                expected, actual = reference(batch).float(), candidate(batch).float()
+            for start in range(0, total, size):
+                batch = tuple(x[start : start + size] for x in inputs)
+                expected, actual = reference(*batch).float(), candidate(*batch).float()
                 if actual.shape != expected.shape:
                     raise RunFailed(f"exported model returned shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
                 if not (torch.isfinite(expected).all() and torch.isfinite(actual).all()):
@@ -262,10 +265,10 @@ def check_parity(
                     same_pixels, pixels = same_pixels + same.sum().item(), pixels + same.numel()
                 else:
                     agree += same.sum().item()
-                count += len(batch)
+                count += len(batch[0])
             used.append(size)
     top1 = agree / max(count, 1) if agreement == "top1" else None
-    return Parity(worst, top1, len(images), used, tolerance, same_pixels / max(pixels, 1) if agreement == "pixels" else None)
+    return Parity(worst, top1, total, used, tolerance, same_pixels / max(pixels, 1) if agreement == "pixels" else None)
 
 
 # --------------------------------------------------------------------------- the export recipe
@@ -327,9 +330,11 @@ def export_run(
     fitted = modality.fitted_state(data)
     module = modality.served(trained.served(), fitted)
     inputs = modality.export_input(data.inputs[: max(verify_images, TRACE_BATCH)], data)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     spec = trained.method.export()
     num_outputs = trained.method.num_outputs(data)
-    exported = Exported(module, inputs[:TRACE_BATCH], spec, modality.input_name, cfg.to_dict(), num_outputs, data.sample_shape, fitted)
+    example = tuple(x[:TRACE_BATCH] for x in inputs)
+    exported = Exported(module, example, spec, modality.export_input_names(), cfg.to_dict(), num_outputs, data.sample_shape, fitted)
 
     export_dir = output or record.path / "export"
     try:
@@ -345,7 +350,7 @@ def export_run(
             fmt.save(exported, staged)
             if verify:
                 # batch sizes other than the traced one, and a single sample
-                sizes = [250, 1 if len(inputs) < 50 else 7]
+                sizes = [250, 1 if len(inputs[0]) < 50 else 7]
                 parity[fmt.name] = check_parity(module, fmt.load(staged), inputs, tolerance, sizes, agreement=spec.agreement)
         failed = {k: p for k, p in parity.items() if not p.passed}
         if failed:
@@ -355,7 +360,10 @@ def export_run(
         digests = {k: _sha256(staging / f) for k, f in files.items()}
         card = _model_card(trained, data, digests, files, parity, verify)
         atomic_write_bytes(staging / "model_card.json", (json.dumps(card, indent=2) + "\n").encode())
-        for name in [*files.values(), "model_card.json"]:
+        companions = modality.companion_files(fitted)  # text: tokenizer.json, which callers encode with
+        for name, content in companions.items():
+            atomic_write_bytes(staging / name, content)
+        for name in [*files.values(), *companions, "model_card.json"]:
             os.replace(staging / name, export_dir / name)
         for fmt in FORMATS.values():  # files of an earlier export that this card does not describe
             if fmt.name not in files:

@@ -50,6 +50,12 @@ def cross_entropy(label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
+@LOSSES.register(serves=("masked_tokens",))
+def token_cross_entropy(label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> nn.Module:
+    """Cross-entropy of the predicted tokens against the hidden ones (masked language modelling)."""
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
 class ElementwiseLoss(nn.Module):
     """The mean of a per-element loss between a prediction and its target, or its weighted mean: `weight` (1 where
     an element counts, 0 where not: the hidden patches of masked modelling) broadcasts over the elements.

@@ -156,6 +156,8 @@ def load_components() -> None:
     import transferctl.data.datasets
     import transferctl.data.regression
     import transferctl.data.segmentation
+    import transferctl.data.text
+    import transferctl.data.text_augment
     import transferctl.losses
     import transferctl.methods
     import transferctl.modalities

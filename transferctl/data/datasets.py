@@ -13,7 +13,7 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torchvision
@@ -165,8 +165,8 @@ def decode_image_files(name: str, paths: list[Path], image_size: int, channels: 
     return cached_decoding(paths, f"{image_size}:{channels}", lambda: torch.stack([_decode(name, path, transform) for path in paths]))
 
 
-def cached_decoding(paths: list[Path], options: str, decode_all: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """`decode_all()` of some files, kept in the cache: the next run with the same files and decoding `options`
+def cached_decoding(paths: list[Path], options: str, decode_all: Callable[[], Any]) -> Any:
+    """`decode_all()` of some files (a tensor, or a dict of them), kept in the cache: the next run with the same files and decoding `options`
     loads the tensor instead."""
     cache = _decoded_cache_path(paths, options)
     if cache.is_file():

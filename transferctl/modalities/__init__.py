@@ -1,4 +1,4 @@
-"""Modalities: what each kind of data (images; audio and text next) tells the rest of transferctl."""
+"""Modalities: what each kind of data (images, audio, text) tells the rest of transferctl."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from transferctl.data.samples import Samples
 from transferctl.modalities.audio import AudioData, AudioModality
 from transferctl.modalities.base import Modality
 from transferctl.modalities.image import ImageData, ImageModality
+from transferctl.modalities.text import TextData, TextModality
 from transferctl.registry import DATASETS, MODALITIES, Entry
 
 DEFAULT_MODALITY = "image"  # of a data set that does not declare one (`DATASETS.register(modality=...)`)
@@ -42,6 +43,8 @@ __all__ = [
     "ImageData",
     "ImageModality",
     "Modality",
+    "TextData",
+    "TextModality",
     "dataset_modality",
     "fits_modality",
     "modality_named",

@@ -164,7 +164,9 @@ class AudioModality(Modality):
     unit_signal = False  # a reconstruction is scored on the standardized log-mel itself
     inherits_fitted_state = True  # a fine-tune reads its clips through its source run's front end
 
-    def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:  # names added to MODELS' context above
+    def model_context(
+        self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:  # names added to MODELS' context above
         return {"in_channels": sample_shape[0], "sequence_features": sample_shape[1]}
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:

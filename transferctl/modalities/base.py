@@ -24,15 +24,35 @@ class Modality:
     """Base class of a registered modality (`@MODALITIES.register("name")`): stateless, one instance per name."""
 
     input_name: ClassVar[str] = "inputs"  # the exported model's input
+    # every input an export takes, in order (text: ids and their attention mask); one for most modalities
+    input_names: ClassVar[tuple[str, ...]] = ()
     channels_last: ClassVar[bool] = False  # its model inputs are NCHW images, where channels-last memory pays
     # augmentation role -> registered augmentation; methods ask for a role ("strong" views, "light" for labels)
     augmentations: ClassVar[Mapping[str, str]] = {}
     unit_signal: ClassVar[bool] = False  # `to_signal` gives values in [0, 1] (pixels), which a loss like bce can take
     inherits_fitted_state: ClassVar[bool] = False  # a fine-tune reads its data with its source run's fitted state
+    shows_inputs: ClassVar[bool] = True  # `displayable` draws its inputs (views.png, reconstructions.png)
 
-    def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:
-        """The keyword arguments a model builder takes from the data (images: in_channels and image_size)."""
+    @classmethod
+    def export_input_names(cls) -> tuple[str, ...]:
+        return cls.input_names or (cls.input_name,)
+
+    def model_context(self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The keyword arguments a model builder takes from the data (images: in_channels and image_size), given
+        the shape of one model input and the training split's fitted state (text: its tokenizer's vocabulary)."""
         raise NotImplementedError
+
+    def head_context(self, fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What a head builder takes from the data beyond the encoder's sizes (text: the vocabulary size)."""
+        return {}
+
+    def notes(self, data: Samples) -> list[str]:
+        """One-line notes on how the training split was read (text: how many texts were cut short)."""
+        return []
+
+    def companion_files(self, fitted: Mapping[str, Any]) -> dict[str, bytes]:
+        """Files a run and an export keep beside the model, built from the fitted state (text: tokenizer.json)."""
+        return {}
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         """A batch of raw samples as the floats the augmentations act on."""
@@ -73,8 +93,8 @@ class Modality:
         the front end, then the module, on raw waveforms), built from the training split's fitted state."""
         return module
 
-    def export_input(self, raw: torch.Tensor, data: Samples) -> torch.Tensor:
-        """Raw samples as the exported model's inputs (what `served` takes)."""
+    def export_input(self, raw: torch.Tensor, data: Samples) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Raw samples as the exported model's inputs (what `served` takes; a tuple where it takes several)."""
         return self.model_input(raw, data)
 
     def to_signal(self, x: torch.Tensor, data: Samples) -> torch.Tensor:

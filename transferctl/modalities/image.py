@@ -55,7 +55,9 @@ class ImageModality(Modality):
     unit_signal = True
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "simclr", "light": "light", "none": "none"}
 
-    def model_context(self, sample_shape: tuple[int, ...]) -> dict[str, Any]:  # names added to MODELS' context above
+    def model_context(
+        self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:  # names added to MODELS' context above
         return {"in_channels": sample_shape[0], "image_size": sample_shape[-1]}
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:

@@ -2,4 +2,5 @@
 
 from transferctl.models.encoders import cnn, mlp, resnet18  # noqa: F401  (registers)
 from transferctl.models.heads import Network, classifier_head, projection_head  # noqa: F401
-from transferctl.models.sequence import conv1d, gru  # noqa: F401  (registers)
+from transferctl.models.sequence import conv1d, gru, lstm  # noqa: F401  (registers)
+from transferctl.models.transformer import transformer  # noqa: F401  (registers)

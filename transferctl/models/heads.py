@@ -37,7 +37,8 @@ def classifier_head(
 class Network(nn.Module):
     """An encoder and a head; `encoder` is what pretraining hands on to fine-tuning. The head reads the encoder's
     pooled features or, when it was registered with `reads="feature_maps"` (decoders, dense heads), the
-    encoder's stage feature maps, shallow to deep."""
+    encoder's stage feature maps, shallow to deep, or with `reads="token_features"` (masked language modelling),
+    its features at every token (N, steps, dim)."""
 
     def __init__(self, encoder: nn.Module, head: nn.Module, reads: str = "features"):
         super().__init__()
@@ -51,12 +52,19 @@ class Network(nn.Module):
         self.encoder.requires_grad_(False)
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """What the head reads: pooled features, or the stage feature maps."""
-        return self.encoder.feature_maps(inputs) if self.reads == "feature_maps" else self.encoder(inputs)
+        """What the head reads: pooled features, the stage feature maps, or the features at every token."""
+        if self.reads == "feature_maps":
+            return self.encoder.feature_maps(inputs)
+        if self.reads == "token_features":
+            return self.encoder.token_features(inputs)[0]
+        return self.encoder(inputs)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's output; `positions` (a boolean mask over the tokens, for a head that reads token features)
+        keeps the features of those tokens only, (count, dim), before the head."""
         if self.frozen_encoder:
             with torch.no_grad():
                 features = self.encode(inputs)
-            return self.head(features)
-        return self.head(self.encode(inputs))
+        else:
+            features = self.encode(inputs)
+        return self.head(features[positions] if positions is not None else features)

@@ -1,7 +1,9 @@
-"""Encoders over sequences of feature vectors: a bidirectional recurrent network (`gru`) and a 1-D conv net
-(`conv1d`). Here the sequence is a clip's mel frames: the model input (N, 1, n_mels, frames) read as `frames`
-vectors of `n_mels` features. Both follow the encoder contract (`models/encoders.py`): forward gives pooled
-features (N, feature_dim). Neither has 2-D stage maps, so dense heads (decoders, segmentation) do not fit them.
+"""Encoders over sequences of feature vectors: bidirectional recurrent networks (`gru`, `lstm`) and a 1-D conv
+net (`conv1d`). The sequence is a clip's mel frames, the model input (N, 1, n_mels, frames) read as `frames`
+vectors of `n_mels` features, or a text's tokens, (N, length) ids read through a token embedding. They follow
+the encoder contract (`models/encoders.py`): forward gives pooled features (N, feature_dim); the recurrent ones
+also give their features at every step (`token_features`), which masked language modelling reads. None has 2-D
+stage maps, so dense heads (decoders, segmentation) do not fit them.
 """
 
 from __future__ import annotations
@@ -42,33 +44,134 @@ def mean_pool(steps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
     return (steps * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
 
 
-class RecurrentEncoder(nn.Module):
-    """Sequences (N, steps, features) -> a bidirectional GRU -> the mean or attention-weighted mean of its outputs."""
+def reverse_within(steps: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Each sequence's first `length` steps in reverse order, its padding left where it is (an involution)."""
+    if lengths is None:
+        return steps.flip(1)
+    positions = torch.arange(steps.shape[1], device=steps.device)
+    index = torch.where(positions < lengths.unsqueeze(1), lengths.unsqueeze(1) - 1 - positions, positions)
+    return steps.gather(1, index.unsqueeze(-1).expand_as(steps))
 
-    def __init__(self, features: int, hidden_dim: int, layers: int, pooling: str, dropout: float):
+
+class BidirectionalLayer(nn.Module):
+    """One GRU or LSTM layer read both ways. The backward direction reads each sequence reversed within its length,
+    so neither direction ever reads padding before a real step: padding cannot change the outputs at real steps
+    (what packed sequences give, in plain tensor ops that export to ONNX)."""
+
+    def __init__(self, cell: str, features: int, hidden_dim: int):
         super().__init__()
+        rnn = nn.GRU if cell == "gru" else nn.LSTM
+        self.forward_rnn = rnn(features, hidden_dim, batch_first=True)
+        self.backward_rnn = rnn(features, hidden_dim, batch_first=True)
+
+    def forward(self, steps: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        ahead, _ = self.forward_rnn(steps)
+        behind, _ = self.backward_rnn(reverse_within(steps, lengths))
+        return torch.cat([ahead, reverse_within(behind, lengths)], dim=-1)
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids (N, length) -> their embeddings (N, length, dim) and the mask of real (non-pad) tokens."""
+
+    def __init__(self, vocab_size: int, dim: int, pad_id: int):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedding(ids), ids != self.pad_id
+
+
+class RecurrentEncoder(nn.Module):
+    """Sequences -> stacked bidirectional GRU or LSTM layers -> the mean or attention-weighted mean of the last
+    layer's outputs over the real steps. Sequences are a spectrogram's frames (N, 1, features, frames), or token
+    ids (N, length) read through a token embedding (`vocab_size`), whose padding is masked out."""
+
+    def __init__(
+        self,
+        cell: str,
+        features: int,
+        hidden_dim: int,
+        layers: int,
+        pooling: str,
+        dropout: float,
+        vocab_size: int | None = None,
+        pad_id: int = 0,
+    ):
+        super().__init__()
+        self.tokens = TokenEmbedding(vocab_size, features, pad_id) if vocab_size else None
         self.norm = nn.LayerNorm(features)
-        self.rnn = nn.GRU(
-            features, hidden_dim, num_layers=layers, batch_first=True, bidirectional=True, dropout=dropout if layers > 1 else 0.0
-        )
+        widths = [features] + [2 * hidden_dim] * (layers - 1)
+        self.layers = nn.ModuleList(BidirectionalLayer(cell, width, hidden_dim) for width in widths)
+        self.dropout = nn.Dropout(dropout)
         self.feature_dim = 2 * hidden_dim
         self.pool = AttentionPooling(self.feature_dim) if pooling == "attention" else None
+        self.register_load_state_dict_pre_hook(_from_packed_gru)
+
+    def token_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last layer's output at every step (N, steps, feature_dim), and the mask of real steps (None: all)."""
+        if self.tokens is not None:
+            steps, mask = self.tokens(x)
+            lengths = mask.sum(dim=1)
+        else:
+            steps, mask, lengths = spectrogram_frames(x), None, None
+        steps = self.norm(steps)
+        for index, layer in enumerate(self.layers):
+            steps = layer(self.dropout(steps) if index else steps, lengths)
+        return steps, mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        steps, _ = self.rnn(self.norm(spectrogram_frames(x)))
-        return self.pool(steps) if self.pool is not None else mean_pool(steps)
+        steps, mask = self.token_features(x)
+        return self.pool(steps, mask) if self.pool is not None else mean_pool(steps, mask)
 
 
-@MODELS.register(modality="audio", channels_last=False)
+def _from_packed_gru(module: nn.Module, state: dict, prefix: str, *args) -> None:
+    """Weights saved by transferctl 0.4.0, whose gru was one nn.GRU (`rnn.weight_ih_l1_reverse`), renamed to the layers."""
+    for key in [k for k in state if k.startswith(f"{prefix}rnn.")]:
+        name = key[len(prefix) + 4 :]  # weight_ih_l1 or weight_ih_l1_reverse
+        weight, _, rest = name.rpartition("_l")
+        layer, _, reverse = rest.partition("_")
+        direction = "backward_rnn" if reverse else "forward_rnn"
+        state[f"{prefix}layers.{layer}.{direction}.{weight}_l0"] = state.pop(key)
+
+
+Layers = Annotated[int, Field(ge=1, le=6)]
+Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _recurrent(cell, sequence_features, vocab_size, pad_id, embed_dim, hidden_dim, layers, pooling, dropout) -> RecurrentEncoder:
+    features = embed_dim if vocab_size else sequence_features
+    return RecurrentEncoder(cell, features, hidden_dim, layers, pooling, dropout, vocab_size, pad_id)
+
+
+@MODELS.register(modality=("audio", "text"), channels_last=False)
 def gru(
-    sequence_features: int,
+    sequence_features: int | None = None,
+    vocab_size: int | None = None,
+    pad_id: int = 0,
     hidden_dim: PositiveInt = 128,
-    layers: Annotated[int, Field(ge=1, le=6)] = 2,
+    layers: Layers = 2,
     pooling: Literal["mean", "attention"] = "mean",
-    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0,
+    dropout: Dropout = 0.0,
+    embed_dim: PositiveInt = 128,
 ) -> RecurrentEncoder:
-    """A bidirectional GRU over the frames of a sequence (mel frames), mean- or attention-pooled; 2 x hidden_dim features."""
-    return RecurrentEncoder(sequence_features, hidden_dim, layers, pooling, dropout)
+    """A bidirectional GRU over a sequence (mel frames, or token embeddings of embed_dim), mean- or attention-pooled; 2 x hidden_dim features."""
+    return _recurrent("gru", sequence_features, vocab_size, pad_id, embed_dim, hidden_dim, layers, pooling, dropout)
+
+
+@MODELS.register(modality=("audio", "text"), channels_last=False)
+def lstm(
+    sequence_features: int | None = None,
+    vocab_size: int | None = None,
+    pad_id: int = 0,
+    hidden_dim: PositiveInt = 128,
+    layers: Layers = 2,
+    pooling: Literal["mean", "attention"] = "mean",
+    dropout: Dropout = 0.0,
+    embed_dim: PositiveInt = 128,
+) -> RecurrentEncoder:
+    """A bidirectional LSTM over a sequence (mel frames, or token embeddings of embed_dim), mean- or attention-pooled; 2 x hidden_dim features."""
+    return _recurrent("lstm", sequence_features, vocab_size, pad_id, embed_dim, hidden_dim, layers, pooling, dropout)
 
 
 class ConvSequenceEncoder(nn.Sequential):

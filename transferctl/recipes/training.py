@@ -183,6 +183,8 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     # What evaluate and export need to read data as the model was trained, whatever the test split holds.
     names = {"target_names": list(t.train.target_names)} if t.train.target_names else {}  # values: what each one is
     data_info = {"classes": list(t.train.classes), **names, **t.modality.fitted_state(t.train)}
+    for name, content in t.modality.companion_files(data_info).items():  # text: tokenizer.json
+        run.write_file(name, content)
     task_state = t.task_state
 
     def save(weights: dict[str, Any], training: dict[str, Any], row: dict[str, Any] | None, is_best: bool) -> None:

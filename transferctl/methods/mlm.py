@@ -1,0 +1,175 @@
+"""Masked language modelling (BERT, Devlin et al., 2019): hide a share of each text's tokens, predict them from
+the encoder's features at their places; no labels. Of the chosen tokens, 80% become the mask token, 10% a random
+token and 10% stay as they are, so the encoder cannot learn that only mask tokens matter. The head predicts
+only at the chosen places (`Network(inputs, positions)`), which spares the vocabulary-wide projection of every
+other token. Its runs are scored by k-NN on the encoder's pooled features and by the accuracy of the hidden
+tokens' predictions, and exported as the encoder alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from transferctl.data.samples import Batch, Samples, iterate_batches
+from transferctl.distributed import world
+from transferctl.engine.evaluate import Evaluation, knn_accuracy
+from transferctl.engine.train import Selection
+from transferctl.errors import ConfigError
+from transferctl.methods.base import Export, Method, Parts
+from transferctl.modalities import dataset_modality, modality_of
+from transferctl.registry import HEADS, LOSSES, METHODS
+
+if TYPE_CHECKING:
+    from transferctl.build import Trained
+    from transferctl.config import Config
+    from transferctl.distributed import World
+    from transferctl.runs import Run
+
+IGNORED = -100  # the target of a token that is not predicted
+EVALUATION_SEED = 0  # validation and evaluation hide the same tokens every time, so epochs compare
+VALIDATION = Selection("val_loss", higher_is_better=False)
+
+
+@HEADS.register("token_predictor", serves=("masked_tokens",), reads="token_features")
+def token_predictor(feature_dim: int, vocab_size: int, hidden: bool = True) -> nn.Module:
+    """BERT's prediction head: a dense layer, GELU and layer norm (unless hidden=false), then one logit per token of the vocabulary."""
+    transform: list[nn.Module] = [nn.Linear(feature_dim, feature_dim), nn.GELU(), nn.LayerNorm(feature_dim)] if hidden else []
+    return nn.Sequential(*transform, nn.Linear(feature_dim, vocab_size))
+
+
+@dataclass(frozen=True)
+class TokenMasking:
+    """Which tokens a text hides and what it shows in their place (BERT's 80/10/10)."""
+
+    ratio: float
+    mask_token: float
+    random_token: float
+    special_ids: dict[str, Any]
+
+    def __call__(self, ids: torch.Tensor, generator: torch.Generator, rank: int = 0, ranks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the ids shown to the encoder, the ids to predict: the hidden tokens' own, IGNORED elsewhere). The draws
+        cover the global batch (`ranks` slices of this size) on the CPU generator, as one process would draw them."""
+        n, length = ids.shape
+        draws = torch.rand(3, n * ranks, length, generator=generator)[:, rank * n : (rank + 1) * n].to(ids.device)
+        random_ids = torch.randint(self.special_ids["vocab_size"], (n * ranks, length), generator=generator)[rank * n : (rank + 1) * n]
+        special = torch.tensor([self.special_ids["pad"], *self.special_ids["keep"]], device=ids.device, dtype=ids.dtype)
+        chosen = (draws[0] < self.ratio) & ~torch.isin(ids, special)
+        shown = ids.masked_fill(chosen & (draws[1] < self.mask_token), self.special_ids["mask"])
+        swapped = chosen & (draws[1] >= self.mask_token) & (draws[2] < self.random_token / (1 - self.mask_token))
+        shown = torch.where(swapped, random_ids.to(ids.device, ids.dtype), shown)
+        return shown, ids.masked_fill(~chosen, IGNORED)
+
+
+@dataclass
+class MaskedTokensObjective:
+    """The hidden tokens predicted from the encoder's features at their places. Its random draws come from its
+    own generator, which goes with the checkpoint."""
+
+    forward: nn.Module
+    criterion: nn.Module
+    masking: TokenMasking
+    seed: int
+    rank: int = 0
+    ranks: int = 1
+    description: str = "pretraining"
+    selection: Selection = VALIDATION
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + 15_485_863)  # on the CPU: resumable on any device
+
+    def prepare(self) -> None: ...
+
+    def loss(self, batch: Batch, step: int) -> torch.Tensor:
+        (ids,) = batch.inputs
+        shown, targets = self.masking(ids, self.generator, self.rank, self.ranks)
+        chosen = targets != IGNORED
+        return self.criterion(self.forward(shown, chosen), targets[chosen])
+
+    @torch.no_grad()
+    def measure(self, network: nn.Module, data: Samples, batch_size: int) -> dict[str, float]:
+        """The loss and the share of hidden tokens predicted right on `data`, hiding tokens with a fixed seed."""
+        network.eval()
+        generator, modality = torch.Generator().manual_seed(EVALUATION_SEED), modality_of(data)
+        loss, right, count = 0.0, 0, 0
+        for inputs, _ in iterate_batches(data, batch_size):
+            shown, targets = self.masking(modality.model_input(inputs, data), generator)
+            chosen = targets != IGNORED
+            if not chosen.any():
+                continue
+            logits = network(shown, chosen)
+            loss += F.cross_entropy(logits.float(), targets[chosen], reduction="sum").item()
+            right += (logits.argmax(1) == targets[chosen]).sum().item()
+            count += int(chosen.sum())
+        return {"loss": loss / max(count, 1), "masked_accuracy": right / max(count, 1)}
+
+    def validate(self, val: Samples, batch_size: int, network: nn.Module) -> dict[str, float]:
+        measured = self.measure(network, val, batch_size)
+        return {"val_loss": measured["loss"], "val_masked_accuracy": measured["masked_accuracy"]}
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+@METHODS.register("mlm")
+@dataclass
+class MaskedLanguageModel(Method):
+    """Masked language modelling: hidden tokens predicted from the encoder's features at their places; labels unused."""
+
+    head = "token_predictor"
+    loss = "token_cross_entropy"
+    serves = "masked_tokens"
+    augmentation = "none"
+    uses_labels = False
+    evaluation_splits = ("train", "test")  # k-NN: the labelled training split is the bank
+
+    mask_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # the share of tokens hidden
+    mask_token: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8  # of the hidden ones: shown as the mask token
+    random_token: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # of the hidden ones: shown as a random token
+
+    def check(self, cfg: Config, ranks: World) -> None:
+        modality = dataset_modality(cfg.data.name)
+        if modality != "text":
+            raise ConfigError(f"method: 'mlm' hides tokens of texts, and data set '{cfg.data.name}' is {modality}; use a text data set")
+        if self.mask_token + self.random_token > 1:
+            raise ConfigError(f"method: mask_token={self.mask_token} and random_token={self.random_token} add up to more than 1; lower one")
+
+    def masking(self, data: Samples) -> TokenMasking:
+        special = modality_of(data).augment_context(data)["special_ids"]
+        return TokenMasking(self.mask_ratio, self.mask_token, self.random_token, special)
+
+    def objective(self, parts: Parts) -> MaskedTokensObjective:
+        ranks = world()
+        return MaskedTokensObjective(
+            parts.forward, parts.criterion, self.masking(parts.train), parts.cfg.train.seed, ranks.rank, ranks.size
+        )
+
+    def evaluate(self, trained: Trained, run: Run) -> Evaluation:
+        cfg, test = trained.cfg, trained.split(train=False)
+        accuracy = knn_accuracy(
+            trained.served(),
+            trained.split(train=True),
+            test,
+            k=cfg.eval.knn_k,
+            temperature=cfg.eval.knn_temperature,
+            batch_size=cfg.data.eval_batch_size,
+        )
+        scorer = MaskedTokensObjective(trained.network, LOSSES.build(cfg.loss.name, cfg.loss.options), self.masking(test), cfg.train.seed)
+        measured = scorer.measure(trained.network, test, cfg.data.eval_batch_size)
+        return Evaluation({"knn_accuracy": accuracy, "masked_accuracy": measured["masked_accuracy"]})
+
+    def export(self) -> Export:
+        return Export(encoder_only=True, output="embeddings", kind="encoder")
+
+
+__all__ = ["IGNORED", "MaskedLanguageModel", "TokenMasking", "token_predictor"]

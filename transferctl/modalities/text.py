@@ -1,0 +1,240 @@
+"""Text: token ids (N, max_length), padded on the right with the tokenizer's pad id; models take the ids.
+
+A split keeps its texts beside their ids, so a fine-tune or an evaluation can read them again with another
+run's tokenizer (`as_trained`, `inherited`): the tokenizer is the text modality's fitted state, as an image
+split's mean and std are the image modality's. Tokenizers are Hugging Face `tokenizers` objects, carried as
+their JSON (`tokenizer.json`), which a run writes beside its checkpoints and an export beside its model.
+Encoders find the padding by comparing the ids with `pad_id`; an export takes `input_ids` and `attention_mask`
+(what `tokenizers` and `transformers` give a caller) and sets the ids that the mask leaves out to `pad_id`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from transferctl.data.samples import Samples
+from transferctl.errors import UsageError
+from transferctl.modalities.base import Modality
+from transferctl.registry import AUGMENTATIONS, HEADS, MODALITIES, MODELS
+
+MODELS.add_context("vocab_size", "pad_id", "max_length")  # what `model_context` gives a model over token ids
+HEADS.add_context("vocab_size")  # a head that predicts tokens (masked language modelling)
+AUGMENTATIONS.add_context("special_ids")  # what `augment_context` gives a text augmentation
+INSTALL_HINT = 'pip install "transferctl[text]"'
+TOKENIZER_FILE = "tokenizer.json"
+PAD_TOKENS, MASK_TOKENS, UNK_TOKENS = ("[PAD]", "<pad>"), ("[MASK]", "<mask>"), ("[UNK]", "<unk>")
+BOUNDARY_TOKENS = ("[CLS]", "[SEP]", "<s>", "</s>")  # added around every text; augmentations keep them
+
+
+def tokenizers():
+    """Hugging Face `tokenizers`, or a one-line error naming the extra that installs it."""
+    try:
+        import tokenizers as module
+    except ImportError:
+        raise UsageError(f"text data needs the tokenizers package: {INSTALL_HINT}") from None
+    return module
+
+
+@dataclass(frozen=True)
+class Tokenization:
+    """What turns texts into ids: a tokenizer (its JSON), the length every text is padded or cut to, and which end
+    a long text loses."""
+
+    tokenizer_json: str
+    max_length: int
+    truncation: Literal["right", "left"] = "right"
+
+    @cached_property
+    def tokenizer(self):
+        return _tokenizer_from_json(self.tokenizer_json)
+
+    @cached_property
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.tokenizer_json}\n{self.max_length}:{self.truncation}".encode()).hexdigest()[:16]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def special_id(self, names: tuple[str, ...], role: str) -> int:
+        for name in names:
+            index = self.tokenizer.token_to_id(name)
+            if index is not None:
+                return index
+        raise UsageError(f"data.tokenizer: the tokenizer has no {role} token ({' or '.join(names)}); add one to it or train one here")
+
+    @cached_property
+    def pad_id(self) -> int:
+        return self.special_id(PAD_TOKENS, "padding")
+
+    @cached_property
+    def mask_id(self) -> int:
+        return self.special_id(MASK_TOKENS, "mask")
+
+    @cached_property
+    def boundary_ids(self) -> tuple[int, ...]:
+        ids = (self.tokenizer.token_to_id(name) for name in BOUNDARY_TOKENS)
+        return tuple(i for i in ids if i is not None)
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int32 ids (N, max_length) padded on the right, whether each text was cut to max_length)."""
+        tokenizer = _tokenizer_from_json(self.tokenizer_json, fresh=True)
+        tokenizer.enable_truncation(self.max_length, direction=self.truncation)
+        tokenizer.enable_padding(direction="right", pad_id=self.pad_id, length=self.max_length)
+        encodings = tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.int32).view(len(texts), self.max_length)
+        return ids, torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
+
+
+@lru_cache(maxsize=8)
+def _shared_tokenizer(tokenizer_json: str):
+    return tokenizers().Tokenizer.from_str(tokenizer_json)
+
+
+def _tokenizer_from_json(tokenizer_json: str, fresh: bool = False):
+    """The tokenizer of a JSON (shared; `fresh`: a private copy whose padding and truncation may be set)."""
+    return tokenizers().Tokenizer.from_str(tokenizer_json) if fresh else _shared_tokenizer(tokenizer_json)
+
+
+@dataclass(frozen=True)
+class TextData(Samples):
+    """A text split: int32 ids (N, max_length), the texts they were read from, the tokenization that read them,
+    and which texts it cut short (N,)."""
+
+    texts: tuple[str, ...]
+    tokenization: Tokenization
+    cut: torch.Tensor
+    modality = "text"
+
+    def subset(self, indices: torch.Tensor) -> TextData:
+        kept = indices.tolist()
+        return replace(
+            self,
+            inputs=self.inputs[indices],
+            targets=self.targets[indices],
+            texts=tuple(self.texts[i] for i in kept),
+            cut=self.cut[indices.to(self.cut.device)],
+        )
+
+
+def tokenized(data: TextData, tokenization: Tokenization) -> TextData:
+    """`data`'s texts read with another tokenization (a run's)."""
+    if tokenization == data.tokenization:
+        return data
+    ids, cut = tokenization.encode(list(data.texts))
+    return replace(data, inputs=ids.to(data.inputs.device), tokenization=tokenization, cut=cut)
+
+
+def tokenization_of(fitted: Mapping[str, Any]) -> Tokenization:
+    """The tokenization a run's fitted state names."""
+    return Tokenization(fitted["tokenizer"], fitted["max_length"], fitted.get("truncation", "right"))
+
+
+class TokenInputs(nn.Module):
+    """What a text export holds: (input_ids, attention_mask) -> the network, with the ids that the mask leaves out
+    set to the pad id (the encoders find padding by it)."""
+
+    def __init__(self, network: nn.Module, pad_id: int):
+        super().__init__()
+        self.network, self.pad_id = network, pad_id
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.network(input_ids.masked_fill(attention_mask == 0, self.pad_id))
+
+
+@MODALITIES.register("text")
+class TextModality(Modality):
+    """Text: token ids of one length, right-padded; augmented as ids (deletion, crops, masking)."""
+
+    input_name = "input_ids"
+    input_names = ("input_ids", "attention_mask")
+    augmentations: ClassVar[Mapping[str, str]] = {"strong": "text_simclr", "light": "text_light", "none": "none"}
+    inherits_fitted_state = True  # a fine-tune reads its texts with its source run's tokenizer
+    shows_inputs = False
+
+    def model_context(self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        if fitted is None:
+            raise ValueError("a text model's context needs the tokenizer (the split's fitted state)")
+        tokenization = tokenization_of(fitted)
+        return {"vocab_size": tokenization.vocab_size, "pad_id": tokenization.pad_id, "max_length": sample_shape[0]}
+
+    def head_context(self, fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        return {"vocab_size": tokenization_of(fitted).vocab_size} if fitted else {}
+
+    def decode(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw.long()
+
+    def normalize(self, x: torch.Tensor, data: TextData) -> torch.Tensor:
+        return x
+
+    def augment_context(self, data: TextData) -> dict[str, Any]:
+        t = data.tokenization
+        return {"special_ids": {"pad": t.pad_id, "mask": t.mask_id, "keep": t.boundary_ids, "vocab_size": t.vocab_size}}
+
+    def example_input(self, data: TextData, count: int) -> torch.Tensor:
+        """Texts of max_length non-pad tokens."""
+        return torch.full((count, *data.sample_shape), data.tokenization.mask_id, dtype=torch.long)
+
+    def fitted_state(self, data: TextData) -> dict[str, Any]:
+        t = data.tokenization
+        return {"tokenizer": t.tokenizer_json, "max_length": t.max_length, "truncation": t.truncation}
+
+    def as_trained(self, data: TextData, fitted: dict[str, Any]) -> TextData:
+        return tokenized(data, tokenization_of(fitted))
+
+    def inherited(self, data: TextData, source: dict[str, Any]) -> tuple[TextData, str | None]:
+        if "tokenizer" not in source:
+            raise UsageError("finetune.source: that run was not trained on text; fine-tune from a run whose data set is text")
+        trained = tokenization_of(source)
+        if data.tokenization.tokenizer_json != trained.tokenizer_json and data.tokenization.max_length == trained.max_length:
+            note = "data.tokenizer: texts are read with the source run's tokenizer; this run's tokenizer options have no effect"
+        elif data.tokenization != trained:
+            note = (
+                f"data.tokenizer: texts are read with the source run's tokenizer (max_length={trained.max_length}); "
+                f"this run's tokenizer options have no effect"
+            )
+        else:
+            note = None
+        return tokenized(data, trained), note
+
+    def notes(self, data: TextData) -> list[str]:
+        cut, t = int(data.cut.sum()), data.tokenization
+        if not cut:
+            return []
+        return [f"data: {cut} of {len(data)} training texts are longer than max_length {t.max_length} and were cut at the {t.truncation}"]
+
+    def companion_files(self, fitted: Mapping[str, Any]) -> dict[str, bytes]:
+        return {TOKENIZER_FILE: fitted["tokenizer"].encode()} if "tokenizer" in fitted else {}
+
+    def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
+        return TokenInputs(module, tokenization_of(fitted).pad_id).eval()
+
+    def export_input(self, raw: torch.Tensor, data: TextData) -> tuple[torch.Tensor, ...]:
+        ids = raw.long()
+        return ids, (ids != data.tokenization.pad_id).long()
+
+    def describe_input(self, data: TextData) -> dict[str, Any]:
+        t = data.tokenization
+        return {
+            "name": self.input_name,
+            "names": list(self.input_names),
+            "shape": ["batch", t.max_length],
+            "dtype": "int64",
+            "max_length": t.max_length,
+            "padding_side": "right",
+            "truncation_side": t.truncation,
+            "pad_id": t.pad_id,
+            "tokenizer": TOKENIZER_FILE,
+            "preprocessing": (
+                f"encode each text with {TOKENIZER_FILE} (the `tokenizers` package: Tokenizer.from_file), cut it to "
+                f"{t.max_length} tokens from the {t.truncation} end and pad it on the right with id {t.pad_id}; "
+                f"attention_mask is 1 on the tokens and 0 on the padding"
+            ),
+        }
