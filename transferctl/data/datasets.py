@@ -166,7 +166,7 @@ def decode_image_files(name: str, paths: list[Path], image_size: int, channels: 
 
 
 def cached_decoding(paths: list[Path], options: str, decode_all: Callable[[], Any]) -> Any:
-    """`decode_all()` of some files (a tensor, or a dict of them), kept in the cache: the next run with the same files and decoding `options`
+    """`decode_all()` of some files (a tensor or a dict of them), kept in the cache: the next run with the same files and decoding `options`
     loads the tensor instead."""
     cache = _decoded_cache_path(paths, options)
     if cache.is_file():

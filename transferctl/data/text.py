@@ -42,6 +42,9 @@ class TokenizerOptions(BaseModel):
     path: str | None = None  # a tokenizer.json, or a Hugging Face tokenizer folder
 
 
+DEFAULT_TOKENIZER = TokenizerOptions()
+
+
 @dataclass(frozen=True)
 class TextRows:
     """A file's texts and their labels as written (None where the file has no label column)."""
@@ -243,7 +246,7 @@ def _label_order(label: str) -> tuple[int, int | str]:
 
 
 @DATASETS.register(modality="text")
-def ag_news(root: Path, download: bool, train: bool, tokenizer: TokenizerOptions = TokenizerOptions()) -> TextData:
+def ag_news(root: Path, download: bool, train: bool, tokenizer: TokenizerOptions = DEFAULT_TOKENIZER) -> TextData:
     """AG's News topics (World, Sports, Business, Sci/Tech): <root>/AGNews/{train,test}.csv (label 1-4, text) and classes.txt."""
     folder = root / "AGNews"
     for needed in ("train.csv", "test.csv", "classes.txt"):
@@ -265,7 +268,7 @@ def text_csv(
     label_column: str | None = "label",
     classes: list[str] | None = None,
     drop_empty: bool = False,
-    tokenizer: TokenizerOptions = TokenizerOptions(),
+    tokenizer: TokenizerOptions = DEFAULT_TOKENIZER,
 ) -> TextData:
     """Your own texts: CSV (with a header) or JSONL files under data.root; text_columns joined, labels as names or integers."""
     files = tuple(_data_file(root, f) for f in (train_file, test_file))

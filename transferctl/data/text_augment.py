@@ -58,7 +58,7 @@ class TextAugment:
 
     def _span(self, content: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """True on one random span of each row's content tokens, of a random share of them."""
-        n, length = content.shape
+        n = content.shape[0]
         count = content.sum(dim=1).float()
         low, high = self.crop
         share = low + (high - low) * torch.rand(n, generator=generator, device=content.device)

@@ -155,7 +155,7 @@ def gru(
     dropout: Dropout = 0.0,
     embed_dim: PositiveInt = 128,
 ) -> RecurrentEncoder:
-    """A bidirectional GRU over a sequence (mel frames, or token embeddings of embed_dim), mean- or attention-pooled; 2 x hidden_dim features."""
+    """A bidirectional GRU over mel frames or token embeddings (embed_dim), mean- or attention-pooled; 2 x hidden_dim features."""
     return _recurrent("gru", sequence_features, vocab_size, pad_id, embed_dim, hidden_dim, layers, pooling, dropout)
 
 
@@ -170,7 +170,7 @@ def lstm(
     dropout: Dropout = 0.0,
     embed_dim: PositiveInt = 128,
 ) -> RecurrentEncoder:
-    """A bidirectional LSTM over a sequence (mel frames, or token embeddings of embed_dim), mean- or attention-pooled; 2 x hidden_dim features."""
+    """A bidirectional LSTM over mel frames or token embeddings (embed_dim), mean- or attention-pooled; 2 x hidden_dim features."""
     return _recurrent("lstm", sequence_features, vocab_size, pad_id, embed_dim, hidden_dim, layers, pooling, dropout)
 
 
