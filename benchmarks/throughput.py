@@ -10,9 +10,10 @@ torchvision transforms in DataLoader workers), in a fresh subprocess each (so pe
     python benchmarks/throughput.py                       # cnn, batch 256, both pipelines
     python benchmarks/throughput.py --models cnn resnet18 --steps 30
     python benchmarks/throughput.py --audio --pipelines memory --models cnn conv1d gru   # FSDD clips ($TRANSFERCTL_DATA_DIR)
+    python benchmarks/throughput.py --text --pipelines memory --models gru transformer  # AG News ($TRANSFERCTL_DATA_DIR)
 
 Uses real MNIST when TRANSFERCTL_DATA_DIR points at it, else the MNIST sample shipped in the package.
-Prints a markdown table.
+Prints a markdown table; for text also tokens/s (the non-padding tokens of the articles a step trains on).
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def measure(
-    model: str, pipeline: str, precision: str, batch: int, steps: int, warmup: int, workers: int, device: str, audio: bool = False
+    model: str,
+    pipeline: str,
+    precision: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    workers: int,
+    device: str,
+    audio: bool = False,
+    text: bool = False,
 ) -> dict:
     import torch
 
@@ -40,6 +50,8 @@ def measure(
 
     if audio:
         data, config = "fsdd", REPO / "configs" / "simclr_fsdd.yaml"
+    elif text:
+        data, config = "ag_news", REPO / "configs" / "simclr_ag_news.yaml"
     else:
         data, config = "mnist" if os.environ.get("TRANSFERCTL_DATA_DIR") else "mnist_sample", REPO / "configs" / "simclr_mnist.yaml"
     overrides = [
@@ -94,6 +106,10 @@ def measure(
     sync()
     step_time = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tokens = {}
+    if text:  # the real (non-padding) tokens of an average article
+        per_text = (t.train.inputs != t.train.tokenization.pad_id).sum(dim=1).float().mean().item()
+        tokens = {"train_tokens_per_s": batch / step_time * per_text, "tokens_per_text": per_text}
     return {
         "model": model,
         "precision": precision,
@@ -107,6 +123,7 @@ def measure(
         "train_images_per_s": batch / step_time,
         "data_share": data_time / step_time,
         "peak_mb": peak,
+        **tokens,
     }
 
 
@@ -121,10 +138,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the loader pipeline")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--audio", action="store_true", help="FSDD clips through configs/simclr_fsdd.yaml (memory pipeline only)")
+    parser.add_argument("--text", action="store_true", help="AG News articles through configs/simclr_ag_news.yaml (memory pipeline only)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "PIPELINE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(*args.one, args.batch, args.steps, args.warmup, args.workers, args.device, args.audio)))
+        print(json.dumps(measure(*args.one, args.batch, args.steps, args.warmup, args.workers, args.device, args.audio, args.text)))
         return
 
     rows = []
@@ -147,6 +165,7 @@ def main() -> None:
             "--device",
             args.device,
             *(["--audio"] if args.audio else []),
+            *(["--text"] if args.text else []),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
@@ -159,6 +178,9 @@ def main() -> None:
             f"| {r['model']} | {r['precision']} | {r['pipeline']} | {r['device']} | {r['batch']} | {r['threads']} | {r['workers']} | "
             f"{r['data_images_per_s']:,.0f} | {r['train_images_per_s']:,.0f} | {r['data_share']:.1%} | {r['peak_mb']:,.0f} |"
         )
+    for r in rows:
+        if "train_tokens_per_s" in r:
+            print(f"{r['model']}, {r['precision']}: {r['train_tokens_per_s']:,.0f} tokens/s ({r['tokens_per_text']:.1f} tokens an article)")
     print()
     for model, precision in itertools.product(args.models, args.precisions):
         by = {r["pipeline"]: r for r in rows if (r["model"], r["precision"]) == (model, precision)}

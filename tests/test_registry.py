@@ -61,12 +61,12 @@ def test_build_passes_only_the_context_a_component_takes():
 def test_every_kind_the_cli_lists_is_populated():
     load_components()
     expected = {
-        "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae"},
+        "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
         "tasks": {"classification", "regression", "segmentation"},
-        "modalities": {"image", "audio"},
-        "models": {"mlp", "cnn", "resnet18", "gru", "conv1d"},
-        "heads": {"projection", "linear", "decoder", "regressor", "fpn"},
-        "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy"},
+        "modalities": {"image", "audio", "text"},
+        "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
+        "heads": {"projection", "linear", "decoder", "regressor", "fpn", "token_predictor"},
+        "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy"},
         "optimizers": {"sgd", "adam", "adamw", "lars"},
         "schedulers": {"cosine", "constant"},
         "datasets": {
@@ -81,8 +81,10 @@ def test_every_kind_the_cli_lists_is_populated():
             "segmentation_folder",
             "fsdd",
             "audio_folder",
+            "ag_news",
+            "text_csv",
         },
-        "augmentations": {"simclr", "light", "none", "audio_simclr", "audio_light"},
+        "augmentations": {"simclr", "light", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
     }
     for kind, names in expected.items():
         assert names <= set(REGISTRIES[kind].names()), kind

@@ -401,6 +401,7 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     cfg.model = ModelConfig(weights=cfg.model.weights, **_resolve_component(MODELS, cfg.model, "model").model_dump())
     if cfg.model.weights and cfg.finetune.source:
         raise ConfigError("model.weights: a fine-tune --from RUN takes its encoder from RUN; drop model.weights (or --from)")
+    _resolve_model_from_weights(cfg)
     cfg.head = _resolve_component(HEADS, cfg.head, "head")
     cfg.loss = _resolve_component(LOSSES, cfg.loss, "loss")
     cfg.optimizer = _resolve_component(OPTIMIZERS, cfg.optimizer, "optimizer")
@@ -437,6 +438,20 @@ def _default(name: str | None, where: str, missing: str) -> Component:
     if name is None:
         raise ConfigError(f"{where}.name: {missing}; name one")
     return Component(name=name)
+
+
+def _resolve_model_from_weights(cfg: Config) -> None:
+    """What a model takes from its weights when the config is resolved (`hf`: the checkpoint folder's architecture
+    into its options, and its tokenizer as the data's, unless data.tokenizer.path names one)."""
+    entry = MODELS.get(cfg.model.name)
+    resolve_options = entry.meta.get("resolve_options")
+    if resolve_options is not None:
+        options = resolve_options(cfg.model.options, cfg.model.weights)
+        cfg.model = ModelConfig(name=cfg.model.name, weights=cfg.model.weights, **options)
+    if entry.meta.get("tokenizer_from_weights") and cfg.model.weights:
+        tokenizer = dict(cfg.data.options.get("tokenizer") or {})
+        if not tokenizer.get("path"):
+            cfg.data.tokenizer = {**tokenizer, "path": cfg.model.weights}
 
 
 def _attribute(obj: Any, path: list[str]) -> Any:

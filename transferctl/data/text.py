@@ -204,14 +204,18 @@ def _converted_tokenizer(folder: Path, where: str) -> str:
         raise UsageError(f"{where}: not a Hugging Face tokenizer folder ({' '.join(str(exc).split())[:120]})") from None
 
 
-def tokenized_split(rows: TextRows, tokenization: Tokenization, targets: torch.Tensor, classes: tuple[str, ...]) -> TextData:
+def tokenized_split(
+    rows: TextRows, tokenization: Tokenization, targets: torch.Tensor, classes: tuple[str, ...], path: str | None = None
+) -> TextData:
     """A split's rows as TextData; the ids are kept in the cache, keyed by the file and the tokenization."""
     encoded = cached_decoding(
         [rows.path],
         f"text:{tokenization.digest}:{len(rows.texts)}",
         lambda: dict(zip(("ids", "cut"), tokenization.encode(rows.texts), strict=True)),
     )
-    return TextData(encoded["ids"], targets, classes, texts=tuple(rows.texts), tokenization=tokenization, cut=encoded["cut"])
+    return TextData(
+        encoded["ids"], targets, classes, texts=tuple(rows.texts), tokenization=tokenization, cut=encoded["cut"], tokenizer_path=path
+    )
 
 
 # --------------------------------------------------------------------------- data sets
@@ -237,7 +241,7 @@ def text_split(
     else:
         classes = classes or tuple(sorted(set(train_rows.labels or []), key=_label_order))
         targets = class_index(name, rows, classes, label_base)
-    return tokenized_split(rows, tokenization_for(name, options, train_rows.texts), targets, classes)
+    return tokenized_split(rows, tokenization_for(name, options, train_rows.texts), targets, classes, options.path)
 
 
 def _label_order(label: str) -> tuple[int, int | str]:

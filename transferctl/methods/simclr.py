@@ -88,7 +88,7 @@ class SimCLR(Method):
         return ContrastiveObjective(parts.forward, parts.criterion, parts.augment, parts.modality, gather=world().distributed)
 
     def write_plots(self, run: Run, training: Training, first_inputs: tuple[torch.Tensor, ...] | None) -> None:
-        if first_inputs is not None:
+        if first_inputs is not None and training.modality.shows_inputs:  # text: views are token ids, not pictures
             plots.write_view_pairs(run, [training.modality.displayable(view, training.train) for view in first_inputs])
 
     def evaluate(self, trained: Trained, run: Run) -> Evaluation:

@@ -111,6 +111,7 @@ class TextData(Samples):
     texts: tuple[str, ...]
     tokenization: Tokenization
     cut: torch.Tensor
+    tokenizer_path: str | None = None  # where the tokenizer was read from (data.tokenizer.path), if not trained here
     modality = "text"
 
     def subset(self, indices: torch.Tensor) -> TextData:
@@ -193,6 +194,11 @@ class TextModality(Modality):
         if "tokenizer" not in source:
             raise UsageError("finetune.source: that run was not trained on text; fine-tune from a run whose data set is text")
         trained = tokenization_of(source)
+        if data.tokenizer_path and data.tokenization.tokenizer_json != trained.tokenizer_json:
+            raise UsageError(
+                f"data.tokenizer.path {data.tokenizer_path}: not the tokenizer the source run was trained with; drop it "
+                f"(the run's {TOKENIZER_FILE} is used) or give that file"
+            )
         if data.tokenization.tokenizer_json != trained.tokenizer_json and data.tokenization.max_length == trained.max_length:
             note = "data.tokenizer: texts are read with the source run's tokenizer; this run's tokenizer options have no effect"
         elif data.tokenization != trained:

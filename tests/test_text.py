@@ -1,0 +1,319 @@
+"""Text: tokenizers, masking, padding-exact encoders, augmentations, the chain from CSV files to an export that
+classifies a sentence with `tokenizers` and onnxruntime alone, an exact resume, and the bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_resume import killed_and_resumed
+from transferctl.data.text import TokenizerOptions, train_tokenizer
+from transferctl.data.text_augment import TextAugment
+from transferctl.methods.mlm import IGNORED, TokenMasking
+from transferctl.modalities.text import Tokenization
+from transferctl.registry import MODELS, load_components
+
+load_components()
+
+TOPICS = {
+    "sports": ["goal", "match", "team", "player", "coach", "league", "season", "score", "win", "stadium"],
+    "markets": ["stock", "market", "shares", "profit", "bank", "investor", "trade", "price", "economy", "fund"],
+    "science": ["atom", "cell", "physics", "energy", "planet", "research", "lab", "molecule", "theory", "space"],
+}
+COMMON = ["the", "a", "of", "in", "on", "and", "to", "with", "for", "this", "that"]
+
+
+def article(topic: str, rng: random.Random) -> str:
+    words = [rng.choice(TOPICS[topic] if rng.random() < 0.6 else COMMON) for _ in range(rng.randint(4, 30))]
+    return " ".join(words).capitalize() + "."
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header=("label", "text")) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def make_text_root(root: Path, per_class: tuple[int, int] = (30, 10), seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        rows = [(topic, article(topic, rng)) for _ in range(count) for topic in TOPICS]
+        write_csv(root / f"{split}.csv", rows)
+    return root
+
+
+@pytest.fixture
+def text_root(tmp_path) -> Path:
+    return make_text_root(tmp_path / "data")
+
+
+CONFIG = """
+method: {method}
+model: {{name: {model}}}
+data:
+  name: text_csv
+  root: {root}
+  batch_size: 16
+  eval_batch_size: 64
+  tokenizer: {{vocab_size: 200, max_length: 24}}
+train: {{epochs: {epochs}, log_every: 2, device: cpu}}
+"""
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _ok(result) -> dict:
+    assert result.code == 0, result.stderr
+    return result.json
+
+
+def small_tokenization(max_length: int = 16) -> Tokenization:
+    rng = random.Random(1)
+    texts = [article(topic, rng) for _ in range(20) for topic in TOPICS]
+    return Tokenization(train_tokenizer(texts, TokenizerOptions(vocab_size=150)), max_length)
+
+
+# --------------------------------------------------------------------------- tokenizers and masking
+
+
+def test_the_tokenizer_round_trips_and_pads_on_the_right():
+    tokenization = small_tokenization(max_length=32)
+    text = "The team won the match with a late goal."
+    ids, cut = tokenization.encode([text, "stock"])
+    assert ids.dtype == torch.int32 and ids.shape == (2, 32) and not cut.any()
+    row = [i for i in ids[0].tolist() if i != tokenization.pad_id]
+    assert ids[0, len(row) :].eq(tokenization.pad_id).all()  # padding only at the end
+    assert tokenization.tokenizer.decode(row) == text.lower()
+    long_ids, long_cut = tokenization.encode([" ".join(["goal"] * 40)])
+    assert long_cut.tolist() == [True] and long_ids.ne(tokenization.pad_id).all()
+
+
+def test_masked_language_modelling_follows_80_10_10_on_a_seeded_batch():
+    special = {"pad": 0, "mask": 4, "keep": (2, 3), "vocab_size": 1000}
+    ids = torch.randint(5, 1000, (200, 100))
+    ids[:, 0], ids[:, -1] = 2, 3  # boundary tokens
+    ids[:100, 60:] = 0  # padding
+    masking = TokenMasking(0.15, 0.8, 0.1, special)
+    shown, targets = masking(ids, torch.Generator().manual_seed(0))
+    chosen = targets != IGNORED
+    content = (ids != 0) & (ids != 2) & (ids != 3)
+    assert not (chosen & ~content).any()  # padding and boundaries are never hidden
+    assert torch.equal(targets[chosen], ids[chosen]) and torch.equal(shown[~chosen], ids[~chosen])
+    assert abs(chosen.sum().item() / content.sum().item() - 0.15) < 0.01
+    as_mask = (shown[chosen] == 4).float().mean().item()
+    unchanged = (shown[chosen] == ids[chosen]).float().mean().item()
+    assert abs(as_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02 and abs(1 - as_mask - unchanged - 0.1) < 0.02
+    again, _ = masking(ids, torch.Generator().manual_seed(0))
+    assert torch.equal(again, shown)
+    # two ranks each draw their half of the global batch as one process would
+    halves = [masking(ids[r * 100 : (r + 1) * 100], torch.Generator().manual_seed(0), r, 2)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), shown)
+
+
+# --------------------------------------------------------------------------- encoders and augmentations
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm", "transformer"])
+def test_padding_does_not_change_the_pooled_features(name):
+    tokenization = small_tokenization(max_length=32)
+    options = {"hidden_dim": 16, "embed_dim": 16} if name != "transformer" else {"width": 32, "layers": 2, "heads": 4}
+    context = {"vocab_size": tokenization.vocab_size, "pad_id": tokenization.pad_id, "max_length": 32}
+    model = MODELS.build(name, {**options, "pooling": "attention"} if name != "transformer" else options, **context).eval()
+    texts = ["The team won the match.", "Stock prices and the bank profit fell in a long session of trade."]
+    ids, _ = tokenization.encode(texts)
+    short = Tokenization(tokenization.tokenizer_json, 16).encode(texts)[0]
+    with torch.no_grad():
+        alone = model(ids[:1].long())
+        together = model(ids.long())
+        shorter = model(short.long())
+    torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shorter[:1], alone, atol=1e-5, rtol=1e-5)  # 16 or 32 ids: the same text, the same features
+    changed = ids.clone()
+    changed[0, 2] = tokenization.mask_id
+    with torch.no_grad():
+        assert not torch.allclose(model(changed[:1].long()), alone)  # it reads the tokens
+
+
+def test_a_gru_saved_by_0_4_0_still_loads():
+    old = torch.nn.GRU(40, 16, num_layers=2, batch_first=True, bidirectional=True)
+    state = {**{f"rnn.{k}": v for k, v in old.state_dict().items()}, "norm.weight": torch.ones(40), "norm.bias": torch.zeros(40)}
+    gru = MODELS.build("gru", {"hidden_dim": 16}, sequence_features=40).eval()
+    gru.load_state_dict(state)
+    frames = torch.randn(3, 1, 40, 20)
+    expected, _ = old(gru.norm(frames.squeeze(1).transpose(1, 2)))
+    torch.testing.assert_close(gru.token_features(frames)[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_text_augmentations_keep_boundaries_stay_right_padded_and_are_seeded():
+    tokenization = small_tokenization(max_length=32)
+    special = {"pad": tokenization.pad_id, "mask": tokenization.mask_id, "keep": tokenization.boundary_ids, "vocab_size": 150}
+    ids = tokenization.encode([article(t, random.Random(i)) for i in range(8) for t in TOPICS])[0].long()
+    augment = TextAugment(special, crop=(0.5, 0.8), delete_p=0.2, mask_p=0.2)
+    view = augment(ids, torch.Generator().manual_seed(3))
+    assert torch.equal(view, augment(ids, torch.Generator().manual_seed(3)))
+    real, lengths = view != tokenization.pad_id, (view != tokenization.pad_id).sum(1)
+    assert torch.equal(real, torch.arange(32) < lengths[:, None])  # still padded on the right only
+    assert (lengths < (ids != tokenization.pad_id).sum(1)).all() and (lengths >= 3).all()  # shorter, never empty
+    cls, sep = tokenization.boundary_ids
+    assert (view[:, 0] == cls).all() and (view.gather(1, (lengths - 1)[:, None]) == sep).all()
+    assert (view == tokenization.mask_id).any()
+    kept = [set(v[(v != tokenization.pad_id) & (v != tokenization.mask_id)].tolist()) for v in view]
+    assert all(k <= set(i.tolist()) for k, i in zip(kept, ids, strict=True))  # only the text's own tokens
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def test_pretrain_finetune_evaluate_export_on_texts(cli, tmp_path, text_root):
+    config = write_config(tmp_path / "mlm.yaml", CONFIG.format(method="mlm", model="transformer", root=text_root, epochs=12))
+    small = ["model.width=32", "model.heads=2", "model.layers=1", "optimizer.lr=0.005", "data.batch_size=8"]
+    pretrained = _ok(cli("pretrain", "-c", config, *small, "--json"))
+    run = Path(pretrained["run_dir"])
+    val_losses = [row["val_loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert val_losses[-1] < val_losses[0] - 0.5  # it learns which tokens a text's topic makes likely
+    assert 0 <= pretrained["metrics"]["val_masked_accuracy"] <= 1 and (run / "tokenizer.json").is_file()
+    result = cli(
+        "finetune",
+        "--from",
+        run,
+        "data.labels_per_class=8",
+        "data.tokenizer.vocab_size=300",
+        "train.max_steps=40",
+        "train.device=cpu",
+        "--json",
+    )
+    tuned = _ok(result)
+    assert "source run's tokenizer" in result.stderr  # says that its own tokenizer options have no effect
+    assert (Path(tuned["run_dir"]) / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
+    assert _ok(cli("evaluate", "--from", tuned["run_dir"], "--json"))["metrics"]["accuracy"] > 0.6  # three topics, learnt
+    formats = ("--format", "onnx", "--format", "torchscript", "--format", "safetensors")
+    exported = _ok(cli("export", "--from", tuned["run_dir"], *formats, "--json"))
+    assert exported["verified"] and all(p["passed"] and p["top1_agreement"] == 1.0 for p in exported["parity"].values())
+    folder = Path(exported["export_dir"])
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["input"]["names"] == ["input_ids", "attention_mask"] and card["input"]["max_length"] == 24
+    assert card["classes"] == ["markets", "science", "sports"] and card["input"]["tokenizer"] == "tokenizer.json"
+    # the README's recipe: the export folder alone, with tokenizers and onnxruntime
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.enable_truncation(card["input"]["max_length"])
+    tokenizer.enable_padding(length=card["input"]["max_length"], pad_id=card["input"]["pad_id"])
+    encoded = tokenizer.encode_batch(["The coach said the team will win the league this season.", "Shares of the bank rose"])
+    ids = np.array([e.ids for e in encoded], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    assert [card["classes"][i] for i in logits.argmax(1)] == ["sports", "markets"]
+    # padding that the mask leaves out is ignored, whatever ids it holds
+    noisy = np.where(mask == 0, 7, ids)
+    np.testing.assert_allclose(session.run(None, {"input_ids": noisy, "attention_mask": mask})[0], logits, atol=1e-5)
+
+
+def test_contrastive_text_views_and_an_exact_resume(tmp_path, text_root):
+    config = write_config(
+        tmp_path / "simclr.yaml",
+        CONFIG.format(method="simclr", model="gru", root=text_root, epochs=2).replace(
+            "model: {name: gru}", "model: {name: gru, hidden_dim: 16, embed_dim: 16}\nhead: {name: projection, hidden_dim: 32, out_dim: 16}"
+        ),
+    )
+    whole, resumed = killed_and_resumed("pretrain", config, ["data.batch_size=8", "train.checkpoint_every=2"], tmp_path)
+    assert whole["step"] == resumed["step"] > 2
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+    assert whole["config"]["data"]["augment"]["name"] == "text_simclr"  # simclr's default on text
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("missing_column", "line 2 has no column 'text' (columns: label, body); set data.text_columns"),
+        ("not_utf8", "line 3 is not UTF-8"),
+        ("empty_text", "line 4 has an empty text"),
+        ("unknown_label", "has label 'weather', which is not among the classes"),
+        ("no_tokenizer", "data.tokenizer.path"),
+        ("foreign_tokenizer", "not the tokenizer the source run was trained with"),
+    ],
+)
+def test_bad_text_input_is_one_line_exit_2_and_no_run(cli, tmp_path, text_root, fault, message):
+    config = write_config(tmp_path / "c.yaml", CONFIG.format(method="supervised", model="gru", root=text_root, epochs=1))
+    train, test = text_root / "train.csv", text_root / "test.csv"
+    args = ["pretrain", "-c", config]
+    if fault == "missing_column":
+        write_csv(train, [("sports", "a goal")], header=("label", "body"))
+    elif fault == "not_utf8":
+        train.write_bytes(b"label,text\nsports,goal\nsports,caf\xe9 goal\n")
+    elif fault == "empty_text":
+        write_csv(train, [("sports", "goal"), ("sports", "match"), ("sports", "  ")])
+    elif fault == "unknown_label":
+        write_csv(train, [("sports", "goal"), ("weather", "rain")])
+        args += ["data.classes=[markets,science,sports]"]
+    elif fault == "no_tokenizer":
+        args += [f"data.tokenizer.path={tmp_path / 'missing.json'}"]
+    else:
+        source = _ok(cli("pretrain", "-c", config, "train.max_steps=1", "--json", "--runs-dir", tmp_path / "source"))
+        other = make_text_root(tmp_path / "other", seed=5)
+        foreign = tmp_path / "foreign.json"
+        foreign.write_text(train_tokenizer([article("sports", random.Random(i)) for i in range(50)], TokenizerOptions(vocab_size=120)))
+        args = ["finetune", "--from", source["run_dir"], f"data.root={other}", f"data.tokenizer.path={foreign}"]
+    runs = tmp_path / "runs"
+    result = cli(*args, "--runs-dir", runs)
+    assert result.code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    if fault in ("missing_column", "not_utf8", "empty_text"):
+        assert str(train) in result.stderr  # names the file
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+# --------------------------------------------------------------------------- Hugging Face checkpoints
+
+
+def test_a_hugging_face_folder_loads_its_weights_and_tokenizer_and_exports(cli, tmp_path, text_root):
+    from transformers import BertConfig, BertModel
+
+    texts = [article(t, random.Random(i)) for i in range(30) for t in TOPICS]
+    tokenizer_json = train_tokenizer(texts, TokenizerOptions(vocab_size=150))
+    vocab = Tokenization(tokenizer_json, 8).vocab_size
+    folder = tmp_path / "tiny-bert"
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64
+    )
+    bert = BertModel(config, add_pooling_layer=False).eval()
+    bert.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(tokenizer_json)
+    recipe = write_config(
+        tmp_path / "hf.yaml",
+        CONFIG.format(method="finetune", model="hf", root=text_root, epochs=1).replace(
+            "model: {name: hf}", f"model: {{name: hf, weights: {folder}}}"
+        ),
+    )
+    # before any training step, the encoder is the checkpoint's: the same features on the same ids
+    from transferctl.build import build_training
+    from transferctl.config import load_config
+
+    training = build_training(load_config(recipe, ["train.max_steps=1"]))
+    ids = training.train.inputs[:4].long()
+    with torch.no_grad():
+        ours = training.network.encoder.eval()(ids)
+        theirs = bert(input_ids=ids, attention_mask=(ids != training.train.tokenization.pad_id).long()).last_hidden_state[:, 0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert training.train.tokenization.tokenizer_json == tokenizer_json  # the folder's tokenizer is the run's
+    tuned = _ok(cli("finetune", "-c", recipe, "train.max_steps=5", "--json"))
+    (folder / "config.json").unlink()  # the run keeps the architecture in its own config
+    exported = _ok(cli("export", "--from", tuned["run_dir"], "--format", "onnx", "--format", "torchscript", "--json"))
+    assert all(p["passed"] for p in exported["parity"].values())
