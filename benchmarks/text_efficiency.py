@@ -109,10 +109,8 @@ def markdown(rows: list[dict[str, Any]], seeds: int) -> str:
     ]
     for r in rows:
         lines.append(f"| {r['encoder']} | {r['pretrain_min']:.1f} | {' | '.join(cell_text(r, c) for c in COLUMNS)} | {r['row_min']:.1f} |")
-    return (
-        "\n".join(lines)
-        + f"\n\nTest accuracy (%) on the 7,600 test articles; mean ± standard deviation over {seeds} label-subset seeds; all labels: one run."
-    )
+    spread = f"mean ± standard deviation over {seeds} label-subset seeds; all labels: one run"
+    return "\n".join(lines) + f"\n\nTest accuracy (%) on the 7,600 test articles; {spread}."
 
 
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:

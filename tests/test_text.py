@@ -252,7 +252,7 @@ def test_contrastive_text_views_and_an_exact_resume(tmp_path, text_root):
 )
 def test_bad_text_input_is_one_line_exit_2_and_no_run(cli, tmp_path, text_root, fault, message):
     config = write_config(tmp_path / "c.yaml", CONFIG.format(method="supervised", model="gru", root=text_root, epochs=1))
-    train, test = text_root / "train.csv", text_root / "test.csv"
+    train = text_root / "train.csv"
     args = ["pretrain", "-c", config]
     if fault == "missing_column":
         write_csv(train, [("sports", "a goal")], header=("label", "body"))
