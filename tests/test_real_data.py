@@ -70,11 +70,14 @@ def test_supervised_recipe_learns_fast_on_real_mnist(cli, real_data, tmp_path):
 
 SHIPPED = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.stem not in ("quickstart", "finetune_imagefolder"))
 NEEDS_FSDD = pytest.mark.skipif(DATA_DIR is None or not (DATA_DIR / "FSDD" / "recordings").is_dir(), reason="no FSDD beside MNIST")
+NEEDS_AG_NEWS = pytest.mark.skipif(DATA_DIR is None or not (DATA_DIR / "AGNews" / "train.csv").is_file(), reason="no AG News beside MNIST")
 
 
-@pytest.mark.parametrize(
-    "config", [pytest.param(p, marks=NEEDS_FSDD if "fsdd" in p.stem else ()) for p in SHIPPED], ids=[p.stem for p in SHIPPED]
-)
+def _needs(config: Path) -> tuple:
+    return (NEEDS_FSDD,) if "fsdd" in config.stem else (NEEDS_AG_NEWS,) if "ag_news" in config.stem else ()
+
+
+@pytest.mark.parametrize("config", [pytest.param(p, marks=_needs(p)) for p in SHIPPED], ids=[p.stem for p in SHIPPED])
 def test_every_shipped_recipe_builds_and_takes_a_batch(cli, real_data, config):
     result = cli("config", "check", "-c", config, "--json")
     assert result.code == 0, result.stderr

@@ -223,17 +223,25 @@ def test_pretrain_finetune_evaluate_export_on_texts(cli, tmp_path, text_root):
     np.testing.assert_allclose(session.run(None, {"input_ids": noisy, "attention_mask": mask})[0], logits, atol=1e-5)
 
 
-def test_contrastive_text_views_and_an_exact_resume(tmp_path, text_root):
+def test_masked_language_modelling_resumes_exactly(tmp_path, text_root):
+    """Both random streams go with the checkpoint: the augmentation's and the masking's."""
     config = write_config(
-        tmp_path / "simclr.yaml",
-        CONFIG.format(method="simclr", model="gru", root=text_root, epochs=2).replace(
-            "model: {name: gru}", "model: {name: gru, hidden_dim: 16, embed_dim: 16}\nhead: {name: projection, hidden_dim: 32, out_dim: 16}"
+        tmp_path / "mlm.yaml",
+        CONFIG.format(method="mlm", model="gru", root=text_root, epochs=2).replace(
+            "model: {name: gru}", "model: {name: gru, hidden_dim: 16, embed_dim: 16}"
         ),
     )
-    whole, resumed = killed_and_resumed("pretrain", config, ["data.batch_size=8", "train.checkpoint_every=2"], tmp_path)
+    overrides = ["data.batch_size=8", "train.checkpoint_every=2", "data.augment.name=text_light"]
+    whole, resumed = killed_and_resumed("pretrain", config, overrides, tmp_path)
     assert whole["step"] == resumed["step"] > 2
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
-    assert whole["config"]["data"]["augment"]["name"] == "text_simclr"  # simclr's default on text
+
+
+def test_contrastive_views_on_text_default_to_text_simclr(cli, tmp_path, text_root):
+    config = write_config(tmp_path / "simclr.yaml", CONFIG.format(method="simclr", model="gru", root=text_root, epochs=1))
+    shown = cli("config", "show", "-c", config, "--json")
+    assert shown.code == 0, shown.stderr
+    assert shown.json["data"]["augment"]["name"] == "text_simclr" and shown.json["loss"]["name"] == "nt_xent"
 
 
 # --------------------------------------------------------------------------- bad input
