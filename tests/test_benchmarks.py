@@ -127,3 +127,24 @@ def test_the_audio_benchmark_runs_its_cells_through_the_recipes(tmp_path):
     assert len(cells) == 5 + 3  # random init: 5 budgets; the classic baseline: the 3 without unlabeled clips
     assert "| official | random init (conv1d) | 0.0 |" in done.stdout
     assert "| official | log-spectrogram + logistic regression | 0.0 |" in done.stdout and "— |" in done.stdout
+
+
+def test_the_text_benchmark_runs_its_cells_through_the_recipes(tmp_path):
+    import random
+    import subprocess
+    import sys
+
+    from tests.test_text import TOPICS, article, write_csv
+
+    root, rng = tmp_path / "data", random.Random(0)
+    topics = [*TOPICS, "science"]  # AG News has four classes; two share words here, which no check needs apart
+    for split, count in (("train", 125), ("test", 10)):  # room for 100 labels a class beside the validation part
+        write_csv(root / "AGNews" / f"{split}.csv", [(str(i + 1), article(t, rng)) for _ in range(count) for i, t in enumerate(topics)])
+    (root / "AGNews" / "classes.txt").write_text("World\nSports\nBusiness\nSci/Tech\n")
+    script = BENCHMARK.parent / "text_efficiency.py"
+    command = [sys.executable, str(script), "--quick", "--encoders", "random", "--seeds", "0", "--data-dir", str(root)]
+    done = subprocess.run([*command, "--out", str(tmp_path / "text")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cells = (tmp_path / "text" / "quick" / "cells.jsonl").read_text().splitlines()
+    assert len(cells) == 5 + 3  # random init: 5 budgets; the classic baseline: the 3 without unlabeled texts
+    assert "| random init (gru) | 0.0 |" in done.stdout and "| TF-IDF (1-2 grams) + logistic regression | 0.0 |" in done.stdout

@@ -4,6 +4,7 @@ classifies a sentence with `tokenizers` and onnxruntime alone, an exact resume, 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -115,6 +116,8 @@ def test_masked_language_modelling_follows_80_10_10_on_a_seeded_batch():
     as_mask = (shown[chosen] == 4).float().mean().item()
     unchanged = (shown[chosen] == ids[chosen]).float().mean().item()
     assert abs(as_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02 and abs(1 - as_mask - unchanged - 0.1) < 0.02
+    swapped = chosen & (shown != 4) & (shown != ids)
+    assert not torch.isin(shown[swapped], torch.tensor([0, 2, 3, 4])).any()  # a random token is never a special one
     again, _ = masking(ids, torch.Generator().manual_seed(0))
     assert torch.equal(again, shown)
     # two ranks each draw their half of the global batch as one process would
@@ -205,14 +208,14 @@ def test_pretrain_finetune_evaluate_export_on_texts(cli, tmp_path, text_root):
     card = json.loads((folder / "model_card.json").read_text())
     assert card["input"]["names"] == ["input_ids", "attention_mask"] and card["input"]["max_length"] == 24
     assert card["classes"] == ["markets", "science", "sports"] and card["input"]["tokenizer"] == "tokenizer.json"
+    assert card["files"]["tokenizer.json"]["sha256"] == hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
     # the README's recipe: the export folder alone, with tokenizers and onnxruntime
     import onnxruntime
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.enable_truncation(card["input"]["max_length"])
-    tokenizer.enable_padding(length=card["input"]["max_length"], pad_id=card["input"]["pad_id"])
-    encoded = tokenizer.encode_batch(["The coach said the team will win the league this season.", "Shares of the bank rose"])
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))  # set to cut and pad as the model was trained
+    sentences = ["The coach and the team win the match in the league.", "The bank and the investor trade shares on the market."]
+    encoded = tokenizer.encode_batch(sentences)
     ids = np.array([e.ids for e in encoded], dtype=np.int64)
     mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -325,3 +328,35 @@ def test_a_hugging_face_folder_loads_its_weights_and_tokenizer_and_exports(cli, 
     (folder / "config.json").unlink()  # the run keeps the architecture in its own config
     exported = _ok(cli("export", "--from", tuned["run_dir"], "--format", "onnx", "--format", "torchscript", "--json"))
     assert all(p["passed"] for p in exported["parity"].values())
+
+
+def test_the_masked_language_model_head_is_tied_to_the_token_embeddings():
+    from transferctl.build import build_network
+    from transferctl.config import load_config
+
+    tokenization = small_tokenization()
+    fitted = {"tokenizer": tokenization.tokenizer_json, "max_length": 16}
+    for model in ("transformer", "gru"):
+        cfg = load_config(None, base={"method": "mlm", "model": {"name": model}, "data": {"name": "text_csv"}})
+        network = build_network(cfg, (16,), 0, fitted)
+        assert network.head.output.weight is network.encoder.word_embedding.weight  # one table, trained by both
+        assert network.head.output.weight.shape == (tokenization.vocab_size, network.encoder.word_embedding.embedding_dim)
+        ids = torch.full((2, 16), tokenization.pad_id)
+        ids[:, :5] = 7
+        assert network(ids, ids != tokenization.pad_id).shape == (10, tokenization.vocab_size)  # logits at the chosen tokens only
+
+
+def test_word_vectors_initialize_the_token_table_of_a_fresh_run(tmp_path, text_root):
+    from transferctl.build import build_training
+    from transferctl.config import load_config
+
+    vectors = {"goal": [0.5, -1.0, 2.0, 0.25], "stock": [1.5, 0.0, -0.5, 3.0]}
+    glove = tmp_path / "vectors.txt"
+    glove.write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in vectors.items()) + "unseen 1 2 3 4\n")
+    config = write_config(tmp_path / "c.yaml", CONFIG.format(method="supervised", model="gru", root=text_root, epochs=1))
+    training = build_training(load_config(config, ["model.embed_dim=4", "model.hidden_dim=8", f"model.embeddings={glove}"]))
+    vocabulary, table = training.train.tokenization.tokenizer.get_vocab(), training.network.encoder.word_embedding.weight
+    for word, vector in vectors.items():
+        torch.testing.assert_close(table[vocabulary[word]].cpu(), torch.tensor(vector))
+    with pytest.raises(Exception, match="line 1 has 4 numbers, and the table is 8 wide"):
+        build_training(load_config(config, ["model.embed_dim=8", f"model.embeddings={glove}"]))

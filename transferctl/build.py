@@ -67,6 +67,7 @@ def build_network(cfg: Config, sample_shape: tuple[int, ...], num_outputs: int, 
         stage_channels=tuple(getattr(encoder, "stage_channels", ())),
         stage_shapes=_stage_shapes(encoder, sample_shape) if reads == "feature_maps" else (),
         sample_shape=tuple(sample_shape),
+        word_embedding=getattr(encoder, "word_embedding", None),  # an encoder's token table, which a head may share
         **modality.head_context(fitted),
     )
     return Network(encoder, head, reads)
@@ -95,7 +96,8 @@ def parameter_groups(model: Network, encoder_lr_scale: float, encoder_weight_dec
     encoder: dict[str, Any] = {"params": list(model.encoder.parameters()), "lr_scale": encoder_lr_scale}
     if encoder_weight_decay is not None:
         encoder["weight_decay"] = encoder_weight_decay
-    return [encoder, {"params": list(model.head.parameters()), "lr_scale": 1.0}]
+    shared = {id(p) for p in encoder["params"]}  # a head tied to the encoder's weights (mlm) trains them as the encoder's
+    return [encoder, {"params": [p for p in model.head.parameters() if id(p) not in shared], "lr_scale": 1.0}]
 
 
 def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -300,7 +302,12 @@ def _read_as_source(data: TrainingData, modality: Modality, source: str) -> tupl
 
 
 def _check_targets(cfg: Config, method: Method, train: Samples) -> None:
-    """A task trains on one kind of target; the data set must have it."""
+    """A task trains on one kind of target; the data set must have it. A method that learns from labels needs some."""
+    if method.uses_labels and train.target_kind == "class" and not train.num_classes:
+        raise ConfigError(
+            f"method: '{cfg.method.name}' learns from labels, and data set '{cfg.data.name}' has none here (no label column); "
+            f"set data.label_column, or pretrain with a method that uses no labels (mlm, simclr)"
+        )
     task = method.task
     if task is not None and train.target_kind != task.target_kind:
         raise ConfigError(
@@ -358,7 +365,7 @@ class Trained:
         """The whole train or test split, as trained, on the run's device (read once)."""
         if train not in self.splits:
             self.splits[train] = as_trained(
-                load_split(self.cfg.data, train=train), self.checkpoint, self.modality, str(self.record.path)
+                load_split(self.cfg.data, train=train, fitted=self.checkpoint.data), self.checkpoint, self.modality, str(self.record.path)
             ).to(self.device)
         return self.splits[train]
 
@@ -396,7 +403,7 @@ def load_trained(
     if method.task is not None:
         method.task.load_fitted(saved.task)
     device = device or pick_device(cfg.train.device)
-    test = as_trained(load_split(cfg.data, train=False), saved, modality, str(record.path))
+    test = as_trained(load_split(cfg.data, train=False, fitted=saved.data), saved, modality, str(record.path))
     network = build_network(cfg, test.sample_shape, method.num_outputs(test), modality.fitted_state(test))
     try:
         network.load_state_dict(saved.model)

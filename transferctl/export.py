@@ -357,12 +357,13 @@ def export_run(
             detail = "; ".join(f"{k}: {p.describe()} (tolerance {p.tolerance:g})" for k, p in failed.items())
             raise RunFailed(f"export of {record.id} failed its parity check: {detail}; nothing was replaced")
         files = {fmt.name: fmt.filename for fmt in chosen}
-        digests = {k: _sha256(staging / f) for k, f in files.items()}
-        card = _model_card(trained, data, digests, files, parity, verify)
-        atomic_write_bytes(staging / "model_card.json", (json.dumps(card, indent=2) + "\n").encode())
         companions = modality.companion_files(fitted)  # text: tokenizer.json, which callers encode with
         for name, content in companions.items():
             atomic_write_bytes(staging / name, content)
+        listed = {**files, **{name: name for name in companions}}
+        digests = {k: _sha256(staging / f) for k, f in listed.items()}
+        card = _model_card(trained, data, digests, listed, parity, verify)
+        atomic_write_bytes(staging / "model_card.json", (json.dumps(card, indent=2) + "\n").encode())
         for name in [*files.values(), *companions, "model_card.json"]:
             os.replace(staging / name, export_dir / name)
         for fmt in FORMATS.values():  # files of an earlier export that this card does not describe

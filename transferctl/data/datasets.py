@@ -252,9 +252,10 @@ def data_root(data_cfg) -> Path:
     return (Path(data_cfg.root).expanduser() if data_cfg.root else default_root()).resolve()
 
 
-def load_split(data_cfg, train: bool) -> Samples:
-    """The whole train or test split of the configured data set."""
-    return DATASETS.build(data_cfg.name, data_cfg.options, root=data_root(data_cfg), download=data_cfg.download, train=train)
+def load_split(data_cfg, train: bool, fitted: dict | None = None) -> Samples:
+    """The whole train or test split of the configured data set; `fitted`: a trained run's fitted state, which a
+    data set may read its split with directly (text: the run's tokenizer, whatever data.tokenizer names)."""
+    return DATASETS.build(data_cfg.name, data_cfg.options, root=data_root(data_cfg), download=data_cfg.download, train=train, fitted=fitted)
 
 
 def _train_and_val(data_cfg) -> tuple[Samples, Samples]:

@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from transferctl.data.datasets import cached_decoding, default_cache_dir, missing_data
 from transferctl.errors import UsageError
 from transferctl.fileio import atomic_write_bytes
-from transferctl.modalities.text import MASK_TOKENS, PAD_TOKENS, UNK_TOKENS, TextData, Tokenization, tokenizers
+from transferctl.modalities.text import MASK_TOKENS, PAD_TOKENS, UNK_TOKENS, TextData, Tokenization, tokenization_of, tokenizers
 from transferctl.registry import DATASETS
 
 SPECIAL_TOKENS = [PAD_TOKENS[0], UNK_TOKENS[0], "[CLS]", "[SEP]", MASK_TOKENS[0]]
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")  # what a Hugging Face tokenizer folder holds
 TEXT_SUFFIXES = (".csv", ".jsonl")
 
 
@@ -41,6 +42,12 @@ class TokenizerOptions(BaseModel):
     truncation: Literal["right", "left"] = "right"
     path: str | None = None  # a tokenizer.json, or a Hugging Face tokenizer folder
 
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Stored absolute, so the run's config finds it from anywhere."""
+        return str(Path(value).expanduser().resolve()) if value else None
+
 
 DEFAULT_TOKENIZER = TokenizerOptions()
 
@@ -52,6 +59,7 @@ class TextRows:
     path: Path
     texts: list[str]
     labels: list[str] | None
+    lines: list[int]  # each row's line in the file, for messages
 
 
 # --------------------------------------------------------------------------- reading files
@@ -62,12 +70,12 @@ def read_rows(name: str, path: Path, text_columns: list[str], label_column: str 
     if not path.is_file():
         raise UsageError(f"data set '{name}': no file {path}; point data.train_file / data.test_file at a CSV or JSONL file")
     try:
-        content = path.read_bytes().decode("utf-8")
+        content = path.read_bytes().decode("utf-8-sig")  # a byte-order mark (Excel's CSV) is not part of the header
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise UsageError(f"data set '{name}': {path} line {line} is not UTF-8 (byte {exc.start}); save the file as UTF-8") from None
     records = _jsonl_records(name, path, content) if path.suffix.lower() == ".jsonl" else _csv_records(name, path, content)
-    texts, labels = [], [] if label_column else None
+    texts, labels, lines = [], [] if label_column else None, []
     for line, record in records:
         for column in [*text_columns, *([label_column] if label_column else [])]:
             if column not in record:
@@ -76,28 +84,44 @@ def read_rows(name: str, path: Path, text_columns: list[str], label_column: str 
                     f"data set '{name}': {path} line {line} has no column '{column}' (columns: {columns}); "
                     f"set data.text_columns / data.label_column"
                 )
-        text = " ".join(str(record[c] or "").strip() for c in text_columns).strip()
+        text = " ".join(_field(record[c]) for c in text_columns).strip()
         if not text:
             if drop_empty:
                 continue
             raise UsageError(f"data set '{name}': {path} line {line} has an empty text; fill it, drop the row, or set data.drop_empty=true")
         texts.append(text)
+        lines.append(line)
         if labels is not None:
-            labels.append(str(record[label_column]).strip())
+            label = _field(record[label_column])
+            if not label:
+                raise UsageError(f"data set '{name}': {path} line {line} has no label; fill it or drop the row")
+            labels.append(label)
     if not texts:
         raise UsageError(f"data set '{name}': {path} holds no texts; give a file with a header row and at least one row")
-    return TextRows(path, texts, labels)
+    return TextRows(path, texts, labels, lines)
+
+
+def _field(value: object) -> str:
+    """A CSV or JSON field as text: JSON numbers as written, null as empty."""
+    return "" if value is None else str(value).strip()
 
 
 def _csv_records(name: str, path: Path, content: str) -> list[tuple[int, dict[str, str]]]:
-    reader = csv.DictReader(io.StringIO(content, newline=""))
+    reader = csv.DictReader(io.StringIO(content, newline=""), strict=True)
+    records = []
     try:
-        records = [(reader.line_num, row) for row in reader]
+        for row in reader:
+            if None in row or None in row.values():  # more or fewer fields than the header names
+                more = "more" if None in row else "fewer"
+                raise UsageError(
+                    f"data set '{name}': {path} line {reader.line_num} has {more} fields than the header; quote texts that hold commas"
+                )
+            records.append((reader.line_num, row))
     except csv.Error as exc:
         raise UsageError(f"data set '{name}': {path} line {reader.line_num} is not valid CSV ({exc}); fix the quoting") from None
     if reader.fieldnames is None:
         raise UsageError(f"data set '{name}': {path} is empty; give a CSV file with a header row")
-    return [(line, {k: v for k, v in row.items() if k is not None}) for line, row in records]
+    return records
 
 
 def _jsonl_records(name: str, path: Path, content: str) -> list[tuple[int, dict[str, str]]]:
@@ -122,10 +146,10 @@ def class_index(name: str, rows: TextRows, classes: tuple[str, ...], label_base:
     if label_base is not None:
         lookup.update({str(i + label_base): i for i in range(len(classes))})
     indices = []
-    for row, label in enumerate(rows.labels):
+    for line, label in zip(rows.lines, rows.labels, strict=True):
         if label not in lookup:
             raise UsageError(
-                f"data set '{name}': {rows.path} row {row + 1} has label '{label}', which is not among the classes "
+                f"data set '{name}': {rows.path} line {line} has label '{label}', which is not among the classes "
                 f"({', '.join(classes)}); fix the label or the classes"
             )
         indices.append(lookup[label])
@@ -198,9 +222,11 @@ def _converted_tokenizer(folder: Path, where: str) -> str:
         raise UsageError(
             f'{where}: the folder has no tokenizer.json; reading its vocabulary needs transformers: pip install "transferctl[hf]"'
         ) from None
+    if not any((folder / name).is_file() for name in VOCABULARY_FILES) and not any(folder.glob("*.model")):
+        raise UsageError(f"{where}: the folder holds no tokenizer ({', '.join(VOCABULARY_FILES)} or a .model file); give a tokenizer.json")
     try:
         return AutoTokenizer.from_pretrained(str(folder), use_fast=True).backend_tokenizer.to_str()
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # transformers raises many types for foreign folders
         raise UsageError(f"{where}: not a Hugging Face tokenizer folder ({' '.join(str(exc).split())[:120]})") from None
 
 
@@ -208,9 +234,10 @@ def tokenized_split(
     rows: TextRows, tokenization: Tokenization, targets: torch.Tensor, classes: tuple[str, ...], path: str | None = None
 ) -> TextData:
     """A split's rows as TextData; the ids are kept in the cache, keyed by the file and the tokenization."""
+    texts = hashlib.sha256("\0".join(rows.texts).encode()).hexdigest()[:16]  # the columns and rows read, not only the file
     encoded = cached_decoding(
         [rows.path],
-        f"text:{tokenization.digest}:{len(rows.texts)}",
+        f"text:{tokenization.digest}:{texts}",
         lambda: dict(zip(("ids", "cut"), tokenization.encode(rows.texts), strict=True)),
     )
     return TextData(
@@ -231,8 +258,10 @@ def text_split(
     tokenizer: dict,
     drop_empty: bool = False,
     label_base: int | None = None,
+    fitted: dict | None = None,
 ) -> TextData:
-    """One split of a text data set, tokenized with the tokenizer of the training split's texts."""
+    """One split of a text data set, tokenized with the tokenizer of the training split's texts (or, for a trained
+    run, with the run's own: `fitted`)."""
     options = TokenizerOptions.model_validate(tokenizer)
     train_rows = read_rows(name, files[0], text_columns, label_column, drop_empty)
     rows = train_rows if train else read_rows(name, files[1], text_columns, label_column, drop_empty)
@@ -241,6 +270,8 @@ def text_split(
     else:
         classes = classes or tuple(sorted(set(train_rows.labels or []), key=_label_order))
         targets = class_index(name, rows, classes, label_base)
+    if fitted and "tokenizer" in fitted:
+        return tokenized_split(rows, tokenization_of(fitted), targets, classes)
     return tokenized_split(rows, tokenization_for(name, options, train_rows.texts), targets, classes, options.path)
 
 
@@ -250,7 +281,9 @@ def _label_order(label: str) -> tuple[int, int | str]:
 
 
 @DATASETS.register(modality="text")
-def ag_news(root: Path, download: bool, train: bool, tokenizer: TokenizerOptions = DEFAULT_TOKENIZER) -> TextData:
+def ag_news(
+    root: Path, download: bool, train: bool, fitted: dict | None = None, tokenizer: TokenizerOptions = DEFAULT_TOKENIZER
+) -> TextData:
     """AG's News topics (World, Sports, Business, Sci/Tech): <root>/AGNews/{train,test}.csv (label 1-4, text) and classes.txt."""
     folder = root / "AGNews"
     for needed in ("train.csv", "test.csv", "classes.txt"):
@@ -258,7 +291,7 @@ def ag_news(root: Path, download: bool, train: bool, tokenizer: TokenizerOptions
             raise missing_data("ag_news", root, f"AGNews/{needed}")
     classes = tuple(line.strip() for line in (folder / "classes.txt").read_text().splitlines() if line.strip())
     files = (folder / "train.csv", folder / "test.csv")
-    return text_split("ag_news", train, files, ["text"], "label", classes, _as_dict(tokenizer), label_base=1)
+    return text_split("ag_news", train, files, ["text"], "label", classes, _as_dict(tokenizer), label_base=1, fitted=fitted)
 
 
 @DATASETS.register(modality="text")
@@ -266,6 +299,7 @@ def text_csv(
     root: Path,
     download: bool,
     train: bool,
+    fitted: dict | None = None,
     train_file: str = "train.csv",
     test_file: str = "test.csv",
     text_columns: Annotated[list[str], Field(min_length=1)] = ["text"],  # noqa: B006 (pydantic copies defaults)
@@ -290,6 +324,7 @@ def text_csv(
         _as_dict(tokenizer),
         drop_empty,
         label_base,
+        fitted,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import torch
 from pydantic import Field
 
+from transferctl.errors import ConfigError
 from transferctl.registry import AUGMENTATIONS
 
 Share = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -73,13 +74,21 @@ class TextAugment:
         return frozenset(name for name, on in active.items() if on)
 
 
+def _text_augment(special_ids: dict[str, Any], crop: tuple[float, float], delete_p: float, mask_p: float) -> TextAugment:
+    if mask_p > 0 and special_ids["mask"] is None:
+        raise ConfigError("data.augment.mask_p: the tokenizer has no mask token ([MASK] or <mask>); set mask_p=0 or use another tokenizer")
+    if crop[0] > crop[1]:
+        raise ConfigError(f"data.augment.crop: {list(crop)} is not a range (low, high); swap them")
+    return TextAugment(special_ids, crop=crop, delete_p=delete_p, mask_p=mask_p)
+
+
 @AUGMENTATIONS.register(modality="text")
 def text_simclr(special_ids: dict[str, Any], crop: KeptShare = (0.5, 1.0), delete_p: Share = 0.1, mask_p: Share = 0.15) -> TextAugment:
     """Contrastive views of texts: a random span of 50-100% of the tokens, 10% of them deleted, 15% masked."""
-    return TextAugment(special_ids, crop=crop, delete_p=delete_p, mask_p=mask_p)
+    return _text_augment(special_ids, crop, delete_p, mask_p)
 
 
 @AUGMENTATIONS.register(modality="text")
 def text_light(special_ids: dict[str, Any], crop: KeptShare = (1.0, 1.0), delete_p: Share = 0.05, mask_p: Share = 0.05) -> TextAugment:
     """Fine-tuning's light augmentation of texts: 5% of the tokens deleted and 5% masked."""
-    return TextAugment(special_ids, crop=crop, delete_p=delete_p, mask_p=mask_p)
+    return _text_augment(special_ids, crop, delete_p, mask_p)

@@ -19,7 +19,7 @@ from torch import nn
 
 from transferctl.data.augment import BatchAugment
 from transferctl.data.samples import Samples
-from transferctl.engine.evaluate import Evaluation
+from transferctl.engine.evaluate import Evaluation, knn_accuracy
 from transferctl.engine.train import Objective
 from transferctl.modalities.base import Modality
 from transferctl.models.heads import Network
@@ -133,6 +133,18 @@ class Method:
     def card(self, data: Samples) -> dict[str, Any]:
         """What the model card says about the outputs beyond their name and shape (a classifier's classes)."""
         return self.task.card(data) if self.task is not None else {"classes": None}
+
+
+def knn_metrics(trained: Trained) -> dict[str, float]:
+    """Weighted k-NN from the labelled training split's features onto the test split's: how pretraining methods
+    score an encoder. Nothing for data without labels (texts pretrained on without a label column)."""
+    cfg, bank, queries = trained.cfg, trained.split(train=True), trained.split(train=False)
+    if not bank.num_classes or bank.target_kind != "class":
+        return {}
+    accuracy = knn_accuracy(
+        trained.served(), bank, queries, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.data.eval_batch_size
+    )
+    return {"knn_accuracy": accuracy}
 
 
 def component_defaults(method: type[Method], task: type[Task] | None, modality: Modality) -> dict[str, Any]:

@@ -17,10 +17,10 @@ from torch import nn
 
 from transferctl.data.samples import Batch, Samples, iterate_batches
 from transferctl.distributed import world
-from transferctl.engine.evaluate import Evaluation, knn_accuracy
+from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
-from transferctl.errors import ConfigError
-from transferctl.methods.base import Export, Method, Parts
+from transferctl.errors import ConfigError, UsageError
+from transferctl.methods.base import Export, Method, Parts, knn_metrics
 from transferctl.modalities import dataset_modality, modality_of
 from transferctl.registry import HEADS, LOSSES, METHODS
 
@@ -35,11 +35,32 @@ EVALUATION_SEED = 0  # validation and evaluation hide the same tokens every time
 VALIDATION = Selection("val_loss", higher_is_better=False)
 
 
+class TokenPredictor(nn.Module):
+    """BERT's prediction head: a dense layer, GELU and layer norm, then one logit per token of the vocabulary. Tied,
+    the output layer is the encoder's token embedding table (as BERT's): the dense layer maps the features to the
+    embeddings' width, and the logits are similarities to every token's embedding (plus a bias)."""
+
+    def __init__(self, feature_dim: int, vocab_size: int, word_embedding: nn.Embedding | None, hidden: bool):
+        super().__init__()
+        width = word_embedding.embedding_dim if word_embedding is not None else feature_dim
+        layers = [nn.Linear(feature_dim, width), nn.GELU(), nn.LayerNorm(width)] if hidden or width != feature_dim else []
+        self.transform = nn.Sequential(*layers)
+        self.output = nn.Linear(width, word_embedding.num_embeddings if word_embedding is not None else vocab_size)
+        if word_embedding is not None:
+            self.output.weight = word_embedding.weight
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.output(self.transform(features))
+
+
 @HEADS.register("token_predictor", serves=("masked_tokens",), reads="token_features")
-def token_predictor(feature_dim: int, vocab_size: int, hidden: bool = True) -> nn.Module:
-    """BERT's prediction head: a dense layer, GELU and layer norm (unless hidden=false), then one logit per token of the vocabulary."""
-    transform: list[nn.Module] = [nn.Linear(feature_dim, feature_dim), nn.GELU(), nn.LayerNorm(feature_dim)] if hidden else []
-    return nn.Sequential(*transform, nn.Linear(feature_dim, vocab_size))
+def token_predictor(
+    feature_dim: int, vocab_size: int, word_embedding: nn.Module | None = None, hidden: bool = True, tied: bool = True
+) -> nn.Module:
+    """BERT's prediction head (dense, GELU, layer norm), its output layer tied to the encoder's token embeddings unless tied=false."""
+    if tied and word_embedding is None:
+        raise ConfigError("head.tied: the encoder has no token embedding table to tie the output layer to; set head.tied=false")
+    return TokenPredictor(feature_dim, vocab_size, word_embedding if tied else None, hidden)
 
 
 @dataclass(frozen=True)
@@ -55,13 +76,16 @@ class TokenMasking:
         """(the ids shown to the encoder, the ids to predict: the hidden tokens' own, IGNORED elsewhere). The draws
         cover the global batch (`ranks` slices of this size) on the CPU generator, as one process would draw them."""
         n, length = ids.shape
-        draws = torch.rand(3, n * ranks, length, generator=generator)[:, rank * n : (rank + 1) * n].to(ids.device)
-        random_ids = torch.randint(self.special_ids["vocab_size"], (n * ranks, length), generator=generator)[rank * n : (rank + 1) * n]
-        special = torch.tensor([self.special_ids["pad"], *self.special_ids["keep"]], device=ids.device, dtype=ids.dtype)
-        chosen = (draws[0] < self.ratio) & ~torch.isin(ids, special)
+        mine = slice(rank * n, (rank + 1) * n)
+        draws = torch.rand(2, n * ranks, length, generator=generator)[:, mine].to(ids.device)
+        special = torch.tensor([self.special_ids["pad"], self.special_ids["mask"], *self.special_ids["keep"]], dtype=ids.dtype)
+        ordinary = torch.arange(self.special_ids["vocab_size"], dtype=ids.dtype)
+        ordinary = ordinary[~torch.isin(ordinary, special)]  # a random token is never padding, [MASK], [CLS] or [SEP]
+        random_ids = ordinary[torch.randint(len(ordinary), (n * ranks, length), generator=generator)[mine]].to(ids.device)
+        chosen = (draws[0] < self.ratio) & ~torch.isin(ids, special.to(ids.device))
         shown = ids.masked_fill(chosen & (draws[1] < self.mask_token), self.special_ids["mask"])
-        swapped = chosen & (draws[1] >= self.mask_token) & (draws[2] < self.random_token / (1 - self.mask_token))
-        shown = torch.where(swapped, random_ids.to(ids.device, ids.dtype), shown)
+        swapped = chosen & (draws[1] >= self.mask_token) & (draws[1] < self.mask_token + self.random_token)
+        shown = torch.where(swapped, random_ids, shown)
         return shown, ids.masked_fill(~chosen, IGNORED)
 
 
@@ -95,7 +119,7 @@ class MaskedTokensObjective:
         """The loss and the share of hidden tokens predicted right on `data`, hiding tokens with a fixed seed."""
         network.eval()
         generator, modality = torch.Generator().manual_seed(EVALUATION_SEED), modality_of(data)
-        loss, right, count = 0.0, 0, 0
+        loss, right, count = 0.0, 0, 0  # over the hidden tokens of the whole split
         for inputs, _ in iterate_batches(data, batch_size):
             shown, targets = self.masking(modality.model_input(inputs, data), generator)
             chosen = targets != IGNORED
@@ -146,6 +170,10 @@ class MaskedLanguageModel(Method):
 
     def masking(self, data: Samples) -> TokenMasking:
         special = modality_of(data).augment_context(data)["special_ids"]
+        if special["mask"] is None:
+            raise UsageError(
+                "method: 'mlm' shows hidden tokens as the mask token, and the tokenizer has none; use one with [MASK] or <mask>"
+            )
         return TokenMasking(self.mask_ratio, self.mask_token, self.random_token, special)
 
     def objective(self, parts: Parts) -> MaskedTokensObjective:
@@ -156,17 +184,9 @@ class MaskedLanguageModel(Method):
 
     def evaluate(self, trained: Trained, run: Run) -> Evaluation:
         cfg, test = trained.cfg, trained.split(train=False)
-        accuracy = knn_accuracy(
-            trained.served(),
-            trained.split(train=True),
-            test,
-            k=cfg.eval.knn_k,
-            temperature=cfg.eval.knn_temperature,
-            batch_size=cfg.data.eval_batch_size,
-        )
         scorer = MaskedTokensObjective(trained.network, LOSSES.build(cfg.loss.name, cfg.loss.options), self.masking(test), cfg.train.seed)
         measured = scorer.measure(trained.network, test, cfg.data.eval_batch_size)
-        return Evaluation({"knn_accuracy": accuracy, "masked_accuracy": measured["masked_accuracy"]})
+        return Evaluation({**knn_metrics(trained), "masked_accuracy": measured["masked_accuracy"]})
 
     def export(self) -> Export:
         return Export(encoder_only=True, output="embeddings", kind="encoder")

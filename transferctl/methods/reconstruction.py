@@ -19,10 +19,10 @@ from torch import nn
 from transferctl import plots
 from transferctl.data.samples import Batch, Samples, iterate_batches
 from transferctl.distributed import world
-from transferctl.engine.evaluate import Evaluation, knn_accuracy
+from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
-from transferctl.methods.base import Export, Method, Parts
+from transferctl.methods.base import Export, Method, Parts, knn_metrics
 from transferctl.modalities import dataset_modality, modality_named, modality_of
 from transferctl.modalities.base import Modality
 from transferctl.registry import HEADS, LOSSES
@@ -289,16 +289,8 @@ class ReconstructionMethod(Method):
 
     def evaluate(self, trained: Trained, run: Run) -> Evaluation:
         cfg, test = trained.cfg, trained.split(train=False)
-        accuracy = knn_accuracy(
-            trained.served(),
-            trained.split(train=True),
-            test,
-            k=cfg.eval.knn_k,
-            temperature=cfg.eval.knn_temperature,
-            batch_size=cfg.data.eval_batch_size,
-        )
         measured = self._scorer(trained.network, cfg, test).measure(trained.network, test, cfg.data.eval_batch_size)
-        return Evaluation({"knn_accuracy": accuracy, "reconstruction_mse": measured["reconstruction_mse"]})
+        return Evaluation({**knn_metrics(trained), "reconstruction_mse": measured["reconstruction_mse"]})
 
     def export(self) -> Export:
         return Export(encoder_only=True, output="embeddings", kind="encoder")

@@ -14,9 +14,9 @@ from transferctl.data.augment import BatchAugment
 from transferctl.data.pipeline import MemoryPipeline
 from transferctl.data.samples import Batch, Samples
 from transferctl.distributed import world
-from transferctl.engine.evaluate import Evaluation, knn_accuracy
+from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
-from transferctl.methods.base import Export, Method, Parts
+from transferctl.methods.base import Export, Method, Parts, knn_metrics
 from transferctl.modalities.base import Modality
 from transferctl.registry import METHODS
 
@@ -93,16 +93,7 @@ class SimCLR(Method):
 
     def evaluate(self, trained: Trained, run: Run) -> Evaluation:
         """Weighted k-NN from the labelled training split's features onto the test split's."""
-        cfg = trained.cfg
-        accuracy = knn_accuracy(
-            trained.served(),
-            trained.split(train=True),
-            trained.split(train=False),
-            k=cfg.eval.knn_k,
-            temperature=cfg.eval.knn_temperature,
-            batch_size=cfg.data.eval_batch_size,
-        )
-        return Evaluation({"knn_accuracy": accuracy})
+        return Evaluation(knn_metrics(trained))
 
     def export(self) -> Export:
         return Export(encoder_only=True, output="embeddings", kind="encoder")

@@ -11,6 +11,7 @@ Encoders find the padding by comparing the ids with `pad_id`; an export takes `i
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
@@ -24,8 +25,8 @@ from transferctl.errors import UsageError
 from transferctl.modalities.base import Modality
 from transferctl.registry import AUGMENTATIONS, HEADS, MODALITIES, MODELS
 
-MODELS.add_context("vocab_size", "pad_id", "max_length")  # what `model_context` gives a model over token ids
-HEADS.add_context("vocab_size")  # a head that predicts tokens (masked language modelling)
+MODELS.add_context("vocab_size", "pad_id", "max_length", "vocabulary")  # what `model_context` gives a model over token ids
+HEADS.add_context("vocab_size", "word_embedding")  # a head that predicts tokens (masked language modelling; tied to the table)
 AUGMENTATIONS.add_context("special_ids")  # what `augment_context` gives a text augmentation
 INSTALL_HINT = 'pip install "transferctl[text]"'
 TOKENIZER_FILE = "tokenizer.json"
@@ -75,8 +76,12 @@ class Tokenization:
         return self.special_id(PAD_TOKENS, "padding")
 
     @cached_property
-    def mask_id(self) -> int:
-        return self.special_id(MASK_TOKENS, "mask")
+    def mask_id(self) -> int | None:
+        """The mask token's id; None for a tokenizer without one (mlm and masking augmentations then refuse)."""
+        try:
+            return self.special_id(MASK_TOKENS, "mask")
+        except UsageError:
+            return None
 
     @cached_property
     def boundary_ids(self) -> tuple[int, ...]:
@@ -91,6 +96,12 @@ class Tokenization:
         encodings = tokenizer.encode_batch(texts)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int32).view(len(texts), self.max_length)
         return ids, torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
+
+
+def same_tokenizer(first: str, second: str) -> bool:
+    """Whether two tokenizer JSONs encode alike, whatever padding and truncation each was saved with."""
+    canonical = lambda text: json.dumps({**json.loads(text), "padding": None, "truncation": None}, sort_keys=True)
+    return first == second or canonical(first) == canonical(second)
 
 
 @lru_cache(maxsize=8)
@@ -164,7 +175,12 @@ class TextModality(Modality):
         if fitted is None:
             raise ValueError("a text model's context needs the tokenizer (the split's fitted state)")
         tokenization = tokenization_of(fitted)
-        return {"vocab_size": tokenization.vocab_size, "pad_id": tokenization.pad_id, "max_length": sample_shape[0]}
+        return {
+            "vocab_size": tokenization.vocab_size,
+            "pad_id": tokenization.pad_id,
+            "max_length": sample_shape[0],
+            "vocabulary": tokenization.tokenizer.get_vocab(),  # token -> id: what word vectors are matched by
+        }
 
     def head_context(self, fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return {"vocab_size": tokenization_of(fitted).vocab_size} if fitted else {}
@@ -181,7 +197,8 @@ class TextModality(Modality):
 
     def example_input(self, data: TextData, count: int) -> torch.Tensor:
         """Texts of max_length non-pad tokens."""
-        return torch.full((count, *data.sample_shape), data.tokenization.mask_id, dtype=torch.long)
+        token = 1 if data.tokenization.pad_id == 0 else 0
+        return torch.full((count, *data.sample_shape), token, dtype=torch.long)
 
     def fitted_state(self, data: TextData) -> dict[str, Any]:
         t = data.tokenization
@@ -194,7 +211,7 @@ class TextModality(Modality):
         if "tokenizer" not in source:
             raise UsageError("finetune.source: that run was not trained on text; fine-tune from a run whose data set is text")
         trained = tokenization_of(source)
-        if data.tokenizer_path and data.tokenization.tokenizer_json != trained.tokenizer_json:
+        if data.tokenizer_path and same_tokenizer(data.tokenization.tokenizer_json, trained.tokenizer_json) is False:
             raise UsageError(
                 f"data.tokenizer.path {data.tokenizer_path}: not the tokenizer the source run was trained with; drop it "
                 f"(the run's {TOKENIZER_FILE} is used) or give that file"
@@ -217,7 +234,15 @@ class TextModality(Modality):
         return [f"data: {cut} of {len(data)} training texts are longer than max_length {t.max_length} and were cut at the {t.truncation}"]
 
     def companion_files(self, fitted: Mapping[str, Any]) -> dict[str, bytes]:
-        return {TOKENIZER_FILE: fitted["tokenizer"].encode()} if "tokenizer" in fitted else {}
+        """tokenizer.json, set to cut and pad every text as the model was trained (a caller's encode_batch then
+        gives the export's inputs as they are)."""
+        if "tokenizer" not in fitted:
+            return {}
+        t = tokenization_of(fitted)
+        tokenizer = _tokenizer_from_json(t.tokenizer_json, fresh=True)
+        tokenizer.enable_truncation(t.max_length, direction=t.truncation)
+        tokenizer.enable_padding(direction="right", pad_id=t.pad_id, pad_token=tokenizer.id_to_token(t.pad_id), length=t.max_length)
+        return {TOKENIZER_FILE: tokenizer.to_str().encode()}
 
     def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
         return TokenInputs(module, tokenization_of(fitted).pad_id).eval()
@@ -239,8 +264,9 @@ class TextModality(Modality):
             "pad_id": t.pad_id,
             "tokenizer": TOKENIZER_FILE,
             "preprocessing": (
-                f"encode each text with {TOKENIZER_FILE} (the `tokenizers` package: Tokenizer.from_file), cut it to "
-                f"{t.max_length} tokens from the {t.truncation} end and pad it on the right with id {t.pad_id}; "
-                f"attention_mask is 1 on the tokens and 0 on the padding"
+                f"encode each text with {TOKENIZER_FILE} (the `tokenizers` package: Tokenizer.from_file(...).encode_batch), "
+                f"which cuts it to {t.max_length} tokens from the {t.truncation} end and pads it on the right with id "
+                f"{t.pad_id}; input_ids are the encodings' ids, attention_mask their attention_mask (1 on the tokens, "
+                f"0 on the padding). Padding must be on the right"
             ),
         }

@@ -31,9 +31,16 @@ def transformers():
     return module
 
 
-def _without_pooler(model_type: str) -> dict[str, Any]:
-    """BERT's own pooler (a dense layer on [CLS], trained for next-sentence prediction) is left out: the head pools."""
-    return {"add_pooling_layer": False} if model_type == "bert" else {}
+def _auto_model(source: Any, pretrained: bool) -> nn.Module:
+    """transformers' AutoModel of a folder (pretrained) or a config, without the model's own pooler where it has one
+    (BERT's dense layer on [CLS], trained for next-sentence prediction): the head pools, and DDP wants no unused
+    parameters."""
+    auto = transformers().AutoModel
+    build = auto.from_pretrained if pretrained else auto.from_config
+    try:
+        return build(source, add_pooling_layer=False)
+    except TypeError:  # a model without a pooler (DistilBERT) takes no such argument
+        return build(source)
 
 
 def _folder(weights: str | None) -> Path:
@@ -57,10 +64,9 @@ def resolve_options(options: dict[str, Any], weights: str | None) -> dict[str, A
 def read_weights(weights: str) -> dict[str, torch.Tensor]:
     """The folder's weights as the encoder's state dict (`model.` + the transformers model's names)."""
     folder = _folder(weights)
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
     try:
-        model = transformers().AutoModel.from_pretrained(str(folder), **_without_pooler(model_type))
-    except (OSError, ValueError) as exc:
+        model = _auto_model(str(folder), pretrained=True)
+    except Exception as exc:  # transformers raises many types for foreign or broken folders
         raise ConfigError(f"model.weights {weights}: not a readable Hugging Face checkpoint ({' '.join(str(exc).split())[:160]})") from None
     return {f"model.{k}": v for k, v in model.state_dict().items()}
 
@@ -71,8 +77,12 @@ class HuggingFaceEncoder(nn.Module):
     def __init__(self, architecture: dict[str, Any], pad_id: int, pooling: str):
         super().__init__()
         config = transformers().AutoConfig.for_model(**architecture)
-        self.model = transformers().AutoModel.from_config(config, **_without_pooler(config.model_type))
+        self.model = _auto_model(config, pretrained=False)
         self.pad_id, self.pooling, self.feature_dim = pad_id, pooling, config.hidden_size
+
+    @property
+    def word_embedding(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
 
     def token_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = ids != self.pad_id
@@ -87,14 +97,17 @@ class HuggingFaceEncoder(nn.Module):
     modality="text", channels_last=False, resolve_options=resolve_options, read_weights=read_weights, tokenizer_from_weights=True
 )
 def hf(
-    vocab_size: int, pad_id: int, architecture: dict[str, Any] | None = None, pooling: Literal["cls", "mean"] = "cls"
+    vocab_size: int, pad_id: int, max_length: int, architecture: dict[str, Any] | None = None, pooling: Literal["cls", "mean"] = "cls"
 ) -> HuggingFaceEncoder:
     """A BERT-family encoder from a Hugging Face checkpoint folder (model.weights), [CLS]- or mean-pooled."""
     if not architecture:
         raise ConfigError("model.weights: model 'hf' starts from a Hugging Face checkpoint folder; set model.weights=path/to/folder")
-    if architecture.get("vocab_size", vocab_size) != vocab_size:
+    if architecture.get("vocab_size", vocab_size) < vocab_size:  # a larger table (padded for speed) is fine
         raise ConfigError(
             f"data.tokenizer: a vocabulary of {vocab_size} tokens, and the checkpoint's embeddings hold {architecture['vocab_size']}; "
             f"use the checkpoint's own tokenizer (drop data.tokenizer.path)"
         )
+    positions = architecture.get("max_position_embeddings")
+    if positions is not None and max_length > positions:
+        raise ConfigError(f"data.tokenizer.max_length: {max_length} tokens, and the checkpoint has {positions} positions; lower max_length")
     return HuggingFaceEncoder(architecture, pad_id, pooling)

@@ -8,12 +8,15 @@ stage maps, so dense heads (decoders, segmentation) do not fit them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
+from transferctl.errors import ConfigError
 from transferctl.registry import MODELS
 
 
@@ -70,6 +73,37 @@ class BidirectionalLayer(nn.Module):
         return torch.cat([ahead, reverse_within(behind, lengths)], dim=-1)
 
 
+def read_word_vectors(path: str, vocabulary: dict[str, int], dim: int) -> dict[int, torch.Tensor]:
+    """token id -> vector, for the tokens of `vocabulary` that a word2vec or GloVe text file holds (a line per word:
+    the word, then its numbers; word2vec's first line, "count dim", is skipped). Words are matched as they are,
+    then lowercased; other lines are never kept in memory."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"model.embeddings {path}: no such file; give a word2vec or GloVe text file")
+    lowered = {token.lower(): index for token, index in vocabulary.items()}
+    found: dict[int, torch.Tensor] = {}
+    with file.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            word, _, numbers = line.rstrip().partition(" ")
+            index = vocabulary.get(word, lowered.get(word.lower()))
+            if index is None or index in found:
+                continue
+            values = numbers.split()
+            if len(values) != dim:
+                if number == 1 and len(values) == 1:  # word2vec's header
+                    continue
+                raise ConfigError(
+                    f"model.embeddings {path}: line {number} has {len(values)} numbers, and the table is {dim} wide; "
+                    f"set the embedding width to {len(values)}"
+                )
+            found[index] = torch.tensor([float(v) for v in values])
+    if not found:
+        raise ConfigError(
+            f"model.embeddings {path}: none of its words is in the tokenizer's vocabulary; give vectors of the texts' language"
+        )
+    return found
+
+
 class TokenEmbedding(nn.Module):
     """Token ids (N, length) -> their embeddings (N, length, dim) and the mask of real (non-pad) tokens."""
 
@@ -97,9 +131,11 @@ class RecurrentEncoder(nn.Module):
         dropout: float,
         vocab_size: int | None = None,
         pad_id: int = 0,
+        word_vectors: WordVectors | None = None,
     ):
         super().__init__()
         self.tokens = TokenEmbedding(vocab_size, features, pad_id) if vocab_size else None
+        self.word_vectors = word_vectors
         self.norm = nn.LayerNorm(features)
         widths = [features] + [2 * hidden_dim] * (layers - 1)
         self.layers = nn.ModuleList(BidirectionalLayer(cell, width, hidden_dim) for width in widths)
@@ -107,6 +143,15 @@ class RecurrentEncoder(nn.Module):
         self.feature_dim = 2 * hidden_dim
         self.pool = AttentionPooling(self.feature_dim) if pooling == "attention" else None
         self.register_load_state_dict_pre_hook(_from_packed_gru)
+
+    @property
+    def word_embedding(self) -> nn.Embedding | None:
+        """The token embedding table (over token ids), which a masked-language-model head ties its output to."""
+        return self.tokens.embedding if self.tokens is not None else None
+
+    def load_word_vectors(self) -> None:
+        if self.word_vectors is not None:
+            self.word_vectors.load_into(self.word_embedding)
 
     def token_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The last layer's output at every step (N, steps, feature_dim), and the mask of real steps (None: all)."""
@@ -139,9 +184,32 @@ Layers = Annotated[int, Field(ge=1, le=6)]
 Dropout = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-def _recurrent(cell, sequence_features, vocab_size, pad_id, embed_dim, hidden_dim, layers, pooling, dropout) -> RecurrentEncoder:
+@dataclass(frozen=True)
+class WordVectors:
+    """Starting vectors for a token embedding table (`model.embeddings`), loaded with the starting weights: a fresh
+    run reads the file, a resumed or fine-tuned one takes its weights from its checkpoint or source."""
+
+    path: str
+    vocabulary: dict[str, int] = field(repr=False)
+
+    def load_into(self, table: nn.Embedding) -> None:
+        with torch.no_grad():
+            for index, vector in read_word_vectors(self.path, self.vocabulary, table.embedding_dim).items():
+                table.weight[index] = vector
+
+
+def word_vectors_of(embeddings: str | None, vocabulary: dict[str, int] | None) -> WordVectors | None:
+    if embeddings is None:
+        return None
+    if vocabulary is None:
+        raise ConfigError("model.embeddings: word vectors initialize a token embedding table, and this data has no tokens; drop it")
+    return WordVectors(str(Path(embeddings).expanduser().resolve()), vocabulary)
+
+
+def _recurrent(cell, sequence_features, vocab_size, pad_id, vocabulary, embed_dim, hidden_dim, layers, pooling, dropout, embeddings):
     features = embed_dim if vocab_size else sequence_features
-    return RecurrentEncoder(cell, features, hidden_dim, layers, pooling, dropout, vocab_size, pad_id)
+    vectors = word_vectors_of(embeddings, vocabulary)
+    return RecurrentEncoder(cell, features, hidden_dim, layers, pooling, dropout, vocab_size, pad_id, vectors)
 
 
 @MODELS.register(modality=("audio", "text"), channels_last=False)
@@ -154,9 +222,11 @@ def gru(
     pooling: Literal["mean", "attention"] = "mean",
     dropout: Dropout = 0.0,
     embed_dim: PositiveInt = 128,
+    embeddings: str | None = None,
+    vocabulary: dict[str, int] | None = None,
 ) -> RecurrentEncoder:
     """A bidirectional GRU over mel frames or token embeddings (embed_dim), mean- or attention-pooled; 2 x hidden_dim features."""
-    return _recurrent("gru", sequence_features, vocab_size, pad_id, embed_dim, hidden_dim, layers, pooling, dropout)
+    return _recurrent("gru", sequence_features, vocab_size, pad_id, vocabulary, embed_dim, hidden_dim, layers, pooling, dropout, embeddings)
 
 
 @MODELS.register(modality=("audio", "text"), channels_last=False)
@@ -169,9 +239,13 @@ def lstm(
     pooling: Literal["mean", "attention"] = "mean",
     dropout: Dropout = 0.0,
     embed_dim: PositiveInt = 128,
+    embeddings: str | None = None,
+    vocabulary: dict[str, int] | None = None,
 ) -> RecurrentEncoder:
     """A bidirectional LSTM over mel frames or token embeddings (embed_dim), mean- or attention-pooled; 2 x hidden_dim features."""
-    return _recurrent("lstm", sequence_features, vocab_size, pad_id, embed_dim, hidden_dim, layers, pooling, dropout)
+    return _recurrent(
+        "lstm", sequence_features, vocab_size, pad_id, vocabulary, embed_dim, hidden_dim, layers, pooling, dropout, embeddings
+    )
 
 
 class ConvSequenceEncoder(nn.Sequential):

@@ -14,7 +14,7 @@ from pydantic import Field, PositiveInt
 from torch import nn
 
 from transferctl.errors import ConfigError
-from transferctl.models.sequence import mean_pool
+from transferctl.models.sequence import mean_pool, word_vectors_of
 from transferctl.registry import MODELS
 
 
@@ -66,6 +66,7 @@ class TransformerEncoder(nn.Module):
     ):
         super().__init__()
         self.pad_id, self.pooling, self.feature_dim = pad_id, pooling, width
+        self.word_vectors = None  # model.embeddings, loaded with the starting weights
         self.tokens = nn.Embedding(vocab_size, width, padding_idx=pad_id)
         self.positions = nn.Parameter(torch.zeros(1, max_length, width))
         nn.init.trunc_normal_(self.positions, std=0.02)
@@ -73,6 +74,14 @@ class TransformerEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(width)
+
+    @property
+    def word_embedding(self) -> nn.Embedding:
+        return self.tokens
+
+    def load_word_vectors(self) -> None:
+        if self.word_vectors is not None:
+            self.word_vectors.load_into(self.tokens)
 
     def token_features(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The features at every token (N, length, width) and the mask of real tokens."""
@@ -99,8 +108,12 @@ def transformer(
     mlp_ratio: Annotated[int, Field(ge=1, le=8)] = 4,
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1,
     pooling: Literal["mean", "cls"] = "mean",
+    embeddings: str | None = None,
+    vocabulary: dict[str, int] | None = None,
 ) -> TransformerEncoder:
     """A small pre-LN Transformer encoder (learned positions), mean- or [CLS]-pooled; width features."""
     if width % heads:
         raise ConfigError(f"model.heads: {heads} heads do not divide width {width}; pick a divisor of the width")
-    return TransformerEncoder(vocab_size, pad_id, max_length, width, layers, heads, mlp_ratio, dropout, pooling)
+    encoder = TransformerEncoder(vocab_size, pad_id, max_length, width, layers, heads, mlp_ratio, dropout, pooling)
+    encoder.word_vectors = word_vectors_of(embeddings, vocabulary)
+    return encoder

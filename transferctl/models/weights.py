@@ -28,8 +28,11 @@ def load_starting_weights(encoder: nn.Module, cfg: Config) -> None:
     """Load the source run's encoder or `model.weights` into `encoder`, if the config names either."""
     if cfg.finetune.source:
         load_source_encoder(encoder, cfg)
-    elif cfg.model.weights:
+        return
+    if cfg.model.weights:
         load_model_weights(encoder, cfg)
+    if hasattr(encoder, "load_word_vectors"):  # model.embeddings: word2vec/GloVe vectors for the token table
+        encoder.load_word_vectors()
 
 
 def starting_encoder_state(cfg: Config, fresh_encoder: nn.Module) -> dict[str, torch.Tensor]:
