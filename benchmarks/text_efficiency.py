@@ -36,8 +36,8 @@ FINETUNE = CONFIGS / "finetune10_ag_news.yaml"
 DATA = "ag_news"
 ENCODERS = {  # key -> (row name, pretraining method or None, the encoder of a random-init row)
     "random": ("random init (gru)", None, ["model.name=gru", "model.embed_dim=128", "model.hidden_dim=256", "model.layers=1"]),
-    "mlm": ("masked language model, transformer (no labels)", "mlm", []),
     "simclr": ("contrastive, gru (no labels)", "simclr", []),
+    "mlm": ("masked language model, transformer (no labels)", "mlm", []),
 }
 CLASSIC = "TF-IDF (1-2 grams) + logistic regression"
 UNLABELED_UNUSED = ("10", "100", "all")  # the classic baseline's columns: it learns from labelled articles only
@@ -64,7 +64,7 @@ def classic_accuracy(column: str, seed: int, extra: list[str]) -> dict[str, Any]
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    cfg = load_config(FINETUNE, overrides_of(column, seed, extra))
+    cfg = load_config(FINETUNE, [*ENCODERS["random"][2], *overrides_of(column, seed, extra)])  # a model to name; it reads none
     train = load_training_data(cfg.data, labelled_subset=True).train
     test = load_split(cfg.data, train=False)
     model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), LogisticRegression(max_iter=2000, C=10.0))
