@@ -277,7 +277,10 @@ def text_split(
 
 def _label_order(label: str) -> tuple[int, int | str]:
     """Integer labels in numeric order, then names in alphabetical order."""
-    return (0, int(label)) if label.lstrip("-").isdigit() else (1, label)
+    try:
+        return (0, int(label))
+    except ValueError:
+        return (1, label)
 
 
 @DATASETS.register(modality="text")

@@ -112,7 +112,10 @@ class MaskedTokensObjective:
         (ids,) = batch.inputs
         shown, targets = self.masking(ids, self.generator, self.rank, self.ranks)
         chosen = targets != IGNORED
-        return self.criterion(self.forward(shown, chosen), targets[chosen])
+        logits = self.forward(shown, chosen)
+        if not chosen.any():  # a batch of very short texts may hide nothing: no loss, and no NaN
+            return logits.sum() * 0.0
+        return self.criterion(logits, targets[chosen])
 
     @torch.no_grad()
     def measure(self, network: nn.Module, data: Samples, batch_size: int) -> dict[str, float]:

@@ -22,6 +22,7 @@ from transferctl.registry import METHODS
 
 if TYPE_CHECKING:
     from transferctl.build import Trained, Training
+    from transferctl.config import Config
     from transferctl.runs import Run
 
 VALIDATION = Selection("val_loss", higher_is_better=False)
@@ -83,6 +84,14 @@ class SimCLR(Method):
     uses_labels = False
     plots_first_batch = True
     evaluation_splits = ("train", "test")  # k-NN: the labelled training split is the bank
+
+    def notes(self, cfg: Config) -> list[str]:
+        if cfg.data.augment is not None and cfg.data.augment.name == "none" and not cfg.model.options.get("dropout"):
+            return [
+                "data.augment: none gives SimCSE's views, which differ only by the encoder's dropout, and the model has none: "
+                "both views are the same; set model.dropout (e.g. 0.1)"
+            ]
+        return []
 
     def objective(self, parts: Parts) -> ContrastiveObjective:
         return ContrastiveObjective(parts.forward, parts.criterion, parts.augment, parts.modality, gather=world().distributed)

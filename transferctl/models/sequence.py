@@ -34,8 +34,8 @@ class AttentionPooling(nn.Module):
 
     def forward(self, steps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         scores = self.score(steps).squeeze(-1)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        if mask is not None:  # a row without a real step (an all-zero attention mask) weighs every step alike
+            scores = scores.masked_fill(~mask & mask.any(dim=1, keepdim=True), float("-inf"))
         return (scores.softmax(dim=1).unsqueeze(-1) * steps).sum(dim=1)
 
 
