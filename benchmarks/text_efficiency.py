@@ -36,6 +36,12 @@ FINETUNE = CONFIGS / "finetune10_ag_news.yaml"
 DATA = "ag_news"
 ENCODERS = {  # key -> (row name, pretraining method or None, the encoder of a random-init row)
     "random": ("random init (gru)", None, ["model.name=gru", "model.embed_dim=128", "model.hidden_dim=256", "model.layers=1"]),
+    # the masked language model's encoder (configs/mlm_ag_news.yaml), untrained
+    "random_transformer": (
+        "random init (transformer)",
+        None,
+        ["model.name=transformer", "model.width=256", "model.layers=2", "model.heads=4", "model.dropout=0.1"],
+    ),
     "simclr": ("contrastive, gru (no labels)", "simclr", []),
     "mlm": ("masked language model, transformer (no labels)", "mlm", []),
 }
@@ -115,8 +121,11 @@ def markdown(rows: list[dict[str, Any]], seeds: int) -> str:
 
 def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     mine = {r["encoder"]: r for r in rows}
-    classic, scratch = mine.get(CLASSIC), mine.get(ENCODERS["random"][0])
-    pretrained_rows = [r for name, r in mine.items() if name not in (ENCODERS["random"][0], CLASSIC)]
+    scratch_names = [name for name, method, _ in ENCODERS.values() if method is None]
+    classic = mine.get(CLASSIC)
+    scratch_rows = [mine[name] for name in scratch_names if name in mine]
+    scratch = {c: max(r[c] for r in scratch_rows) for c in COLUMNS} if scratch_rows else None  # the best random init
+    pretrained_rows = [r for name, r in mine.items() if name not in (*scratch_names, CLASSIC)]
     if not pretrained_rows:
         return []
     best = {c: max(r[c] for r in pretrained_rows) for c in COLUMNS}
@@ -131,9 +140,8 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
         )
     if scratch:
         gain = 100 * (best_at["10"] - max(scratch["10"], scratch["10+u"]))
-        out.append(
-            f"- best pretrained minus random init at 10/class: {gain:+.1f} points (target >= +10): {'met' if gain >= 10 else 'NOT met'}"
-        )
+        verdict = "met" if gain >= 10 else "NOT met"
+        out.append(f"- best pretrained minus the best random init at 10/class: {gain:+.1f} points (target >= +10): {verdict}")
     ten, every = 100 * best_at["10"], 100 * best["all"]
     out.append(f"- 10/class: {ten:.1f} (reach >= 80): {'met' if ten >= 80 else 'not met'}")
     out.append(f"- all labels: {every:.1f} (reach >= 90): {'met' if every >= 90 else 'not met'}")

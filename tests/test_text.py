@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -256,7 +257,9 @@ def test_contrastive_views_on_text_default_to_text_simclr(cli, tmp_path, text_ro
         ("missing_column", "line 2 has no column 'text' (columns: label, body); set data.text_columns"),
         ("not_utf8", "line 3 is not UTF-8"),
         ("empty_text", "line 4 has an empty text"),
-        ("unknown_label", "has label 'weather', which is not among the classes"),
+        ("unknown_label", "line 3 has label 'weather', which is not among the classes"),
+        ("extra_field", "line 2 has more fields than the header; quote texts that hold commas"),
+        ("no_label", "line 3 has no label"),
         ("no_tokenizer", "data.tokenizer.path"),
         ("foreign_tokenizer", "not the tokenizer the source run was trained with"),
     ],
@@ -274,6 +277,10 @@ def test_bad_text_input_is_one_line_exit_2_and_no_run(cli, tmp_path, text_root, 
     elif fault == "unknown_label":
         write_csv(train, [("sports", "goal"), ("weather", "rain")])
         args += ["data.classes=[markets,science,sports]"]
+    elif fault == "extra_field":
+        train.write_text("label,text\nsports,a goal, and a match\n")
+    elif fault == "no_label":
+        write_csv(train, [("sports", "goal"), ("", "match")])
     elif fault == "no_tokenizer":
         args += [f"data.tokenizer.path={tmp_path / 'missing.json'}"]
     else:
@@ -286,7 +293,7 @@ def test_bad_text_input_is_one_line_exit_2_and_no_run(cli, tmp_path, text_root, 
     result = cli(*args, "--runs-dir", runs)
     assert result.code == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    if fault in ("missing_column", "not_utf8", "empty_text"):
+    if fault in ("missing_column", "not_utf8", "empty_text", "extra_field", "no_label"):
         assert str(train) in result.stderr  # names the file
     assert not runs.exists() or not any(runs.iterdir())
 
@@ -325,7 +332,7 @@ def test_a_hugging_face_folder_loads_its_weights_and_tokenizer_and_exports(cli, 
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert training.train.tokenization.tokenizer_json == tokenizer_json  # the folder's tokenizer is the run's
     tuned = _ok(cli("finetune", "-c", recipe, "train.max_steps=5", "--json"))
-    (folder / "config.json").unlink()  # the run keeps the architecture in its own config
+    shutil.rmtree(folder)  # the run keeps the architecture in its config, the weights and the tokenizer in its checkpoint
     exported = _ok(cli("export", "--from", tuned["run_dir"], "--format", "onnx", "--format", "torchscript", "--json"))
     assert all(p["passed"] for p in exported["parity"].values())
 
@@ -360,3 +367,20 @@ def test_word_vectors_initialize_the_token_table_of_a_fresh_run(tmp_path, text_r
         torch.testing.assert_close(table[vocabulary[word]].cpu(), torch.tensor(vector))
     with pytest.raises(Exception, match="line 1 has 4 numbers, and the table is 8 wide"):
         build_training(load_config(config, ["model.embed_dim=8", f"model.embeddings={glove}"]))
+
+
+def test_a_split_is_read_anew_when_its_columns_change_and_a_bom_is_not_a_column(tmp_path):
+    from transferctl.registry import DATASETS
+
+    root = tmp_path / "data"
+    rows = [("sports", "goal match", "stock market"), ("markets", "bank profit", "team player")]
+    path = write_csv(root / "train.csv", rows, header=("label", "title", "body"))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Excel saves a CSV
+    write_csv(root / "test.csv", rows, header=("label", "title", "body"))
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(small_tokenization().tokenizer_json)
+    options = {"test_file": "test.csv", "tokenizer": {"path": str(tokenizer), "max_length": 8}}
+    read = lambda column: DATASETS.build("text_csv", {**options, "text_columns": [column]}, root=root, download=False, train=True)
+    titles, bodies = read("title"), read("body")  # the same file and tokenizer: the cache must not hand back the titles
+    assert titles.texts == ("goal match", "bank profit") and bodies.texts == ("stock market", "team player")
+    assert torch.equal(bodies.inputs, bodies.tokenization.encode(list(bodies.texts))[0])
