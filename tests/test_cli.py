@@ -275,13 +275,14 @@ def test_list_and_version(cli):
         "l1",
         "huber",
         "pixel_cross_entropy",
+        "token_cross_entropy",
     }
     everything = cli("list", "--json").json
     kinds = {"methods", "tasks", "modalities", "models", "heads", "losses", "optimizers", "schedulers", "datasets", "augmentations"}
     assert kinds == set(everything)
-    assert set(everything["methods"]) == {"simclr", "supervised", "finetune", "autoencoder", "mae"}
+    assert set(everything["methods"]) == {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"}
     assert set(everything["tasks"]) == {"classification", "regression", "segmentation"}
-    assert set(everything["modalities"]) == {"image", "audio"}
+    assert set(everything["modalities"]) == {"image", "audio", "text"}
     assert cli("list", "los").code == 2
     version = cli("--version")
     assert version.code == 0 and version.stdout.startswith("transferctl ")

@@ -377,6 +377,10 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
         cfg = Config.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(_pydantic_message(exc.errors()[0])) from None
+    if not data.get("model"):  # no model named: the data's modality's default encoder (images and audio: cnn)
+        from transferctl.modalities import modality_named
+
+        cfg.model = ModelConfig(name=modality_named(dataset_modality(cfg.data.name)).default_model)
     method = METHODS.get(cfg.method.name, where="method").fn
     if command is not None and method.command != command:
         raise ConfigError(f"method: '{cfg.method.name}' is run by `transferctl {method.command}`, not `transferctl {command}`")

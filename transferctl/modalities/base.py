@@ -32,6 +32,7 @@ class Modality:
     unit_signal: ClassVar[bool] = False  # `to_signal` gives values in [0, 1] (pixels), which a loss like bce can take
     inherits_fitted_state: ClassVar[bool] = False  # a fine-tune reads its data with its source run's fitted state
     shows_inputs: ClassVar[bool] = True  # `displayable` draws its inputs (views.png, reconstructions.png)
+    default_model: ClassVar[str] = "cnn"  # the encoder of a config that names none
 
     @classmethod
     def export_input_names(cls) -> tuple[str, ...]:

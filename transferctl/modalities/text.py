@@ -170,6 +170,7 @@ class TextModality(Modality):
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "text_simclr", "light": "text_light", "none": "none"}
     inherits_fitted_state = True  # a fine-tune reads its texts with its source run's tokenizer
     shows_inputs = False
+    default_model = "transformer"
 
     def model_context(self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if fitted is None:
