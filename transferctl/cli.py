@@ -425,6 +425,36 @@ def _render_diff(out: ConsoleReporter, diff: dict[str, Any]) -> None:
     out.columns("metrics", ["metric", "A", "B"], [[k, v["a"], v["b"]] for k, v in diff["metrics"].items()])
 
 
+# --------------------------------------------------------------------------- data: shards for streaming
+
+data_app = typer.Typer(help="Prepare data: pack an image folder into tar shards.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("pack")
+def data_pack(
+    source: Path = typer.Argument(..., help="An image folder: train/<class>/* and test/<class>/*.", show_default=False),
+    dest: Path = typer.Argument(..., help="Where the shards and their manifest.json go (resumes a pack left there).", show_default=False),
+    shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="Samples per shard."),
+    image_size: int | None = typer.Option(
+        None, "--image-size", min=1, help="Resize (shorter side, centre crop), store as PNG; default: files as they are."
+    ),
+    channels: int = typer.Option(3, "--channels", min=1, max=3, help="With --image-size: 1 (grey) or 3 (RGB)."),
+    as_json: bool = InspectJson,
+) -> None:
+    """Write an image folder into WebDataset-style tar shards (<key>.<ext> + <key>.cls) with a manifest of counts,
+    classes, checksums and member offsets; `data.name: shards` reads them. Resumable; no half-written shard keeps its name."""
+    from transferctl.data.shards import pack
+
+    def job() -> dict[str, Any]:
+        if channels == 2:
+            raise UsageError("--channels must be 1 or 3")
+        with ConsoleReporter().counting("packing") as advance:
+            return pack(source, dest, shard_size=shard_size, image_size=image_size, channels=channels, progress=advance).to_json()
+
+    _inspect(as_json, job, lambda out, result: out.table("data pack", result))
+
+
 # --------------------------------------------------------------------------- config: what would run
 
 config_app = typer.Typer(

@@ -81,9 +81,11 @@ class DataConfig(BaseModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: Seed = 0
     augment: Component | None = None
-    pipeline: Literal["auto", "memory", "loader"] = "auto"
+    pipeline: Literal["auto", "memory", "loader", "stream"] = "auto"  # auto: memory, or stream/loader past the budget
     memory_budget_mb: PositiveInt = 4096
     num_workers: Annotated[int, Field(ge=0, le=64)] = 2
+    on_bad_sample: Literal["replace", "stop"] = "replace"  # streamed data: a sample that cannot be read
+    rebuild_manifest: bool = False  # streamed image folders: list the folder again even if it looks unchanged
 
     @property
     def options(self) -> dict[str, Any]:
@@ -146,6 +148,7 @@ class EvalConfig(BaseModel):
     checkpoint: Literal["best", "last"] = "last"
     knn_k: PositiveInt = 20
     knn_temperature: float = Field(0.07, gt=0.0)
+    knn_bank: PositiveInt = 10_000  # a streamed training split: a seeded sample of this many is the k-NN bank
 
 
 def component_name(section: Any) -> str | None:

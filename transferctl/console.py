@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -64,6 +66,17 @@ class ConsoleReporter:
     def note(self, message: str) -> None:
         """A one-line note on an option that has no effect as configured."""
         self.info(f"note: {message}")
+
+    @contextmanager
+    def counting(self, description: str) -> Iterator[Callable[[int, int], None]]:
+        """A progress bar for work counted in items (`data pack`): yields `update(done, total)`; silent off a terminal."""
+        if not self.live:
+            yield lambda done, total: None
+            return
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console) as bar:
+            task = bar.add_task(description, total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
 
     def finish(self) -> None:
         if self._progress is not None:

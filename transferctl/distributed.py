@@ -102,6 +102,31 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_sum(torch.tensor(float(flag), device=device)).item() > 0)
 
 
+def rank_share(n: int) -> range:
+    """This rank's contiguous share of `n` items, for sharded evaluation: all of them with one process, or with
+    fewer items than ranks (then every rank takes all, and `gather_rows` leaves them as they are)."""
+    ranks = world()
+    if not ranks.distributed or n < ranks.size:
+        return range(n)
+    return range(ranks.rank * n // ranks.size, (ranks.rank + 1) * n // ranks.size)
+
+
+def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's rows for its `rank_share(n)`, concatenated in rank order: the rows of all `n` items."""
+    ranks = world()
+    if not ranks.distributed or n < ranks.size:
+        return x
+    import torch
+    import torch.distributed as dist
+
+    counts = [(r + 1) * n // ranks.size - r * n // ranks.size for r in range(ranks.size)]
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every rank's `x`, concatenated in rank order; gradients flow back to each rank's own part."""
     if not world().distributed:

@@ -125,7 +125,7 @@ HEADS = Registry("head", context=("feature_dim", "num_outputs", "stage_channels"
 LOSSES = Registry("loss")
 OPTIMIZERS = Registry("optimizer", context=("params",))
 SCHEDULERS = Registry("scheduler", context=("optimizer", "total_steps"))
-DATASETS = Registry("dataset", context=("root", "download", "train", "fitted"))
+DATASETS = Registry("dataset", context=("root", "download", "train", "fitted", "stream"))
 AUGMENTATIONS = Registry("augmentation")
 
 REGISTRIES: dict[str, Registry] = {

@@ -20,7 +20,9 @@ import torchvision
 from pydantic import PositiveInt
 
 from transferctl.data.samples import Samples
-from transferctl.errors import UsageError
+from transferctl.data.shards import index_shards, shard_paths, split_shards
+from transferctl.data.stream import ImageDecoder, ShardSource, StreamedInputs, StreamOptions, is_streamed, streamed_folder, streamed_images
+from transferctl.errors import ConfigError, UsageError
 from transferctl.fileio import atomic_write_bytes
 from transferctl.modalities.image import ImageData
 from transferctl.registry import DATASETS
@@ -125,9 +127,14 @@ def image_folder(
     train_dir: str = "train",
     test_dir: str = "test",
     hflip: bool = True,
+    stream: StreamOptions | None = None,
 ) -> ImageData:
     """Your own images: <root>/<train_dir>/<class>/*.png and <root>/<test_dir>/<class>/*, resized to image_size."""
     folder = split_folder("image_folder", root, train, train_dir, test_dir)
+    if stream is not None and stream.may_stream:  # listed through its manifest; streamed when the pipeline says so
+        inputs, targets, classes, key = streamed_folder("image_folder", folder, image_size, channels, stream)
+        if stream.streams(inputs.numel()):
+            return streamed_images("image_folder", inputs, targets, classes, hflip, key)
     try:
         ds = torchvision.datasets.ImageFolder(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:
@@ -140,6 +147,33 @@ def image_folder(
         **image_statistics(images),
         hflip=hflip,
     )
+
+
+@DATASETS.register(modality="image")
+def shards(
+    root: Path,
+    download: bool,
+    train: bool,
+    urls: str | None = None,
+    test_urls: str | None = None,
+    image_size: PositiveInt = 64,
+    channels: Literal[1, 3] = 3,
+    hflip: bool = True,
+    shuffle_buffer: PositiveInt = 10_000,
+    stream: StreamOptions | None = None,
+) -> ImageData:
+    """Tar shards (WebDataset convention: <key>.jpg|png and <key>.cls): data.urls and data.test_urls name them
+    (`/data/train-{000000..000099}.tar`), else the manifest `transferctl data pack` wrote in data.root."""
+    pattern = urls if train else test_urls
+    paths = (
+        shard_paths(pattern, "data.urls" if train else "data.test_urls") if pattern else split_shards(root, "train" if train else "test")
+    )
+    index = index_shards(paths)
+    source = ShardSource(index.shards, index.shard_of, index.offsets, index.sizes, shuffle_buffer)
+    options = stream or StreamOptions("memory", budget_mb=0)
+    inputs = StreamedInputs(source, torch.arange(len(index.labels)), ImageDecoder(image_size, channels), options)
+    signature = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in index.shards]
+    return streamed_images("shards", inputs, index.labels, index.classes, hflip, key=f"shards:{signature}:{image_size}:{channels}")
 
 
 def split_folder(name: str, root: Path, train: bool, train_dir: str, test_dir: str) -> Path:
@@ -254,8 +288,29 @@ def data_root(data_cfg) -> Path:
 
 def load_split(data_cfg, train: bool, fitted: dict | None = None) -> Samples:
     """The whole train or test split of the configured data set; `fitted`: a trained run's fitted state, which a
-    data set may read its split with directly (text: the run's tokenizer, whatever data.tokenizer names)."""
-    return DATASETS.build(data_cfg.name, data_cfg.options, root=data_root(data_cfg), download=data_cfg.download, train=train, fitted=fitted)
+    data set may read its split with directly (text: the run's tokenizer, whatever data.tokenizer names).
+    A data set that can stream gets the stream settings, and streams the split when the pipeline asks for it."""
+    stream = stream_options(data_cfg)
+    data = DATASETS.build(
+        data_cfg.name, data_cfg.options, root=data_root(data_cfg), download=data_cfg.download, train=train, fitted=fitted, stream=stream
+    )
+    if stream.pipeline == "stream" and not is_streamed(data):
+        raise ConfigError(
+            f"data.pipeline=stream: data set '{data_cfg.name}' is read into memory, it does not stream (image_folder and shards do); "
+            "set data.pipeline=memory"
+        )
+    return data
+
+
+def stream_options(data_cfg) -> StreamOptions:
+    """What a data set that can stream needs to know: whether to, and how to treat what it cannot read."""
+    return StreamOptions(
+        data_cfg.pipeline,
+        budget_mb=data_cfg.memory_budget_mb,
+        on_bad_sample=data_cfg.on_bad_sample,
+        rebuild_manifest=data_cfg.rebuild_manifest,
+        num_workers=data_cfg.num_workers,
+    )
 
 
 def _train_and_val(data_cfg) -> tuple[Samples, Samples]:

@@ -4,6 +4,9 @@
   whole batches with tensor ops (`BatchAugment`). No data loader on the hot path.
 - `loader`: the classic path: a torch DataLoader whose workers apply per-sample torchvision transforms (the
   same augmentation, built from the same config) to samples read through `Samples.sample`.
+- `stream`: a split too large for memory (`data/stream.py`): DataLoader workers read and decode this rank's
+  part of each global batch, a few batches ahead; on the device the batch is augmented by the same
+  `BatchAugment`, with the same generator, as the memory pipeline, so an image folder gives the same views.
 
 Both draw an epoch's order from a generator seeded by (seed, epoch), so they visit the same samples in the
 same order, and both can start mid-epoch (`start_batch`) for an exact resume. Across ranks, `batch_size` is
@@ -140,9 +143,9 @@ class UnlabeledStream:
     def batch(self, step: int) -> UnlabeledBatch:
         epoch, index = divmod(step, len(self.data) // self.batch_size)
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.data), self.seed, epoch).to(self.data.inputs.device))
+            self._order = (epoch, epoch_order(len(self.data), self.seed, epoch).to(self.data.targets.device))
         chosen = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
-        x = self.modality.decode(self.data.inputs[chosen])
+        x = self.modality.decode(self.data.inputs[chosen].to(self.data.targets.device))  # a streamed pool: read now
         generator = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + step)
         mine = rank_slice(len(x), self.rank, self.world)
         weak, strong = (
@@ -249,6 +252,79 @@ class LoaderPipeline:
         pass
 
 
+class StreamPipeline:
+    """Samples read from their files batch by batch in worker processes, augmented on the device as a whole batch.
+
+    Rank r reads only its slice of every global batch; the augmentation draws its parameters for the whole
+    global batch (the other ranks' samples as zeros), so N ranks compute what one process would. A sample that
+    cannot be read was replaced in the read (data.on_bad_sample=replace); each is named through `log` and counted."""
+
+    def __init__(
+        self,
+        data: Samples,
+        augment: BatchAugment,
+        modality: Modality,
+        *,
+        views: int,
+        batch_size: int,
+        seed: int,
+        drop_last: bool,
+        device: torch.device,
+        channels_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        if data.target_kind == "class_per_pixel":
+            raise ConfigError("data.pipeline: a streamed split carries no masks; use data.pipeline=memory for segmentation")
+        self.data, self.augment, self.modality, self.views = data, augment, modality, views
+        self.batch_size, self.seed, self.drop_last, self.device = batch_size, seed, drop_last, device
+        self.rank, self.world = rank, world
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)  # the memory pipeline's
+        self.replaced = 0  # samples that could not be read, replaced in their batch
+        self.log: Any = lambda line: None
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        from transferctl.data.stream import raise_if_stopped
+
+        order = self.data.inputs.epoch_order(self.seed, epoch)
+        chosen = list(batch_indices(len(self.data), self.batch_size, order=order, drop_last=self.drop_last, start_batch=start_batch))
+        mine = [rank_slice(len(idx), self.rank, self.world) for idx in chosen]
+        reads = self.data.inputs.iterate([idx[part] for idx, part in zip(chosen, mine, strict=True)])
+        for idx, part, read in zip(chosen, mine, reads, strict=True):
+            for what, why in read.bad:
+                self.log(f"bad sample replaced: {what} ({why})")
+            self.replaced += len(read.bad)
+            x = raise_if_stopped(read).to(self.device, non_blocking=True)
+            if self.world > 1:  # the whole global batch's shape, so every random draw is the one process's
+                full = torch.zeros((len(idx), *x.shape[1:]), dtype=x.dtype, device=self.device)
+                full[part] = x
+                x = full
+            x = self.modality.decode(x)
+            targets = self.data.targets[idx[part].to(self.data.targets.device)]
+            views = tuple(self._view(x, part) for _ in range(self.views))
+            yield Batch(views, targets, {"index": idx[part].to(self.device)})
+
+    def _view(self, x: torch.Tensor, part: slice) -> torch.Tensor:
+        view = augmented_input(x, self.augment, self.modality, self.data, self.generator, part)
+        return view.contiguous(memory_format=self.memory_format)
+
+    def state(self) -> dict[str, Any]:
+        return {"augment": self.generator.get_state().cpu(), "replaced": self.replaced}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["augment"])
+        self.replaced = state.get("replaced", 0)
+
+
+def held_out_views(data: Samples, augment: BatchAugment, modality: Modality, *, views: int, batch_size: int, seed: int) -> Pipeline:
+    """Augmented views of a held-out split with a fixed seed (a validation loss), wherever its samples live."""
+    if hasattr(data.inputs, "iterate"):
+        device = data.targets.device
+        return StreamPipeline(data, augment, modality, views=views, batch_size=batch_size, seed=seed, drop_last=True, device=device)
+    return MemoryPipeline(data, augment, modality, views=views, batch_size=batch_size, seed=seed, drop_last=True)
+
+
 def fits_in_memory(data: Samples, budget_mb: int) -> bool:
     """Whether the split (its raw inputs) fits the memory pipeline's budget."""
     return data.inputs.numel() * data.inputs.element_size() <= budget_mb * 2**20
@@ -271,10 +347,13 @@ def make_pipeline(
     rank: int = 0,
     world: int = 1,
 ) -> Pipeline:
-    """`kind` is memory, loader or auto (memory when the split fits `budget_mb`)."""
+    """`kind` is memory, loader, stream or auto (memory when the split fits `budget_mb`; a split its data set
+    streamed past the budget streams, any other the loader reads)."""
+    common = dict(views=views, batch_size=batch_size, seed=seed, drop_last=drop_last, channels_last=channels_last, rank=rank, world=world)
+    if hasattr(data.inputs, "iterate"):  # a streamed split
+        return StreamPipeline(data.to(device), augment, modality, device=device, **common)
     if kind == "auto":
         kind = "memory" if fits_in_memory(data, budget_mb) else "loader"
-    common = dict(views=views, batch_size=batch_size, seed=seed, drop_last=drop_last, channels_last=channels_last, rank=rank, world=world)
     if kind == "memory":
         return MemoryPipeline(data.to(device), augment, modality, **common)
     return LoaderPipeline(data, augment, modality, device=device, num_workers=num_workers, **common)

@@ -4,9 +4,9 @@ A split is `Samples`: raw samples stacked in one tensor (`inputs`), one target p
 class names. A modality's subclass adds what reading its samples takes (an image split's mean, std and whether a
 flip keeps its meaning). Everything that only batches, splits or subsets data works on `Samples` alone.
 
-A split that does not fit in memory (a streamed source) keeps the same contract without `inputs`: `len()`,
-`targets` and `classes` (from its manifest), `subset(indices)`, and `sample(index)`, which decodes one sample;
-the loader pipeline reads samples only through `sample`.
+A split that does not fit in memory (a streamed source, `data/stream.py`) keeps the same contract: its `inputs`
+stands in for the tensor (shape, `inputs[idx]` decodes those samples) and selects subsets without reading them;
+`iterate_batches` reads its batches in DataLoader workers.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ class Samples:
         return self.inputs[index]
 
     def subset(self, indices: torch.Tensor) -> Samples:
-        return replace(self, inputs=self.inputs[indices], targets=self.targets[indices])
+        inputs = self.inputs.select(indices) if hasattr(self.inputs, "select") else self.inputs[indices]  # streamed: not read
+        return replace(self, inputs=inputs, targets=self.targets[indices])
 
     def to(self, device: torch.device) -> Samples:
         return replace(self, inputs=self.inputs.to(device), targets=self.targets.to(device))
@@ -78,10 +79,19 @@ def batch_indices(
 def iterate_batches(
     data: Samples, batch_size: int, *, order: torch.Tensor | None = None, drop_last: bool = False, start_batch: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) batches by index, in `order` (default: as stored), from `start_batch` on."""
-    order = (order if order is not None else torch.arange(len(data))).to(data.inputs.device)
-    for idx in batch_indices(len(data), batch_size, order=order, drop_last=drop_last, start_batch=start_batch):
-        yield data.inputs[idx], data.targets[idx]
+    """(inputs, targets) batches by index, in `order` (default: as stored), from `start_batch` on; a streamed
+    split's are decoded a few batches ahead in worker processes and moved to where its targets are."""
+    order = (order if order is not None else torch.arange(len(data))).to(data.targets.device)
+    batches = batch_indices(len(data), batch_size, order=order, drop_last=drop_last, start_batch=start_batch)
+    if not hasattr(data.inputs, "iterate"):
+        for idx in batches:
+            yield data.inputs[idx], data.targets[idx]
+        return
+    from transferctl.data.stream import raise_if_stopped
+
+    batches = list(batches)
+    for idx, read in zip(batches, data.inputs.iterate(batches), strict=True):
+        yield raise_if_stopped(read).to(data.targets.device, non_blocking=True), data.targets[idx]
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Evaluation protocols: classification (accuracy, loss, per-class accuracy, confusion) and k-NN on features.
-Samples reach the model through their modality (`model_input`), whatever it is."""
+Samples reach the model through their modality (`model_input`), whatever it is. Under torchrun every rank
+evaluates its own share of the samples (`my_share`) and the counts or outputs are summed or gathered, so
+every rank ends with the metrics of all samples."""
 
 from __future__ import annotations
 
@@ -11,7 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferctl.data.samples import Samples, iterate_batches
+from transferctl.distributed import all_sum, gather_rows, rank_share
 from transferctl.modalities import modality_of
+
+
+def my_share(data: Samples) -> Samples:
+    """This rank's share of `data` (all of it with one process)."""
+    share = rank_share(len(data))
+    if len(share) == len(data):
+        return data
+    return data.subset(torch.arange(share.start, share.stop, device=data.targets.device))
 
 
 @dataclass
@@ -36,13 +47,13 @@ def classify(model: nn.Module, data: Samples, batch_size: int) -> Classification
     model.eval()
     modality = modality_of(data)
     k = data.num_classes
-    confusion = torch.zeros(k, k, dtype=torch.long, device=data.inputs.device)
-    total_loss = torch.zeros((), device=data.inputs.device)
-    for inputs, labels in iterate_batches(data, batch_size):
+    confusion = torch.zeros(k, k, dtype=torch.long, device=data.targets.device)
+    total_loss = torch.zeros((), device=data.targets.device)
+    for inputs, labels in iterate_batches(my_share(data), batch_size):
         logits = model(modality.model_input(inputs, data))
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k)
-    confusion = confusion.cpu()
+    confusion, total_loss = all_sum(confusion).cpu(), all_sum(total_loss)
     per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
     return Classification(
         accuracy=confusion.diag().sum().item() / max(confusion.sum().item(), 1),
@@ -57,7 +68,8 @@ def predict(model: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
     """The model's outputs (float) for every sample in `data`, in order."""
     model.eval()
     modality = modality_of(data)
-    return torch.cat([model(modality.model_input(inputs, data)).float() for inputs, _ in iterate_batches(data, batch_size)])
+    mine = torch.cat([model(modality.model_input(inputs, data)).float() for inputs, _ in iterate_batches(my_share(data), batch_size)])
+    return gather_rows(mine, len(data))
 
 
 @torch.no_grad()
@@ -65,8 +77,9 @@ def embed(encoder: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
     """L2-normalized features of every sample in `data`, in order."""
     encoder.eval()
     modality = modality_of(data)
-    batches = iterate_batches(data, batch_size)
-    return torch.cat([F.normalize(encoder(modality.model_input(inputs, data)).float(), dim=1) for inputs, _ in batches])
+    batches = iterate_batches(my_share(data), batch_size)
+    mine = torch.cat([F.normalize(encoder(modality.model_input(inputs, data)).float(), dim=1) for inputs, _ in batches])
+    return gather_rows(mine, len(data))
 
 
 @torch.no_grad()

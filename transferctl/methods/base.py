@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from transferctl.data.augment import BatchAugment
+from transferctl.data.datasets import seeded_subset
 from transferctl.data.samples import Samples
+from transferctl.data.stream import is_streamed
 from transferctl.engine.evaluate import Evaluation, knn_accuracy
 from transferctl.engine.train import Objective
 from transferctl.modalities.base import Modality
@@ -141,6 +143,8 @@ def knn_metrics(trained: Trained) -> dict[str, float]:
     cfg, bank, queries = trained.cfg, trained.split(train=True), trained.split(train=False)
     if not bank.num_classes or bank.target_kind != "class":
         return {}
+    if is_streamed(bank) and len(bank) > cfg.eval.knn_bank:  # features of every sample at once: a bounded bank
+        bank = bank.subset(seeded_subset(len(bank), cfg.eval.knn_bank, cfg.data.seed))
     accuracy = knn_accuracy(
         trained.served(), bank, queries, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, batch_size=cfg.data.eval_batch_size
     )

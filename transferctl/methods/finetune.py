@@ -14,6 +14,7 @@ import torch
 
 from transferctl.data.pipeline import UnlabeledStream
 from transferctl.data.samples import Samples
+from transferctl.data.stream import is_streamed
 from transferctl.distributed import world
 from transferctl.engine.evaluate import embed
 from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
@@ -135,6 +136,11 @@ def _pseudo_labels(parts: Parts) -> PseudoLabels | None:
     if options.align:
         counts = torch.bincount(parts.train.targets, minlength=parts.train.num_classes).float()
         shares = (counts / counts.sum()).to(parts.device)  # once here, not every step
+    if options.propagate and is_streamed(pool):
+        raise ConfigError(
+            "finetune.unlabeled.propagate: label propagation needs every sample's features at once, which a streamed split "
+            "does not hold; set it to false, or use data.pipeline=memory"
+        )
     propagate = (lambda: _propagated_labels(parts, pool)) if options.propagate else None
     return PseudoLabels(stream, options.weight, options.threshold, class_shares=shares, propagate=propagate)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from transferctl import plots
 from transferctl.data.augment import BatchAugment
-from transferctl.data.pipeline import MemoryPipeline
+from transferctl.data.pipeline import held_out_views
 from transferctl.data.samples import Batch, Samples
 from transferctl.distributed import world
 from transferctl.engine.evaluate import Evaluation
@@ -53,8 +53,8 @@ class ContrastiveObjective:
         """NT-Xent on the held-out samples (every rank: all of them), with a fixed augmentation seed so epochs compare."""
         network.eval()
         size = min(batch_size, len(val))
-        views = MemoryPipeline(val, self.augment, self.modality, views=2, batch_size=size, seed=0, drop_last=True)
-        total, count = torch.zeros((), device=val.inputs.device), 0
+        views = held_out_views(val, self.augment, self.modality, views=2, batch_size=size, seed=0)
+        total, count = torch.zeros((), device=val.targets.device), 0
         for batch in views.batches(epoch=0):
             z1, z2 = network(torch.cat(batch.inputs)).chunk(2)
             total += self.criterion(z1, z2) * len(batch)

@@ -15,6 +15,7 @@ from transferctl.build import Training
 from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml
 from transferctl.data import data_root
+from transferctl.data.pipeline import StreamPipeline
 from transferctl.distributed import world
 from transferctl.engine import Reporter, SilentReporter, fit
 from transferctl.engine.signals import StopOnSignal
@@ -176,6 +177,9 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     run.update_summary(key_metric=f"best_{t.objective.selection.metric}")  # what `runs ls` sums the run up by
     threads = build.training_threads(cfg, t.pipeline, t.device)
     run.log(f"pipeline {type(t.pipeline).__name__}, {threads} CPU threads")
+    streamed = isinstance(t.pipeline, StreamPipeline)
+    if streamed:
+        t.pipeline.log = run.log  # each sample it could not read, by name
     for note in t.notes:
         run.log(f"note: {note}")
         reporter.note(note)
@@ -239,6 +243,8 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     if run.writer and plots.available():
         t.method.write_plots(run, t, pipeline.inputs if isinstance(pipeline, plots.FirstBatch) else None)
     metrics = final_metrics(result.position, result.images_per_s)
+    if streamed:
+        metrics["bad_samples_replaced"] = t.pipeline.replaced
     if t.device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(t.device) / 2**20, 1)
     return metrics

@@ -18,7 +18,8 @@ from torch import nn
 from transferctl import plots
 from transferctl.data.augment import IGNORE_INDEX
 from transferctl.data.samples import Samples, iterate_batches
-from transferctl.engine.evaluate import Evaluation
+from transferctl.distributed import all_sum
+from transferctl.engine.evaluate import Evaluation, my_share
 from transferctl.engine.train import Selection
 from transferctl.modalities import modality_of
 from transferctl.registry import HEADS, LOSSES, TASKS
@@ -111,15 +112,16 @@ def segment(model: nn.Module, data: Samples, batch_size: int) -> tuple[torch.Ten
     """The pixel confusion matrix of `model` on `data`, and its mean per-pixel cross-entropy."""
     model.eval()
     modality, k = modality_of(data), data.num_classes
-    confusion = torch.zeros(k, k, dtype=torch.long, device=data.inputs.device)
-    total, pixels = 0.0, 0
-    for inputs, masks in iterate_batches(data, batch_size):
+    confusion = torch.zeros(k, k, dtype=torch.long, device=data.targets.device)
+    sums = torch.zeros(2, dtype=torch.float64, device=data.targets.device)  # cross-entropy, pixels counted
+    for inputs, masks in iterate_batches(my_share(data), batch_size):  # under torchrun: this rank's share
         logits = model(modality.model_input(inputs, data)).float()
         masks = masks.long()
         confusion += pixel_confusion(logits.argmax(1), masks, k)
-        total += F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        pixels += int((masks != IGNORE_INDEX).sum())
-    return confusion.cpu(), total / max(pixels, 1)
+        sums[0] += F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum").double()
+        sums[1] += (masks != IGNORE_INDEX).sum()
+    total, pixels = all_sum(sums).tolist()
+    return all_sum(confusion).cpu(), total / max(pixels, 1)
 
 
 @TASKS.register("segmentation")

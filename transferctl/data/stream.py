@@ -1,0 +1,361 @@
+"""Streamed image splits: samples stay in their files and are decoded batch by batch, so memory stays flat
+whatever the split's size.
+
+A streamed split is an `ImageData` whose `inputs` is a `StreamedInputs`: a stand-in for the uint8 tensor that
+knows the shape, reads any selection of samples on demand (`inputs[idx]`, `read`) and selects subsets without
+reading (`select`). Everything that splits, subsets or labels data works on it unchanged. Two sources feed it:
+
+- an image folder, listed once into a manifest (file list, classes) kept in the cache and reused while the
+  folder is unchanged: the signature is the modification time of the split folder and of every folder below it,
+  which changes whenever a file is added, removed or renamed (not when a file is rewritten in place);
+- tar shards in the WebDataset convention (`<key>.<image ext>` and `<key>.cls` members), indexed once into each
+  member's byte offset, so any sample is one seek away and a resumed run reads nothing it skipped.
+
+A sample that cannot be read is replaced, deterministically, by the next readable sample of the same read
+(or stops the run, with `on_bad_sample: stop`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from transferctl.errors import UsageError
+from transferctl.fileio import atomic_write_bytes
+
+BadSample = Literal["replace", "stop"]
+STATISTICS_SAMPLES = 4096  # how many images a streamed split's mean and std are measured on (all of a smaller split)
+DECODES = {"count": 0}  # samples decoded by this process: what tests count to prove a resume reads nothing twice
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a data set that can stream is read: given to it by `load_split` (the data config's stream settings)."""
+
+    pipeline: str  # data.pipeline: stream always streams, auto past the budget, memory and loader never
+    budget_mb: int
+    on_bad_sample: BadSample = "replace"
+    rebuild_manifest: bool = False
+    num_workers: int = 2
+
+    @property
+    def may_stream(self) -> bool:
+        return self.pipeline in ("stream", "auto")
+
+    def streams(self, decoded_bytes: int) -> bool:
+        return self.pipeline == "stream" or (self.pipeline == "auto" and decoded_bytes > self.budget_mb * 2**20)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def image_transform(image_size: int, channels: int):
+    """PIL image -> uint8 (channels, image_size, image_size): resized (shorter side) and centre-cropped."""
+    import torchvision.transforms as T
+
+    convert = T.Grayscale(channels) if channels == 1 else T.Lambda(lambda im: im.convert("RGB"))
+    return T.Compose([convert, T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
+
+
+class ImageDecoder:
+    """Encoded bytes or a file -> a uint8 image of the configured size."""
+
+    def __init__(self, image_size: int, channels: int):
+        self.image_size, self.channels = image_size, channels
+        self._transform = image_transform(image_size, channels)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def __call__(self, source: bytes | Path) -> torch.Tensor:
+        from PIL import Image
+
+        DECODES["count"] += 1
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            image.load()
+            return self._transform(image)
+
+    def __getstate__(self) -> dict[str, Any]:  # the transform holds a lambda: rebuilt in the worker
+        return {"image_size": self.image_size, "channels": self.channels}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["image_size"], state["channels"])
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class FolderSource:
+    """Images in <folder>/<class>/**, in the order torchvision's ImageFolder lists them."""
+
+    def __init__(self, folder: Path, files: Sequence[str]):
+        self.folder, self.files = folder, list(files)
+
+    def name(self, entry: int) -> str:
+        return str(self.folder / self.files[entry])
+
+    def open(self, entry: int) -> bytes | Path:
+        return self.folder / self.files[entry]
+
+    def epoch_order(self, entries: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        from transferctl.data.pipeline import epoch_order
+
+        return epoch_order(len(entries), seed, epoch)  # the memory pipeline's order: the same views for a seed
+
+
+class ShardSource:
+    """Members of tar shards, each read by its byte offset: one seek per sample, no tar parsing on the hot path.
+
+    An epoch reads the shards in a seeded order and shuffles samples within windows of `shuffle_buffer`
+    consecutive ones (a shuffle buffer, made a pure function of the seed and the epoch so a resume is exact)."""
+
+    def __init__(self, shards: Sequence[str], shard_of: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, shuffle_buffer: int):
+        self.shards, self.shard_of, self.offsets, self.sizes = list(shards), shard_of, offsets, sizes
+        self.shuffle_buffer = shuffle_buffer
+        self._files: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_files": {}}
+
+    def name(self, entry: int) -> str:
+        return f"{self.shards[int(self.shard_of[entry])]} (member at byte {int(self.offsets[entry])})"
+
+    def open(self, entry: int) -> bytes:
+        if self._pid != os.getpid():  # a forked worker: its own file handles
+            self._files, self._pid = {}, os.getpid()
+        shard = int(self.shard_of[entry])
+        if shard not in self._files:
+            self._files[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open for the worker's life
+        handle = self._files[shard]
+        handle.seek(int(self.offsets[entry]))
+        data = handle.read(int(self.sizes[entry]))
+        if len(data) != int(self.sizes[entry]):
+            raise OSError("the shard ends inside this member (truncated)")
+        return data
+
+    def epoch_order(self, entries: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        shard_rank = torch.randperm(len(self.shards), generator=generator)
+        by_shard = torch.sort(shard_rank[self.shard_of[entries].long()], stable=True).indices
+        windows = [w[torch.randperm(len(w), generator=generator)] for w in by_shard.split(self.shuffle_buffer)]
+        return torch.cat(windows) if windows else by_shard
+
+
+# --------------------------------------------------------------------------- the split's inputs
+
+
+@dataclass
+class Read:
+    """What reading some samples gives: the images (None when one stopped the read) and the bad ones."""
+
+    images: torch.Tensor | None
+    bad: list[tuple[str, str]]  # (what, why) of each sample that could not be read
+    error: str | None = None  # why the read stopped: the one-line error to raise
+
+
+class StreamedInputs:
+    """A split's samples, read from their source on demand; indexes like the uint8 tensor it stands for."""
+
+    dtype = torch.uint8
+    device = torch.device("cpu")
+
+    def __init__(self, source: FolderSource | ShardSource, entries: torch.Tensor, decoder: ImageDecoder, options: StreamOptions):
+        self.source, self.entries, self.decoder, self.options = source, entries, decoder, options
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.entries), *self.decoder.shape))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return 1
+
+    def to(self, device: torch.device) -> StreamedInputs:
+        return self  # the samples stay in their files; batches go to the device
+
+    def select(self, indices: torch.Tensor) -> StreamedInputs:
+        """A subset, without reading anything."""
+        return StreamedInputs(self.source, self.entries[indices.cpu()], self.decoder, self.options)
+
+    def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
+        return self.source.epoch_order(self.entries, seed, epoch)
+
+    def __getitem__(self, key: int | slice | torch.Tensor) -> torch.Tensor:
+        """The decoded samples at `key`, read now in this process."""
+        positions = torch.arange(len(self))[key.cpu() if isinstance(key, torch.Tensor) else key]
+        read = self.read(positions.reshape(-1))
+        images = raise_if_stopped(read)
+        return images[0] if positions.dim() == 0 else images
+
+    def read(self, positions: torch.Tensor) -> Read:
+        """Decode the samples at `positions`. A bad one is replaced by the next readable one of this read
+        (cyclically), so every read keeps its size; with on_bad_sample=stop the read stops at the first."""
+        images: list[torch.Tensor | None] = []
+        bad: list[tuple[str, str]] = []
+        for entry in self.entries[positions].tolist():
+            try:
+                images.append(self.decoder(self.source.open(entry)))
+            except (OSError, ValueError, SyntaxError, tarfile.TarError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                bad.append((self.source.name(entry), " ".join(str(exc).split()) or type(exc).__name__))
+                if self.options.on_bad_sample == "stop":
+                    what, why = bad[-1]
+                    error = f"cannot read {what} ({why}); remove or replace it, or set data.on_bad_sample=replace to skip such samples"
+                    return Read(None, bad, error)
+                images.append(None)
+        good = [i for i, image in enumerate(images) if image is not None]
+        if not good:
+            what, why = bad[0]
+            return Read(None, bad, f"no sample of a batch of {len(bad)} is readable, the first: {what} ({why}); check the data set's files")
+        filled = [image if image is not None else images[next((g for g in good if g > i), good[0])] for i, image in enumerate(images)]
+        return Read(torch.stack(filled), bad)
+
+    def iterate(self, index_batches: Sequence[torch.Tensor], num_workers: int | None = None) -> Iterator[Read]:
+        """The reads of `index_batches`, decoded in DataLoader workers a few batches ahead, in order."""
+        workers = self.options.num_workers if num_workers is None else num_workers
+        loader = DataLoader(
+            _Reads(self),
+            sampler=[batch.cpu() for batch in index_batches],
+            batch_size=None,
+            collate_fn=_collate_read,
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+        yield from loader
+
+
+class _Reads(Dataset):
+    def __init__(self, inputs: StreamedInputs):
+        self.inputs = inputs
+
+    def __getitem__(self, positions: torch.Tensor) -> Read:
+        return self.inputs.read(positions)
+
+
+def _collate_read(read: Read) -> Read:
+    return read
+
+
+def raise_if_stopped(read: Read) -> torch.Tensor:
+    """The images of a read, or the one-line error of the sample that stopped it."""
+    if read.images is None:
+        raise UsageError(read.error or "a read of samples stopped")
+    return read.images
+
+
+def is_streamed(data: Any) -> bool:
+    return isinstance(getattr(data, "inputs", None), StreamedInputs)
+
+
+# --------------------------------------------------------------------------- folder manifests
+
+
+def _folder_signature(folder: Path, dirs: Sequence[str]) -> list[int]:
+    return [os.stat(folder / d).st_mtime_ns for d in dirs]
+
+
+def folder_manifest(name: str, folder: Path, rebuild: bool = False) -> dict[str, Any]:
+    """The file list and classes of an image folder, listed once and kept in the cache; reused while the
+    modification times of the folder and its subfolders are unchanged (`rebuild`: list it again anyway)."""
+    cache = manifest_cache_path(folder)
+    if cache.is_file() and not rebuild:
+        try:
+            manifest = json.loads(cache.read_text())
+            if manifest.get("signature") == _folder_signature(folder, manifest["dirs"]):
+                return manifest
+        except (OSError, ValueError, KeyError):
+            pass  # a folder removed or a cache from elsewhere: list it again
+    manifest = _list_folder(name, folder)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cache, json.dumps(manifest).encode())
+    return manifest
+
+
+def manifest_cache_path(folder: Path) -> Path:
+    from transferctl.data.datasets import default_cache_dir
+
+    return default_cache_dir() / "manifests" / f"{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]}.json"
+
+
+def _list_folder(name: str, folder: Path) -> dict[str, Any]:
+    """torchvision ImageFolder's listing (sorted classes, sorted walk), and every folder's modification time."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise UsageError(f"data set '{name}': {folder} has no class folders; put images in {folder}/<class>/")
+    files, targets, dirs = [], [], ["."]
+    for target, cls in enumerate(classes):
+        for here, _, names in sorted(os.walk(folder / cls, followlinks=True)):
+            dirs.append(os.path.relpath(here, folder))
+            for file in sorted(names):
+                if file.lower().endswith(IMG_EXTENSIONS):
+                    files.append(os.path.relpath(os.path.join(here, file), folder))
+                    targets.append(target)
+    if not files:
+        raise UsageError(f"data set '{name}': no images under {folder} (looked for {', '.join(IMG_EXTENSIONS)}); add some or fix data.root")
+    return {
+        "version": 1,
+        "classes": classes,
+        "files": files,
+        "targets": targets,
+        "dirs": dirs,
+        "signature": _folder_signature(folder, dirs),
+    }
+
+
+def streamed_statistics(inputs: StreamedInputs, key: str) -> dict[str, tuple[float, ...]]:
+    """Per-channel mean and std of a streamed split: of every image of a small split, else of a seeded sample of
+    STATISTICS_SAMPLES; kept in the cache under `key` (what identifies the files and the decoding), so measured once."""
+    from transferctl.data.datasets import default_cache_dir, image_statistics
+
+    cache = default_cache_dir() / "statistics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    if cache.is_file():
+        return {k: tuple(v) for k, v in json.loads(cache.read_text()).items()}
+    n = len(inputs)
+    chosen = (
+        torch.arange(n) if n <= STATISTICS_SAMPLES else torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATISTICS_SAMPLES]
+    )
+    images = torch.cat([raise_if_stopped(read) for read in inputs.iterate(chosen.split(256))])
+    statistics = image_statistics(images)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cache, json.dumps(statistics).encode())
+    return statistics
+
+
+def streamed_images(name: str, inputs: StreamedInputs, targets: torch.Tensor, classes: Sequence[str], hflip: bool, key: str):
+    """A streamed image split, or, when the options keep it in memory, the same split decoded into one tensor."""
+    from transferctl.data.datasets import image_statistics
+    from transferctl.modalities.image import ImageData
+
+    if inputs.options.streams(inputs.numel()):
+        return ImageData(inputs=inputs, targets=targets, classes=tuple(classes), **streamed_statistics(inputs, key), hflip=hflip)
+    images = torch.cat([raise_if_stopped(read) for read in inputs.iterate(torch.arange(len(inputs)).split(256))])
+    return ImageData(inputs=images, targets=targets, classes=tuple(classes), **image_statistics(images), hflip=hflip)
+
+
+def streamed_folder(
+    name: str, folder: Path, image_size: int, channels: int, options: StreamOptions
+) -> tuple[StreamedInputs, torch.Tensor, list[str], str]:
+    """An image folder's inputs, targets, classes, and the key its statistics are kept under."""
+    manifest = folder_manifest(name, folder, options.rebuild_manifest)
+    decoder = ImageDecoder(image_size, channels)
+    inputs = StreamedInputs(FolderSource(folder, manifest["files"]), torch.arange(len(manifest["files"])), decoder, options)
+    key = f"folder:{folder.resolve()}:{manifest['signature']}:{len(manifest['files'])}:{image_size}:{channels}"
+    return inputs, torch.tensor(manifest["targets"], dtype=torch.long), manifest["classes"], key
