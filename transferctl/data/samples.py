@@ -51,7 +51,7 @@ class Samples:
         return self.inputs[index]
 
     def subset(self, indices: torch.Tensor) -> Samples:
-        inputs = self.inputs.select(indices) if hasattr(self.inputs, "select") else self.inputs[indices]  # streamed: not read
+        inputs = self.inputs.unread_subset(indices) if hasattr(self.inputs, "unread_subset") else self.inputs[indices]  # streamed: not read
         return replace(self, inputs=inputs, targets=self.targets[indices])
 
     def to(self, device: torch.device) -> Samples:

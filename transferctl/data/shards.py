@@ -135,15 +135,15 @@ def _scanned_index(path: Path) -> dict[str, Any]:
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
-                if not member.isfile():
-                    continue
                 key_, _, ext = member.name.partition(".")
-                if ("." + ext.lower()).endswith(IMG_EXTENSIONS) and "." not in ext:
+                if member.isfile() and ("." + ext.lower()).endswith(IMG_EXTENSIONS) and "." not in ext:
                     images[key_] = (member.offset_data, member.size)
-                elif ext == "cls":
+                elif member.isfile() and ext == "cls":
                     labels[key_] = int(tar.extractfile(member).read().decode().strip())
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise UsageError(f"shard {path} is unreadable ({exc}); replace it or pack the data again") from None
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        if not images:
+            raise UsageError(f"shard {path} is unreadable ({exc}); replace it or pack the data again") from None
+        # a truncated shard: the samples before the damage are kept, those without their label left out
     keys = [k for k in images if k in labels]
     entry = {"offsets": [images[k][0] for k in keys], "sizes": [images[k][1] for k in keys], "labels": [labels[k] for k in keys]}
     cache.parent.mkdir(parents=True, exist_ok=True)

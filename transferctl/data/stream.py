@@ -3,7 +3,7 @@ whatever the split's size.
 
 A streamed split is an `ImageData` whose `inputs` is a `StreamedInputs`: a stand-in for the uint8 tensor that
 knows the shape, reads any selection of samples on demand (`inputs[idx]`, `read`) and selects subsets without
-reading (`select`). Everything that splits, subsets or labels data works on it unchanged. Two sources feed it:
+reading (`unread_subset`). Everything that splits, subsets or labels data works on it unchanged. Two sources feed it:
 
 - an image folder, listed once into a manifest (file list, classes) kept in the cache and reused while the
   folder is unchanged: the signature is the modification time of the split folder and of every folder below it,
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -101,13 +102,14 @@ class FolderSource:
     """Images in <folder>/<class>/**, in the order torchvision's ImageFolder lists them."""
 
     def __init__(self, folder: Path, files: Sequence[str]):
-        self.folder, self.files = folder, list(files)
+        # one numpy array, not a list of str: forked workers share its pages (no reference counts to touch)
+        self.folder, self.files = folder, np.array([os.fsencode(f) for f in files])
 
     def name(self, entry: int) -> str:
-        return str(self.folder / self.files[entry])
+        return str(self.open(entry))
 
     def open(self, entry: int) -> bytes | Path:
-        return self.folder / self.files[entry]
+        return self.folder / os.fsdecode(self.files[entry])
 
     def epoch_order(self, entries: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
         from transferctl.data.pipeline import epoch_order
@@ -191,7 +193,7 @@ class StreamedInputs:
     def to(self, device: torch.device) -> StreamedInputs:
         return self  # the samples stay in their files; batches go to the device
 
-    def select(self, indices: torch.Tensor) -> StreamedInputs:
+    def unread_subset(self, indices: torch.Tensor) -> StreamedInputs:
         """A subset, without reading anything."""
         return StreamedInputs(self.source, self.entries[indices.cpu()], self.decoder, self.options)
 
@@ -235,6 +237,7 @@ class StreamedInputs:
             sampler=[batch.cpu() for batch in index_batches],
             batch_size=None,
             collate_fn=_collate_read,
+            generator=torch.Generator().manual_seed(0),  # its own: a loader must not draw from the global RNG (resume)
             num_workers=workers,
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
