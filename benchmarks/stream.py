@@ -8,7 +8,8 @@ For each size and source it runs `transferctl pretrain` (SimCLR, the small cnn, 
 a separate process and reports:
 - the time from the command's start to its first training step's log line, with a cold cache (the folder
   listed, the statistics measured) and with the manifest cached;
-- training images per second over the run, streamed and (where the split fits the memory budget) in memory;
+- training images per second over the run, streamed and (where the split fits the memory budget) in memory,
+  the median of `--repeats` runs of each, interleaved;
 - the peak memory of the whole process tree (the command and its DataLoader workers), as PSS: forked workers
   share pages, which RSS would count once per process.
 
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -169,12 +171,20 @@ def run_pretrain(data: list[str], steps: int, cache: Path, runs: Path) -> dict:
     return {"first_step_s": first_step[0], "images_per_s": result["metrics"]["images_per_s"], "peak_pss_mb": peak[0]}
 
 
+def summarized(results: list[dict]) -> dict:
+    """Repeated runs: the median first step and throughput, the largest peak memory."""
+    middle = lambda key: statistics.median(r[key] for r in results)
+    peak = max(r["peak_pss_mb"] for r in results)
+    return {"first_step_s": middle("first_step_s"), "images_per_s": middle("images_per_s"), "peak_pss_mb": peak}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="Holds MNIST/ and FashionMNIST/ (torchvision layout).")
     parser.add_argument("--work", type=Path, default=Path("/tmp/transferctl-stream-bench"), help="Where the folders and shards go.")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 40_000, 160_000])
     parser.add_argument("--steps", type=int, default=40, help="Training steps of each throughput run (batch 256).")
+    parser.add_argument("--repeats", type=int, default=1, help="Throughput runs per cell (the median is reported).")
     parser.add_argument("--out", type=Path, help="Write the measured cells here as JSON.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -191,8 +201,12 @@ def main() -> None:
             cache = args.work / f"cache-{source}-{size}"
             shutil.rmtree(cache, ignore_errors=True)
             cold = run_pretrain([*data, "data.pipeline=stream"], 1, cache, args.work / "runs")
-            warm = run_pretrain([*data, "data.pipeline=stream"], args.steps, cache, args.work / "runs")
-            memory = run_pretrain([*data, "data.pipeline=memory"], args.steps, cache, args.work / "runs") if source == "folder" else None
+            warm, memory = [], []
+            for _ in range(args.repeats):  # interleaved, so a slow spell of this shared machine hits both
+                warm.append(run_pretrain([*data, "data.pipeline=stream"], args.steps, cache, args.work / "runs"))
+                if source == "folder":
+                    memory.append(run_pretrain([*data, "data.pipeline=memory"], args.steps, cache, args.work / "runs"))
+            warm, memory = summarized(warm), summarized(memory) if memory else None
             rows.append(
                 {
                     "files": size,

@@ -24,6 +24,7 @@ from transferctl.data import shards as shards_module
 from transferctl.data import stream
 from transferctl.data.datasets import load_split
 from transferctl.data.pipeline import StreamPipeline, make_pipeline
+from transferctl.data.samples import iterate_batches
 from transferctl.data.shards import pack
 from transferctl.data.stream import is_streamed
 from transferctl.errors import ConfigError, UsageError
@@ -78,21 +79,31 @@ def test_stream_and_memory_give_the_same_images_labels_and_views(folder):
             assert torch.equal(a.targets, b.targets) and torch.equal(a.extras["index"], b.extras["index"])
 
 
-def test_shards_hold_the_folder_and_stream_it_in_shard_order(folder, tmp_path):
+def shard_keys(root: Path, split_name: str = "train") -> torch.Tensor:
+    """Each shard sample's place in the folder's listing, in shard order (the manifest's keys)."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    return torch.tensor([key for shard in manifest["splits"][split_name]["shards"] for key in shard["keys"]])
+
+
+def test_shards_hold_the_folder_shuffled_and_stream_it_shard_by_shard(folder, tmp_path):
     packed = pack(folder, tmp_path / "shards", shard_size=10)
     assert (packed.images, packed.shards) == (60, 5 + 2)
     memory = split(folder, "memory")
     in_memory = split(tmp_path / "shards", "memory", name="shards")
-    assert torch.equal(in_memory.inputs, memory.inputs) and in_memory.classes == CLASSES
+    keys = shard_keys(tmp_path / "shards")
+    assert sorted(keys.tolist()) == list(range(48)) and keys.tolist() != list(range(48))  # shuffled before sharding
+    assert torch.equal(in_memory.inputs, memory.inputs[keys]) and torch.equal(in_memory.targets, memory.targets[keys])
+    assert in_memory.classes == CLASSES
     streamed = split(tmp_path / "shards", "stream", name="shards", shuffle_buffer=10)
-    assert torch.equal(streamed.inputs[:], memory.inputs)
+    assert torch.equal(streamed.inputs[:], in_memory.inputs)
     order = streamed.inputs.epoch_order(seed=0, epoch=0)
     shard_of = streamed.inputs.source.shard_of[order]
     assert sorted(order.tolist()) == list(range(48))
-    # shards are read one after another, shuffled within windows of 10: a window spans at most two shards
+    # shards one after another (a window of 10 spans at most two), shuffled within each window
     assert all(len(set(window.tolist())) <= 2 for window in shard_of.split(10))
-    assert len(set(shard_of[:10].tolist()) & set(shard_of[-10:].tolist())) == 0
+    assert any(not torch.equal(window, window.sort().values) for window in order.split(10))
     assert not torch.equal(order, streamed.inputs.epoch_order(seed=0, epoch=1))
+    assert all(len(set(streamed.targets[batch].tolist())) >= 2 for batch in order.split(8))  # batches mix classes
     pattern = str(tmp_path / "shards" / "test-{000000..000001}.tar")
     assert len(split(tmp_path, "stream", train=False, name="shards", test_urls=pattern)) == 12
 
@@ -115,6 +126,7 @@ def test_workers_read_each_batch_once_and_in_order(folder):
     batches = list(torch.arange(len(streamed)).split(7))
     reads = list(streamed.inputs.iterate(batches, num_workers=2))
     assert torch.equal(torch.cat([r.images for r in reads]), streamed.inputs[:])
+    assert sum(r.decoded for r in reads) == len(streamed)  # decoded in the workers, each sample once
 
 
 STREAMED_FINETUNE = """\
@@ -170,7 +182,8 @@ def test_a_corrupt_image_is_replaced_named_and_counted_or_stops_the_run(cli, fol
     stopped = cli("pretrain", "-c", config, "data.on_bad_sample=stop", "--runs-dir", tmp_path / "runs")
     assert stopped.code == 1  # a failure while running: the run exists, marked failed
     assert f"cannot read {corrupt}" in stopped.stderr and "Traceback" not in stopped.stderr
-    assert len(stopped.stderr.strip().splitlines()[-1]) > 0 and "on_bad_sample=replace" in stopped.stderr
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "on_bad_sample=replace" in errors[0]
 
 
 def test_an_unreadable_shard_member_is_replaced_and_a_truncated_shard_keeps_the_rest(folder, tmp_path):
@@ -181,9 +194,14 @@ def test_an_unreadable_shard_member_is_replaced_and_a_truncated_shard_keeps_the_
         f.seek(entry["offsets"][-1])
         f.write(b"\0" * entry["sizes"][-1])
     streamed = split(tmp_path / "shards", "stream", name="shards")
-    read = streamed.inputs.read(torch.tensor([46, 47, 0]))
+    read = streamed.inputs.read(torch.tensor([46, 47]))
     assert len(read.bad) == 1 and "train-000000.tar" in read.bad[0][0]
-    assert torch.equal(read.images[1], read.images[2])  # the next readable sample of the read, cyclically
+    assert read.positions.tolist() == [46, 0]  # the last sample's place: the next readable of the split, cyclically
+    assert torch.equal(read.images[1], streamed.inputs[0])
+    batch = next(iter(streamed.inputs.iterate([torch.tensor([47])])))
+    assert batch.positions.tolist() == [0]  # a one-sample read is still replaced, as with any number of ranks
+    (inputs, targets), *_ = iterate_batches(streamed, batch_size=4, order=torch.tensor([47]))
+    assert torch.equal(inputs[0], streamed.inputs[0]) and targets.tolist() == [streamed.targets[0].item()]
     os.truncate(shard, entry["offsets"][-1] + 10)
     assert len(split(tmp_path / "shards", "stream", name="shards")) == 47  # indexed from the tar, up to the damage
 
@@ -200,8 +218,8 @@ def test_empty_sources_exit_2_with_one_line(cli, tmp_path):
 
 def test_the_manifest_is_listed_once_and_again_when_the_folder_changes(folder, monkeypatch):
     walks = []
-    real_walk = os.walk
-    monkeypatch.setattr(stream.os, "walk", lambda *a, **k: walks.append(a[0]) or real_walk(*a, **k))
+    real_walk = stream._walk
+    monkeypatch.setattr(stream, "_walk", lambda top: walks.append(top) or real_walk(top))
     assert len(split(folder, "stream")) == 48 and len(walks) == 3
     assert len(split(folder, "stream")) == 48 and len(walks) == 3  # reused: no listing
     Image.fromarray(read_sample("train")[0][0]).save(folder / "train" / "d2" / "new.png")
@@ -264,6 +282,9 @@ def test_an_interrupted_pack_resumes_where_it_stopped(folder, tmp_path, monkeypa
     assert read(tmp_path / "shards") == read(tmp_path / "fresh")  # the same bytes, checksums and offsets
     with pytest.raises(UsageError, match="holds shards of another pack"):
         pack(folder, tmp_path / "shards", shard_size=12)
+    (tmp_path / "shards" / "train-000002.tar").unlink()  # lost from the middle: train packed again from there (test kept)
+    again = pack(folder, tmp_path / "shards", shard_size=10)
+    assert (again.shards, again.reused_shards) == (7, 4) and read(tmp_path / "shards") == read(tmp_path / "fresh")
 
 
 def test_label_propagation_refuses_a_streamed_pool(cli, folder, tmp_path):
@@ -284,7 +305,9 @@ def _evaluation_data():
     return ImageData(inputs=images, targets=targets, classes=CLASSES, mean=(0.5,), std=(0.25,), hflip=False)
 
 
-def _evaluations() -> dict:
+def _evaluations(folder: Path) -> dict:
+    """Every sharded protocol on in-memory data, on a streamed folder, and on one sample (fewer than the ranks);
+    `seen` counts the samples the model saw in each, which a rank's share bounds."""
     from transferctl.engine.evaluate import classify, knn_accuracy, predict
     from transferctl.tasks.segmentation import segment
 
@@ -293,37 +316,49 @@ def _evaluations() -> dict:
     per_pixel = torch.nn.Conv2d(1, 3, 3, padding=1)
     data = _evaluation_data()
     masks = type(data)(**{**data.__dict__, "targets": data.inputs[:, 0].long() % 3, "target_kind": "class_per_pixel"})
-    seen = []
-    hook = classifier.register_forward_hook(lambda module, args, output: seen.append(len(output)))
-    result = classify(classifier, data, batch_size=5)
-    hook.remove()
+    streamed = load_split(
+        DataConfig(name="image_folder", root=str(folder), image_size=8, channels=1, pipeline="stream", num_workers=0), True
+    )
+    seen: list[int] = []
+    classifier.register_forward_hook(lambda module, args, output: seen.append(len(output)))
+
+    def counted(job):
+        seen.clear()
+        result = job()
+        return result, sum(seen)
+
+    classified = lambda d: (lambda r: (r.accuracy, r.loss, r.confusion))(classify(classifier, d, batch_size=5))
     return {
-        "seen": sum(seen),
-        "classify": (result.accuracy, result.loss, result.confusion),
-        "predict": predict(classifier, data, batch_size=5),
-        "knn": knn_accuracy(classifier, data, data.subset(torch.arange(11)), k=4, temperature=0.1, batch_size=5),
+        "classify": counted(lambda: classified(data)),
+        "streamed": counted(lambda: classified(streamed)),
+        "one": counted(lambda: classified(data.subset(torch.arange(1)))),
+        "predict": counted(lambda: predict(classifier, data, batch_size=5)),
+        "knn": counted(lambda: knn_accuracy(classifier, data, data.subset(torch.arange(11)), k=4, temperature=0.1, batch_size=5)),
         "segment": segment(per_pixel, masks, batch_size=5),
     }
 
 
-def _sharded(rank: int, world: int, port: int, out: dict) -> None:
+def _sharded(rank: int, world: int, port: int, folder: Path, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        out[rank] = _evaluations()
+        out[rank] = _evaluations(folder)
     finally:
         dist.destroy_process_group()
 
 
-def test_sharded_evaluation_on_two_processes_equals_one():
-    expected = _evaluations()
+def test_sharded_evaluation_on_two_processes_equals_one(folder):
+    expected = _evaluations(folder)
     results = mp.Manager().dict()
-    mp.spawn(_sharded, args=(2, free_port(), results), nprocs=2, join=True)
-    assert expected["seen"] == 37 and (results[0]["seen"], results[1]["seen"]) == (18, 19)  # each rank its share
+    mp.spawn(_sharded, args=(2, free_port(), folder, results), nprocs=2, join=True)
+    shares = {"classify": (37, 18, 19), "streamed": (48, 24, 24), "one": (1, 1, 1), "predict": (37, 18, 19), "knn": (48, 18 + 5, 19 + 6)}
+    for key, (alone, *ranks) in shares.items():  # each rank ran the model on its share only (one sample: both on it)
+        assert expected[key][1] == alone and [results[r][key][1] for r in (0, 1)] == ranks, key
     for rank in (0, 1):
         got = results[rank]
-        assert got["classify"][0] == expected["classify"][0] and got["classify"][2] == expected["classify"][2]
-        assert got["classify"][1] == pytest.approx(expected["classify"][1], rel=1e-6)
-        assert torch.allclose(got["predict"], expected["predict"], atol=1e-6) and got["knn"] == expected["knn"]
+        for key in ("classify", "streamed", "one"):
+            (accuracy, loss, confusion), (accuracy_1, loss_1, confusion_1) = got[key][0], expected[key][0]
+            assert (accuracy, confusion) == (accuracy_1, confusion_1) and loss == pytest.approx(loss_1, rel=1e-6), key
+        assert torch.allclose(got["predict"][0], expected["predict"][0], atol=1e-6) and got["knn"][0] == expected["knn"][0]
         assert torch.equal(got["segment"][0], expected["segment"][0])
         assert got["segment"][1] == pytest.approx(expected["segment"][1], rel=1e-6)

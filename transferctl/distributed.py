@@ -111,6 +111,13 @@ def rank_share(n: int) -> range:
     return range(ranks.rank * n // ranks.size, (ranks.rank + 1) * n // ranks.size)
 
 
+def sum_over_shares(value: torch.Tensor, n: int) -> torch.Tensor:
+    """The sum over the ranks of what each computed on its `rank_share(n)`; `value` itself when the ranks did
+    not share the items out (one process, or fewer items than ranks: every rank took all)."""
+    ranks = world()
+    return all_sum(value) if ranks.distributed and n >= ranks.size else value
+
+
 def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
     """Every rank's rows for its `rank_share(n)`, concatenated in rank order: the rows of all `n` items."""
     ranks = world()

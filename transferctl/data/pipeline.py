@@ -145,14 +145,25 @@ class UnlabeledStream:
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.data), self.seed, epoch).to(self.data.targets.device))
         chosen = self._order[1][index * self.batch_size : (index + 1) * self.batch_size]
-        x = self.modality.decode(self.data.inputs[chosen].to(self.data.targets.device))  # a streamed pool: read now
+        mine = rank_slice(len(chosen), self.rank, self.world)
+        x = self.modality.decode(self._raw(chosen, mine))
         generator = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + step)
-        mine = rank_slice(len(x), self.rank, self.world)
         weak, strong = (
             augmented_input(x, augment, self.modality, self.data, generator, mine).contiguous(memory_format=self.memory_format)
             for augment in (self.weak, self.strong)
         )
         return UnlabeledBatch(weak, strong, chosen[mine])
+
+    def _raw(self, chosen: torch.Tensor, mine: slice) -> torch.Tensor:
+        """The global batch's raw samples; of a streamed pool only this rank's are read (here, in this process),
+        the others' places left as zeros, which only shape the random draws."""
+        if not hasattr(self.data.inputs, "iterate"):
+            return self.data.inputs[chosen]
+        device = self.data.targets.device
+        read = self.data.inputs[chosen[mine]].to(device)
+        full = torch.zeros((len(chosen), *read.shape[1:]), dtype=read.dtype, device=device)
+        full[mine] = read
+        return full
 
 
 class _EpochOrder(Sampler):
@@ -294,16 +305,16 @@ class StreamPipeline:
         for idx, part, read in zip(chosen, mine, reads, strict=True):
             for what, why in read.bad:
                 self.log(f"bad sample replaced: {what} ({why})")
-            self.replaced += len(read.bad)
-            x = raise_if_stopped(read).to(self.device, non_blocking=True)
+            self.replaced += int((read.positions != idx[part].cpu()).sum())
+            x = raise_if_stopped(read, self.device).to(self.device, non_blocking=True)
             if self.world > 1:  # the whole global batch's shape, so every random draw is the one process's
                 full = torch.zeros((len(idx), *x.shape[1:]), dtype=x.dtype, device=self.device)
                 full[part] = x
                 x = full
             x = self.modality.decode(x)
-            targets = self.data.targets[idx[part].to(self.data.targets.device)]
+            used = read.positions.to(self.data.targets.device)  # a replaced sample brings its own target
             views = tuple(self._view(x, part) for _ in range(self.views))
-            yield Batch(views, targets, {"index": idx[part].to(self.device)})
+            yield Batch(views, self.data.targets[used], {"index": used.to(self.device)})
 
     def _view(self, x: torch.Tensor, part: slice) -> torch.Tensor:
         view = augmented_input(x, self.augment, self.modality, self.data, self.generator, part)

@@ -79,10 +79,10 @@ def batch_indices(
 def iterate_batches(
     data: Samples, batch_size: int, *, order: torch.Tensor | None = None, drop_last: bool = False, start_batch: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) batches by index, in `order` (default: as stored), from `start_batch` on; a streamed
+    """(inputs, targets) batches by index, in `order` (default: all, as stored), from `start_batch` on; a streamed
     split's are decoded a few batches ahead in worker processes and moved to where its targets are."""
     order = (order if order is not None else torch.arange(len(data))).to(data.targets.device)
-    batches = batch_indices(len(data), batch_size, order=order, drop_last=drop_last, start_batch=start_batch)
+    batches = batch_indices(len(order), batch_size, order=order, drop_last=drop_last, start_batch=start_batch)
     if not hasattr(data.inputs, "iterate"):
         for idx in batches:
             yield data.inputs[idx], data.targets[idx]
@@ -90,8 +90,9 @@ def iterate_batches(
     from transferctl.data.stream import raise_if_stopped
 
     batches = list(batches)
-    for idx, read in zip(batches, data.inputs.iterate(batches), strict=True):
-        yield raise_if_stopped(read).to(data.targets.device, non_blocking=True), data.targets[idx]
+    for read in data.inputs.iterate(batches):
+        device = data.targets.device
+        yield raise_if_stopped(read).to(device, non_blocking=True), data.targets[read.positions.to(device)]
 
 
 @dataclass

@@ -13,6 +13,8 @@ import hashlib
 import io
 import json
 import os
+import posixpath
+import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,7 +32,7 @@ from transferctl.errors import UsageError
 from transferctl.fileio import atomic_write_bytes
 
 MANIFEST = "manifest.json"
-PROGRESS = ".pack-progress.json"
+PROGRESS = ".pack"  # a pack in progress: its plan and a record of each whole shard
 FORMAT = "transferctl-shards/1"
 
 
@@ -135,8 +137,8 @@ def _scanned_index(path: Path) -> dict[str, Any]:
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
-                key_, _, ext = member.name.partition(".")
-                if member.isfile() and ("." + ext.lower()).endswith(IMG_EXTENSIONS) and "." not in ext:
+                key_, ext = _key_and_extension(member.name)
+                if member.isfile() and "." + ext.lower() in IMG_EXTENSIONS:
                     images[key_] = (member.offset_data, member.size)
                 elif member.isfile() and ext == "cls":
                     labels[key_] = int(tar.extractfile(member).read().decode().strip())
@@ -149,6 +151,13 @@ def _scanned_index(path: Path) -> dict[str, Any]:
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cache, json.dumps(entry).encode())
     return entry
+
+
+def _key_and_extension(name: str) -> tuple[str, str]:
+    """WebDataset's split of a member name: the key is the path up to the first dot of the file name."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem), ext
 
 
 # --------------------------------------------------------------------------- writing
@@ -183,40 +192,53 @@ def pack(
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> PackResult:
     """Write the image folder `source` (train/ and test/ of <class>/ folders) into tar shards under `dest`.
-    Resumable: finished shards are recorded as they complete, and a shard is written under a temporary
-    name and renamed when whole, so an interrupted pack continues where it stopped."""
+
+    Samples go into the shards in a seeded random order (the WebDataset convention: shuffled before sharding),
+    so every shard holds every class and a shard-by-shard read with a shuffle buffer mixes them; each member's
+    key is its place in the folder's listing. Resumable: a shard is written under a temporary name and renamed
+    when whole, then recorded in `dest/.pack/`, so an interrupted pack continues after its last whole shard."""
     started = time.perf_counter()
     splits = {s: source / s for s in ("train", "test") if (source / s).is_dir()}
     if not splits:
         raise UsageError(f"data pack: {source} has no train/ or test/ folder of <class>/ images; point SRC at such a folder")
     listings = {split: folder_manifest("data pack", folder) for split, folder in splits.items()}
     classes = listings[next(iter(listings))]["classes"]
+    for split, listing in listings.items():
+        unknown = sorted(set(listing["classes"]) - set(classes))
+        if unknown:
+            raise UsageError(
+                f"data pack: {splits[split]} has classes that train/ lacks ({', '.join(unknown)}); give both splits the same classes"
+            )
     plan = {
         "source": str(source.resolve()),
         "shard_size": shard_size,
         "image_size": image_size,
         "channels": channels if image_size else None,
+        "order_seed": 0,
         "splits": {split: {"count": len(m["files"]), "signature": m["signature"]} for split, m in listings.items()},
     }
     dest.mkdir(parents=True, exist_ok=True)
     done = _resume_point(dest, plan)
+    (dest / PROGRESS).mkdir(exist_ok=True)
+    atomic_write_bytes(dest / PROGRESS / "plan.json", json.dumps(plan).encode())
     total = sum(len(m["files"]) for m in listings.values())
-    written = reused = 0
-    progress(sum(s["count"] for split in done.values() for s in split), total)
+    count = lambda: sum(s["count"] for shards in done.values() for s in shards)
+    reused = sum(len(shards) for shards in done.values())
+    progress(count(), total)
     encoder = _Encoder(image_size, channels) if image_size else None
     with get_context("fork").Pool(min(2, os.cpu_count() or 1)) if encoder else _Serial() as pool:
         for split, listing in listings.items():
-            chunks = [range(i, min(i + shard_size, len(listing["files"]))) for i in range(0, len(listing["files"]), shard_size)]
+            label_of = [classes.index(name) for name in listing["classes"]]  # by name: a split may lack a class
+            order = torch.randperm(len(listing["files"]), generator=torch.Generator().manual_seed(plan["order_seed"])).tolist()
+            chunks = [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
             finished = done.setdefault(split, [])
-            reused += len(finished)
             for number, chunk in enumerate(chunks[len(finished) :], start=len(finished)):
-                name = f"{split}-{number:06d}.tar"
-                jobs = [(str(splits[split] / listing["files"][i]), listing["targets"][i], f"{i:08d}") for i in chunk]
+                jobs = [(str(splits[split] / listing["files"][i]), label_of[listing["targets"][i]], f"{i:08d}") for i in chunk]
                 members = pool.imap(encoder, jobs, chunksize=64) if encoder else map(_copied, jobs)
-                finished.append(_write_shard(dest / name, members))
-                written += 1
-                _save_progress(dest, plan, done)
-                progress(sum(s["count"] for split_ in done.values() for s in split_), total)
+                entry = {**_write_shard(dest / f"{split}-{number:06d}.tar", members), "keys": chunk}
+                atomic_write_bytes(dest / PROGRESS / f"{entry['file']}.json", json.dumps(entry).encode())
+                finished.append(entry)
+                progress(count(), total)
     manifest = {
         "format": FORMAT,
         "classes": classes,
@@ -225,8 +247,9 @@ def pack(
         "plan": plan,
     }
     atomic_write_bytes(dest / MANIFEST, json.dumps(manifest).encode())
-    (dest / PROGRESS).unlink(missing_ok=True)
-    return PackResult(dest, total, written + reused, reused, time.perf_counter() - started)
+    shutil.rmtree(dest / PROGRESS, ignore_errors=True)
+    shards = sum(len(entries) for entries in done.values())
+    return PackResult(dest, total, shards, reused, time.perf_counter() - started)
 
 
 class _Serial:
@@ -238,28 +261,41 @@ class _Serial:
 
 
 def _resume_point(dest: Path, plan: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """The shards already finished for this plan: none for a fresh pack; an error when `dest` holds another."""
-    for name in (PROGRESS, MANIFEST):
-        path = dest / name
-        if not path.is_file():
-            continue
-        saved = json.loads(path.read_text())
+    """The shards already whole for this plan, per split: the leading run of intact ones (a pack resumes after
+    the last of them); none for a fresh pack, and an error when `dest` holds another pack."""
+    manifest, recorded = dest / MANIFEST, dest / PROGRESS / "plan.json"
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
         if saved.get("plan") != plan:
-            raise UsageError(f"data pack: {dest} holds shards of another pack ({name}); choose an empty DEST or remove that folder")
-        done = saved["done"] if name == PROGRESS else {s: v["shards"] for s, v in saved["splits"].items()}
-        return {split: [s for s in shards if _is_intact(dest, s)] for split, shards in done.items()}
-    if any(dest.glob("*.tar")):
+            raise UsageError(f"data pack: {dest} holds shards of another pack ({MANIFEST}); choose an empty DEST or remove that folder")
+        done = {split: entry["shards"] for split, entry in saved["splits"].items()}
+    elif recorded.is_file():
+        if json.loads(recorded.read_text()) != plan:
+            raise UsageError(f"data pack: {dest} holds part of another pack ({PROGRESS}/); choose an empty DEST or remove that folder")
+        done = {split: _recorded(dest, split) for split in plan["splits"]}
+    elif any(dest.glob("*.tar")):
         raise UsageError(f"data pack: {dest} already holds .tar files that no pack of this source wrote; choose an empty DEST")
-    return {}
+    else:
+        return {}
+    return {split: _intact_prefix(dest, split, shards) for split, shards in done.items()}
 
 
-def _is_intact(dest: Path, shard: dict[str, Any]) -> bool:
-    path = dest / shard["file"]
-    return path.is_file() and path.stat().st_size == shard["bytes"]
+def _recorded(dest: Path, split: str) -> list[dict[str, Any]]:
+    """The shards of `split` recorded as whole, in order, up to the first missing record."""
+    shards = []
+    while (record := dest / PROGRESS / f"{split}-{len(shards):06d}.tar.json").is_file():
+        shards.append(json.loads(record.read_text()))
+    return shards
 
 
-def _save_progress(dest: Path, plan: dict[str, Any], done: dict[str, list[dict[str, Any]]]) -> None:
-    atomic_write_bytes(dest / PROGRESS, json.dumps({"plan": plan, "done": done}).encode())
+def _intact_prefix(dest: Path, split: str, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    kept = []
+    for number, shard in enumerate(shards):
+        path = dest / shard["file"]
+        if shard["file"] != f"{split}-{number:06d}.tar" or not path.is_file() or path.stat().st_size != shard["bytes"]:
+            break
+        kept.append(shard)
+    return kept
 
 
 def _copied(job: tuple[str, int, str]) -> tuple[str, bytes, int]:

@@ -36,6 +36,7 @@ from transferctl.errors import UsageError
 from transferctl.fileio import atomic_write_bytes
 
 BadSample = Literal["replace", "stop"]
+MAX_REPLACEMENTS = 64  # unreadable samples in a row that a read skips before it gives up
 STATISTICS_SAMPLES = 4096  # how many images a streamed split's mean and std are measured on (all of a smaller split)
 DECODES = {"count": 0}  # samples decoded by this process: what tests count to prove a resume reads nothing twice
 
@@ -161,11 +162,24 @@ class ShardSource:
 
 @dataclass
 class Read:
-    """What reading some samples gives: the images (None when one stopped the read) and the bad ones."""
+    """What reading some samples gives: the images (None when the read stopped), where each image came from (a
+    bad sample's place holds the sample that replaced it), and the bad ones."""
 
     images: torch.Tensor | None
+    positions: torch.Tensor  # the split position each image was read from
     bad: list[tuple[str, str]]  # (what, why) of each sample that could not be read
+    decoded: int = 0  # images decoded by this read (in its worker process)
     error: str | None = None  # why the read stopped: the one-line error to raise
+
+
+def _unreadable() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    # PIL's UnidentifiedImageError is an OSError; a decompression bomb is its own error
+    return (OSError, ValueError, SyntaxError, EOFError, tarfile.TarError, Image.DecompressionBombError)
+
+
+UNREADABLE = _unreadable()
 
 
 class StreamedInputs:
@@ -208,26 +222,31 @@ class StreamedInputs:
         return images[0] if positions.dim() == 0 else images
 
     def read(self, positions: torch.Tensor) -> Read:
-        """Decode the samples at `positions`. A bad one is replaced by the next readable one of this read
-        (cyclically), so every read keeps its size; with on_bad_sample=stop the read stops at the first."""
-        images: list[torch.Tensor | None] = []
-        bad: list[tuple[str, str]] = []
-        for entry in self.entries[positions].tolist():
-            try:
-                images.append(self.decoder(self.source.open(entry)))
-            except (OSError, ValueError, SyntaxError, tarfile.TarError) as exc:  # PIL's UnidentifiedImageError is an OSError
-                bad.append((self.source.name(entry), " ".join(str(exc).split()) or type(exc).__name__))
-                if self.options.on_bad_sample == "stop":
-                    what, why = bad[-1]
-                    error = f"cannot read {what} ({why}); remove or replace it, or set data.on_bad_sample=replace to skip such samples"
-                    return Read(None, bad, error)
-                images.append(None)
-        good = [i for i, image in enumerate(images) if image is not None]
-        if not good:
-            what, why = bad[0]
-            return Read(None, bad, f"no sample of a batch of {len(bad)} is readable, the first: {what} ({why}); check the data set's files")
-        filled = [image if image is not None else images[next((g for g in good if g > i), good[0])] for i, image in enumerate(images)]
-        return Read(torch.stack(filled), bad)
+        """Decode the samples at `positions`. A bad one is replaced by the next readable sample of the split after
+        it (cyclically): deterministic, and the same whatever the number of ranks and workers, so every read keeps
+        its size and a resume its place. With on_bad_sample=stop the read stops at the first bad one."""
+        images, used, bad, decoded = [], [], [], 0
+        for position in positions.tolist():
+            for attempt in range(min(len(self), MAX_REPLACEMENTS + 1)):
+                candidate = (position + attempt) % len(self)
+                entry = int(self.entries[candidate])
+                try:
+                    decoded += 1
+                    images.append(self.decoder(self.source.open(entry)))
+                    used.append(candidate)
+                    break
+                except UNREADABLE as exc:
+                    bad.append((self.source.name(entry), " ".join(str(exc).split()) or type(exc).__name__))
+                    if self.options.on_bad_sample == "stop":
+                        what, why = bad[-1]
+                        fix = "remove or replace it, or set data.on_bad_sample=replace to skip such samples"
+                        return Read(None, positions, bad, decoded, f"cannot read {what} ({why}); {fix}")
+            else:
+                what, why = bad[-1]
+                error = f"{len(bad)} samples in a row are unreadable, the last {what} ({why}); check the data set's files"
+                return Read(None, positions, bad, decoded, error)
+        stacked = torch.stack(images) if images else torch.empty((0, *self.decoder.shape), dtype=torch.uint8)
+        return Read(stacked, torch.tensor(used, dtype=torch.long), bad, decoded)
 
     def iterate(self, index_batches: Sequence[torch.Tensor], num_workers: int | None = None) -> Iterator[Read]:
         """The reads of `index_batches`, decoded in DataLoader workers a few batches ahead, in order."""
@@ -257,9 +276,16 @@ def _collate_read(read: Read) -> Read:
     return read
 
 
-def raise_if_stopped(read: Read) -> torch.Tensor:
-    """The images of a read, or the one-line error of the sample that stopped it."""
-    if read.images is None:
+def raise_if_stopped(read: Read, device: torch.device | None = None) -> torch.Tensor:
+    """The images of a read, or the one-line error of the sample that stopped it. Under torchrun (given the
+    device of the collective) every rank learns whether any rank's read stopped, so all stop together instead
+    of waiting for the one that failed."""
+    from transferctl.distributed import any_rank, world
+
+    stopped = read.images is None
+    if device is not None and world().distributed and any_rank(stopped, device) and not stopped:
+        raise UsageError("another rank could not read a sample (its error says which); fix the data and run again")
+    if stopped:
         raise UsageError(read.error or "a read of samples stopped")
     return read.images
 
@@ -300,27 +326,35 @@ def manifest_cache_path(folder: Path) -> Path:
 
 def _list_folder(name: str, folder: Path) -> dict[str, Any]:
     """torchvision ImageFolder's listing (sorted classes, sorted walk), and every folder's modification time."""
+    signature = [os.stat(folder).st_mtime_ns]  # each folder's time is taken before it is listed
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
     if not classes:
         raise UsageError(f"data set '{name}': {folder} has no class folders; put images in {folder}/<class>/")
     files, targets, dirs = [], [], ["."]
     for target, cls in enumerate(classes):
-        for here, _, names in sorted(os.walk(folder / cls, followlinks=True)):
+        for here, names, mtime in sorted(_walk(folder / cls)):
             dirs.append(os.path.relpath(here, folder))
+            signature.append(mtime)
             for file in sorted(names):
                 if file.lower().endswith(IMG_EXTENSIONS):
                     files.append(os.path.relpath(os.path.join(here, file), folder))
                     targets.append(target)
     if not files:
         raise UsageError(f"data set '{name}': no images under {folder} (looked for {', '.join(IMG_EXTENSIONS)}); add some or fix data.root")
-    return {
-        "version": 1,
-        "classes": classes,
-        "files": files,
-        "targets": targets,
-        "dirs": dirs,
-        "signature": _folder_signature(folder, dirs),
-    }
+    return {"version": 1, "classes": classes, "files": files, "targets": targets, "dirs": dirs, "signature": signature}
+
+
+def _walk(top: Path) -> Iterator[tuple[str, list[str], int]]:
+    """(folder, its file names, its modification time taken before listing it) for `top` and every folder below
+    (the order os.walk gives, once sorted): a file added while the listing runs leaves a newer time behind, so
+    the next run lists again."""
+    mtime = os.stat(top).st_mtime_ns
+    files, folders = [], []
+    for entry in os.scandir(top):
+        (folders if entry.is_dir() else files).append(entry.name)
+    yield str(top), files, mtime
+    for sub in folders:
+        yield from _walk(top / sub)
 
 
 def streamed_statistics(inputs: StreamedInputs, key: str) -> dict[str, tuple[float, ...]]:

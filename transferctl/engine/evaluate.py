@@ -5,6 +5,7 @@ every rank ends with the metrics of all samples."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,16 +14,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferctl.data.samples import Samples, iterate_batches
-from transferctl.distributed import all_sum, gather_rows, rank_share
+from transferctl.distributed import any_rank, gather_rows, rank_share, sum_over_shares, world
+from transferctl.errors import TransferError, UsageError
 from transferctl.modalities import modality_of
 
 
-def my_share(data: Samples) -> Samples:
-    """This rank's share of `data` (all of it with one process)."""
+def my_share(data: Samples) -> torch.Tensor:
+    """The positions of this rank's share of `data` (all of them with one process)."""
     share = rank_share(len(data))
-    if len(share) == len(data):
-        return data
-    return data.subset(torch.arange(share.start, share.stop, device=data.targets.device))
+    return torch.arange(share.start, share.stop, device=data.targets.device)
+
+
+def over_my_share(data: Samples, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) batches of this rank's share. A streamed read that fails on one rank fails on all:
+    that rank stops early, and every rank agrees on the failure before the collective that would wait for it."""
+    failure = None
+    try:
+        yield from iterate_batches(data, batch_size, order=my_share(data))  # positions in the whole split: a
+        # streamed sample that cannot be read is replaced as it would be with one process
+    except TransferError as exc:
+        failure = exc
+    if world().distributed and any_rank(failure is not None, data.targets.device) and failure is None:
+        raise UsageError("another rank could not read a sample (its error says which); fix the data and run again")
+    if failure is not None:
+        raise failure
 
 
 @dataclass
@@ -49,11 +64,11 @@ def classify(model: nn.Module, data: Samples, batch_size: int) -> Classification
     k = data.num_classes
     confusion = torch.zeros(k, k, dtype=torch.long, device=data.targets.device)
     total_loss = torch.zeros((), device=data.targets.device)
-    for inputs, labels in iterate_batches(my_share(data), batch_size):
+    for inputs, labels in over_my_share(data, batch_size):
         logits = model(modality.model_input(inputs, data))
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k)
-    confusion, total_loss = all_sum(confusion).cpu(), all_sum(total_loss)
+    confusion, total_loss = sum_over_shares(confusion, len(data)).cpu(), sum_over_shares(total_loss, len(data))
     per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
     return Classification(
         accuracy=confusion.diag().sum().item() / max(confusion.sum().item(), 1),
@@ -68,7 +83,7 @@ def predict(model: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
     """The model's outputs (float) for every sample in `data`, in order."""
     model.eval()
     modality = modality_of(data)
-    mine = torch.cat([model(modality.model_input(inputs, data)).float() for inputs, _ in iterate_batches(my_share(data), batch_size)])
+    mine = torch.cat([model(modality.model_input(inputs, data)).float() for inputs, _ in over_my_share(data, batch_size)])
     return gather_rows(mine, len(data))
 
 
@@ -77,7 +92,7 @@ def embed(encoder: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
     """L2-normalized features of every sample in `data`, in order."""
     encoder.eval()
     modality = modality_of(data)
-    batches = iterate_batches(my_share(data), batch_size)
+    batches = over_my_share(data, batch_size)
     mine = torch.cat([F.normalize(encoder(modality.model_input(inputs, data)).float(), dim=1) for inputs, _ in batches])
     return gather_rows(mine, len(data))
 

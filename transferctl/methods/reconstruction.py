@@ -18,6 +18,7 @@ from torch import nn
 
 from transferctl import plots
 from transferctl.data.samples import Batch, Samples, iterate_batches
+from transferctl.data.stream import is_streamed
 from transferctl.distributed import world
 from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
@@ -301,7 +302,8 @@ class ReconstructionMethod(Method):
         shown = training.val if len(training.val) else training.train.to(training.device)
         shown = shown.subset(torch.arange(min(8, len(shown)), device=shown.inputs.device))
         objective = self._scorer(training.network, training.cfg, training.train)
-        clean = training.modality.model_input(shown.inputs, shown)
+        raw = shown.inputs[torch.arange(len(shown))] if is_streamed(shown) else shown.inputs  # a streamed split: read them
+        clean = training.modality.model_input(raw.to(training.device), shown)
         corrupted, _ = objective.corrupt(clean, torch.Generator().manual_seed(EVALUATION_SEED), 0, 1)
         training.network.eval()
         reconstructed = training.modality.from_signal(objective.as_pixels(training.network(corrupted), clean), shown)

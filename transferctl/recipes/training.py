@@ -16,7 +16,7 @@ from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml
 from transferctl.data import data_root
 from transferctl.data.pipeline import StreamPipeline
-from transferctl.distributed import world
+from transferctl.distributed import all_sum, world
 from transferctl.engine import Reporter, SilentReporter, fit
 from transferctl.engine.signals import StopOnSignal
 from transferctl.engine.train import Position
@@ -243,8 +243,8 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     if run.writer and plots.available():
         t.method.write_plots(run, t, pipeline.inputs if isinstance(pipeline, plots.FirstBatch) else None)
     metrics = final_metrics(result.position, result.images_per_s)
-    if streamed:
-        metrics["bad_samples_replaced"] = t.pipeline.replaced
+    if streamed:  # every rank read its own slices
+        metrics["bad_samples_replaced"] = int(all_sum(torch.tensor(t.pipeline.replaced, device=t.device)).item())
     if t.device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(t.device) / 2**20, 1)
     return metrics

@@ -17,9 +17,9 @@ from torch import nn
 
 from transferctl import plots
 from transferctl.data.augment import IGNORE_INDEX
-from transferctl.data.samples import Samples, iterate_batches
-from transferctl.distributed import all_sum
-from transferctl.engine.evaluate import Evaluation, my_share
+from transferctl.data.samples import Samples
+from transferctl.distributed import sum_over_shares, world
+from transferctl.engine.evaluate import Evaluation, over_my_share
 from transferctl.engine.train import Selection
 from transferctl.modalities import modality_of
 from transferctl.registry import HEADS, LOSSES, TASKS
@@ -113,15 +113,22 @@ def segment(model: nn.Module, data: Samples, batch_size: int) -> tuple[torch.Ten
     model.eval()
     modality, k = modality_of(data), data.num_classes
     confusion = torch.zeros(k, k, dtype=torch.long, device=data.targets.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=data.targets.device)  # cross-entropy, pixels counted
-    for inputs, masks in iterate_batches(my_share(data), batch_size):  # under torchrun: this rank's share
+    total, pixels = 0.0, 0
+    for inputs, masks in over_my_share(data, batch_size):  # under torchrun: this rank's share
         logits = model(modality.model_input(inputs, data)).float()
         masks = masks.long()
         confusion += pixel_confusion(logits.argmax(1), masks, k)
-        sums[0] += F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum").double()
-        sums[1] += (masks != IGNORE_INDEX).sum()
-    total, pixels = all_sum(sums).tolist()
-    return all_sum(confusion).cpu(), total / max(pixels, 1)
+        total += F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        pixels += int((masks != IGNORE_INDEX).sum())
+    if world().distributed:  # float64 on the CPU: the sums of all ranks (Gloo), and no float64 on MPS
+        sums = sum_over_shares(torch.tensor([total, pixels], dtype=torch.float64, device=_reduce_device(confusion)), len(data))
+        total, pixels = sums.tolist()
+    return sum_over_shares(confusion, len(data)).cpu(), total / max(pixels, 1)
+
+
+def _reduce_device(like: torch.Tensor) -> torch.device:
+    """Where a collective's tensor lives: NCCL needs CUDA tensors, Gloo CPU ones."""
+    return like.device if like.device.type == "cuda" else torch.device("cpu")
 
 
 @TASKS.register("segmentation")
