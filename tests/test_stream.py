@@ -293,6 +293,31 @@ def test_label_propagation_refuses_a_streamed_pool(cli, folder, tmp_path):
     assert result.code == 2 and "label propagation needs every sample's features" in result.stderr
 
 
+DISTRIBUTED = """\
+method: simclr
+model: {{name: mlp, hidden_dim: 32}}
+head: {{name: projection, hidden_dim: 32, out_dim: 16, batch_norm: false}}
+optimizer: {{name: sgd, lr: 0.1}}
+data: {{name: image_folder, root: {root}, image_size: 12, channels: 1, batch_size: 16, pipeline: stream, num_workers: 1}}
+train: {{max_steps: 4, log_every: 1, device: cpu}}
+"""
+
+
+def test_a_streamed_run_on_two_processes_equals_one(folder, tmp_path):
+    """Under torchrun each rank reads half of every batch from the files; the losses and weights are one process's."""
+    from tests.test_distributed import step_losses, transferctl, weights
+
+    config = write_config(tmp_path / "d.yaml", DISTRIBUTED.format(root=folder))
+    split(folder, "stream")  # the manifest, listed once, before two processes would race to write it
+    results = {n: transferctl("pretrain", "-c", config, "--runs-dir", tmp_path / f"r{n}", "--json", nproc=n) for n in (1, 2)}
+    for result in results.values():
+        assert result.returncode == 0, result.stderr
+    assert step_losses(results[1].stderr) == pytest.approx(step_losses(results[2].stderr), abs=2e-4)
+    assert len(step_losses(results[1].stderr)) == 4
+    w1, w2 = (weights(json.loads(results[n].stdout)["run_dir"]) for n in (1, 2))
+    assert all(torch.allclose(w1[key], w2[key], atol=1e-5) for key in w1)
+
+
 # --------------------------------------------------------------------------- sharded evaluation
 
 
