@@ -448,17 +448,17 @@ def _default(name: str | None, where: str, missing: str) -> Component:
 
 
 def _resolve_model_from_weights(cfg: Config) -> None:
-    """What a model takes from its weights when the config is resolved (`hf`: the checkpoint folder's architecture
-    into its options, and its tokenizer as the data's, unless data.tokenizer.path names one)."""
+    """What a model takes from its weights when the config is resolved: its options (`resolve_options`; `hf`: the
+    checkpoint folder's architecture) and data options (`resolve_data`; `hf`: the folder's tokenizer)."""
     entry = MODELS.get(cfg.model.name)
     resolve_options = entry.meta.get("resolve_options")
     if resolve_options is not None:
         options = resolve_options(cfg.model.options, cfg.model.weights)
         cfg.model = ModelConfig(name=cfg.model.name, weights=cfg.model.weights, **options)
-    if entry.meta.get("tokenizer_from_weights") and cfg.model.weights:
-        tokenizer = dict(cfg.data.options.get("tokenizer") or {})
-        if not tokenizer.get("path"):
-            cfg.data.tokenizer = {**tokenizer, "path": cfg.model.weights}
+    resolve_data = entry.meta.get("resolve_data")
+    if resolve_data is not None:
+        for key, value in resolve_data(cfg.data.options, cfg.model.weights).items():
+            setattr(cfg.data, key, value)
 
 
 def _attribute(obj: Any, path: list[str]) -> Any:

@@ -137,6 +137,29 @@ class Method:
         return self.task.card(data) if self.task is not None else {"classes": None}
 
 
+class OwnGenerator:
+    """The part of an objective whose random draws (masks, corruptions) come from its own CPU generator, saved with
+    the checkpoint: a resumed run draws what an uninterrupted one would, on any device. The class sets
+    `generator_salt`, which keeps its stream apart from the run's other generators seeded from `seed`."""
+
+    seed: int
+    generator_salt: ClassVar[int]
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + self.generator_salt)
+
+    def prepare(self) -> None: ...
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
 def knn_metrics(trained: Trained) -> dict[str, float]:
     """Weighted k-NN from the labelled training split's features onto the test split's: how pretraining methods
     score an encoder. Nothing for data without labels (texts pretrained on without a label column)."""

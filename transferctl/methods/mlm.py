@@ -8,7 +8,7 @@ tokens' predictions, and exported as the encoder alone."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from transferctl.distributed import world
 from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError, UsageError
-from transferctl.methods.base import Export, Method, Parts, knn_metrics
+from transferctl.methods.base import Export, Method, OwnGenerator, Parts, knn_metrics
 from transferctl.modalities import dataset_modality, modality_of
 from transferctl.registry import HEADS, LOSSES, METHODS
 
@@ -90,7 +90,7 @@ class TokenMasking:
 
 
 @dataclass
-class MaskedTokensObjective:
+class MaskedTokensObjective(OwnGenerator):
     """The hidden tokens predicted from the encoder's features at their places. Its random draws come from its
     own generator, which goes with the checkpoint."""
 
@@ -102,11 +102,7 @@ class MaskedTokensObjective:
     ranks: int = 1
     description: str = "pretraining"
     selection: Selection = VALIDATION
-
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed + 15_485_863)  # on the CPU: resumable on any device
-
-    def prepare(self) -> None: ...
+    generator_salt: ClassVar[int] = 15_485_863
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
         (ids,) = batch.inputs
@@ -137,15 +133,6 @@ class MaskedTokensObjective:
     def validate(self, val: Samples, batch_size: int, network: nn.Module) -> dict[str, float]:
         measured = self.measure(network, val, batch_size)
         return {"val_loss": measured["loss"], "val_masked_accuracy": measured["masked_accuracy"]}
-
-    def epoch_metrics(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
 
 
 @METHODS.register("mlm")

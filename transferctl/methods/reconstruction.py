@@ -9,7 +9,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from transferctl.distributed import world
 from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
-from transferctl.methods.base import Export, Method, Parts, knn_metrics
+from transferctl.methods.base import Export, Method, OwnGenerator, Parts, knn_metrics
 from transferctl.modalities import dataset_modality, modality_named, modality_of
 from transferctl.modalities.base import Modality
 from transferctl.registry import HEADS, LOSSES
@@ -166,7 +166,7 @@ class PatchMask:
 
 
 @dataclass
-class ReconstructionObjective:
+class ReconstructionObjective(OwnGenerator):
     """Each clean input reconstructed from its corrupted form: the loss of the decoder's output against the clean
     input (its pixels for a loss that wants them, per-patch normalized with `norm_pix_patch`), over the elements
     the corruption says count. Its random draws come from its own generator, which goes with the checkpoint."""
@@ -181,11 +181,7 @@ class ReconstructionObjective:
     ranks: int = 1
     description: str = "pretraining"
     selection: Selection = VALIDATION
-
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed + 104_729)  # on the CPU: resumable on any device
-
-    def prepare(self) -> None: ...
+    generator_salt: ClassVar[int] = 104_729
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
         (x,) = batch.inputs
@@ -229,15 +225,6 @@ class ReconstructionObjective:
     def validate(self, val: Samples, batch_size: int, network: nn.Module) -> dict[str, float]:
         measured = self.measure(network, val, batch_size)
         return {"val_loss": measured["loss"], "val_reconstruction_mse": measured["reconstruction_mse"]}
-
-    def epoch_metrics(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
 
 
 # --------------------------------------------------------------------------- the methods' common part

@@ -93,8 +93,16 @@ class HuggingFaceEncoder(nn.Module):
         return steps[:, 0] if self.pooling == "cls" else mean_pool(steps, mask)
 
 
+def resolve_data(data_options: dict[str, Any], weights: str | None) -> dict[str, Any]:
+    """The data options a checkpoint folder implies: its tokenizer is the run's, unless data.tokenizer.path names one."""
+    tokenizer = dict(data_options.get("tokenizer") or {})
+    if not weights or tokenizer.get("path"):
+        return {}
+    return {"tokenizer": {**tokenizer, "path": weights}}
+
+
 @MODELS.register(
-    modality="text", channels_last=False, resolve_options=resolve_options, read_weights=read_weights, tokenizer_from_weights=True
+    modality="text", channels_last=False, resolve_options=resolve_options, resolve_data=resolve_data, read_weights=read_weights
 )
 def hf(
     vocab_size: int, pad_id: int, max_length: int, architecture: dict[str, Any] | None = None, pooling: Literal["cls", "mean"] = "cls"
