@@ -162,6 +162,17 @@ def test_a_stopped_stream_run_resumes_bit_exactly_without_reading_what_it_skippe
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_a_killed_stream_run_with_workers_resumes_bit_exactly(folder, tmp_path):
+    """SIGKILL after the first checkpoint (every 2 steps, inside epoch 2), then --resume: the weights of a run
+    left alone, bit for bit, with the default 2 workers reading."""
+    from tests.test_resume import killed_and_resumed
+
+    config = write_config(tmp_path / "ft.yaml", STREAMED_FINETUNE.format(root=folder).replace("num_workers: 0", "num_workers: 2"))
+    whole, resumed = killed_and_resumed("finetune", config, ["train.max_steps=10", "train.checkpoint_every=2"], tmp_path)
+    assert resumed["training"]["position"]["step"] == 10
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+
+
 PRETRAIN = """\
 method: simclr
 model: {{name: cnn, widths: [8, 16]}}

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,6 +59,18 @@ def new_run_id(label: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{secrets.token_hex(2)}"
 
 
+_HELD_LOCKS: weakref.WeakSet[Any] = weakref.WeakSet()  # this process's run locks (open files holding a flock)
+
+
+def release_inherited_locks(*_: Any) -> None:
+    """In a forked child (a DataLoader worker), close its copies of the parent's run locks. A flock lives while
+    any copy is open: without this, a run whose process was killed stays locked until its orphaned workers
+    notice and exit, and `--resume` is refused meanwhile. (The parent's own lock is untouched.)"""
+    for handle in list(_HELD_LOCKS):
+        handle.close()
+    _HELD_LOCKS.clear()
+
+
 @dataclass
 class Run:
     """A run directory being written by this process."""
@@ -80,6 +93,7 @@ class Run:
             handle.close()
             raise UsageError(f"run {self.id} is being written by another transferctl process; wait for it or stop it") from None
         self._lock = handle
+        _HELD_LOCKS.add(handle)
 
     @property
     def id(self) -> str:

@@ -27,6 +27,7 @@ from transferctl.data.augment import BatchAugment
 from transferctl.data.samples import Batch, Samples, batch_indices
 from transferctl.errors import ConfigError
 from transferctl.modalities.base import Modality
+from transferctl.runs import release_inherited_locks
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -251,6 +252,7 @@ class LoaderPipeline:
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch),  # not the global RNG: resumable
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
+            worker_init_fn=release_inherited_locks,  # a killed run must not stay locked by its workers
         )
         for views, targets, index in loader:
             inputs = tuple(v.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for v in views)

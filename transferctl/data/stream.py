@@ -34,6 +34,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transferctl.errors import UsageError
 from transferctl.fileio import atomic_write_bytes
+from transferctl.runs import release_inherited_locks
 
 BadSample = Literal["replace", "stop"]
 MAX_REPLACEMENTS = 64  # unreadable samples in a row that a read skips before it gives up
@@ -256,6 +257,7 @@ class StreamedInputs:
             sampler=[batch.cpu() for batch in index_batches],
             batch_size=None,
             collate_fn=_collate_read,
+            worker_init_fn=release_inherited_locks,  # a killed run must not stay locked by its workers
             generator=torch.Generator().manual_seed(0),  # its own: a loader must not draw from the global RNG (resume)
             num_workers=workers,
             prefetch_factor=4 if workers else None,
