@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/transferctl-stream-bench"), help="Where the folders and shards go.")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 40_000, 160_000])
     parser.add_argument("--steps", type=int, default=40, help="Training steps of each throughput run (batch 256).")
+    parser.add_argument("--sources", nargs="+", choices=["folder", "shards"], default=["folder", "shards"])
     parser.add_argument("--repeats", type=int, default=1, help="Throughput runs per cell (the median is reported).")
     parser.add_argument("--out", type=Path, help="Write the measured cells here as JSON.")
     args = parser.parse_args()
@@ -192,12 +193,12 @@ def main() -> None:
     rows = []
     for size in sorted(args.sizes):
         folder, shards = folders[size], args.work / f"shards-{size}"
-        packed = pack_shards(folder, shards)
+        packed = pack_shards(folder, shards) if "shards" in args.sources else None
         sources = {
             "folder": ["data.name=image_folder", f"data.root={folder}"],
             "shards": ["data.name=shards", f"data.root={shards}"],
         }
-        for source, data in sources.items():
+        for source, data in ((k, v) for k, v in sources.items() if k in args.sources):
             cache = args.work / f"cache-{source}-{size}"
             shutil.rmtree(cache, ignore_errors=True)
             cold = run_pretrain([*data, "data.pipeline=stream"], 1, cache, args.work / "runs")

@@ -119,3 +119,19 @@ def test_a_loader_run_leaves_the_process_thread_count_alone(cli, simclr_config, 
     )
     assert result.code == 0, result.stderr
     assert torch.get_num_threads() == before
+
+
+def test_glibc_is_set_up_to_reuse_freed_memory_unless_turned_off(monkeypatch):
+    """Training on the CPU raises glibc's mmap threshold (activations reused between steps); the switch turns it off."""
+    import ctypes.util
+    import platform
+
+    from transferctl import allocator
+
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setenv("TRANSFERCTL_GLIBC_TUNING", "0")
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.delenv("TRANSFERCTL_GLIBC_TUNING")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c") is not None
+    assert allocator.keep_freed_memory() is glibc

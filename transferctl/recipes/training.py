@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from transferctl import build, events, plots
+from transferctl import allocator, build, events, plots
 from transferctl.build import Training
 from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml
@@ -209,6 +209,8 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
         resume_step = resume_from.position["step"] if resume_from else None
         reporter = events.TensorBoardReporter(reporter, run.tensorboard_dir, resume_step)
 
+    if t.device.type == "cpu":
+        allocator.keep_freed_memory()  # activations reused from step to step, not faulted in anew
     with StopOnSignal() as stop, build.cpu_threads(threads):
         try:
             result = fit(
