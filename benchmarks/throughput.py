@@ -45,7 +45,7 @@ def measure(
 ) -> dict:
     import torch
 
-    from transferctl import build
+    from transferctl import allocator, build
     from transferctl.config import load_config
 
     if audio:
@@ -66,6 +66,8 @@ def measure(
     cfg = load_config(config, overrides)  # another model.name drops the cnn's options
     t = build.build_training(cfg)
     torch.set_num_threads(build.training_threads(cfg, t.pipeline, t.device))  # as `transferctl pretrain` runs it
+    if t.device.type == "cpu":
+        allocator.keep_freed_memory()  # as training does (with TRANSFERCTL_GLIBC_TUNING=1)
     dev = t.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     total = warmup + steps

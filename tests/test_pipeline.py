@@ -121,8 +121,8 @@ def test_a_loader_run_leaves_the_process_thread_count_alone(cli, simclr_config, 
     assert torch.get_num_threads() == before
 
 
-def test_glibc_is_set_up_to_reuse_freed_memory_unless_turned_off(monkeypatch):
-    """Training on the CPU raises glibc's mmap threshold (activations reused between steps); the switch turns it off."""
+def test_glibc_is_set_up_to_reuse_freed_memory_only_when_asked(monkeypatch):
+    """TRANSFERCTL_GLIBC_TUNING=1 raises glibc's mmap threshold for CPU training (activations reused between steps)."""
     import ctypes.util
     import platform
 
@@ -133,5 +133,8 @@ def test_glibc_is_set_up_to_reuse_freed_memory_unless_turned_off(monkeypatch):
     assert allocator.keep_freed_memory() is False
     monkeypatch.setattr(allocator, "_applied", None)
     monkeypatch.delenv("TRANSFERCTL_GLIBC_TUNING")
+    assert allocator.keep_freed_memory() is False  # the default: glibc's own settings
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.setenv("TRANSFERCTL_GLIBC_TUNING", "1")
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c") is not None
     assert allocator.keep_freed_memory() is glibc

@@ -1,11 +1,13 @@
-"""glibc's allocator, set up for training on the CPU.
+"""glibc's allocator, set up for training on the CPU (opt-in: TRANSFERCTL_GLIBC_TUNING=1).
 
 By default glibc serves an allocation larger than its mmap threshold (128 KB, raised as it goes up to 32 MB)
 with a fresh `mmap`, returns it with `munmap` when freed, and gives back freed memory at the top of the heap. A
 training step allocates and frees activations of tens to hundreds of MB, so every step faults in and zeroes
 those pages again; on a small CPU that is a large share of the step. With a high mmap threshold and no trimming,
-freed blocks stay in the heap and the next step reuses them: the process keeps its peak working set, and the
-arithmetic is unchanged. Off with TRANSFERCTL_GLIBC_TUNING=0, and a no-op where the C library is not glibc.
+freed blocks stay in the heap and the next step reuses them; the arithmetic is unchanged. The cost is memory:
+the process keeps its peak working set, and DataLoader workers forked from it later (the loader and stream
+pipelines fork theirs every epoch) inherit that heap, which becomes theirs page by page as the parent reuses it.
+That is why it is not the default. A no-op where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def keep_freed_memory() -> bool:
     """Set glibc's allocator up for training (once per process); whether it is."""
     global _applied
     if _applied is None:
-        _applied = os.environ.get("TRANSFERCTL_GLIBC_TUNING", "1") != "0" and _mallopt_all()
+        _applied = os.environ.get("TRANSFERCTL_GLIBC_TUNING", "0") == "1" and _mallopt_all()
     return _applied
 
 

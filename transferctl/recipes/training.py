@@ -210,7 +210,7 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
         reporter = events.TensorBoardReporter(reporter, run.tensorboard_dir, resume_step)
 
     if t.device.type == "cpu":
-        allocator.keep_freed_memory()  # activations reused from step to step, not faulted in anew
+        allocator.keep_freed_memory()  # with TRANSFERCTL_GLIBC_TUNING=1: activations reused between steps
     with StopOnSignal() as stop, build.cpu_threads(threads):
         try:
             result = fit(
