@@ -221,7 +221,12 @@ def test_pretrain_finetune_evaluate_export_on_texts(cli, tmp_path, text_root):
     mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-    assert [card["classes"][i] for i in logits.argmax(1)] == ["sports", "markets"]
+    # the same predictions as the exported TorchScript model on the same ids: the folder alone serves the model.
+    # (Not which topics these two sentences get: the tokenizer that `tokenizers` trains on a corpus this small is
+    # not the same from one process to the next, so neither is a 40-step model; accuracy is checked above.)
+    scripted = torch.jit.load(str(folder / "model.pt"))(torch.from_numpy(ids), torch.from_numpy(mask)).detach().numpy()
+    np.testing.assert_allclose(logits, scripted, atol=1e-4)
+    assert (logits.argmax(1) == scripted.argmax(1)).all()
     # padding that the mask leaves out is ignored, whatever ids it holds
     noisy = np.where(mask == 0, 7, ids)
     np.testing.assert_allclose(session.run(None, {"input_ids": noisy, "attention_mask": mask})[0], logits, atol=1e-5)
