@@ -195,8 +195,8 @@ def image_statistics(images: torch.Tensor) -> dict[str, tuple[float, ...]]:
 def decode_image_files(name: str, paths: list[Path], image_size: int, channels: int) -> torch.Tensor:
     """Image files as one uint8 (N, channels, image_size, image_size) tensor: resized (shorter side) and centre-cropped,
     kept decoded in the cache so the next run skips decoding."""
-    transform = _image_transform(image_size, channels)
-    return cached_decoding(paths, f"{image_size}:{channels}", lambda: torch.stack([_decode(name, path, transform) for path in paths]))
+    decoder = ImageDecoder(image_size, channels)  # the streamed splits' decoding: the same pixels either way
+    return cached_decoding(paths, f"{image_size}:{channels}", lambda: torch.stack([_decode(name, path, decoder) for path in paths]))
 
 
 def cached_decoding(paths: list[Path], options: str, decode_all: Callable[[], Any]) -> Any:
@@ -213,17 +213,6 @@ def cached_decoding(paths: list[Path], options: str, decode_all: Callable[[], An
     return decoded
 
 
-def _image_transform(image_size: int, channels: int):
-    return torchvision.transforms.Compose(
-        [
-            torchvision.transforms.Grayscale(channels) if channels == 1 else torchvision.transforms.Lambda(lambda im: im.convert("RGB")),
-            torchvision.transforms.Resize(image_size),
-            torchvision.transforms.CenterCrop(image_size),
-            torchvision.transforms.PILToTensor(),
-        ]
-    )
-
-
 def _decoded_cache_path(paths: list[Path], options: str) -> Path:
     """Where the decoded tensor of some files is kept. The key covers every file's path, size and modification
     time, and the decoding options: any change decodes anew."""
@@ -234,12 +223,9 @@ def _decoded_cache_path(paths: list[Path], options: str) -> Path:
     return default_cache_dir() / "decoded" / f"{digest.hexdigest()[:32]}.pt"
 
 
-def _decode(name: str, path: Path, transform) -> torch.Tensor:
-    from PIL import Image
-
+def _decode(name: str, path: Path, decoder: ImageDecoder) -> torch.Tensor:
     try:
-        with Image.open(path) as image:
-            return transform(image)
+        return decoder(path)
     except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
         raise UsageError(f"data set '{name}': cannot read {path} ({type(exc).__name__}); remove or replace it") from None
 

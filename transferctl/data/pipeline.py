@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transferctl.data.augment import BatchAugment
 from transferctl.data.samples import Batch, Samples, batch_indices
+from transferctl.data.stream import is_streamed, raise_if_stopped
 from transferctl.errors import ConfigError
 from transferctl.modalities.base import Modality
 from transferctl.runs import release_inherited_locks
@@ -46,6 +47,14 @@ class Pipeline(Protocol):
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]: ...
     def state(self) -> dict[str, Any]: ...
     def restore(self, state: dict[str, Any]) -> None: ...
+
+
+def in_global_batch(mine: torch.Tensor, size: int, part: slice) -> torch.Tensor:
+    """This rank's samples in their places of a global batch of `size`, the other ranks' places zeros: what
+    a rank that read only its own samples augments, so every random draw is the one process's."""
+    full = torch.zeros((size, *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
+    full[part] = mine
+    return full
 
 
 def augmented_input(
@@ -158,13 +167,9 @@ class UnlabeledStream:
     def _raw(self, chosen: torch.Tensor, mine: slice) -> torch.Tensor:
         """The global batch's raw samples; of a streamed pool only this rank's are read (here, in this process),
         the others' places left as zeros, which only shape the random draws."""
-        if not hasattr(self.data.inputs, "iterate"):
+        if not is_streamed(self.data):
             return self.data.inputs[chosen]
-        device = self.data.targets.device
-        read = self.data.inputs[chosen[mine]].to(device)
-        full = torch.zeros((len(chosen), *read.shape[1:]), dtype=read.dtype, device=device)
-        full[mine] = read
-        return full
+        return in_global_batch(self.data.inputs[chosen[mine]].to(self.data.targets.device), len(chosen), mine)
 
 
 class _EpochOrder(Sampler):
@@ -298,8 +303,6 @@ class StreamPipeline:
         self.log: Any = lambda line: None
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        from transferctl.data.stream import raise_if_stopped
-
         order = self.data.inputs.epoch_order(self.seed, epoch)
         chosen = list(batch_indices(len(self.data), self.batch_size, order=order, drop_last=self.drop_last, start_batch=start_batch))
         mine = [rank_slice(len(idx), self.rank, self.world) for idx in chosen]
@@ -309,11 +312,7 @@ class StreamPipeline:
                 self.log(f"bad sample replaced: {what} ({why})")
             self.replaced += int((read.positions != idx[part].cpu()).sum())
             x = raise_if_stopped(read, self.device).to(self.device, non_blocking=True)
-            if self.world > 1:  # the whole global batch's shape, so every random draw is the one process's
-                full = torch.zeros((len(idx), *x.shape[1:]), dtype=x.dtype, device=self.device)
-                full[part] = x
-                x = full
-            x = self.modality.decode(x)
+            x = self.modality.decode(in_global_batch(x, len(idx), part) if self.world > 1 else x)
             used = read.positions.to(self.data.targets.device)  # a replaced sample brings its own target
             views = tuple(self._view(x, part) for _ in range(self.views))
             yield Batch(views, self.data.targets[used], {"index": used.to(self.device)})
@@ -332,7 +331,7 @@ class StreamPipeline:
 
 def held_out_views(data: Samples, augment: BatchAugment, modality: Modality, *, views: int, batch_size: int, seed: int) -> Pipeline:
     """Augmented views of a held-out split with a fixed seed (a validation loss), wherever its samples live."""
-    if hasattr(data.inputs, "iterate"):
+    if is_streamed(data):
         device = data.targets.device
         return StreamPipeline(data, augment, modality, views=views, batch_size=batch_size, seed=seed, drop_last=True, device=device)
     return MemoryPipeline(data, augment, modality, views=views, batch_size=batch_size, seed=seed, drop_last=True)
@@ -363,7 +362,7 @@ def make_pipeline(
     """`kind` is memory, loader, stream or auto (memory when the split fits `budget_mb`; a split its data set
     streamed past the budget streams, any other the loader reads)."""
     common = dict(views=views, batch_size=batch_size, seed=seed, drop_last=drop_last, channels_last=channels_last, rank=rank, world=world)
-    if hasattr(data.inputs, "iterate"):  # a streamed split
+    if is_streamed(data):
         return StreamPipeline(data.to(device), augment, modality, device=device, **common)
     if kind == "auto":
         kind = "memory" if fits_in_memory(data, budget_mb) else "loader"

@@ -83,11 +83,12 @@ def iterate_batches(
     split's are decoded a few batches ahead in worker processes and moved to where its targets are."""
     order = (order if order is not None else torch.arange(len(data))).to(data.targets.device)
     batches = batch_indices(len(order), batch_size, order=order, drop_last=drop_last, start_batch=start_batch)
-    if not hasattr(data.inputs, "iterate"):
+    from transferctl.data.stream import is_streamed, raise_if_stopped  # lazily: this module stays free of the readers
+
+    if not is_streamed(data):
         for idx in batches:
             yield data.inputs[idx], data.targets[idx]
         return
-    from transferctl.data.stream import raise_if_stopped
 
     batches = list(batches)
     for read in data.inputs.iterate(batches):
