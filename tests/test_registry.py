@@ -65,7 +65,7 @@ def test_every_kind_the_cli_lists_is_populated():
         "tasks": {"classification", "regression", "segmentation"},
         "modalities": {"image", "audio", "text"},
         "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
-        "heads": {"projection", "linear", "decoder", "regressor", "fpn", "token_predictor"},
+        "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor"},
         "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy"},
         "optimizers": {"sgd", "adam", "adamw", "lars"},
         "schedulers": {"cosine", "constant"},

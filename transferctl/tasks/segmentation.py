@@ -55,6 +55,50 @@ def fpn_head(stage_channels: tuple[int, ...], num_outputs: int, sample_shape: tu
     return FPNHead(stage_channels, num_outputs, sample_shape[-2:], width)
 
 
+def _conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class UNetHead(nn.Module):
+    """U-Net decoder: dilated 3x3 convs on the deepest map, so that each pixel's class is read from the whole object
+    around it; then, stage by stage up to the shallowest, upsample, concatenate the stage's map, and a 3x3 conv."""
+
+    def __init__(self, stage_channels: tuple[int, ...], num_outputs: int, out_size: tuple[int, int], width: int, context: int):
+        super().__init__()
+        widths = [min(width * 2**level, 4 * width) for level in range(len(stage_channels))]  # shallow to deep
+        deepest = stage_channels[-1]
+        # dilations 1, 2, 4, ...: each conv doubles the reach of the one before it
+        self.context = nn.Sequential(*(_conv_bn_relu(deepest if i == 0 else widths[-1], widths[-1], 2**i) for i in range(context)))
+        below = widths[-1] if context else deepest
+        self.up = nn.ModuleList()
+        for level in reversed(range(len(stage_channels) - 1)):
+            self.up.append(_conv_bn_relu(below + stage_channels[level], widths[level]))
+            below = widths[level]
+        self.classify = nn.Conv2d(below, num_outputs, 1)
+        self.out_size = tuple(out_size)
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        x = self.context(maps[-1])
+        for merge, skip in zip(self.up, reversed(maps[:-1]), strict=True):
+            x = merge(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False), skip], 1))
+        logits = self.classify(x)
+        return F.interpolate(logits, size=self.out_size, mode="bilinear", align_corners=False)
+
+
+@HEADS.register("unet", serves=("segmentation",), reads="feature_maps")
+def unet_head(
+    stage_channels: tuple[int, ...],
+    num_outputs: int,
+    sample_shape: tuple[int, ...],
+    width: PositiveInt = 32,
+    context: Annotated[int, Field(ge=0, le=4)] = 2,
+) -> nn.Module:
+    """Per-pixel class logits at the input's resolution: a U-Net decoder over the encoder's stage feature maps,
+    `width` channels at the shallowest stage (doubling deeper, up to 4x), after `context` dilated convs."""
+    return UNetHead(stage_channels, num_outputs, sample_shape[-2:], width, context)
+
+
 class PixelLoss(nn.Module):
     """Per-pixel cross-entropy (IGNORE_INDEX pixels left out), plus `dice_weight` times the soft Dice loss."""
 
