@@ -9,7 +9,7 @@ the CLI runs.
   up to 45 degrees instead of 10, an encoder taught to ignore the very thing the task measures.
 - **Segmentation** on `mnist_scenes` (64x64 canvases of 1 to 4 real MNIST digits; 10,000 training and 2,000 test
   scenes, 11 classes), with 50, 500 and all labelled scenes: the test scenes' mIoU, through
-  configs/segment_mnist_scenes.yaml (600 steps of 32 scenes; with all labels 1,500). Encoders: random init,
+  configs/segment_mnist_scenes.yaml (a U-Net decoder; 600 steps of 32 scenes; with all labels 1,500). Encoders: random init,
   SimCLR and MAE (masked modelling, the reconstruction objective closest to a dense task).
 - The pretraining runs are the label-efficiency benchmark's, shared through its cells (`--pretrain-out`), so
   neither benchmark trains them twice.

@@ -16,18 +16,19 @@ from tests.conftest import write_config
 from tests.test_resume import killed_and_resumed
 from transferctl.data.augment import IGNORE_INDEX, BatchAugment
 from transferctl.data.segmentation import compose_scenes
-from transferctl.tasks.segmentation import dice_loss, iou_metrics, pixel_confusion
+from transferctl.registry import MODELS
+from transferctl.tasks.segmentation import dice_loss, iou_metrics, pixel_confusion, unet_head
 
 SCENES = """\
 method: finetune
 task: segmentation
 model: {{name: cnn, widths: [8, 16]}}
-head: {{name: fpn, width: 8}}
+head: {{name: {head}, width: 8}}
 optimizer: {{name: adamw, lr: 0.003}}
 scheduler: {{name: constant}}
 data: {{name: mnist_scenes, root: {root}, train_scenes: 80, test_scenes: 16, image_size: 32, batch_size: 16, eval_batch_size: 64,
         labeled_samples: 48}}
-train: {{epochs: 3, log_every: 2, device: cpu}}
+train: {{epochs: {epochs}, log_every: 2, device: cpu}}
 """
 
 
@@ -110,9 +111,11 @@ def test_scenes_are_seeded_and_their_masks_mark_the_strokes():
     assert ((images[:, 0] >= 128) == (masks > 0)).all()  # a stroke pixel is a masked pixel, and only those
 
 
-def test_a_segmenter_trains_evaluates_and_exports_with_pixel_agreement(cli, tmp_path, digits_root):
+# the U-Net stacks more batch norms: their running statistics need more steps before eval mode predicts sensibly
+@pytest.mark.parametrize(("head", "epochs"), [("fpn", 3), ("unet", 8)])
+def test_a_segmenter_trains_evaluates_and_exports_with_pixel_agreement(cli, tmp_path, digits_root, head, epochs):
     runs = tmp_path / "runs"
-    config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root))
+    config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root, head=head, epochs=epochs))
     tuned = _ok(cli("finetune", "-c", config, "--runs-dir", runs, "--json"))
     assert {"val_miou", "val_pixel_accuracy", "best_val_miou"} <= set(tuned["metrics"])
     evaluation = _ok(cli("evaluate", "--from", tuned["run_id"], "--runs-dir", runs, "--json"))
@@ -126,9 +129,21 @@ def test_a_segmenter_trains_evaluates_and_exports_with_pixel_agreement(cli, tmp_
     assert card["kind"] == "segmenter" and card["output"]["shape"] == ["batch", 11, 32, 32] and card["classes"][0] == "background"
 
 
+@pytest.mark.parametrize(
+    ("encoder", "options"),
+    [("cnn", {"widths": (8,)}), ("cnn", {"widths": (8, 16, 32)}), ("resnet18", {"small_images": False})],  # resnet18: strides 4 to 32
+)
+@pytest.mark.parametrize("context", [0, 2])
+def test_the_unet_head_gives_class_logits_for_every_input_pixel(encoder, options, context):
+    body = MODELS.build(encoder, options, in_channels=1, image_size=40)
+    head = unet_head(body.stage_channels, num_outputs=11, sample_shape=(1, 40, 40), width=4, context=context)
+    logits = head(body.feature_maps(torch.rand(2, 1, 40, 40)))
+    assert logits.shape == (2, 11, 40, 40) and logits.std() > 0
+
+
 def test_bad_segmentation_configs_are_one_line_errors(cli, tmp_path, digits_root):
     runs = tmp_path / "runs"
-    config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root))
+    config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root, head="fpn", epochs=3))
     for override, named in {
         "data.labels_per_class=5": "data.labeled_samples",
         "data.pipeline=loader": "does not move masks",
@@ -177,7 +192,7 @@ def test_segmentation_folders_and_their_bad_masks(cli, tmp_path, mask_size, bad_
 
 
 def test_a_killed_segmentation_fine_tune_resumes_bit_exactly(tmp_path, digits_root):
-    config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root))
+    config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root, head="fpn", epochs=3))
     short = ["train.epochs=3", "train.checkpoint_every=2"]
     a, b = killed_and_resumed("finetune", config, short, tmp_path)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -1,4 +1,5 @@
-"""Semantic segmentation: a class for every pixel, from a light FPN decoder over the encoder's stage feature maps.
+"""Semantic segmentation: a class for every pixel, from a U-Net (default) or FPN decoder over the encoder's stage
+feature maps.
 
 Masks are (N, H, W) class indices; IGNORE_INDEX (255) pixels count in neither loss nor metrics. Metrics come
 from one pixel confusion matrix: per-class IoU, `miou` (their mean over every class, background included, over
@@ -178,10 +179,10 @@ def _reduce_device(like: torch.Tensor) -> torch.device:
 @TASKS.register("segmentation")
 @dataclass
 class Segmentation(Task):
-    """A class per pixel: FPN decoder over the stage feature maps, per-pixel cross-entropy (+ Dice); mIoU, pixel
+    """A class per pixel: a U-Net decoder over the stage feature maps, per-pixel cross-entropy (+ Dice); mIoU, pixel
     accuracy, per-class IoU."""
 
-    head = "fpn"
+    head = "unet"
     loss = "pixel_cross_entropy"
     serves = "segmentation"
     target_kind = "class_per_pixel"
