@@ -192,7 +192,7 @@ def test_segmentation_folders_and_their_bad_masks(cli, tmp_path, mask_size, bad_
 
 
 def test_a_killed_segmentation_fine_tune_resumes_bit_exactly(tmp_path, digits_root):
-    config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root, head="fpn", epochs=3))
+    config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root, head="unet", epochs=3))
     short = ["train.epochs=3", "train.checkpoint_every=2"]
     a, b = killed_and_resumed("finetune", config, short, tmp_path)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
