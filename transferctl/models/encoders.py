@@ -51,8 +51,9 @@ def mlp(in_channels: int, image_size: int, hidden_dim: PositiveInt = 128) -> Enc
     )
 
 
-def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> list[nn.Module]:
+    """A 3x3 conv (padded to keep the size), batch norm and ReLU: the block of the cnn encoder and the U-Net head."""
+    return [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 @MODELS.register(modality=("image", "audio"))  # audio: on the one-channel log-mel image
@@ -67,7 +68,7 @@ def cnn(
     cin = in_channels
     for stage, width in enumerate(widths):
         for _ in range(convs_per_stage):
-            layers += _conv_bn(cin, width)
+            layers += conv_bn_relu(cin, width)
             cin = width
         ends.append(len(layers) - 1)  # the stage's map: full resolution, then halved by each pooling after it
         if stage < len(widths) - 1:

@@ -23,6 +23,7 @@ from transferctl.distributed import sum_over_shares, world
 from transferctl.engine.evaluate import Evaluation, over_my_share
 from transferctl.engine.train import Selection
 from transferctl.modalities import modality_of
+from transferctl.models.encoders import conv_bn_relu
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
 
@@ -56,11 +57,6 @@ def fpn_head(stage_channels: tuple[int, ...], num_outputs: int, sample_shape: tu
     return FPNHead(stage_channels, num_outputs, sample_shape[-2:], width)
 
 
-def _conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
-    conv = nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False)
-    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
 class UNetHead(nn.Module):
     """U-Net decoder: dilated 3x3 convs on the deepest map, so that each pixel's class is read from the whole object
     around it; then, stage by stage up to the shallowest, upsample, concatenate the stage's map, and a 3x3 conv."""
@@ -68,13 +64,14 @@ class UNetHead(nn.Module):
     def __init__(self, stage_channels: tuple[int, ...], num_outputs: int, out_size: tuple[int, int], width: int, context: int):
         super().__init__()
         widths = [min(width * 2**level, 4 * width) for level in range(len(stage_channels))]  # shallow to deep
-        deepest = stage_channels[-1]
-        # dilations 1, 2, 4, ...: each conv doubles the reach of the one before it
-        self.context = nn.Sequential(*(_conv_bn_relu(deepest if i == 0 else widths[-1], widths[-1], 2**i) for i in range(context)))
-        below = widths[-1] if context else deepest
+        below = stage_channels[-1]
+        self.context = nn.Sequential()
+        for i in range(context):  # dilations 1, 2, 4, ...: each conv doubles the reach of the one before it
+            self.context.append(nn.Sequential(*conv_bn_relu(below, widths[-1], dilation=2**i)))
+            below = widths[-1]
         self.up = nn.ModuleList()
         for level in reversed(range(len(stage_channels) - 1)):
-            self.up.append(_conv_bn_relu(below + stage_channels[level], widths[level]))
+            self.up.append(nn.Sequential(*conv_bn_relu(below + stage_channels[level], widths[level])))
             below = widths[level]
         self.classify = nn.Conv2d(below, num_outputs, 1)
         self.out_size = tuple(out_size)
