@@ -215,6 +215,34 @@ def test_speed_perturbation_changes_pitch_and_length():
     assert abs(spectrum.argmax().item() * RATE / 8000 - 1250.0) <= 2.0
 
 
+def test_speed_and_window_interpolate_linearly_inside_the_played_recording():
+    ramp = torch.zeros(3, 6000)
+    ramp[:, :5000] = torch.arange(5000.0) / 5000  # linear interpolation of a ramp is exact: out[j] = (start + j) * rate
+    for rate in (0.8, 1.25):
+        from_start = AudioAugment(clip_samples=2000, speed=(rate, rate))(ramp, torch.Generator())
+        assert torch.allclose(from_start * 5000, torch.arange(2000.0) * rate, atol=1e-2)
+        shift = AudioAugment(clip_samples=2000, time_shift=True, speed=(rate, rate))
+        shifted = shift(ramp[:1].expand(40, -1).contiguous(), torch.Generator())
+        starts = (shifted[:, 1] * 5000 / rate).round() - 1
+        assert len(set(starts.tolist())) > 10 and starts.min() >= 0  # many windows, all inside the recording played:
+        assert ((starts + 1999) * rate <= 5000).all() and (shifted[:, -1] > 0).all()
+        assert torch.allclose(shifted * 5000, (starts.view(-1, 1) + torch.arange(2000.0)) * rate, atol=1e-2)
+    slow = AudioAugment(clip_samples=8000, speed=(0.5, 0.5))(ramp, torch.Generator())
+    assert torch.allclose(slow[0, :6000] * 5000, torch.arange(6000.0) * 0.5, atol=1e-2) and slow[0, 6000:].max() < 1
+    assert torch.equal(AudioAugment(clip_samples=8000, speed=(2.0, 2.0))(ramp, torch.Generator())[:, 3000:], torch.zeros(3, 5000))
+
+
+def test_noise_reaches_about_noise_p_of_the_clips_at_an_snr_in_range():
+    amplitude = torch.logspace(-2, -0.5, 300).view(-1, 1)  # clips of every loudness: each gets noise for its own power
+    clean = torch.sin(torch.arange(4000.0) * 0.3).view(1, -1) * amplitude
+    noisy = AudioAugment(clip_samples=4000, noise_p=0.5, snr_db=(10.0, 20.0))(clean, torch.Generator().manual_seed(0))
+    touched = (noisy != clean).any(dim=1)
+    assert 100 < touched.sum() < 200 and torch.equal(noisy[~touched], clean[~touched])
+    noise = noisy[touched] - clean[touched]
+    snr = 10 * torch.log10(clean[touched].square().mean(dim=1) / noise.square().mean(dim=1))
+    assert snr.min() > 9.5 and snr.max() < 20.5 and snr.max() - snr.min() > 5
+
+
 def test_every_audio_encoder_reads_log_mel_inputs():
     load_components()
     x = torch.randn(3, 1, 40, 100)

@@ -8,11 +8,10 @@ Randomness comes from the generator the pipeline passes in, so a seeded run is r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from transferctl.data.augment import Probability
@@ -36,10 +35,9 @@ def _integers(low: torch.Tensor, high: torch.Tensor, generator: torch.Generator)
 
 
 def content_length(x: torch.Tensor) -> torch.Tensor:
-    """Samples up to each clip's last non-zero one: where its zero padding starts."""
-    nonzero = x != 0
-    last = x.shape[1] - nonzero.flip(1).int().argmax(dim=1)
-    return torch.where(nonzero.any(dim=1), last, torch.zeros_like(last))
+    """Samples up to each clip's last non-zero one: where its zero padding starts (0 for a silent clip)."""
+    position = torch.arange(1, x.shape[1] + 1, dtype=torch.int32, device=x.device)
+    return torch.where(x != 0, position, 0).amax(dim=1).long()
 
 
 @dataclass
@@ -56,13 +54,13 @@ class AudioAugment:
     time_mask_frames: int = 0  # each mask's width: uniform in [0, time_mask_frames]
     freq_masks: int = 0
     freq_mask_bins: int = 0
+    _lengths: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Waveforms (N, samples) -> augmented clips (N, clip_samples)."""
         n, dev = x.shape[0], x.device
-        if self.speed != (1.0, 1.0):
-            x = _change_speed(x, _uniform(n, *self.speed, generator, dev))
-        x = self._crop(x, generator)
+        rate = _uniform(n, *self.speed, generator, dev) if self.speed != (1.0, 1.0) else None
+        x = self._play_window(x, rate, generator)
         if self.gain_db > 0:
             x = x * 10 ** (_uniform(n, -self.gain_db, self.gain_db, generator, dev) / 20).view(n, 1)
         if self.noise_p > 0:
@@ -72,32 +70,45 @@ class AudioAugment:
     def on_model_inputs(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """SpecAugment on standardized log-mel spectrograms (N, 1, n_mels, frames)."""
         n, _, bins, frames = x.shape
-        for count, width, size, dim in (
-            (self.time_masks, self.time_mask_frames, frames, 3),
-            (self.freq_masks, self.freq_mask_bins, bins, 2),
-        ):
-            for _ in range(count if width else 0):
-                widths = _integers(
-                    torch.zeros(n, dtype=torch.long, device=x.device), torch.full((n,), min(width, size), device=x.device), generator
-                )
-                starts = _integers(torch.zeros_like(widths), size - widths, generator)
-                position = torch.arange(size, device=x.device).view(1, -1)
-                hidden = (position >= starts.view(-1, 1)) & (position < (starts + widths).view(-1, 1))
-                shape = (n, 1, 1, size) if dim == 3 else (n, 1, size, 1)
-                x = x.masked_fill(hidden.view(shape), 0.0)
-        return x
+        hidden_frames = self._masks(n, frames, self.time_masks, self.time_mask_frames, generator, x.device)
+        hidden_bins = self._masks(n, bins, self.freq_masks, self.freq_mask_bins, generator, x.device)
+        return x.masked_fill(hidden_bins.view(n, 1, bins, 1) | hidden_frames.view(n, 1, 1, frames), 0.0)
 
-    def _crop(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    @staticmethod
+    def _masks(n: int, size: int, count: int, width: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """(n, size): True where one of each row's `count` masks, each of a width uniform in [0, width], lies."""
+        hidden = torch.zeros(n, size, dtype=torch.bool, device=device)
+        position = torch.arange(size, device=device).view(1, -1)
+        for _ in range(count if width else 0):
+            none = torch.zeros(n, dtype=torch.long, device=device)
+            widths = _integers(none, torch.full((n,), min(width, size), device=device), generator)
+            starts = _integers(none, size - widths, generator)
+            hidden |= (position >= starts.view(-1, 1)) & (position < (starts + widths).view(-1, 1))
+        return hidden
+
+    def _play_window(self, x: torch.Tensor, rate: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """The clip window of each recording played `rate` times as fast (None: as recorded), at a random place in
+        it with `time_shift`. Speed and window in one pass: only the window's samples are interpolated."""
         n, stored = x.shape
         clip = self.clip_samples
         if self.time_shift:
-            spare = content_length(x) - clip  # > 0: a longer recording to crop; < 0: room to shift a shorter one
+            played = self._content_length(x)
+            if rate is not None:
+                played = (played / rate).ceil().long()  # the played recording's length, in samples
+            spare = played - clip  # > 0: a longer recording to crop; < 0: room to shift a shorter one
             starts = _integers(spare.clamp(max=0), spare.clamp(min=0), generator)
         else:
             starts = torch.zeros(n, dtype=torch.long, device=x.device)
-        index = starts.view(-1, 1) + torch.arange(clip, device=x.device).view(1, -1)
-        inside = (index >= 0) & (index < stored)
-        return x.gather(1, index.clamp(0, stored - 1)) * inside
+        index = starts.view(-1, 1) + torch.arange(clip, device=x.device).view(1, -1)  # samples of the played recording
+        if rate is not None:
+            return _interpolate(x, index * rate.view(-1, 1))
+        return x.gather(1, index.clamp(0, stored - 1)) * ((index >= 0) & (index < stored))
+
+    def _content_length(self, x: torch.Tensor) -> torch.Tensor:
+        """Every view of a batch reads the same waveforms: their lengths are found once, for the first."""
+        if self._lengths is None or self._lengths[0] is not x:
+            self._lengths = (x, content_length(x))
+        return self._lengths[1]
 
     def _add_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, dev = x.shape[0], x.device
@@ -120,13 +131,15 @@ class AudioAugment:
         return frozenset(name for name, on in active.items() if on)
 
 
-def _change_speed(x: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
-    """Each waveform played `rate` times as fast (linear interpolation; zeros past its end), at the same length."""
-    n, samples = x.shape
-    position = torch.arange(samples, device=x.device, dtype=x.dtype).view(1, -1) * rate.view(-1, 1).to(x.dtype)
-    grid_x = (2 * position + 1) / samples - 1  # align_corners=False coordinates of each output sample's source
-    grid = torch.stack([grid_x, torch.zeros_like(grid_x)], dim=-1).view(n, 1, samples, 2)
-    return F.grid_sample(x.view(n, 1, 1, samples), grid, mode="bilinear", padding_mode="zeros", align_corners=False).view(n, samples)
+def _interpolate(x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Each row of `x` (N, samples) read at fractional sample positions (N, M), linearly; zeros outside it."""
+    last = x.shape[1] - 1
+    left = position.floor().clamp_(0, last)
+    right_weight = (position - left).to(x.dtype)
+    left = left.long()
+    right = (left + 1).clamp_(max=last)
+    read = torch.lerp(x.gather(1, left), x.gather(1, right), right_weight)
+    return read.masked_fill_((position < 0) | (position > last), 0.0)
 
 
 @AUGMENTATIONS.register(modality="audio")
