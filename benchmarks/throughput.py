@@ -5,6 +5,7 @@ torchvision transforms in DataLoader workers), in a fresh subprocess each (so pe
   - data only: images/s of drawing augmented SimCLR view pairs, no model;
   - training: images/s of full steps (two views, forward, NT-Xent, backward, optimizer) after warm-up;
   - data share: data-only time per batch / training time per step (how much of a step the data could cost);
+    for audio also the log-mel front end's part of the data path (two views of a batch);
   - peak memory: host RSS (CPU) or CUDA allocator peak (GPU).
 
     python benchmarks/throughput.py                       # cnn, batch 256, both pipelines
@@ -88,6 +89,17 @@ def measure(
         drawn = next(source)
     sync()
     data_time = (time.perf_counter() - start) / steps
+    front_end = {}
+    if audio:  # of the data path, what the log-mel front end (part of every export) costs: two views a batch
+        clips = torch.randn(batch, t.train.front_end.clip_samples, device=dev) * 0.1
+        with torch.no_grad():
+            t.modality.normalize(clips, t.train)
+            sync()
+            start = time.perf_counter()
+            for _ in range(2 * steps):
+                t.modality.normalize(clips, t.train)
+            sync()
+        front_end = {"data_ms": data_time * 1000, "front_end_ms": (time.perf_counter() - start) / steps * 1000}
 
     # training
     if dev.type == "cuda":
@@ -126,6 +138,7 @@ def measure(
         "data_share": data_time / step_time,
         "peak_mb": peak,
         **tokens,
+        **front_end,
     }
 
 
@@ -183,6 +196,9 @@ def main() -> None:
     for r in rows:
         if "train_tokens_per_s" in r:
             print(f"{r['model']}, {r['precision']}: {r['train_tokens_per_s']:,.0f} tokens/s ({r['tokens_per_text']:.1f} tokens an article)")
+        if "front_end_ms" in r:
+            shares = f"the data path takes {r['data_ms']:.0f} ms a batch, the front end {r['front_end_ms']:.0f} ms of it"
+            print(f"{r['model']}, {r['precision']}: {shares}")
     print()
     for model, precision in itertools.product(args.models, args.precisions):
         by = {r["pipeline"]: r for r in rows if (r["model"], r["precision"]) == (model, precision)}
