@@ -79,9 +79,9 @@ class AudioAugment:
         """(n, size): True where one of each row's `count` masks, each of a width uniform in [0, width], lies."""
         hidden = torch.zeros(n, size, dtype=torch.bool, device=device)
         position = torch.arange(size, device=device).view(1, -1)
+        none, widest = torch.zeros(n, dtype=torch.long, device=device), torch.full((n,), min(width, size), device=device)
         for _ in range(count if width else 0):
-            none = torch.zeros(n, dtype=torch.long, device=device)
-            widths = _integers(none, torch.full((n,), min(width, size), device=device), generator)
+            widths = _integers(none, widest, generator)
             starts = _integers(none, size - widths, generator)
             hidden |= (position >= starts.view(-1, 1)) & (position < (starts + widths).view(-1, 1))
         return hidden
