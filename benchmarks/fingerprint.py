@@ -1,10 +1,13 @@
 """Fingerprint of a fixed-seed chain: every metric and a digest of every saved weight, to show that a change
 to transferctl's code changes no result.
 
-Runs the quickstart on the shipped sample, then (with real MNIST) a short chain through the shipped recipes:
-SimCLR pretraining -> k-NN evaluation -> semi-supervised fine-tune (pseudo-labels, alignment, label
+Runs the quickstart on the shipped sample, then (with the real data) short chains through the shipped recipes.
+Images (MNIST): SimCLR pretraining -> k-NN evaluation -> semi-supervised fine-tune (pseudo-labels, alignment, label
 propagation, weight averaging) -> evaluation -> export in every format; supervised pretraining -> the
-built-in fine-tune recipe -> evaluation; and a linear probe. Timings (images/s, seconds) are left out:
+built-in fine-tune recipe -> evaluation; a linear probe; a rotation regression and a scene segmentation
+fine-tune -> evaluation -> export. Audio (FSDD) and text (AG News, its tokenizer pinned with
+`data.tokenizer.path`, since a trained WordPiece vocabulary differs between processes): SimCLR pretraining ->
+k-NN evaluation -> semi-supervised fine-tune -> evaluation -> export. Timings (samples/s, seconds) are left out:
 everything else must be bit-identical between two versions of the code on the same machine.
 
     python benchmarks/fingerprint.py --data-dir ../shared/data --out before.json
@@ -25,12 +28,17 @@ from typing import Any
 
 import torch
 
-from transferctl.export import export_run
 from transferctl.recipes import evaluate, finetune, pretrain, quickstart
+
+try:  # 0.9 moved the export recipe beside the others
+    from transferctl.recipes.export import export_run
+except ImportError:
+    from transferctl.export import export_run
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
-TIMING_KEYS = {"images_per_s", "epoch_time_s", "duration_s", "peak_gpu_memory_mb"}
+TEXT_TOKENIZER = Path(__file__).resolve().parent / "results" / "fingerprint" / "ag_news_wordpiece_8000.json"
+TIMING_KEYS = {"images_per_s", "samples_per_s", "epoch_time_s", "duration_s", "peak_gpu_memory_mb"}
 
 
 def weights_digest(path: Path) -> str:
@@ -83,7 +91,7 @@ def chain(data_dir: Path | None, runs: Path) -> dict[str, Any]:
     results["finetune10"] = fingerprint(tuned.run_dir)
     results["finetune10/evaluate"] = fingerprint(evaluate(str(tuned.run_dir), runs_dir=runs).run_dir)
     exported = export_run(str(tuned.run_dir), ["torchscript", "onnx", "safetensors"], runs_dir=runs)
-    results["finetune10/export"] = {k: round(v, 9) if isinstance(v, float) else v for k, v in exported.metrics.items()}
+    results["finetune10/export"] = exported_metrics(exported)
     supervised = pretrain(CONFIGS / "supervised_mnist.yaml", [*root, "train.max_steps=30"], runs_dir=runs)
     results["supervised"] = fingerprint(supervised.run_dir)
     default = finetune(str(supervised.run_dir), None, ["train.max_steps=30"], runs_dir=runs)
@@ -91,6 +99,33 @@ def chain(data_dir: Path | None, runs: Path) -> dict[str, Any]:
     results["supervised/finetune/evaluate"] = fingerprint(evaluate(str(default.run_dir), runs_dir=runs).run_dir)
     probe = finetune(str(simclr.run_dir), CONFIGS / "linear_mnist.yaml", ["train.max_steps=20"], runs_dir=runs)
     results["linear"] = fingerprint(probe.run_dir)
+    dense = ["train.max_steps=20", "train.log_every=10", "data.labeled_samples=200"]
+    for label, config in (("regression", "regress_mnist_rotation.yaml"), ("segmentation", "segment_mnist_scenes.yaml")):
+        extra = ["data.train_scenes=400", "data.test_scenes=100"] if label == "segmentation" else []
+        dense_run = finetune(str(simclr.run_dir), CONFIGS / config, [*dense, *extra], runs_dir=runs)
+        results[label] = fingerprint(dense_run.run_dir)
+        results[f"{label}/evaluate"] = fingerprint(evaluate(str(dense_run.run_dir), runs_dir=runs).run_dir)
+        results[f"{label}/export"] = exported_metrics(export_run(str(dense_run.run_dir), ["torchscript", "onnx"], runs_dir=runs))
+    results.update(modality_chain("audio", "simclr_fsdd.yaml", "finetune10_fsdd.yaml", root, [], runs))
+    text = [f"data.tokenizer.path={TEXT_TOKENIZER}"]
+    results.update(modality_chain("text", "simclr_ag_news.yaml", "finetune10_ag_news.yaml", root, text, runs))
+    return results
+
+
+def exported_metrics(exported: Any) -> dict[str, Any]:
+    return {k: round(v, 9) if isinstance(v, float) else v for k, v in exported.metrics.items()}
+
+
+def modality_chain(label: str, pretrain_config: str, finetune_config: str, root: list[str], extra: list[str], runs: Path) -> dict[str, Any]:
+    """SimCLR pretraining -> k-NN -> a semi-supervised fine-tune -> evaluation -> export, a few steps each."""
+    short = ["train.max_steps=12", "train.log_every=4", "data.batch_size=64"]
+    source = pretrain(CONFIGS / pretrain_config, [*root, *short, *extra], runs_dir=runs)
+    results = {f"{label}/simclr": fingerprint(source.run_dir)}
+    results[f"{label}/simclr/knn"] = fingerprint(evaluate(str(source.run_dir), runs_dir=runs).run_dir)
+    tuned = finetune(str(source.run_dir), CONFIGS / finetune_config, ["train.max_steps=12", "train.log_every=4"], runs_dir=runs)
+    results[f"{label}/finetune10"] = fingerprint(tuned.run_dir)
+    results[f"{label}/finetune10/evaluate"] = fingerprint(evaluate(str(tuned.run_dir), runs_dir=runs).run_dir)
+    results[f"{label}/finetune10/export"] = exported_metrics(export_run(str(tuned.run_dir), ["torchscript", "onnx"], runs_dir=runs))
     return results
 
 
