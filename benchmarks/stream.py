@@ -168,7 +168,9 @@ def run_pretrain(data: list[str], steps: int, cache: Path, runs: Path) -> dict:
     result = json.loads(stdout)
     if process.returncode != 0:
         raise SystemExit(f"pretrain failed: {result.get('error')}")
-    return {"first_step_s": first_step[0], "images_per_s": result["metrics"]["images_per_s"], "peak_pss_mb": peak[0]}
+    metrics = result["metrics"]
+    rate = metrics.get("samples_per_s", metrics.get("images_per_s"))  # transferctl 0.8 and earlier: images_per_s
+    return {"first_step_s": first_step[0], "images_per_s": rate, "peak_pss_mb": peak[0]}
 
 
 def summarized(results: list[dict]) -> dict:

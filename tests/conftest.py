@@ -111,3 +111,23 @@ train: {{epochs: 2, log_every: 2, device: cpu}}
 @pytest.fixture
 def simclr_config(tmp_path, digits_root) -> Path:
     return write_config(tmp_path / "simclr.yaml", SMALL_SIMCLR.format(root=digits_root))
+
+
+@pytest.fixture
+def registries_restored(tmp_path, monkeypatch):
+    """Plugins register into process-wide registries: the registries, sys.path and the plugin modules are as they
+    were after the test."""
+    from transferctl.components import load_components
+    from transferctl.registry import REGISTRIES
+
+    load_components()
+    saved = {kind: dict(registry._entries) for kind, registry in REGISTRIES.items()}
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    modules = set(sys.modules)
+    yield
+    for kind, registry in REGISTRIES.items():
+        registry._entries.clear()
+        registry._entries.update(saved[kind])
+    for name in set(sys.modules) - modules:
+        if name.startswith("transferctl_plugin_") or str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,13 +84,44 @@ def test_editing_a_recipe_measures_again_only_the_cells_that_ran_it(label_effici
     assert measure() == ["finetune10_digits"] * 4  # 10/class with and without the unlabeled images, 2 seeds each
 
 
-def test_the_throughput_benchmark_measures_a_pipeline_through_the_assembly_layer():
+def test_the_throughput_benchmark_measures_a_pipeline_through_the_assembly_layer(monkeypatch):
+    """On a fake clock (no wall-clock comparison, which a busy machine turns around): drawing a batch takes 1 tick,
+    a step's loss 10 and its optimizer step 100, so the rates say exactly what work each phase timed."""
+    from transferctl import build
+
     spec = importlib.util.spec_from_file_location("throughput", BENCHMARK.parent / "throughput.py")
     throughput = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(throughput)
-    row = throughput.measure("cnn", "memory", "32", batch=32, steps=1, warmup=1, workers=0, device="cpu")
+    clock, assembled = [0.0], []
+    build_training = build.build_training
+
+    def ticking(cfg, **options):
+        t = build_training(cfg, **options)
+        assembled.append(t)
+        batches, loss = t.pipeline.batches, t.objective.loss
+
+        def drawn(epoch):
+            for batch in batches(epoch):
+                clock[0] += 1
+                yield batch
+
+        def stepped(*args):
+            clock[0] += 10
+            return loss(*args)
+
+        t.pipeline.batches, t.objective.loss = drawn, stepped
+        t.optimizer.register_step_post_hook(lambda *_: clock.__setitem__(0, clock[0] + 100))
+        return t
+
+    monkeypatch.setattr(build, "build_training", ticking)
+    monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    row = throughput.measure("cnn", "memory", "32", batch=32, steps=2, warmup=1, workers=0, device="cpu")
+    assert len(assembled) == 1  # built by the assembly layer, as `transferctl pretrain` builds a run
     assert (row["pipeline"], row["data"], row["batch"]) == ("memory", "mnist_sample", 32)
-    assert row["train_images_per_s"] > 0 and row["data_images_per_s"] > row["train_images_per_s"]
+    # data only: the timed draws (not the warm-up's), 1 tick a batch; training: the timed steps, each a draw, a loss
+    # and an optimizer step (1 + 10 + 100 ticks)
+    assert row["data_images_per_s"] == 32 / 1 and row["train_images_per_s"] == 32 / 111
+    assert row["data_share"] == pytest.approx(1 / 111)
 
 
 def test_the_dense_tasks_benchmark_runs_its_cells_through_the_recipes(tmp_path):

@@ -162,6 +162,11 @@ def test_sizes_and_seeds_are_bounded(tmp_path, override):
     assert message.startswith(f"override '{override}'")
 
 
-@pytest.mark.parametrize("override", ["model.hidden_dim=0", "head.dropout=2"])
-def test_mlp_and_head_sizes_are_bounded(tmp_path, override):
-    error_of(write(tmp_path, "method: supervised\ndata: {name: mnist}\nmodel: {name: mlp}\n"), [override])
+@pytest.mark.parametrize(
+    ("override", "key", "bound"),
+    [("model.hidden_dim=0", "model.hidden_dim", "greater than 0 (got 0)"), ("head.dropout=2", "head.dropout", "less than 1 (got 2)")],
+)
+def test_mlp_and_head_sizes_are_bounded(tmp_path, override, key, bound):
+    message = error_of(write(tmp_path, "method: supervised\ndata: {name: mnist}\nmodel: {name: mlp}\n"), [override])
+    # the override, the key it set, and the fix: the bound the value must keep (and the value it got)
+    assert message.startswith(f"override '{override}': {key}: ") and message.endswith(bound), message

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import make_mnist_root, write_config
-from transferctl import export as export_module
+from transferctl.recipes import export as export_module
 from transferctl.build import build_network
 from transferctl.config import load_config
 from transferctl.data import load_split

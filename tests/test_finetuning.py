@@ -15,12 +15,14 @@ from transferctl.config import DataConfig, load_config
 from transferctl.data import NO_LABEL, BatchAugment, load_split, load_unlabeled, split_train_val
 from transferctl.data.pipeline import UnlabeledStream
 from transferctl.engine.averaging import WeightAverage
-from transferctl.engine.evaluate import classify, embed
-from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
-from transferctl.engine.propagation import propagate_labels
+from transferctl.engine.evaluate import embed
 from transferctl.errors import ConfigError
+from transferctl.methods.finetune.propagation import propagate_labels
+from transferctl.methods.finetune.pseudo_labels import PseudoLabels
+from transferctl.methods.finetune.weight_anchor import WeightAnchor
 from transferctl.modalities import modality_named
 from transferctl.recipes import finetune, finetune_config, pretrain
+from transferctl.tasks.classification import classify
 
 IMAGE = modality_named("image")
 

@@ -45,7 +45,7 @@ def test_an_old_run_resumes_exactly(cli, runs, tmp_path):
     fresh = _ok(cli("pretrain", "-c", FIXTURE / "tiny.yaml", "train.max_steps=6", "--runs-dir", tmp_path / "fresh", "--json"))
     old, new = _weights(runs / PRETRAIN), _weights(Path(fresh["run_dir"]))
     assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
-    assert torch.load(runs / PRETRAIN / "checkpoints" / "last.pt", weights_only=True)["format"] == 2
+    assert torch.load(runs / PRETRAIN / "checkpoints" / "last.pt", weights_only=True)["format"] == 3
 
 
 def test_an_old_run_serves_as_from_and_its_fine_tune_evaluates_and_exports_as_before(cli, runs):

@@ -149,7 +149,7 @@ def test_tensorboard_event_files(cli, simclr_config, tmp_path):
     accumulator = event_accumulator.EventAccumulator(str(events))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
-    assert {"step/loss", "step/lr", "step/images_per_s", "epoch/train_loss", "epoch/val_loss"} <= tags
+    assert {"step/loss", "step/lr", "step/samples_per_s", "epoch/train_loss", "epoch/val_loss"} <= tags
     assert [e.step for e in accumulator.Scalars("step/loss")] == [1, 2, 3, 4]
     (last,) = accumulator.Scalars("epoch/val_loss")
     assert last.step == 4 and last.value == pytest.approx(run["metrics"]["val_loss"], rel=1e-6)

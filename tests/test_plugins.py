@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from transferctl import plugins
-from transferctl.registry import REGISTRIES, load_components
+from transferctl.components import load_components
+from transferctl.registry import REGISTRIES
 
 TINY_MODEL = '''
 from torch import nn

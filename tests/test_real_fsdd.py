@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from transferctl.registry import DATASETS, load_components
+from transferctl.components import load_components
+from transferctl.registry import DATASETS
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ["TRANSFERCTL_DATA_DIR"]).resolve() if os.environ.get("TRANSFERCTL_DATA_DIR") else None

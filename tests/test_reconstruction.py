@@ -87,7 +87,8 @@ def test_denoising_corrupts_the_input_and_reconstructs_the_clean_image():
     "model, options, shape", [("cnn", {"widths": (8, 16, 32)}, (1, 28, 28)), ("resnet18", {"small_images": False}, (3, 40, 40))]
 )
 def test_the_decoder_gives_back_the_input_shape(model, options, shape):
-    from transferctl.registry import MODELS, load_components
+    from transferctl.components import load_components
+    from transferctl.registry import MODELS
 
     load_components()
     encoder = MODELS.build(model, options, in_channels=shape[0], image_size=shape[-1])

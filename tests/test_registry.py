@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import PositiveInt
 
+from transferctl.components import load_components
 from transferctl.errors import ConfigError
-from transferctl.registry import REGISTRIES, Registry, load_components
+from transferctl.registry import REGISTRIES, Registry
 
 
 def make_registry() -> Registry:
@@ -58,36 +59,41 @@ def test_build_passes_only_the_context_a_component_takes():
     assert widgets.build("large", {}, in_channels=1) == ("large",)
 
 
-def test_every_kind_the_cli_lists_is_populated():
+# The one list of the built-in components (test_cli.py checks the CLI's listing against the registries, not this list).
+BUILT_IN = {
+    "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
+    "tasks": {"classification", "regression", "segmentation"},
+    "modalities": {"image", "audio", "text"},
+    "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
+    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor"},
+    "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy"},
+    "optimizers": {"sgd", "adam", "adamw", "lars"},
+    "schedulers": {"cosine", "constant"},
+    "datasets": {
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+        "image_folder",
+        "mnist_sample",
+        "mnist_rotation",
+        "regression_folder",
+        "mnist_scenes",
+        "segmentation_folder",
+        "shards",
+        "fsdd",
+        "audio_folder",
+        "ag_news",
+        "text_csv",
+    },
+    "augmentations": {"simclr", "light", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
+}
+
+
+def test_the_built_in_components_of_every_kind():
     load_components()
-    expected = {
-        "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
-        "tasks": {"classification", "regression", "segmentation"},
-        "modalities": {"image", "audio", "text"},
-        "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
-        "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor"},
-        "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy"},
-        "optimizers": {"sgd", "adam", "adamw", "lars"},
-        "schedulers": {"cosine", "constant"},
-        "datasets": {
-            "mnist",
-            "fashion_mnist",
-            "cifar10",
-            "image_folder",
-            "mnist_sample",
-            "mnist_rotation",
-            "regression_folder",
-            "mnist_scenes",
-            "segmentation_folder",
-            "fsdd",
-            "audio_folder",
-            "ag_news",
-            "text_csv",
-        },
-        "augmentations": {"simclr", "light", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
-    }
-    for kind, names in expected.items():
-        assert names <= set(REGISTRIES[kind].names()), kind
+    assert set(REGISTRIES) == set(BUILT_IN)
+    for kind, names in BUILT_IN.items():
+        assert {entry.name for entry in REGISTRIES[kind] if entry.origin == "builtin"} == names, kind
 
 
 def test_context_names_are_per_kind():
@@ -110,3 +116,23 @@ def test_the_encoder_learning_rate_scale_reaches_the_optimizer():
         assert group["lr"] == pytest.approx(0.02 if is_encoder else 0.2)
     biases = [g for g in optimizer.param_groups if all(p.ndim == 1 for p in g["params"])]
     assert biases and all(g["weight_decay"] == 0.0 for g in biases)  # no decay on biases and norm weights
+
+
+def test_a_model_registers_what_it_gives_beyond_pooled_features():
+    """`gives` (what build.py's errors list as the encoders that fit a head's `reads`) is what the built encoders have."""
+    from transferctl.models.hf import HuggingFaceEncoder
+
+    load_components()
+    models = REGISTRIES["models"]
+    context = dict(in_channels=1, image_size=28, sequence_features=16, vocab_size=50, pad_id=0, max_length=16, vocabulary=None)
+    for entry in models:
+        gives = set(entry.meta.get("gives", ()))
+        if entry.name == "hf":  # built from a checkpoint folder: its encoder class says
+            assert gives == {"token_features"} and hasattr(HuggingFaceEncoder, "token_features")
+            continue
+        encoder = models.build(entry.name, entry.validate({}, "model"), **context)
+        has = {"feature_maps"} if getattr(encoder, "stage_channels", ()) else set()
+        has |= {"token_features"} if hasattr(encoder, "token_features") else set()
+        assert gives == has, entry.name
+    assert models.names_with("gives", "feature_maps") == ["cnn", "resnet18"]
+    assert models.names_with("gives", "token_features") == ["gru", "hf", "lstm", "transformer"]

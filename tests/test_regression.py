@@ -14,10 +14,10 @@ from PIL import Image
 
 from tests.conftest import write_config
 from tests.test_resume import killed_and_resumed
-from transferctl.config import load_config
-from transferctl.data import load_training_data
+from transferctl.components import load_components
+from transferctl.config import DataConfig, load_config
+from transferctl.data import load_split, load_training_data
 from transferctl.data.regression import rotate
-from transferctl.registry import load_components
 from transferctl.tasks.regression import regression_metrics
 
 ROTATION = """\
@@ -82,7 +82,7 @@ def test_labeled_samples_is_a_seeded_reproducible_subset(digits_root):
 def test_a_regressor_trains_evaluates_and_exports_in_the_targets_units(cli, tmp_path, digits_root):
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "rotation.yaml", ROTATION.format(root=digits_root))
-    tuned = _ok(cli("finetune", "-c", config, "--runs-dir", runs, "--json"))
+    tuned = _ok(cli("finetune", "-c", config, "data.batch_size=16", "--runs-dir", runs, "--json"))  # 39 steps: room to learn
     checkpoint = torch.load(Path(tuned["run_dir"]) / "checkpoints" / "best.pt", weights_only=True)
     fitted = checkpoint["task"]
     assert fitted["target_names"] == ["angle"] and 15 < fitted["std"][0] < 35
@@ -91,7 +91,11 @@ def test_a_regressor_trains_evaluates_and_exports_in_the_targets_units(cli, tmp_
     evaluation = _ok(cli("evaluate", "--from", tuned["run_id"], "--runs-dir", runs, "--json"))
     metrics = evaluation["metrics"]
     assert {"mean_abs_error", "rmse", "r2"} <= set(metrics) and metrics["rmse"] >= metrics["mean_abs_error"]
-    assert metrics["mean_abs_error"] < 22.5  # better than always guessing 0 (uniform angles: 22.5 degrees)
+    # better than any constant guess: r2 > 0 beats the test angles' own mean (in squared error), and the mean absolute
+    # error beats always guessing 0 (21.2 degrees on these test angles; 22.5 expected of uniform ones). This run: r2 0.2,
+    # 18.9 degrees
+    angles = load_split(DataConfig(name="mnist_rotation", root=str(digits_root)), train=False).targets[:, 0]
+    assert metrics["r2"] > 0.1 and metrics["mean_abs_error"] < 0.95 * angles.abs().mean().item()
     saved = json.loads((Path(evaluation["run_dir"]) / "regression.json").read_text())
     assert saved["targets"]["angle"]["mean_abs_error"] == pytest.approx(metrics["mean_abs_error"])
     assert (Path(evaluation["run_dir"]) / "regression.png").is_file()

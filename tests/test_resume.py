@@ -272,19 +272,23 @@ def test_a_run_killed_after_its_last_checkpoint_is_closed_by_resume(cli, config,
 
 
 def test_on_nan_may_change_on_resume_and_large_seeds_work_with_the_loader(cli, config, tmp_path):
-    runs = tmp_path / "runs"
-    done = cli(
-        "pretrain",
-        "-c",
-        config,
-        "train.max_steps=2",
-        "train.seed=2000000",
-        "data.pipeline=loader",
-        "data.num_workers=0",
-        "--runs-dir",
-        runs,
-        "--json",
-    )
+    # a constant learning rate: a run of 2 steps extended to 3 steps at the same rates as a run of 3
+    runs, loader = tmp_path / "runs", ["train.seed=2000000", "data.pipeline=loader", "data.num_workers=0", "scheduler.name=constant"]
+    done = cli("pretrain", "-c", config, "train.max_steps=2", *loader, "--runs-dir", runs, "--json")
     assert done.code == 0, done.stderr
     resumed = cli("pretrain", "--resume", done.json["run_dir"], "train.on_nan=skip", "train.max_steps=3", "--runs-dir", runs, "--json")
     assert resumed.code == 0, resumed.stderr
+    run_dir = Path(done.json["run_dir"])
+    assert resumed.json["run_dir"] == str(run_dir) and resumed.json["metrics"]["step"] == 3  # the same run, extended
+    # the change is recorded, and the run's config (what a later resume starts from) now says skip
+    assert [r["changed"] for r in json.loads((run_dir / "summary.json").read_text())["resumes"]] == [
+        {"train.max_steps": [2, 3], "train.on_nan": ["stop", "skip"]}
+    ]
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    assert (stored["on_nan"], stored["seed"], stored["max_steps"]) == ("skip", 2000000, 3)
+    # and it goes on exactly where it stopped, on the loader with a seed whose per-sample seeds pass 2**63 before they
+    # are reduced: it equals one run straight through
+    whole = cli("pretrain", "-c", config, "train.max_steps=3", *loader, "--runs-dir", tmp_path / "whole", "--json")
+    assert whole.code == 0, whole.stderr
+    a, b = final_state(Path(whole.json["run_dir"])), final_state(run_dir)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -55,7 +55,7 @@ def test_checkpoints_round_trip_with_weights_only(tmp_path):
     run = make_run(tmp_path / "runs")
     path = run.save_checkpoint("last", _checkpoint(torch.ones(2)))
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == 2 and "training" not in raw and raw["task"] == {}
+    assert raw["format"] == 3 and "training" not in raw and raw["task"] == {}
     state = load_checkpoint(path)
     assert state.step == 3 and torch.equal(state.model["w"], torch.ones(2)) and state.training is None
 
@@ -81,7 +81,7 @@ def test_a_format_1_checkpoint_reads_as_format_2(tmp_path):
     assert state.training == {"position": position, "optimizer": {"state": {}}, "world_size": 1} and state.task == {}
 
 
-@pytest.mark.parametrize("version", [0, 3, None])
+@pytest.mark.parametrize("version", [0, 4, None])
 def test_a_checkpoint_of_another_format_names_its_version(tmp_path, version):
     torch.save({"format": version, "model": {}}, tmp_path / "other.pt")
     with pytest.raises(UsageError, match=f"checkpoint format {version if version is not None else 'unknown'} is not one that transferctl"):

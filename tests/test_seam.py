@@ -4,6 +4,7 @@ end, with no change to transferctl; encoders give their stage feature maps; what
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import write_config
-from transferctl.registry import REGISTRIES, load_components
+from transferctl.components import load_components
+from transferctl.registry import REGISTRIES
 
 SEAM_PLUGIN = '''
 """A pretext method (which quarter turn was an image given?) and a task (a digit's value, as a number)."""
@@ -363,12 +365,21 @@ class Taskless(Method):
     trains_task = True
 
 
+CALLS = []  # what jitter was given: each batch's shape, and the generator it drew with
+
+
 @AUGMENTATIONS.register(modality="image")
-def jitter(hflip_default: bool, amount: float = 0.1):
-    '''Noise on whole batches: a plain callable, with no per-sample form.'''
+def jitter(hflip_default: bool, amount: float = 0.1, level: float | None = None):
+    '''Noise on whole batches: a plain callable, with no per-sample form (with `level`: every pixel that grey).'''
     import torch
 
-    return lambda x, generator: (x + amount * torch.randn(x.shape, generator=generator, device=x.device)).clamp(0, 1)
+    def augment(x, generator):
+        CALLS.append((tuple(x.shape), generator))
+        if level is not None:
+            return torch.full_like(x, level)
+        return (x + amount * torch.randn(x.shape, generator=generator, device=x.device)).clamp(0, 1)
+
+    return augment
 """
 
 
@@ -398,9 +409,18 @@ def test_a_plain_callable_augmentation_trains_on_the_memory_pipeline(cli, tmp_pa
         "-c",
         simclr_config,
         "data.augment.name=jitter",
+        "data.augment.level=0.5",
         "train.max_steps=2",
         "--runs-dir",
         tmp_path / "runs",
         "--json",
     )
     assert result.code == 0, result.stderr
+    # the memory pipeline calls it on whole batches of decoded images, with its own generator, once per view
+    calls = sys.modules["edge_plugin"].CALLS
+    assert [shape for shape, _ in calls[:4]] == [(64, 1, 28, 28)] * 4
+    assert all(isinstance(generator, torch.Generator) for _, generator in calls)
+    # and the model trains on what it returns: blank views make every image's embedding the same, so each step's
+    # NT-Xent is exactly log(2 * 64 - 1) (its views' similarity no higher than any other's)
+    (row,) = [json.loads(line) for line in (Path(result.json["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert row["step"] == 2 and row["train_loss"] == pytest.approx(math.log(2 * 64 - 1), rel=1e-4), (row, calls)

@@ -105,8 +105,9 @@ def test_scenes_are_seeded_and_their_masks_mark_the_strokes():
     labels = torch.tensor([4, 7, 9])
     first = compose_scenes(digits, labels, 20, 64, 4, torch.Generator().manual_seed(5))
     again = compose_scenes(digits, labels, 20, 64, 4, torch.Generator().manual_seed(5))
-    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
-    images, masks = first
+    assert torch.equal(first.images, again.images) and torch.equal(first.masks, again.masks)
+    assert all(torch.equal(a, b) for a, b in zip(first.boxes + first.labels, again.boxes + again.labels, strict=True))
+    images, masks = first.images, first.masks
     assert set(masks.unique().tolist()) <= {0, 5, 8, 10}  # a digit's class + 1; 0 the background
     assert ((images[:, 0] >= 128) == (masks > 0)).all()  # a stroke pixel is a masked pixel, and only those
 
@@ -116,12 +117,21 @@ def test_scenes_are_seeded_and_their_masks_mark_the_strokes():
 def test_a_segmenter_trains_evaluates_and_exports_with_pixel_agreement(cli, tmp_path, digits_root, head, epochs):
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "scenes.yaml", SCENES.format(root=digits_root, head=head, epochs=epochs))
-    tuned = _ok(cli("finetune", "-c", config, "--runs-dir", runs, "--json"))
+    tuned = _ok(cli("finetune", "-c", config, "optimizer.lr=0.01", "--runs-dir", runs, "--json"))  # 9 or 24 steps: learn fast
     assert {"val_miou", "val_pixel_accuracy", "best_val_miou"} <= set(tuned["metrics"])
     evaluation = _ok(cli("evaluate", "--from", tuned["run_id"], "--runs-dir", runs, "--json"))
-    assert 0 < evaluation["metrics"]["miou"] <= 1 and evaluation["metrics"]["pixel_accuracy"] > 0.5  # mostly background
     saved = json.loads((Path(evaluation["run_dir"]) / "confusion.json").read_text())
-    assert len(saved["classes"]) == 11 and np.array(saved["pixel_confusion"]).sum() == 16 * 32 * 32
+    confusion = np.array(saved["pixel_confusion"])  # rows the true class, columns the predicted
+    assert len(saved["classes"]) == 11 and confusion.sum() == 16 * 32 * 32
+    reported = iou_metrics(torch.from_numpy(confusion))
+    assert evaluation["metrics"]["miou"] == pytest.approx(reported["miou"])
+    assert evaluation["metrics"]["pixel_accuracy"] == pytest.approx(reported["pixel_accuracy"])
+    # it learnt where the digits are: the IoU of digit pixels (any digit's class) against the background. Background
+    # everywhere scores 0 here (and a pixel accuracy of 0.82, the background's share), a digit everywhere 0.18, the
+    # untrained network 0.4-0.5 (it tells bright strokes from dark); these runs 0.77-0.83. (Which digit is not learnt
+    # in so few steps.)
+    hits, digits, guessed = confusion[1:, 1:].sum(), confusion[1:].sum(), confusion[:, 1:].sum()
+    assert hits / (digits + guessed - hits) > 0.6 and hits / digits > 0.8, confusion
     assert (Path(evaluation["run_dir"]) / "segmentation.png").is_file()
     export = _ok(cli("export", "--from", tuned["run_id"], "--format", "torchscript", "--format", "onnx", "--runs-dir", runs, "--json"))
     assert all(p["passed"] and p["pixel_agreement"] >= 0.999 and p["top1_agreement"] is None for p in export["parity"].values())

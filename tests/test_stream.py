@@ -344,7 +344,8 @@ def _evaluation_data():
 def _evaluations(folder: Path) -> dict:
     """Every sharded protocol on in-memory data, on a streamed folder, and on one sample (fewer than the ranks);
     `seen` counts the samples the model saw in each, which a rank's share bounds."""
-    from transferctl.engine.evaluate import classify, knn_accuracy, predict
+    from transferctl.engine.evaluate import knn_accuracy, predict
+    from transferctl.tasks.classification import classify
     from transferctl.tasks.segmentation import segment
 
     torch.manual_seed(0)

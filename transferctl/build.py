@@ -18,7 +18,7 @@ from torch import nn
 from transferctl import checkpoints, events
 from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config
-from transferctl.data import BatchAugment, Samples, load_split, load_training_data
+from transferctl.data import BatchAugment, Samples, data_root, load_split, load_training_data
 from transferctl.data.datasets import TrainingData
 from transferctl.data.pipeline import LoaderPipeline, Pipeline, make_pipeline
 from transferctl.distributed import world
@@ -27,7 +27,7 @@ from transferctl.errors import ConfigError, UsageError
 from transferctl.methods import Method, Parts, method_of
 from transferctl.modalities import Modality, dataset_modality, modality_named
 from transferctl.models import Network, weights
-from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS
+from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULERS
 from transferctl.runs import RunRecord
 
 # --------------------------------------------------------------------------- components
@@ -52,12 +52,12 @@ def build_network(cfg: Config, sample_shape: tuple[int, ...], num_outputs: int, 
     if reads == "feature_maps" and not getattr(encoder, "stage_channels", ()):
         raise ConfigError(
             f"head.name: head '{cfg.head.name}' reads an encoder's stage feature maps, and model '{cfg.model.name}' has none; "
-            f"use an encoder with stages (cnn, resnet18)"
+            f"use an encoder with stages ({', '.join(MODELS.names_with('gives', 'feature_maps'))})"
         )
     if reads == "token_features" and not hasattr(encoder, "token_features"):
         raise ConfigError(
             f"head.name: head '{cfg.head.name}' reads an encoder's features at every token, and model '{cfg.model.name}' has none; "
-            f"use a sequence encoder (gru, lstm, transformer, hf)"
+            f"use a sequence encoder ({', '.join(MODELS.names_with('gives', 'token_features'))})"
         )
     head = HEADS.build(
         cfg.head.name,
@@ -211,6 +211,7 @@ class Training:
     settings: Settings
     notes: list[str] = field(default_factory=list)  # options that have no effect as configured
     task_state: dict[str, Any] = field(default_factory=dict)  # what the task fitted on the training split
+    data_root: Path = field(kw_only=True)  # the folder the data set was read from (data.root, else the default)
 
     @property
     def train(self) -> Samples:
@@ -237,7 +238,9 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     events.check_available(cfg.train.tensorboard)
     torch.manual_seed(cfg.train.seed)
     modality = modality_of_config(cfg)
-    data = load_training_data(cfg.data, labelled_subset=method.uses_labels, unlabeled=method.wants_unlabeled_pool(cfg))
+    data = load_training_data(
+        cfg.data, labelled_subset=method.uses_labels, unlabeled=method.wants_unlabeled_pool(cfg), target_kind=task_target_kind(method)
+    )
     notes = method.notes(cfg)
     if cfg.finetune.source and modality.inherits_fitted_state:
         data, note = _read_as_source(data, modality, cfg.finetune.source)
@@ -270,7 +273,9 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     optimizer = build_optimizer(cfg, parameter_groups(network, lr_scale, encoder_weight_decay=encoder_decay))
     criterion = build_loss(cfg)
     starting = (lambda: weights.starting_encoder_state(cfg, build_encoder(cfg, context))) if weights.has_pretrained_encoder(cfg) else None
-    parts = Parts(cfg, device, modality, data.train, val, data.unlabeled, network, forward, criterion, augment, channels_last, starting)
+    parts = Parts(
+        cfg, device, modality, data.train, val, data.unlabeled, network, forward, criterion, augment, channels_last, steps.total, starting
+    )
     objective = method.objective(parts)
     scheduler = build_scheduler(cfg, optimizer, steps.total)
     pipeline = build_pipeline(cfg, data.train, augment, modality, device, views=method.views, drop_last=steps.drop_last)
@@ -289,7 +294,13 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         settings_of(cfg, steps),
         notes,
         task_state,
+        data_root=data_root(cfg.data),
     )
+
+
+def task_target_kind(method: Method) -> str | None:
+    """The kind of target the method's task trains on (what a data set that can give several gives); None without a task."""
+    return method.task.target_kind if method.task is not None else None
 
 
 def _read_as_source(data: TrainingData, modality: Modality, source: str) -> tuple[TrainingData, str | None]:
@@ -302,18 +313,14 @@ def _read_as_source(data: TrainingData, modality: Modality, source: str) -> tupl
 
 
 def _check_targets(cfg: Config, method: Method, train: Samples) -> None:
-    """A task trains on one kind of target; the data set must have it. A method that learns from labels needs some."""
+    """A method that learns from labels needs some."""
     if method.uses_labels and train.target_kind == "class" and not train.num_classes:
         raise ConfigError(
             f"method: '{cfg.method.name}' learns from labels, and data set '{cfg.data.name}' has none here (no label column); "
-            f"set data.label_column, or pretrain with a method that uses no labels (mlm, simclr)"
+            f"set data.label_column, or pretrain with a method that uses no labels "
+            f"({', '.join(e.name for e in METHODS if e.fn.command == 'pretrain' and not e.fn.uses_labels)})"
         )
-    task = method.task
-    if task is not None and train.target_kind != task.target_kind:
-        raise ConfigError(
-            f"task: '{cfg.task.name}' trains on targets of kind '{task.target_kind}', and data set '{cfg.data.name}' has "
-            f"'{train.target_kind}'; pick a data set with {task.target_kind} targets, or another task"
-        )
+    # the task's kind of target was asked of the data set and checked when it was read (`load_split`)
 
 
 def _check_augment_keeps_targets(cfg: Config, task: Any, augment: BatchAugment) -> None:
@@ -349,8 +356,10 @@ def _check_fits(network: Network, cfg: Config, data: Samples, modality: Modality
 
 @dataclass
 class Trained:
-    """A trained run read back: its config, checkpoint, method and network with the checkpoint's weights, and its
-    data splits read as the training split was (its classes, its fitted state)."""
+    """A trained run read back: its config, checkpoint, method and network with the checkpoint's weights, its data
+    splits read as the training split was (its classes, its fitted state), and `fitted`: the checkpoint's `data`
+    (classes, target names, the modality's fitted state, with an older format's decoding filled in), what
+    `Modality.read` decodes new inputs with."""
 
     record: RunRecord
     cfg: Config
@@ -360,12 +369,13 @@ class Trained:
     network: Network
     device: torch.device
     splits: dict[bool, Samples]
+    fitted: dict[str, Any] = field(default_factory=dict)
 
     def split(self, train: bool) -> Samples:
         """The whole train or test split, as trained, on the run's device (read once)."""
         if train not in self.splits:
             self.splits[train] = as_trained(
-                load_split(self.cfg.data, train=train, fitted=self.checkpoint.data), self.checkpoint, self.modality, str(self.record.path)
+                load_split(self.cfg.data, train=train, fitted=self.checkpoint.data, target_kind=task_target_kind(self.method)), self.checkpoint, self.modality, str(self.record.path)
             ).to(self.device)
         return self.splits[train]
 
@@ -388,6 +398,64 @@ def as_trained(data: Samples, checkpoint: Checkpoint, modality: Modality, where:
     return modality.as_trained(data, trained)
 
 
+def network_record(method: Method, train: Samples) -> dict[str, Any]:
+    """What rebuilding a run's network needs beyond its config and fitted state (a checkpoint's `network`): the shape
+    of one model input and the head's outputs."""
+    return {"sample_shape": list(train.sample_shape), "num_outputs": method.num_outputs(train)}
+
+
+def trained_fitted(checkpoint: Checkpoint, cfg: Config) -> dict[str, Any]:
+    """A checkpoint's `data`; from a format before 3, with the decoding it did not record filled in as its data set
+    decoded then (`Modality.completed_fitted`: from the data options and the data set's registration)."""
+    if checkpoint.format >= 3:
+        return dict(checkpoint.data)
+    from transferctl.registry import DATASETS
+
+    meta = DATASETS.get(cfg.data.name, where="data").meta
+    return modality_of_config(cfg).completed_fitted(checkpoint.data, cfg.data.options, meta)
+
+
+def recorded_sizes(checkpoint: Checkpoint, cfg: Config, fitted: dict[str, Any]) -> tuple[tuple[int, ...] | None, int]:
+    """(shape of one model input, the head's outputs) as the checkpoint records them: format 3's `network`; before,
+    the fitted state's shape (None where it says none: an image run's without a configured image size) and the
+    method's outputs for the recorded classes or target names."""
+    if checkpoint.network is not None:
+        return tuple(checkpoint.network["sample_shape"]), int(checkpoint.network["num_outputs"])
+    labels = Samples(
+        torch.empty(0),
+        torch.empty(0, dtype=torch.long),
+        tuple(fitted.get("classes", ())),
+        target_names=tuple(fitted.get("target_names", ())),
+    )
+    return modality_of_config(cfg).input_shape(fitted), method_of(cfg).num_outputs(labels)
+
+
+def rebuild(
+    checkpoint: Checkpoint, cfg: Config | None = None, *, sample_shape: tuple[int, ...] | None = None, where: str = "checkpoint"
+) -> Network:
+    """A checkpoint's network with its weights, on the CPU in eval mode, sized from what the checkpoint records (no
+    data set read): format 3's `network`, or an older format's fitted state and classes. `cfg`: the run's config as
+    read now (its overrides applied; default: the checkpoint's own). `sample_shape`: the input shape of an older
+    image checkpoint that records none (`load_trained` gives its test split's); without it, a one-line error."""
+    from transferctl.config import load_config
+
+    cfg = cfg or load_config(None, base=checkpoint.config)
+    fitted = trained_fitted(checkpoint, cfg)
+    shape, num_outputs = recorded_sizes(checkpoint, cfg, fitted)
+    shape = shape or sample_shape
+    if shape is None:
+        raise UsageError(
+            f"{where}: its checkpoint (format {checkpoint.format}) records no input shape and data.image_size is not set; "
+            f"evaluate or export the run with its data set, whose test split gives the shape"
+        )
+    network = build_network(cfg, tuple(shape), num_outputs, fitted)
+    try:
+        network.load_state_dict(checkpoint.model)
+    except RuntimeError:
+        raise UsageError(f"{where}: its checkpoint does not fit model '{cfg.model.name}' as configured; drop model overrides") from None
+    return network.eval()
+
+
 def load_trained(
     record: RunRecord,
     cfg: Config,
@@ -396,22 +464,33 @@ def load_trained(
     device: torch.device | None = None,
     splits: tuple[str, ...] | None = None,
 ) -> Trained:
-    """A run's `checkpoint` (default: `eval.checkpoint`) with its network, and its `splits` (default: those its
-    method evaluates on; the test split always), all read before anything is written."""
+    """A run's `checkpoint` (default: `eval.checkpoint`) with its network (`rebuild`: sized without reading data),
+    and its `splits` (default: those its method evaluates on; `()`: none), all read before anything is written. A
+    checkpoint from before format 3 whose input shape neither it nor its config says is sized by its test split."""
     saved = checkpoints.read(record.checkpoint_path(checkpoint or cfg.eval.checkpoint))
     method, modality = method_of(cfg), modality_of_config(cfg)
     if method.task is not None:
         method.task.load_fitted(saved.task)
     device = device or pick_device(cfg.train.device)
-    test = as_trained(load_split(cfg.data, train=False, fitted=saved.data), saved, modality, str(record.path))
-    network = build_network(cfg, test.sample_shape, method.num_outputs(test), modality.fitted_state(test))
-    try:
-        network.load_state_dict(saved.model)
-    except RuntimeError:
-        raise UsageError(
-            f"{record.path}: its checkpoint does not fit model '{cfg.model.name}' as configured; drop model overrides"
-        ) from None
-    trained = Trained(record, cfg, saved, method, modality, network.to(device).eval(), device, {False: test.to(device)})
-    for split in method.evaluation_splits if splits is None else splits:
+    where, wanted = str(record.path), method.evaluation_splits if splits is None else splits
+    fitted = trained_fitted(saved, cfg)
+    shape = recorded_sizes(saved, cfg, fitted)[0]
+    read: dict[bool, Samples] = {}
+    if "test" in wanted or shape is None:  # before the network, as ever: a data error comes first
+        try:
+            read[False] = as_trained(load_split(cfg.data, train=False, fitted=saved.data, target_kind=task_target_kind(method)), saved, modality, where)
+        except UsageError as exc:
+            if shape is not None:
+                raise
+            raise UsageError(
+                f"{where}: its checkpoint (format {saved.format}) records no input shape, which its test split gives: {exc}"
+            ) from None
+        if shape is None:
+            fitted = {**modality.fitted_state(read[False]), **fitted}
+    test_shape = read[False].sample_shape if False in read else None
+    network = rebuild(saved, cfg, sample_shape=test_shape, where=where)
+    splits_read = {train: data.to(device) for train, data in read.items()}
+    trained = Trained(record, cfg, saved, method, modality, network.to(device).eval(), device, splits_read, fitted)
+    for split in wanted:
         trained.split(train=split == "train")
     return trained

@@ -42,7 +42,8 @@ def resolved_config(
 
 def _command_of(method: Any) -> str | None:
     """The verb that runs `method` (None for a name that is not a registered method: validation says so)."""
-    from transferctl.registry import METHODS, load_components
+    from transferctl.components import load_components
+    from transferctl.registry import METHODS
 
     load_components()
     return METHODS.get(method).fn.command if isinstance(method, str) and method in METHODS else None
@@ -78,14 +79,13 @@ def check_config(cfg: Config) -> dict[str, Any]:
     import torch
 
     from transferctl.build import build_training
+    from transferctl.engine.train import hook
     from transferctl.modalities import dataset_modality
 
     training = _stage("building the run (data, model, objective, optimizer, pipeline)", lambda: build_training(_on_cpu(cfg)))
     batch = _stage("the first batch", lambda: next(iter(training.pipeline.batches(0))))
     model = training.network
-    model.train()
-    if model.frozen_encoder:
-        model.encoder.eval()  # as training does for a linear probe
+    hook(training.objective, "train_mode")(model)  # as training puts it at each epoch's start
     with torch.no_grad():
         features = _stage("the encoder's forward pass", lambda: model.encode(batch.inputs[0]))  # what the head reads
         output = _stage("the head's forward pass", lambda: model.head(features))

@@ -1,20 +1,28 @@
 """The checkpoint schema, versioned, written and read here alone.
 
-Format 2 (`checkpoints/last.pt` and `best.pt`), a mapping that loads with `torch.load(..., weights_only=True)`:
+Format 3 (`checkpoints/last.pt` and `best.pt`), a mapping that loads with `torch.load(..., weights_only=True)`:
 
-    format        2
+    format        3
     transferctl   the version that wrote it
     config        the run's resolved config
     model         the network's weights for use (evaluation, export, fine-tuning): the weight average, if kept
-    data          the training split's classes and the modality's fitted state (images: mean, std; audio: front_end, mean, std)
+    network       what rebuilding the network needs beyond the config and `data` (`build.rebuild`, no data set read):
+                  sample_shape (one model input's shape, a list) and num_outputs (the head's outputs)
+    data          the training split's classes (and target_names, for values) and the modality's fitted state, which
+                  records how inputs are decoded: images: mean, std, image_size, channels, resize (crop | stretch |
+                  letterbox), interpolation; audio: front_end (sample_rate, clip_samples, n_fft, win_length,
+                  hop_length, n_mels), mean, std, max_samples; text: tokenizer, max_length, truncation, padding
     task          the task's fitted state (empty for classification)
     epoch, step   where training stood
     metrics       best.pt: the epoch's row that made it best; else absent
     training      last.pt: what resuming needs: position, optimizer, scheduler, scaler, rng, objective state,
                   world_size, device_type and, with weight averaging, trained_model and averaged_steps
 
-Format 1 (transferctl 0.1.0) kept the training entries at the top level and had no `task`; it is read as
-format 2. Any other format is refused with a one-line error that names it.
+Format 2 had no `network`, and `data` recorded no decoding (images: mean and std alone; audio: no max_samples;
+text: no padding): a rebuild sizes its network from the config, the fitted state and, for images without a
+configured image size, the test split (`build.load_trained`). Format 1 (transferctl 0.1.0) also kept the training
+entries at the top level and had no `task`. Both are read into the current schema (`network` None, `format` the
+file's); a run resumed from one writes format 3. Any other format is refused with a one-line error that names it.
 """
 
 from __future__ import annotations
@@ -27,8 +35,8 @@ from typing import Any
 import transferctl
 from transferctl.errors import UsageError
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 _FORMAT_1_TRAINING_KEYS = (
     "position",
     "optimizer",
@@ -54,6 +62,8 @@ class Checkpoint:
     task: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
+    network: dict[str, Any] | None = None  # sample_shape and num_outputs (None: read from an older format)
+    format: int = FORMAT  # the format of the file it was read from
 
     @property
     def position(self) -> dict[str, Any]:
@@ -75,6 +85,7 @@ class Checkpoint:
             "transferctl": transferctl.__version__,
             "config": self.config,
             "model": self.model,
+            "network": self.network,
             "data": self.data,
             "task": self.task,
             "epoch": self.epoch,
@@ -101,6 +112,8 @@ class Checkpoint:
             task=saved.get("task", {}),
             metrics=saved.get("metrics"),
             training=saved.get("training"),
+            network=saved["network"] if saved["format"] >= 3 else None,
+            format=saved["format"],
         )
 
 

@@ -20,20 +20,21 @@ import yaml
 
 import transferctl
 from transferctl import check, runs_index
+from transferctl.components import load_components
 from transferctl.console import ConsoleReporter
-from transferctl.errors import TransferError, UsageError
-from transferctl.registry import REGISTRIES, did_you_mean, load_components
+from transferctl.errors import TransferError, UsageError, did_you_mean
+from transferctl.registry import REGISTRIES
 from transferctl.runs import DEFAULT_RUNS_DIR
 
 if TYPE_CHECKING:
-    from transferctl.export import ExportResult
     from transferctl.recipes import RunResult
+    from transferctl.recipes.export import ExportResult
 
 # torch and the recipes are imported inside the commands: `--version`, `--help` and usage errors stay instant.
 
 app = typer.Typer(
     name="transferctl",
-    help="Pretrain an encoder (SimCLR or supervised), fine-tune it on few labels, evaluate it.",
+    help="Pretrain an encoder (self-supervised or supervised), fine-tune it on few labels, evaluate it.",
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -169,7 +170,7 @@ def pretrain(
     quiet: bool = QuietFlag,
     nproc: int = NprocOption,
 ) -> None:
-    """Pretrain an encoder (method simclr or supervised) into a new run, or --resume one."""
+    """Pretrain an encoder (any method that pretrain runs: `transferctl list methods`) into a new run, or --resume one."""
     _maybe_launch(nproc)
     _execute(as_json, quiet, "pretrain", _training_job("pretrain", None, config, overrides, resume_run, runs_dir))
 
@@ -264,7 +265,7 @@ def export(
     """Export a run's model (a trained head's network, or an encoder) for serving, verified against the eager model."""
 
     def job(reporter: ConsoleReporter) -> ExportResult:
-        from transferctl.export import export_run
+        from transferctl.recipes.export import export_run
 
         result = export_run(source, format_names, output=output, verify=verify, tolerance=tolerance, runs_dir=runs_dir)
         for name, path in result.files.items():
@@ -282,7 +283,7 @@ def quickstart(
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
 ) -> None:
-    """Pretrain, fine-tune and evaluate on the MNIST sample shipped with transferctl (about 20 seconds on a 2-core CPU)."""
+    """Pretrain, fine-tune and evaluate on the MNIST sample shipped with transferctl (on a CPU, offline, in seconds)."""
 
     def job(reporter: ConsoleReporter) -> list[RunResult]:
         from transferctl.recipes import quickstart as run_quickstart

@@ -50,7 +50,7 @@ class ConsoleReporter:
             self.info(f"{description}: {total_steps} steps" if total_steps else description)
 
     def progress(self, step: int, values: dict[str, float]) -> None:
-        stats = f"loss {values['loss']:.4f}  lr {values['lr']:.3g}  {values['images_per_s']:.0f} img/s"
+        stats = f"loss {values['loss']:.4f}  lr {values['lr']:.3g}  {values['samples_per_s']:.0f} samples/s"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         else:

@@ -1,6 +1,14 @@
-"""Errors that the CLI turns into one line and an exit code."""
+"""Errors that the CLI turns into one line and an exit code, and the did-you-mean hint their messages give."""
 
 from __future__ import annotations
+
+import difflib
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """'; did you mean 'x'?' for the closest choice, or '' when none is close."""
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
 
 
 class TransferError(Exception):

@@ -1,6 +1,6 @@
 """TensorBoard event files: `train.tensorboard: true` (needs `pip install "transferctl[tensorboard]"`).
 
-Scalars go to runs/<id>/tensorboard/: `step/loss`, `step/lr`, `step/images_per_s` every `train.log_every`
+Scalars go to runs/<id>/tensorboard/: `step/loss`, `step/lr`, `step/samples_per_s` every `train.log_every`
 steps, and every number of each epoch's metrics row as `epoch/<name>` (at that epoch's last step).
 Event files are TensorBoard's append-only format, written by its SummaryWriter (like log.txt, not
 rewritten atomically); `tensorboard --logdir runs` shows every run.

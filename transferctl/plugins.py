@@ -48,7 +48,7 @@ def _import_file(path: Path) -> ModuleType:
 
 def load_plugin(ref: str) -> ModuleType:
     """Import one plugin: a dotted module name (the current folder is searched too) or a .py file."""
-    from transferctl.registry import load_components
+    from transferctl.components import load_components
 
     load_components()  # built-ins first: a plugin that reuses a built-in name is refused, not the built-in
     is_file = ref.endswith(".py") or os.sep in ref

@@ -2,12 +2,16 @@
 
 Components register themselves with a decorator; configs refer to them by name and pass their
 keyword arguments. Arguments that a kind's builder supplies from context (the data set's channel
-count, the number of classes, the model's parameters, ...) are not settable from a config.
+count, the number of classes, the model's parameters, ...) are not settable from a config; each registry
+names them where it is made, below.
+
+This module is a leaf, as timm's `_registry.py` is: it imports no component. Each package imports its own
+modules (their decorators fill the registries), and `transferctl.components.load_components` imports the
+packages, then the installed plugins.
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import inspect
 from collections.abc import Callable
@@ -16,21 +20,15 @@ from typing import Any
 
 import pydantic
 
-from transferctl.errors import ConfigError
-from transferctl.plugins import load_entry_points, origin
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else ""
+from transferctl.errors import ConfigError, did_you_mean
+from transferctl.plugins import origin
 
 
 @dataclass
 class Entry:
     name: str
     fn: Callable[..., Any]
-    context: set[str] = field(default_factory=set)  # arguments the builder supplies, never a config (the registry's set)
+    context: frozenset[str] = field(default_factory=frozenset)  # arguments the builder supplies, never a config (the registry's)
     meta: dict[str, Any] = field(default_factory=dict)
     origin: str = "builtin"  # or 'plugin:<module>' for a component a plugin registered
 
@@ -75,7 +73,7 @@ class Registry:
 
     def __init__(self, kind: str, context: tuple[str, ...] = ()):
         self.kind = kind
-        self.context = set(context)  # shared with every entry, so a context name added later applies to all
+        self.context = frozenset(context)  # every entry's: the arguments its builder supplies
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str | None = None, **meta: Any) -> Callable[[Callable], Callable]:
@@ -91,16 +89,21 @@ class Registry:
     def names(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
+    def names_with(self, key: str, value: Any) -> list[str]:
+        """The names whose registration says `key=value`, or `key=(..., value, ...)`: `MODELS.names_with("gives",
+        "feature_maps")` are the encoders with stage feature maps."""
+
+        def says(said: Any) -> bool:
+            return said == value or (isinstance(said, tuple | list | set | frozenset) and value in said)
+
+        return [e.name for e in self if says(e.meta.get(key))]
+
     def get(self, name: str, where: str | None = None) -> Entry:
         if name not in self._entries:
             names = self.names()
             prefix = f"{where}.name: " if where else ""
             raise ConfigError(f"{prefix}unknown {self.kind} '{name}'{did_you_mean(name, names)} (registered: {', '.join(names)})")
         return self._entries[name]
-
-    def add_context(self, *names: str) -> None:
-        """More arguments the builder supplies (a modality's model context: images give in_channels and image_size)."""
-        self.context.update(names)
 
     def build(self, name: str, options: dict[str, Any], **context: Any) -> Any:
         """Call the component with its config options plus the context it needs."""
@@ -115,18 +118,35 @@ class Registry:
         return iter(self._entries[n] for n in self.names())
 
 
-# Each kind names the arguments its builder supplies from context (data shape, parameters, ...); a modality adds
-# the context of its data to MODELS and AUGMENTATIONS (images: in_channels, image_size; hflip_default).
+# Each kind names the arguments its builder supplies from context (data shape, parameters, ...), every modality's
+# among them: a model's, a head's and an augmentation's come from the data's modality (`Modality.model_context`,
+# `head_context`, `augment_context`).
 METHODS = Registry("method", context=("task",))
 TASKS = Registry("task")
 MODALITIES = Registry("modality")
-MODELS = Registry("model")
-HEADS = Registry("head", context=("feature_dim", "num_outputs", "stage_channels", "stage_shapes", "sample_shape"))
+MODELS = Registry(
+    "model",
+    context=(
+        *("in_channels", "image_size"),  # images
+        "sequence_features",  # audio: the mel bins, for an encoder over frames (gru, conv1d)
+        *("vocab_size", "pad_id", "max_length", "vocabulary"),  # text: a model over token ids
+    ),
+)
+HEADS = Registry(
+    "head",
+    context=(
+        *("feature_dim", "num_outputs", "stage_channels", "stage_shapes", "sample_shape"),
+        *("vocab_size", "word_embedding"),  # text: a head that predicts tokens (masked language modelling; tied to the table)
+    ),
+)
 LOSSES = Registry("loss")
 OPTIMIZERS = Registry("optimizer", context=("params",))
 SCHEDULERS = Registry("scheduler", context=("optimizer", "total_steps"))
-DATASETS = Registry("dataset", context=("root", "download", "train", "fitted", "stream"))
-AUGMENTATIONS = Registry("augmentation")
+# a data set may also take the target kind its task trains on (`target_kind`: masks, boxes or the digits of a scene from
+# one composition) and, when it registers `validation=True`, give its own validation split (`validation`)
+DATASETS = Registry("dataset", context=("root", "download", "train", "fitted", "stream", "target_kind", "validation"))
+AUGMENTATIONS = Registry("augmentation", context=("hflip_default", "clip_samples", "special_ids"))  # of images, audio, text
+TARGET_KINDS = Registry("target kind")
 
 REGISTRIES: dict[str, Registry] = {
     "methods": METHODS,
@@ -139,6 +159,7 @@ REGISTRIES: dict[str, Registry] = {
     "schedulers": SCHEDULERS,
     "datasets": DATASETS,
     "augmentations": AUGMENTATIONS,
+    "target_kinds": TARGET_KINDS,
 }
 
 
@@ -146,23 +167,3 @@ def serves(entry: Entry) -> tuple[str, ...]:
     """The kinds of objective a head or loss serves (`register(serves=("classification",))`): a method or task
     names the one it needs, so `mse` can serve regression and reconstruction alike."""
     return tuple(entry.meta.get("serves", ()))
-
-
-def load_components() -> None:
-    """Import the modules whose decorators fill the registries, then the installed plugins' (entry points)."""
-    import transferctl.data.audio
-    import transferctl.data.audio_augment
-    import transferctl.data.augment
-    import transferctl.data.datasets
-    import transferctl.data.regression
-    import transferctl.data.segmentation
-    import transferctl.data.text
-    import transferctl.data.text_augment
-    import transferctl.losses
-    import transferctl.methods
-    import transferctl.modalities
-    import transferctl.models
-    import transferctl.optim
-    import transferctl.tasks  # noqa: F401
-
-    load_entry_points()

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import time
 import traceback
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,9 +42,9 @@ import transferctl
 from transferctl import checkpoints
 from transferctl.checkpoints import Checkpoint
 from transferctl.distributed import broadcast, world
-from transferctl.errors import Interrupted, RunFailed, UsageError
+from transferctl.errors import Interrupted, RunFailed, UsageError, did_you_mean
 from transferctl.fileio import atomic_write_bytes
-from transferctl.registry import did_you_mean
+from transferctl.processes import hold_for_life
 
 DEFAULT_RUNS_DIR = Path("runs")
 
@@ -57,18 +56,6 @@ def _json_bytes(obj: Any) -> bytes:
 def new_run_id(label: str) -> str:
     """Readable and unique: '20261128-161500-simclr-mnist-3fa2'."""
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{secrets.token_hex(2)}"
-
-
-_HELD_LOCKS: weakref.WeakSet[Any] = weakref.WeakSet()  # this process's run locks (open files holding a flock)
-
-
-def release_inherited_locks(*_: Any) -> None:
-    """In a forked child (a DataLoader worker), close its copies of the parent's run locks. A flock lives while
-    any copy is open: without this, a run whose process was killed stays locked until its orphaned workers
-    notice and exit, and `--resume` is refused meanwhile. (The parent's own lock is untouched.)"""
-    for handle in list(_HELD_LOCKS):
-        handle.close()
-    _HELD_LOCKS.clear()
 
 
 @dataclass
@@ -93,7 +80,7 @@ class Run:
             handle.close()
             raise UsageError(f"run {self.id} is being written by another transferctl process; wait for it or stop it") from None
         self._lock = handle
-        _HELD_LOCKS.add(handle)
+        hold_for_life(handle)  # a forked DataLoader worker closes its copy (processes.py)
 
     @property
     def id(self) -> str:

@@ -14,9 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from transferctl.config import component_name, flatten, stored_task
 from transferctl.errors import UsageError
 from transferctl.runs import TRAINING_COMMANDS, RunRecord, has_live_writer, read_run
+from transferctl.schema import component_name, flatten, stored_task
 
 # The one metric that sums a run up: the one its summary names (its method's or task's), else the first found
 # of these (runs of 0.1.0, runs without that metric): test scores, then validation accuracy, then losses.

@@ -1,18 +1,45 @@
-"""Data: the split contract (`Samples`), data sets per modality, splits and label subsets, augmentation, batch pipelines."""
+"""Data: the split contract (`Samples`), data sets per modality, splits and label subsets, augmentation, batch pipelines.
 
-from transferctl.data.samples import NO_LABEL, Batch, Samples, TargetKind, batch_indices, iterate_batches, num_batches  # noqa: I001  (first: the rest builds on it)
+Two layers. Below `transferctl.modalities`: the contract (`samples`, `targets`) and the augmentations, which this
+file imports. Above it: the data sets (`datasets`, `audio`, `text`, `regression`, `segmentation`), which read their
+splits into a modality's types (`ImageData`, ...) while every modality builds on `Samples`; imported here, they
+would make `data` and `modalities` import each other. `load_datasets()` imports them (their decorators fill
+DATASETS), and the data-set helpers below (`load_split`, ...) import them on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from transferctl.data import audio_augment, augment, text_augment  # noqa: F401  (registers)
 from transferctl.data.augment import BatchAugment
-from transferctl.data.datasets import (
-    DATA_DIR_ENV,
-    data_root,
-    default_root,
-    load_split,
-    load_training_data,
-    load_unlabeled,
-    seeded_subset,
-    split_train_val,
-    stratified_subset,
+from transferctl.data.samples import NO_LABEL, Batch, Samples, TargetKind, batch_indices, iterate_batches, num_batches
+
+
+def load_datasets() -> None:
+    """Import the data-set modules: their decorators fill DATASETS."""
+    from transferctl.data import audio, datasets, regression, segmentation, text  # noqa: F401  (registers)
+
+
+_FROM_DATASETS = (  # transferctl.data.datasets' names, as `from transferctl.data import load_split` finds them
+    "DATA_DIR_ENV",
+    "data_root",
+    "default_root",
+    "load_split",
+    "load_training_data",
+    "load_unlabeled",
+    "seeded_subset",
+    "split_train_val",
+    "stratified_subset",
 )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_DATASETS:
+        return getattr(importlib.import_module("transferctl.data.datasets"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -25,6 +52,7 @@ __all__ = [
     "data_root",
     "default_root",
     "iterate_batches",
+    "load_datasets",
     "load_split",
     "load_training_data",
     "load_unlabeled",

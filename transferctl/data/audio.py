@@ -31,15 +31,17 @@ MelBins = Annotated[int, Field(ge=8, le=256)]
 # --------------------------------------------------------------------------- reading files
 
 
-def read_audio(name: str, path: Path) -> tuple[torch.Tensor, int]:
+def read_audio(name: str | None, path: Path) -> tuple[torch.Tensor, int]:
     """A file's samples as mono float32 in [-1, 1], and its sample rate; a file that is not audio, is cut short
-    or holds no samples is a one-line error naming it."""
+    or holds no samples is a one-line error naming it (and data set `name`, where a data set reads it)."""
+    where, fix = (f"data set '{name}': ", "remove or replace it") if name is not None else ("", "give a .wav, .flac or .ogg recording")
     try:
         samples, rate = _read_pcm_wav(path) if path.suffix.lower() == ".wav" else _read_soundfile(path)
-    except (wave.Error, EOFError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"data set '{name}': cannot read {path} as audio ({exc}); remove or replace it") from None
+    except (wave.Error, EOFError, RuntimeError, ValueError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError(f"{where}cannot read {path} as audio ({reason}); {fix}") from None
     if samples.numel() == 0:
-        raise UsageError(f"data set '{name}': {path} holds no samples; remove it")
+        raise UsageError(f"{where}{path} holds no samples; {'remove it' if name is not None else fix}")
     return samples, rate
 
 
@@ -85,12 +87,15 @@ def _read_soundfile(path: Path) -> tuple[torch.Tensor, int]:
 
 
 def decode_audio_files(name: str, paths: list[Path], sample_rate: int, max_samples: int) -> torch.Tensor:
+    """Audio files as one int16 tensor (N, longest kept length): `decode_audio`, kept decoded in the cache so the
+    next run skips reading."""
+    return cached_decoding(paths, f"audio:{sample_rate}:{max_samples}", lambda: decode_audio(paths, sample_rate, max_samples, name))
+
+
+def decode_audio(paths: list[Path], sample_rate: int, max_samples: int, name: str | None = None) -> torch.Tensor:
     """Audio files as one int16 tensor (N, longest kept length): mono, at `sample_rate`, each from its start up to
-    `max_samples`, zero-padded at the end; kept decoded in the cache so the next run skips reading."""
-    return cached_decoding(paths, f"audio:{sample_rate}:{max_samples}", lambda: _decode_all(name, paths, sample_rate, max_samples))
-
-
-def _decode_all(name: str, paths: list[Path], sample_rate: int, max_samples: int) -> torch.Tensor:
+    `max_samples`, zero-padded at the end. The audio data sets read their files with it, and so does
+    `AudioModality.read` (`name`: the data set, for messages)."""
     clips = []
     for path in paths:
         samples, rate = read_audio(name, path)
@@ -103,8 +108,10 @@ def _decode_all(name: str, paths: list[Path], sample_rate: int, max_samples: int
     return out
 
 
-def audio_split(waveforms: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...], front_end: FrontEnd) -> AudioData:
-    return AudioData(waveforms, targets, classes, front_end, **log_mel_statistics(waveforms, front_end))
+def audio_split(
+    waveforms: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...], front_end: FrontEnd, max_samples: int | None = None
+) -> AudioData:
+    return AudioData(waveforms, targets, classes, front_end, **log_mel_statistics(waveforms, front_end), max_samples=max_samples)
 
 
 # --------------------------------------------------------------------------- data sets
@@ -142,9 +149,10 @@ def fsdd(
         raise UsageError(f"data.test_speakers: {', '.join(unknown)} not among the speakers ({', '.join(sorted(speakers))}); name them")
     in_test = (lambda m: int(m[3]) < FSDD_TEST_TAKES) if split == "official" else (lambda m: m[2] in test_speakers)
     chosen = [(path, int(match[1])) for path, match in named if in_test(match) != train]
-    waveforms = decode_audio_files("fsdd", [p for p, _ in chosen], sample_rate, round(max_seconds * sample_rate))
+    max_samples = round(max_seconds * sample_rate)
+    waveforms = decode_audio_files("fsdd", [p for p, _ in chosen], sample_rate, max_samples)
     targets = torch.tensor([digit for _, digit in chosen], dtype=torch.long)
-    return audio_split(waveforms, targets, tuple(str(d) for d in range(10)), front_end)
+    return audio_split(waveforms, targets, tuple(str(d) for d in range(10)), front_end, max_samples)
 
 
 @DATASETS.register(modality="audio")
@@ -172,8 +180,9 @@ def audio_folder(
     empty = sorted(set(classes) - {classes[i] for _, i in files})
     if empty:
         raise UsageError(f"data set 'audio_folder': class folder {folder / empty[0]} has no recordings; add some or remove it")
-    waveforms = decode_audio_files("audio_folder", [p for p, _ in files], sample_rate, round(max_seconds * sample_rate))
-    return audio_split(waveforms, torch.tensor([i for _, i in files], dtype=torch.long), classes, front_end)
+    max_samples = round(max_seconds * sample_rate)
+    waveforms = decode_audio_files("audio_folder", [p for p, _ in files], sample_rate, max_samples)
+    return audio_split(waveforms, torch.tensor([i for _, i in files], dtype=torch.long), classes, front_end, max_samples)
 
 
 def _is_audio(path: Path) -> bool:

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from transferctl.data.targets import IGNORE_INDEX as IGNORE_INDEX  # re-exported: where masks were first defined
+from transferctl.data.targets import Geometry, TargetKind, Targets
 from transferctl.registry import AUGMENTATIONS
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -66,18 +68,22 @@ class BatchAugment:
             x = self.blur(x, generator)
         return x
 
-    def with_masks(self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images augmented as `__call__` does, and their per-pixel class masks (N, H, W) moved by the same
-        geometry (nearest neighbour; pixels from outside the image become IGNORE_INDEX); colour and blur touch the
-        images only."""
+    def with_targets(self, x: torch.Tensor, targets: Targets, kind: TargetKind, generator: torch.Generator) -> tuple[torch.Tensor, Targets]:
+        """The images augmented as `__call__` does, and their targets moved by the same geometry as their kind says
+        (`TargetKind.follow`: masks by nearest neighbour, boxes by their corners); colour and blur touch the images only."""
         if self == IDENTITY:
-            return x, masks
-        theta = self.affine(x.shape[0], generator, x.device)
-        x = self.colour(_sample(x, theta, "bilinear", self.padding), generator)
+            return x, targets
+        geometry = Geometry(self.affine(x.shape[0], generator, x.device), (x.shape[-2], x.shape[-1]))
+        x = self.colour(geometry.resample(x, "bilinear", self.padding), generator)
         if self.blur_p > 0:
             x = self.blur(x, generator)
-        moved = _sample(masks.unsqueeze(1).float() - IGNORE_INDEX, theta, "nearest", "zeros") + IGNORE_INDEX
-        return x, moved.squeeze(1).round().to(masks.dtype)
+        return x, kind.follow(targets, geometry)
+
+    def with_masks(self, x: torch.Tensor, masks: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`with_targets` for per-pixel class masks (N, H, W)."""
+        from transferctl.data.targets import target_kind_named
+
+        return self.with_targets(x, masks, target_kind_named("class_per_pixel"), generator)
 
     def effects(self) -> frozenset[str]:
         """What it can do to an image: "crop", "rotation", "translate", "hflip" (geometric), "colour", "blur"."""
@@ -191,7 +197,6 @@ class BatchAugment:
 
 
 IDENTITY = BatchAugment()
-IGNORE_INDEX = 255  # a mask pixel without a class (segmentation): unlabelled in the file, or moved in from outside
 
 
 def _sample(x: torch.Tensor, theta: torch.Tensor, mode: str, padding: str) -> torch.Tensor:

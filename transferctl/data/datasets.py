@@ -192,11 +192,28 @@ def image_statistics(images: torch.Tensor) -> dict[str, tuple[float, ...]]:
     return {"mean": tuple(as_float.mean(dims).tolist()), "std": tuple(as_float.std(dims).clamp_min(1e-3).tolist())}
 
 
-def decode_image_files(name: str, paths: list[Path], image_size: int, channels: int) -> torch.Tensor:
-    """Image files as one uint8 (N, channels, image_size, image_size) tensor: resized (shorter side) and centre-cropped,
-    kept decoded in the cache so the next run skips decoding."""
-    decoder = ImageDecoder(image_size, channels)  # the streamed splits' decoding: the same pixels either way
-    return cached_decoding(paths, f"{image_size}:{channels}", lambda: torch.stack([_decode(name, path, decoder) for path in paths]))
+def decode_image_files(
+    name: str | None,
+    paths: list[Path],
+    image_size: int,
+    channels: int,
+    resize: str = "crop",
+    interpolation: str = "bilinear",
+    *,
+    cache: bool = True,
+) -> torch.Tensor:
+    """Image files as one uint8 (N, channels, image_size, image_size) tensor, each brought to its square by `resize`
+    (`ImageDecoder`; `crop`: resized (shorter side) and centre-cropped), kept decoded in the cache so the next run
+    skips decoding (`cache=False`: not kept, what `Modality.read` asks). A file that cannot be decoded is a one-line
+    error naming it (and data set `name`, where a data set reads it)."""
+    decoder = ImageDecoder(image_size, channels, resize, interpolation)  # the streamed splits' decoding: the same pixels either way
+
+    def decode_all() -> torch.Tensor:
+        if not paths:
+            return torch.empty((0, *decoder.shape), dtype=torch.uint8)
+        return torch.stack([_decode(name, path, decoder) for path in paths])
+
+    return cached_decoding(paths, decoder.options, decode_all) if cache else decode_all()
 
 
 def cached_decoding(paths: list[Path], options: str, decode_all: Callable[[], Any]) -> Any:
@@ -223,10 +240,14 @@ def _decoded_cache_path(paths: list[Path], options: str) -> Path:
     return default_cache_dir() / "decoded" / f"{digest.hexdigest()[:32]}.pt"
 
 
-def _decode(name: str, path: Path, decoder: ImageDecoder) -> torch.Tensor:
+def _decode(name: str | None, path: Path, decoder: ImageDecoder) -> torch.Tensor:
+    from transferctl.data.stream import UNREADABLE
+
     try:
         return decoder(path)
-    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+    except UNREADABLE as exc:  # PIL's UnidentifiedImageError is an OSError
+        if name is None:
+            raise UsageError(f"cannot read {path} as an image ({type(exc).__name__}); give an image file (PNG, JPEG, ...)") from None
         raise UsageError(f"data set '{name}': cannot read {path} ({type(exc).__name__}); remove or replace it") from None
 
 
@@ -272,20 +293,45 @@ def data_root(data_cfg) -> Path:
     return (Path(data_cfg.root).expanduser() if data_cfg.root else default_root()).resolve()
 
 
-def load_split(data_cfg, train: bool, fitted: dict | None = None) -> Samples:
+def load_split(
+    data_cfg, train: bool, fitted: dict | None = None, *, target_kind: str | None = None, validation: bool = False
+) -> Samples:
     """The whole train or test split of the configured data set; `fitted`: a trained run's fitted state, which a
     data set may read its split with directly (text: the run's tokenizer, whatever data.tokenizer names).
+    `target_kind`: the kind of target the run's task trains on, for a data set that can give several (None: its
+    default). `validation`: the data set's own validation split (one that `provides_validation`).
     A data set that can stream gets the stream settings, and streams the split when the pipeline asks for it."""
     stream = stream_options(data_cfg)
+    context: dict[str, Any] = {"target_kind": target_kind} if target_kind is not None else {}
+    if validation:
+        context["validation"] = True
     data = DATASETS.build(
-        data_cfg.name, data_cfg.options, root=data_root(data_cfg), download=data_cfg.download, train=train, fitted=fitted, stream=stream
+        data_cfg.name,
+        data_cfg.options,
+        root=data_root(data_cfg),
+        download=data_cfg.download,
+        train=train,
+        fitted=fitted,
+        stream=stream,
+        **context,
     )
+    if target_kind is not None and data.target_kind != target_kind:
+        raise ConfigError(
+            f"data: data set '{data_cfg.name}' has targets of kind '{data.target_kind}', and the task trains on targets of kind "
+            f"'{target_kind}'; pick a data set with {target_kind} targets, or another task"
+        )
     if stream.pipeline == "stream" and not is_streamed(data):
         raise ConfigError(
             f"data.pipeline=stream: data set '{data_cfg.name}' is read into memory, it does not stream (image_folder and shards do); "
             "set data.pipeline=memory"
         )
     return data
+
+
+def provides_validation(name: str) -> bool:
+    """Whether a registered data set gives its own validation split (`DATASETS.register(validation=True)`), which
+    training then uses instead of cutting `val_fraction` from the training split."""
+    return bool(DATASETS.get(name, where="data").meta.get("validation"))
 
 
 def stream_options(data_cfg) -> StreamOptions:
@@ -299,9 +345,12 @@ def stream_options(data_cfg) -> StreamOptions:
     )
 
 
-def _train_and_val(data_cfg) -> tuple[Samples, Samples]:
-    """The training split, cut into its seeded training and held-out val parts."""
-    full = load_split(data_cfg, train=True)
+def _train_and_val(data_cfg, target_kind: str | None) -> tuple[Samples, Samples]:
+    """The training split and the held-out val split: the data set's own validation split where it has one, else a
+    seeded `val_fraction` cut from the training split."""
+    full = load_split(data_cfg, train=True, target_kind=target_kind)
+    if provides_validation(data_cfg.name):
+        return full, load_split(data_cfg, train=True, target_kind=target_kind, validation=True)
     train_idx, val_idx = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)
     return full.subset(train_idx), full.subset(val_idx)
 
@@ -312,13 +361,13 @@ class TrainingData(NamedTuple):
     unlabeled: Samples | None  # when asked for: the training part (labelled subset or not) without labels
 
 
-def load_training_data(data_cfg, labelled_subset: bool, unlabeled: bool = False) -> TrainingData:
+def load_training_data(data_cfg, labelled_subset: bool, unlabeled: bool = False, target_kind: str | None = None) -> TrainingData:
     """(train, val, unlabeled) from the training split, read once: a seeded held-out val part; when asked
     for, a stratified `labels_per_class` subset of the rest, and every image of the rest with its label
     replaced by NO_LABEL (what semi-supervised fine-tuning may learn from without seeing more labels).
     `labeled_samples` draws a seeded subset of that many instead, whatever the targets are.
-    The test split is never touched."""
-    train, val = _train_and_val(data_cfg)
+    `target_kind`: the task's, for a data set that can give several. The test split is never touched."""
+    train, val = _train_and_val(data_cfg, target_kind)
     pool = train.without_targets() if unlabeled else None
     if labelled_subset and data_cfg.labels_per_class:
         train = train.subset(stratified_subset(train.targets, data_cfg.labels_per_class, data_cfg.seed))

@@ -17,7 +17,7 @@ model inputs around the augmentation (`decode`, then `normalize`); a pipeline kn
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transferctl.data.augment import BatchAugment
 from transferctl.data.samples import Batch, Samples, batch_indices
 from transferctl.data.stream import is_streamed, raise_if_stopped
+from transferctl.data.targets import target_kind_of
 from transferctl.errors import ConfigError
 from transferctl.modalities.base import Modality
-from transferctl.runs import release_inherited_locks
+from transferctl.processes import release_inherited_locks
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -42,11 +43,28 @@ def rank_slice(size: int, rank: int, world: int) -> slice:
 
 
 class Pipeline(Protocol):
+    """Training batches. `log`: where the pipeline says what it did to samples (stream: each bad sample it replaced),
+    a recipe sets it to the run's log; `metrics()`: this rank's counts of that (stream: `bad_samples_replaced`), which
+    a recipe sums over the ranks into the run's final metrics ({} for memory and loader)."""
+
     views: int
+    log: Callable[[str], None]
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]: ...
     def state(self) -> dict[str, Any]: ...
     def restore(self, state: dict[str, Any]) -> None: ...
+    def metrics(self) -> dict[str, int]: ...
+
+
+class NothingToReport:
+    """A pipeline whose every sample reads (memory, loader): nothing to log, nothing counted."""
+
+    @staticmethod
+    def log(line: str) -> None:
+        pass
+
+    def metrics(self) -> dict[str, int]:
+        return {}
 
 
 def in_global_batch(mine: torch.Tensor, size: int, part: slice) -> torch.Tensor:
@@ -69,7 +87,7 @@ def augmented_input(
     return on_model_inputs(modality.normalize(augment(x, generator), data), generator)[mine]
 
 
-class MemoryPipeline:
+class MemoryPipeline(NothingToReport):
     """Data on the device, batched augmentation on the device (airbench-style)."""
 
     def __init__(
@@ -91,6 +109,12 @@ class MemoryPipeline:
         self.rank, self.world = rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=data.inputs.device).manual_seed(seed + 1)
+        self.kind = target_kind_of(data)
+        if self.kind.geometric and not hasattr(augment, "with_targets"):
+            raise ConfigError(
+                f"data.augment: {self.kind.noun} move with their inputs, and this augmentation cannot move "
+                "them; use an image augmentation (light, simclr) or data.augment.name=none"
+            )
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         order = epoch_order(len(self.data), self.seed, epoch).to(self.data.inputs.device)
@@ -98,12 +122,13 @@ class MemoryPipeline:
             x = self.modality.decode(self.data.inputs[idx])
             # every rank augments the whole global batch (the data path has headroom), then keeps its slice
             mine = rank_slice(len(x), self.rank, self.world)
-            if self.data.target_kind == "class_per_pixel":  # masks move with their images
-                x, masks = self.augment.with_masks(x, self.data.targets[idx], self.generator)
-                yield Batch((self._model_input(x[mine]),), masks[mine], {"index": idx[mine]})
+            side = self.data.side_of(idx[mine])
+            if self.kind.geometric:  # targets move with their images: one view, drawn with them
+                x, moved = self.augment.with_targets(x, self.data.targets[idx], self.kind, self.generator)
+                yield Batch((self._model_input(x[mine]),), moved[mine], {"index": idx[mine]}, side)
                 continue
             views = tuple(self._view(x, mine) for _ in range(self.views))
-            yield Batch(views, self.data.targets[idx][mine], {"index": idx[mine]})
+            yield Batch(views, self.data.targets[idx][mine], {"index": idx[mine]}, side)
 
     def _view(self, x: torch.Tensor, mine: slice) -> torch.Tensor:
         return augmented_input(x, self.augment, self.modality, self.data, self.generator, mine).contiguous(memory_format=self.memory_format)
@@ -206,10 +231,10 @@ class _PerSampleViews(Dataset):
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
             x = self.modality.decode(self.data.sample(index).clone())
             views = [self.modality.normalize(self.transform(x).unsqueeze(0), self.data)[0] for _ in range(self.views)]
-        return views, self.data.targets[index], index
+        return views, index  # targets of any shape are gathered by index in the main process
 
 
-class LoaderPipeline:
+class LoaderPipeline(NothingToReport):
     """Host-memory samples, per-sample torchvision transforms in DataLoader worker processes."""
 
     def __init__(
@@ -232,11 +257,12 @@ class LoaderPipeline:
         self.rank, self.world = rank, world
         self.n, self.device, self.num_workers = len(data), device, num_workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if data.target_kind == "class_per_pixel":
+        if target_kind_of(data).geometric:
             raise ConfigError(
-                "data.pipeline: the loader pipeline does not move masks with their images; use data.pipeline=memory "
-                "(raise data.memory_budget_mb if the split is larger than it)"
+                f"data.pipeline: the loader pipeline does not move {target_kind_of(data).noun} with their images; "
+                "use data.pipeline=memory (raise data.memory_budget_mb if the split is larger than it)"
             )
+        self.data = data.to(torch.device("cpu"))  # targets and side information are gathered here, by index
         if not hasattr(augment, "per_sample"):
             raise ConfigError(
                 "data.pipeline: the loader pipeline augments one sample at a time, and data.augment has no per-sample "
@@ -259,9 +285,10 @@ class LoaderPipeline:
             prefetch_factor=4 if self.num_workers else None,
             worker_init_fn=release_inherited_locks,  # a killed run must not stay locked by its workers
         )
-        for views, targets, index in loader:
+        for views, index in loader:
             inputs = tuple(v.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format) for v in views)
-            yield Batch(inputs, targets.to(self.device), {"index": index.to(self.device)})
+            side = {name: values.to(self.device) for name, values in self.data.side_of(index).items()}
+            yield Batch(inputs, self.data.targets[index].to(self.device), {"index": index.to(self.device)}, side)
 
     def state(self) -> dict[str, Any]:
         return {}  # augmentation is a pure function of (seed, epoch, index)
@@ -292,15 +319,17 @@ class StreamPipeline:
         rank: int = 0,
         world: int = 1,
     ):
-        if data.target_kind == "class_per_pixel":
-            raise ConfigError("data.pipeline: a streamed split carries no masks; use data.pipeline=memory for segmentation")
+        if target_kind_of(data).geometric:
+            raise ConfigError(
+                f"data.pipeline: a streamed split does not move {target_kind_of(data).noun} with their images; use data.pipeline=memory"
+            )
         self.data, self.augment, self.modality, self.views = data, augment, modality, views
         self.batch_size, self.seed, self.drop_last, self.device = batch_size, seed, drop_last, device
         self.rank, self.world = rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=device).manual_seed(seed + 1)  # the memory pipeline's
         self.replaced = 0  # samples that could not be read, replaced in their batch
-        self.log: Any = lambda line: None
+        self.log: Callable[[str], None] = lambda line: None
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         order = self.data.inputs.epoch_order(self.seed, epoch)
@@ -315,7 +344,7 @@ class StreamPipeline:
             x = self.modality.decode(in_global_batch(x, len(idx), part) if self.world > 1 else x)
             used = read.positions.to(self.data.targets.device)  # a replaced sample brings its own target
             views = tuple(self._view(x, part) for _ in range(self.views))
-            yield Batch(views, self.data.targets[used], {"index": used.to(self.device)})
+            yield Batch(views, self.data.targets[used], {"index": used.to(self.device)}, self.data.side_of(used))
 
     def _view(self, x: torch.Tensor, part: slice) -> torch.Tensor:
         view = augmented_input(x, self.augment, self.modality, self.data, self.generator, part)
@@ -327,6 +356,9 @@ class StreamPipeline:
     def restore(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["augment"])
         self.replaced = state.get("replaced", 0)
+
+    def metrics(self) -> dict[str, int]:
+        return {"bad_samples_replaced": self.replaced}
 
 
 def held_out_views(data: Samples, augment: BatchAugment, modality: Modality, *, views: int, batch_size: int, seed: int) -> Pipeline:

@@ -34,7 +34,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transferctl.errors import UsageError
 from transferctl.fileio import atomic_write_bytes
-from transferctl.runs import release_inherited_locks
+from transferctl.processes import release_inherited_locks
 
 BadSample = Literal["replace", "stop"]
 MAX_REPLACEMENTS = 64  # unreadable samples in a row that a read skips before it gives up
@@ -62,25 +62,65 @@ class StreamOptions:
 
 # --------------------------------------------------------------------------- decoding
 
+RESIZES = ("crop", "stretch", "letterbox")  # how an image reaches its square (`ImageDecoder`)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
-def image_transform(image_size: int, channels: int):
-    """PIL image -> uint8 (channels, image_size, image_size): resized (shorter side) and centre-cropped."""
+
+def image_transform(image_size: int, channels: int, resize: str = "crop", interpolation: str = "bilinear"):
+    """PIL image -> uint8 (channels, image_size, image_size), converted to grey (PIL's "L") or RGB, then:
+    `crop`: the shorter side resized (PIL, antialiased) to image_size, the centre square kept (the identity on an
+    image of that size already); `stretch`: the pixels (as a uint8 tensor) resized to image_size x image_size
+    (torchvision's antialiased tensor resize), the aspect ratio lost; `letterbox`: the longer side resized (PIL) to
+    image_size, the rest zero-padded evenly about the centre."""
     import torchvision.transforms as T
 
+    if resize not in RESIZES or interpolation not in INTERPOLATIONS:
+        raise UsageError(
+            f"image decoding: resize {resize!r} or interpolation {interpolation!r} unknown; use one of {RESIZES} and {INTERPOLATIONS}"
+        )
+    mode = T.InterpolationMode(interpolation)
     convert = T.Grayscale(channels) if channels == 1 else T.Lambda(lambda im: im.convert("RGB"))
-    return T.Compose([convert, T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
+    if resize == "crop":
+        return T.Compose([convert, T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), T.PILToTensor()])
+    if resize == "stretch":
+        return T.Compose([convert, T.PILToTensor(), T.Lambda(lambda x: _stretch(x, image_size, mode))])
+    return T.Compose([convert, T.Lambda(lambda im: _letterbox(im, image_size, mode)), T.PILToTensor()])
+
+
+def _stretch(pixels: torch.Tensor, image_size: int, mode) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.resize(pixels, [image_size, image_size], interpolation=mode, antialias=True)
+
+
+def _letterbox(image, image_size: int, mode):
+    import torchvision.transforms.functional as F
+
+    width, height = image.size
+    scale = image_size / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = F.resize(image, [new_h, new_w], interpolation=mode, antialias=True)
+    left, top = (image_size - new_w) // 2, (image_size - new_h) // 2
+    return F.pad(resized, [left, top, image_size - new_w - left, image_size - new_h - top], fill=0)
 
 
 class ImageDecoder:
-    """Encoded bytes or a file -> a uint8 image of the configured size."""
+    """Encoded bytes or a file -> a uint8 image of the configured size, reached by `resize` with `interpolation`
+    (`image_transform`). Every image split decodes its files through one of these, and so does `Modality.read`."""
 
-    def __init__(self, image_size: int, channels: int):
-        self.image_size, self.channels = image_size, channels
-        self._transform = image_transform(image_size, channels)
+    def __init__(self, image_size: int, channels: int, resize: str = "crop", interpolation: str = "bilinear"):
+        self.image_size, self.channels, self.resize, self.interpolation = image_size, channels, resize, interpolation
+        self._transform = image_transform(image_size, channels, resize, interpolation)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def options(self) -> str:
+        """The decoding options as a cache key's part (size and channels alone for the default, as before)."""
+        default = (self.resize, self.interpolation) == ("crop", "bilinear")
+        return f"{self.image_size}:{self.channels}" + ("" if default else f":{self.resize}:{self.interpolation}")
 
     def __call__(self, source: bytes | Path) -> torch.Tensor:
         from PIL import Image
@@ -90,11 +130,15 @@ class ImageDecoder:
             image.load()
             return self._transform(image)
 
+    def decode(self, image) -> torch.Tensor:
+        """An opened PIL image's pixels (what `__call__` gives for its file)."""
+        return self._transform(image)
+
     def __getstate__(self) -> dict[str, Any]:  # the transform holds a lambda: rebuilt in the worker
-        return {"image_size": self.image_size, "channels": self.channels}
+        return {"image_size": self.image_size, "channels": self.channels, "resize": self.resize, "interpolation": self.interpolation}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["image_size"], state["channels"])
+        self.__init__(state["image_size"], state["channels"], state.get("resize", "crop"), state.get("interpolation", "bilinear"))
 
 
 # --------------------------------------------------------------------------- sources

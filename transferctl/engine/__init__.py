@@ -1,6 +1,6 @@
-"""The training engine (a loop that knows no method, task or modality) and the evaluation protocols."""
+"""The training engine (a loop that knows no method, task or modality) and the evaluation pieces that methods and tasks share."""
 
-from transferctl.engine.evaluate import Classification, Evaluation, classify, embed, knn_accuracy
+from transferctl.engine.evaluate import Evaluation, embed, knn_accuracy
 from transferctl.engine.train import (
     FitResult,
     Objective,
@@ -15,7 +15,6 @@ from transferctl.engine.train import (
 )
 
 __all__ = [
-    "Classification",
     "Evaluation",
     "FitResult",
     "Objective",
@@ -24,7 +23,6 @@ __all__ = [
     "Settings",
     "SilentReporter",
     "Steps",
-    "classify",
     "embed",
     "fit",
     "knn_accuracy",

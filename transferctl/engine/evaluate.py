@@ -1,4 +1,5 @@
-"""Evaluation protocols: classification (accuracy, loss, per-class accuracy, confusion) and k-NN on features.
+"""What evaluating a model needs whatever it was trained for: a model's outputs, an encoder's features, and the
+weighted k-NN that scores features by labels. A task's own metrics live with the task (`transferctl/tasks/`).
 Samples reach the model through their modality (`model_input`), whatever it is. Under torchrun every rank
 evaluates its own share of the samples (`my_share`) and the counts or outputs are summed or gathered, so
 every rank ends with the metrics of all samples."""
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferctl.data.samples import Samples, iterate_batches
-from transferctl.distributed import any_rank, gather_rows, rank_share, sum_over_shares, world
+from transferctl.distributed import any_rank, gather_rows, rank_share, world
 from transferctl.errors import TransferError, UsageError
 from transferctl.modalities import modality_of
+from transferctl.models.heads import side_for
 
 
 def my_share(data: Samples) -> torch.Tensor:
@@ -25,12 +27,13 @@ def my_share(data: Samples) -> torch.Tensor:
     return torch.arange(share.start, share.stop, device=data.targets.device)
 
 
-def over_my_share(data: Samples, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) batches of this rank's share. A streamed read that fails on one rank fails on all:
-    that rank stops early, and every rank agrees on the failure before the collective that would wait for it."""
+def over_my_share(data: Samples, batch_size: int, *, with_side: bool = False) -> Iterator[tuple]:
+    """(inputs, targets) batches of this rank's share (and their side information, `with_side`). A streamed read
+    that fails on one rank fails on all: that rank stops early, and every rank agrees on the failure before the
+    collective that would wait for it."""
     failure = None
     try:
-        yield from iterate_batches(data, batch_size, order=my_share(data))  # positions in the whole split: a
+        yield from iterate_batches(data, batch_size, order=my_share(data), with_side=with_side)  # positions in the whole split: a
         # streamed sample that cannot be read is replaced as it would be with one process
     except TransferError as exc:
         failure = exc
@@ -48,42 +51,13 @@ class Evaluation:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Classification:
-    accuracy: float
-    loss: float
-    per_class_accuracy: list[float]
-    confusion: list[list[int]]  # rows: true class, columns: predicted class
-
-
-@torch.no_grad()
-def classify(model: nn.Module, data: Samples, batch_size: int) -> Classification:
-    """Top-1 accuracy, mean cross-entropy and the confusion matrix of `model` on `data`."""
-    model.eval()
-    modality = modality_of(data)
-    k = data.num_classes
-    confusion = torch.zeros(k, k, dtype=torch.long, device=data.targets.device)
-    total_loss = torch.zeros((), device=data.targets.device)
-    for inputs, labels in over_my_share(data, batch_size):
-        logits = model(modality.model_input(inputs, data))
-        total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
-        confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k)
-    confusion, total_loss = sum_over_shares(confusion, len(data)).cpu(), sum_over_shares(total_loss, len(data))
-    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
-    return Classification(
-        accuracy=confusion.diag().sum().item() / max(confusion.sum().item(), 1),
-        loss=total_loss.item() / max(len(data), 1),
-        per_class_accuracy=per_class.tolist(),
-        confusion=confusion.tolist(),
-    )
-
-
 @torch.no_grad()
 def predict(model: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
-    """The model's outputs (float) for every sample in `data`, in order."""
+    """The model's outputs (float) for every sample in `data`, in order; a network gets the samples' side information."""
     model.eval()
     modality = modality_of(data)
-    mine = torch.cat([model(modality.model_input(inputs, data)).float() for inputs, _ in over_my_share(data, batch_size)])
+    batches = over_my_share(data, batch_size, with_side=True)
+    mine = torch.cat([model(modality.model_input(inputs, data), **side).float() for inputs, _, side in batches])
     return gather_rows(mine, len(data))
 
 
@@ -92,8 +66,10 @@ def embed(encoder: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
     """L2-normalized features of every sample in `data`, in order."""
     encoder.eval()
     modality = modality_of(data)
-    batches = over_my_share(data, batch_size)
-    mine = torch.cat([F.normalize(encoder(modality.model_input(inputs, data)).float(), dim=1) for inputs, _ in batches])
+    batches = over_my_share(data, batch_size, with_side=True)
+    mine = torch.cat(
+        [F.normalize(encoder(modality.model_input(inputs, data), **side_for(encoder, side)).float(), dim=1) for inputs, _, side in batches]
+    )
     return gather_rows(mine, len(data))
 
 

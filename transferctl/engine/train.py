@@ -84,7 +84,10 @@ class Objective(Protocol):
 
     `prepare` runs once before `fit`, on the starting weights (before a checkpoint is restored): passes over
     the data that the loss needs, such as label propagation, belong there, so that `config check` skips them.
-    `state_dict` is checkpointed with the run (random generators an objective draws from, ...)."""
+    `state_dict` is checkpointed with the run (random generators an objective draws from, ...).
+
+    `train_mode` and `after_step` are optional hooks (`hook` finds them): an objective without them gets the
+    bodies below."""
 
     description: str  # what the progress bar calls the run: "pretraining", "training"
     selection: Selection
@@ -95,6 +98,22 @@ class Objective(Protocol):
     def epoch_metrics(self) -> dict[str, float]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def train_mode(self, network: Network) -> None:
+        """Put `network` in training mode, at each epoch's start (and in `config check`): all of it by default; an
+        objective that keeps a part fixed (a frozen encoder's batch-norm statistics) puts that part in eval mode."""
+        network.train()
+
+    def after_step(self, step: int) -> None:
+        """After each optimizer step the loop takes (`step`: its index, as `loss` got it), once the weights and
+        their average are updated and before the schedule moves on: a momentum teacher follows the student here.
+        Not called for a step skipped by `train.on_nan=skip`. Nothing by default."""
+
+
+def hook(objective: Objective, name: str) -> Callable[..., None]:
+    """`objective`'s optional hook `name` (`train_mode`, `after_step`), or `Objective`'s default when it has none."""
+    own = getattr(objective, name, None)
+    return own if own is not None else getattr(Objective, name).__get__(objective)
 
 
 @dataclass(frozen=True)
@@ -139,7 +158,7 @@ class Position:
 @dataclass
 class FitResult:
     position: Position
-    images_per_s: float = 0.0
+    samples_per_s: float = 0.0
     stopped: bool = False  # by a signal (on any rank), before the last step
 
 
@@ -235,6 +254,7 @@ class _Loop:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=settings.precision == "16")
         self.pos = Position(lr=optimizer.param_groups[-1]["lr"])
         self.average = WeightAverage(model, settings.ema_decay) if settings.ema_decay else None
+        self.train_mode, self.after_step = hook(objective, "train_mode"), hook(objective, "after_step")
 
     def restore(self, checkpoint: Checkpoint) -> None:
         training = checkpoint.training
@@ -296,9 +316,7 @@ class _Loop:
     def epoch(self, epoch: int) -> int | None:
         """Train the rest of `epoch`; the number of samples it trained on (all ranks), or None if stopped."""
         pos, settings = self.pos, self.settings
-        self.model.train()
-        if self.model.frozen_encoder:
-            self.model.encoder.eval()  # a linear probe keeps the encoder's batch-norm statistics
+        self.train_mode(self.model)
         running = torch.tensor(pos.epoch_loss_sum, device=self.device)
         epoch_start = window_start = time.perf_counter()
         first_images, window_images = pos.epoch_images, 0
@@ -309,7 +327,7 @@ class _Loop:
                 value = global_mean(running, pos.epoch_images)
                 _check_finite(value, f"at step {pos.step}")
                 rate = self.ranks.size * window_images / max(time.perf_counter() - window_start, 1e-9)
-                self.reporter.progress(pos.step, {"loss": value, "lr": pos.lr, "images_per_s": rate})
+                self.reporter.progress(pos.step, {"loss": value, "lr": pos.lr, "samples_per_s": rate})
                 window_start, window_images = time.perf_counter(), 0
             if pos.step >= self.steps:
                 break
@@ -340,6 +358,7 @@ class _Loop:
             self.pos.epoch_images += len(batch)
             if self.average is not None:
                 self.average.update()
+            self.after_step(self.pos.step)
         self.scheduler.step()
         self.pos.step += 1
         self.pos.batch_in_epoch += 1
@@ -358,7 +377,7 @@ class _Loop:
             "step": pos.step,
             "train_loss": global_mean(running, pos.epoch_images) if pos.epoch_images else None,
             "lr": pos.lr,  # the rate of the epoch's last step
-            "images_per_s": images / max(seconds, 1e-9),
+            "samples_per_s": images / max(seconds, 1e-9),
             "epoch_time_s": round(seconds, 3),
             **self.objective.epoch_metrics(),
         }
@@ -395,6 +414,7 @@ __all__ = [
     "SilentReporter",
     "Steps",
     "fit",
+    "hook",
     "pick_device",
     "plan_steps",
 ]

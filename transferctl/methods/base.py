@@ -11,12 +11,13 @@ full. Instances build the objective of a run, evaluate its checkpoints and say w
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from transferctl import agreement
 from transferctl.data.augment import BatchAugment
 from transferctl.data.datasets import seeded_subset
 from transferctl.data.samples import Samples
@@ -49,20 +50,23 @@ class Parts:
     criterion: nn.Module
     augment: BatchAugment
     channels_last: bool
+    total_steps: int  # the optimizer steps the run takes (`Steps.total`): what a schedule inside the objective spans
     # the encoder weights training started from, read again (None: a random start): L2-SP, label propagation
     starting_encoder: Callable[[], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
 class Export:
-    """What an export of a method's run holds: the whole network, or its encoder alone, and its output."""
+    """What an export of a method's run holds: the whole network, or its encoder alone, and its output; and how
+    the export's outputs are compared with the run's beyond their values (parity)."""
 
     encoder_only: bool
     output: str  # the output's name: "embeddings", "logits", ...
     kind: str  # the model card's kind: "encoder", "classifier", ...
-    # what parity compares beyond the values: "top1", each output row's argmax (classes; an encoder's strongest
-    # feature); "pixels", each pixel's argmax over dim 1 (segmentation); None: nothing (values)
-    agreement: str | None = "top1"
+    # {name: (agreeing, counted)} of one batch: an encoder's strongest feature by default; a task's own (`Task.compare`)
+    compare: agreement.Compare = agreement.top1
+    minimum_agreement: Mapping[str, float] = field(default_factory=lambda: {"top1_agreement": 1.0})
+    variable_length: bool = False  # its inputs may have any length (`Modality.length_axes` stay dynamic in exports)
 
 
 class Method:

@@ -12,7 +12,6 @@ from torch import nn
 
 from transferctl.data.samples import Batch, Samples
 from transferctl.engine.evaluate import Evaluation
-from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
 from transferctl.engine.train import Selection, global_mean
 from transferctl.methods.base import Export, Method, Parts
 from transferctl.models.heads import Network
@@ -21,6 +20,8 @@ from transferctl.tasks.base import Task
 
 if TYPE_CHECKING:
     from transferctl.build import Trained
+    from transferctl.methods.finetune.pseudo_labels import PseudoLabels
+    from transferctl.methods.finetune.weight_anchor import WeightAnchor
     from transferctl.runs import Run
 
 
@@ -50,13 +51,18 @@ class TaskObjective:
         if self.pseudo_labels is not None:
             self.pseudo_labels.prepare()
 
+    def train_mode(self, network: Network) -> None:
+        network.train()
+        if network.frozen_encoder:
+            network.encoder.eval()  # a linear probe (or a head warm-up) keeps the encoder's batch-norm statistics
+
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
         warming_up = step < self.head_warmup_steps
         if self.head_warmup_steps:
             self.network.frozen_encoder = warming_up
             self.network.encoder.train(not warming_up)  # frozen: batch-norm statistics stay as pretrained
         (x,) = batch.inputs
-        loss = self.task.batch_loss(self.criterion, self.forward(x), batch.targets)
+        loss = self.task.training_loss(self.criterion, self.forward(x, **batch.side), batch)
         if self.pseudo_labels is not None:
             loss = loss + self.pseudo_labels.loss(self.forward, step)
         if self.anchor is not None and not warming_up:
@@ -97,7 +103,15 @@ class TaskMethod(Method):
         return self.task.evaluate(trained.served(), trained.split(train=False), trained.cfg.data.eval_batch_size, run)
 
     def export(self) -> Export:
-        return Export(encoder_only=False, output=self.task.output, kind=self.task.exported_as, agreement=self.task.agreement)
+        task = self.task
+        return Export(
+            False,
+            task.output,
+            task.exported_as,
+            compare=task.compare,
+            minimum_agreement=task.minimum_agreement,
+            variable_length=task.variable_length,
+        )
 
 
 @METHODS.register("supervised")

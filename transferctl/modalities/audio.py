@@ -10,9 +10,10 @@ module (`LogMel`), so an export holds it in front of the network and takes raw w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -20,11 +21,9 @@ from torch import nn
 
 from transferctl.data.samples import Samples
 from transferctl.errors import ConfigError, UsageError
-from transferctl.modalities.base import Modality
-from transferctl.registry import AUGMENTATIONS, MODALITIES, MODELS
+from transferctl.modalities.base import Modality, unlabelled
+from transferctl.registry import MODALITIES
 
-MODELS.add_context("sequence_features")  # what `model_context` gives an encoder over frames (gru, conv1d): mel bins
-AUGMENTATIONS.add_context("clip_samples")  # what `augment_context` gives an audio augmentation
 LOG_FLOOR = 1e-6  # added to mel energies before the log: silence (zero padding) stays finite
 INSTALL_HINT = 'pip install "transferctl[audio]"'
 
@@ -75,11 +74,13 @@ class FrontEnd:
 @dataclass(frozen=True)
 class AudioData(Samples):
     """An audio split: int16 `inputs` (N, samples), the front end that reads them and its per-mel-bin statistics
-    (of the training split's log-mel energies)."""
+    (of the training split's log-mel energies), and how much of each recording its data set kept (`max_samples`,
+    from its start; None: not said, the clip's length then)."""
 
     front_end: FrontEnd
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    max_samples: int | None = field(default=None, kw_only=True)
     modality = "audio"
 
     @property
@@ -180,13 +181,14 @@ class AudioModality(Modality):
     """Audio: int16 waveforms, read through a log-mel front end; augmented as waveforms, then as spectrograms."""
 
     input_name = "waveforms"
+    length_axes: ClassVar[Mapping[str, int]] = {"waveforms": 1}
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "audio_simclr", "light": "audio_light", "none": "none"}
     unit_signal = False  # a reconstruction is scored on the standardized log-mel itself
     inherits_fitted_state = True  # a fine-tune reads its clips through its source run's front end
 
     def model_context(
         self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:  # names added to MODELS' context above
+    ) -> dict[str, Any]:  # names in MODELS' context (registry.py)
         return {"in_channels": sample_shape[0], "sequence_features": sample_shape[1]}
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
@@ -202,7 +204,31 @@ class AudioModality(Modality):
         return {"clip_samples": data.front_end.clip_samples}
 
     def fitted_state(self, data: AudioData) -> dict[str, Any]:
-        return {"front_end": asdict(data.front_end), "mean": list(data.mean), "std": list(data.std)}
+        kept = {"max_samples": data.max_samples} if data.max_samples is not None else {}
+        return {"front_end": asdict(data.front_end), "mean": list(data.mean), "std": list(data.std), **kept}
+
+    def read(self, inputs: Sequence[str | Path], fitted: Mapping[str, Any]) -> AudioData:
+        """Recordings as the data sets read theirs: mono, resampled to the front end's rate, kept from their start up
+        to `max_samples` (the clip, where the fitted state does not say: all the model reads), zero-padded."""
+        from transferctl.data.audio import decode_audio  # the data sets' reading (a module that imports this one)
+
+        front_end = FrontEnd(**fitted["front_end"])
+        max_samples = int(fitted.get("max_samples", front_end.clip_samples))
+        waveforms = decode_audio([Path(p) for p in inputs], front_end.sample_rate, max_samples)
+        mean, std = tuple(fitted["mean"]), tuple(fitted["std"])
+        return AudioData(waveforms, **unlabelled(len(waveforms), fitted), front_end=front_end, mean=mean, std=std, max_samples=max_samples)
+
+    def input_shape(self, fitted: Mapping[str, Any]) -> tuple[int, ...] | None:
+        front_end = FrontEnd(**fitted["front_end"])
+        return (1, front_end.n_mels, front_end.frames)
+
+    def completed_fitted(self, fitted: Mapping[str, Any], options: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        """Before format 3 an audio run recorded its front end (rate, clip, STFT, mel bins), not how much of each
+        recording its data set kept: the data options' max_seconds."""
+        front_end = fitted.get("front_end", {})
+        if "max_seconds" in options and "sample_rate" in front_end:
+            return {"max_samples": round(options["max_seconds"] * front_end["sample_rate"]), **fitted}
+        return dict(fitted)
 
     def as_trained(self, data: AudioData, fitted: dict[str, Any]) -> AudioData:
         trained = FrontEnd(**fitted["front_end"])
@@ -242,6 +268,7 @@ class AudioModality(Modality):
             "dtype": "float32",
             "sample_rate": f.sample_rate,
             "clip_seconds": f.clip_samples / f.sample_rate,
+            "clip_samples": f.clip_samples,
             "preprocessing": (
                 f"mono float32 samples in [-1, 1] (16-bit PCM / 32768) at {f.sample_rate} Hz: resample other rates and average "
                 f"the channels; pass exactly {f.clip_samples} samples: the first ones of a recording (the clip's start, as "

@@ -7,17 +7,35 @@ evaluation, export and plots call these methods; none of them knows a modality b
 
 Raw samples become model inputs in two steps, so augmentations sit between them and see what they expect:
 `decode` (raw -> floats the augmentations act on, e.g. pixels in [0, 1]) and `normalize` (-> what the model takes).
+
+Files (or texts) become raw samples in one place per modality, `read`, which the modality's data sets decode
+their files with too: a trained model's inputs are decoded exactly as its training split was, from the fitted state
+alone (which records the decoding: an image's size, channels and resize policy; audio's sample rate and clip; text's
+tokenizer, length and truncation).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from transferctl.data.samples import Samples
+from transferctl.data.samples import NO_LABEL, Samples
+
+
+def unlabelled(count: int, fitted: Mapping[str, Any]) -> dict[str, Any]:
+    """The `Samples` fields of `count` samples read for a trained run: a NO_LABEL placeholder target each, and the
+    run's classes and target names (`fitted`: a checkpoint's `data`)."""
+    names = tuple(fitted.get("target_names", ()))
+    return {
+        "targets": torch.full((count,), NO_LABEL, dtype=torch.long),
+        "classes": tuple(fitted.get("classes", ())),
+        "target_names": names,
+        "target_kind": "values" if names else "class",
+    }
 
 
 class Modality:
@@ -26,6 +44,9 @@ class Modality:
     input_name: ClassVar[str] = "inputs"  # the exported model's input
     # every input an export takes, in order (text: ids and their attention mask); one for most modalities
     input_names: ClassVar[tuple[str, ...]] = ()
+    # export input -> its axis that varies with a sample's length (audio: samples; text: tokens): dynamic in the exports
+    # of a task that takes inputs of any length (`Task.variable_length`)
+    length_axes: ClassVar[Mapping[str, int]] = {}
     channels_last: ClassVar[bool] = False  # its model inputs are NCHW images, where channels-last memory pays
     # augmentation role -> registered augmentation; methods ask for a role ("strong" views, "light" for labels)
     augmentations: ClassVar[Mapping[str, str]] = {}
@@ -78,6 +99,23 @@ class Modality:
     def fitted_state(self, data: Samples) -> dict[str, Any]:
         """What reading other data as the training split was read needs (checkpoints and exports carry it)."""
         return {}
+
+    def read(self, inputs: Sequence[str | Path], fitted: Mapping[str, Any]) -> Samples:
+        """Files (image and audio: paths; text: the texts themselves) as this modality's `Samples`, decoded exactly as
+        the training split was, from a trained run's `fitted` (a checkpoint's `data`: classes, target names and the
+        fitted state): each target a NO_LABEL placeholder, the classes the run's. A file that cannot be decoded is a
+        one-line UsageError naming it."""
+        raise NotImplementedError
+
+    def input_shape(self, fitted: Mapping[str, Any]) -> tuple[int, ...] | None:
+        """The shape of one model input, from the fitted state alone; None where it does not say (an image run's
+        from before checkpoint format 3, which recorded no image size)."""
+        return None
+
+    def completed_fitted(self, fitted: Mapping[str, Any], options: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        """An older checkpoint's fitted state with the decoding it did not record filled in as its data set decoded
+        then (`options`: the run's data options; `meta`: the data set's registration); what it records is kept."""
+        return dict(fitted)
 
     def as_trained(self, data: Samples, fitted: dict[str, Any]) -> Samples:
         """`data` read with the training split's fitted state."""

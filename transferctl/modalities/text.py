@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -22,12 +23,9 @@ from torch import nn
 
 from transferctl.data.samples import Samples
 from transferctl.errors import UsageError
-from transferctl.modalities.base import Modality
-from transferctl.registry import AUGMENTATIONS, HEADS, MODALITIES, MODELS
+from transferctl.modalities.base import Modality, unlabelled
+from transferctl.registry import MODALITIES
 
-MODELS.add_context("vocab_size", "pad_id", "max_length", "vocabulary")  # what `model_context` gives a model over token ids
-HEADS.add_context("vocab_size", "word_embedding")  # a head that predicts tokens (masked language modelling; tied to the table)
-AUGMENTATIONS.add_context("special_ids")  # what `augment_context` gives a text augmentation
 INSTALL_HINT = 'pip install "transferctl[text]"'
 TOKENIZER_FILE = "tokenizer.json"
 PAD_TOKENS, MASK_TOKENS, UNK_TOKENS = ("[PAD]", "<pad>"), ("[MASK]", "<mask>"), ("[UNK]", "<unk>")
@@ -167,6 +165,7 @@ class TextModality(Modality):
 
     input_name = "input_ids"
     input_names = ("input_ids", "attention_mask")
+    length_axes: ClassVar[Mapping[str, int]] = {"input_ids": 1, "attention_mask": 1}
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "text_simclr", "light": "text_light", "none": "none"}
     inherits_fitted_state = True  # a fine-tune reads its texts with its source run's tokenizer
     shows_inputs = False
@@ -203,7 +202,28 @@ class TextModality(Modality):
 
     def fitted_state(self, data: TextData) -> dict[str, Any]:
         t = data.tokenization
-        return {"tokenizer": t.tokenizer_json, "max_length": t.max_length, "truncation": t.truncation}
+        return {"tokenizer": t.tokenizer_json, "max_length": t.max_length, "truncation": t.truncation, "padding": "right"}
+
+    def read(self, inputs: Sequence[str | Path], fitted: Mapping[str, Any]) -> TextData:
+        """Texts (not files: a text model reads the texts themselves) encoded as the data sets encode theirs
+        (`Tokenization.encode`: the run's tokenizer, cut to max_length at its truncation side, padded on the right)."""
+        if bad := next((x for x in inputs if not isinstance(x, str)), None):
+            raise UsageError(f"a text model reads texts, and {bad!r} is a {type(bad).__name__}; pass the text itself")
+        texts = list(inputs)
+        tokenization = tokenization_of(fitted)
+        if texts:
+            ids, cut = tokenization.encode(texts)
+        else:
+            ids, cut = torch.zeros(0, tokenization.max_length, dtype=torch.int32), torch.zeros(0, dtype=torch.bool)
+        return TextData(ids, **unlabelled(len(texts), fitted), texts=tuple(texts), tokenization=tokenization, cut=cut)
+
+    def input_shape(self, fitted: Mapping[str, Any]) -> tuple[int, ...] | None:
+        return (int(fitted["max_length"]),)
+
+    def completed_fitted(self, fitted: Mapping[str, Any], options: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        """Older text runs recorded their tokenizer and max_length (the later ones their truncation side: else the
+        right); all padded on the right."""
+        return {"truncation": "right", "padding": "right", **fitted}
 
     def as_trained(self, data: TextData, fitted: dict[str, Any]) -> TextData:
         return tokenized(data, tokenization_of(fitted))

@@ -56,7 +56,7 @@ def conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-@MODELS.register(modality=("image", "audio"))  # audio: on the one-channel log-mel image
+@MODELS.register(modality=("image", "audio"), gives=("feature_maps",))  # audio: on the one-channel log-mel image
 def cnn(
     in_channels: int,
     widths: Annotated[tuple[PositiveInt, ...], Field(min_length=1, max_length=6)] = (32, 64, 128),
@@ -101,7 +101,9 @@ def _imagenet_resnet18(small_images: bool = True, **_: object) -> dict[str, torc
     return torchvision.models.ResNet18_Weights.DEFAULT.get_state_dict(progress=False)
 
 
-@MODELS.register(modality=("image", "audio"), published_weights=_imagenet_resnet18, adapt_weights=_from_torchvision)
+@MODELS.register(
+    modality=("image", "audio"), gives=("feature_maps",), published_weights=_imagenet_resnet18, adapt_weights=_from_torchvision
+)
 def resnet18(in_channels: int, small_images: bool = True) -> Encoder:
     """torchvision's ResNet-18 without its classifier; `small_images` uses a 3x3 stride-1 stem and no max-pool (for 28-64 px)."""
     net = torchvision.models.resnet18(weights=None)

@@ -51,20 +51,31 @@ class Network(nn.Module):
         self.frozen_encoder = True
         self.encoder.requires_grad_(False)
 
-    def encode(self, inputs: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def encode(self, inputs: torch.Tensor, **side: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """What the head reads: pooled features, the stage feature maps, or the features at every token."""
+        side = side_for(self.encoder, side)
         if self.reads == "feature_maps":
-            return self.encoder.feature_maps(inputs)
+            return self.encoder.feature_maps(inputs, **side)
         if self.reads == "token_features":
-            return self.encoder.token_features(inputs)[0]
-        return self.encoder(inputs)
+            return self.encoder.token_features(inputs, **side)[0]
+        return self.encoder(inputs, **side)
 
-    def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor | None = None, **side: torch.Tensor) -> torch.Tensor:
         """The head's output; `positions` (a boolean mask over the tokens, for a head that reads token features)
-        keeps the features of those tokens only, (count, dim), before the head."""
+        keeps the features of those tokens only, (count, dim), before the head. `side`: the inputs' side
+        information (lengths, word ids), handed to the encoder and the head that declare it (`side_inputs`)."""
         if self.frozen_encoder:
             with torch.no_grad():
-                features = self.encode(inputs)
+                features = self.encode(inputs, **side)
         else:
-            features = self.encode(inputs)
+            features = self.encode(inputs, **side)
+        head_side = side_for(self.head, side)
+        if head_side:
+            return self.head(features[positions] if positions is not None else features, **head_side)
         return self.head(features[positions] if positions is not None else features)
+
+
+def side_for(module: nn.Module, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The side information a module takes: the names in its `side_inputs` (none by default)."""
+    names = getattr(module, "side_inputs", ())
+    return {name: value for name, value in side.items() if name in names}

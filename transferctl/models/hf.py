@@ -102,7 +102,12 @@ def resolve_data(data_options: dict[str, Any], weights: str | None) -> dict[str,
 
 
 @MODELS.register(
-    modality="text", channels_last=False, resolve_options=resolve_options, resolve_data=resolve_data, read_weights=read_weights
+    modality="text",
+    channels_last=False,
+    gives=("token_features",),
+    resolve_options=resolve_options,
+    resolve_data=resolve_data,
+    read_weights=read_weights,
 )
 def hf(
     vocab_size: int, pad_id: int, max_length: int, architecture: dict[str, Any] | None = None, pooling: Literal["cls", "mean"] = "cls"

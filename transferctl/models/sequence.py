@@ -212,7 +212,7 @@ def _recurrent(cell, sequence_features, vocab_size, pad_id, vocabulary, embed_di
     return RecurrentEncoder(cell, features, hidden_dim, layers, pooling, dropout, vocab_size, pad_id, vectors)
 
 
-@MODELS.register(modality=("audio", "text"), channels_last=False)
+@MODELS.register(modality=("audio", "text"), channels_last=False, gives=("token_features",))
 def gru(
     sequence_features: int | None = None,
     vocab_size: int | None = None,
@@ -229,7 +229,7 @@ def gru(
     return _recurrent("gru", sequence_features, vocab_size, pad_id, vocabulary, embed_dim, hidden_dim, layers, pooling, dropout, embeddings)
 
 
-@MODELS.register(modality=("audio", "text"), channels_last=False)
+@MODELS.register(modality=("audio", "text"), channels_last=False, gives=("token_features",))
 def lstm(
     sequence_features: int | None = None,
     vocab_size: int | None = None,

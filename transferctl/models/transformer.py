@@ -97,7 +97,7 @@ class TransformerEncoder(nn.Module):
         return steps[:, 0] if self.pooling == "cls" else mean_pool(steps, mask)
 
 
-@MODELS.register(modality="text", channels_last=False)
+@MODELS.register(modality="text", channels_last=False, gives=("token_features",))
 def transformer(
     vocab_size: int,
     pad_id: int,

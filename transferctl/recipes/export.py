@@ -21,8 +21,8 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 import transferctl
+from transferctl import agreement
 from transferctl.build import Trained, build_network, load_trained, modality_of_config
 from transferctl.config import load_config
 from transferctl.errors import RunFailed, UsageError
@@ -57,6 +58,18 @@ class Exported:
     num_outputs: int  # of the head the network was built with (safetensors rebuilds it)
     sample_shape: tuple[int, ...]  # of the network's inputs (safetensors rebuilds it)
     fitted: dict[str, Any]  # the modality's fitted state (safetensors rebuilds its front end)
+    # input name -> the axis that varies with an input's length, left dynamic where the run's outputs take any length
+    length_axes: Mapping[str, int] = field(default_factory=dict)
+
+    def dynamic_shapes(self, batch: Any) -> tuple[dict[int, Any], ...]:
+        """Each input's dynamic axes for `torch.onnx.export`: the batch, and its length where it may vary."""
+        shapes = []
+        for name in self.input_names:
+            axes = {0: batch}
+            if name in self.length_axes:
+                axes[self.length_axes[name]] = torch.export.Dim(f"{name}_length", min=2, max=1 << 20)
+            shapes.append(axes)
+        return tuple(shapes)
 
 
 @dataclass(frozen=True)
@@ -108,7 +121,7 @@ def _save_onnx(exported: Exported, path: Path) -> None:
             dynamo=True,
             input_names=list(exported.input_names),
             output_names=[exported.spec.output],
-            dynamic_shapes=tuple({0: batch} for _ in exported.example),
+            dynamic_shapes=exported.dynamic_shapes(batch),
             opset_version=ONNX_OPSET,
             verbose=False,
         )
@@ -212,27 +225,41 @@ def resolve_formats(names: list[str]) -> list[Format]:
 
 @dataclass
 class Parity:
-    """How an exported model's outputs compare with the eager model's on real images."""
+    """How an exported model's outputs compare with the eager model's on real samples: the largest difference of
+    their values, and the shares of the comparisons that the run's method or task counts (`Export.compare`: each
+    row's class, each pixel's, ...), each against its minimum."""
 
     max_abs_diff: float
-    top1_agreement: float | None  # argmax agreement: classes for classifiers, strongest feature for encoders; None: values
+    agreement: dict[str, float]  # e.g. top1_agreement, pixel_agreement
     images: int
     batch_sizes: list[int]
     tolerance: float
-    pixel_agreement: float | None = None  # the share of pixels whose argmax class agrees (segmentation)
+    minimum_agreement: dict[str, float] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
-        pixels_agree = self.pixel_agreement is None or self.pixel_agreement >= PIXEL_AGREEMENT
-        return self.max_abs_diff <= self.tolerance and self.top1_agreement in (None, 1.0) and pixels_agree
+        agrees = all(self.agreement.get(name, 0.0) >= minimum for name, minimum in self.minimum_agreement.items())
+        return self.max_abs_diff <= self.tolerance and agrees
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.agreement.get("top1_agreement")
 
     def describe(self) -> str:
-        top1 = f", top-1 agreement {self.top1_agreement:.4f}" if self.top1_agreement is not None else ""
-        pixels = f", pixel agreement {self.pixel_agreement:.5f}" if self.pixel_agreement is not None else ""
-        return f"max abs diff {self.max_abs_diff:.2g}{top1}{pixels}"
+        shares = "".join(f", {name.replace('_', ' ')} {share:.5f}" for name, share in self.agreement.items())
+        return f"max abs diff {self.max_abs_diff:.2g}{shares}"
 
-
-PIXEL_AGREEMENT = 0.999  # a logit within tolerance can still flip the argmax of a pixel on a class boundary
+    def to_json(self) -> dict[str, Any]:
+        """`top1_agreement` is always present (null for outputs without classes), as exports have reported it since 0.1."""
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "top1_agreement": None,
+            **self.agreement,
+            "images": self.images,
+            "batch_sizes": self.batch_sizes,
+            "tolerance": self.tolerance,
+            "passed": self.passed,
+        }
 
 
 def check_parity(
@@ -241,14 +268,16 @@ def check_parity(
     images: torch.Tensor | Inputs,
     tolerance: float,
     batch_sizes: list[int],
-    agreement: str | None = "top1",
+    compare: agreement.Compare = agreement.top1,
+    minimum_agreement: Mapping[str, float] | None = None,
 ) -> Parity:
     """Run both on `images` (the export's input, or its inputs), split into batches of each size in turn, and
-    compare their outputs (and their argmax: each row's with `agreement="top1"`, each pixel's with "pixels")."""
+    compare their outputs: the values, and what `compare` counts (default: each row's argmax, which must agree
+    everywhere)."""
     inputs = images if isinstance(images, tuple) else (images,)
+    minimum = dict({"top1_agreement": 1.0} if minimum_agreement is None else minimum_agreement)
     total = len(inputs[0])
-    worst, agree, count, used = 0.0, 0, 0, []
-    same_pixels, pixels = 0, 0
+    worst, counts, used = 0.0, {}, []
     with torch.no_grad():
         for size in batch_sizes:
             for start in range(0, total, size):
@@ -260,15 +289,9 @@ def check_parity(
                     worst = math.inf  # NaN compares false with everything: never let it pass as "no difference"
                 else:
                     worst = max(worst, (expected - actual).abs().max().item())
-                same = expected.argmax(1) == actual.argmax(1)
-                if agreement == "pixels":
-                    same_pixels, pixels = same_pixels + same.sum().item(), pixels + same.numel()
-                else:
-                    agree += same.sum().item()
-                count += len(batch[0])
+                counts = agreement.add(counts, compare(expected, actual))
             used.append(size)
-    top1 = agree / max(count, 1) if agreement == "top1" else None
-    return Parity(worst, top1, total, used, tolerance, same_pixels / max(pixels, 1) if agreement == "pixels" else None)
+    return Parity(worst, agreement.shares(counts), total, used, tolerance, minimum)
 
 
 # --------------------------------------------------------------------------- the export recipe
@@ -288,10 +311,7 @@ class ExportResult:
         flat: dict[str, Any] = {}
         for name, parity in self.parity.items():
             flat[f"{name}_max_abs_diff"] = parity.max_abs_diff
-            if parity.top1_agreement is not None:
-                flat[f"{name}_top1_agreement"] = parity.top1_agreement
-            if parity.pixel_agreement is not None:
-                flat[f"{name}_pixel_agreement"] = parity.pixel_agreement
+            flat |= {f"{name}_{share}": value for share, value in parity.agreement.items()}
         return flat
 
     def to_json(self) -> dict[str, Any]:
@@ -302,7 +322,7 @@ class ExportResult:
             "export_dir": str(self.export_dir),
             "files": self.files,
             "verified": self.verified,
-            "parity": {k: {**asdict(v), "passed": v.passed} for k, v in self.parity.items()},
+            "parity": {k: v.to_json() for k, v in self.parity.items()},
             "metrics": self.metrics,
         }
 
@@ -334,7 +354,10 @@ def export_run(
     spec = trained.method.export()
     num_outputs = trained.method.num_outputs(data)
     example = tuple(x[:TRACE_BATCH] for x in inputs)
-    exported = Exported(module, example, spec, modality.export_input_names(), cfg.to_dict(), num_outputs, data.sample_shape, fitted)
+    lengths = modality.length_axes if spec.variable_length else {}
+    exported = Exported(
+        module, example, spec, modality.export_input_names(), cfg.to_dict(), num_outputs, data.sample_shape, fitted, lengths
+    )
 
     export_dir = output or record.path / "export"
     try:
@@ -351,7 +374,9 @@ def export_run(
             if verify:
                 # batch sizes other than the traced one, and a single sample
                 sizes = [250, 1 if len(inputs[0]) < 50 else 7]
-                parity[fmt.name] = check_parity(module, fmt.load(staged), inputs, tolerance, sizes, agreement=spec.agreement)
+                parity[fmt.name] = check_parity(
+                    module, fmt.load(staged), inputs, tolerance, sizes, compare=spec.compare, minimum_agreement=spec.minimum_agreement
+                )
         failed = {k: p for k, p in parity.items() if not p.passed}
         if failed:
             detail = "; ".join(f"{k}: {p.describe()} (tolerance {p.tolerance:g})" for k, p in failed.items())
@@ -396,7 +421,7 @@ def _model_card(trained: Trained, data, digests, files, parity, verified) -> dic
         "metrics": record.summary.get("metrics", {}),
         "checkpoint_metrics": checkpoint.metrics,
         "files": {name: {"path": files[name], "sha256": digest} for name, digest in digests.items()},
-        "parity": {k: {**asdict(v), "passed": v.passed} for k, v in parity.items()} if verified else None,
+        "parity": {k: v.to_json() for k, v in parity.items()} if verified else None,
         "transferctl": transferctl.__version__,
         "torch": torch.__version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

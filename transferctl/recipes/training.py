@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from transferctl import allocator, build, events, plots
+from transferctl import allocator, build, checkpoints, events, plots
 from transferctl.build import Training
 from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml
-from transferctl.data import data_root
-from transferctl.data.pipeline import StreamPipeline
 from transferctl.distributed import all_sum, world
 from transferctl.engine import Reporter, SilentReporter, fit
 from transferctl.engine.signals import StopOnSignal
@@ -23,6 +21,7 @@ from transferctl.engine.train import Position
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.registry import METHODS
 from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, read_trained_run, recording
+from transferctl.tasks.base import Task
 
 
 @dataclass
@@ -57,7 +56,8 @@ def recipe_path(name: str) -> Path:
 def task_recipe(task: str | None) -> dict[str, Any]:
     """The fine-tune recipe a task starts from (`Task.recipe`; classification's is `recipes/finetune.yaml`), under the
     config and overrides. A task without one (or a name that is not a registered task) starts from the defaults."""
-    from transferctl.registry import TASKS, load_components
+    from transferctl.components import load_components
+    from transferctl.registry import TASKS
 
     load_components()
     name = task or METHODS.get("finetune").fn.default_task
@@ -159,7 +159,7 @@ def train_run(cfg: Config, *, runs_dir: Path, command: str, reporter: Reporter |
     training = build.build_training(cfg)
     reporter = reporter or SilentReporter()
     parent = Path(cfg.finetune.source).name if cfg.finetune.source else None
-    environment = {"device": str(training.device), "seed": cfg.train.seed, "data_root": str(data_root(cfg.data))}
+    environment = {"device": str(training.device), "seed": cfg.train.seed, "data_root": str(training.data_root)}
     run = create_run(runs_dir, f"{cfg.method.name}-{cfg.data.name}", cfg.to_dict(), parent, command, environment)
     run.log(
         f"{command} {cfg.method.name} on {cfg.data.name}: {len(training.train)} train / {len(training.val)} val samples, "
@@ -177,9 +177,7 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     run.update_summary(key_metric=f"best_{t.objective.selection.metric}")  # what `runs ls` sums the run up by
     threads = build.training_threads(cfg, t.pipeline, t.device)
     run.log(f"pipeline {type(t.pipeline).__name__}, {threads} CPU threads")
-    streamed = isinstance(t.pipeline, StreamPipeline)
-    if streamed:
-        t.pipeline.log = run.log  # each sample it could not read, by name
+    t.pipeline.log = run.log  # what it did to samples (stream: each one it could not read, by name)
     for note in t.notes:
         run.log(f"note: {note}")
         reporter.note(note)
@@ -190,10 +188,12 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     for name, content in t.modality.companion_files(data_info).items():  # text: tokenizer.json
         run.write_file(name, content)
     task_state = t.task_state
+    network = build.network_record(t.method, t.train)  # what rebuilding the network needs without the data (format 3)
 
     def save(weights: dict[str, Any], training: dict[str, Any], row: dict[str, Any] | None, is_best: bool) -> None:
         position = training["position"]
-        common = {"config": config, "data": data_info, "task": task_state, "epoch": position["epoch"], "step": position["step"]}
+        common = {"config": config, "data": data_info, "task": task_state, "network": network}
+        common.update(epoch=position["epoch"], step=position["step"])
         if row is not None:
             run.log_metrics(row)
             run.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -241,21 +241,40 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
             f"continue with `transferctl {command} --resume {run.path}`",
             signum,
         )
+    task = t.method.task
+    if task is not None and task.fits_after_training:
+        fit_task_after_training(t, task, run)
     plots.write_curves(run)
     if run.writer and plots.available():
         t.method.write_plots(run, t, pipeline.inputs if isinstance(pipeline, plots.FirstBatch) else None)
-    metrics = final_metrics(result.position, result.images_per_s)
-    if streamed:  # every rank read its own slices
-        metrics["bad_samples_replaced"] = int(all_sum(torch.tensor(t.pipeline.replaced, device=t.device)).item())
+    metrics = final_metrics(result.position, result.samples_per_s)
+    for key, count in t.pipeline.metrics().items():  # every rank read its own slices
+        metrics[key] = int(all_sum(torch.tensor(count, device=t.device)).item())
     if t.device.type == "cuda":
         metrics["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(t.device) / 2**20, 1)
     return metrics
 
 
-def final_metrics(position: Position, images_per_s: float) -> dict[str, Any]:
+def fit_task_after_training(t: Training, task: Task, run: Run) -> None:
+    """The task's state fitted with each saved checkpoint's weights on the held-out split (`Task.fit_after_training`:
+    per-class thresholds, ...), merged into that checkpoint's task state; the network's own weights are kept."""
+    trained = {k: v.clone() for k, v in t.network.state_dict().items()}
+    for name in ("best", "last"):
+        path = run.checkpoint_dir / f"{name}.pt"
+        if not path.is_file():
+            continue
+        saved = checkpoints.read(path)
+        t.network.load_state_dict(saved.model)
+        fitted = task.fit_after_training(t.network.eval(), t.val, t.cfg.data.eval_batch_size)
+        run.log(f"{name}.pt: the task fitted {', '.join(sorted(fitted)) or 'nothing'} on the held-out split")
+        run.save_checkpoint(name, replace(saved, task={**saved.task, **fitted}))
+    t.network.load_state_dict(trained)
+
+
+def final_metrics(position: Position, samples_per_s: float) -> dict[str, Any]:
     """The run's flat metrics: its last row, its throughput and its best validation scores."""
     metrics = {k: v for k, v in position.last.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics["images_per_s"] = round(images_per_s, 1)
+    metrics["samples_per_s"] = round(samples_per_s, 1)
     for key, value in position.best.items():
         if key.startswith("val_"):
             metrics[f"best_{key}"] = value

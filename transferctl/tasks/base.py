@@ -1,6 +1,8 @@
 """What a task is to the rest of transferctl: the target a head is trained for, and everything that follows
-from it: the default head and loss, the kind of targets it needs, its loss of a batch, its validation metric,
-its evaluation, the state it fits on the training split, and what an export of it returns.
+from it: the default head and loss, the kind of targets it needs and how a batch of them is collated, its loss of
+a batch, its validation metric, its evaluation, the state it fits on the training split (and after training),
+what its outputs mean (`decode`: the records `predict` prints) and how two models' outputs are compared
+(`compare`: what export parity counts).
 
 A task is a registered class (`@TASKS.register("name")`); its constructor's keyword arguments are its config
 options (`task: {name: ..., option: value}`). Methods that train a task (`supervised`, `finetune`) hand these
@@ -9,12 +11,15 @@ questions to it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from transferctl.data.samples import Samples, TargetKind
+from transferctl import agreement
+from transferctl.data.samples import Batch, Samples, TargetKind
+from transferctl.data.targets import Targets
 from transferctl.engine.train import Selection
 
 if TYPE_CHECKING:
@@ -34,9 +39,12 @@ class Task:
     exported_as: ClassVar[str]  # the model card's kind
     pseudo_labels: ClassVar[bool] = False  # its outputs are class scores that pseudo-labels can be read from
     augmentation: ClassVar[str | None] = None  # the augmentation role of its default (None: the method's)
-    agreement: ClassVar[str | None] = "top1"  # what an export's parity check compares beyond the outputs' values
+    # the share of each `compare` count that an export's parity check requires
+    minimum_agreement: ClassVar[Mapping[str, float]] = {"top1_agreement": 1.0}
     # the fine-tune recipe `finetune` starts from (a built-in recipe's name or a YAML file's path); None: the defaults
     recipe: ClassVar[str | None] = None
+    variable_length: ClassVar[bool] = False  # takes inputs of any length: an export keeps their length axes dynamic
+    fits_after_training: ClassVar[bool] = False  # `fit_after_training` fits state once training is done
 
     def num_outputs(self, data: Samples) -> int:
         raise NotImplementedError
@@ -57,8 +65,35 @@ class Task:
         changes an angle. Training refuses an augmentation with any of them."""
         return frozenset()
 
-    def batch_loss(self, criterion: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def collate(self, targets: Targets) -> Any:
+        """A batch's targets as the loss and metrics take them: stacked targets as they are; a TargetList's items
+        padded, concatenated or listed as the task needs (boxes, transcripts, the labels of words)."""
+        return targets
+
+    def training_loss(self, criterion: nn.Module, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The loss of a training batch's outputs: by default `batch_loss` of its collated targets. A task that needs
+        more of the batch (the inputs' lengths, its side information) overrides this."""
+        return self.batch_loss(criterion, outputs, self.collate(batch.targets))
+
+    def batch_loss(self, criterion: nn.Module, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         return criterion(outputs, targets)
+
+    def fit_after_training(self, network: nn.Module, val: Samples, batch_size: int) -> dict[str, Any]:
+        """State fitted on the held-out split with a trained checkpoint's network (per-class thresholds of multi-label
+        outputs), merged into `fit`'s state in that checkpoint and given back through `load_fitted`. Called, for
+        best.pt and last.pt, once training is done, by a task that sets `fits_after_training`."""
+        return {}
+
+    def decode(self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
+        """One JSON-ready record per sample of a batch of outputs: what `predict` writes (a label and its score, a
+        value in the target's units, a mask, ...). `fitted`: the trained run's data state (`classes`,
+        `target_names`, the modality's)."""
+        raise NotImplementedError(f"task {type(self).__name__} does not decode its outputs")
+
+    def compare(self, expected: torch.Tensor, actual: torch.Tensor) -> agreement.Counts:
+        """How two models' outputs of one batch agree beyond their values ({name: (agreeing, counted)}): an export
+        against its run, a run against its export. By default each row's argmax (classes)."""
+        return agreement.top1(expected, actual)
 
     def validate(self, network: nn.Module, val: Samples, batch_size: int) -> dict[str, float]:
         """Metrics of the held-out split, each named `val_<metric>`; `selection.metric` among them."""

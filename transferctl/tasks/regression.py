@@ -7,14 +7,15 @@ outputs and targets after standardizing both, which is the same as training on s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import PositiveInt
 from torch import nn
 
-from transferctl import plots
+from transferctl import agreement, plots
 from transferctl.data.samples import Samples
 from transferctl.engine.evaluate import Evaluation, predict
 from transferctl.engine.train import Selection
@@ -82,7 +83,7 @@ class Regression(Task):
     output = "values"
     exported_as = "regressor"
     augmentation = "none"  # nothing that might change the targets unless the config asks for it
-    agreement = None  # continuous outputs: the values' difference is the check
+    minimum_agreement: ClassVar[Mapping[str, float]] = {}  # continuous outputs: the values' difference is the check
 
     def __post_init__(self) -> None:
         self.names: tuple[str, ...] = ()
@@ -135,6 +136,14 @@ class Regression(Task):
         run.write_json("regression.json", {"targets": table, "test_samples": len(test)})
         plots.write_regression(run, list(self.names), predictions.cpu(), test.targets.cpu())
         return Evaluation(metrics, {"per_target": table})
+
+    def compare(self, expected: torch.Tensor, actual: torch.Tensor) -> agreement.Counts:
+        return agreement.none(expected, actual)
+
+    def decode(self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
+        """Each target's predicted value, in the targets' own units (the head de-standardizes its outputs)."""
+        names = list(fitted.get("target_names") or self.names)
+        return [{"values": dict(zip(names, row, strict=True))} for row in outputs.float().tolist()]
 
     def card(self, data: Samples) -> dict[str, Any]:
         return {

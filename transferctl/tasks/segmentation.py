@@ -8,17 +8,18 @@ the classes that occur in the truth or the predictions) and `pixel_accuracy`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from transferctl import plots
-from transferctl.data.augment import IGNORE_INDEX
+from transferctl import agreement, plots
 from transferctl.data.samples import Samples
+from transferctl.data.targets import IGNORE_INDEX
 from transferctl.distributed import sum_over_shares, world
 from transferctl.engine.evaluate import Evaluation, over_my_share
 from transferctl.engine.train import Selection
@@ -168,6 +169,9 @@ def segment(model: nn.Module, data: Samples, batch_size: int) -> tuple[torch.Ten
     return sum_over_shares(confusion, len(data)).cpu(), total / max(pixels, 1)
 
 
+PIXELS = agreement.per_position("pixel_agreement")
+
+
 def _reduce_device(like: torch.Tensor) -> torch.device:
     """Where a collective's tensor lives: NCCL needs CUDA tensors, Gloo CPU ones."""
     return like.device if like.device.type == "cuda" else torch.device("cpu")
@@ -187,7 +191,8 @@ class Segmentation(Task):
     output = "logits"
     exported_as = "segmenter"
     augmentation = "light"  # geometric transforms move the masks with their images
-    agreement = "pixels"
+    # a logit within tolerance can still flip the argmax of a pixel on a class boundary
+    minimum_agreement: ClassVar[Mapping[str, float]] = {"pixel_agreement": 0.999}
 
     def num_outputs(self, data: Samples) -> int:
         return data.num_classes
@@ -206,6 +211,20 @@ class Segmentation(Task):
         plots.write_segmentation(run, *_examples(model, test), len(classes))
         scores = {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"], "loss": loss}
         return Evaluation(scores, {"per_class_iou": per_class})
+
+    def compare(self, expected: torch.Tensor, actual: torch.Tensor) -> agreement.Counts:
+        return PIXELS(expected, actual)
+
+    def decode(self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
+        """Each pixel's most likely class (a mask of class indices, rows of the image), and the classes it shows with
+        their pixel counts."""
+        classes, masks = list(fitted["classes"]), outputs.argmax(1)
+        records = []
+        for mask in masks:
+            counts = torch.bincount(mask.flatten(), minlength=len(classes)).tolist()
+            present = {classes[i]: n for i, n in enumerate(counts) if n}
+            records.append({"mask": mask.tolist(), "pixels_per_class": present})
+        return records
 
     def card(self, data: Samples) -> dict[str, Any]:
         return {"classes": list(data.classes), "output_meaning": "class logits per pixel (N, classes, H, W); argmax over dim 1"}

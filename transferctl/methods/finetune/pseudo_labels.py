@@ -1,6 +1,6 @@
-"""What fine-tuning adds to plain cross-entropy on the few labelled images, each switched on by config:
-a pull toward the pretrained weights (L2-SP) and pseudo-labels on the unlabeled images (FixMatch),
-optionally checked against label propagation."""
+"""Pseudo-labels on the unlabeled samples (FixMatch), optionally aligned to the labelled class shares and checked
+against label propagation (`propagation.py`): what fine-tuning adds to the task's loss when `finetune.unlabeled.weight`
+is set."""
 
 from __future__ import annotations
 
@@ -12,26 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from transferctl.data.pipeline import UnlabeledStream
-
-
-@dataclass
-class WeightAnchor:
-    """L2-SP (Li et al., 2018): (strength / 2) * ||w - w0||^2 over the encoder's parameters, w0 the
-    pretrained values. Unlike weight decay, which pulls toward zero, it keeps a few-label fine-tune
-    near the features pretraining found."""
-
-    params: list[nn.Parameter]
-    start: list[torch.Tensor]
-    strength: float
-
-    @classmethod
-    def toward(cls, encoder: nn.Module, pretrained: dict[str, torch.Tensor], strength: float) -> WeightAnchor:
-        named = [(name, p) for name, p in encoder.named_parameters() if p.requires_grad]
-        return cls([p for _, p in named], [pretrained[name].detach().to(p.device, p.dtype).clone() for name, p in named], strength)
-
-    def penalty(self) -> torch.Tensor:
-        distance = sum(((p.float() - p0.float()) ** 2).sum() for p, p0 in zip(self.params, self.start, strict=True))
-        return 0.5 * self.strength * distance
 
 
 @dataclass

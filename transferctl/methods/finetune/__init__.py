@@ -1,7 +1,10 @@
 """Fine-tuning: a new task head (classification unless `task` says otherwise) on an encoder pretrained by another
 run (`--from`) or loaded from `model.weights`, or on a random one: the from-scratch baseline. The `finetune`
 section adds what protects and extends few labels: a head warm-up, an encoder learning-rate scale, L2-SP,
-and pseudo-labels on the unlabeled training samples (with distribution alignment and label propagation)."""
+and pseudo-labels on the unlabeled training samples (with distribution alignment and label propagation).
+
+The package holds what only fine-tuning adds to a task's objective: `weight_anchor` (L2-SP), `pseudo_labels`
+(FixMatch) and `propagation` (label propagation, the pseudo-labels' second opinion)."""
 
 from __future__ import annotations
 
@@ -17,11 +20,12 @@ from transferctl.data.samples import Samples
 from transferctl.data.stream import is_streamed
 from transferctl.distributed import world
 from transferctl.engine.evaluate import embed
-from transferctl.engine.finetuning import PseudoLabels, WeightAnchor
-from transferctl.engine.propagation import propagate_labels
 from transferctl.engine.train import half_precision
 from transferctl.errors import ConfigError
 from transferctl.methods.base import Parts
+from transferctl.methods.finetune.propagation import propagate_labels
+from transferctl.methods.finetune.pseudo_labels import PseudoLabels
+from transferctl.methods.finetune.weight_anchor import WeightAnchor
 from transferctl.methods.supervised import TaskMethod, TaskObjective
 from transferctl.models.heads import Network
 from transferctl.models.weights import has_pretrained_encoder

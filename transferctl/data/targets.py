@@ -1,0 +1,159 @@
+"""Target kinds: what a sample's target is, how a split holds them, and how one follows a geometric transform of
+its input.
+
+A kind is a registered class (`@TARGET_KINDS.register("name")`), named by the data sets that give it
+(`Samples.target_kind`) and the tasks that train on it (`Task.target_kind`). Targets that stack (a class, a vector
+of values, a class per pixel) are one tensor (N, ...); targets of any other shape (a list of boxes, a transcript,
+the digits of a scene) are a `TargetList`, one item per sample, which indexes, subsets and moves as a tensor does,
+and which the task turns into what its loss takes (`Task.collate`).
+
+Geometric augmentations move a batch of images by one affine map each (`Geometry`); a kind whose targets live in
+the image's coordinates (`geometric`) says how they move with it (`follow`), so pipelines and augmentations never
+branch on a kind by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from transferctl.registry import TARGET_KINDS
+
+IGNORE_INDEX = 255  # a per-pixel target that counts in neither loss nor metrics (pixels from outside an image)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One affine map per image of a batch: `theta` (N, 2, 3) as `torch.nn.functional.affine_grid` takes it (from
+    each output pixel's normalized coordinates to where it is read in the input), and the output's (height, width)."""
+
+    theta: torch.Tensor
+    size: tuple[int, int]
+
+    def resample(self, x: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
+        """(N, C, H, W) `x` read through the maps (`grid_sample`, align_corners=False)."""
+        grid = F.affine_grid(self.theta.to(x.dtype), [x.shape[0], x.shape[1], *self.size], align_corners=False)
+        return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
+
+
+class TargetList:
+    """Targets that do not stack: one item per sample (a tensor of any shape, or any picklable value). Indexing with
+    an integer gives one item; with a slice, a list of indices or an index tensor, another TargetList."""
+
+    def __init__(self, items: Sequence[Any], device: torch.device | str = "cpu"):
+        self.items = list(items)
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> Any:
+        if isinstance(index, int):
+            return self.items[index]
+        if isinstance(index, slice):
+            return TargetList(self.items[index], self.device)
+        if isinstance(index, torch.Tensor):
+            if index.dtype == torch.bool:
+                index = index.nonzero().flatten()
+            index = index.flatten().tolist() if index.ndim else int(index)
+            if isinstance(index, int):
+                return self.items[index]
+        return TargetList([self.items[i] for i in index], self.device)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TargetList:
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = [item.to(device, non_blocking=non_blocking) if isinstance(item, torch.Tensor) else item for item in self.items]
+        return TargetList(moved, device)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TargetList) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, TargetList) else False
+        return all(_same(a, b) for a, b in zip(self.items, other.items, strict=True))
+
+    def __repr__(self) -> str:
+        return f"TargetList({len(self)} items on {self.device})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))
+    return a == b
+
+
+Targets = torch.Tensor | TargetList  # what `Samples.targets` and `Batch.targets` hold
+
+
+class TargetKind:
+    """Base class of a registered target kind: stateless, one instance per name (`target_kind_named`)."""
+
+    noun: ClassVar[str] = "targets"  # what messages call them: "masks", "boxes"
+    stacked: ClassVar[bool] = True  # one tensor (N, ...); else a TargetList
+    geometric: ClassVar[bool] = False  # lives in the input's coordinates: a geometric augmentation moves it (`follow`)
+
+    def follow(self, targets: Targets, geometry: Geometry) -> Targets:
+        """`targets` moved as `geometry` moves their inputs (called only for a `geometric` kind)."""
+        raise NotImplementedError(f"{type(self).__name__} declares geometric targets but not how they follow a transform")
+
+    def without_labels(self, targets: Targets, no_label: int) -> Targets:
+        """Targets of the same samples that carry no label (the unlabeled pool of semi-supervised fine-tuning)."""
+        if isinstance(targets, TargetList):
+            return TargetList([None] * len(targets), targets.device)
+        return torch.full_like(targets, no_label)
+
+
+@TARGET_KINDS.register("class")
+class ClassIndex(TargetKind):
+    """One class index per sample: int64 (N,)."""
+
+    noun = "class labels"
+
+
+@TARGET_KINDS.register("values")
+class Values(TargetKind):
+    """Continuous values per sample: float (N, len(target_names))."""
+
+    noun = "values"
+
+
+@TARGET_KINDS.register("class_per_pixel")
+class ClassPerPixel(TargetKind):
+    """A class index per pixel: uint8 (N, H, W) masks, IGNORE_INDEX where a pixel has none. A geometric transform
+    moves a mask with its image (nearest neighbour); pixels read from outside the image become IGNORE_INDEX."""
+
+    noun = "masks"
+    geometric = True
+
+    def follow(self, targets: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+        shifted = targets.unsqueeze(1).float() - IGNORE_INDEX  # zero padding then lands on IGNORE_INDEX
+        moved = geometry.resample(shifted, "nearest", "zeros") + IGNORE_INDEX
+        return moved.squeeze(1).round().to(targets.dtype)
+
+
+@TARGET_KINDS.register("class_sequence")
+class ClassSequence(TargetKind):
+    """An ordered list of class indices per sample, of any length (the digits of a scene in reading order; the words
+    of a transcript): a TargetList of int64 (length,) tensors."""
+
+    noun = "class sequences"
+    stacked = False
+
+
+@cache
+def target_kind_named(name: str) -> TargetKind:
+    """The registered kind `name` (one instance each)."""
+    return TARGET_KINDS.build(name, {})
+
+
+def target_kind_of(data: Any) -> TargetKind:
+    """The kind of a split's (`Samples`) targets."""
+    return target_kind_named(data.target_kind)
