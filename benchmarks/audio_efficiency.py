@@ -80,7 +80,7 @@ def classic_accuracy(split: str, column: str, seed: int, extra: list[str]) -> di
     cfg = load_config(FINETUNE, overrides_of(split, column, seed, extra))
     train = load_training_data(cfg.data, labelled_subset=True).train
     test = load_split(cfg.data, train=False)
-    clip = train.front_end.clip_samples
+    clip = train.clip_samples
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=1.0))
     model.fit(pooled_log_spectrogram(train.inputs, clip).numpy(), train.targets.numpy())
     return {"accuracy": float(model.score(pooled_log_spectrogram(test.inputs, clip).numpy(), test.targets.numpy()))}

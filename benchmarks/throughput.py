@@ -91,7 +91,7 @@ def measure(
     data_time = (time.perf_counter() - start) / steps
     front_end = {}
     if audio:  # of the data path, what the log-mel front end (part of every export) costs: two views a batch
-        clips = torch.randn(batch, t.train.front_end.clip_samples, device=dev) * 0.1
+        clips = torch.randn(batch, t.train.clip_samples, device=dev) * 0.1
         with torch.no_grad():
             t.modality.normalize(clips, t.train)
             sync()

@@ -19,7 +19,7 @@ from tests.test_resume import killed_and_resumed
 from transferctl.components import load_components
 from transferctl.data.audio import decode_audio_files, read_audio
 from transferctl.data.audio_augment import AudioAugment, audio_simclr, content_length
-from transferctl.modalities.audio import AudioData, AudioModality, FrontEnd, LogMel
+from transferctl.modalities.audio import AudioData, AudioModality, FrontEnd, LogMel, to_clip
 from transferctl.registry import DATASETS, MODELS
 
 RATE = 8000
@@ -82,7 +82,7 @@ def _reference_log_mel(x: np.ndarray, f: FrontEnd) -> np.ndarray:
     window = np.zeros(f.n_fft)
     offset = (f.n_fft - f.win_length) // 2
     window[offset : offset + f.win_length] = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(f.win_length) / f.win_length)
-    frames = np.stack([padded[i * f.hop_length : i * f.hop_length + f.n_fft] * window for i in range(f.frames)])
+    frames = np.stack([padded[i * f.hop_length : i * f.hop_length + f.n_fft] * window for i in range(f.frames(len(x)))])
     power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # (frames, n_fft // 2 + 1)
     mel = lambda hz: 2595 * np.log10(1 + hz / 700)
     edges = 700 * (10 ** (np.linspace(mel(0), mel(f.sample_rate / 2), f.n_mels + 2) / 2595) - 1)
@@ -94,8 +94,8 @@ def _reference_log_mel(x: np.ndarray, f: FrontEnd) -> np.ndarray:
 
 
 def test_the_front_end_matches_a_reference_computation_on_a_tone():
-    front_end = FrontEnd.of(RATE, 1.0, n_mels=40, window_ms=25, hop_ms=10)
-    assert (front_end.win_length, front_end.n_fft, front_end.hop_length, front_end.frames) == (200, 256, 80, 100)
+    front_end = FrontEnd.of(RATE, n_mels=40, window_ms=25, hop_ms=10)
+    assert (front_end.win_length, front_end.n_fft, front_end.hop_length, front_end.frames(RATE)) == (200, 256, 80, 100)
     signal = tone(1000.0, 1.0)
     ours = LogMel(front_end).log_mel(torch.tensor(signal, dtype=torch.float32).unsqueeze(0))[0].double().numpy()
     reference = _reference_log_mel(signal, front_end)
@@ -105,15 +105,17 @@ def test_the_front_end_matches_a_reference_computation_on_a_tone():
     assert np.argmax(reference.mean(axis=1)) == np.argmax(ours.mean(axis=1))  # the same, tone's, mel bin peaks
 
 
-def test_the_front_end_standardizes_and_cuts_or_pads_to_the_clip():
-    front_end = FrontEnd.of(RATE, 0.5, n_mels=16, window_ms=32, hop_ms=16)
+def test_the_front_end_standardizes_waveforms_of_any_length_and_the_data_path_cuts_or_pads_to_the_clip():
+    front_end = FrontEnd.of(RATE, n_mels=16, window_ms=32, hop_ms=16)
     module = LogMel(front_end, mean=tuple(range(16)), std=(2.0,) * 16)
     long, short = torch.randn(2, 6000), torch.randn(2, 1000)
     energies = module.log_mel(long)
     assert torch.allclose(module(long)[:, 0], (energies - torch.arange(16.0).view(-1, 1)) / 2, atol=1e-5)
-    assert torch.equal(module(long), module(long[:, : front_end.clip_samples]))  # past the clip: not read
-    padded = torch.nn.functional.pad(short, (0, front_end.clip_samples - 1000))
-    assert torch.equal(module(short), module(padded)) and module(short).shape == (2, 1, 16, front_end.frames)
+    assert module(long).shape == (2, 1, 16, 6000 // 128) and module(short).shape == (2, 1, 16, 1000 // 128)
+    clip = 4000  # 0.5 s: the data path's clip window, not the front end's
+    assert torch.equal(to_clip(long, clip), long[:, :clip])  # past the clip: not read
+    assert torch.equal(to_clip(short, clip), torch.nn.functional.pad(short, (0, clip - 1000)))
+    assert module(to_clip(short, clip)).shape == (2, 1, 16, front_end.frames(clip)) and to_clip(short, None) is short
 
 
 # --------------------------------------------------------------------------- reading, resampling and splits
@@ -199,8 +201,9 @@ def test_spec_augment_hides_whole_frames_and_whole_bins():
 
 
 def test_the_front_end_runs_in_float32_inside_a_bf16_step():
-    front_end = FrontEnd.of(RATE, 1.0, n_mels=40, window_ms=32, hop_ms=10)
-    data = AudioData(torch.zeros(2, RATE, dtype=torch.int16), torch.zeros(2, dtype=torch.long), ("a",), front_end, (0.0,) * 40, (1.0,) * 40)
+    front_end = FrontEnd.of(RATE, n_mels=40, window_ms=32, hop_ms=10)
+    waveforms, targets = torch.zeros(2, RATE, dtype=torch.int16), torch.zeros(2, dtype=torch.long)
+    data = AudioData(waveforms, targets, ("a",), front_end, (0.0,) * 40, (1.0,) * 40, clip_samples=RATE)
     x = torch.randn(2, RATE) * 0.1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = AudioModality().normalize(x, data)
@@ -395,6 +398,6 @@ def test_more_mel_bins_than_frequencies_is_refused(cli, tmp_path, audio_root):
 
 
 def test_frames_and_seconds_are_consistent():
-    front_end = FrontEnd.of(16000, 1.0, n_mels=64, window_ms=25, hop_ms=10)
-    assert front_end.frames == 100 and front_end.clip_samples == 16000 and front_end.n_fft == 512
+    front_end = FrontEnd.of(16000, n_mels=64, window_ms=25, hop_ms=10)
+    assert front_end.frames(16000) == 100 and front_end.input_shape(16000) == (1, 64, 100) and front_end.n_fft == 512
     assert math.isclose(front_end.win_length / 16000, 0.025)

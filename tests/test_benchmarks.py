@@ -115,7 +115,7 @@ def test_the_throughput_benchmark_measures_a_pipeline_through_the_assembly_layer
 
     monkeypatch.setattr(build, "build_training", ticking)
     monkeypatch.setattr(throughput, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    row = throughput.measure("cnn", "memory", "32", batch=32, steps=2, warmup=1, workers=0, device="cpu")
+    row = throughput.measure("cnn", "memory", "32", batch=32, steps=1, warmup=1, workers=0, device="cpu")
     assert len(assembled) == 1  # built by the assembly layer, as `transferctl pretrain` builds a run
     assert (row["pipeline"], row["data"], row["batch"]) == ("memory", "mnist_sample", 32)
     # data only: the timed draws (not the warm-up's), 1 tick a batch; training: the timed steps, each a draw, a loss

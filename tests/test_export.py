@@ -17,12 +17,12 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import make_mnist_root, write_config
-from transferctl.recipes import export as export_module
 from transferctl.build import build_network
 from transferctl.config import load_config
 from transferctl.data import load_split
 from transferctl.methods import Export
 from transferctl.modalities.image import normalize
+from transferctl.recipes import export as export_module
 from transferctl.recipes import finetune, pretrain
 from transferctl.runs import create_run
 

@@ -116,7 +116,9 @@ def test_the_semi_supervised_recipe_learns_from_unlabeled_images_on_real_mnist(c
     rows = [json.loads(line) for line in (Path(tuned.json["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     # pseudo-labels were drawn on the unlabeled images, and more of them pass the threshold as the classifier improves
     # (this run: 1% of them in the first 2 steps, 95% in the last 2)
-    rates = [row["pseudo_label_rate"] for row in rows]
-    assert len(rates) == 10 and rates[0] < 0.2 and rates[-1] > 0.6
-    # and they are what it learns from: 0.89 here; the same 20 steps on the 100 labels alone reach 0.54
-    assert tuned.json["metrics"]["val_accuracy"] > 0.75
+    rates = [row.get("pseudo_label_rate") for row in rows]
+    assert None not in rates and rates[0] < 0.2 and rates[-1] > 0.6, rates
+    # and it learns from them: 0.89-0.90 here (also with another seed, or in float32). With pseudo-labels drawn but
+    # left out of the loss (their forward passes still adapt the batch-norm statistics) 0.70-0.81; with no unlabeled
+    # images (finetune.unlabeled.weight=0) 0.54
+    assert tuned.json["metrics"]["val_accuracy"] > 0.85

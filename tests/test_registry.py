@@ -86,6 +86,7 @@ BUILT_IN = {
         "text_csv",
     },
     "augmentations": {"simclr", "light", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
+    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values"},
 }
 
 

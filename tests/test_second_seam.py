@@ -6,7 +6,7 @@ outputs. A plugin task whose target is a variable-length list runs finetune -> r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -232,3 +232,27 @@ def test_an_export_of_inputs_of_any_length_keeps_their_length_axes_dynamic(tmp_p
         ids, mask = torch.randint(0, 20, (4, length)), torch.ones(4, length, dtype=torch.long)
         mask[0, length // 2 :] = 0
         assert torch.allclose(run(ids, mask), module(ids, mask), atol=1e-5)
+
+
+def test_texts_read_with_another_tokenizer_get_their_word_ids_again_and_keep_per_word_targets():
+    from transferctl.data.text import TokenizerOptions, train_tokenizer
+    from transferctl.errors import UsageError
+    from transferctl.modalities.text import TextData, Tokenization, tokenized
+
+    texts = ["the cat sat on the mat", "dogs ran home quickly", "a cat and a dog"] * 20
+    whole = Tokenization(train_tokenizer(texts, TokenizerOptions(vocab_size=400)), max_length=32)
+    letters = torch.randint(0, 26, (400, 6), generator=torch.Generator().manual_seed(0))
+    noise = ["".join(chr(97 + c) for c in word) for word in letters.tolist()]  # random words: pieces of letters, few merges
+    pieces = Tokenization(train_tokenizer(noise, TokenizerOptions(vocab_size=100)), max_length=32)
+    ids, cut, encodings = whole.encode(texts[:3], with_encodings=True)
+    tags = TargetList([torch.arange(len(t.split())) for t in texts[:3]])  # one label per word
+    side = {"word_ids": torch.tensor([[-1 if w is None else w for w in e.word_ids] for e in encodings])}
+    data = TextData(ids, tags, ("x",), texts=tuple(texts[:3]), tokenization=whole, cut=cut, target_kind="class_sequence", side=side)
+    again = tokenized(data, pieces)
+    assert again.targets is data.targets and not torch.equal(again.inputs, data.inputs)
+    for text, before, after in zip(texts[:3], data.side["word_ids"], again.side["word_ids"], strict=True):
+        words = list(range(len(text.split())))
+        assert sorted(set(before.tolist()) - {-1}) == words == sorted(set(after.tolist()) - {-1})
+        assert (after >= 0).sum() > (before >= 0).sum()  # more tokens per word: the word ids follow the new pieces
+    with pytest.raises(UsageError, match="spans"):
+        tokenized(replace(data, side={"spans": torch.zeros(3, 2)}), pieces)

@@ -375,7 +375,10 @@ class Trained:
         """The whole train or test split, as trained, on the run's device (read once)."""
         if train not in self.splits:
             self.splits[train] = as_trained(
-                load_split(self.cfg.data, train=train, fitted=self.checkpoint.data, target_kind=task_target_kind(self.method)), self.checkpoint, self.modality, str(self.record.path)
+                load_split(self.cfg.data, train=train, fitted=self.checkpoint.data, target_kind=task_target_kind(self.method)),
+                self.checkpoint,
+                self.modality,
+                str(self.record.path),
             ).to(self.device)
         return self.splits[train]
 
@@ -478,7 +481,9 @@ def load_trained(
     read: dict[bool, Samples] = {}
     if "test" in wanted or shape is None:  # before the network, as ever: a data error comes first
         try:
-            read[False] = as_trained(load_split(cfg.data, train=False, fitted=saved.data, target_kind=task_target_kind(method)), saved, modality, where)
+            read[False] = as_trained(
+                load_split(cfg.data, train=False, fitted=saved.data, target_kind=task_target_kind(method)), saved, modality, where
+            )
         except UsageError as exc:
             if shape is not None:
                 raise

@@ -10,8 +10,9 @@ Format 3 (`checkpoints/last.pt` and `best.pt`), a mapping that loads with `torch
                   sample_shape (one model input's shape, a list) and num_outputs (the head's outputs)
     data          the training split's classes (and target_names, for values) and the modality's fitted state, which
                   records how inputs are decoded: images: mean, std, image_size, channels, resize (crop | stretch |
-                  letterbox), interpolation; audio: front_end (sample_rate, clip_samples, n_fft, win_length,
-                  hop_length, n_mels), mean, std, max_samples; text: tokenizer, max_length, truncation, padding
+                  letterbox), interpolation; audio: front_end (sample_rate, n_fft, win_length, hop_length, n_mels,
+                  kind; format 2 also clip_samples), clip_samples (None: any length), mean, std, max_samples; text:
+                  tokenizer, max_length, truncation, padding
     task          the task's fitted state (empty for classification)
     epoch, step   where training stood
     metrics       best.pt: the epoch's row that made it best; else absent

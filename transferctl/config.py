@@ -166,6 +166,7 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     if cfg.model.weights and cfg.finetune.source:
         raise ConfigError("model.weights: a fine-tune --from RUN takes its encoder from RUN; drop model.weights (or --from)")
     _resolve_model_from_weights(cfg)
+    _resolve_data_from_components(cfg, modality, task)
     cfg.head = _resolve_component(HEADS, cfg.head, "head")
     cfg.loss = _resolve_component(LOSSES, cfg.loss, "loss")
     cfg.optimizer = _resolve_component(OPTIMIZERS, cfg.optimizer, "optimizer")
@@ -216,6 +217,16 @@ def _resolve_model_from_weights(cfg: Config) -> None:
     if resolve_data is not None:
         for key, value in resolve_data(cfg.data.options, cfg.model.weights).items():
             setattr(cfg.data, key, value)
+
+
+def _resolve_data_from_components(cfg: Config, modality: str, task: type | None) -> None:
+    """The data options that follow the model (its registration meta) and the task unless the config sets them, as the
+    data's modality says (`Modality.resolve_data`; audio: the front end a model takes, whole recordings for a task
+    of inputs of any length)."""
+    from transferctl.modalities import modality_named
+
+    for key, value in modality_named(modality).resolve_data(cfg.data.options, MODELS.get(cfg.model.name), task).items():
+        setattr(cfg.data, key, value)
 
 
 def _attribute(obj: Any, path: list[str]) -> Any:

@@ -2,8 +2,10 @@
 
 Files are read once (16-bit PCM `.wav` through the standard `wave` module, other formats through `soundfile`),
 downmixed to mono, resampled to `sample_rate` (torchaudio), kept from their start up to `max_seconds`, and
-stacked into one zero-padded int16 tensor, which the decoded cache keeps for the next run. The split's log-mel
-statistics are computed once here; the front end (`modalities/audio.py`) reads every batch with them.
+stacked into one zero-padded int16 tensor, which the decoded cache keeps for the next run. The clip window
+(`clip_seconds`; null: whole recordings) and the front end (`front_end`: log_mel or waveform, with the STFT and mel
+options) are separate options; the split's log-mel statistics (of its clips) are computed once here, and the front
+end (`modalities/audio.py`) reads every batch with them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pydantic import Field
 
 from transferctl.data.datasets import cached_decoding, missing_data, split_folder
 from transferctl.errors import UsageError
-from transferctl.modalities.audio import AudioData, FrontEnd, log_mel_statistics, torchaudio
+from transferctl.modalities.audio import AudioData, FrontEnd, clip_samples_of, log_mel_statistics, torchaudio
 from transferctl.registry import DATASETS
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -26,6 +28,7 @@ Seconds = Annotated[float, Field(gt=0.0, le=60.0)]
 Milliseconds = Annotated[float, Field(gt=0.0, le=1000.0)]
 SampleRate = Annotated[int, Field(ge=1000, le=192_000)]
 MelBins = Annotated[int, Field(ge=8, le=256)]
+FrontEndKind = Literal["log_mel", "waveform"]  # what the model takes: log-mel spectrograms or the waveform itself
 
 
 # --------------------------------------------------------------------------- reading files
@@ -109,9 +112,15 @@ def decode_audio(paths: list[Path], sample_rate: int, max_samples: int, name: st
 
 
 def audio_split(
-    waveforms: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...], front_end: FrontEnd, max_samples: int | None = None
+    waveforms: torch.Tensor,
+    targets: torch.Tensor,
+    classes: tuple[str, ...],
+    front_end: FrontEnd,
+    clip_samples: int | None,
+    max_samples: int | None = None,
 ) -> AudioData:
-    return AudioData(waveforms, targets, classes, front_end, **log_mel_statistics(waveforms, front_end), max_samples=max_samples)
+    statistics = log_mel_statistics(waveforms, front_end, clip_samples)
+    return AudioData(waveforms, targets, classes, front_end, **statistics, clip_samples=clip_samples, max_samples=max_samples)
 
 
 # --------------------------------------------------------------------------- data sets
@@ -128,15 +137,17 @@ def fsdd(
     split: Literal["official", "speakers"] = "official",
     test_speakers: tuple[str, ...] = ("george", "lucas"),
     sample_rate: SampleRate = 8000,
-    clip_seconds: Seconds = 1.0,
+    clip_seconds: Seconds | None = 1.0,
     max_seconds: Seconds = 2.5,
     n_mels: MelBins = 40,
     window_ms: Milliseconds = 32.0,
     hop_ms: Milliseconds = 10.0,
+    front_end: FrontEndKind = "log_mel",
 ) -> AudioData:
     """Free Spoken Digit Dataset: 3,000 recordings of the digits 0-9 by 6 speakers at 8 kHz; `split: official` tests on
     takes 0-4 (300 clips), `split: speakers` on every clip of `test_speakers`."""
-    front_end = FrontEnd.of(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
+    reader = FrontEnd.of(sample_rate, n_mels, window_ms, hop_ms, front_end)
+    clip_samples = clip_samples_of(clip_seconds, reader)
     folder = root / "FSDD" / "recordings"
     recordings = sorted(folder.glob("*.wav")) if folder.is_dir() else []
     if not recordings:
@@ -152,7 +163,7 @@ def fsdd(
     max_samples = round(max_seconds * sample_rate)
     waveforms = decode_audio_files("fsdd", [p for p, _ in chosen], sample_rate, max_samples)
     targets = torch.tensor([digit for _, digit in chosen], dtype=torch.long)
-    return audio_split(waveforms, targets, tuple(str(d) for d in range(10)), front_end, max_samples)
+    return audio_split(waveforms, targets, tuple(str(d) for d in range(10)), reader, clip_samples, max_samples)
 
 
 @DATASETS.register(modality="audio")
@@ -163,15 +174,17 @@ def audio_folder(
     train_dir: str = "train",
     test_dir: str = "test",
     sample_rate: SampleRate = 16000,
-    clip_seconds: Seconds = 1.0,
+    clip_seconds: Seconds | None = 1.0,
     max_seconds: Seconds = 4.0,
     n_mels: MelBins = 64,
     window_ms: Milliseconds = 25.0,
     hop_ms: Milliseconds = 10.0,
+    front_end: FrontEndKind = "log_mel",
 ) -> AudioData:
     """Your own recordings: <root>/<train_dir>/<class>/*.wav (also .flac, .ogg) and the same under <test_dir>;
     resampled to sample_rate, downmixed to mono."""
-    front_end = FrontEnd.of(sample_rate, clip_seconds, n_mels, window_ms, hop_ms)
+    reader = FrontEnd.of(sample_rate, n_mels, window_ms, hop_ms, front_end)
+    clip_samples = clip_samples_of(clip_seconds, reader)
     folder = split_folder("audio_folder", root, train, train_dir, test_dir)
     classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
     files = [(path, index) for index, cls in enumerate(classes) for path in sorted((folder / cls).iterdir()) if _is_audio(path)]
@@ -182,7 +195,7 @@ def audio_folder(
         raise UsageError(f"data set 'audio_folder': class folder {folder / empty[0]} has no recordings; add some or remove it")
     max_samples = round(max_seconds * sample_rate)
     waveforms = decode_audio_files("audio_folder", [p for p, _ in files], sample_rate, max_samples)
-    return audio_split(waveforms, torch.tensor([i for _, i in files], dtype=torch.long), classes, front_end, max_samples)
+    return audio_split(waveforms, torch.tensor([i for _, i in files], dtype=torch.long), classes, reader, clip_samples, max_samples)
 
 
 def _is_audio(path: Path) -> bool:

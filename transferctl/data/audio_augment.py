@@ -1,8 +1,9 @@
 """Audio augmentations applied to whole batches on the training device, each clip with its own parameters.
 
 Two stages around the front end: on waveforms (N, samples) as floats in [-1, 1]: speed perturbation, a random
-crop or shift of the clip, gain and additive noise at a random SNR; then on the standardized log-mel
-spectrograms (N, 1, n_mels, frames): SpecAugment's time and frequency masks (filled with 0, the mean).
+crop or shift of the clip window, gain and additive noise at a random SNR; then on the standardized log-mel
+spectrograms (N, 1, n_mels, frames): SpecAugment's time and frequency masks (filled with 0, the mean). A model that
+takes waveforms (`front_end: waveform`) gets the first stage alone: SpecAugment leaves waveforms as they are.
 Randomness comes from the generator the pipeline passes in, so a seeded run is reproducible.
 """
 
@@ -44,7 +45,7 @@ def content_length(x: torch.Tensor) -> torch.Tensor:
 class AudioAugment:
     """A random, per-clip augmentation of a batch of waveforms and then of their spectrograms."""
 
-    clip_samples: int
+    clip_samples: int | None  # the clip window; None: the whole stored recording (inputs of any length)
     time_shift: bool = False  # the clip window at a random place: a crop of a longer recording, a shift of a shorter one
     speed: tuple[float, float] = (1.0, 1.0)  # playback rate: > 1 is faster (and higher)
     gain_db: float = 0.0  # uniform in [-gain_db, gain_db]
@@ -57,7 +58,7 @@ class AudioAugment:
     _lengths: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Waveforms (N, samples) -> augmented clips (N, clip_samples)."""
+        """Waveforms (N, samples) -> augmented clips (N, clip_samples; without a clip, N, samples)."""
         n, dev = x.shape[0], x.device
         rate = _uniform(n, *self.speed, generator, dev) if self.speed != (1.0, 1.0) else None
         x = self._play_window(x, rate, generator)
@@ -68,7 +69,10 @@ class AudioAugment:
         return x
 
     def on_model_inputs(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """SpecAugment on standardized log-mel spectrograms (N, 1, n_mels, frames)."""
+        """SpecAugment on standardized log-mel spectrograms (N, 1, n_mels, frames); waveforms (N, samples), the
+        inputs of a model that takes them, as they are (no draws)."""
+        if x.dim() != 4:
+            return x
         n, _, bins, frames = x.shape
         hidden_frames = self._masks(n, frames, self.time_masks, self.time_mask_frames, generator, x.device)
         hidden_bins = self._masks(n, bins, self.freq_masks, self.freq_mask_bins, generator, x.device)
@@ -90,7 +94,7 @@ class AudioAugment:
         """The clip window of each recording played `rate` times as fast (None: as recorded), at a random place in
         it with `time_shift`. Speed and window in one pass: only the window's samples are interpolated."""
         n, stored = x.shape
-        clip = self.clip_samples
+        clip = self.clip_samples if self.clip_samples is not None else stored
         if self.time_shift:
             played = self._content_length(x)
             if rate is not None:
@@ -144,7 +148,7 @@ def _interpolate(x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
 
 @AUGMENTATIONS.register(modality="audio")
 def audio_simclr(
-    clip_samples: int,
+    clip_samples: int | None,
     time_shift: bool = True,
     speed: SpeedRange = (0.8, 1.25),  # wide: a voice's pitch and formants move, which speakers differ in
     gain_db: Decibels = 6.0,
@@ -161,7 +165,7 @@ def audio_simclr(
 
 @AUGMENTATIONS.register(modality="audio")
 def audio_light(
-    clip_samples: int,
+    clip_samples: int | None,
     time_shift: bool = True,
     speed: SpeedRange = (0.95, 1.05),
     gain_db: Decibels = 3.0,

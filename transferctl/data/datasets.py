@@ -293,9 +293,7 @@ def data_root(data_cfg) -> Path:
     return (Path(data_cfg.root).expanduser() if data_cfg.root else default_root()).resolve()
 
 
-def load_split(
-    data_cfg, train: bool, fitted: dict | None = None, *, target_kind: str | None = None, validation: bool = False
-) -> Samples:
+def load_split(data_cfg, train: bool, fitted: dict | None = None, *, target_kind: str | None = None, validation: bool = False) -> Samples:
     """The whole train or test split of the configured data set; `fitted`: a trained run's fitted state, which a
     data set may read its split with directly (text: the run's tokenizer, whatever data.tokenizer names).
     `target_kind`: the kind of target the run's task trains on, for a data set that can give several (None: its

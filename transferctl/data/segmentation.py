@@ -39,7 +39,9 @@ class Scenes(NamedTuple):
         return ordered
 
 
-def compose_scenes(digits: torch.Tensor, labels: torch.Tensor, count: int, size: int, max_digits: int, generator: torch.Generator) -> Scenes:
+def compose_scenes(
+    digits: torch.Tensor, labels: torch.Tensor, count: int, size: int, max_digits: int, generator: torch.Generator
+) -> Scenes:
     """`count` canvases (N, 1, size, size) of 1 to `max_digits` digits each, at random positions and scales, and
     their masks: each stroke pixel holds its digit's class + 1 (0: background); where digits overlap, the image
     keeps the brighter pixel and the mask the digit pasted last. Each pasted digit's class and stroke box come with

@@ -1,11 +1,18 @@
-"""Audio: int16 waveforms (N, samples) at one sample rate; models take a normalized log-mel spectrogram of a clip.
+"""Audio: int16 waveforms (N, samples) at one sample rate; models take them through a front end: a standardized
+log-mel spectrogram (the default) or the standardized waveform itself (models that take raw audio, `front_end`).
 
 A split keeps each recording from its start, zero-padded to the longest one it holds, so training can crop or
-shift a clip anywhere in it. Model inputs are made in two steps, as for every modality: `decode` (int16 ->
-floats in [-1, 1], what the waveform augmentations act on) and `normalize`, the front end: the first
-`clip_samples` of each waveform (zero-padded when shorter), its log-mel spectrogram, standardized per mel bin
-with the training split's statistics. Spectrogram augmentations (SpecAugment) act after it. The front end is a
-module (`LogMel`), so an export holds it in front of the network and takes raw waveforms.
+shift a clip anywhere in it. Two things read it, kept apart: the clip window (`AudioData.clip_samples`: how many
+samples a training or evaluation clip has, a data option of each run; None: whole recordings, for a task of inputs
+of any length) and the front end (`FrontEnd`: rate, STFT, mel bins and what the model takes, with the training
+split's statistics: what a fine-tune inherits from its source run). Model inputs are made in two steps, as for
+every modality: `decode` (int16 -> floats in [-1, 1], what the waveform augmentations act on) and `normalize`:
+the clip (the first `clip_samples` of each waveform, zero-padded when shorter; the augmentation has already cut a
+training clip), then the front end, which reads a waveform of any length: `LogMel` (its log-mel spectrogram, one
+frame per hop, standardized per mel bin with the training split's statistics; SpecAugment acts after it) or
+`StandardWaveform` (each clip standardized over its own samples, as wav2vec2's feature extractor does). The front
+end is a module, so an export holds it (behind the clip, where the run has one) in front of the network and takes
+raw waveforms.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from transferctl.data.audio_augment import content_length
 from transferctl.data.samples import Samples
 from transferctl.errors import ConfigError, UsageError
 from transferctl.modalities.base import Modality, unlabelled
-from transferctl.registry import MODALITIES
+from transferctl.registry import MODALITIES, Entry
 
 LOG_FLOOR = 1e-6  # added to mel energies before the log: silence (zero padding) stays finite
 INSTALL_HINT = 'pip install "transferctl[audio]"'
@@ -37,61 +45,106 @@ def torchaudio():
     return module
 
 
+FRONT_ENDS = ("log_mel", "waveform")  # what a model takes: the data option `front_end`, a model's meta `front_end`
+WAVEFORM_EPSILON = 1e-7  # added to a clip's variance before the square root, as wav2vec2's feature extractor does
+
+
 @dataclass(frozen=True)
 class FrontEnd:
-    """What turns a waveform into model inputs: the clip, the STFT and the mel scale (all in samples)."""
+    """What turns a waveform of any length into model inputs: the sample rate, the STFT and the mel scale (in
+    samples), and `kind`: "log_mel" (spectrograms) or "waveform" (the standardized samples themselves)."""
 
     sample_rate: int
-    clip_samples: int
     n_fft: int
     win_length: int
     hop_length: int
     n_mels: int
+    kind: str = "log_mel"
 
-    @property
-    def frames(self) -> int:
-        """Spectrogram frames of a clip: one per hop that starts inside it."""
-        return self.clip_samples // self.hop_length
+    def frames(self, samples: int) -> int:
+        """Spectrogram frames of a waveform of `samples`: one per hop that starts inside it."""
+        return samples // self.hop_length
+
+    def input_shape(self, samples: int) -> tuple[int, ...]:
+        """The model's input for a waveform of `samples`: a one-channel log-mel image (1, n_mels, frames), or the
+        waveform (samples,)."""
+        return (samples,) if self.kind == "waveform" else (1, self.n_mels, self.frames(samples))
 
     @classmethod
-    def of(cls, sample_rate: int, clip_seconds: float, n_mels: int, window_ms: float, hop_ms: float) -> FrontEnd:
+    def of(cls, sample_rate: int, n_mels: int, window_ms: float, hop_ms: float, kind: str = "log_mel") -> FrontEnd:
         win_length = round(sample_rate * window_ms / 1000)
         hop_length = round(sample_rate * hop_ms / 1000)
-        clip_samples = round(sample_rate * clip_seconds)
         if n_mels > (1 << (win_length - 1).bit_length()) // 2 + 1:  # the STFT's frequencies
             raise ConfigError(
                 f"data.n_mels: {n_mels} mel bins are more than a {window_ms} ms window at {sample_rate} Hz has frequencies; "
                 f"lower n_mels or lengthen window_ms"
             )
-        if not 0 < hop_length <= win_length or clip_samples < win_length:
-            raise ConfigError(
-                f"data: a {window_ms} ms window with a {hop_ms} ms hop does not fit a {clip_seconds} s clip at {sample_rate} Hz; "
-                f"use 0 < hop_ms <= window_ms and window_ms <= clip_seconds * 1000"
-            )
-        return cls(sample_rate, clip_samples, 1 << (win_length - 1).bit_length(), win_length, hop_length, n_mels)
+        if not 0 < hop_length <= win_length:
+            raise ConfigError(f"data: a {window_ms} ms window with a {hop_ms} ms hop at {sample_rate} Hz; use 0 < hop_ms <= window_ms")
+        return cls(sample_rate, 1 << (win_length - 1).bit_length(), win_length, hop_length, n_mels, kind)
+
+    @classmethod
+    def recorded(cls, fitted: Mapping[str, Any]) -> tuple[FrontEnd, int | None]:
+        """The front end and clip (None: any length) a fitted state records: `clip_samples` beside `front_end`, or,
+        as runs recorded it before the two were apart (transferctl 0.8), inside it."""
+        record = dict(fitted["front_end"])
+        clip = record.pop("clip_samples", None)
+        return cls(**record), fitted.get("clip_samples", clip)
+
+
+def clip_samples_of(clip_seconds: float | None, front_end: FrontEnd) -> int | None:
+    """A clip window in samples (None: whole recordings), checked against the front end's STFT window."""
+    if clip_seconds is None:
+        return None
+    clip = round(front_end.sample_rate * clip_seconds)
+    if front_end.kind == "log_mel" and clip < front_end.win_length:
+        window_ms = front_end.win_length * 1000 / front_end.sample_rate
+        raise ConfigError(
+            f"data.clip_seconds: a {clip_seconds} s clip is shorter than the {window_ms:g} ms window at {front_end.sample_rate} Hz; "
+            f"lengthen clip_seconds or shorten window_ms"
+        )
+    return clip
 
 
 @dataclass(frozen=True)
 class AudioData(Samples):
     """An audio split: int16 `inputs` (N, samples), the front end that reads them and its per-mel-bin statistics
-    (of the training split's log-mel energies), and how much of each recording its data set kept (`max_samples`,
-    from its start; None: not said, the clip's length then)."""
+    (of the training split's log-mel energies; none for waveforms), the clip window (`clip_samples`; None: whole
+    recordings, as stored) and how much of each recording its data set kept (`max_samples`, from its start; None:
+    not said, the clip's length then)."""
 
     front_end: FrontEnd
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    clip_samples: int | None = field(kw_only=True)
     max_samples: int | None = field(default=None, kw_only=True)
     modality = "audio"
 
     @property
+    def samples(self) -> int:
+        """Samples of a model's waveform: the clip's, or the stored recordings' where there is no clip."""
+        return self.clip_samples if self.clip_samples is not None else self.inputs.shape[1]
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
-        """The model's input: a one-channel log-mel image (1, n_mels, frames)."""
-        return (1, self.front_end.n_mels, self.front_end.frames)
+        """The model's input: a one-channel log-mel image (1, n_mels, frames), or the waveform (samples,)."""
+        return self.front_end.input_shape(self.samples)
+
+
+def to_clip(waveforms: torch.Tensor, clip_samples: int | None) -> torch.Tensor:
+    """The clip window of each waveform (N, samples): its first `clip_samples`, zero-padded at the end when shorter
+    (None: as it is)."""
+    if clip_samples is None:
+        return waveforms
+    waveforms = waveforms[:, :clip_samples]
+    if waveforms.shape[1] < clip_samples:
+        waveforms = nn.functional.pad(waveforms, (0, clip_samples - waveforms.shape[1]))
+    return waveforms
 
 
 class LogMel(nn.Module):
-    """Waveforms (N, samples) at the front end's rate -> standardized log-mel spectrograms (N, 1, n_mels, frames).
-    Longer waveforms are cut to the clip, shorter ones zero-padded at the end."""
+    """Waveforms (N, samples) at the front end's rate -> standardized log-mel spectrograms (N, 1, n_mels, frames),
+    one frame per hop that starts inside the waveform, whatever its length (at least the window's)."""
 
     def __init__(self, front_end: FrontEnd, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None):
         super().__init__()
@@ -103,12 +156,9 @@ class LogMel(nn.Module):
         self.register_buffer("std", torch.tensor(std or [1.0] * f.n_mels).view(-1, 1))
 
     def log_mel(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """(N, n_mels, frames) log mel energies of each clip, before standardization."""
-        clip = self.front_end.clip_samples
-        waveforms = waveforms[:, :clip]
-        if waveforms.shape[1] < clip:
-            waveforms = nn.functional.pad(waveforms, (0, clip - waveforms.shape[1]))
-        return (self._mel_power(waveforms.float()) + LOG_FLOOR).log()[..., : self.front_end.frames]
+        """(N, n_mels, frames) log mel energies of each waveform, before standardization. The centred STFT gives
+        one frame more than `frames` (n_fft is even: FrontEnd.of asks for at least 8 mel bins): the last is left out."""
+        return (self._mel_power(waveforms.float()) + LOG_FLOOR).log()[..., :-1]
 
     def _mel_power(self, waveforms: torch.Tensor) -> torch.Tensor:
         """What `self.mel(waveforms)` computes, with its window and filter bank, in a frames-first layout: the
@@ -134,27 +184,52 @@ class LogMel(nn.Module):
         return ((self.log_mel(waveforms) - self.mean) / self.std).unsqueeze(1)
 
 
+class StandardWaveform(nn.Module):
+    """Waveforms (N, samples) -> each standardized over its own content (its samples up to the last non-zero one):
+    zero mean, unit variance, its zero padding kept 0, as wav2vec2's feature extractor normalizes an utterance over
+    its length (`do_normalize`). No statistics of a split: a clip's are its own, whatever its length or loudness."""
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        x = waveforms.float()
+        inside = torch.arange(x.shape[1], device=x.device).view(1, -1) < content_length(x).view(-1, 1)
+        count = inside.sum(dim=1, keepdim=True).clamp_min(1)
+        mean = x.sum(dim=1, keepdim=True) / count  # the padding is zeros: the sum is the content's
+        variance = ((x - mean) * inside).square().sum(dim=1, keepdim=True) / count
+        return (x - mean) / (variance + WAVEFORM_EPSILON).sqrt() * inside
+
+
+def front_end_module(front_end: FrontEnd, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> nn.Module:
+    """The module that reads waveforms as the model takes them (with the training split's statistics)."""
+    return StandardWaveform() if front_end.kind == "waveform" else LogMel(front_end, mean or None, std or None)
+
+
 @lru_cache(maxsize=16)
-def _front_end_module(front_end: FrontEnd, mean: tuple[float, ...], std: tuple[float, ...], device: str) -> LogMel:
-    return LogMel(front_end, mean, std).to(device).eval()
+def _front_end_module(front_end: FrontEnd, mean: tuple[float, ...], std: tuple[float, ...], device: str) -> nn.Module:
+    return front_end_module(front_end, mean, std).to(device).eval()
 
 
-def front_end_of(data: AudioData, device: torch.device) -> LogMel:
+def front_end_of(data: AudioData, device: torch.device) -> nn.Module:
     """The split's front end (with its statistics) on `device`, built once."""
     return _front_end_module(data.front_end, data.mean, data.std, str(device))
 
 
-def log_mel_statistics(waveforms: torch.Tensor, front_end: FrontEnd, batch_size: int = 512) -> dict[str, tuple[float, ...]]:
-    """Per-mel-bin mean and std of the clips' log-mel energies (int16 waveforms, read as evaluation reads them)."""
+def log_mel_statistics(
+    waveforms: torch.Tensor, front_end: FrontEnd, clip_samples: int | None, batch_size: int = 512
+) -> dict[str, tuple[float, ...]]:
+    """Per-mel-bin mean and std of the clips' log-mel energies (int16 waveforms, read as evaluation reads them:
+    each cut or padded to the clip); none for a front end that takes waveforms, which standardizes each clip alone."""
+    if front_end.kind == "waveform":
+        return {"mean": (), "std": ()}
     module = LogMel(front_end)
     total = torch.zeros(front_end.n_mels, dtype=torch.float64)
     squares = torch.zeros_like(total)
     with torch.no_grad():
         for start in range(0, len(waveforms), batch_size):
-            energies = module.log_mel(decode(waveforms[start : start + batch_size])).double()
+            energies = module.log_mel(to_clip(decode(waveforms[start : start + batch_size]), clip_samples)).double()
             total += energies.sum(dim=(0, 2))
             squares += energies.square().sum(dim=(0, 2))
-    count = max(len(waveforms), 1) * front_end.frames
+    samples = clip_samples if clip_samples is not None else waveforms.shape[1]
+    count = max(len(waveforms), 1) * front_end.frames(samples)
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(1e-6).sqrt()
     return {"mean": tuple(mean.tolist()), "std": tuple(std.tolist())}
@@ -166,19 +241,21 @@ def decode(raw: torch.Tensor) -> torch.Tensor:
 
 
 class Waveforms(nn.Module):
-    """What an audio export holds: the front end, then the network (or encoder). Input: float32 waveforms."""
+    """What an audio export holds: the clip window (cut or zero-padded to exactly `clip_samples`; None: a waveform
+    of any length, as it comes), the front end, then the network (or encoder). Input: float32 waveforms."""
 
-    def __init__(self, front_end: LogMel, network: nn.Module):
+    def __init__(self, front_end: nn.Module, network: nn.Module, clip_samples: int | None = None):
         super().__init__()
-        self.front_end, self.network = front_end, network
+        self.front_end, self.network, self.clip_samples = front_end, network, clip_samples
 
     def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
-        return self.network(self.front_end(waveforms))
+        return self.network(self.front_end(to_clip(waveforms, self.clip_samples)))
 
 
 @MODALITIES.register("audio")
 class AudioModality(Modality):
-    """Audio: int16 waveforms, read through a log-mel front end; augmented as waveforms, then as spectrograms."""
+    """Audio: int16 waveforms, cut to the clip and read through a front end (log-mel, or the standardized waveform);
+    augmented as waveforms, then (SpecAugment) as spectrograms."""
 
     input_name = "waveforms"
     length_axes: ClassVar[Mapping[str, int]] = {"waveforms": 1}
@@ -186,9 +263,34 @@ class AudioModality(Modality):
     unit_signal = False  # a reconstruction is scored on the standardized log-mel itself
     inherits_fitted_state = True  # a fine-tune reads its clips through its source run's front end
 
+    def resolve_data(self, options: Mapping[str, Any], model: Entry, task: type | None) -> dict[str, Any]:
+        """`front_end` follows the model (its registration's `front_end`: what it takes, one name or several, the
+        first its default; log_mel where it says none); a task of inputs of any length reads whole recordings
+        (`clip_seconds: null`)."""
+        takes = model.meta.get("front_end", FRONT_ENDS[0])
+        takes = (takes,) if isinstance(takes, str) else tuple(takes)
+        chosen: dict[str, Any] = {}
+        if "front_end" not in options:
+            chosen["front_end"] = takes[0]
+        elif options["front_end"] in FRONT_ENDS and options["front_end"] not in takes:
+            raise ConfigError(
+                f"data.front_end: model '{model.name}' takes {' or '.join(takes)} inputs, not {options['front_end']}; "
+                f"set data.front_end={takes[0]} (or drop it)"
+            )
+        if task is not None and task.variable_length:
+            if options.get("clip_seconds") is not None:
+                raise ConfigError(
+                    f"data.clip_seconds: the task reads recordings of any length, and {options['clip_seconds']} s clips would cut "
+                    f"them; set data.clip_seconds=null"
+                )
+            chosen["clip_seconds"] = None
+        return chosen
+
     def model_context(
         self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:  # names in MODELS' context (registry.py)
+        if len(sample_shape) == 1:  # waveforms: nothing a model sizes itself by
+            return {}
         return {"in_channels": sample_shape[0], "sequence_features": sample_shape[1]}
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
@@ -198,29 +300,37 @@ class AudioModality(Modality):
         # float32 always, also inside a bf16 step (the pseudo-labels' views): the mel projection is a matmul that
         # autocast would run in bf16, and evaluation and exports read float32 spectrograms
         with torch.autocast(x.device.type, enabled=False):
-            return front_end_of(data, x.device)(x.float())
+            return front_end_of(data, x.device)(to_clip(x.float(), data.clip_samples))
 
     def augment_context(self, data: AudioData) -> dict[str, Any]:
-        return {"clip_samples": data.front_end.clip_samples}
+        return {"clip_samples": data.clip_samples}
 
     def fitted_state(self, data: AudioData) -> dict[str, Any]:
         kept = {"max_samples": data.max_samples} if data.max_samples is not None else {}
-        return {"front_end": asdict(data.front_end), "mean": list(data.mean), "std": list(data.std), **kept}
+        return {
+            "front_end": asdict(data.front_end),
+            "clip_samples": data.clip_samples,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            **kept,
+        }
 
     def read(self, inputs: Sequence[str | Path], fitted: Mapping[str, Any]) -> AudioData:
         """Recordings as the data sets read theirs: mono, resampled to the front end's rate, kept from their start up
         to `max_samples` (the clip, where the fitted state does not say: all the model reads), zero-padded."""
         from transferctl.data.audio import decode_audio  # the data sets' reading (a module that imports this one)
 
-        front_end = FrontEnd(**fitted["front_end"])
-        max_samples = int(fitted.get("max_samples", front_end.clip_samples))
+        front_end, clip = FrontEnd.recorded(fitted)
+        max_samples = int(fitted.get("max_samples", clip))
         waveforms = decode_audio([Path(p) for p in inputs], front_end.sample_rate, max_samples)
         mean, std = tuple(fitted["mean"]), tuple(fitted["std"])
-        return AudioData(waveforms, **unlabelled(len(waveforms), fitted), front_end=front_end, mean=mean, std=std, max_samples=max_samples)
+        labels = unlabelled(len(waveforms), fitted)
+        return AudioData(waveforms, **labels, front_end=front_end, mean=mean, std=std, clip_samples=clip, max_samples=max_samples)
 
     def input_shape(self, fitted: Mapping[str, Any]) -> tuple[int, ...] | None:
-        front_end = FrontEnd(**fitted["front_end"])
-        return (1, front_end.n_mels, front_end.frames)
+        front_end, clip = FrontEnd.recorded(fitted)
+        samples = clip if clip is not None else fitted.get("max_samples")
+        return front_end.input_shape(samples) if samples is not None else None
 
     def completed_fitted(self, fitted: Mapping[str, Any], options: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
         """Before format 3 an audio run recorded its front end (rate, clip, STFT, mel bins), not how much of each
@@ -231,50 +341,76 @@ class AudioModality(Modality):
         return dict(fitted)
 
     def as_trained(self, data: AudioData, fitted: dict[str, Any]) -> AudioData:
-        trained = FrontEnd(**fitted["front_end"])
-        if trained.sample_rate != data.front_end.sample_rate:
+        trained, clip = FrontEnd.recorded(fitted)
+        return replace(self._through(data, trained, fitted), clip_samples=clip)
+
+    def _through(self, data: AudioData, front_end: FrontEnd, fitted: Mapping[str, Any]) -> AudioData:
+        """`data` read through a trained front end and its statistics, at the same sample rate."""
+        if front_end.sample_rate != data.front_end.sample_rate:
             raise ConfigError(
-                f"data.sample_rate: {data.front_end.sample_rate} Hz differs from the {trained.sample_rate} Hz the model was trained on; "
-                f"set data.sample_rate={trained.sample_rate}"
+                f"data.sample_rate: {data.front_end.sample_rate} Hz differs from the {front_end.sample_rate} Hz the model was trained on; "
+                f"set data.sample_rate={front_end.sample_rate}"
             )
-        return replace(data, front_end=trained, mean=tuple(fitted["mean"]), std=tuple(fitted["std"]))
+        return replace(data, front_end=front_end, mean=tuple(fitted["mean"]), std=tuple(fitted["std"]))
 
     def inherited(self, data: AudioData, source: dict[str, Any]) -> tuple[AudioData, str | None]:
-        """A fine-tune reads its data through the source run's front end: its options and statistics."""
+        """A fine-tune reads its data through the source run's front end (its options and statistics), in clips of
+        its own length: the clip window is the fine-tune's data option, not part of the front end."""
         if "front_end" not in source:
             raise UsageError("finetune.source: that run was not trained on audio; fine-tune from a run whose data set is audio")
-        inherited = self.as_trained(data, source)
-        ignored = {k: v for k, v in asdict(data.front_end).items() if asdict(inherited.front_end)[k] != v}
-        note = None
+        front_end, source_clip = FrontEnd.recorded(source)
+        inherited = self._through(data, front_end, source)
+        ignored = {k: v for k, v in asdict(data.front_end).items() if asdict(front_end)[k] != v}
+        notes = []
         if ignored:
-            kept = ", ".join(f"{k}={asdict(inherited.front_end)[k]}" for k in ignored)
-            note = f"data: clips are read through the source run's front end ({kept}); this run's own setting has no effect"
-        return inherited, note
+            kept = ", ".join(f"{k}={asdict(front_end)[k]}" for k in ignored)
+            notes.append(f"data: clips are read through the source run's front end ({kept}); this run's own setting has no effect")
+        if data.clip_samples != source_clip:
+            own, source_read = (_clip_words(clip, front_end.sample_rate) for clip in (data.clip_samples, source_clip))
+            notes.append(f"data.clip_seconds: this run reads {own}, its source run read {source_read}")
+        return inherited, "; ".join(notes) or None
 
     def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
-        front_end = LogMel(FrontEnd(**fitted["front_end"]), tuple(fitted["mean"]), tuple(fitted["std"]))
-        return Waveforms(front_end, module).eval()
+        front_end, clip = FrontEnd.recorded(fitted)
+        return Waveforms(front_end_module(front_end, tuple(fitted["mean"]), tuple(fitted["std"])), module, clip).eval()
 
     def export_input(self, raw: torch.Tensor, data: AudioData) -> torch.Tensor:
-        clip = data.front_end.clip_samples
-        waveforms = decode(raw[:, :clip])
-        return nn.functional.pad(waveforms, (0, clip - waveforms.shape[1]))
+        return to_clip(decode(raw), data.clip_samples)
 
     def describe_input(self, data: AudioData) -> dict[str, Any]:
-        f = data.front_end
+        f, clip = data.front_end, data.clip_samples
+        if clip is None:
+            length = f"a recording of any length (at least {f.win_length} samples)" if f.kind == "log_mel" else "a recording of any length"
+            shape: list[Any] = ["batch", "samples"]
+            clip_entries: dict[str, Any] = {"clip_seconds": None, "clip_samples": None}
+        else:
+            length = (
+                f"exactly {clip} samples: the first ones of a recording (the clip's start, as evaluation reads it), zero-padded "
+                f"at the end when it is shorter"
+            )
+            shape = ["batch", clip]
+            clip_entries = {"clip_seconds": clip / f.sample_rate, "clip_samples": clip}
+        if f.kind == "waveform":
+            front_end: dict[str, Any] = {
+                "kind": f.kind,
+                "sample_rate": f.sample_rate,
+                "standardize": "each waveform over its samples up to its last non-zero one: zero mean, unit variance "
+                f"(variance + {WAVEFORM_EPSILON:g}), zero padding kept 0",
+            }
+        else:
+            frames = f.frames(clip) if clip is not None else "samples // hop_length"
+            front_end = {**asdict(f), "frames": frames, "log": f"log(mel power + {LOG_FLOOR:g}), standardized per mel bin"}
         return {
             "name": self.input_name,
-            "shape": ["batch", f.clip_samples],
+            "shape": shape,
             "dtype": "float32",
             "sample_rate": f.sample_rate,
-            "clip_seconds": f.clip_samples / f.sample_rate,
-            "clip_samples": f.clip_samples,
+            **clip_entries,
             "preprocessing": (
                 f"mono float32 samples in [-1, 1] (16-bit PCM / 32768) at {f.sample_rate} Hz: resample other rates and average "
-                f"the channels; pass exactly {f.clip_samples} samples: the first ones of a recording (the clip's start, as "
-                f"evaluation reads it), zero-padded at the end when it is shorter"
+                f"the channels; pass {length}"
             ),
-            "front_end": {**asdict(f), "frames": f.frames, "log": f"log(mel power + {LOG_FLOOR:g}), standardized per mel bin"},
+            "front_end": front_end,
             "mean": list(data.mean),
             "std": list(data.std),
         }
@@ -286,5 +422,24 @@ class AudioModality(Modality):
         return x
 
     def displayable(self, x: torch.Tensor, data: AudioData) -> torch.Tensor:
-        """Spectrograms as images: low frequencies at the bottom, +-3 standard deviations mapped to [0, 1]."""
+        """Spectrograms as images: low frequencies at the bottom, +-3 standard deviations mapped to [0, 1];
+        standardized waveforms as their envelope (the range of each column's samples, +-3 up and down)."""
+        if x.dim() == 2:
+            return waveform_picture(x.float().cpu())
         return ((x.float().cpu().flip(2) + 3) / 6).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def _clip_words(clip_samples: int | None, sample_rate: int) -> str:
+    return "whole recordings" if clip_samples is None else f"{clip_samples / sample_rate:g} s clips"
+
+
+def waveform_picture(x: torch.Tensor, height: int = 48, width: int = 192) -> torch.Tensor:
+    """Waveforms (N, samples) as (N, height, width, 1) pictures of their envelope: in each of `width` columns, the
+    rows between its samples' least and greatest value (+-3 at the edges) lit."""
+    n, samples = x.shape
+    columns = min(width, samples)
+    spans = x[:, : samples - samples % columns].reshape(n, columns, -1).clamp(-3, 3)
+    low, high = spans.amin(dim=2), spans.amax(dim=2)
+    level = torch.linspace(3, -3, height).view(1, height, 1)
+    lit = (level >= low.unsqueeze(1) - 6 / height) & (level <= high.unsqueeze(1) + 6 / height)
+    return lit.float().unsqueeze(-1)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from transferctl.data.samples import NO_LABEL, Samples
+from transferctl.registry import Entry
 
 
 def unlabelled(count: int, fitted: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,6 +59,13 @@ class Modality:
     @classmethod
     def export_input_names(cls) -> tuple[str, ...]:
         return cls.input_names or (cls.input_name,)
+
+    def resolve_data(self, options: Mapping[str, Any], model: Entry, task: type | None) -> dict[str, Any]:
+        """Data options that follow the registered model (`model.meta`) and the task class (None: a method without
+        one), given the options the config sets (`options`): what to set where the config sets nothing (audio:
+        `front_end` from the model's `front_end` meta; whole recordings for a `variable_length` task). A config error
+        where the config sets a value the model or task cannot take."""
+        return {}
 
     def model_context(self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The keyword arguments a model builder takes from the data (images: in_channels and image_size), given

@@ -86,14 +86,16 @@ class Tokenization:
         ids = (self.tokenizer.token_to_id(name) for name in BOUNDARY_TOKENS)
         return tuple(i for i in ids if i is not None)
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int32 ids (N, max_length) padded on the right, whether each text was cut to max_length)."""
+    def encode(self, texts: list[str], with_encodings: bool = False) -> tuple:
+        """(int32 ids (N, max_length) padded on the right, whether each text was cut to max_length), and with
+        `with_encodings` the tokenizer's encodings too (their word ids, offsets and masks)."""
         tokenizer = _tokenizer_from_json(self.tokenizer_json, fresh=True)
         tokenizer.enable_truncation(self.max_length, direction=self.truncation)
         tokenizer.enable_padding(direction="right", pad_id=self.pad_id, length=self.max_length)
         encodings = tokenizer.encode_batch(texts)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int32).view(len(texts), self.max_length)
-        return ids, torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
+        cut = torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
+        return (ids, cut, encodings) if with_encodings else (ids, cut)
 
 
 def same_tokenizer(first: str, second: str) -> bool:
@@ -125,21 +127,32 @@ class TextData(Samples):
 
     def subset(self, indices: torch.Tensor) -> TextData:
         kept = indices.tolist()
-        return replace(
-            self,
-            inputs=self.inputs[indices],
-            targets=self.targets[indices],
-            texts=tuple(self.texts[i] for i in kept),
-            cut=self.cut[indices.to(self.cut.device)],
-        )
+        return replace(super().subset(indices), texts=tuple(self.texts[i] for i in kept), cut=self.cut[indices.to(self.cut.device)])
+
+
+# Side information that depends on how texts were tokenized, and how to compute it again from the encodings:
+# `word_ids`, each token's word (-1 for special tokens and padding), is what aligns per-word targets with tokens,
+# so targets stay per word and never need re-aligning when another tokenizer reads the texts.
+TOKEN_SIDE = {
+    "word_ids": lambda encodings: torch.tensor([[-1 if w is None else w for w in e.word_ids] for e in encodings], dtype=torch.long),
+    "lengths": lambda encodings: torch.tensor([sum(e.attention_mask) for e in encodings], dtype=torch.long),
+}
 
 
 def tokenized(data: TextData, tokenization: Tokenization) -> TextData:
-    """`data`'s texts read with another tokenization (a run's)."""
+    """`data`'s texts read with another tokenization (a run's), and the side information that depends on the tokens
+    computed again from the new encodings (per-word targets stay as they are: `word_ids` align them)."""
     if tokenization == data.tokenization:
         return data
-    ids, cut = tokenization.encode(list(data.texts))
-    return replace(data, inputs=ids.to(data.inputs.device), tokenization=tokenization, cut=cut)
+    unknown = sorted(set(data.side) - set(TOKEN_SIDE))
+    if unknown:
+        raise UsageError(
+            f"data: the texts carry side information {', '.join(unknown)} that transferctl cannot compute again for another "
+            f"tokenizer; read them with the run's own tokenizer (data.tokenizer.path)"
+        )
+    ids, cut, encodings = tokenization.encode(list(data.texts), with_encodings=True)
+    side = {name: TOKEN_SIDE[name](encodings).to(values.device) for name, values in data.side.items()}
+    return replace(data, inputs=ids.to(data.inputs.device), tokenization=tokenization, cut=cut, side=side)
 
 
 def tokenization_of(fitted: Mapping[str, Any]) -> Tokenization:
