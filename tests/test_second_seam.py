@@ -97,6 +97,12 @@ def test_side_information_reaches_the_modules_that_declare_it():
         images, torch.zeros(5, dtype=torch.long), ("a",), mean=(0.0,), std=(1.0,), hflip=False, side={"lengths": torch.arange(5)}
     )
     assert predict(network, data, batch_size=2).flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    # an export takes the modality's inputs alone: a model that needs more is refused in one line, not traced wrong
+    from transferctl.errors import UsageError
+    from transferctl.recipes.export import _refuse_side_inputs
+
+    with pytest.raises(UsageError, match=r"takes side information \(lengths\)"):
+        _refuse_side_inputs(network, "length_aware")
 
 
 def test_a_mask_follows_its_image_as_its_kind_says():
@@ -118,11 +124,13 @@ def test_scenes_give_masks_or_their_digits_in_reading_order_from_one_composition
         for label, (x1, y1, x2, y2) in zip(labels.tolist(), boxes.tolist(), strict=True):
             inside[y1:y2, x1:x2] |= mask[y1:y2, x1:x2] == label + 1
         assert (inside == (mask > 0)).all()
-        assert ((boxes[:, 2] - boxes[:, 0]) < 28 * 1.5 / 2).all()  # the bar's box, not the pasted square
+        # the bar's box (4 x 12 pixels of 28, scaled by 0.7 to 1.5), not the pasted square's
+        assert ((boxes[:, 2] - boxes[:, 0]) <= 8).all() and ((boxes[:, 3] - boxes[:, 1]) <= 20).all()
     ordered = scenes.reading_order()
     for labels, boxes, reading in zip(scenes.labels, scenes.boxes, ordered, strict=True):
-        centres = (boxes[:, 0] + boxes[:, 2]).tolist()
-        assert reading.tolist() == [label for _, label in sorted(zip(centres, labels.tolist(), strict=True), key=lambda p: p[0])]
+        centres = list(zip((boxes[:, 0] + boxes[:, 2]).tolist(), (boxes[:, 1] + boxes[:, 3]).tolist(), strict=True))
+        by_position = sorted(zip(centres, range(len(labels)), labels.tolist(), strict=True))  # left to right, then top down
+        assert reading.tolist() == [label for *_, label in by_position]
 
 
 def test_a_data_set_gives_the_target_kind_its_task_trains_on_or_says_which_it_has(cli, tmp_path, digits_root):
@@ -181,17 +189,16 @@ def test_a_plugin_task_with_variable_length_targets_runs_the_whole_chain(cli, re
         assert result.code == 0, result.stderr
         return result.json
 
-    whole = ok("finetune", "-c", config)
-    assert 0.0 <= whole["metrics"]["val_sequence_accuracy"] <= 1.0 and whole["metrics"]["val_loss"] > 0
-    part = ok("finetune", "-c", config, "train.max_steps=3")
-    ok("finetune", "--resume", part["run_id"], "train.max_steps=6")
+    whole = ok("finetune", "-c", config, "train.ema_decay=0.5")  # checkpoints hold averaged weights, the network the trained
+    part = ok("finetune", "-c", config, "train.ema_decay=0.5", "train.max_steps=3")
+    ok("finetune", "--resume", part["run_id"], "train.max_steps=6", "train.ema_decay=0.5")
     first, resumed = _checkpoint(whole["run_dir"]), _checkpoint(part["run_dir"])
     assert all(torch.equal(first["model"][k], resumed["model"][k]) for k in first["model"])
     assert first["model"]["head.linear.weight"].shape == (4 * 11, 16)
-    # state the task fitted after training, with each checkpoint's own weights, on the held-out split
+    # state the task fitted after training on the held-out split with the checkpoint's own (averaged) weights: what
+    # validation scored them at, not the trained weights the network holds at the end
     best = torch.load(Path(whole["run_dir"]) / "checkpoints" / "best.pt", weights_only=True)
-    assert best["task"] == {"end": 10, "held_out_sequence_accuracy": whole["metrics"]["best_val_sequence_accuracy"]}
-    assert first["task"]["held_out_sequence_accuracy"] == whole["metrics"]["val_sequence_accuracy"]
+    assert best["task"] == first["task"] == {"end": 10, "held_out_loss": pytest.approx(whole["metrics"]["val_loss"], rel=1e-6)}
 
     evaluated = ok("evaluate", "--from", whole["run_id"])
     assert set(evaluated["metrics"]) >= {"sequence_accuracy", "loss"}

@@ -341,8 +341,8 @@ def _check_fits(network: Network, cfg: Config, data: Samples, modality: Modality
     network.eval()
     try:
         with torch.no_grad():
-            network(modality.example_input(data, 2))
-    except RuntimeError as exc:
+            network(modality.example_input(data, 2), **data.side_of(torch.arange(min(2, len(data)))))
+    except (RuntimeError, TypeError) as exc:  # TypeError: a module that wants side information the data lacks
         reason = str(exc).strip().splitlines()[0]
         shape = "x".join(map(str, data.sample_shape))
         raise ConfigError(

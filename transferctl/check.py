@@ -81,14 +81,15 @@ def check_config(cfg: Config) -> dict[str, Any]:
     from transferctl.build import build_training
     from transferctl.engine.train import hook
     from transferctl.modalities import dataset_modality
+    from transferctl.models.heads import side_for
 
     training = _stage("building the run (data, model, objective, optimizer, pipeline)", lambda: build_training(_on_cpu(cfg)))
     batch = _stage("the first batch", lambda: next(iter(training.pipeline.batches(0))))
     model = training.network
     hook(training.objective, "train_mode")(model)  # as training puts it at each epoch's start
     with torch.no_grad():
-        features = _stage("the encoder's forward pass", lambda: model.encode(batch.inputs[0]))  # what the head reads
-        output = _stage("the head's forward pass", lambda: model.head(features))
+        features = _stage("the encoder's forward pass", lambda: model.encode(batch.inputs[0], **batch.side))  # what the head reads
+        output = _stage("the head's forward pass", lambda: model.head(features, **side_for(model.head, batch.side)))
         loss = _stage("the loss", lambda: training.objective.loss(batch, 0)).item()  # step 0: a fresh run's first
     if not math.isfinite(loss):
         raise ConfigError(f"config check: the loss of the first batch is {loss}; check the data set, model and loss options")

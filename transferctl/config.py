@@ -225,8 +225,10 @@ def _resolve_data_from_components(cfg: Config, modality: str, task: type | None)
     of inputs of any length)."""
     from transferctl.modalities import modality_named
 
+    takes = DATASETS.get(cfg.data.name, where="data").options()  # a plugin data set may take none of them
     for key, value in modality_named(modality).resolve_data(cfg.data.options, MODELS.get(cfg.model.name), task).items():
-        setattr(cfg.data, key, value)
+        if key in takes:
+            setattr(cfg.data, key, value)
 
 
 def _attribute(obj: Any, path: list[str]) -> Any:

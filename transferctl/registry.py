@@ -105,6 +105,13 @@ class Registry:
             raise ConfigError(f"{prefix}unknown {self.kind} '{name}'{did_you_mean(name, names)} (registered: {', '.join(names)})")
         return self._entries[name]
 
+    def add_context(self, *names: str) -> None:
+        """More arguments the builder supplies, for a plugin's modality whose context names others than the built-in
+        ones (those are declared where each registry is made, below); every entry, registered or to come, gets them."""
+        self.context = self.context | frozenset(names)
+        for entry in self._entries.values():
+            entry.context = self.context
+
     def build(self, name: str, options: dict[str, Any], **context: Any) -> Any:
         """Call the component with its config options plus the context it needs."""
         entry = self.get(name)

@@ -72,8 +72,8 @@ class DigitsInOrder(Task):
         self.end = state["end"]
 
     def fit_after_training(self, network, val, batch_size: int) -> dict[str, Any]:
-        """The held-out accuracy of the checkpoint's own weights, kept with it (a stand-in for fitted thresholds)."""
-        return {"held_out_sequence_accuracy": self.score(network, val, batch_size)[0]}
+        """The held-out loss of the checkpoint's own weights, kept with it (a stand-in for fitted thresholds)."""
+        return {"held_out_loss": self.score(network, val, batch_size)[1]}
 
     def collate(self, targets) -> torch.Tensor:
         """The digits (a TargetList of index tensors) padded with `end` to (N, slots): what the loss takes."""

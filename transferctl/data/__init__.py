@@ -14,7 +14,7 @@ from typing import Any
 
 from transferctl.data import audio_augment, augment, text_augment  # noqa: F401  (registers)
 from transferctl.data.augment import BatchAugment
-from transferctl.data.samples import NO_LABEL, Batch, Samples, TargetKind, batch_indices, iterate_batches, num_batches
+from transferctl.data.samples import NO_LABEL, Batch, Samples, TargetKindName, batch_indices, iterate_batches, num_batches
 
 
 def load_datasets() -> None:
@@ -47,7 +47,7 @@ __all__ = [
     "Batch",
     "BatchAugment",
     "Samples",
-    "TargetKind",
+    "TargetKindName",
     "batch_indices",
     "data_root",
     "default_root",

@@ -95,7 +95,7 @@ def decode_audio_files(name: str, paths: list[Path], sample_rate: int, max_sampl
     return cached_decoding(paths, f"audio:{sample_rate}:{max_samples}", lambda: decode_audio(paths, sample_rate, max_samples, name))
 
 
-def decode_audio(paths: list[Path], sample_rate: int, max_samples: int, name: str | None = None) -> torch.Tensor:
+def decode_audio(paths: list[Path], sample_rate: int, max_samples: int | None, name: str | None = None) -> torch.Tensor:
     """Audio files as one int16 tensor (N, longest kept length): mono, at `sample_rate`, each from its start up to
     `max_samples`, zero-padded at the end. The audio data sets read their files with it, and so does
     `AudioModality.read` (`name`: the data set, for messages)."""

@@ -70,7 +70,7 @@ class BatchAugment:
 
     def with_targets(self, x: torch.Tensor, targets: Targets, kind: TargetKind, generator: torch.Generator) -> tuple[torch.Tensor, Targets]:
         """The images augmented as `__call__` does, and their targets moved by the same geometry as their kind says
-        (`TargetKind.follow`: masks by nearest neighbour, boxes by their corners); colour and blur touch the images only."""
+        (`TargetKind.follow`: masks by nearest neighbour); colour and blur touch the images only."""
         if self == IDENTITY:
             return x, targets
         geometry = Geometry(self.affine(x.shape[0], generator, x.device), (x.shape[-2], x.shape[-1]))
@@ -129,8 +129,8 @@ class BatchAugment:
         return v2.Compose(steps) if steps else v2.Identity()
 
     def geometry(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        theta = self.affine(x.shape[0], generator, x.device)
-        return _sample(x, theta, "bilinear", self.padding)
+        geometry = Geometry(self.affine(x.shape[0], generator, x.device), (x.shape[-2], x.shape[-1]))
+        return geometry.resample(x, "bilinear", self.padding)
 
     def affine(self, n: int, generator: torch.Generator, dev: torch.device) -> torch.Tensor:
         """Each image's random crop, rotation, shift and flip as an affine matrix (N, 2, 3) for `affine_grid`."""
@@ -197,11 +197,6 @@ class BatchAugment:
 
 
 IDENTITY = BatchAugment()
-
-
-def _sample(x: torch.Tensor, theta: torch.Tensor, mode: str, padding: str) -> torch.Tensor:
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
 def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
 import io
 import os
 from collections.abc import Callable
@@ -329,7 +330,15 @@ def load_split(data_cfg, train: bool, fitted: dict | None = None, *, target_kind
 def provides_validation(name: str) -> bool:
     """Whether a registered data set gives its own validation split (`DATASETS.register(validation=True)`), which
     training then uses instead of cutting `val_fraction` from the training split."""
-    return bool(DATASETS.get(name, where="data").meta.get("validation"))
+    entry = DATASETS.get(name, where="data")
+    if not entry.meta.get("validation"):
+        return False
+    if "validation" not in inspect.signature(entry.fn).parameters:
+        raise ConfigError(
+            f"data set '{name}' is registered with validation=True and takes no `validation` argument; "
+            f"add `validation: bool = False` to it and return the validation split when it is true"
+        )
+    return True
 
 
 def stream_options(data_cfg) -> StreamOptions:

@@ -25,7 +25,7 @@ NO_LABEL = -1  # the target of a sample whose label is not used (the unlabeled p
 
 # What a sample's target is: the name of a registered target kind (`transferctl/data/targets.py`): "class",
 # "values", "class_per_pixel", or a plugin's.
-TargetKind = str
+TargetKindName = str
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Samples:
     inputs: torch.Tensor
     targets: Targets
     classes: tuple[str, ...]
-    target_kind: TargetKind = field(default="class", kw_only=True)
+    target_kind: TargetKindName = field(default="class", kw_only=True)
     target_names: tuple[str, ...] = field(default=(), kw_only=True)
     side: Mapping[str, torch.Tensor] = field(default_factory=dict, kw_only=True)
     modality: ClassVar[str]  # the registered modality that reads these inputs

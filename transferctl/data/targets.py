@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from transferctl.errors import ConfigError
 from transferctl.registry import TARGET_KINDS
 
 IGNORE_INDEX = 255  # a per-pixel target that counts in neither loss nor metrics (pixels from outside an image)
@@ -150,7 +151,12 @@ class ClassSequence(TargetKind):
 
 @cache
 def target_kind_named(name: str) -> TargetKind:
-    """The registered kind `name` (one instance each)."""
+    """The registered kind `name` (one instance each); an unknown one is a one-line error naming the registered ones."""
+    if name not in TARGET_KINDS:
+        raise ConfigError(
+            f"target kind '{name}' (a data set's or task's target_kind) is not registered (registered: {', '.join(TARGET_KINDS.names())}); "
+            f"register it with @TARGET_KINDS.register in the plugin that uses it"
+        )
     return TARGET_KINDS.build(name, {})
 
 

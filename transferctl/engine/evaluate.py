@@ -53,11 +53,12 @@ class Evaluation:
 
 @torch.no_grad()
 def predict(model: nn.Module, data: Samples, batch_size: int) -> torch.Tensor:
-    """The model's outputs (float) for every sample in `data`, in order; a network gets the samples' side information."""
+    """The model's outputs (float) for every sample in `data`, in order; a network (or a module that lists them in
+    `side_inputs`) gets the samples' side information."""
     model.eval()
     modality = modality_of(data)
     batches = over_my_share(data, batch_size, with_side=True)
-    mine = torch.cat([model(modality.model_input(inputs, data), **side).float() for inputs, _, side in batches])
+    mine = torch.cat([model(modality.model_input(inputs, data), **side_for(model, side)).float() for inputs, _, side in batches])
     return gather_rows(mine, len(data))
 
 

@@ -321,7 +321,8 @@ class AudioModality(Modality):
         from transferctl.data.audio import decode_audio  # the data sets' reading (a module that imports this one)
 
         front_end, clip = FrontEnd.recorded(fitted)
-        max_samples = int(fitted.get("max_samples", clip))
+        kept = fitted.get("max_samples", clip)  # None (whole recordings, kept whole): nothing cut
+        max_samples = int(kept) if kept is not None else None
         waveforms = decode_audio([Path(p) for p in inputs], front_end.sample_rate, max_samples)
         mean, std = tuple(fitted["mean"]), tuple(fitted["std"])
         labels = unlabelled(len(waveforms), fitted)

@@ -220,8 +220,9 @@ class TextModality(Modality):
     def read(self, inputs: Sequence[str | Path], fitted: Mapping[str, Any]) -> TextData:
         """Texts (not files: a text model reads the texts themselves) encoded as the data sets encode theirs
         (`Tokenization.encode`: the run's tokenizer, cut to max_length at its truncation side, padded on the right)."""
-        if bad := next((x for x in inputs if not isinstance(x, str)), None):
-            raise UsageError(f"a text model reads texts, and {bad!r} is a {type(bad).__name__}; pass the text itself")
+        bad = [x for x in inputs if not isinstance(x, str)]
+        if bad:
+            raise UsageError(f"a text model reads texts, and {bad[0]!r} is a {type(bad[0]).__name__}; pass the text itself")
         texts = list(inputs)
         tokenization = tokenization_of(fitted)
         if texts:

@@ -76,6 +76,9 @@ class Network(nn.Module):
 
 
 def side_for(module: nn.Module, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The side information a module takes: the names in its `side_inputs` (none by default)."""
+    """The side information a module takes: all of it for a Network (which hands each name on), else the names in
+    its `side_inputs` (none by default)."""
+    if isinstance(module, Network):
+        return side
     names = getattr(module, "side_inputs", ())
     return {name: value for name, value in side.items() if name in names}

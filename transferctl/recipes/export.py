@@ -347,6 +347,7 @@ def export_run(
     cfg = load_config(None, base=record.config)
     trained = load_trained(record, cfg, device=torch.device("cpu"), splits=("test",))
     data, modality = trained.split(train=False), trained.modality
+    _refuse_side_inputs(trained.network, cfg.model.name)
     fitted = modality.fitted_state(data)
     module = modality.served(trained.served(), fitted)
     inputs = modality.export_input(data.inputs[: max(verify_images, TRACE_BATCH)], data)
@@ -399,6 +400,17 @@ def export_run(
     result = ExportResult(record.id, record.path, export_dir, {k: str(export_dir / f) for k, f in files.items()}, parity, verify)
     atomic_write_bytes(record.path / "export_report.json", (json.dumps(result.to_json(), indent=2) + "\n").encode())
     return result
+
+
+def _refuse_side_inputs(network: nn.Module, model: str) -> None:
+    """An export takes the modality's inputs alone: a network whose encoder or head needs side information beside
+    them (lengths, word ids) cannot be exported as it is."""
+    wanted = sorted({*getattr(network.encoder, "side_inputs", ()), *getattr(network.head, "side_inputs", ())})
+    if wanted:
+        raise UsageError(
+            f"export: model '{model}' takes side information ({', '.join(wanted)}) beside its inputs, and an export takes the "
+            f"modality's inputs alone; serve the run with transferctl instead"
+        )
 
 
 def _model_card(trained: Trained, data, digests, files, parity, verified) -> dict[str, Any]:

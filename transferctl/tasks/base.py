@@ -1,7 +1,7 @@
 """What a task is to the rest of transferctl: the target a head is trained for, and everything that follows
 from it: the default head and loss, the kind of targets it needs and how a batch of them is collated, its loss of
 a batch, its validation metric, its evaluation, the state it fits on the training split (and after training),
-what its outputs mean (`decode`: the records `predict` prints) and how two models' outputs are compared
+what its outputs mean (`decode`: one record per sample) and how two models' outputs are compared
 (`compare`: what export parity counts).
 
 A task is a registered class (`@TASKS.register("name")`); its constructor's keyword arguments are its config
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from transferctl import agreement
-from transferctl.data.samples import Batch, Samples, TargetKind
+from transferctl.data.samples import Batch, Samples, TargetKindName
 from transferctl.data.targets import Targets
 from transferctl.engine.train import Selection
 
@@ -33,7 +33,7 @@ class Task:
     head: ClassVar[str]  # default head
     loss: ClassVar[str]  # default loss
     serves: ClassVar[str]  # the kind of head and loss it needs (`register(serves=...)` on heads and losses)
-    target_kind: ClassVar[TargetKind]  # the targets it trains on
+    target_kind: ClassVar[TargetKindName]  # the targets it trains on
     selection: ClassVar[Selection]  # the validation metric that picks best.pt
     output: ClassVar[str]  # the name of an export's output
     exported_as: ClassVar[str]  # the model card's kind
@@ -85,7 +85,7 @@ class Task:
         return {}
 
     def decode(self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
-        """One JSON-ready record per sample of a batch of outputs: what `predict` writes (a label and its score, a
+        """One JSON-ready record per sample of a batch of outputs: what a prediction reports (a label and its score, a
         value in the target's units, a mask, ...). `fitted`: the trained run's data state (`classes`,
         `target_names`, the modality's)."""
         raise NotImplementedError(f"task {type(self).__name__} does not decode its outputs")

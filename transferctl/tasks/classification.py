@@ -40,8 +40,8 @@ def classify(model: nn.Module, data: Samples, batch_size: int) -> ClassScores:
     k = data.num_classes
     confusion = torch.zeros(k, k, dtype=torch.long, device=data.targets.device)
     total_loss = torch.zeros((), device=data.targets.device)
-    for inputs, labels in over_my_share(data, batch_size):
-        logits = model(modality.model_input(inputs, data))
+    for inputs, labels, side in over_my_share(data, batch_size, with_side=True):
+        logits = model(modality.model_input(inputs, data), **side)
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k)
     confusion, total_loss = sum_over_shares(confusion, len(data)).cpu(), sum_over_shares(total_loss, len(data))

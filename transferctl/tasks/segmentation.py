@@ -157,8 +157,8 @@ def segment(model: nn.Module, data: Samples, batch_size: int) -> tuple[torch.Ten
     modality, k = modality_of(data), data.num_classes
     confusion = torch.zeros(k, k, dtype=torch.long, device=data.targets.device)
     total, pixels = 0.0, 0
-    for inputs, masks in over_my_share(data, batch_size):  # under torchrun: this rank's share
-        logits = model(modality.model_input(inputs, data)).float()
+    for inputs, masks, side in over_my_share(data, batch_size, with_side=True):  # under torchrun: this rank's share
+        logits = model(modality.model_input(inputs, data), **side).float()
         masks = masks.long()
         confusion += pixel_confusion(logits.argmax(1), masks, k)
         total += F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX, reduction="sum").item()
