@@ -121,13 +121,16 @@ def registries_restored(tmp_path, monkeypatch):
     from transferctl.registry import REGISTRIES
 
     load_components()
-    saved = {kind: dict(registry._entries) for kind, registry in REGISTRIES.items()}
+    saved = {kind: (dict(registry._entries), registry.context) for kind, registry in REGISTRIES.items()}
     monkeypatch.setattr(sys, "path", list(sys.path))
     modules = set(sys.modules)
     yield
     for kind, registry in REGISTRIES.items():
+        entries, registry.context = saved[kind]  # a plugin modality may have added context names
         registry._entries.clear()
-        registry._entries.update(saved[kind])
+        registry._entries.update(entries)
+        for entry in entries.values():
+            entry.context = registry.context
     for name in set(sys.modules) - modules:
         if name.startswith("transferctl_plugin_") or str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
             del sys.modules[name]

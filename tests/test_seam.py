@@ -13,7 +13,6 @@ import torch
 
 from tests.conftest import write_config
 from transferctl.components import load_components
-from transferctl.registry import REGISTRIES
 
 SEAM_PLUGIN = '''
 """A pretext method (which quarter turn was an image given?) and a task (a digit's value, as a number)."""
@@ -171,23 +170,7 @@ train: {{epochs: 1, max_steps: 4, log_every: 2, device: cpu}}
 
 
 @pytest.fixture
-def restored(tmp_path, monkeypatch):
-    """Plugins register into process-wide registries: the registries, sys.path and the plugin modules are as they
-    were after the test."""
-    load_components()
-    saved = {kind: dict(registry._entries) for kind, registry in REGISTRIES.items()}
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    yield
-    for kind, registry in REGISTRIES.items():
-        registry._entries.clear()
-        registry._entries.update(saved[kind])
-    for name, module in list(sys.modules.items()):
-        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
-            del sys.modules[name]
-
-
-@pytest.fixture
-def plugin(tmp_path, restored):
+def plugin(tmp_path, registries_restored):
     """The seam plugin, as a file in the current folder."""
     (tmp_path / "seam_plugin.py").write_text(SEAM_PLUGIN)
     return ["--plugin", "seam_plugin"]
@@ -393,14 +376,14 @@ def jitter(hflip_default: bool, amount: float = 0.1, level: float | None = None)
         (["data.augment.name=jitter", "data.pipeline=loader"], "the loader pipeline augments one sample at a time"),
     ],
 )
-def test_what_a_component_leaves_out_is_a_one_line_error(cli, tmp_path, restored, simclr_config, args, expected):
+def test_what_a_component_leaves_out_is_a_one_line_error(cli, tmp_path, registries_restored, simclr_config, args, expected):
     (tmp_path / "edge_plugin.py").write_text(EDGE_PLUGIN)
     result = cli("--plugin", "edge_plugin", "config", "check", "-c", simclr_config, *args, "--json")
     assert result.code == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert expected in result.json["error"]
 
 
-def test_a_plain_callable_augmentation_trains_on_the_memory_pipeline(cli, tmp_path, restored, simclr_config):
+def test_a_plain_callable_augmentation_trains_on_the_memory_pipeline(cli, tmp_path, registries_restored, simclr_config):
     (tmp_path / "edge_plugin.py").write_text(EDGE_PLUGIN)
     result = cli(
         "--plugin",
