@@ -59,8 +59,7 @@ class Samples:
 
     def subset(self, indices: torch.Tensor) -> Samples:
         inputs = self.inputs.unread_subset(indices) if hasattr(self.inputs, "unread_subset") else self.inputs[indices]  # streamed: not read
-        side = {name: values[indices.to(values.device)] for name, values in self.side.items()}
-        return replace(self, inputs=inputs, targets=self.targets[indices], side=side)
+        return replace(self, inputs=inputs, targets=self.targets[indices], side=self.side_of(indices))
 
     def to(self, device: torch.device) -> Samples:
         side = {name: values.to(device) for name, values in self.side.items()}
