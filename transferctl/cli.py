@@ -277,6 +277,140 @@ def export(
     _execute(as_json, quiet, "export", job)
 
 
+PredictFrom = typer.Option(
+    ..., "--from", help="A run (runs/<id> or an id), or an export folder (its model_card.json).", autocompletion=_complete_run_ids
+)
+InputsArgument = typer.Argument(
+    None, help="Files, folders (recursively), glob patterns, tar shards, or - (one path a line on standard input).", show_default=False
+)
+ListOption = typer.Option(None, "--list", help="A file of inputs, one a line (paths; for a text model, texts).", dir_okay=False)
+TextOption = typer.Option(None, "--text", help="A text to read (text models); repeatable.")
+BatchSizeOption = typer.Option(None, "--batch-size", min=1, help="Inputs a batch (default: the run's data.eval_batch_size).")
+DeviceOption = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: auto); runs only.")
+SkipBadOption = typer.Option(False, "--skip-bad", help="Exit 0 even when some inputs could not be read (their records say why).")
+
+
+@app.command()
+def predict(
+    source: str = PredictFrom,
+    inputs: list[str] | None = InputsArgument,
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write the records to FILE (.jsonl or .csv), not stdout.", dir_okay=False
+    ),
+    top_k: int = typer.Option(1, "--top-k", min=1, help="Classification: also list the K most likely classes."),
+    batch_size: int | None = BatchSizeOption,
+    device: str | None = DeviceOption,
+    list_file: Path | None = ListOption,
+    texts: list[str] | None = TextOption,
+    masks: Path | None = typer.Option(
+        None, "--masks", help="Segmentation: where mask PNGs go (default: beside --output, else predictions/<run id>/).", file_okay=False
+    ),
+    skip_bad: bool = SkipBadOption,
+    runs_dir: Path = RunsDir,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (counts, files, failures); needs --output."),
+    quiet: bool = QuietFlag,
+) -> None:
+    """Predict with a trained run or its export folder: one record per input (JSON lines on stdout, or --output)."""
+    from transferctl.predictions import RecordWriter
+
+    def job() -> Any:
+        from transferctl.recipes.predict import predict_to, prepare_predict
+
+        if as_json and output is None:
+            raise UsageError("--json prints a summary on stdout, so the records need --output FILE (.jsonl or .csv)")
+        if output is not None and output.suffix.lower() not in (".jsonl", ".csv"):
+            raise UsageError(f"--output {output}: predict writes .jsonl or .csv records; name the file so")
+        masks_dir = masks or (output.with_name(f"{output.stem}-masks") if output is not None else None)
+        predictions = prepare_predict(
+            source,
+            [Path(i) for i in inputs or []],
+            list_file=list_file,
+            texts=texts or [],
+            top_k=top_k,
+            batch_size=batch_size,
+            device=device,
+            masks=masks_dir,
+            runs_dir=runs_dir,
+        )
+        as_table = output is None and sys.stdout.isatty()
+        writer = RecordWriter(output, None if as_table else sys.stdout)
+        with ConsoleReporter(quiet=quiet).counting("predicting") as advance:
+            return predict_to(predictions, writer, advance), writer
+
+    report, writer = _guarded(as_json, job)
+    if writer.kept:
+        _records_table(writer.kept)
+    _finish_inputs(report.to_json(), as_json, skip_bad, "predicted")
+
+
+def _records_table(records: list[dict[str, Any]]) -> None:
+    """Records as a table on the terminal: the input, then each flattened field (nested lists as JSON)."""
+    from rich.console import Console
+
+    from transferctl.predictions import flattened
+
+    rows = [flattened(r) for r in records]
+    headers = list(dict.fromkeys(k for row in rows for k in row))
+    ConsoleReporter(console=Console(highlight=False)).columns(None, headers, [[row.get(h) for h in headers] for row in rows])
+
+
+def _finish_inputs(summary: dict[str, Any], as_json: bool, skip_bad: bool, done: str) -> None:
+    """The summary (--json), the failures on stderr, and exit 1 where an input failed (0 with --skip-bad)."""
+    failures = summary["failures"]
+    if failures:
+        shown = "; ".join(f"{f['input']}: {f['error']}" for f in failures[:3])
+        more = f" (and {len(failures) - 3} more)" if len(failures) > 3 else ""
+        typer.echo(f"error: {len(failures)} of {summary['inputs']} inputs could not be read: {shown}{more}", err=True)
+    if as_json:
+        typer.echo(json.dumps(finite(summary)))
+    code = 1 if failures and not skip_bad else 0
+    if summary.get("status") == "completed" and done == "embedded" and not as_json:
+        typer.echo(summary["output"])
+    raise typer.Exit(code)
+
+
+@app.command()
+def embed(
+    source: str = typer.Option(
+        ..., "--from", help="A run (runs/<id> or an id): any, pretraining runs included.", autocompletion=_complete_run_ids
+    ),
+    inputs: list[str] | None = InputsArgument,
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="FILE.npy (with FILE.jsonl beside it), FILE.safetensors or FILE.csv.", dir_okay=False
+    ),
+    normalize: bool = typer.Option(False, "--normalize", help="L2-normalize each row, as evaluate's k-NN does."),
+    batch_size: int | None = BatchSizeOption,
+    device: str | None = DeviceOption,
+    list_file: Path | None = ListOption,
+    texts: list[str] | None = TextOption,
+    skip_bad: bool = SkipBadOption,
+    runs_dir: Path = RunsDir,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (counts, files, failures)."),
+    quiet: bool = QuietFlag,
+) -> None:
+    """Write the encoder's pooled features of every input (one row each, in input order) to --output."""
+
+    def job() -> dict[str, Any]:
+        from transferctl.recipes.predict import embed_to
+
+        with ConsoleReporter(quiet=quiet).counting("embedding") as advance:
+            result = embed_to(
+                output,
+                source,
+                [Path(i) for i in inputs or []],
+                list_file=list_file,
+                texts=texts or [],
+                normalize=normalize,
+                batch_size=batch_size,
+                device=device,
+                runs_dir=runs_dir,
+                progress=advance,
+            )
+        return result.to_json()
+
+    _finish_inputs(_guarded(as_json, job), as_json, skip_bad, "embedded")
+
+
 @app.command()
 def quickstart(
     runs_dir: Path = RunsDir,

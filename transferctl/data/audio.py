@@ -10,6 +10,7 @@ end (`modalities/audio.py`) reads every batch with them.
 
 from __future__ import annotations
 
+import io
 import re
 import wave
 from pathlib import Path
@@ -20,10 +21,9 @@ from pydantic import Field
 
 from transferctl.data.datasets import cached_decoding, missing_data, split_folder
 from transferctl.errors import UsageError
-from transferctl.modalities.audio import AudioData, FrontEnd, clip_samples_of, log_mel_statistics, torchaudio
+from transferctl.modalities.audio import AUDIO_SUFFIXES, AudioData, FrontEnd, clip_samples_of, log_mel_statistics, torchaudio
 from transferctl.registry import DATASETS
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 Seconds = Annotated[float, Field(gt=0.0, le=60.0)]
 Milliseconds = Annotated[float, Field(gt=0.0, le=1000.0)]
 SampleRate = Annotated[int, Field(ge=1000, le=192_000)]
@@ -34,12 +34,14 @@ FrontEndKind = Literal["log_mel", "waveform"]  # what the model takes: log-mel s
 # --------------------------------------------------------------------------- reading files
 
 
-def read_audio(name: str | None, path: Path) -> tuple[torch.Tensor, int]:
+def read_audio(name: str | None, path: Path, data: bytes | None = None) -> tuple[torch.Tensor, int]:
     """A file's samples as mono float32 in [-1, 1], and its sample rate; a file that is not audio, is cut short
-    or holds no samples is a one-line error naming it (and data set `name`, where a data set reads it)."""
+    or holds no samples is a one-line error naming it (and data set `name`, where a data set reads it). `data`: the
+    file's bytes where they are not at `path` (a tar member; `path` then names it)."""
     where, fix = (f"data set '{name}': ", "remove or replace it") if name is not None else ("", "give a .wav, .flac or .ogg recording")
+    source = io.BytesIO(data) if data is not None else path
     try:
-        samples, rate = _read_pcm_wav(path) if path.suffix.lower() == ".wav" else _read_soundfile(path)
+        samples, rate = _read_pcm_wav(source) if path.suffix.lower() == ".wav" else _read_soundfile(source)
     except (wave.Error, EOFError, RuntimeError, ValueError, OSError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise UsageError(f"{where}cannot read {path} as audio ({reason}); {fix}") from None
@@ -48,14 +50,16 @@ def read_audio(name: str | None, path: Path) -> tuple[torch.Tensor, int]:
     return samples, rate
 
 
-def _read_pcm_wav(path: Path) -> tuple[torch.Tensor, int]:
+def _read_pcm_wav(path: Path | io.BytesIO) -> tuple[torch.Tensor, int]:
     """PCM `.wav` (8, 16, 24 or 32 bit); other encodings go to soundfile."""
     try:
-        with wave.open(str(path), "rb") as reader:
+        with wave.open(path if isinstance(path, io.BytesIO) else str(path), "rb") as reader:
             channels, width, frames, rate = reader.getnchannels(), reader.getsampwidth(), reader.getnframes(), reader.getframerate()
             data = reader.readframes(frames)
     except wave.Error as exc:
         if "unknown format" in str(exc):  # IEEE float or compressed: not PCM
+            if isinstance(path, io.BytesIO):
+                path.seek(0)
             return _read_soundfile(path)
         raise
     if len(data) < frames * channels * width:
@@ -80,12 +84,12 @@ def _pcm_to_float(data: bytes, width: int, channels: int) -> torch.Tensor:
     return values.view(-1, channels).mean(dim=1)
 
 
-def _read_soundfile(path: Path) -> tuple[torch.Tensor, int]:
+def _read_soundfile(path: Path | io.BytesIO) -> tuple[torch.Tensor, int]:
     try:
         import soundfile
     except ImportError:
-        raise UsageError(f'{path}: reading {path.suffix} files needs soundfile: pip install "transferctl[audio]"') from None
-    samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        raise UsageError('reading .flac and .ogg files needs soundfile: pip install "transferctl[audio]"') from None
+    samples, rate = soundfile.read(path if isinstance(path, io.BytesIO) else str(path), dtype="float32", always_2d=True)
     return torch.from_numpy(samples).mean(dim=1), rate
 
 
@@ -96,15 +100,22 @@ def decode_audio_files(name: str, paths: list[Path], sample_rate: int, max_sampl
 
 
 def decode_audio(paths: list[Path], sample_rate: int, max_samples: int | None, name: str | None = None) -> torch.Tensor:
-    """Audio files as one int16 tensor (N, longest kept length): mono, at `sample_rate`, each from its start up to
-    `max_samples`, zero-padded at the end. The audio data sets read their files with it, and so does
-    `AudioModality.read` (`name`: the data set, for messages)."""
-    clips = []
-    for path in paths:
-        samples, rate = read_audio(name, path)
-        if rate != sample_rate:
-            samples = torchaudio().functional.resample(samples, rate, sample_rate)
-        clips.append((samples[:max_samples].clamp(-1, 1) * 32767).round().to(torch.int16))
+    """Audio files as one int16 tensor (N, longest kept length): each `read_clip`, zero-padded at the end
+    (`padded_clips`). The audio data sets read their files with it (`name`: the data set, for messages)."""
+    return padded_clips([read_clip(path, sample_rate, max_samples, name) for path in paths])
+
+
+def read_clip(path: Path, sample_rate: int, max_samples: int | None, name: str | None = None, data: bytes | None = None) -> torch.Tensor:
+    """One recording as the audio data sets keep theirs: int16, mono, at `sample_rate`, from its start up to
+    `max_samples` (None: whole). `data`: its bytes where they are not at `path` (a tar member)."""
+    samples, rate = read_audio(name, path, data)
+    if rate != sample_rate:
+        samples = torchaudio().functional.resample(samples, rate, sample_rate)
+    return (samples[:max_samples].clamp(-1, 1) * 32767).round().to(torch.int16)
+
+
+def padded_clips(clips: list[torch.Tensor]) -> torch.Tensor:
+    """Clips of any lengths as one int16 tensor (N, the longest), zero-padded at the end."""
     out = torch.zeros(len(clips), max((len(c) for c in clips), default=1), dtype=torch.int16)
     for row, clip in zip(out, clips, strict=True):
         row[: len(clip)] = clip

@@ -42,6 +42,36 @@ class Geometry:
         return F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an input's own pixels lie in the model's input square (how it was read: cropped, stretched or
+    letterboxed): the input pixel coordinate x = (u - offset_x) * scale_x of the model pixel coordinate u (pixel edges
+    at integers), likewise y; `width` x `height` is the input's own size. What puts a dense output (a mask) or a
+    box back on the input it came from."""
+
+    width: int
+    height: int
+    scale_x: float = 1.0
+    scale_y: float = 1.0
+    offset_x: float = 0.0
+    offset_y: float = 0.0
+
+    def sample_points(self, size: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """`grid_sample`'s grid (1, rows, width, 2) of the centres of the input's pixels (those of `rows`) in the
+        model's normalized coordinates (align_corners=False), and which of them the model saw (rows, width)."""
+        xs = (torch.arange(self.width, dtype=torch.float64) + 0.5) / self.scale_x + self.offset_x
+        ys = (torch.arange(self.height, dtype=torch.float64)[rows] + 0.5) / self.scale_y + self.offset_y
+        seen = ((ys >= 0) & (ys <= size))[:, None] & ((xs >= 0) & (xs <= size))[None, :]
+        gy, gx = torch.meshgrid(2 * ys / size - 1, 2 * xs / size - 1, indexing="ij")
+        return torch.stack([gx, gy], dim=-1)[None].float(), seen
+
+    def to_input(self, points: torch.Tensor) -> torch.Tensor:
+        """Model pixel coordinates (..., 2k) as x, y pairs (boxes as x1, y1, x2, y2) in the input's own pixels."""
+        scale = torch.tensor([self.scale_x, self.scale_y], dtype=points.dtype).repeat(points.shape[-1] // 2)
+        offset = torch.tensor([self.offset_x, self.offset_y], dtype=points.dtype).repeat(points.shape[-1] // 2)
+        return (points - offset) * scale
+
+
 class TargetList:
     """Targets that do not stack: one item per sample (a tensor of any shape, or any picklable value). Indexing with
     an integer gives one item; with a slice, a list of indices or an index tensor, another TargetList."""

@@ -74,7 +74,7 @@ def read_rows(name: str, path: Path, text_columns: list[str], label_column: str 
     except UnicodeDecodeError as exc:
         line = path.read_bytes()[: exc.start].count(b"\n") + 1
         raise UsageError(f"data set '{name}': {path} line {line} is not UTF-8 (byte {exc.start}); save the file as UTF-8") from None
-    records = _jsonl_records(name, path, content) if path.suffix.lower() == ".jsonl" else _csv_records(name, path, content)
+    records = file_records(path, content, f"data set '{name}': ")
     texts, labels, lines = [], [] if label_column else None, []
     for line, record in records:
         for column in [*text_columns, *([label_column] if label_column else [])]:
@@ -101,30 +101,56 @@ def read_rows(name: str, path: Path, text_columns: list[str], label_column: str 
     return TextRows(path, texts, labels, lines)
 
 
+def file_records(path: Path, content: str, where: str = "") -> list[tuple[int, dict[str, str]]]:
+    """(line, record) of each row of a CSV (with a header) or JSONL file's `content`; `where` begins every message."""
+    return _jsonl_records(where, path, content) if path.suffix.lower() == ".jsonl" else _csv_records(where, path, content)
+
+
+def texts_of(path: Path, text_columns: list[str]) -> list[tuple[int, str]]:
+    """(line, text) of each row of a CSV or JSONL file that has one (its text columns joined by a space, as the text
+    data sets join them), or of each non-empty line of any other text file: what predict reads texts from."""
+    try:
+        content = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 (byte {exc.start}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path} ({exc.strerror})") from None
+    if path.suffix.lower() not in (".csv", ".jsonl"):
+        return [(line, text.strip()) for line, text in enumerate(content.splitlines(), start=1) if text.strip()]
+    texts = []
+    for line, record in file_records(path, content):
+        missing = [c for c in text_columns if c not in record]
+        if missing:
+            columns = ", ".join(record) or "none"
+            raise UsageError(f"{path} line {line} has no column '{missing[0]}', the model's texts are read from (columns: {columns})")
+        text = " ".join(_field(record[c]) for c in text_columns).strip()
+        if text:
+            texts.append((line, text))
+    return texts
+
+
 def _field(value: object) -> str:
     """A CSV or JSON field as text: JSON numbers as written, null as empty."""
     return "" if value is None else str(value).strip()
 
 
-def _csv_records(name: str, path: Path, content: str) -> list[tuple[int, dict[str, str]]]:
+def _csv_records(where: str, path: Path, content: str) -> list[tuple[int, dict[str, str]]]:
     reader = csv.DictReader(io.StringIO(content, newline=""), strict=True)
     records = []
     try:
         for row in reader:
             if None in row or None in row.values():  # more or fewer fields than the header names
                 more = "more" if None in row else "fewer"
-                raise UsageError(
-                    f"data set '{name}': {path} line {reader.line_num} has {more} fields than the header; quote texts that hold commas"
-                )
+                raise UsageError(f"{where}{path} line {reader.line_num} has {more} fields than the header; quote texts that hold commas")
             records.append((reader.line_num, row))
     except csv.Error as exc:
-        raise UsageError(f"data set '{name}': {path} line {reader.line_num} is not valid CSV ({exc}); fix the quoting") from None
+        raise UsageError(f"{where}{path} line {reader.line_num} is not valid CSV ({exc}); fix the quoting") from None
     if reader.fieldnames is None:
-        raise UsageError(f"data set '{name}': {path} is empty; give a CSV file with a header row")
+        raise UsageError(f"{where}{path} is empty; give a CSV file with a header row")
     return records
 
 
-def _jsonl_records(name: str, path: Path, content: str) -> list[tuple[int, dict[str, str]]]:
+def _jsonl_records(where: str, path: Path, content: str) -> list[tuple[int, dict[str, str]]]:
     records = []
     for line, text in enumerate(content.splitlines(), start=1):
         if not text.strip():
@@ -132,9 +158,9 @@ def _jsonl_records(name: str, path: Path, content: str) -> list[tuple[int, dict[
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"data set '{name}': {path} line {line} is not JSON ({exc.msg}); write one JSON object a line") from None
+            raise UsageError(f"{where}{path} line {line} is not JSON ({exc.msg}); write one JSON object a line") from None
         if not isinstance(record, dict):
-            raise UsageError(f"data set '{name}': {path} line {line} is not a JSON object; write one object a line")
+            raise UsageError(f"{where}{path} line {line} is not a JSON object; write one object a line")
         records.append((line, record))
     return records
 

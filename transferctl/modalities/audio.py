@@ -29,11 +29,12 @@ from torch import nn
 from transferctl.data.audio_augment import content_length
 from transferctl.data.samples import Samples
 from transferctl.errors import ConfigError, UsageError
-from transferctl.modalities.base import Modality, unlabelled
+from transferctl.modalities.base import Decoded, Modality, ReadBatch, unlabelled
 from transferctl.registry import MODALITIES, Entry
 
 LOG_FLOOR = 1e-6  # added to mel energies before the log: silence (zero padding) stays finite
 INSTALL_HINT = 'pip install "transferctl[audio]"'
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")  # what the audio data sets and predict read (.flac and .ogg with soundfile)
 
 
 def torchaudio():
@@ -240,6 +241,19 @@ def decode(raw: torch.Tensor) -> torch.Tensor:
     return raw.float().div_(32768)
 
 
+class AudioReader:
+    """One recording (a path, or a tar member's bytes) as the data sets read theirs (`read_clip`)."""
+
+    def __init__(self, sample_rate: int, max_samples: int | None):
+        self.sample_rate, self.max_samples = sample_rate, max_samples
+
+    def __call__(self, source: Path | bytes, name: str) -> Decoded:
+        from transferctl.data.audio import read_clip  # the data sets' reading (a module that imports this one)
+
+        path, data = (Path(name), source) if isinstance(source, bytes) else (Path(source), None)
+        return read_clip(path, self.sample_rate, self.max_samples, data=data), {}
+
+
 class Waveforms(nn.Module):
     """What an audio export holds: the clip window (cut or zero-padded to exactly `clip_samples`; None: a waveform
     of any length, as it comes), the front end, then the network (or encoder). Input: float32 waveforms."""
@@ -258,6 +272,7 @@ class AudioModality(Modality):
     augmented as waveforms, then (SpecAugment) as spectrograms."""
 
     input_name = "waveforms"
+    file_types = AUDIO_SUFFIXES
     length_axes: ClassVar[Mapping[str, int]] = {"waveforms": 1}
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "audio_simclr", "light": "audio_light", "none": "none"}
     unit_signal = False  # a reconstruction is scored on the standardized log-mel itself
@@ -315,18 +330,34 @@ class AudioModality(Modality):
             **kept,
         }
 
-    def read(self, inputs: Sequence[str | Path], fitted: Mapping[str, Any]) -> AudioData:
+    def reader(self, fitted: Mapping[str, Any]) -> AudioReader:
         """Recordings as the data sets read theirs: mono, resampled to the front end's rate, kept from their start up
-        to `max_samples` (the clip, where the fitted state does not say: all the model reads), zero-padded."""
-        from transferctl.data.audio import decode_audio  # the data sets' reading (a module that imports this one)
-
+        to `max_samples` (the clip, where the fitted state does not say: all the model reads)."""
         front_end, clip = FrontEnd.recorded(fitted)
         kept = fitted.get("max_samples", clip)  # None (whole recordings, kept whole): nothing cut
-        max_samples = int(kept) if kept is not None else None
-        waveforms = decode_audio([Path(p) for p in inputs], front_end.sample_rate, max_samples)
+        return AudioReader(front_end.sample_rate, int(kept) if kept is not None else None)
+
+    def batch_of(self, decoded: Sequence[Decoded], fitted: Mapping[str, Any]) -> ReadBatch:
+        """Zero-padded at the end to the longest (a clip model then reads its clip of each)."""
+        from transferctl.data.audio import padded_clips  # the data sets' reading (a module that imports this one)
+
+        front_end, clip = FrontEnd.recorded(fitted)
+        waveforms = padded_clips([samples for samples, _ in decoded])
+        kept = fitted.get("max_samples", clip)
         mean, std = tuple(fitted["mean"]), tuple(fitted["std"])
+        max_samples = int(kept) if kept is not None else None
         labels = unlabelled(len(waveforms), fitted)
-        return AudioData(waveforms, **labels, front_end=front_end, mean=mean, std=std, clip_samples=clip, max_samples=max_samples)
+        data = AudioData(waveforms, **labels, front_end=front_end, mean=mean, std=std, clip_samples=clip, max_samples=max_samples)
+        return ReadBatch(data, [about for _, about in decoded])
+
+    def fitted_from_card(self, card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+        if "fitted_state" in card:
+            return dict(card["fitted_state"])
+        described = card["input"]  # an earlier release's card: its front end, clip and statistics
+        front_end = {k: v for k, v in described["front_end"].items() if k in FrontEnd.__dataclass_fields__}
+        labels = {"classes": card.get("classes") or [], "target_names": card.get("targets") or []}
+        statistics = {"mean": described["mean"], "std": described["std"]}
+        return {**labels, "front_end": front_end, "clip_samples": described.get("clip_samples"), **statistics}
 
     def input_shape(self, fitted: Mapping[str, Any]) -> tuple[int, ...] | None:
         front_end, clip = FrontEnd.recorded(fitted)

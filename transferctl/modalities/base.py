@@ -16,7 +16,8 @@ tokenizer, length and truncation).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,7 +25,24 @@ import torch
 from torch import nn
 
 from transferctl.data.samples import NO_LABEL, Samples
+from transferctl.data.targets import Placement
 from transferctl.registry import Entry
+
+# One input decoded for a trained model: (raw sample, what batching it needs to know of it: an image's own size)
+Decoded = tuple[Any, dict[str, Any]]
+Reader = Callable[[Any, str], Decoded]  # (a file's path or bytes, or a text; its name for messages) -> Decoded
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """Inputs read for a trained model as one batch (`Modality.batch_of`): the samples (raw inputs, side information),
+    per sample what its record says of how it was read (`fields`: a text's `cut`), and where each input's own pixels
+    lie in the model's input (`placements`: images; None for other modalities). What `Task.decode` puts outputs back
+    on their inputs with."""
+
+    samples: Samples
+    fields: list[dict[str, Any]] = field(default_factory=list)
+    placements: list[Placement] | None = None
 
 
 def unlabelled(count: int, fitted: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,6 +73,9 @@ class Modality:
     inherits_fitted_state: ClassVar[bool] = False  # a fine-tune reads its data with its source run's fitted state
     shows_inputs: ClassVar[bool] = True  # `displayable` draws its inputs (views.png, reconstructions.png)
     default_model: ClassVar[str] = "cnn"  # the encoder of a config that names none
+    file_types: ClassVar[tuple[str, ...]] = ()  # the file suffixes it reads (what a folder given to predict yields)
+    reads_texts: ClassVar[bool] = False  # its inputs are texts themselves, not files
+    decodes_in_workers: ClassVar[bool] = True  # predict decodes its inputs in DataLoader workers (not worth it for texts)
 
     @classmethod
     def export_input_names(cls) -> tuple[str, ...]:
@@ -113,7 +134,34 @@ class Modality:
         the training split was, from a trained run's `fitted` (a checkpoint's `data`: classes, target names and the
         fitted state): each target a NO_LABEL placeholder, the classes the run's. A file that cannot be decoded is a
         one-line UsageError naming it."""
+        read_one = self.reader(fitted)
+        return self.batch_of([read_one(Path(x) if not self.reads_texts else x, str(x)) for x in inputs], fitted).samples
+
+    def reader(self, fitted: Mapping[str, Any]) -> Reader:
+        """What decodes one input as the training split's files were (`fitted`, as `read` takes it): a picklable
+        callable, which predict runs in DataLoader workers, from a file's path or bytes (text: the text) and its name
+        to (raw sample, what `batch_of` needs of it). An input it cannot read is a one-line UsageError naming it."""
         raise NotImplementedError
+
+    def batch_of(self, decoded: Sequence[Decoded], fitted: Mapping[str, Any]) -> ReadBatch:
+        """Decoded inputs (`reader`'s) as one batch of this modality's samples, stacked, padded or tokenized as its data
+        sets hold theirs."""
+        raise NotImplementedError
+
+    def card_fitted(self, fitted: Mapping[str, Any]) -> dict[str, Any]:
+        """The fitted state as an export's model card keeps it (text: its tokenizer named by the file beside it)."""
+        return dict(fitted)
+
+    def fitted_from_card(self, card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+        """An export folder's fitted state, from its model card (`card_fitted`'s; a card of a release before it, from its
+        `input` description) and the files beside it: what predict reads new inputs with."""
+        raise NotImplementedError
+
+    def card_input(self, raw: torch.Tensor, data: Samples, card: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Raw samples as the inputs of an export that `card` describes (an earlier release's image export takes them
+        normalized)."""
+        inputs = self.export_input(raw, data)
+        return inputs if isinstance(inputs, tuple) else (inputs,)
 
     def input_shape(self, fitted: Mapping[str, Any]) -> tuple[int, ...] | None:
         """The shape of one model input, from the fitted state alone; None where it does not say (an image run's

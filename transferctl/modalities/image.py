@@ -6,16 +6,20 @@ carries and its fitted state records, so a trained model's inputs are decoded as
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transferctl.data.samples import Samples
+from transferctl.data.targets import Placement
 from transferctl.errors import UsageError
-from transferctl.modalities.base import Modality, unlabelled
+from transferctl.modalities.base import Decoded, Modality, ReadBatch, unlabelled
 from transferctl.registry import MODALITIES
 
 Resize = Literal["crop", "stretch", "letterbox"]
@@ -55,6 +59,59 @@ class ImageDecoding:
         }[self.resize]
         colour = "grey (PIL mode L)" if self.channels == 1 else "RGB"
         return f"convert to {colour}; {how} ({self.interpolation}); uint8 pixels, channels first"
+
+    def placement(self, width: int, height: int) -> Placement:
+        """Where an image of `width` x `height` lies in the square it is decoded to, as `image_transform` puts it there."""
+        size = self.image_size
+        if self.resize == "stretch":
+            return Placement(width, height, width / size, height / size)
+        if self.resize == "letterbox":
+            scale = size / max(width, height)
+            new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+            return Placement(width, height, width / new_w, height / new_h, (size - new_w) // 2, (size - new_h) // 2)
+        # crop: torchvision's Resize(size) brings the shorter side to size and the longer to int(size * long / short),
+        # then CenterCrop keeps the square at round((side - size) / 2)
+        if width <= height:
+            new_w, new_h = size, int(size * height / width)
+        else:
+            new_w, new_h = int(size * width / height), size
+        left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
+        return Placement(width, height, width / new_w, height / new_h, -left, -top)
+
+
+class ImageReader:
+    """One image file (a path, or a tar member's bytes) as the training split decoded its files, and its own size."""
+
+    def __init__(self, decoding: ImageDecoding):
+        from transferctl.data.stream import ImageDecoder  # the data sets' decoding (a module that imports this one)
+
+        self.decoder = ImageDecoder(decoding.image_size, decoding.channels, decoding.resize, decoding.interpolation)
+
+    def __call__(self, source: Path | bytes, name: str) -> Decoded:
+        from PIL import Image
+
+        from transferctl.data.stream import UNREADABLE
+
+        try:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                image.load()
+                return self.decoder.decode(image), {"size": image.size}
+        except UNREADABLE as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise UsageError(f"cannot read {name} as an image ({type(exc).__name__}); give an image file (PNG, JPEG, ...)") from None
+
+
+class Pixels(nn.Module):
+    """What an image export holds: raw pixels (float32 in [0, 255], NCHW) normalized as training read them, then the
+    module; a caller needs no mean and std."""
+
+    def __init__(self, module: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.network = module
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.network((pixels / 255 - self.mean) / self.std)
 
 
 @dataclass(frozen=True)
@@ -98,6 +155,7 @@ class ImageModality(Modality):
     """Images: uint8 (N, C, H, W) pixels, normalized per channel; augmented as pixels in [0, 1]."""
 
     input_name = "images"
+    file_types = tuple(IMG_EXTENSIONS)
     channels_last = True
     unit_signal = True
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "simclr", "light": "light", "none": "none"}
@@ -120,13 +178,16 @@ class ImageModality(Modality):
         d = data.decoded_as
         return {"mean": list(data.mean), "std": list(data.std), **{k: getattr(d, k) for k in DECODING_KEYS}}
 
-    def read(self, inputs: Sequence[str | Path], fitted: Mapping[str, Any]) -> ImageData:
-        from transferctl.data.datasets import decode_image_files  # the data sets' decoding (a module that imports this one)
+    def reader(self, fitted: Mapping[str, Any]) -> ImageReader:
+        return ImageReader(ImageDecoding.of(fitted))
 
+    def batch_of(self, decoded: Sequence[Decoded], fitted: Mapping[str, Any]) -> ReadBatch:
         d = ImageDecoding.of(fitted)
-        images = decode_image_files(None, [Path(p) for p in inputs], d.image_size, d.channels, d.resize, d.interpolation, cache=False)
+        empty = torch.empty((0, d.channels, d.image_size, d.image_size), dtype=torch.uint8)
+        images = torch.stack([pixels for pixels, _ in decoded]) if decoded else empty
         mean, std = tuple(fitted["mean"]), tuple(fitted["std"])
-        return ImageData(inputs=images, **unlabelled(len(images), fitted), mean=mean, std=std, hflip=False, decoding=d)
+        data = ImageData(inputs=images, **unlabelled(len(images), fitted), mean=mean, std=std, hflip=False, decoding=d)
+        return ReadBatch(data, [{} for _ in decoded], [d.placement(*about["size"]) for _, about in decoded])
 
     def input_shape(self, fitted: Mapping[str, Any]) -> tuple[int, ...] | None:
         if "image_size" not in fitted:
@@ -148,12 +209,35 @@ class ImageModality(Modality):
     def as_trained(self, data: ImageData, fitted: dict[str, Any]) -> ImageData:
         return replace(data, mean=tuple(fitted["mean"]), std=tuple(fitted["std"]))
 
+    def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
+        return Pixels(module, tuple(fitted["mean"]), tuple(fitted["std"])).eval()
+
+    def export_input(self, raw: torch.Tensor, data: ImageData) -> torch.Tensor:
+        return raw.float()
+
+    def card_input(self, raw: torch.Tensor, data: ImageData, card: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Exports before 0.10 take normalized images (their card's input has no `normalization`)."""
+        inside = card.get("input", {}).get("normalization") == "in_model"
+        return (self.export_input(raw, data) if inside else self.model_input(raw, data),)
+
+    def fitted_from_card(self, card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+        if "fitted_state" in card:
+            return dict(card["fitted_state"])
+        described = card["input"]  # an earlier release's card: its input's shape, statistics and decoding
+        channels, size = described["shape"][1], described["shape"][-1]
+        decoding = {"image_size": size, "channels": channels, "resize": "crop", "interpolation": "bilinear"}
+        decoding |= {k: described[k] for k in DECODING_KEYS if k in described}
+        labels = {"classes": card.get("classes") or [], "target_names": card.get("targets") or []}
+        return {**labels, "mean": described["mean"], "std": described["std"], **decoding}
+
     def describe_input(self, data: ImageData) -> dict[str, Any]:
         return {
             "name": self.input_name,
             "shape": ["batch", data.channels, data.image_size, data.image_size],
             "dtype": "float32",
-            "preprocessing": "x = (pixels / 255 - mean) / std, per channel, NCHW",
+            "normalization": "in_model",
+            "preprocessing": "none beyond decoding: pixels as float32 in [0, 255], NCHW; the model divides them by 255 and "
+            "normalizes them with mean and std per channel itself",
             "mean": list(data.mean),
             "std": list(data.std),
             **{k: getattr(data.decoded_as, k) for k in DECODING_KEYS},

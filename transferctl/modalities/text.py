@@ -23,7 +23,7 @@ from torch import nn
 
 from transferctl.data.samples import Samples
 from transferctl.errors import UsageError
-from transferctl.modalities.base import Modality, unlabelled
+from transferctl.modalities.base import Decoded, Modality, ReadBatch, unlabelled
 from transferctl.registry import MODALITIES
 
 INSTALL_HINT = 'pip install "transferctl[text]"'
@@ -160,6 +160,15 @@ def tokenization_of(fitted: Mapping[str, Any]) -> Tokenization:
     return Tokenization(fitted["tokenizer"], fitted["max_length"], fitted.get("truncation", "right"))
 
 
+class TextReader:
+    """A text is read as it is; texts are encoded a batch at a time (`TextModality.batch_of`)."""
+
+    def __call__(self, text: str, name: str) -> Decoded:
+        if not isinstance(text, str):
+            raise UsageError(f"a text model reads texts, and {text!r} is a {type(text).__name__}; pass the text itself")
+        return text, {}
+
+
 class TokenInputs(nn.Module):
     """What a text export holds: (input_ids, attention_mask) -> the network, with the ids that the mask leaves out
     set to the pad id (the encoders find padding by it)."""
@@ -182,6 +191,9 @@ class TextModality(Modality):
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "text_simclr", "light": "text_light", "none": "none"}
     inherits_fitted_state = True  # a fine-tune reads its texts with its source run's tokenizer
     shows_inputs = False
+    file_types = (".csv", ".jsonl", ".txt")  # files that hold texts: a column of each row, or one text a line
+    reads_texts = True
+    decodes_in_workers = False
     default_model = "transformer"
 
     def model_context(self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -217,19 +229,39 @@ class TextModality(Modality):
         t = data.tokenization
         return {"tokenizer": t.tokenizer_json, "max_length": t.max_length, "truncation": t.truncation, "padding": "right"}
 
-    def read(self, inputs: Sequence[str | Path], fitted: Mapping[str, Any]) -> TextData:
-        """Texts (not files: a text model reads the texts themselves) encoded as the data sets encode theirs
-        (`Tokenization.encode`: the run's tokenizer, cut to max_length at its truncation side, padded on the right)."""
-        bad = [x for x in inputs if not isinstance(x, str)]
-        if bad:
-            raise UsageError(f"a text model reads texts, and {bad[0]!r} is a {type(bad[0]).__name__}; pass the text itself")
-        texts = list(inputs)
+    def reader(self, fitted: Mapping[str, Any]) -> TextReader:
+        return TextReader()
+
+    def batch_of(self, decoded: Sequence[Decoded], fitted: Mapping[str, Any]) -> ReadBatch:
+        """Texts encoded as the data sets encode theirs (`Tokenization.encode`: the run's tokenizer, cut to max_length
+        at its truncation side, padded on the right); each record says whether its text was cut."""
+        texts = [text for text, _ in decoded]
         tokenization = tokenization_of(fitted)
         if texts:
             ids, cut = tokenization.encode(texts)
         else:
             ids, cut = torch.zeros(0, tokenization.max_length, dtype=torch.int32), torch.zeros(0, dtype=torch.bool)
-        return TextData(ids, **unlabelled(len(texts), fitted), texts=tuple(texts), tokenization=tokenization, cut=cut)
+        data = TextData(ids, **unlabelled(len(texts), fitted), texts=tuple(texts), tokenization=tokenization, cut=cut)
+        return ReadBatch(data, [{"cut": was_cut} for was_cut in cut.tolist()])
+
+    def card_fitted(self, fitted: Mapping[str, Any]) -> dict[str, Any]:
+        return {**fitted, "tokenizer": TOKENIZER_FILE} if "tokenizer" in fitted else dict(fitted)
+
+    def fitted_from_card(self, card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+        """The tokenizer is the file beside the card (which cuts and pads as the model was trained); a card of a release
+        before 0.10 describes the rest in its input."""
+        path = folder / TOKENIZER_FILE
+        if not path.is_file():
+            raise UsageError(f"--from {folder}: the export has no {TOKENIZER_FILE}, which its texts are encoded with; export the run again")
+        tokenizer = _tokenizer_from_json(path.read_text(), fresh=True)
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        if "fitted_state" in card:
+            return {**card["fitted_state"], "tokenizer": tokenizer.to_str()}
+        described = card["input"]
+        labels = {"classes": card.get("classes") or [], "target_names": card.get("targets") or []}
+        reading = {"max_length": described["max_length"], "truncation": described.get("truncation_side", "right"), "padding": "right"}
+        return {**labels, "tokenizer": tokenizer.to_str(), **reading}
 
     def input_shape(self, fitted: Mapping[str, Any]) -> tuple[int, ...] | None:
         return (int(fitted["max_length"]),)

@@ -36,6 +36,7 @@ from transferctl.config import load_config
 from transferctl.errors import RunFailed, UsageError
 from transferctl.fileio import atomic_write_bytes
 from transferctl.methods import Export
+from transferctl.modalities import dataset_modality
 from transferctl.registry import did_you_mean
 from transferctl.runs import DEFAULT_RUNS_DIR, read_trained_run
 
@@ -170,7 +171,10 @@ def load_safetensors(path: str | Path) -> nn.Module:
     num_outputs = json.loads(metadata["num_outputs"]) if "num_outputs" in metadata else _head_outputs(state)
     fitted = json.loads(metadata.get("fitted_state", "{}"))
     network = build_network(cfg, sample_shape, num_outputs, fitted)
-    module = modality_of_config(cfg).served(network.encoder if encoder_only else network, fitted)
+    core = network.encoder if encoder_only else network
+    module = modality_of_config(cfg).served(core, fitted)
+    if set(state) == set(core.state_dict()) != set(module.state_dict()):
+        module = core  # an image export before 0.10: the module alone, which takes normalized images
     module.load_state_dict(state)
     return module.eval()
 
@@ -413,25 +417,39 @@ def _refuse_side_inputs(network: nn.Module, model: str) -> None:
         )
 
 
+def _input_of(trained: Trained, data) -> dict[str, Any]:
+    """The card's `input`: the modality's description, and for texts the columns of a CSV or JSONL file they come from."""
+    described = trained.modality.describe_input(data)
+    if trained.modality.reads_texts:
+        described["text_columns"] = list(trained.cfg.data.options.get("text_columns", ["text"]))
+    return described
+
+
 def _model_card(trained: Trained, data, digests, files, parity, verified) -> dict[str, Any]:
     record, cfg, checkpoint, spec = trained.record, trained.cfg, trained.checkpoint, trained.method.export()
     with torch.no_grad():
         out_shape = list(trained.served()(trained.modality.example_input(data, 1)).shape[1:])
+    task = trained.method.task
     return {
         "run_id": record.id,
         "parent": record.summary.get("parent"),
         "kind": spec.kind,
         "method": cfg.method.name,
         "task": cfg.task.name if cfg.task is not None else None,
+        "modality": dataset_modality(cfg.data.name),
         "model": cfg.model.name,
         "checkpoint": {"name": cfg.eval.checkpoint, "epoch": checkpoint.epoch, "step": checkpoint.step},
-        "input": trained.modality.describe_input(data),
+        "input": _input_of(trained, data),
         "output": {"name": spec.output, "shape": ["batch", *out_shape]},
         **trained.method.card(data),
         "dataset": cfg.data.name,
         "status": record.summary.get("status"),
         "metrics": record.summary.get("metrics", {}),
         "checkpoint_metrics": checkpoint.metrics,
+        # what predict reads new inputs and decodes outputs with, from this folder alone
+        "fitted_state": trained.modality.card_fitted(trained.fitted),
+        "task_options": cfg.task.options if task is not None and cfg.task is not None else None,
+        "task_state": checkpoint.task if task is not None else None,
         "files": {name: {"path": files[name], "sha256": digest} for name, digest in digests.items()},
         "parity": {k: v.to_json() for k, v in parity.items()} if verified else None,
         "transferctl": transferctl.__version__,

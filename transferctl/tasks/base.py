@@ -24,6 +24,7 @@ from transferctl.engine.train import Selection
 
 if TYPE_CHECKING:
     from transferctl.engine.evaluate import Evaluation
+    from transferctl.modalities.base import ReadBatch
     from transferctl.runs import Run
 
 
@@ -84,10 +85,14 @@ class Task:
         best.pt and last.pt, once training is done, by a task that sets `fits_after_training`."""
         return {}
 
-    def decode(self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
-        """One JSON-ready record per sample of a batch of outputs: what a prediction reports (a label and its score, a
-        value in the target's units, a mask, ...). `fitted`: the trained run's data state (`classes`,
-        `target_names`, the modality's)."""
+    def decode(
+        self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1, batch: ReadBatch | None = None
+    ) -> list[dict[str, Any]]:
+        """One record per sample of a batch of outputs: what a prediction reports (a label and its score, a value in
+        the target's units, a mask, ...), JSON-ready but for values that are files of their own
+        (`predictions.Artifact`: a mask). `fitted`: the trained run's data state (`classes`, `target_names`, the
+        modality's). `batch`: the inputs as read, where the outputs should be put back on them (an image's own
+        pixels: `ReadBatch.placements`); without it, outputs stay in the model's coordinates."""
         raise NotImplementedError(f"task {type(self).__name__} does not decode its outputs")
 
     def compare(self, expected: torch.Tensor, actual: torch.Tensor) -> agreement.Counts:

@@ -20,6 +20,7 @@ from transferctl.registry import TASKS
 from transferctl.tasks.base import Task
 
 if TYPE_CHECKING:
+    from transferctl.modalities.base import ReadBatch
     from transferctl.runs import Run
 
 
@@ -86,7 +87,9 @@ class Classification(Task):
         per_class = dict(zip(classes, result.per_class_accuracy, strict=True))
         return Evaluation({"accuracy": result.accuracy, "loss": result.loss}, {"per_class_accuracy": per_class})
 
-    def decode(self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
+    def decode(
+        self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1, batch: ReadBatch | None = None
+    ) -> list[dict[str, Any]]:
         """The most likely class and its softmax probability; with `top_k` > 1 the k most likely, best first."""
         classes = list(fitted["classes"])
         scores, indices = outputs.float().softmax(1).topk(min(top_k, len(classes)), dim=1)

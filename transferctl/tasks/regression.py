@@ -24,6 +24,7 @@ from transferctl.registry import HEADS, TASKS
 from transferctl.tasks.base import Task
 
 if TYPE_CHECKING:
+    from transferctl.modalities.base import ReadBatch
     from transferctl.runs import Run
 
 Effect = Literal["crop", "rotation", "translate", "hflip", "colour", "blur"]
@@ -140,10 +141,16 @@ class Regression(Task):
     def compare(self, expected: torch.Tensor, actual: torch.Tensor) -> agreement.Counts:
         return agreement.none(expected, actual)
 
-    def decode(self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
-        """Each target's predicted value, in the targets' own units (the head de-standardizes its outputs)."""
+    def decode(
+        self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1, batch: ReadBatch | None = None
+    ) -> list[dict[str, Any]]:
+        """The predicted `value` in the target's own units (the head de-standardizes its outputs); `values` by target
+        name where there are several."""
         names = list(fitted.get("target_names") or self.names)
-        return [{"values": dict(zip(names, row, strict=True))} for row in outputs.float().tolist()]
+        rows = outputs.float().tolist()
+        if len(names) == 1:
+            return [{"value": row[0]} for row in rows]
+        return [{"values": dict(zip(names, row, strict=True))} for row in rows]
 
     def card(self, data: Samples) -> dict[str, Any]:
         return {

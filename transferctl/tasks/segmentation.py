@@ -19,16 +19,18 @@ from torch import nn
 
 from transferctl import agreement, plots
 from transferctl.data.samples import Samples
-from transferctl.data.targets import IGNORE_INDEX
+from transferctl.data.targets import IGNORE_INDEX, Placement
 from transferctl.distributed import sum_over_shares, world
 from transferctl.engine.evaluate import Evaluation, over_my_share
 from transferctl.engine.train import Selection
 from transferctl.modalities import modality_of
 from transferctl.models.encoders import conv_bn_relu
+from transferctl.predictions import MaskImage
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
 
 if TYPE_CHECKING:
+    from transferctl.modalities.base import ReadBatch
     from transferctl.runs import Run
 
 
@@ -215,19 +217,38 @@ class Segmentation(Task):
     def compare(self, expected: torch.Tensor, actual: torch.Tensor) -> agreement.Counts:
         return PIXELS(expected, actual)
 
-    def decode(self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1) -> list[dict[str, Any]]:
-        """Each pixel's most likely class (a mask of class indices, rows of the image), and the classes it shows with
-        their pixel counts."""
-        classes, masks = list(fitted["classes"]), outputs.argmax(1)
+    def decode(
+        self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1, batch: ReadBatch | None = None
+    ) -> list[dict[str, Any]]:
+        """Each pixel's most likely class (a `MaskImage`): in the input's own pixels where the batch says where they lie
+        (IGNORE_INDEX on those the model did not see: outside a centre crop), else in the model's; and the share of
+        the mask's pixels each class it shows takes."""
+        classes, placements = list(fitted["classes"]), batch.placements if batch is not None else None
         records = []
-        for mask in masks:
-            counts = torch.bincount(mask.flatten(), minlength=len(classes)).tolist()
-            present = {classes[i]: n for i, n in enumerate(counts) if n}
-            records.append({"mask": mask.tolist(), "pixels_per_class": present})
+        for i, logits in enumerate(outputs):
+            mask = logits.argmax(0) if placements is None else mask_on_input(logits, placements[i])
+            counts = torch.bincount(mask.flatten().long(), minlength=len(classes))[: len(classes)].tolist()
+            seen = max(sum(counts), 1)
+            share = {classes[c]: n / seen for c, n in enumerate(counts) if n}
+            records.append({"mask": MaskImage(mask), "pixel_share": share})
         return records
 
     def card(self, data: Samples) -> dict[str, Any]:
         return {"classes": list(data.classes), "output_meaning": "class logits per pixel (N, classes, H, W); argmax over dim 1"}
+
+
+def mask_on_input(logits: torch.Tensor, placement: Placement, points: int = 1 << 22) -> torch.Tensor:
+    """Class logits (C, S, S) in the model's square as a mask (H, W) in the input's own pixels: the logits read
+    (bilinear) at each input pixel's centre, then argmax; IGNORE_INDEX where the model saw nothing. In bands of rows
+    of at most `points` logits: a photo's mask never needs C x H x W floats at once."""
+    mask = torch.empty(placement.height, placement.width, dtype=torch.long)
+    rows = max(1, points // max(1, placement.width * logits.shape[0]))
+    for start in range(0, placement.height, rows):
+        band = slice(start, start + rows)
+        grid, seen = placement.sample_points(logits.shape[-1], band)
+        sampled = F.grid_sample(logits[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        mask[band] = torch.where(seen, sampled.argmax(0), IGNORE_INDEX)
+    return mask
 
 
 @torch.no_grad()
