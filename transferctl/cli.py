@@ -118,6 +118,10 @@ def _guarded(as_json: bool, job: Callable[[], Any], cleanup: Callable[[], None] 
     except KeyboardInterrupt:
         cleanup()
         _fail("interrupted", 130, as_json)
+    except BrokenPipeError:  # whoever read stdout stopped (`| head`): stop quietly, as a pipe's writer does
+        cleanup()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        raise typer.Exit(141) from None
     except Exception as exc:  # a bug or an environment problem: still one line, exit 1, and JSON for scripts
         cleanup()
         _fail(f"unexpected {type(exc).__name__}: {exc} (please report it with the command that caused it)", 1, as_json)

@@ -77,7 +77,7 @@ def _device(name: str | None) -> torch.device:
 
 def _run_model(source: str, runs_dir: Path, device_name: str | None) -> Model:
     from transferctl import checkpoints
-    from transferctl.build import modality_of_config, rebuild, trained_fitted
+    from transferctl.build import load_trained, modality_of_config, rebuild, recorded_sizes, trained_fitted
     from transferctl.config import load_config
     from transferctl.methods import method_of
     from transferctl.models.heads import side_for
@@ -90,7 +90,12 @@ def _run_model(source: str, runs_dir: Path, device_name: str | None) -> Model:
     if method.task is not None:
         method.task.load_fitted(checkpoint.task)
     device = _device(device_name)
-    network = rebuild(checkpoint, cfg, where=str(record.path)).to(device).eval()
+    fitted = trained_fitted(checkpoint, cfg)
+    if recorded_sizes(checkpoint, cfg, fitted)[0] is None:  # an image run before format 3: sized by its test split, as evaluate is
+        trained = load_trained(record, cfg, device=device, splits=("test",))
+        method, network, fitted = trained.method, trained.network, trained.fitted
+    else:
+        network = rebuild(checkpoint, cfg, where=str(record.path)).to(device).eval()
 
     def inputs_of(batch: ReadBatch, module: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         samples = batch.samples.to(device)
@@ -107,7 +112,6 @@ def _run_model(source: str, runs_dir: Path, device_name: str | None) -> Model:
         return network.encoder(x, **side).float()
 
     columns = list(cfg.data.options.get("text_columns", ["text"]))
-    fitted = trained_fitted(checkpoint, cfg)
     return Model(record.id, modality, fitted, method.task, cfg.method.name, columns, cfg.data.eval_batch_size, run, features)
 
 
