@@ -62,8 +62,18 @@ def eager_model(run_dir: Path):
     network = build_network(cfg, (test.channels, test.image_size, test.image_size), test.num_classes)
     network.load_state_dict(state)
     module = (network if cfg.method.name == "finetune" else network.encoder).eval()
-    images = normalize(test.inputs.float() / 255, test.mean, test.std)
-    return module, images
+    return Normalized(module, test.mean, test.std), test.inputs.float()  # exports take raw pixels, in [0, 255]
+
+
+class Normalized(torch.nn.Module):
+    """The eager module on raw pixels: normalized as its training split was, outside the module."""
+
+    def __init__(self, module, mean, std):
+        super().__init__()
+        self.module, self.mean, self.std = module, mean, std
+
+    def forward(self, pixels):
+        return self.module(normalize(pixels / 255, self.mean, self.std))
 
 
 def export(cli, trained, kind, *args):
@@ -97,7 +107,7 @@ def assert_matches(out, model, x):
     assert (logits.argmax(1) == expected.argmax(1).numpy()).all()
 
     weights = load_file(out["files"]["safetensors"])
-    assert weights.keys() == model.state_dict().keys()
+    assert weights.keys() == {f"network.{k}" for k in model.module.state_dict()}  # the module behind its pixel normalization
     assert torch.allclose(export_module.load_safetensors(out["files"]["safetensors"])(x), expected, atol=1e-6)
 
 
@@ -151,7 +161,7 @@ def test_a_perturbed_export_fails_with_exit_1_and_keeps_the_previous_export(cli,
     def save_perturbed(exported, target):
         broken = copy.deepcopy(exported.module)
         with torch.no_grad():
-            broken.head[-1].bias.add_(0.5)  # the classifier's linear layer
+            broken.network.head[-1].bias.add_(0.5)  # the classifier's linear layer, behind the pixel normalization
         original.save(dataclasses.replace(exported, module=broken), target)
 
     monkeypatch.setitem(

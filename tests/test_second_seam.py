@@ -22,6 +22,7 @@ from transferctl.data.samples import NO_LABEL, Samples
 from transferctl.data.segmentation import compose_scenes
 from transferctl.data.targets import IGNORE_INDEX, Geometry, TargetList, target_kind_named
 from transferctl.models.heads import Network
+from transferctl.predictions import inline
 from transferctl.registry import DATASETS, TASKS
 
 PLUGIN = Path(__file__).parent / "plugins" / "digits_in_order.py"
@@ -164,11 +165,13 @@ def test_built_in_tasks_decode_their_outputs_into_records():
     assert [r["label"] for r in records] == ["b", "a"] and records[0]["score"] == pytest.approx(logits.softmax(1)[0, 1].item())
     assert [t["label"] for t in records[0]["top_k"]] == ["b", "c"]
     regression = TASKS.build("regression", {})
-    assert regression.decode(torch.tensor([[12.5]]), {"target_names": ["angle"]}) == [{"values": {"angle": 12.5}}]
+    assert regression.decode(torch.tensor([[12.5]]), {"target_names": ["angle"]}) == [{"value": 12.5}]
+    two = regression.decode(torch.tensor([[1.0, 2.0]]), {"target_names": ["x", "y"]})
+    assert two == [{"values": {"x": 1.0, "y": 2.0}}]
     masks = torch.zeros(1, 3, 2, 2)
     masks[0, 2, 0, :] = 1.0
-    segmented = TASKS.build("segmentation", {}).decode(masks, {"classes": ["background", "x", "y"]})
-    assert segmented == [{"mask": [[2, 2], [0, 0]], "pixels_per_class": {"background": 2, "y": 2}}]
+    segmented = [inline(r) for r in TASKS.build("segmentation", {}).decode(masks, {"classes": ["background", "x", "y"]})]
+    assert segmented == [{"mask": [[2, 2], [0, 0]], "pixel_share": {"background": 0.5, "y": 0.5}}]
     # the comparisons count what their outputs mean: rows, pixels, nothing for values
     assert top1(logits, logits.flip(0)) == {"top1_agreement": (0, 2)}
     assert TASKS.build("segmentation", {}).compare(masks, masks) == {"pixel_agreement": (4, 4)}

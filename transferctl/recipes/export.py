@@ -172,7 +172,7 @@ def load_safetensors(path: str | Path) -> nn.Module:
     fitted = json.loads(metadata.get("fitted_state", "{}"))
     network = build_network(cfg, sample_shape, num_outputs, fitted)
     core = network.encoder if encoder_only else network
-    module = modality_of_config(cfg).served(core, fitted)
+    module = modality_of_config(cfg).served(core, fitted) if fitted else core  # 0.3.0 kept no fitted state: the module alone
     if set(state) == set(core.state_dict()) != set(module.state_dict()):
         module = core  # an image export before 0.10: the module alone, which takes normalized images
     module.load_state_dict(state)
