@@ -15,6 +15,14 @@ torchvision transforms in DataLoader workers), in a fresh subprocess each (so pe
 
 Uses real MNIST when TRANSFERCTL_DATA_DIR points at it, else the MNIST sample shipped in the package.
 Prints a markdown table; for text also tokens/s (the non-padding tokens of the articles a step trains on).
+
+`--predict` measures `transferctl predict` instead: inputs/s of predict (decoding in DataLoader workers, the model
+on the cores they leave) on a folder of MNIST PNGs and on a tar shard of them, FSDD recordings and AG News test
+articles, against the model's own forward pass on the same batches (decoded beforehand) at the same thread count and
+on every core; and with `--memory` the peak memory of predict on 10,000 and 100,000 PNGs:
+
+    python benchmarks/throughput.py --predict                  # $TRANSFERCTL_DATA_DIR: MNIST, FSDD, AG News
+    python benchmarks/throughput.py --predict --memory
 """
 
 from __future__ import annotations
@@ -142,6 +150,126 @@ def measure(
     }
 
 
+# --------------------------------------------------------------------------- predict
+
+
+def _trained_run(work: Path, kind: str) -> Path:
+    """A run to predict with: one training step of the shipped config (speed does not depend on the weights)."""
+    from transferctl import recipes
+
+    configs = {"image": "supervised_mnist.yaml", "audio": "supervised_fsdd.yaml", "text": "supervised_ag_news.yaml"}
+    data = {"image": ["data.name=mnist" if os.environ.get("TRANSFERCTL_DATA_DIR") else "data.name=mnist_sample"]}.get(kind, [])
+    overrides = [*data, "train.max_steps=1", "train.epochs=1", "train.device=cpu", "train.val_every=1000"]
+    return recipes.pretrain(REPO / "configs" / configs[kind], overrides, runs_dir=work / "runs").run_dir
+
+
+def _mnist_pngs(folder: Path, count: int) -> list[Path]:
+    """`count` MNIST digits as PNG files (the test split's, repeated as needed), and a tar shard of the first 10,000."""
+    import numpy as np
+    from PIL import Image
+
+    from transferctl.config import load_config
+    from transferctl.data import load_split
+
+    name = "mnist" if os.environ.get("TRANSFERCTL_DATA_DIR") else "mnist_sample"
+    digits = load_split(load_config(None, base={"method": "supervised", "data": {"name": name}}).data, train=False).inputs[:, 0].numpy()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i // 1000:03d}" / f"{i:06d}.png" for i in range(count)]
+    for i, path in enumerate(paths):
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(digits[i % len(digits)])).save(path)
+    return paths
+
+
+def predict_cell(run: str, inputs: list[str], batch: int, forward: bool) -> dict:
+    """One measurement, in its own process: predict's inputs/s end to end (records made, model loaded beforehand) and
+    its peak memory; with `forward`, the model's forward pass on the same batches decoded beforehand."""
+    import torch
+
+    from transferctl.recipes.predict import default_workers, prepare_predict, read_batches
+
+    prepared = prepare_predict(run, [Path(i) for i in inputs], batch_size=batch, runs_dir=Path(run).parent)
+    count = len(prepared.inputs)
+    workers = default_workers(prepared.model.modality, -(-count // batch))
+    start = time.perf_counter()
+    assert sum(1 for _ in prepared.records()) == count
+    predict_s = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"inputs": count, "workers": workers, "predict_per_s": count / predict_s, "peak_mb": peak_mb}
+    if forward:
+        batches = [b for _, b, _ in read_batches(prepared.model, prepared.inputs, batch, workers=0)]
+        cores = os.cpu_count() or 1
+        for name, threads in (("forward_same_threads", max(1, cores - workers)), ("forward_all_threads", cores)):
+            torch.set_num_threads(threads)
+            prepared.model.run(batches[0])  # warm-up
+            start = time.perf_counter()
+            for read in batches:
+                prepared.model.run(read)
+            result[name] = count / (time.perf_counter() - start)
+            result[name.replace("forward", "threads")] = threads
+    return result
+
+
+def _predict_cells(work: Path, args: argparse.Namespace) -> list[dict]:
+    import tarfile
+
+    cells = []
+
+    def measure_one(label: str, modality: str, run: Path, inputs: list[str], batch: int, forward: bool = True) -> None:
+        command = [sys.executable, __file__, "--predict-cell", json.dumps([str(run), inputs, batch, forward])]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        cells.append({"label": label, "modality": modality, "batch": batch, **json.loads(out.strip().splitlines()[-1])})
+        print(f"measured {label}", file=sys.stderr)
+
+    image_run = _trained_run(work, "image")
+    if args.memory:
+        pngs = _mnist_pngs(work / "pngs", 100_000)
+        for count in (10_000, 100_000):
+            listing = work / f"list-{count}.txt"
+            listing.write_text("\n".join(map(str, pngs[:count])) + "\n")
+            measure_one(f"{count:,} MNIST PNGs (--list)", "image", image_run, [str(listing)], args.batch, forward=False)
+        return cells
+    pngs = _mnist_pngs(work / "pngs", args.predict_images)
+    shard = work / "mnist-000000.tar"
+    if not shard.exists():
+        with tarfile.open(shard, "w") as tar:
+            for i, path in enumerate(pngs):
+                tar.add(path, arcname=f"{i:06d}.png")
+    measure_one(f"{len(pngs):,} MNIST PNGs in a folder", "image", image_run, [str(work / "pngs")], args.batch)
+    measure_one(f"{len(pngs):,} MNIST PNGs in a tar shard", "image", image_run, [str(shard)], args.batch)
+    data = Path(os.environ.get("TRANSFERCTL_DATA_DIR", ""))
+    if (data / "FSDD").is_dir():
+        measure_one("3,000 FSDD recordings", "audio", _trained_run(work, "audio"), [str(data / "FSDD")], args.batch)
+    if (data / "AGNews" / "test.csv").is_file():
+        measure_one("7,600 AG News test articles", "text", _trained_run(work, "text"), [str(data / "AGNews" / "test.csv")], args.batch)
+    return cells
+
+
+def predict_main(args: argparse.Namespace) -> None:
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="transferctl-predict-"))
+    cells = _predict_cells(work, args)
+    if args.memory:
+        print("| inputs | batch | workers | predict (img/s) | peak memory (MB) |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for c in cells:
+            print(f"| {c['label']} | {c['batch']} | {c['workers']} | {c['predict_per_s']:,.0f} | {c['peak_mb']:,.0f} |")
+        first, last = cells[0]["peak_mb"], cells[-1]["peak_mb"]
+        print(f"\npeak memory of 100,000 inputs: {last / first - 1:+.1%} against 10,000 ({os.cpu_count()} CPU cores)")
+        return
+    print("| inputs | batch | workers | predict (/s) | forward, same threads (/s) | share | forward, all threads (/s) | share |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for c in cells:
+        same, every = c["forward_same_threads"], c["forward_all_threads"]
+        print(
+            f"| {c['label']} | {c['batch']} | {c['workers']} | {c['predict_per_s']:,.0f} | {same:,.0f} ({c['threads_same_threads']}) | "
+            f"{c['predict_per_s'] / same:.0%} | {every:,.0f} ({c['threads_all_threads']}) | {c['predict_per_s'] / every:.0%} |"
+        )
+    print(f"\n({os.cpu_count()} CPU cores; the model: one step of configs/supervised_*.yaml; work folder {work})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cnn"])
@@ -155,7 +283,18 @@ def main() -> None:
     parser.add_argument("--audio", action="store_true", help="FSDD clips through configs/simclr_fsdd.yaml (memory pipeline only)")
     parser.add_argument("--text", action="store_true", help="AG News articles through configs/simclr_ag_news.yaml (memory pipeline only)")
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "PIPELINE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--predict", action="store_true", help="measure `transferctl predict` (see above)")
+    parser.add_argument("--memory", action="store_true", help="with --predict: peak memory on 10,000 and 100,000 PNGs")
+    parser.add_argument("--predict-images", type=int, default=10_000, help="with --predict: PNGs in the folder and shard")
+    parser.add_argument("--work", help="with --predict: a folder to keep the PNGs and runs in (default: a new temporary one)")
+    parser.add_argument("--predict-cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.predict_cell:
+        print(json.dumps(predict_cell(*json.loads(args.predict_cell))))
+        return
+    if args.predict:
+        predict_main(args)
+        return
     if args.one:
         print(json.dumps(measure(*args.one, args.batch, args.steps, args.warmup, args.workers, args.device, args.audio, args.text)))
         return

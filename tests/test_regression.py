@@ -123,7 +123,7 @@ def test_a_regressor_trains_evaluates_and_exports_in_the_targets_units(cli, tmp_
     from transferctl.export import load_safetensors
 
     rebuilt = load_safetensors(export["files"]["safetensors"])
-    assert rebuilt.head.target_mean.item() == pytest.approx(fitted["mean"][0])  # the targets' units survive the file alone
+    assert rebuilt.network.head.target_mean.item() == pytest.approx(fitted["mean"][0])  # the units survive the file (behind the pixels)
 
 
 def test_bad_regression_configs_are_one_line_errors_that_write_nothing(cli, tmp_path, digits_root):

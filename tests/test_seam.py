@@ -258,7 +258,7 @@ def test_a_plugins_method_and_task_run_the_whole_chain(cli, plugin, tmp_path, di
     test = load_split(DataConfig(name="mnist", root=str(digits_root)), train=False)
     served = torch.jit.load(exported["files"]["torchscript"])
     with torch.no_grad():
-        predicted = served(modality_of(test).model_input(test.inputs, test)).squeeze(1) / 0.5
+        predicted = served(modality_of(test).export_input(test.inputs, test)).squeeze(1) / 0.5  # raw pixels
     assert (predicted - test.targets.float()).abs().mean().item() == pytest.approx(evaluated["metrics"]["mae"], rel=1e-5)
 
 
