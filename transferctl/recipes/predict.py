@@ -207,13 +207,11 @@ def default_workers(modality: Modality, batches: int) -> int:
 
 
 def read_batches(
-    model: Model, inputs: Sequence[Input], batch_size: int, workers: int | None = None
+    model: Model, inputs: Sequence[Input], batch_size: int, workers: int
 ) -> Iterator[tuple[list[int], ReadBatch | None, list[tuple[int, str]]]]:
-    """The inputs decoded a batch at a time, in order, a few batches ahead in worker processes."""
-    batches = _Batches(inputs, model.modality, model.fitted, batch_size)
-    workers = default_workers(model.modality, len(batches)) if workers is None else workers
+    """The inputs decoded a batch at a time, in order, a few batches ahead in `workers` worker processes."""
     loader = DataLoader(
-        batches,
+        _Batches(inputs, model.modality, model.fitted, batch_size),
         batch_size=None,
         collate_fn=_as_is,
         num_workers=workers,
@@ -257,8 +255,7 @@ class Predictions:
         """One record per input, in input order: what names it, then what the task decodes, or its `error`."""
         model, task, size = self.model, self.model.task, self.batch_size or self.model.batch_size
         done = 0
-        batches = _Batches(self.inputs, model.modality, model.fitted, size)
-        workers = default_workers(model.modality, len(batches)) if self.workers is None else self.workers
+        workers = default_workers(model.modality, -(-len(self.inputs) // size)) if self.workers is None else self.workers
         with _Threads(workers):
             for kept, batch, failed in read_batches(model, self.inputs, size, workers):
                 records: dict[int, dict[str, Any]] = {p: {**self.inputs[p].describe(), "error": error} for p, error in failed}
