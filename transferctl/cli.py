@@ -318,7 +318,7 @@ def predict(
     from transferctl.predictions import RecordWriter
 
     def job() -> Any:
-        from transferctl.recipes.predict import predict_to, prepare_predict
+        from transferctl.recipes.prediction import predict_to, prepare_predict
 
         if as_json and output is None:
             raise UsageError("--json prints a summary on stdout, so the records need --output FILE (.jsonl or .csv)")
@@ -395,7 +395,7 @@ def embed(
     """Write the encoder's pooled features of every input (one row each, in input order) to --output."""
 
     def job() -> dict[str, Any]:
-        from transferctl.recipes.predict import embed_to
+        from transferctl.recipes.prediction import embed_to
 
         with ConsoleReporter(quiet=quiet).counting("embedding") as advance:
             result = embed_to(

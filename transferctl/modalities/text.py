@@ -89,10 +89,7 @@ class Tokenization:
     def encode(self, texts: list[str], with_encodings: bool = False) -> tuple:
         """(int32 ids (N, max_length) padded on the right, whether each text was cut to max_length), and with
         `with_encodings` the tokenizer's encodings too (their word ids, offsets and masks)."""
-        tokenizer = _tokenizer_from_json(self.tokenizer_json, fresh=True)
-        tokenizer.enable_truncation(self.max_length, direction=self.truncation)
-        tokenizer.enable_padding(direction="right", pad_id=self.pad_id, length=self.max_length)
-        encodings = tokenizer.encode_batch(texts)
+        encodings = _encoder(self.tokenizer_json, self.max_length, self.truncation, self.pad_id).encode_batch(texts)
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int32).view(len(texts), self.max_length)
         cut = torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
         return (ids, cut, encodings) if with_encodings else (ids, cut)
@@ -107,6 +104,16 @@ def same_tokenizer(first: str, second: str) -> bool:
 @lru_cache(maxsize=8)
 def _shared_tokenizer(tokenizer_json: str):
     return tokenizers().Tokenizer.from_str(tokenizer_json)
+
+
+@lru_cache(maxsize=4)
+def _encoder(tokenizer_json: str, max_length: int, truncation: str, pad_id: int):
+    """A tokenizer set to cut and pad as a Tokenization encodes: parsed once, not once a batch (predict encodes
+    texts a batch at a time)."""
+    tokenizer = _tokenizer_from_json(tokenizer_json, fresh=True)
+    tokenizer.enable_truncation(max_length, direction=truncation)
+    tokenizer.enable_padding(direction="right", pad_id=pad_id, length=max_length)
+    return tokenizer
 
 
 def _tokenizer_from_json(tokenizer_json: str, fresh: bool = False):
