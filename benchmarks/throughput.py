@@ -17,9 +17,9 @@ Uses real MNIST when TRANSFERCTL_DATA_DIR points at it, else the MNIST sample sh
 Prints a markdown table; for text also tokens/s (the non-padding tokens of the articles a step trains on).
 
 `--predict` measures `transferctl predict` instead: inputs/s of predict (decoding in DataLoader workers, the model
-on the cores they leave) on a folder of MNIST PNGs and on a tar shard of them, FSDD recordings and AG News test
-articles, against the model's own forward pass on the same batches (decoded beforehand) at the same thread count and
-on every core; and with `--memory` the peak memory of predict on 10,000 and 100,000 PNGs:
+on every core beside them) on a folder of MNIST PNGs and on a tar shard of them, FSDD recordings and AG News test
+articles, against the model's own forward pass on the same batches (decoded beforehand) on the cores the workers
+would leave and on every core; and with `--memory` the memory of predict on 10,000 and 100,000 PNGs:
 
     python benchmarks/throughput.py --predict                  # $TRANSFERCTL_DATA_DIR: MNIST, FSDD, AG News
     python benchmarks/throughput.py --predict --memory
@@ -182,10 +182,10 @@ def _mnist_pngs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def predict_cell(run: str, inputs: list[str], batch: int, forward: bool, rounds: int = 3) -> dict:
+def predict_cell(run: str, inputs: list[str], batch: int, forward: bool, rounds: int = 5) -> dict:
     """One measurement, in its own process: predict's inputs/s end to end (records made; the model loaded and one
     batch predicted beforehand) and its peak memory; with `forward`, the model's forward pass on the same batches
-    decoded beforehand, at predict's thread count and on every core. Best of `rounds`, taken in turn (a shared
+    decoded beforehand, on the cores the workers leave and on every core. Best of `rounds`, taken in turn (a shared
     machine's noise only ever slows a round down)."""
     import torch
 
@@ -194,7 +194,7 @@ def predict_cell(run: str, inputs: list[str], batch: int, forward: bool, rounds:
     prepared = prepare_predict(run, [Path(i) for i in inputs], batch_size=batch, runs_dir=Path(run).parent)
     count = len(prepared.inputs)
     workers = default_workers(prepared.model.modality, -(-count // batch))
-    every, threads = prepared.inputs, torch.get_num_threads()
+    every, threads = prepared.inputs, torch.get_num_threads()  # predict's: every core
     prepared.inputs = every[:batch]
     sum(1 for _ in prepared.records())  # warm-up, as the forward pass gets one: one-time costs paid
     prepared.inputs = every
@@ -216,7 +216,17 @@ def predict_cell(run: str, inputs: list[str], batch: int, forward: bool, rounds:
             best[name] = max(best.get(name, 0.0), count / (time.perf_counter() - start))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # with forward: the decoded batches too
     threads_used = {name.replace("forward", "threads"): used for name, used in passes.items()}
-    return {"inputs": count, "workers": workers, "peak_mb": peak_mb, **best, **threads_used}
+    return {"inputs": count, "workers": workers, "peak_mb": peak_mb, "end_mb": _resident_mb(), **best, **threads_used}
+
+
+def _resident_mb() -> float:
+    """This process's resident memory now (Linux), which a fixed start-up peak cannot hide: the inputs' list and
+    whatever predicting them kept."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return float("nan")
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
 
 
 def _predict_cells(work: Path, args: argparse.Namespace) -> list[dict]:
@@ -232,11 +242,9 @@ def _predict_cells(work: Path, args: argparse.Namespace) -> list[dict]:
 
     image_run = _trained_run(work, "image")
     if args.memory:
-        pngs = _mnist_pngs(work / "pngs", 100_000)
-        for count in (10_000, 100_000):
-            listing = work / f"list-{count}.txt"
-            listing.write_text("\n".join(map(str, pngs[:count])) + "\n")
-            measure_one(f"{count:,} MNIST PNGs (--list)", "image", image_run, [str(listing)], args.batch, forward=False)
+        _mnist_pngs(work / "pngs", 100_000)  # in folders of 1,000: 000 to 099
+        for count, pattern in ((10_000, "00?"), (100_000, "*")):
+            measure_one(f"{count:,} MNIST PNGs", "image", image_run, [str(work / "pngs" / pattern)], args.batch, forward=False)
         return cells
     pngs = _mnist_pngs(work / "pngs", args.predict_images)
     shard = work / "mnist-000000.tar"
@@ -260,14 +268,18 @@ def predict_main(args: argparse.Namespace) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="transferctl-predict-"))
     cells = _predict_cells(work, args)
     if args.memory:
-        print("| inputs | batch | workers | predict (img/s) | peak memory (MB) |")
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print("| inputs | batch | workers | predict (img/s) | peak memory (MB) | resident at the end (MB) |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for c in cells:
-            print(f"| {c['label']} | {c['batch']} | {c['workers']} | {c['predict_per_s']:,.0f} | {c['peak_mb']:,.0f} |")
-        first, last = cells[0]["peak_mb"], cells[-1]["peak_mb"]
-        print(f"\npeak memory of 100,000 inputs: {last / first - 1:+.1%} against 10,000 ({os.cpu_count()} CPU cores)")
+            print(
+                f"| {c['label']} | {c['batch']} | {c['workers']} | {c['predict_per_s']:,.0f} | {c['peak_mb']:,.0f} | {c['end_mb']:,.0f} |"
+            )
+        first, last = cells[0], cells[-1]
+        change = {k: f"{last[k] / first[k] - 1:+.1%}" for k in ("peak_mb", "end_mb")}
+        print(f"\n100,000 inputs against 10,000: peak memory {change['peak_mb']}, resident at the end {change['end_mb']}", end="")
+        print(f" ({os.cpu_count()} CPU cores; the main process: decoding workers are forked and end with the run)")
         return
-    print("| inputs | batch | workers | predict (/s) | forward, same threads (/s) | share | forward, all threads (/s) | share |")
+    print("| inputs | batch | workers | predict (/s) | forward, cores the workers leave (/s) | share | forward, every core (/s) | share |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for c in cells:
         same, every = c["forward_same_threads"], c["forward_all_threads"]

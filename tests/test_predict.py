@@ -304,6 +304,7 @@ def test_bad_inputs_fail_alone_and_bad_requests_write_nothing(trained, tmp_path,
         (export, str(tmp_path / "none*.png")): "matches no",
         (export, tmp_path / "missing.png"): "no such file",
         (tmp_path / "empty", good[0]): "neither a run",
+        (tmp_path / "gone", good[0]): "no such run",
         (foreign, good[0]): "not written by transferctl",
         (trained.run["simclr"], good[0]): "trains no task",
     }

@@ -7,7 +7,6 @@ With --json, stdout carries exactly one JSON object; human output goes to stderr
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from transferctl import check, runs_index
 from transferctl.components import load_components
 from transferctl.console import ConsoleReporter
 from transferctl.errors import TransferError, UsageError, did_you_mean
+from transferctl.fileio import finite
 from transferctl.registry import REGISTRIES
 from transferctl.runs import DEFAULT_RUNS_DIR
 
@@ -137,17 +137,6 @@ def _execute(as_json: bool, quiet: bool, title: str, job: Callable[[ConsoleRepor
         return
     for item in results:
         out.result(item, title)
-
-
-def finite(obj: Any) -> Any:
-    """NaN and infinities as null: strict JSON parsers (jq, JSON.parse) reject bare NaN."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def _fail(message: str, code: int, as_json: bool) -> None:

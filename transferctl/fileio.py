@@ -1,9 +1,23 @@
-"""Atomic file writes: readers see the old file or the new one, never a part of either."""
+"""Atomic file writes: readers see the old file or the new one, never a part of either. And JSON that strict
+parsers read (`finite`)."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
+from typing import Any
+
+
+def finite(value: Any) -> Any:
+    """NaN and infinities as null: strict JSON parsers (jq, JSON.parse) reject bare NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 
 from transferctl.data.targets import IGNORE_INDEX
 from transferctl.errors import UsageError
-from transferctl.fileio import atomic_write_bytes
+from transferctl.fileio import atomic_write_bytes, finite
 
 RECORD_SUFFIXES = (".jsonl", ".csv")
 EMBEDDING_SUFFIXES = (".npy", ".safetensors", ".csv")
@@ -80,17 +79,6 @@ class MaskImage(Artifact):
 
     def to_json(self) -> list[list[int]]:
         return self.pixels.tolist()
-
-
-def finite(value: Any) -> Any:
-    """NaN and infinities as null: strict JSON parsers reject them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite(v) for v in value]
-    return value
 
 
 def inline(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -133,10 +133,10 @@ def _export_model(folder: Path, device_name: str | None) -> Model:
         task = TASKS.build(card["task"], card.get("task_options") or {})
         if card.get("task_state"):
             task.load_fitted(card["task_state"])
-    chosen = _export_format(folder)
-    runner = FORMATS[chosen].load(folder / FORMATS[chosen].filename)
     if device_name not in (None, "auto", "cpu"):
         raise UsageError(f"--device {device_name}: an export folder runs on the CPU (onnxruntime or TorchScript); drop --device")
+    chosen = _export_format(folder)
+    runner = FORMATS[chosen].load(folder / FORMATS[chosen].filename)
 
     @torch.no_grad()
     def run(batch: ReadBatch) -> torch.Tensor:
@@ -200,7 +200,8 @@ def _as_is(batch: Any) -> Any:
 
 def default_workers(modality: Modality, batches: int) -> int:
     """Decoding workers: none for texts or a single batch (a worker costs more to start than it saves); else half the
-    cores, at most 4, the other half running the model."""
+    cores, at most 4. The model keeps every core's thread: workers decode ahead and then wait, so a core kept for
+    each would mostly idle (benchmarks/throughput.py --predict measures both)."""
     if not modality.decodes_in_workers or batches <= 1:
         return 0
     return min(4, (os.cpu_count() or 1) // 2)
@@ -219,22 +220,6 @@ def read_batches(
         prefetch_factor=2 if workers else None,
     )
     yield from loader
-
-
-@dataclass
-class _Threads:
-    """The model's CPU threads while inputs decode in workers: the cores the workers leave (torch's thread count is
-    process-wide; put back after)."""
-
-    workers: int
-    before: int = field(default_factory=torch.get_num_threads)
-
-    def __enter__(self) -> None:
-        if self.workers:
-            torch.set_num_threads(max(1, min(self.before, (os.cpu_count() or 1) - self.workers)))
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.set_num_threads(self.before)
 
 
 # --------------------------------------------------------------------------- predict
@@ -256,19 +241,18 @@ class Predictions:
         model, task, size = self.model, self.model.task, self.batch_size or self.model.batch_size
         done = 0
         workers = default_workers(model.modality, -(-len(self.inputs) // size)) if self.workers is None else self.workers
-        with _Threads(workers):
-            for kept, batch, failed in read_batches(model, self.inputs, size, workers):
-                records: dict[int, dict[str, Any]] = {p: {**self.inputs[p].describe(), "error": error} for p, error in failed}
-                if batch is not None:
-                    decoded = task.decode(model.run(batch).cpu(), model.fitted, self.top_k, batch)
-                    for position, fields, record in zip(kept, batch.fields, decoded, strict=True):
-                        records[position] = {**self.inputs[position].describe(), **fields, **record}
-                for position in sorted(records):
-                    record = records[position]
-                    yield self.artifacts.save(record, position, self.inputs[position].stem) if self.artifacts else inline(record)
-                done += len(records)
-                if progress is not None:
-                    progress(done, len(self.inputs))
+        for kept, batch, failed in read_batches(model, self.inputs, size, workers):
+            records: dict[int, dict[str, Any]] = {p: {**self.inputs[p].describe(), "error": error} for p, error in failed}
+            if batch is not None:
+                decoded = task.decode(model.run(batch).cpu(), model.fitted, self.top_k, batch)
+                for position, fields, record in zip(kept, batch.fields, decoded, strict=True):
+                    records[position] = {**self.inputs[position].describe(), **fields, **record}
+            for position in sorted(records):
+                record = records[position]
+                yield self.artifacts.save(record, position, self.inputs[position].stem) if self.artifacts else inline(record)
+            done += len(records)
+            if progress is not None:
+                progress(done, len(self.inputs))
 
 
 def prepare_predict(
@@ -400,16 +384,15 @@ def compute_embeddings(
     size = batch_size or model.batch_size
     ids, rows, failed, done = [], [], [], 0
     workers = default_workers(model.modality, -(-len(resolved) // size))
-    with _Threads(workers):
-        for kept, batch, failures in read_batches(model, resolved, size, workers):
-            failed += [{**resolved[p].describe(), "error": error} for p, error in failures]
-            if batch is not None:
-                features = model.features(batch)
-                rows.append((F.normalize(features, dim=1) if normalize else features).cpu().numpy())
-                ids += [resolved[p].describe() for p in kept]
-            done += len(kept) + len(failures)
-            if progress is not None:
-                progress(done, len(resolved))
+    for kept, batch, failures in read_batches(model, resolved, size, workers):
+        failed += [{**resolved[p].describe(), "error": error} for p, error in failures]
+        if batch is not None:
+            features = model.features(batch)
+            rows.append((F.normalize(features, dim=1) if normalize else features).cpu().numpy())
+            ids += [resolved[p].describe() for p in kept]
+        done += len(kept) + len(failures)
+        if progress is not None:
+            progress(done, len(resolved))
     matrix = np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
     return Embeddings(model.name, ids, matrix.astype(np.float32, copy=False), failed, normalize)
 
