@@ -48,27 +48,31 @@ class Member:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Input:
-    """One input: what its record calls it (`input`: a path, `shard.tar:member`, or the text), where it is read from,
-    and for a text its line (in its file, the list, standard input, or among the --text options)."""
+    """One input: what its record calls it (`id`: a file's path, `shard.tar:member`, or the text), where it is read
+    from (`source`: None for the file at `id`, a tar member, or the text), and for a text its line (in its file,
+    the list, standard input, or among the --text options). Slotted and path-as-string: a folder of a million files
+    is a million of these."""
 
     id: str
-    source: Path | Member | str
+    source: Member | str | None = None
     line: int | None = None
     file: str | None = None
 
     def open(self) -> Path | bytes | str:
         """What the modality's reader takes: a path, a member's bytes, or the text."""
-        return self.source.read() if isinstance(self.source, Member) else self.source
+        if isinstance(self.source, Member):
+            return self.source.read()
+        return Path(self.id) if self.source is None else self.source
 
     @property
     def stem(self) -> str:
         """A short name for the files made from it (a mask)."""
         if isinstance(self.source, Member):
             return Path(self.source.name).stem
-        if isinstance(self.source, Path):
-            return self.source.stem
+        if self.source is None:
+            return Path(self.id).stem
         return f"line{self.line}" if self.line is not None else "text"
 
     def describe(self) -> dict[str, Any]:
@@ -170,7 +174,7 @@ class _FileInputs:
             path = line.strip()
             if path:
                 self._check_suffix(Path(path), f"{where}: {path}")
-                inputs.append(Input(path, Path(path)))
+                inputs.append(Input(path))
         return inputs
 
     def _file(self, path: Path, name: str, strict: bool = True) -> list[Input]:
@@ -179,7 +183,7 @@ class _FileInputs:
         if not strict and path.suffix.lower() not in self.suffixes:
             return []  # a pattern's other files
         self._check_suffix(path, name)
-        return [Input(name, path)]
+        return [Input(str(path))]
 
     def _check_suffix(self, path: Path, name: str) -> None:
         suffix = path.suffix.lower()
@@ -196,7 +200,7 @@ class _FileInputs:
         for root, dirs, files in os.walk(folder, followlinks=True):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in self.suffixes]
-        return [Input(str(p), p) for p in sorted(found, key=lambda p: p.relative_to(folder).as_posix())]
+        return [Input(str(p)) for p in sorted(found, key=lambda p: p.relative_to(folder).as_posix())]
 
     def _members(self, shard: Path) -> list[Input]:
         """A tar shard's members of the modality's types, in the order they are stored."""
