@@ -154,9 +154,8 @@ def _export_format(folder: Path) -> str:
     usable = [name for name in present if not FORMATS[name].missing_modules()]
     if not usable:
         if present:
-            raise UsageError(
-                f'--from {folder}: reading its {FORMATS[present[0]].filename} needs onnxruntime: pip install "transferctl[onnx]"'
-            )
+            needs = ", ".join(FORMATS[present[0]].missing_modules())
+            raise UsageError(f'--from {folder}: reading its {FORMATS[present[0]].filename} needs {needs}: pip install "transferctl[onnx]"')
         raise UsageError(f"--from {folder}: the folder has a {CARD} but no model file (model.onnx, model.pt); export the run again")
     return usable[0]
 
