@@ -194,6 +194,8 @@ def test_inputs_from_nested_folders_lists_stdin_patterns_and_shards(trained, tmp
     # a glob pattern, and a tar shard read member by member
     pattern = cli("predict", "--from", export, str(tmp_path / "nested" / "a" / "**" / "*.png"))
     assert len(pattern.stdout.splitlines()) == 6
+    everything = cli("predict", "--from", export, str(tmp_path / "nested" / "**"))  # folders and their files: each once
+    assert sorted(json.loads(line)["input"] for line in everything.stdout.splitlines()) == sorted(map(str, files))
     shard = tmp_path / "shard-000000.tar"
     with tarfile.open(shard, "w") as tar:
         for i, f in enumerate(files[:3]):
@@ -221,6 +223,12 @@ def test_texts_from_options_stdin_and_files_and_the_record_says_when_one_was_cut
     from_file = [json.loads(line) for line in cli("predict", "--from", export, jsonl).stdout.splitlines()]
     assert len(from_file) == 1 and (from_file[0]["file"], from_file[0]["line"]) == (str(jsonl), 1)
     assert from_file[0]["label"] == records[0]["label"] and from_file[0]["input"] == "the team won the match"
+    folder = tmp_path / "texts"
+    (folder / ".checkpoints").mkdir(parents=True)
+    (folder / "a.txt").write_text("the team won the match\n\nstocks fell\n")
+    (folder / ".checkpoints" / "a.txt").write_text("a hidden copy\n")  # hidden folders are skipped
+    from_folder = [json.loads(line) for line in cli("predict", "--from", export, folder).stdout.splitlines()]
+    assert [(r["input"], r["line"]) for r in from_folder] == [("the team won the match", 1), ("stocks fell", 3)]
     no_column = tmp_path / "other.csv"
     no_column.write_text("body\nsome words\n")
     refused = cli("predict", "--from", export, no_column)
@@ -337,3 +345,29 @@ def test_exports_of_0_9_keep_working_with_their_normalization_outside(tmp_path, 
         from_export = recipes.predict(folder, files)
         assert [r["label"] for r in from_export] == [r["label"] for r in from_run], kind
         assert [r["score"] for r in from_export] == pytest.approx([r["score"] for r in from_run], abs=1e-4)
+
+
+def test_masks_of_more_than_255_classes_are_16_bit_and_a_plugin_task_of_0_9_still_decodes(tmp_path):
+    from transferctl.data.targets import Placement
+    from transferctl.modalities.base import ReadBatch
+    from transferctl.predictions import WIDE_UNSEEN
+    from transferctl.recipes.prediction import _decoded
+    from transferctl.registry import TASKS
+    from transferctl.tasks.classification import Classification
+
+    classes = [f"c{i}" for i in range(300)]
+    logits = torch.zeros(1, 300, 4, 4)
+    logits[0, 299] = 1.0  # every pixel: the last class, past what a palette holds
+    crop = Placement(8, 4, scale_x=1.0, scale_y=1.0, offset_x=-2, offset_y=0)  # 8 x 4 input, centre 4 x 4 seen
+    (record,) = TASKS.build("segmentation", {}).decode(logits, {"classes": classes}, batch=ReadBatch(None, [{}], [crop]))
+    mask = record["mask"]
+    assert mask.wide and mask.pixels.shape == (4, 8) and set(mask.pixels[:, 2:6].flatten().tolist()) == {299}
+    assert set(mask.pixels[:, :2].flatten().tolist()) == {WIDE_UNSEEN} and record["pixel_share"] == {"c299": 1.0}
+    mask.write(tmp_path / "wide.png")
+    assert np.array(Image.open(tmp_path / "wide.png")).max() == WIDE_UNSEEN
+
+    class Older(Classification):  # decode as 0.9 declared it: no batch
+        def decode(self, outputs, fitted, top_k=1):
+            return [{"label": "old"} for _ in outputs]
+
+    assert _decoded(Older(), torch.zeros(2, 3), {"classes": ["a", "b", "c"]}, 1, ReadBatch(None)) == [{"label": "old"}] * 2

@@ -160,8 +160,8 @@ class _FileInputs:
         if path.is_file():
             return self._file(path, argument)
         if PATTERN_CHARACTERS & set(argument):
-            matched = [Path(m) for pattern in braceexpand(argument) for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))]
-            inputs = [i for m in matched for i in (self._in_folder(m) if m.is_dir() else self._file(m, str(m), strict=False))]
+            found = [i for m in _matches(argument) for i in (self._in_folder(m) if m.is_dir() else self._file(m, str(m), strict=False))]
+            inputs = list({i.id: i for i in found}.values())  # `**` matches folders and their files: each once, where first
             if not inputs:
                 raise UsageError(f"{argument}: the pattern matches no {self._kinds()} files; check it (quote it so the shell keeps it)")
             return inputs
@@ -233,7 +233,7 @@ class _TextInputs:
         path = Path(argument).expanduser()
         if path.is_dir():
             files = sorted(
-                (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in self.suffixes and not p.name.startswith(".")),
+                (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in self.suffixes and not _hidden(p.relative_to(path))),
                 key=lambda p: p.relative_to(path).as_posix(),
             )
             inputs = [i for f in files for i in self._file(f)]
@@ -243,8 +243,7 @@ class _TextInputs:
         if path.is_file():
             return self._file(path)
         if PATTERN_CHARACTERS & set(argument):
-            matched = [Path(m) for pattern in braceexpand(argument) for m in sorted(glob.glob(os.path.expanduser(pattern), recursive=True))]
-            inputs = [i for m in matched if m.is_file() for i in self._file(m)]
+            inputs = [i for m in dict.fromkeys(_matches(argument)) if m.is_file() for i in self._file(m)]
             if not inputs:
                 raise UsageError(f"{argument}: the pattern matches no files of texts; check it (quote it so the shell keeps it)")
             return inputs
@@ -263,6 +262,15 @@ class _TextInputs:
             what = f"{_article(other)} {other} file" if other else "not a file of texts"
             raise UsageError(f"{path} is {what}, and the model reads texts; give {', '.join(self.suffixes)} files or --text")
         return [Input(text, text, line=line, file=str(path)) for line, text in texts_of(path, self.text_columns)]
+
+
+def _matches(pattern: str) -> list[Path]:
+    """What a glob or brace pattern names, each brace expansion's matches sorted."""
+    return [Path(m) for part in braceexpand(pattern) for m in sorted(glob.glob(os.path.expanduser(part), recursive=True))]
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _article(word: str) -> str:

@@ -56,19 +56,24 @@ def palette() -> list[int]:
     return colours
 
 
+WIDE_UNSEEN = 65535  # "no class" in the 16-bit masks of a run with more than 255 classes
+
+
 @dataclass(frozen=True)
 class MaskImage(Artifact):
-    """A class index per pixel (H, W), IGNORE_INDEX where the model saw nothing of the input: an indexed-palette PNG
-    whose pixel values are the class ids (16-bit greyscale past 255 classes)."""
+    """A class index per pixel (H, W): an indexed-palette PNG whose pixel values are the class ids, IGNORE_INDEX
+    (255) where the model saw nothing of the input; for a run of more classes (`wide`), a 16-bit greyscale PNG of
+    the ids, WIDE_UNSEEN where it saw nothing. Every mask of a run has one format."""
 
     pixels: torch.Tensor
+    wide: bool = False
     suffix: ClassVar[str] = ".png"
 
     def write(self, path: Path) -> None:
         from PIL import Image
 
         values = self.pixels.cpu().numpy()
-        if values.max(initial=0) <= 255:
+        if not self.wide:
             image = Image.fromarray(values.astype(np.uint8), mode="P")
             image.putpalette(palette())
         else:

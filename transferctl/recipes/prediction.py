@@ -10,6 +10,7 @@ the input (an image's own pixels). An input that cannot be read fails alone: its
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -243,7 +244,7 @@ class Predictions:
         for kept, batch, failed in read_batches(model, self.inputs, size, workers):
             records: dict[int, dict[str, Any]] = {p: {**self.inputs[p].describe(), "error": error} for p, error in failed}
             if batch is not None:
-                decoded = task.decode(model.run(batch).cpu(), model.fitted, self.top_k, batch)
+                decoded = _decoded(task, model.run(batch).cpu(), model.fitted, self.top_k, batch)
                 for position, fields, record in zip(kept, batch.fields, decoded, strict=True):
                     records[position] = {**self.inputs[position].describe(), **fields, **record}
             for position in sorted(records):
@@ -252,6 +253,20 @@ class Predictions:
             done += len(records)
             if progress is not None:
                 progress(done, len(self.inputs))
+
+
+def _decoded(task: Task, outputs: torch.Tensor, fitted: dict[str, Any], top_k: int, batch: ReadBatch) -> list[dict[str, Any]]:
+    """`task.decode`, given the batch as read where it takes one (a plugin task of 0.9 decodes without it)."""
+    if "batch" in inspect.signature(task.decode).parameters:
+        return task.decode(outputs, fitted, top_k, batch=batch)
+    return task.decode(outputs, fitted, top_k)
+
+
+def _check_readable(model: Model) -> None:
+    """A plugin modality that implements no reader cannot read new files: a usage error, not a crash."""
+    if type(model.modality).reader is Modality.reader:
+        name = type(model.modality).__name__
+        raise UsageError(f"{name} implements no Modality.reader, so predict and embed cannot read its files; add one (docs/plugins.md)")
 
 
 def prepare_predict(
@@ -277,6 +292,9 @@ def prepare_predict(
             f"--from {source}: method '{model.method}' trains no task, so its model predicts nothing; use `transferctl embed` for "
             f"its features, or `transferctl finetune --from` it to train a task"
         )
+    _check_readable(model)
+    if masks is not None and masks.exists() and not masks.is_dir():
+        raise UsageError(f"--masks {masks} is a file; give a folder for the mask PNGs")
     resolved = resolve(inputs, model.modality, list_file=list_file, texts=texts, stdin=stdin, text_columns=model.text_columns)
     folder = masks if masks is not None else Path("predictions") / model.name
     return Predictions(model, resolved, top_k, batch_size, ArtifactFolder(folder))
@@ -378,6 +396,7 @@ def compute_embeddings(
     model = open_model(source, runs_dir=runs_dir, device=device)
     if model.features is None:
         raise UsageError(f"--from {source}: embed reads a run's encoder, and this is an export folder; pass the run ({model.name})")
+    _check_readable(model)
     resolved = resolve(inputs, model.modality, list_file=list_file, texts=texts, stdin=stdin, text_columns=model.text_columns)
     before_reading()
     size = batch_size or model.batch_size

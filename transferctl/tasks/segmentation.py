@@ -25,7 +25,7 @@ from transferctl.engine.evaluate import Evaluation, over_my_share
 from transferctl.engine.train import Selection
 from transferctl.modalities import modality_of
 from transferctl.models.encoders import conv_bn_relu
-from transferctl.predictions import MaskImage
+from transferctl.predictions import WIDE_UNSEEN, MaskImage
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
 
@@ -224,22 +224,24 @@ class Segmentation(Task):
         (IGNORE_INDEX on those the model did not see: outside a centre crop), else in the model's; and the share of
         the mask's pixels each class it shows takes."""
         classes, placements = list(fitted["classes"]), batch.placements if batch is not None else None
+        wide = len(classes) > IGNORE_INDEX  # class ids past 254: 16-bit masks, whose "no class" is 65535
+        unseen = WIDE_UNSEEN if wide else IGNORE_INDEX
         records = []
         for i, logits in enumerate(outputs):
-            mask = logits.argmax(0) if placements is None else mask_on_input(logits, placements[i])
-            counts = torch.bincount(mask.flatten().long(), minlength=len(classes))[: len(classes)].tolist()
+            mask = logits.argmax(0) if placements is None else mask_on_input(logits, placements[i], unseen)
+            counts = torch.bincount(mask[mask != unseen].long(), minlength=len(classes)).tolist()
             seen = max(sum(counts), 1)
             share = {classes[c]: n / seen for c, n in enumerate(counts) if n}
-            records.append({"mask": MaskImage(mask), "pixel_share": share})
+            records.append({"mask": MaskImage(mask, wide), "pixel_share": share})
         return records
 
     def card(self, data: Samples) -> dict[str, Any]:
         return {"classes": list(data.classes), "output_meaning": "class logits per pixel (N, classes, H, W); argmax over dim 1"}
 
 
-def mask_on_input(logits: torch.Tensor, placement: Placement, points: int = 1 << 22) -> torch.Tensor:
+def mask_on_input(logits: torch.Tensor, placement: Placement, unseen: int = IGNORE_INDEX, points: int = 1 << 22) -> torch.Tensor:
     """Class logits (C, S, S) in the model's square as a mask (H, W) in the input's own pixels: the logits read
-    (bilinear) at each input pixel's centre, then argmax; IGNORE_INDEX where the model saw nothing. In bands of rows
+    (bilinear) at each input pixel's centre, then argmax; `unseen` where the model saw nothing. In bands of rows
     of at most `points` logits: a photo's mask never needs C x H x W floats at once."""
     mask = torch.empty(placement.height, placement.width, dtype=torch.long)
     rows = max(1, points // max(1, placement.width * logits.shape[0]))
@@ -247,7 +249,7 @@ def mask_on_input(logits: torch.Tensor, placement: Placement, points: int = 1 <<
         band = slice(start, start + rows)
         grid, seen = placement.sample_points(logits.shape[-1], band)
         sampled = F.grid_sample(logits[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-        mask[band] = torch.where(seen, sampled.argmax(0), IGNORE_INDEX)
+        mask[band] = torch.where(seen, sampled.argmax(0), unseen)
     return mask
 
 
