@@ -267,6 +267,34 @@ def test_human_mode_reports_progress_on_stderr(cli, simclr_config, tmp_path):
     assert "step 2/4" in result.stderr and "samples/s" in result.stderr and "val_loss" in result.stderr
 
 
+def test_a_log_gets_a_line_every_log_every_steps_whatever_the_epoch_length():
+    """A 200-step fine-tune of 2-step epochs, validated every epoch, logged every 10 steps, without a terminal: the
+    engine's calls give 20 lines (issue 35: at most 25), each validation that ends on a logged step on that step's
+    line, the last row on the last."""
+    import io
+
+    from rich.console import Console
+
+    from transferctl.console import ConsoleReporter
+
+    out = io.StringIO()
+    reporter = ConsoleReporter(console=Console(file=out, width=400))
+    reporter.start(200, "finetune")
+    for step in range(1, 201):
+        if step % 10 == 0:
+            reporter.progress(step, {"loss": 1.0, "lr": 0.1, "samples_per_s": 100.0})
+        if step % 2 == 0:
+            reporter.epoch({"epoch": step // 2, "step": step, "train_loss": 1.0, "lr": 0.1, "val_accuracy": step / 200})
+    reporter.finish()
+    lines = out.getvalue().splitlines()[1:]  # after the start line
+    assert len(lines) == 20 and all(line.startswith(f"step {10 * (i + 1)}/200") for i, line in enumerate(lines))
+    assert "val_accuracy 0.05" in lines[0] and lines[-1].endswith("val_accuracy 1")
+    reporter = ConsoleReporter(console=Console(file=(rows := io.StringIO()), width=400))
+    reporter.start(0, "evaluating")
+    reporter.epoch({"accuracy": 0.9})  # a run without steps: its row as it is
+    assert rows.getvalue().splitlines()[-1] == "accuracy 0.9"
+
+
 def test_list_shows_every_registered_component_and_version(cli):
     load_components()  # what is built in is pinned once, in test_registry.py: here the listing must match the registries
     registered = {kind: {e.name: {"summary": e.summary, "origin": e.origin} for e in registry} for kind, registry in REGISTRIES.items()}

@@ -180,3 +180,12 @@ def test_the_config_schema_asks_no_registry():
     like read stored configs without loading a component."""
     named = imported_modules("transferctl.schema", module_level=False)
     assert named <= {"transferctl.errors"}, f"schema.py imports {sorted(named)}"
+
+
+def test_the_license_is_an_spdx_string_that_setuptools_takes_without_a_warning():
+    """A `{text = ...}` table made setuptools print a deprecation wall on every install (issue 35)."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    assert "setuptools>=77" in project["build-system"]["requires"]  # the first to read an SPDX expression

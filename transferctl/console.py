@@ -17,8 +17,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+ROUTINE = ("step", "lr", "samples_per_s", "epoch_time_s")  # an epoch row's fields that its progress line already says
+
+
 class ConsoleReporter:
-    """The engine's Reporter for the CLI."""
+    """The engine's Reporter for the CLI. On a terminal, a progress bar with each epoch's row above it; in a log (no
+    terminal), one line every `train.log_every` steps alone, whatever the epoch length: an epoch that ends on such a
+    step adds its row (its validation) to that step's line, and the other rows stay in metrics.jsonl."""
 
     def __init__(self, quiet: bool = False, console: Console | None = None):
         self.quiet = quiet
@@ -27,10 +32,20 @@ class ConsoleReporter:
         self._progress: Progress | None = None
         self._task: Any = None
         self._total = 0
+        self._pending: tuple[int, str] | None = None  # a log's last progress line, held for its step's epoch row
 
     def info(self, message: str) -> None:
+        self._flush()
+        self._print(message)
+
+    def _print(self, message: str) -> None:
         if not self.quiet:
             self.console.print(message, markup=False, soft_wrap=True)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self._print(self._pending[1])
+            self._pending = None
 
     def start(self, total_steps: int, description: str) -> None:
         self._total = total_steps
@@ -54,14 +69,19 @@ class ConsoleReporter:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         else:
-            self.info(f"step {step}/{self._total}  {stats}")
+            self._flush()
+            self._pending = (step, f"step {step}/{self._total}  {stats}")
 
     def epoch(self, row: dict[str, Any]) -> None:
         line = "  ".join(f"{k} {_fmt(v)}" for k, v in row.items())
         if self._progress is not None:
             self._progress.console.print(line, markup=False, soft_wrap=True)
-        else:
+        elif not self._total:  # a row without steps (evaluate's): itself
             self.info(line)
+        elif self._pending is not None and self._pending[0] == row.get("step"):
+            extra = "  ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k not in ROUTINE)
+            self._print(f"{self._pending[1]}  {extra}")
+            self._pending = None
 
     def note(self, message: str) -> None:
         """A one-line note on an option that has no effect as configured."""
@@ -79,6 +99,7 @@ class ConsoleReporter:
             yield lambda done, total: bar.update(task, completed=done, total=total)
 
     def finish(self) -> None:
+        self._flush()
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -86,6 +107,7 @@ class ConsoleReporter:
     def columns(self, title: str | None, headers: list[str], rows: list[list[Any]]) -> None:
         """A table with a header row. Off a terminal it is as wide as its content, not cut at 80 columns
         (log files and pipes have no width)."""
+        self._flush()
         if self.quiet:
             return
         table = Table(title=title)
@@ -97,6 +119,7 @@ class ConsoleReporter:
         console.print(table)
 
     def table(self, title: str, rows: dict[str, Any]) -> None:
+        self._flush()
         if self.quiet:
             return
         table = Table(title=title, show_header=False)
