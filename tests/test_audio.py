@@ -1,6 +1,6 @@
 """Audio: the log-mel front end against a reference computation, reading and resampling real .wav files, the fsdd
 splits, the augmentations, the encoders over frames, the pretrain -> finetune -> evaluate -> export chain on
-waveforms (with onnxruntime on a .wav file, as the README shows), an exact resume, and the bad inputs."""
+waveforms (with onnxruntime on a .wav file, as a caller without transferctl does: docs/export.md), an exact resume, and the bad inputs."""
 
 from __future__ import annotations
 
@@ -282,7 +282,7 @@ def test_pretrain_finetune_evaluate_export_on_waveforms(cli, tmp_path, audio_roo
     card = json.loads((Path(exported["export_dir"]) / "model_card.json").read_text())
     assert card["input"]["name"] == "waveforms" and card["input"]["shape"] == ["batch", RATE]
     assert card["input"]["sample_rate"] == RATE and card["classes"] == ["high", "low", "mid"]
-    # the README's recipe: a .wav file, the card, onnxruntime; nothing from transferctl
+    # serving without transferctl (docs/export.md): a .wav file, the card, onnxruntime
     import onnxruntime
 
     with wave.open(str(audio_root / "test" / "low" / "0.wav")) as f:  # 16-bit mono PCM at the card's sample rate

@@ -254,7 +254,7 @@ def test_pretrain_finetune_evaluate_export_on_texts(cli, tmp_path, text_root):
     assert card["input"]["names"] == ["input_ids", "attention_mask"] and card["input"]["max_length"] == 24
     assert card["classes"] == ["markets", "science", "sports"] and card["input"]["tokenizer"] == "tokenizer.json"
     assert card["files"]["tokenizer.json"]["sha256"] == hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
-    # the README's recipe: the export folder alone, with tokenizers and onnxruntime
+    # serving without transferctl (docs/export.md): the export folder alone, with tokenizers and onnxruntime
     import onnxruntime
     from tokenizers import Tokenizer
 
