@@ -71,7 +71,16 @@ def fingerprint(run_dir: Path) -> dict[str, Any]:
 def chain(data_dir: Path | None, runs: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for label, result in zip(
-        ("quickstart/pretrain", "quickstart/knn", "quickstart/finetune", "quickstart/evaluate"), quickstart(runs_dir=runs), strict=True
+        (
+            "quickstart/pretrain",
+            "quickstart/knn",
+            "quickstart/finetune",
+            "quickstart/evaluate",
+            "quickstart/scratch",
+            "quickstart/scratch_evaluate",
+        ),
+        quickstart(runs_dir=runs),
+        strict=True,
     ):
         results[label] = fingerprint(result.run_dir)
     if data_dir is None:

@@ -328,11 +328,20 @@ def test_quickstart_runs_the_whole_chain_offline(cli, tmp_path):
     """The README's main-job command: the shipped sample, pretrain -> k-NN -> finetune -> test."""
     result = cli("quickstart", "--runs-dir", tmp_path / "runs", "--json")
     assert result.code == 0, result.stderr
-    pretrained, knn, tuned, tested = result.json["runs"]
+    pretrained, knn, tuned, tested, scratch, scratch_tested = result.json["runs"]
     assert knn["parent"] == pretrained["run_id"] and tested["parent"] == tuned["run_id"]
     assert knn["metrics"]["knn_accuracy"] > 0.7  # 10 classes: chance is 0.1
     assert tested["metrics"]["accuracy"] > 0.7 and tested["metrics"]["test_images"] == 500
-    assert result.json["run_id"] == tested["run_id"]
+    assert result.json["run_id"] == scratch_tested["run_id"] and scratch_tested["parent"] == scratch["run_id"]
+    # the verdict: the same recipe and labels from a random encoder, side by side
+    stored = {r["run_id"]: yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text()) for r in (tuned, scratch)}
+    assert stored[scratch["run_id"]]["finetune"]["source"] is None and stored[tuned["run_id"]]["finetune"]["source"]
+    assert stored[scratch["run_id"]]["data"] == stored[tuned["run_id"]]["data"]
+    verdict = result.json["verdict"]
+    assert (verdict["pretrained_run"], verdict["scratch_run"]) == (tuned["run_id"], scratch["run_id"])
+    assert verdict["pretrained_accuracy"] == tested["metrics"]["accuracy"]
+    assert verdict["scratch_accuracy"] == scratch_tested["metrics"]["accuracy"]
+    assert verdict["difference"] == pytest.approx(verdict["pretrained_accuracy"] - verdict["scratch_accuracy"])
 
 
 def test_from_must_name_a_training_run(cli, pretrained, tmp_path):

@@ -410,14 +410,20 @@ def quickstart(
     as_json: bool = JsonFlag,
     quiet: bool = QuietFlag,
 ) -> None:
-    """Pretrain, fine-tune and evaluate on the MNIST sample shipped with transferctl (on a CPU, offline, in seconds)."""
+    """Pretrain, fine-tune and evaluate on the MNIST sample shipped with transferctl (on a CPU, offline, in seconds), and
+    fine-tune from scratch on the same labels: the last line says whether pretraining beat it."""
+    from transferctl.recipes.quickstart import quickstart as run_quickstart
+    from transferctl.recipes.quickstart import verdict, verdict_line
 
-    def job(reporter: ConsoleReporter) -> list[RunResult]:
-        from transferctl.recipes import quickstart as run_quickstart
-
-        return run_quickstart(runs_dir=runs_dir, reporter=reporter)
-
-    _execute(as_json, quiet, "quickstart", job)
+    out = _Output(as_json, quiet)
+    results = _guarded(as_json, lambda: run_quickstart(runs_dir=runs_dir, reporter=out.reporter), out.reporter.finish)
+    found = verdict(results)
+    if as_json:
+        typer.echo(json.dumps(finite({**results[-1].to_json(), "runs": [r.to_json() for r in results], "verdict": found})))
+        return
+    for result in results:
+        out.result(result, "quickstart")
+    out.reporter.info(verdict_line(found))
 
 
 @app.command("list")
