@@ -134,3 +134,13 @@ def registries_restored(tmp_path, monkeypatch):
     for name in set(sys.modules) - modules:
         if name.startswith("transferctl_plugin_") or str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(tmp_path)):
             del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): models this small
+    run fastest so, and many times faster on a busy machine; the thread count is put back after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -66,13 +66,7 @@ def registered(registries_restored):
     TASKS.register("any_length")(AnyLength)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small run fastest on one thread (and many times faster so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: models this small run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -38,14 +38,7 @@ KINDS = {  # the model card's kind and task of each run's export
 RESULT_FILES = ("confusion.json", "regression.json")  # what an evaluation writes beside its summary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small run fastest on one thread, and many times faster so on a busy machine (the evaluations and
-    exports agree with those of two threads: the fixture was made with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: models this small run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,7 @@ MADE_IN = "/tmp/format2/data"  # where the format-2 configs name their data
 KINDS = ("image", "audio", "text", "regression", "segmentation")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Models this small run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: models this small run fastest on one thread
 
 
 class Trained:

@@ -304,15 +304,15 @@ def predict(
     quiet: bool = QuietFlag,
 ) -> None:
     """Predict with a trained run or its export folder: one record per input (JSON lines on stdout, or --output)."""
-    from transferctl.predictions import RecordWriter
+    from transferctl.predictions import RecordWriter, check_record_output
 
     def job() -> Any:
         from transferctl.recipes.prediction import predict_to, prepare_predict
 
         if as_json and output is None:
             raise UsageError("--json prints a summary on stdout, so the records need --output FILE (.jsonl or .csv)")
-        if output is not None and output.suffix.lower() not in (".jsonl", ".csv"):
-            raise UsageError(f"--output {output}: predict writes .jsonl or .csv records; name the file so")
+        if output is not None:
+            check_record_output(output)
         masks_dir = masks or (output.with_name(f"{output.stem}-masks") if output is not None else None)
         predictions = prepare_predict(
             source,

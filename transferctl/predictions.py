@@ -127,14 +127,14 @@ class RecordWriter:
     beside the target and renamed into place by `close`), or, with neither, kept in `kept` (for a table)."""
 
     def __init__(self, output: Path | None, stream: IO[str] | None = None):
-        if output is not None and output.suffix.lower() not in RECORD_SUFFIXES:
-            raise UsageError(f"--output {output}: predict writes .jsonl or .csv records; name the file so")
+        if output is not None:
+            check_record_output(output)
+            _check_writable(output)  # its folder made only now, once everything else has been checked
         self.output, self.stream, self.count = output, stream, 0
         self.kept: list[dict[str, Any]] = []
         self._partial: Path | None = None
         self._file: IO[str] | None = None
         if output is not None:
-            _check_writable(output)
             self._partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
             self._file = self._partial.open("w", encoding="utf-8")
 
@@ -165,6 +165,12 @@ class RecordWriter:
             self._file = None
         if self._partial is not None:
             self._partial.unlink(missing_ok=True)
+
+
+def check_record_output(output: Path) -> None:
+    """A usage error for an --output predict cannot write records to (checked before anything is read)."""
+    if output.suffix.lower() not in RECORD_SUFFIXES:
+        raise UsageError(f"--output {output}: predict writes .jsonl or .csv records; name the file so")
 
 
 def _check_writable(output: Path) -> None:

@@ -56,6 +56,13 @@ class Model:
     run: Callable[[ReadBatch], torch.Tensor]  # a batch of read inputs -> the outputs
     features: Callable[[ReadBatch], torch.Tensor] | None = None  # -> the encoder's pooled features (runs only)
 
+    def inputs(self, arguments: Sequence[str | Path], list_file: Path | None, texts: Sequence[str], stdin: IO[str] | None) -> list[Input]:
+        """What `arguments`, the --list file, the texts and standard input name, as this model reads them."""
+        if type(self.modality).reader is Modality.reader:  # a plugin modality that reads no files: one line, not a crash
+            name = type(self.modality).__name__
+            raise UsageError(f"{name} implements no Modality.reader, so predict and embed cannot read its files; add one (docs/plugins.md)")
+        return resolve(arguments, self.modality, list_file=list_file, texts=texts, stdin=stdin, text_columns=self.text_columns)
+
 
 def open_model(source: str | Path, *, runs_dir: Path = DEFAULT_RUNS_DIR, device: str | None = None) -> Model:
     """The model of a run (a directory or a bare id under `runs_dir`) or of an export folder."""
@@ -262,13 +269,6 @@ def _decoded(task: Task, outputs: torch.Tensor, fitted: dict[str, Any], top_k: i
     return task.decode(outputs, fitted, top_k)
 
 
-def _check_readable(model: Model) -> None:
-    """A plugin modality that implements no reader cannot read new files: a usage error, not a crash."""
-    if type(model.modality).reader is Modality.reader:
-        name = type(model.modality).__name__
-        raise UsageError(f"{name} implements no Modality.reader, so predict and embed cannot read its files; add one (docs/plugins.md)")
-
-
 def prepare_predict(
     source: str | Path,
     inputs: Sequence[str | Path] = (),
@@ -292,10 +292,9 @@ def prepare_predict(
             f"--from {source}: method '{model.method}' trains no task, so its model predicts nothing; use `transferctl embed` for "
             f"its features, or `transferctl finetune --from` it to train a task"
         )
-    _check_readable(model)
     if masks is not None and masks.exists() and not masks.is_dir():
         raise UsageError(f"--masks {masks} is a file; give a folder for the mask PNGs")
-    resolved = resolve(inputs, model.modality, list_file=list_file, texts=texts, stdin=stdin, text_columns=model.text_columns)
+    resolved = model.inputs(inputs, list_file, texts, stdin)
     folder = masks if masks is not None else Path("predictions") / model.name
     return Predictions(model, resolved, top_k, batch_size, ArtifactFolder(folder))
 
@@ -396,8 +395,7 @@ def compute_embeddings(
     model = open_model(source, runs_dir=runs_dir, device=device)
     if model.features is None:
         raise UsageError(f"--from {source}: embed reads a run's encoder, and this is an export folder; pass the run ({model.name})")
-    _check_readable(model)
-    resolved = resolve(inputs, model.modality, list_file=list_file, texts=texts, stdin=stdin, text_columns=model.text_columns)
+    resolved = model.inputs(inputs, list_file, texts, stdin)
     before_reading()
     size = batch_size or model.batch_size
     ids, rows, failed, done = [], [], [], 0
