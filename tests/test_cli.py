@@ -153,10 +153,42 @@ finetune: {{freeze_encoder: true}}
     assert torch.equal(fresh["encoder.0.weight"], initial["0.weight"])  # frozen, so still the seeded init
 
 
-def test_finetune_refuses_a_different_encoder_than_the_source(cli, pretrained, tmp_path):
-    config = write_config(tmp_path / "ft.yaml", "method: finetune\nmodel: {name: cnn, widths: [8, 32]}\n")
-    result = cli("finetune", "--from", pretrained["run_dir"], "-c", config, "--runs-dir", tmp_path / "runs")
-    assert result.code == 2 and "differs from the source run's encoder" in result.stderr
+def test_a_recipes_model_gives_way_to_the_source_encoder_unless_the_command_line_names_one(cli, pretrained, tmp_path):
+    recipe = Path(__file__).parents[1] / "configs" / "finetune_imagefolder.yaml"  # names resnet18 with ImageNet weights
+    args = ("config", "show", "--from", pretrained["run_dir"], "-c", recipe, "data.root=my_images", "--runs-dir", tmp_path / "runs")
+    shown = cli(*args)
+    assert shown.code == 0, shown.stderr
+    assert shown.stderr.strip() == "note: model: the recipe's model section gives way to the source run's encoder ('cnn')"
+    model = yaml.safe_load(shown.stdout)["model"]
+    assert (model["name"], model["widths"], model["weights"]) == ("cnn", [8, 16], None)
+    refused = cli(*args, "model.name=resnet18")
+    assert refused.code == 2 and "model.name='resnet18' on the command line differs from the source run's encoder" in refused.stderr
+
+
+def test_a_shipped_recipe_switched_to_an_own_data_set_runs_with_a_note(cli, tmp_path):
+    from tests.test_audio import make_audio_folder
+
+    root = make_audio_folder(tmp_path / "clips", per_class=(4, 1))
+    recipe = Path(__file__).parents[1] / "configs" / "simclr_fsdd.yaml"  # sets data.split, which only fsdd takes
+    own = ("data.name=audio_folder", f"data.root={root}", "data.n_mels=32", "data.batch_size=8", "model.widths=[8,16]")
+    result = cli("pretrain", "-c", recipe, *own, "train.max_steps=2", "train.device=cpu", "--runs-dir", tmp_path / "runs", "--json")
+    assert result.code == 0, result.stderr
+    assert "note: data.split: set for data set 'fsdd', which 'audio_folder' does not take; dropped" in result.stderr
+    log = (Path(result.json["run_dir"]) / "log.txt").read_text()
+    assert (
+        "note: data.split: set for data set 'fsdd'" in log
+        and "split" not in yaml.safe_load((Path(result.json["run_dir"]) / "config.yaml").read_text())["data"]
+    )
+    strict = cli("config", "show", "-c", recipe, *own, "data.split=speakers")  # the command line's own options stay strict
+    assert strict.code == 2 and "data.split: unknown option for data 'audio_folder'" in strict.stderr
+
+    # The fine-tune recipe names fsdd too: naming the source run's data set reads the source's clips as it read them.
+    finetune_recipe = Path(__file__).parents[1] / "configs" / "finetune10_fsdd.yaml"
+    args = ("--from", result.json["run_dir"], "-c", finetune_recipe, "data.name=audio_folder", "--runs-dir", tmp_path / "runs")
+    shown = cli("config", "show", *args)
+    assert shown.code == 0, shown.stderr
+    data = yaml.safe_load(shown.stdout)["data"]
+    assert (data["root"], data["n_mels"]) == (str(root), 32)
 
 
 def _runs_snapshot(runs):
@@ -352,10 +384,15 @@ def test_from_must_name_a_training_run(cli, pretrained, tmp_path):
         assert result.code == 2 and "that is a `evaluate` run" in result.stderr
 
 
-def test_finetune_config_with_a_scalar_model_section(cli, pretrained, tmp_path):
-    config = write_config(tmp_path / "ft.yaml", "method: finetune\nmodel: cnn\n")
-    result = cli("finetune", "--from", pretrained["run_dir"], "-c", config, "--runs-dir", tmp_path / "runs")
-    assert result.code == 2 and "model: expected a section" in result.stderr
+@pytest.mark.parametrize(("section", "note"), [("cnn", False), ("mlp", True), ("[cnn]", None)])
+def test_finetune_config_with_a_model_named_alone(cli, pretrained, tmp_path, section, note):
+    config = write_config(tmp_path / "ft.yaml", f"method: finetune\nmodel: {section}\n")
+    result = cli("config", "show", "--from", pretrained["run_dir"], "-c", config, "--runs-dir", tmp_path / "runs")
+    if note is None:
+        assert result.code == 2 and "model: expected a section" in result.stderr
+        return
+    assert result.code == 0 and yaml.safe_load(result.stdout)["model"]["widths"] == [8, 16]
+    assert ("gives way to the source run's encoder" in result.stderr) is note
 
 
 def test_a_classifier_batch_larger_than_the_labelled_set_trains_on_all_of_it(cli, pretrained, tmp_path):

@@ -241,7 +241,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     data = load_training_data(
         cfg.data, labelled_subset=method.uses_labels, unlabeled=method.wants_unlabeled_pool(cfg), target_kind=task_target_kind(method)
     )
-    notes = method.notes(cfg)
+    notes = [*cfg.notes, *method.notes(cfg)]
     if cfg.finetune.source and modality.inherits_fitted_state:
         data, note = _read_as_source(data, modality, cfg.finetune.source)
         notes += [note] if note else []

@@ -613,6 +613,8 @@ def config_show(
 ) -> None:
     """Print the fully resolved config (every default filled in) on stdout: YAML, or one JSON object with --json."""
     cfg = _guarded(as_json, lambda: check.resolved_config(config, overrides, source=source, runs_dir=runs_dir))
+    for note in cfg.notes:
+        typer.echo(f"note: {note}", err=True)
     resolved = cfg.to_dict()
     typer.echo(json.dumps(resolved) if as_json else yaml.safe_dump(resolved, sort_keys=False).rstrip("\n"))
 

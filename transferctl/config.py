@@ -66,6 +66,7 @@ __all__ = [
     "read_yaml",
     "resolve",
     "stored_task",
+    "value_at",
 ]
 
 
@@ -268,9 +269,30 @@ def load_config(
     data = copy.deepcopy(base or {})
     if path is not None:
         data = merge(data, read_yaml(path))
-    data = _component_names(apply_overrides(data, overrides))
+    data, note = _without_foreign_data_options(data, apply_overrides(data, overrides), overrides)
+    data = _component_names(data)
     source = str(path) if path is not None else "config"
     try:
-        return resolve(data, command)
+        cfg = resolve(data, command)
     except ConfigError as exc:
         raise ConfigError(with_origin(str(exc), source, overrides)) from None
+    cfg.notes.extend([note] if note else [])
+    return cfg
+
+
+def _without_foreign_data_options(written: dict[str, Any], data: dict[str, Any], overrides: list[str]) -> tuple[dict[str, Any], str | None]:
+    """A recipe pointed at another data set on the command line (`data.name=audio_folder`) drops the options its
+    file (or source run) set for its own data set that the new one does not take, with a note; options given on the
+    command line stay, for `resolve` to check strictly."""
+    load_components()
+    before, after = value_at(written, "data", "name"), value_at(data, "data", "name")
+    if not isinstance(after, str) or after == before or after not in DATASETS:
+        return data, None
+    given = {path[1] for path, _ in map(parse_override, overrides) if len(path) > 1 and path[0] == "data"}
+    takes = set(DataConfig.model_fields) | set(DATASETS.get(after).options()) | given
+    dropped = [key for key in data["data"] if key not in takes]
+    if not dropped:
+        return data, None
+    data["data"] = {k: v for k, v in data["data"].items() if k not in dropped}
+    options = ", ".join(f"data.{key}" for key in dropped)
+    return data, f"{options}: set for data set '{before}', which '{after}' does not take; dropped"

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr
 
 from transferctl.errors import ConfigError, did_you_mean
 
@@ -163,6 +163,13 @@ class Config(BaseModel):
     train: TrainConfig = TrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     eval: EvalConfig = EvalConfig()
+    # What resolving did to the files' settings (a recipe option another data set does not take, dropped): shown and
+    # logged by the run, never written to its config.
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @pydantic.field_validator(*SHORTHAND_SECTIONS, mode="before")
     @classmethod

@@ -30,6 +30,9 @@ def evaluate(
 
     run = create_run(runs_dir, f"evaluate-{cfg.data.name}", cfg.to_dict(), record.id, "evaluate", {"device": str(trained.device)})
     reporter = reporter or SilentReporter()
+    for note in cfg.notes:
+        run.log(f"note: {note}")
+        reporter.note(note)
     reporter.start(0, "evaluating")
     with recording(run, "evaluate") as outcome:
         evaluation = trained.method.evaluate(trained, run)

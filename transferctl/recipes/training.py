@@ -13,7 +13,7 @@ import torch
 from transferctl import allocator, build, checkpoints, events, plots
 from transferctl.build import Training
 from transferctl.checkpoints import Checkpoint
-from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml
+from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml, value_at
 from transferctl.distributed import all_sum, world
 from transferctl.engine import Reporter, SilentReporter, fit
 from transferctl.engine.signals import StopOnSignal
@@ -100,32 +100,52 @@ def finetune_config(
     if source is None and config is None:
         raise UsageError("finetune needs --from RUN (a pretraining run) or -c CONFIG (to train from scratch)")
     user = read_yaml(config) if config is not None else {}
-    base = task_recipe(component_name(apply_overrides(user, list(overrides or [])).get("task")))
+    asked = apply_overrides(user, list(overrides or []))  # what the file and the command line ask for
+    base = task_recipe(component_name(asked.get("task")))
+    notes = []
     if source is not None:
         record = read_trained_run(source, runs_dir)
         src = record.config
-        if "model" in user and not isinstance(user["model"], dict):
-            raise ConfigError(f"{config}: model: expected a section (name: ... and options), got {user['model']!r}")
-        for key, value in (user.get("model") or {}).items():
-            if src["model"].get(key) != value:
-                raise ConfigError(
-                    f"{config}: model.{key}={value!r} differs from the source run's encoder "
-                    f"({key}={src['model'].get(key)!r}); drop the model section to use the source's"
-                )
-        inherited_data = _inherited_data(src["data"], (user.get("data") or {}).get("name"))
+        _check_named_encoder(src["model"]["name"], overrides)
+        recipe_model = user.pop("model", None)
+        if _names_another_encoder(src["model"], recipe_model):
+            notes.append(f"model: the recipe's model section gives way to the source run's encoder ('{src['model']['name']}')")
+        inherited_data = _inherited_data(src["data"], value_at(asked, "data", "name"))
         base["model"] = {k: v for k, v in src["model"].items() if k != "weights"}  # the encoder comes from the source run
         base["data"] = {**inherited_data, **base.get("data", {})}
         base["train"] = {**base.get("train", {}), "seed": src["train"]["seed"], "device": src["train"]["device"]}
         base["finetune"] = {**base.get("finetune", {}), "source": str(record.path.resolve())}
-        user.pop("model", None)
     merged = merge(base, user)
     try:
-        return load_config(None, overrides, base=merged, command="finetune")
+        cfg = load_config(None, overrides, base=merged, command="finetune")
     except ConfigError as exc:  # attribute errors to the user's file, when there is one
         message = str(exc)
         if config is not None and message.startswith("config: "):
             message = f"{config}: " + message.removeprefix("config: ")
         raise ConfigError(message) from None
+    cfg.notes[:0] = notes
+    return cfg
+
+
+def _names_another_encoder(encoder: dict[str, Any], section: Any) -> bool:
+    """Whether a recipe's model section names another encoder than the source run's (its name, an option, weights)."""
+    if section is None:
+        return False
+    if isinstance(section, str):
+        section = {"name": section}
+    if not isinstance(section, dict):
+        raise ConfigError(f"model: expected a section (name: ... and options), got {section!r}")
+    return any(encoder.get(key) != value for key, value in section.items())
+
+
+def _check_named_encoder(encoder: str, overrides: list[str] | None) -> None:
+    """A fine-tune keeps its source run's encoder: a model named on the command line must be that one."""
+    named = component_name(apply_overrides({}, list(overrides or [])).get("model"))
+    if named is not None and named != encoder:
+        raise ConfigError(
+            f"model.name={named!r} on the command line differs from the source run's encoder ({encoder!r}); a fine-tune "
+            f"--from RUN keeps RUN's encoder: drop it, or fine-tune from a run of {named!r}"
+        )
 
 
 NOT_INHERITED = ("batch_size", "labels_per_class", "labeled_samples", "augment", "eval_batch_size")
