@@ -327,11 +327,11 @@ def _check_augment_keeps_targets(cfg: Config, task: Any, augment: BatchAugment) 
     """An augmentation must leave the task's targets true (a rotation would corrupt angle targets)."""
     broken = sorted(augment.effects() & task.breaking_effects())
     if broken:
+        settable = ", or set task.changed_by=[] if your targets do not change with them" if hasattr(task, "changed_by") else ""
         raise ConfigError(
             f"data.augment: '{cfg.data.augment.name}' would corrupt task '{cfg.task.name}''s targets "
-            f"({', '.join(broken)}: task.changed_by); "
-            f"turn them off (e.g. data.augment.rotation=0 data.augment.hflip=false), use data.augment.name=none, "
-            f"or set task.changed_by=[] if your targets do not change with them"
+            f"({', '.join(broken)}{': task.changed_by' if settable else ''}); "
+            f"turn them off (e.g. data.augment.rotation=0 data.augment.hflip=false), use data.augment.name=none{settable}"
         )
 
 
@@ -384,8 +384,10 @@ class Trained:
 
     def served(self) -> nn.Module:
         """What an export holds and evaluation scores: the whole network, or its encoder alone."""
-        module = self.network.encoder if self.method.export().encoder_only else self.network
-        return module.eval()
+        if self.method.export().encoder_only:
+            return self.network.encoder.eval()
+        task = self.method.task
+        return (task.served(self.network) if task is not None else self.network).eval()
 
 
 def as_trained(data: Samples, checkpoint: Checkpoint, modality: Modality, where: str) -> Samples:

@@ -143,6 +143,31 @@ def _segmentation(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Te
     return figure
 
 
+def write_detections(run: Run, images: torch.Tensor, truth: list[torch.Tensor], found: list[torch.Tensor], classes: list[str]) -> None:
+    """detections.png: test images (N, H, W, C in [0, 1]) with their true boxes (green) and the detected ones (red,
+    with class and score); boxes as `boxes` rows and detection rows (x1, y1, x2, y2, score, class)."""
+    _write_png(run, "detections.png", lambda: _detections(images, truth, found, classes))
+
+
+def _detections(images: torch.Tensor, truth: list[torch.Tensor], found: list[torch.Tensor], classes: list[str]) -> Figure:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    figure = Figure(figsize=(2.0 * len(images), 2.4), layout="constrained")
+    axes = figure.subplots(1, len(images), squeeze=False)[0]
+    for ax, image, true, detected in zip(axes, images, truth, found, strict=True):
+        picture = image.numpy()
+        ax.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1)
+        for x1, y1, x2, y2 in true[:, :4].tolist():
+            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor="lime", linewidth=1))
+        for x1, y1, x2, y2, score, label in detected.tolist():
+            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor="red", linewidth=1, linestyle="--"))
+            ax.text(x1, y1 - 1, f"{classes[int(label)]} {score:.2f}", color="red", fontsize=5, va="bottom")
+        ax.set_axis_off()
+    figure.suptitle("test images: true boxes (green), detections (red)")
+    return figure
+
+
 def write_view_pairs(run: Run, views: list[torch.Tensor]) -> None:
     """views.png: each column one image, its augmented views one above the other (as the model saw them);
     `views` are displayable images, (N, H, W, C) in [0, 1] (the modality's `displayable`)."""

@@ -19,7 +19,7 @@ from transferctl.data.samples import NO_LABEL, Batch, Samples, TargetKindName, b
 
 def load_datasets() -> None:
     """Import the data-set modules: their decorators fill DATASETS."""
-    from transferctl.data import audio, datasets, regression, segmentation, text  # noqa: F401  (registers)
+    from transferctl.data import audio, datasets, detection, regression, segmentation, text  # noqa: F401  (registers)
 
 
 _FROM_DATASETS = (  # transferctl.data.datasets' names, as `from transferctl.data import load_split` finds them

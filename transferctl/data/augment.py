@@ -265,6 +265,22 @@ def light(
     )
 
 
+@AUGMENTATIONS.register(modality="image")
+def upright(
+    hflip_default: bool,
+    crop_scale: Range = (0.5, 1.0),
+    crop_ratio: Range = (0.75, 1.3333),
+    translate: Strength = 0.1,
+    hflip: bool | None = None,
+    padding: Literal["zeros", "border", "reflection"] = "zeros",
+) -> BatchAugment:
+    """Geometric augmentation without rotation, for targets a rotation would falsify (boxes: a rotated box's envelope
+    is larger than its object): crop and rescale, shift, flip; the boxes move with the image."""
+    return BatchAugment(
+        crop_scale=crop_scale, crop_ratio=crop_ratio, translate=translate, hflip=hflip_default if hflip is None else hflip, padding=padding
+    )
+
+
 @AUGMENTATIONS.register()  # no modality: fits every one
 def none() -> BatchAugment:
     """No augmentation."""

@@ -30,6 +30,13 @@ class Scenes(NamedTuple):
     labels: list[torch.Tensor]
     boxes: list[torch.Tensor]
 
+    def box_rows(self) -> list[torch.Tensor]:
+        """Each scene's digits as the `boxes` target kind's rows: x1, y1, x2, y2, class, crowd (never)."""
+        return [
+            torch.cat([boxes.float(), labels.float()[:, None], torch.zeros(len(labels), 1)], 1)
+            for labels, boxes in zip(self.labels, self.boxes, strict=True)
+        ]
+
     def reading_order(self) -> list[torch.Tensor]:
         """Each scene's digit classes left to right by their boxes' centres (top to bottom where they tie)."""
         ordered = []
@@ -93,8 +100,9 @@ def mnist_scenes(
 ) -> ImageData:
     """Canvases of 1 to `max_digits` real MNIST digits at random positions and scales (seeded). The targets are what
     the task asks for, from the same composition: masks (each stroke pixel its digit's class, 0 the background: 11
-    classes) or the scene's digits in reading order (10 classes). Training scenes from MNIST train, test from test."""
-    kinds = {"class_per_pixel": "masks", "class_sequence": "the digits in reading order"}
+    classes), each digit's box (the tight box of its stroke pixels; 10 classes) or the scene's digits in reading
+    order (10 classes). Training scenes from MNIST train, test from test."""
+    kinds = {"class_per_pixel": "masks", "boxes": "the box of each digit", "class_sequence": "the digits in reading order"}
     if target_kind not in kinds:
         offered = ", ".join(f"{kind} ({what})" for kind, what in kinds.items())
         raise ConfigError(f"data: data set 'mnist_scenes' gives {offered}, not '{target_kind}' targets; pick another task or data set")
@@ -104,6 +112,8 @@ def mnist_scenes(
     scenes = compose_scenes(digits.inputs[:, 0], digits.targets, count, image_size, max_digits, generator)
     if target_kind == "class_sequence":
         targets, classes = TargetList(scenes.reading_order()), tuple(digits.classes)
+    elif target_kind == "boxes":
+        targets, classes = TargetList(scenes.box_rows()), tuple(digits.classes)
     else:
         targets, classes = scenes.masks, ("background", *digits.classes)
     return ImageData(

@@ -65,6 +65,12 @@ class Placement:
         gy, gx = torch.meshgrid(2 * ys / size - 1, 2 * xs / size - 1, indexing="ij")
         return torch.stack([gx, gy], dim=-1)[None].float(), seen
 
+    def to_model(self, points: torch.Tensor) -> torch.Tensor:
+        """The input's own pixel coordinates (..., 2k) as x, y pairs in the model's: `to_input` undone."""
+        scale = torch.tensor([self.scale_x, self.scale_y], dtype=points.dtype).repeat(points.shape[-1] // 2)
+        offset = torch.tensor([self.offset_x, self.offset_y], dtype=points.dtype).repeat(points.shape[-1] // 2)
+        return points / scale + offset
+
     def to_input(self, points: torch.Tensor) -> torch.Tensor:
         """Model pixel coordinates (..., 2k) as x, y pairs (boxes as x1, y1, x2, y2) in the input's own pixels."""
         scale = torch.tensor([self.scale_x, self.scale_y], dtype=points.dtype).repeat(points.shape[-1] // 2)
@@ -177,6 +183,60 @@ class ClassSequence(TargetKind):
 
     noun = "class sequences"
     stacked = False
+
+
+BOX_COLUMNS = ("x1", "y1", "x2", "y2", "class", "crowd")  # a box target's row
+
+
+@TARGET_KINDS.register("boxes")
+class Boxes(TargetKind):
+    """Objects in an image: a TargetList of float32 (objects, 6) tensors, each row x1, y1, x2, y2 in pixels (edges at
+    integers, x2 and y2 exclusive), the class index and a crowd flag (1: a COCO `iscrowd` region, kept out of the
+    loss and matched as COCO matches crowds). A geometric transform moves each box's corners and keeps their
+    envelope, clipped to the image; a box that keeps less than `min_visible` of its area is dropped."""
+
+    noun = "boxes"
+    stacked = False
+    geometric = True
+    min_visible = 0.3  # below it an object is mostly cut off: too little of it is left to name it by
+
+    def follow(self, targets: TargetList, geometry: Geometry) -> TargetList:
+        height, width = geometry.size
+        inverse = torch.linalg.inv(_homogeneous(geometry.theta.double()))[:, :2]  # input -> output, normalized
+        moved = []
+        for boxes, affine in zip(targets, inverse.cpu(), strict=True):
+            if len(boxes) == 0:
+                moved.append(boxes)
+                continue
+            x1, y1, x2, y2 = boxes[:, :4].double().cpu().unbind(1)
+            corners = torch.stack([torch.stack(c, -1) for c in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))], 1)  # (n, 4, 2)
+            normalized = corners / torch.tensor([width, height], dtype=torch.float64) * 2 - 1
+            out = (normalized @ affine[:, :2].T + affine[:, 2] + 1) / 2 * torch.tensor([width, height], dtype=torch.float64)
+            envelope = torch.cat([out.min(1).values, out.max(1).values], 1)
+            clipped = torch.stack(
+                [
+                    envelope[:, 0].clamp(0, width),
+                    envelope[:, 1].clamp(0, height),
+                    envelope[:, 2].clamp(0, width),
+                    envelope[:, 3].clamp(0, height),
+                ],
+                1,
+            )
+            kept = box_area(clipped) >= self.min_visible * box_area(envelope).clamp_min(1e-9)
+            kept &= box_area(clipped) > 0
+            moved.append(torch.cat([clipped.to(boxes.dtype), boxes[:, 4:].cpu()], 1)[kept].to(boxes.device))
+        return TargetList(moved, targets.device)
+
+
+def _homogeneous(theta: torch.Tensor) -> torch.Tensor:
+    """(N, 2, 3) affine maps as (N, 3, 3) matrices."""
+    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=theta.dtype, device=theta.device).expand(len(theta), 1, 3)
+    return torch.cat([theta, bottom], 1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Areas of (n, 4) x1, y1, x2, y2 boxes (0 for an empty one)."""
+    return (boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)
 
 
 @cache

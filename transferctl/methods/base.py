@@ -67,6 +67,7 @@ class Export:
     compare: agreement.Compare = agreement.top1
     minimum_agreement: Mapping[str, float] = field(default_factory=lambda: {"top1_agreement": 1.0})
     variable_length: bool = False  # its inputs may have any length (`Modality.length_axes` stay dynamic in exports)
+    compares_values: bool = True  # parity bounds the outputs' largest difference too (`Task.compares_values`)
 
 
 class Method:

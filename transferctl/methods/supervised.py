@@ -111,6 +111,7 @@ class TaskMethod(Method):
             compare=task.compare,
             minimum_agreement=task.minimum_agreement,
             variable_length=task.variable_length,
+            compares_values=task.compares_values,
         )
 
 

@@ -158,7 +158,7 @@ class ImageModality(Modality):
     file_types = tuple(IMG_EXTENSIONS)
     channels_last = True
     unit_signal = True
-    augmentations: ClassVar[Mapping[str, str]] = {"strong": "simclr", "light": "light", "none": "none"}
+    augmentations: ClassVar[Mapping[str, str]] = {"strong": "simclr", "light": "light", "upright": "upright", "none": "none"}
 
     def model_context(
         self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None

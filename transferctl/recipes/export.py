@@ -35,7 +35,7 @@ from transferctl.build import Trained, build_network, load_trained, modality_of_
 from transferctl.config import load_config
 from transferctl.errors import RunFailed, UsageError
 from transferctl.fileio import atomic_write_bytes
-from transferctl.methods import Export
+from transferctl.methods import Export, method_of
 from transferctl.modalities import dataset_modality
 from transferctl.registry import did_you_mean
 from transferctl.runs import DEFAULT_RUNS_DIR, read_trained_run
@@ -171,7 +171,8 @@ def load_safetensors(path: str | Path) -> nn.Module:
     num_outputs = json.loads(metadata["num_outputs"]) if "num_outputs" in metadata else _head_outputs(state)
     fitted = json.loads(metadata.get("fitted_state", "{}"))
     network = build_network(cfg, sample_shape, num_outputs, fitted)
-    core = network.encoder if encoder_only else network
+    task = method_of(cfg).task
+    core = network.encoder if encoder_only else task.served(network) if task is not None else network
     module = modality_of_config(cfg).served(core, fitted) if fitted else core  # 0.3.0 kept no fitted state: the module alone
     if set(state) == set(core.state_dict()) != set(module.state_dict()):
         module = core  # an image export before 0.10: the module alone, which takes normalized images
@@ -239,11 +240,12 @@ class Parity:
     batch_sizes: list[int]
     tolerance: float
     minimum_agreement: dict[str, float] = field(default_factory=dict)
+    compares_values: bool = True  # False: the agreement alone decides (detections: rows may come and go)
 
     @property
     def passed(self) -> bool:
         agrees = all(self.agreement.get(name, 0.0) >= minimum for name, minimum in self.minimum_agreement.items())
-        return self.max_abs_diff <= self.tolerance and agrees
+        return (self.max_abs_diff <= self.tolerance or not self.compares_values) and agrees
 
     @property
     def top1_agreement(self) -> float | None:
@@ -274,6 +276,7 @@ def check_parity(
     batch_sizes: list[int],
     compare: agreement.Compare = agreement.top1,
     minimum_agreement: Mapping[str, float] | None = None,
+    compares_values: bool = True,
 ) -> Parity:
     """Run both on `images` (the export's input, or its inputs), split into batches of each size in turn, and
     compare their outputs: the values, and what `compare` counts (default: each row's argmax, which must agree
@@ -295,7 +298,7 @@ def check_parity(
                     worst = max(worst, (expected - actual).abs().max().item())
                 counts = agreement.add(counts, compare(expected, actual))
             used.append(size)
-    return Parity(worst, agreement.shares(counts), total, used, tolerance, minimum)
+    return Parity(worst, agreement.shares(counts), total, used, tolerance, minimum, compares_values)
 
 
 # --------------------------------------------------------------------------- the export recipe
@@ -380,7 +383,14 @@ def export_run(
                 # batch sizes other than the traced one, and a single sample
                 sizes = [250, 1 if len(inputs[0]) < 50 else 7]
                 parity[fmt.name] = check_parity(
-                    module, fmt.load(staged), inputs, tolerance, sizes, compare=spec.compare, minimum_agreement=spec.minimum_agreement
+                    module,
+                    fmt.load(staged),
+                    inputs,
+                    tolerance,
+                    sizes,
+                    compare=spec.compare,
+                    minimum_agreement=spec.minimum_agreement,
+                    compares_values=spec.compares_values,
                 )
         failed = {k: p for k, p in parity.items() if not p.passed}
         if failed:

@@ -109,10 +109,12 @@ def _run_model(source: str, runs_dir: Path, device_name: str | None) -> Model:
         samples = batch.samples.to(device)
         return modality.model_input(samples.inputs, samples), side_for(module, samples.side)
 
+    served = method.task.served(network) if method.task is not None else network
+
     @torch.no_grad()
     def run(batch: ReadBatch) -> torch.Tensor:
         x, side = inputs_of(batch, network)
-        return network(x, **side).float()
+        return served(x, **side).float()
 
     @torch.no_grad()
     def features(batch: ReadBatch) -> torch.Tensor:

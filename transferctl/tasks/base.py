@@ -42,6 +42,9 @@ class Task:
     augmentation: ClassVar[str | None] = None  # the augmentation role of its default (None: the method's)
     # the share of each `compare` count that an export's parity check requires
     minimum_agreement: ClassVar[Mapping[str, float]] = {"top1_agreement": 1.0}
+    # parity also bounds the largest difference of the outputs' values (not where an output may gain or lose a row:
+    # detections near a threshold)
+    compares_values: ClassVar[bool] = True
     # the fine-tune recipe `finetune` starts from (a built-in recipe's name or a YAML file's path); None: the defaults
     recipe: ClassVar[str | None] = None
     variable_length: ClassVar[bool] = False  # takes inputs of any length: an export keeps their length axes dynamic
@@ -49,6 +52,11 @@ class Task:
 
     def num_outputs(self, data: Samples) -> int:
         raise NotImplementedError
+
+    def served(self, network: nn.Module) -> nn.Module:
+        """What a trained network serves (evaluation, predict, exports): its outputs by default; a task whose outputs
+        need decoding first (detection: boxes after NMS) puts that decoding behind the network."""
+        return network
 
     def fit(self, train: Samples) -> dict[str, Any]:
         """Fit what the task needs from the training split (a regression target's mean and std), keep it, and return
