@@ -24,23 +24,27 @@ from transferctl.errors import UsageError
 from transferctl.modalities.image import ImageData, ImageDecoding
 from transferctl.registry import DATASETS
 
-EDGE_SLACK = 0.02  # a box may reach this share of its image's side past an edge (then it is clipped); further is an error
+# A box may reach this far past an edge (then it is clipped): a few pixels, or this share of a large image's side;
+# further is an error.
+EDGE_SLACK, EDGE_SLACK_PIXELS = 0.02, 3.0
 
 
 class ImageBoxes:
     """One image's objects as read: boxes (x1, y1, x2, y2) in the image's own pixels (or, `normalized`, as shares of its
-    width and height), class indices, crowd flags; `where` names the file they came from in messages."""
+    width and height), class indices, crowd flags, and where each came from (a file and line, for messages)."""
 
-    def __init__(self, path: Path, where: str, normalized: bool = False):
-        self.path, self.where, self.normalized = path, where, normalized
+    def __init__(self, path: Path, normalized: bool = False):
+        self.path, self.normalized = path, normalized
         self.boxes: list[list[float]] = []
         self.classes: list[int] = []
         self.crowd: list[int] = []
+        self.origins: list[str] = []
 
-    def add(self, box: list[float], label: int, crowd: bool = False) -> None:
+    def add(self, box: list[float], label: int, origin: str, crowd: bool = False) -> None:
         self.boxes.append(box)
         self.classes.append(label)
         self.crowd.append(int(crowd))
+        self.origins.append(origin)
 
     def rows(self, width: int, height: int) -> torch.Tensor:
         """The boxes checked against the image's size and clipped to it, as `boxes` rows (in the image's pixels)."""
@@ -48,11 +52,11 @@ class ImageBoxes:
         scale = (width, height, width, height) if self.normalized else (1, 1, 1, 1)
         for i, box in enumerate(self.boxes):
             x1, y1, x2, y2 = (v * s for v, s in zip(box, scale, strict=True))
-            slack_x, slack_y = EDGE_SLACK * width, EDGE_SLACK * height
+            slack_x, slack_y = max(EDGE_SLACK * width, EDGE_SLACK_PIXELS), max(EDGE_SLACK * height, EDGE_SLACK_PIXELS)
             if x1 < -slack_x or y1 < -slack_y or x2 > width + slack_x or y2 > height + slack_y:
                 raise UsageError(
-                    f"{self.where}: box {i + 1} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside its {width}x{height} image {self.path.name}; "
-                    f"fix the annotation or drop the box"
+                    f"{self.origins[i]}: the box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside its {width}x{height} image "
+                    f"{self.path.name}; fix the annotation or drop the box"
                 )
             rows[i, :4] = torch.tensor([min(max(x1, 0), width), min(max(y1, 0), height), min(x2, width), min(y2, height)])
             rows[i, 4], rows[i, 5] = self.classes[i], self.crowd[i]
@@ -126,7 +130,7 @@ def coco_folder(
         path = folder / entry["file_name"]
         if not path.is_file():
             raise UsageError(f"{file}: image {entry['file_name']!r} is not beside it ({path}); add it or drop its entry")
-        images[entry["id"]] = ImageBoxes(path, f"{file} ({entry['file_name']})")
+        images[entry["id"]] = ImageBoxes(path)
     for n, annotation in enumerate(coco["annotations"]):
         where = f"{file}: annotation {n + 1} (id {annotation.get('id', '?')})"
         if annotation.get("image_id") not in images:
@@ -136,7 +140,9 @@ def coco_folder(
                 f"{where}: category_id {annotation.get('category_id')!r} is not in `categories`; add the category or fix the id"
             )
         x, y, w, h = _bbox(annotation.get("bbox"), where)
-        images[annotation["image_id"]].add([x, y, x + w, y + h], index[annotation["category_id"]], bool(annotation.get("iscrowd", 0)))
+        images[annotation["image_id"]].add(
+            [x, y, x + w, y + h], index[annotation["category_id"]], where, bool(annotation.get("iscrowd", 0))
+        )
     classes = tuple(str(c["name"]) for c in categories)
     return box_dataset("coco_folder", list(images.values()), classes, image_size, channels, hflip)
 
@@ -193,7 +199,7 @@ def yolo_folder(
     images = []
     for path in paths:
         label = labels / f"{path.stem}.txt"
-        image = ImageBoxes(path, str(label), normalized=True)
+        image = ImageBoxes(path, normalized=True)
         if label.is_file():
             _read_yolo_labels(label, image, len(classes))
         images.append(image)
@@ -235,7 +241,7 @@ def _read_yolo_labels(label: Path, image: ImageBoxes, num_classes: int) -> None:
             )
         if w <= 0 or h <= 0:
             raise UsageError(f"{label}:{number}: the box has no area (width and height must be positive); fix or drop the line")
-        image.add([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], cls)
+        image.add([xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], cls, f"{label}:{number}")
 
 
 def _lines(path: Path) -> Iterable[tuple[int, str]]:
