@@ -11,6 +11,9 @@ the CLI runs.
   scenes, 11 classes), with 50, 500 and all labelled scenes: the test scenes' mIoU, through
   configs/segment_mnist_scenes.yaml (a U-Net decoder; 600 steps of 32 scenes; with all labels 1,500). Encoders: random init,
   SimCLR and MAE (masked modelling, the reconstruction objective closest to a dense task).
+- **Detection** on the same scenes (a box and a class per digit, 10 classes), with 50, 500 and all labelled scenes:
+  the test scenes' mAP@.5 and, beside it, COCO's mAP@[.5:.95], through configs/detect_mnist_scenes.yaml (an FCOS
+  head over the last three stages; 600 steps of 32 scenes; with all labels 1,500). Encoders: random init, SimCLR, MAE.
 - The pretraining runs are the label-efficiency benchmark's, shared through its cells (`--pretrain-out`), so
   neither benchmark trains them twice.
 - The small budgets are repeated over 3 label-subset seeds (mean and spread); all labels run once. Every cell
@@ -52,6 +55,7 @@ class Bench:
     variants: tuple[str, ...] = ()
     digits: int = 2  # decimals in the table
     quick: tuple[str, ...] = ()  # --quick: smaller data, so that the plumbing check takes seconds
+    beside: tuple[str, str] | None = None  # a second metric shown in each cell: (its key, its label)
 
 
 ROTATION = Bench(
@@ -83,8 +87,24 @@ SCENES = Bench(
     digits=3,
     quick=("data.train_scenes=600", "data.test_scenes=50"),
 )
-BENCHES = {"rotation": ROTATION, "scenes": SCENES}
-TARGETS = {"rotation": [("1000", 5.0)], "scenes": [("500", 0.80), ("all", 0.90)]}  # (budget, bound) per task
+DETECTION = Bench(
+    "detection",
+    "scenes: mAP@.5",
+    CONFIGS / "detect_mnist_scenes.yaml",
+    "map_50",
+    False,
+    {
+        "50": ["data.labeled_samples=50"],
+        "500": ["data.labeled_samples=500"],
+        "all": ["data.labeled_samples=null", "train.max_steps=1500"],
+    },
+    ("random", "simclr", "mae"),
+    digits=3,
+    quick=("data.train_scenes=600", "data.test_scenes=50"),
+    beside=("map", "mAP@[.5:.95]"),
+)
+BENCHES = {"rotation": ROTATION, "scenes": SCENES, "detection": DETECTION}
+TARGETS = {"rotation": [("1000", 5.0)], "scenes": [("500", 0.80), ("all", 0.90)], "detection": [("all", 0.80)]}  # (budget, bound) per task
 
 
 def variants(chosen: list[str], cells: Cells, runs: Path, extra: list[str]) -> dict[str, dict[str, Any]]:
@@ -120,6 +140,8 @@ def task_row(
             key = f"{bench.tag}/{name}/{budget}/seed{seed}/{recipe_digest(bench.config, overrides, source)}"
             measured.append(cells.get(key, lambda overrides=overrides: task_cell(bench, source, overrides, runs)))
         values = [m[bench.metric] for m in measured]
+        if bench.beside:
+            row[f"{budget}_beside"] = statistics.mean(m[bench.beside[0]] for m in measured)
         row[budget] = statistics.mean(values)
         row[f"{budget}_sd"] = statistics.stdev(values) if len(values) > 1 else None
         row[f"{budget}_min"] = sum(m["seconds"] for m in measured) / 60
@@ -131,7 +153,8 @@ def task_row(
 def markdown(bench: Bench, rows: list[dict[str, Any]], seeds: int) -> str:
     def cell(row: dict[str, Any], budget: str) -> str:
         spread = f" ± {row[f'{budget}_sd']:.{bench.digits}f}" if row[f"{budget}_sd"] is not None else ""
-        return f"{row[budget]:.{bench.digits}f}{spread} ({row[f'{budget}_min']:.1f} min)"
+        beside = f"{bench.beside[1]} {row[f'{budget}_beside']:.{bench.digits}f}; " if bench.beside else ""
+        return f"{row[budget]:.{bench.digits}f}{spread} ({beside}{row[f'{budget}_min']:.1f} min)"
 
     columns = " | ".join(f"{b} labelled (n={1 if b == 'all' else seeds})" for b in bench.budgets)
     lines = [f"| task | encoder | pretraining (min) | {columns} |", "| --- | --- | --- |" + " --- |" * len(bench.budgets)]

@@ -70,8 +70,9 @@ class Cells:
                 row = json.loads(line)
                 self.done[row["key"]] = row
 
-    def get(self, key: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if key not in self.done:
+    def get(self, key: str, measure: Callable[[], dict[str, Any]], usable: Callable[[dict[str, Any]], bool] = lambda row: True) -> dict[str, Any]:
+        """The cell `key`, measured now unless it is done and still `usable` (a pretraining run's folder still there)."""
+        if key not in self.done or not usable(self.done[key]):
             started = time.perf_counter()
             row = {"key": key, **measure(), "seconds": 0.0}
             row["seconds"] = round(time.perf_counter() - started, 1)
@@ -132,6 +133,7 @@ def encoders(data: str, cells: Cells, runs: Path, extra: list[str], chosen: list
         cell = cells.get(
             f"pretrain/{method}/{pretrained_on}/{recipe_digest(config, extra)}",
             lambda config=config: {"run": str(pretrain(config, extra, runs_dir=runs).run_dir)},
+            usable=lambda row: Path(row["run"]).is_dir(),  # runs are not kept in git: a fresh clone pretrains again
         )
         rows[name.format(other=DATASETS[other])] = {"source": cell["run"], "seconds": cell["seconds"]}
     return rows
