@@ -303,10 +303,15 @@ def test_a_detector_trains_resumes_evaluates_exports_with_nms_inside_and_predict
 
     # predict from the export folder alone: boxes in the input's own pixels (a 96x48 image letterboxed into 32x32)
     Image.new("L", (96, 48)).save(tmp_path / "wide.png")
-    served = cli("predict", "--from", export.json["export_dir"], tmp_path / "wide.png", "-o", tmp_path / "found.jsonl")
+    drawn = tmp_path / "drawn"
+    served = cli(
+        "predict", "--from", export.json["export_dir"], tmp_path / "wide.png", "-o", tmp_path / "found.jsonl", "--save-images", drawn
+    )
     assert served.code == 0, served.stderr
     record = json.loads((tmp_path / "found.jsonl").read_text())
     assert record["count"] == len(record["objects"]) > 0
+    with Image.open(record["drawn"]) as image:  # the input's own pixels, with the boxes drawn in colour
+        assert image.size == (96, 48) and len(image.getcolors(maxcolors=1 << 16)) > 1
     from_run = cli("predict", "--from", run, tmp_path / "wide.png", "--runs-dir", runs, "-o", tmp_path / "run.jsonl")
     assert from_run.code == 0, from_run.stderr
     best = json.loads((tmp_path / "run.jsonl").read_text())["objects"][0]

@@ -298,6 +298,9 @@ def predict(
     masks: Path | None = typer.Option(
         None, "--masks", help="Segmentation: where mask PNGs go (default: beside --output, else predictions/<run id>/).", file_okay=False
     ),
+    save_images: Path | None = typer.Option(
+        None, "--save-images", help="Detection: write each input image with its boxes drawn on it into DIR.", file_okay=False
+    ),
     skip_bad: bool = SkipBadOption,
     runs_dir: Path = RunsDir,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout (counts, files, failures); needs --output."),
@@ -323,6 +326,7 @@ def predict(
             batch_size=batch_size,
             device=device,
             masks=masks_dir,
+            save_images=save_images,
             runs_dir=runs_dir,
         )
         as_table = output is None and sys.stdout.isatty()

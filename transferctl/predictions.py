@@ -107,14 +107,14 @@ class ArtifactFolder:
                         self.folder.mkdir(parents=True, exist_ok=True)
                     except OSError as exc:
                         raise UsageError(f"--masks {self.folder}: cannot create it ({exc.strerror})") from None
-                path = self.folder / f"{position:06d}_{_safe(stem)}{value.suffix}"
+                path = self.folder / f"{position:06d}_{safe_stem(stem)}{value.suffix}"
                 value.write(path)
                 self.written += 1
                 record[key] = str(path)
         return record
 
 
-def _safe(stem: str) -> str:
+def safe_stem(stem: str) -> str:
     kept = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80]
     return kept or "input"
 

@@ -11,6 +11,7 @@ the input (an image's own pixels). An input that cannot be read fails alone: its
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from transferctl.errors import RunFailed, UsageError
 from transferctl.inputs import Input, resolve
 from transferctl.modalities import Modality
 from transferctl.modalities.base import ReadBatch
-from transferctl.predictions import ArtifactFolder, RecordWriter, check_embedding_output, inline, write_embeddings
+from transferctl.predictions import ArtifactFolder, RecordWriter, check_embedding_output, inline, safe_stem, write_embeddings
 from transferctl.processes import release_inherited_locks
 from transferctl.runs import DEFAULT_RUNS_DIR
 from transferctl.tasks.base import Task
@@ -244,6 +245,7 @@ class Predictions:
     batch_size: int | None = None
     artifacts: ArtifactFolder | None = None  # where masks go; None: inline in the records
     workers: int | None = None
+    drawings: Path | None = None  # where each input goes with its record drawn on it (`Task.draw`: boxes); None: nowhere
 
     def records(self, progress: Progress | None = None) -> Iterator[dict[str, Any]]:
         """One record per input, in input order: what names it, then what the task decodes, or its `error`."""
@@ -258,10 +260,27 @@ class Predictions:
                     records[position] = {**self.inputs[position].describe(), **fields, **record}
             for position in sorted(records):
                 record = records[position]
+                if self.drawings is not None and "error" not in record:
+                    record["drawn"] = str(self._draw(position, record))
                 yield self.artifacts.save(record, position, self.inputs[position].stem) if self.artifacts else inline(record)
             done += len(records)
             if progress is not None:
                 progress(done, len(self.inputs))
+
+    def _draw(self, position: int, record: dict[str, Any]) -> Path:
+        """The input image with its record drawn on it, as a PNG in `drawings`."""
+        from PIL import Image
+
+        source = self.inputs[position].open()
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            drawn = self.model.task.draw(image.convert("RGB"), record)
+        try:
+            self.drawings.mkdir(parents=True, exist_ok=True)
+            path = self.drawings / f"{position:06d}_{safe_stem(self.inputs[position].stem)}.png"
+            drawn.save(path)
+        except OSError as exc:
+            raise UsageError(f"--save-images {self.drawings}: cannot write there ({exc.strerror})") from None
+        return path
 
 
 def _decoded(task: Task, outputs: torch.Tensor, fitted: dict[str, Any], top_k: int, batch: ReadBatch) -> list[dict[str, Any]]:
@@ -282,10 +301,12 @@ def prepare_predict(
     batch_size: int | None = None,
     device: str | None = None,
     masks: Path | None = None,
+    save_images: Path | None = None,
     runs_dir: Path = DEFAULT_RUNS_DIR,
 ) -> Predictions:
     """Everything a predict needs, checked before anything is read or written: the model, which must train a task,
-    and the inputs. `masks`: where files a record points at go (default: predictions/<run id>/)."""
+    and the inputs. `masks`: where files a record points at go (default: predictions/<run id>/). `save_images`: where
+    each input goes with its record drawn on it (detection: its boxes)."""
     if top_k < 1:
         raise UsageError(f"--top-k {top_k}: give 1 or more")
     model = open_model(source, runs_dir=runs_dir, device=device)
@@ -296,9 +317,12 @@ def prepare_predict(
         )
     if masks is not None and masks.exists() and not masks.is_dir():
         raise UsageError(f"--masks {masks} is a file; give a folder for the mask PNGs")
+    if save_images is not None and (type(model.task).draw is Task.draw or save_images.is_file()):
+        why = "is a file; give a folder" if save_images.is_file() else f"the task ({type(model.task).__name__}) draws nothing on its inputs"
+        raise UsageError(f"--save-images {save_images}: {why} (detection draws its boxes)")
     resolved = model.inputs(inputs, list_file, texts, stdin)
     folder = masks if masks is not None else Path("predictions") / model.name
-    return Predictions(model, resolved, top_k, batch_size, ArtifactFolder(folder))
+    return Predictions(model, resolved, top_k, batch_size, ArtifactFolder(folder), drawings=save_images)
 
 
 def predict(source: str | Path, inputs: Sequence[str | Path] = (), **options: Any) -> list[dict[str, Any]]:

@@ -103,6 +103,10 @@ class Task:
         pixels: `ReadBatch.placements`); without it, outputs stay in the model's coordinates."""
         raise NotImplementedError(f"task {type(self).__name__} does not decode its outputs")
 
+    def draw(self, image: Any, record: dict[str, Any]) -> Any:
+        """The input image (PIL, RGB) with its record drawn on it (`predict --save-images`); tasks that draw override it."""
+        raise NotImplementedError(f"task {type(self).__name__} draws nothing on its inputs")
+
     def compare(self, expected: torch.Tensor, actual: torch.Tensor) -> agreement.Counts:
         """How two models' outputs of one batch agree beyond their values ({name: (agreeing, counted)}): an export
         against its run, a run against its export. By default each row's argmax (classes)."""

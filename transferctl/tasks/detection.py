@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
@@ -380,6 +381,19 @@ class Detection(Task):
             ]
             records.append({"objects": objects, "count": len(objects)})
         return records
+
+    def draw(self, image: Any, record: dict[str, Any]) -> Any:
+        """The image with each object's box and its class and score (`predict --save-images`)."""
+        from PIL import ImageDraw
+
+        drawn, palette = image.copy(), ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
+        pen, line = ImageDraw.Draw(drawn), max(1, round(max(image.size) / 300))
+        for found in record["objects"]:
+            colour = palette[zlib.crc32(found["label"].encode()) % len(palette)]
+            x1, y1, x2, y2 = found["box"]
+            pen.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=line)
+            pen.text((x1 + 2, max(0, y1 - 11)), f"{found['label']} {found['score']:.2f}", fill=colour)
+        return drawn
 
     def card(self, data: Samples) -> dict[str, Any]:
         return {
