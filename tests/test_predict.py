@@ -315,6 +315,8 @@ def test_bad_inputs_fail_alone_and_bad_requests_write_nothing(trained, tmp_path,
         assert refused.code == 2 and message in refused.stderr and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert not fresh.exists()
     assert cli("predict", "--from", export, good[0], "--json").code == 2  # --json needs --output
+    drawn = cli("predict", "--from", export, good[0], "--save-images", tmp_path / "drawn")  # a classifier draws nothing
+    assert drawn.code == 2 and "draws nothing" in drawn.stderr and not (tmp_path / "drawn").exists()
     assert cli("embed", "--from", export, good[0], "-o", tmp_path / "e.npy").code == 2  # embed reads a run's encoder
 
 
