@@ -70,7 +70,9 @@ class Cells:
                 row = json.loads(line)
                 self.done[row["key"]] = row
 
-    def get(self, key: str, measure: Callable[[], dict[str, Any]], usable: Callable[[dict[str, Any]], bool] = lambda row: True) -> dict[str, Any]:
+    def get(
+        self, key: str, measure: Callable[[], dict[str, Any]], usable: Callable[[dict[str, Any]], bool] = lambda row: True
+    ) -> dict[str, Any]:
         """The cell `key`, measured now unless it is done and still `usable` (a pretraining run's folder still there)."""
         if key not in self.done or not usable(self.done[key]):
             started = time.perf_counter()
