@@ -62,11 +62,11 @@ def test_build_passes_only_the_context_a_component_takes():
 # The one list of the built-in components (test_cli.py checks the CLI's listing against the registries, not this list).
 BUILT_IN = {
     "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
-    "tasks": {"classification", "regression", "segmentation"},
+    "tasks": {"classification", "regression", "segmentation", "detection"},
     "modalities": {"image", "audio", "text"},
     "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
-    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor"},
-    "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy"},
+    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos"},
+    "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy", "fcos_loss"},
     "optimizers": {"sgd", "adam", "adamw", "lars"},
     "schedulers": {"cosine", "constant"},
     "datasets": {
@@ -79,14 +79,16 @@ BUILT_IN = {
         "regression_folder",
         "mnist_scenes",
         "segmentation_folder",
+        "coco_folder",
+        "yolo_folder",
         "shards",
         "fsdd",
         "audio_folder",
         "ag_news",
         "text_csv",
     },
-    "augmentations": {"simclr", "light", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
-    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values"},
+    "augmentations": {"simclr", "light", "upright", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
+    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values", "boxes"},
 }
 
 
