@@ -18,7 +18,7 @@ from transferctl.data.augment import BatchAugment
 from transferctl.data.datasets import load_split
 from transferctl.data.targets import Geometry, TargetList, target_kind_named
 from transferctl.schema import DataConfig
-from transferctl.tasks.detection import assign, cluster_nms, detections, mean_average_precision
+from transferctl.tasks.detection import Detection, assign, cluster_nms, detections, mean_average_precision
 
 BOXES = target_kind_named("boxes")
 
@@ -157,6 +157,7 @@ def test_coco_and_yolo_folders_letterbox_their_images_and_boxes_alike(tmp_path):
         ("yolo", "2 0.5 0.5 0.2 0.2\n", "a.txt:1: class 2 is beyond the 2 class names"),
         ("yolo", "0 0.5 0.5 0.2\n", "a.txt:1: expected `class x_centre"),
         ("yolo", "0 0.5 0.5 0.2 0.2\n0 1.2 0.5 0.2 0.2\n", "a.txt:2: the box (88, 16, 104, 24) lies outside its 80x40 image"),
+        ("yolo", "0 1.02 0.5 0.02 0.2\n", "a.txt:1: the box (80.8, 16, 82.4, 24) lies outside"),  # within the slack, but nothing inside
         ("yolo", "orphan", "no image orphan.* in"),
     ],
 )
@@ -260,6 +261,9 @@ def test_positions_go_to_the_smallest_box_that_holds_them_and_crowds_count_for_n
     assert matched[0, at[(14.0, 18.0)]] == 0  # the big box's centre region
     assert matched[0, at[(26.0, 26.0)]] == -2  # inside the crowd region only: neither object nor background
     assert matched[0, at[(2.0, 30.0)]] == -1  # outside every centre region
+    # a crowd region over an object takes none of the object's positions
+    matched, _ = assign(points, strides, [torch.tensor([small, [5, 5, 15, 15, 0, 1]], dtype=torch.float32)], radius=1.5)
+    assert matched[0, at[(10.0, 10.0)]] == 0 and matched[0, at[(6.0, 6.0)]] == -2
 
 
 def test_detections_pad_with_zero_rows_and_keep_the_best_first():
@@ -270,6 +274,10 @@ def test_detections_pad_with_zero_rows_and_keep_the_best_first():
     found = detections(outputs, 0.05, 0.6, 4, 10)
     assert found.shape == (2, 4, 6)
     assert found[0, 0].tolist() == pytest.approx([0, 0, 10, 10, 1.0, 2]) and (found[0, 1:] == 0).all() and (found[1] == 0).all()
+    assert torch.equal(detections(outputs, 0.05, 0.6, 4, 2), found)  # fewer candidates than rows: padded all the same
+    # parity counts matches both ways; an image where neither output finds anything agrees
+    assert Detection().compare(found, found) == {"detection_agreement": (3, 3)}
+    assert Detection().compare(found, torch.zeros_like(found)) == {"detection_agreement": (1, 2)}
 
 
 # --------------------------------------------------------------------------- the chain

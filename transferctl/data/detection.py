@@ -53,7 +53,8 @@ class ImageBoxes:
         for i, box in enumerate(self.boxes):
             x1, y1, x2, y2 = (v * s for v, s in zip(box, scale, strict=True))
             slack_x, slack_y = max(EDGE_SLACK * width, EDGE_SLACK_PIXELS), max(EDGE_SLACK * height, EDGE_SLACK_PIXELS)
-            if x1 < -slack_x or y1 < -slack_y or x2 > width + slack_x or y2 > height + slack_y:
+            outside = x1 < -slack_x or y1 < -slack_y or x2 > width + slack_x or y2 > height + slack_y
+            if outside or min(x2, width) <= max(x1, 0) or min(y2, height) <= max(y1, 0):  # nothing of it left in the image
                 raise UsageError(
                     f"{self.origins[i]}: the box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside its {width}x{height} image "
                     f"{self.path.name}; fix the annotation or drop the box"

@@ -161,9 +161,10 @@ class FCOSLoss(nn.Module):
 
 
 def assign(points: torch.Tensor, strides: torch.Tensor, targets: list[torch.Tensor], radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """FCOS's assignment: each position to the smallest box that holds it within `radius` strides of the box's centre
-    and whose farthest side lies in the position's level range. Returns (N, P) the box's index (-1: background,
-    -2: a crowd box's, out of the loss) and (N, P, 6) the assigned box rows."""
+    """FCOS's assignment: each position to the smallest object box that holds it within `radius` strides of the box's
+    centre and whose farthest side lies in the position's level range. Returns (N, P) the box's index (-1:
+    background; -2: unassigned inside a crowd region, at any level: neither object nor background) and (N, P, 6)
+    the assigned box rows."""
     levels = strides.unique(sorted=True)
     upper = torch.where(strides == levels[-1], torch.inf, strides * RANGE_PER_STRIDE)
     lower = torch.zeros_like(strides)
@@ -173,20 +174,22 @@ def assign(points: torch.Tensor, strides: torch.Tensor, targets: list[torch.Tens
     boxes = torch.zeros(len(targets), max(most, 1), 6, device=points.device)
     present = torch.zeros(len(targets), max(most, 1), dtype=torch.bool, device=points.device)
     for i, rows in enumerate(targets):
-        boxes[i, : len(rows)], present[i, : len(rows)] = rows.to(points.device).float(), True
+        boxes[i, : len(rows)], present[i, : len(rows)] = rows.to(points.device).float().reshape(-1, 6), True
+    crowd = present & (boxes[..., 5] > 0)
     x, y = points[None, :, None, 0], points[None, :, None, 1]  # (1, P, 1)
     x1, y1, x2, y2 = (boxes[:, None, :, k] for k in range(4))  # (N, 1, M)
     sides = torch.stack([x - x1, y - y1, x2 - x, y2 - y], -1)  # (N, P, M, 4)
     cx, cy, reach = (x1 + x2) / 2, (y1 + y2) / 2, radius * strides[None, :, None]
     near_centre = ((x - cx).abs() < reach) & ((y - cy).abs() < reach)
     farthest = sides.amax(-1)
-    holds = (sides.amin(-1) > 0) & near_centre & (farthest >= lower[None, :, None]) & (farthest <= upper[None, :, None]) & present[:, None]
+    inside = sides.amin(-1) > 0
+    in_range = (farthest >= lower[None, :, None]) & (farthest <= upper[None, :, None])
+    holds = inside & near_centre & in_range & (present & ~crowd)[:, None]
     area = ((x2 - x1) * (y2 - y1)).expand_as(holds)
     index = torch.where(holds, area, torch.inf).argmin(-1)  # (N, P)
     matched = torch.where(holds.any(-1), index, -1)
-    chosen = boxes.gather(1, index[..., None].expand(-1, -1, 6))
-    matched = torch.where((matched >= 0) & (chosen[..., 5] > 0), -2, matched)  # a crowd region: neither object nor background
-    return matched, chosen
+    matched = torch.where((matched == -1) & (inside & crowd[:, None]).any(-1), -2, matched)
+    return matched, boxes.gather(1, index[..., None].expand(-1, -1, 6))
 
 
 def centreness_target(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -236,15 +239,15 @@ def detections(outputs: torch.Tensor, score_threshold: float, nms_iou: float, ma
     boxes = outputs[..., BOX].gather(1, (index // num_classes)[..., None].expand(-1, -1, 4))
     best = best * (best >= score_threshold)
     kept = best * cluster_nms(boxes, labels, best > 0, nms_iou)
-    count = min(max_detections, count)
-    score, order = kept.topk(count, dim=1)
+    score, order = kept.topk(min(max_detections, count), dim=1)
     rows = torch.cat(
         [boxes.gather(1, order[..., None].expand(-1, -1, 4)), score[..., None], labels.gather(1, order)[..., None].float()], -1
     )
-    return rows * (score > 0)[..., None]
+    rows = rows * (score > 0)[..., None]
+    return F.pad(rows, (0, 0, 0, max_detections - rows.shape[1]))  # always max_detections rows
 
 
-def cluster_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, threshold: float, rounds: int = 10) -> torch.Tensor:
+def cluster_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, threshold: float, rounds: int = 16) -> torch.Tensor:
     """Class-aware greedy NMS of boxes (N, K, 4) sorted best first, as Cluster-NMS computes it with matrix operations:
     a box is kept unless a kept, better box of its class overlaps it by more than `threshold` IoU. Each round lets
     the boxes suppressed only by suppressed boxes back; `rounds` of them give greedy NMS exactly unless a chain of
@@ -310,7 +313,7 @@ class Detection(Task):
     score_threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
     nms_iou: Annotated[float, Field(gt=0.0, le=1.0)] = 0.6
     max_detections: Annotated[int, Field(ge=1, le=1000)] = 100
-    candidates: Annotated[int, Field(ge=1, le=5000)] = 300  # the best-scoring (position, class) pairs NMS looks at
+    candidates: Annotated[int, Field(ge=1, le=1000)] = 300  # the best-scoring (position, class) pairs NMS looks at (K x K IoUs)
 
     head = "fcos"
     loss = "fcos_loss"
@@ -350,16 +353,20 @@ class Detection(Task):
         return Evaluation(metrics, {"per_class_ap": per_class})
 
     def compare(self, expected: torch.Tensor, actual: torch.Tensor) -> agreement.Counts:
-        """Expected detections that the other output has too: the same class and a box of IoU >= 0.99."""
+        """Detections of either output that the other has too (the same class and a box of IoU >= 0.99), both ways; an
+        image where neither finds anything agrees once."""
         from torchvision.ops import box_iou
 
         agreeing, counted = 0, 0
         for want, got in zip(expected, actual, strict=True):
             want, got = want[want[:, 4] > 0], got[got[:, 4] > 0]
-            counted += len(want)
+            if not len(want) and not len(got):
+                agreeing, counted = agreeing + 1, counted + 1
+                continue
+            counted += len(want) + len(got)
             if len(want) and len(got):
                 same = (box_iou(want[:, :4], got[:, :4]) >= 0.99) & (want[:, 5, None] == got[None, :, 5])
-                agreeing += int(same.any(1).sum())
+                agreeing += int(same.any(1).sum()) + int(same.any(0).sum())
         return {"detection_agreement": (agreeing, counted)}
 
     def decode(
