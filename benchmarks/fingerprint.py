@@ -4,7 +4,7 @@ to transferctl's code changes no result.
 Runs the quickstart on the shipped sample, then (with the real data) short chains through the shipped recipes.
 Images (MNIST): SimCLR pretraining -> k-NN evaluation -> semi-supervised fine-tune (pseudo-labels, alignment, label
 propagation, weight averaging) -> evaluation -> export in every format; supervised pretraining -> the
-built-in fine-tune recipe -> evaluation; a linear probe; a rotation regression and a scene segmentation
+built-in fine-tune recipe -> evaluation; a linear probe; a rotation regression, a scene segmentation and detection
 fine-tune -> evaluation -> export. Audio (FSDD) and text (AG News, its tokenizer pinned with
 `data.tokenizer.path`, since a trained WordPiece vocabulary differs between processes): SimCLR pretraining ->
 k-NN evaluation -> semi-supervised fine-tune -> evaluation -> export. Timings (samples/s, seconds) are left out:
@@ -109,8 +109,13 @@ def chain(data_dir: Path | None, runs: Path) -> dict[str, Any]:
     probe = finetune(str(simclr.run_dir), CONFIGS / "linear_mnist.yaml", ["train.max_steps=20"], runs_dir=runs)
     results["linear"] = fingerprint(probe.run_dir)
     dense = ["train.max_steps=20", "train.log_every=10", "data.labeled_samples=200"]
-    for label, config in (("regression", "regress_mnist_rotation.yaml"), ("segmentation", "segment_mnist_scenes.yaml")):
-        extra = ["data.train_scenes=400", "data.test_scenes=100"] if label == "segmentation" else []
+    dense_tasks = (
+        ("regression", "regress_mnist_rotation.yaml"),
+        ("segmentation", "segment_mnist_scenes.yaml"),
+        ("detection", "detect_mnist_scenes.yaml"),
+    )
+    for label, config in dense_tasks:
+        extra = ["data.train_scenes=400", "data.test_scenes=100"] if label in ("segmentation", "detection") else []
         dense_run = finetune(str(simclr.run_dir), CONFIGS / config, [*dense, *extra], runs_dir=runs)
         results[label] = fingerprint(dense_run.run_dir)
         results[f"{label}/evaluate"] = fingerprint(evaluate(str(dense_run.run_dir), runs_dir=runs).run_dir)
