@@ -17,8 +17,9 @@ from tests.test_resume import killed_and_resumed
 from transferctl.data.augment import BatchAugment
 from transferctl.data.datasets import load_split
 from transferctl.data.targets import Geometry, TargetList, target_kind_named
+from transferctl.registry import MODELS
 from transferctl.schema import DataConfig
-from transferctl.tasks.detection import Detection, assign, cluster_nms, detections, mean_average_precision
+from transferctl.tasks.detection import Detection, assign, cluster_nms, detections, fcos_head, mean_average_precision
 
 BOXES = target_kind_named("boxes")
 
@@ -264,6 +265,19 @@ def test_positions_go_to_the_smallest_box_that_holds_them_and_crowds_count_for_n
     # a crowd region over an object takes none of the object's positions
     matched, _ = assign(points, strides, [torch.tensor([small, [5, 5, 15, 15, 0, 1]], dtype=torch.float32)], radius=1.5)
     assert matched[0, at[(10.0, 10.0)]] == 0 and matched[0, at[(6.0, 6.0)]] == -2
+
+
+@pytest.mark.parametrize(
+    ("encoder", "options", "strides"), [("cnn", {"widths": (8, 16, 32)}, [2, 4]), ("resnet18", {"small_images": False}, [16, 32])]
+)
+def test_the_fcos_head_reads_any_encoders_stage_maps_at_their_strides(encoder, options, strides):
+    body = MODELS.build(encoder, options, in_channels=1, image_size=64)
+    head = fcos_head(body.stage_channels, num_outputs=3, sample_shape=(1, 64, 64), width=8, levels=2, convs=1)
+    rows = head(body.feature_maps(torch.rand(2, 1, 64, 64)))
+    positions = sum((64 // s) ** 2 for s in strides)
+    assert rows.shape == (2, positions, 8 + 3) and sorted(rows[0, :, 2].unique().tolist()) == strides
+    boxes = rows[..., 3:7]
+    assert (boxes[..., 0] < rows[..., 0]).all() and (rows[..., 0] < boxes[..., 2]).all()  # each box around its position
 
 
 def test_detections_pad_with_zero_rows_and_keep_the_best_first():
