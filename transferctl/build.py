@@ -82,8 +82,9 @@ def _stage_shapes(encoder: nn.Module, sample_shape: tuple[int, ...]) -> tuple[tu
     return tuple(tuple(m.shape[1:]) for m in maps)
 
 
-def build_loss(cfg: Config) -> nn.Module:
-    return LOSSES.build(cfg.loss.name, cfg.loss.options)
+def build_loss(cfg: Config, head: nn.Module | None = None) -> nn.Module:
+    """The configured loss; `head`: the head it trains, for a loss that reads it (a CRF's transition scores)."""
+    return LOSSES.build(cfg.loss.name, cfg.loss.options, head=head)
 
 
 def build_augment(cfg: Config, data: Samples, modality: Modality) -> BatchAugment:
@@ -271,7 +272,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     forward = training_forward(cfg, network, device, method.some_steps_frozen(cfg))  # before the optimizer: SyncBatchNorm swaps modules
     lr_scale, encoder_decay = method.encoder_optimization(cfg)
     optimizer = build_optimizer(cfg, parameter_groups(network, lr_scale, encoder_weight_decay=encoder_decay))
-    criterion = build_loss(cfg)
+    criterion = build_loss(cfg, network.head)
     starting = (lambda: weights.starting_encoder_state(cfg, build_encoder(cfg, context))) if weights.has_pretrained_encoder(cfg) else None
     parts = Parts(
         cfg, device, modality, data.train, val, data.unlabeled, network, forward, criterion, augment, channels_last, steps.total, starting

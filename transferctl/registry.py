@@ -144,9 +144,10 @@ HEADS = Registry(
     context=(
         *("feature_dim", "num_outputs", "stage_channels", "stage_shapes", "sample_shape"),
         *("vocab_size", "word_embedding"),  # text: a head that predicts tokens (masked language modelling; tied to the table)
+        "pad_id",  # text: which tokens are padding (a tagger's CRF runs over the real ones)
     ),
 )
-LOSSES = Registry("loss")
+LOSSES = Registry("loss", context=("head",))  # the head it trains (a CRF's transitions, which score whole tag sequences)
 OPTIMIZERS = Registry("optimizer", context=("params",))
 SCHEDULERS = Registry("scheduler", context=("optimizer", "total_steps"))
 # a data set may also take the target kind its task trains on (`target_kind`: masks, boxes or the digits of a scene from

@@ -327,11 +327,16 @@ def load_split(data_cfg, train: bool, fitted: dict | None = None, *, target_kind
     return data
 
 
-def provides_validation(name: str) -> bool:
-    """Whether a registered data set gives its own validation split (`DATASETS.register(validation=True)`), which
-    training then uses instead of cutting `val_fraction` from the training split."""
+def provides_validation(data_cfg) -> bool:
+    """Whether the configured data set gives its own validation split (`DATASETS.register(validation=True)`, or
+    `validation=` a function of the data root and options that says whether these files hold one: an optional dev
+    file), which training then uses instead of cutting `val_fraction` from the training split."""
+    name = data_cfg.name
     entry = DATASETS.get(name, where="data")
-    if not entry.meta.get("validation"):
+    gives = entry.meta.get("validation")
+    if callable(gives):
+        gives = gives(data_root(data_cfg), data_cfg.options)
+    if not gives:
         return False
     if "validation" not in inspect.signature(entry.fn).parameters:
         raise ConfigError(
@@ -356,7 +361,7 @@ def _train_and_val(data_cfg, target_kind: str | None) -> tuple[Samples, Samples]
     """The training split and the held-out val split: the data set's own validation split where it has one, else a
     seeded `val_fraction` cut from the training split."""
     full = load_split(data_cfg, train=True, target_kind=target_kind)
-    if provides_validation(data_cfg.name):
+    if provides_validation(data_cfg):
         return full, load_split(data_cfg, train=True, target_kind=target_kind, validation=True)
     train_idx, val_idx = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)
     return full.subset(train_idx), full.subset(val_idx)

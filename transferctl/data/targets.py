@@ -185,6 +185,16 @@ class ClassSequence(TargetKind):
     stacked = False
 
 
+@TARGET_KINDS.register("class_per_word")
+class ClassPerWord(TargetKind):
+    """A class index per word of a text (a tag: named entities), of any length: a TargetList of int64 (words,)
+    tensors. Tags stay per word whatever tokenizer reads the text: the `word_ids` side information (each token's
+    word) aligns them with the tokens, and is computed again whenever the text is read again."""
+
+    noun = "word tags"
+    stacked = False
+
+
 BOX_COLUMNS = ("x1", "y1", "x2", "y2", "class", "crowd")  # a box target's row
 
 

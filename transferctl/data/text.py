@@ -338,7 +338,7 @@ def text_csv(
     tokenizer: TokenizerOptions = DEFAULT_TOKENIZER,
 ) -> TextData:
     """Your own texts: CSV (with a header) or JSONL files under data.root; text_columns joined, labels as names or integers."""
-    files = tuple(_data_file(root, f) for f in (train_file, test_file))
+    files = tuple(data_file(root, f) for f in (train_file, test_file))
     for path in files:
         if path.suffix.lower() not in TEXT_SUFFIXES:
             raise UsageError(f"data set 'text_csv': {path} is neither .csv nor .jsonl; convert it, or rename it if it is one of them")
@@ -357,7 +357,7 @@ def text_csv(
     )
 
 
-def _data_file(root: Path, name: str) -> Path:
+def data_file(root: Path, name: str) -> Path:
     path = Path(name).expanduser()
     return path if path.is_absolute() else root / path
 

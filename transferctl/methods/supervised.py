@@ -61,6 +61,7 @@ class TaskObjective:
         if self.head_warmup_steps:
             self.network.frozen_encoder = warming_up
             self.network.encoder.train(not warming_up)  # frozen: batch-norm statistics stay as pretrained
+        batch = self.task.prepare(batch)
         (x,) = batch.inputs
         loss = self.task.training_loss(self.criterion, self.forward(x, **batch.side), batch)
         if self.pseudo_labels is not None:

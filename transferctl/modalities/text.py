@@ -30,6 +30,7 @@ INSTALL_HINT = 'pip install "transferctl[text]"'
 TOKENIZER_FILE = "tokenizer.json"
 PAD_TOKENS, MASK_TOKENS, UNK_TOKENS = ("[PAD]", "<pad>"), ("[MASK]", "<mask>"), ("[UNK]", "<unk>")
 BOUNDARY_TOKENS = ("[CLS]", "[SEP]", "<s>", "</s>")  # added around every text; augmentations keep them
+Text = str | tuple[str, ...]  # a text, or a sentence's words (already split: tagged sentences)
 
 
 def tokenizers():
@@ -86,10 +87,23 @@ class Tokenization:
         ids = (self.tokenizer.token_to_id(name) for name in BOUNDARY_TOKENS)
         return tuple(i for i in ids if i is not None)
 
-    def encode(self, texts: list[str], with_encodings: bool = False) -> tuple:
+    def encode(self, texts: Sequence[Text], with_encodings: bool = False) -> tuple:
         """(int32 ids (N, max_length) padded on the right, whether each text was cut to max_length), and with
-        `with_encodings` the tokenizer's encodings too (their word ids, offsets and masks)."""
-        encodings = _encoder(self.tokenizer_json, self.max_length, self.truncation, self.pad_id).encode_batch(texts)
+        `with_encodings` the tokenizer's encodings too (their word ids, offsets and masks). A text is a string, or its
+        words (a tuple of strings: a sentence already split, whose tokens' word ids count those words)."""
+        encoder = _encoder(self.tokenizer_json, self.max_length, self.truncation, self.pad_id)
+        split = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+        if not split:
+            encodings = encoder.encode_batch(list(texts))
+        elif len(split) == len(texts):
+            encodings = encoder.encode_batch([list(words) for words in texts], is_pretokenized=True)
+        else:  # both kinds: each encoded as itself, put back in order
+            whole = [i for i, text in enumerate(texts) if isinstance(text, str)]
+            encodings = [None] * len(texts)
+            for index, encoding in zip(whole, encoder.encode_batch([texts[i] for i in whole]), strict=True):
+                encodings[index] = encoding
+            for index, encoding in zip(split, encoder.encode_batch([list(texts[i]) for i in split], is_pretokenized=True), strict=True):
+                encodings[index] = encoding
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int32).view(len(texts), self.max_length)
         cut = torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
         return (ids, cut, encodings) if with_encodings else (ids, cut)
@@ -123,10 +137,10 @@ def _tokenizer_from_json(tokenizer_json: str, fresh: bool = False):
 
 @dataclass(frozen=True)
 class TextData(Samples):
-    """A text split: int32 ids (N, max_length), the texts they were read from, the tokenization that read them,
-    and which texts it cut short (N,)."""
+    """A text split: int32 ids (N, max_length), the texts they were read from (strings, or sentences' words), the
+    tokenization that read them, and which texts it cut short (N,)."""
 
-    texts: tuple[str, ...]
+    texts: tuple[Text, ...]
     tokenization: Tokenization
     cut: torch.Tensor
     tokenizer_path: str | None = None  # where the tokenizer was read from (data.tokenizer.path), if not trained here
@@ -215,7 +229,10 @@ class TextModality(Modality):
         }
 
     def head_context(self, fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        return {"vocab_size": tokenization_of(fitted).vocab_size} if fitted else {}
+        if not fitted:
+            return {}
+        tokenization = tokenization_of(fitted)
+        return {"vocab_size": tokenization.vocab_size, "pad_id": tokenization.pad_id}
 
     def decode(self, raw: torch.Tensor) -> torch.Tensor:
         return raw.long()

@@ -79,6 +79,10 @@ class Task:
         padded, concatenated or listed as the task needs (boxes, transcripts, the labels of words)."""
         return targets
 
+    def prepare(self, batch: Batch) -> Batch:
+        """The training batch the network sees: as it is by default; a task may cut it (tagging: to its longest text)."""
+        return batch
+
     def training_loss(self, criterion: nn.Module, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The loss of a training batch's outputs: by default `batch_loss` of its collated targets. A task that needs
         more of the batch (the inputs' lengths, its side information) overrides this."""
