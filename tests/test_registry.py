@@ -62,11 +62,11 @@ def test_build_passes_only_the_context_a_component_takes():
 # The one list of the built-in components (test_cli.py checks the CLI's listing against the registries, not this list).
 BUILT_IN = {
     "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
-    "tasks": {"classification", "regression", "segmentation", "detection"},
+    "tasks": {"classification", "regression", "segmentation", "detection", "token_classification"},
     "modalities": {"image", "audio", "text"},
     "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
-    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos"},
-    "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy", "fcos_loss"},
+    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger"},
+    "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy", "fcos_loss", "tagging_loss"},
     "optimizers": {"sgd", "adam", "adamw", "lars"},
     "schedulers": {"cosine", "constant"},
     "datasets": {
@@ -86,9 +86,12 @@ BUILT_IN = {
         "audio_folder",
         "ag_news",
         "text_csv",
+        "conll2003",
+        "conll_folder",
+        "token_jsonl",
     },
     "augmentations": {"simclr", "light", "upright", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
-    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values", "boxes"},
+    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values", "boxes", "class_per_word"},
 }
 
 

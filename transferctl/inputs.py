@@ -56,12 +56,12 @@ class Input:
     is a million of these."""
 
     id: str
-    source: Member | str | None = None
+    source: Member | str | tuple[str, ...] | None = None  # a text, or a sentence's words
     line: int | None = None
     file: str | None = None
 
-    def open(self) -> Path | bytes | str:
-        """What the modality's reader takes: a path, a member's bytes, or the text."""
+    def open(self) -> Path | bytes | str | tuple[str, ...]:
+        """What the modality's reader takes: a path, a member's bytes, or the text (or its words)."""
         if isinstance(self.source, Member):
             return self.source.read()
         return Path(self.id) if self.source is None else self.source
@@ -261,7 +261,12 @@ class _TextInputs:
             other = _other_modality(suffix, self.modality)
             what = f"{_article(other)} {other} file" if other else "not a file of texts"
             raise UsageError(f"{path} is {what}, and the model reads texts; give {', '.join(self.suffixes)} files or --text")
-        return [Input(text, text, line=line, file=str(path)) for line, text in texts_of(path, self.text_columns)]
+        return [Input(_named(text), text, line=line, file=str(path)) for line, text in texts_of(path, self.text_columns)]
+
+
+def _named(text: str | tuple[str, ...]) -> str:
+    """What a record calls a text: itself, or its words joined by spaces."""
+    return text if isinstance(text, str) else " ".join(text)
 
 
 def _matches(pattern: str) -> list[Path]:

@@ -97,7 +97,7 @@ def read_token_jsonl(name: str, path: Path, tokens_field: str, tags_field: str) 
         if not isinstance(record, dict) or tokens_field not in record or tags_field not in record:
             raise UsageError(
                 f"data set '{name}': {path} line {number} has no '{tokens_field}' and '{tags_field}' lists; "
-                f"write {{\"{tokens_field}\": [...], \"{tags_field}\": [...]}} a line (data.tokens_field / data.tags_field name others)"
+                f'write {{"{tokens_field}": [...], "{tags_field}": [...]}} a line (data.tokens_field / data.tags_field name others)'
             )
         tokens, labels = record[tokens_field], record[tags_field]
         if not _strings(tokens) or not _strings(labels):
@@ -166,7 +166,7 @@ def in_iob2(name: str, sentences: TaggedSentences, scheme: Scheme) -> list[tuple
 
 
 def tag_list(tags: list[tuple[str, ...]]) -> tuple[str, ...]:
-    """"O", then B- and I- of each entity type the sentences have, types in alphabetical order."""
+    """ "O", then B- and I- of each entity type the sentences have, types in alphabetical order."""
     types = sorted({entity_type(t) for sentence in tags for t in sentence} - {None})
     return (OUTSIDE, *(f"{prefix}-{kind}" for kind in types for prefix in ("B", "I")))
 
@@ -294,4 +294,3 @@ def token_jsonl(
     files = {"train": data_file(root, train_file), "test": data_file(root, test_file)}
     read = {split: (lambda split=split: read_token_jsonl("token_jsonl", files[split], tokens_field, tags_field)) for split in files}
     return tagged_split("token_jsonl", read, train, False, scheme, tokenizer, fitted)
-

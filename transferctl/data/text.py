@@ -29,6 +29,7 @@ from transferctl.registry import DATASETS
 SPECIAL_TOKENS = [PAD_TOKENS[0], UNK_TOKENS[0], "[CLS]", "[SEP]", MASK_TOKENS[0]]
 VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")  # what a Hugging Face tokenizer folder holds
 TEXT_SUFFIXES = (".csv", ".jsonl")
+SENTENCE_WORDS = "tokens"  # a JSONL row's field that gives a sentence as its words (Hugging Face's tagged layout)
 
 
 class TokenizerOptions(BaseModel):
@@ -106,9 +107,11 @@ def file_records(path: Path, content: str, where: str = "") -> list[tuple[int, d
     return _jsonl_records(where, path, content) if path.suffix.lower() == ".jsonl" else _csv_records(where, path, content)
 
 
-def texts_of(path: Path, text_columns: list[str]) -> list[tuple[int, str]]:
+def texts_of(path: Path, text_columns: list[str]) -> list[tuple[int, str | tuple[str, ...]]]:
     """(line, text) of each row of a CSV or JSONL file that has one (its text columns joined by a space, as the text
-    data sets join them), or of each non-empty line of any other text file: what predict reads texts from."""
+    data sets join them), or of each non-empty line of any other text file: what predict reads texts from. A JSONL
+    row whose text column, or else whose `tokens` field, holds a list of strings is a sentence given as its words
+    (Hugging Face's layout for tagged sentences)."""
     try:
         content = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -119,6 +122,11 @@ def texts_of(path: Path, text_columns: list[str]) -> list[tuple[int, str]]:
         return [(line, text.strip()) for line, text in enumerate(content.splitlines(), start=1) if text.strip()]
     texts = []
     for line, record in file_records(path, content):
+        words = _words_of(record, text_columns)
+        if words is not None:
+            if words:
+                texts.append((line, words))
+            continue
         missing = [c for c in text_columns if c not in record]
         if missing:
             columns = ", ".join(record) or "none"
@@ -127,6 +135,15 @@ def texts_of(path: Path, text_columns: list[str]) -> list[tuple[int, str]]:
         if text:
             texts.append((line, text))
     return texts
+
+
+def _words_of(record: dict, text_columns: list[str]) -> tuple[str, ...] | None:
+    """A JSONL row's sentence given as words: its one text column's, or its `tokens` field's list of strings."""
+    for column in ([text_columns[0]] if len(text_columns) == 1 else []) + ([SENTENCE_WORDS] if not set(text_columns) & set(record) else []):
+        value = record.get(column)
+        if isinstance(value, list) and all(isinstance(word, str) for word in value):
+            return tuple(value)
+    return None
 
 
 def _field(value: object) -> str:

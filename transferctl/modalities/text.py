@@ -182,9 +182,11 @@ def tokenization_of(fitted: Mapping[str, Any]) -> Tokenization:
 
 
 class TextReader:
-    """A text is read as it is; texts are encoded a batch at a time (`TextModality.batch_of`)."""
+    """A text (or a sentence's words) is read as it is; texts are encoded a batch at a time (`TextModality.batch_of`)."""
 
-    def __call__(self, text: str, name: str) -> Decoded:
+    def __call__(self, text: str | tuple[str, ...], name: str) -> Decoded:
+        if isinstance(text, tuple | list) and all(isinstance(word, str) for word in text):
+            return tuple(text), {}  # a sentence given as its words
         if not isinstance(text, str):
             raise UsageError(f"a text model reads texts, and {text!r} is a {type(text).__name__}; pass the text itself")
         return text, {}

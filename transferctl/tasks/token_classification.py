@@ -80,9 +80,10 @@ class CRF(nn.Module):
         gold = start[tags[:, 0]] + emitted[:, 0] + ((emitted[:, 1:] + steps) * mask[:, 1:]).sum(1) + self.end[last]
         return (self._log_partition(emissions, mask, transitions, start) - gold).sum() / mask.sum()
 
-    def _forward_scores(self, emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor, start: torch.Tensor) -> list[torch.Tensor]:
-        alpha, alphas = start + emissions[:, 0], []
-        alphas.append(alpha)
+    def _forward_scores(self, emissions: torch.Tensor, mask: torch.Tensor, transitions: torch.Tensor, start: torch.Tensor) -> list:
+        """The forward algorithm's log scores at every token (a list of (N, T)); padding keeps the last real one's."""
+        alpha = start + emissions[:, 0]
+        alphas = [alpha]
         for t in range(1, emissions.shape[1]):
             following = torch.logsumexp(alpha.unsqueeze(2) + transitions + emissions[:, t].unsqueeze(1), 1)
             alpha = torch.where(mask[:, t, None], following, alpha)
@@ -384,10 +385,10 @@ class TokenClassification(Task):
             length = _longest(inputs, pad_id)
             scores, word_ids = model(modality.model_input(inputs[:, :length], data)), side["word_ids"][:, :length]
             counts = [len(t) for t in targets]
-            for want, (got, _), word_ids in zip(targets, word_tags(scores, word_ids, counts, outside), word_ids, strict=True):
+            for want, (got, _) in zip(targets, word_tags(scores, word_ids, counts, outside), strict=True):
                 truth.append([names[i] for i in want.tolist()])
                 guess.append([names[i] for i in got.tolist()])
-                unread += len(want) - int(first_subwords(word_ids[None]).sum())
+            unread += sum(counts) - int(first_subwords(word_ids).sum())
         return truth, guess, unread
 
     def served(self, network: nn.Module) -> nn.Module:
@@ -467,18 +468,21 @@ def _record(text: Any, encoding: Any, tags: list[str], confidence: list[float], 
         entities = []
         for kind, first, end in spans:
             start, stop = where[first][0], where[end - 1][1]
-            score = sum(confidence[first:end]) / (end - first)
-            entities.append({"text": text[start:stop], "type": kind, "start": start, "end": stop, "score": round(score, 4)})
+            entities.append({"text": text[start:stop], "type": kind, "start": start, "end": stop, "score": _mean(confidence[first:end])})
         record["entities"] = entities
     else:
         record["tags"] = tags
         record["entities"] = [
-            {"text": " ".join(text[first:end]), "type": kind, "words": [first, end], "score": round(sum(confidence[first:end]) / (end - first), 4)}
+            {"text": " ".join(text[first:end]), "type": kind, "words": [first, end], "score": _mean(confidence[first:end])}
             for kind, first, end in spans
         ]
     if unread:
         record["unread_words"] = unread
     return record
+
+
+def _mean(scores: list[float]) -> float:
+    return round(sum(scores) / len(scores), 4)
 
 
 def _word_offsets(encoding: Any) -> dict[int, tuple[int, int]]:
