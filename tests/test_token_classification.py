@@ -141,6 +141,15 @@ def test_bad_tagged_files_are_one_line_errors_and_no_run(cli, tmp_path, name, tr
     assert not runs.exists() or not any(runs.iterdir())
 
 
+def test_tagging_refuses_augmentations_that_move_tokens_off_their_words(cli, tmp_path, conll_root):
+    runs = tmp_path / "runs"
+    result = cli(
+        "finetune", "-c", RECIPE, "data.name=conll_folder", f"data.root={conll_root}", "data.augment.name=text_light", "--runs-dir", runs
+    )
+    assert result.code == 2 and "deletion" in result.stderr, result.stderr
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_a_test_tag_training_never_saw_is_a_one_line_error_of_evaluate(cli, tmp_path):
     (tmp_path / "train.txt").write_text("Anna B-PER\nBerg I-PER\n")
     (tmp_path / "test.txt").write_text("Oslo B-LOC\n")
