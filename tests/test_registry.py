@@ -66,7 +66,10 @@ BUILT_IN = {
     "modalities": {"image", "audio", "text"},
     "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
     "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger"},
-    "losses": {"nt_xent", "cross_entropy", "mse", "bce", "l1", "huber", "pixel_cross_entropy", "token_cross_entropy", "fcos_loss", "tagging_loss"},
+    "losses": {
+        *("nt_xent", "cross_entropy", "mse", "bce", "l1", "huber"),
+        *("pixel_cross_entropy", "token_cross_entropy", "fcos_loss", "tagging_loss"),
+    },
     "optimizers": {"sgd", "adam", "adamw", "lars"},
     "schedulers": {"cosine", "constant"},
     "datasets": {
