@@ -125,9 +125,10 @@ def test_iob1_files_are_read_as_iob2(tmp_path):
     [
         ("conll_folder", "Anna B-PER\nBerg\n", "Oslo B-LOC\n", "train.txt line 2 has one column"),
         ("conll_folder", "Anna X-PER\n", "Oslo B-LOC\n", "train.txt line 1 has tag 'X-PER', which is not BIO"),
-        ("conll_folder", "and O\nBerg I-PER\n", "Oslo O\n", "train.txt line 2: I-PER begins an entity"),
+        ("conll_folder", "and O\nBerg I-PER\n", "Oslo O\n", "train.txt line 2: 'I-PER' begins an entity"),
         ("conll_folder", "\n\n", "Oslo O\n", "train.txt holds no tagged sentences"),
         ("token_jsonl", '{"tokens": ["Anna", "Berg"], "tags": ["B-PER"]}\n', "", "train.jsonl line 1 has 2 tokens and 1 tags"),
+        ("token_jsonl", '{"tokens": ["Anna"], "tags": ["B-PER\\nx"]}\n', "", "train.jsonl line 1 has tag 'B-PER\\nx', which is not BIO"),
     ],
 )
 def test_bad_tagged_files_are_one_line_errors_and_no_run(cli, tmp_path, name, train, test, message):
@@ -158,7 +159,7 @@ def test_a_test_tag_training_never_saw_is_a_one_line_error_of_evaluate(cli, tmp_
     tuned = cli("finetune", "-c", RECIPE, *overrides, "--runs-dir", runs, "--json")
     assert tuned.code == 0, tuned.stderr
     result = cli("evaluate", "--from", tuned.json["run_dir"], "--runs-dir", runs)
-    assert result.code == 2 and "test.txt line 1 has tag B-LOC, whose type the training file never has" in result.stderr
+    assert result.code == 2 and "test.txt line 1 has tag 'B-LOC', whose type the training file never has" in result.stderr
     assert len(list(runs.iterdir())) == 1  # no evaluate run
 
 
@@ -195,6 +196,54 @@ def test_a_word_tag_goes_to_its_first_subword_or_to_all_and_cut_words_are_outsid
     ((predicted, confidence),) = word_tags(scores, word_ids, [len(words)], outside=0)
     assert predicted[: len(read)].tolist() == tags[: len(read)].tolist() and predicted[len(read) :].eq(0).all()
     assert confidence[len(read) :].eq(0).all()
+
+
+def test_a_crf_learns_valid_iob2_even_where_an_entity_s_first_word_has_no_token():
+    tokenization = _tokenization()
+    words = ("\u200b", "Smithson", "said")  # B-PER, I-PER, O: the zero-width space becomes no token
+    _, _, (encoding,) = tokenization.encode([words], with_encodings=True)
+    word_ids = torch.tensor([[-1 if w is None else w for w in encoding.word_ids]])
+    assert 0 not in word_ids
+    tags, inside, begin = torch.tensor([1, 2, 0]), torch.tensor([0, 2, 2]), torch.tensor([0, 1, 1])  # O, B-PER, I-PER
+    labels = token_tags([tags], word_ids, inside, all_subwords=True, specials=0, begin=begin)[0]
+    real = labels[word_ids[0] >= 0].tolist()
+    assert real[0] == 1 and all(t == 2 for t in real[1:-1]) and real[-1] == 0  # B-PER I-PER... O
+    assert labels[0] == 0  # [CLS]
+
+
+def test_text_given_whole_is_split_into_words_as_conll_splits_them():
+    from transferctl.tasks.token_classification import _words_by_offsets, split_words
+
+    text = "U.S. officials said Germany's 3.5 percent rise in Jean-Marie's Brussels."
+    spans = split_words(text)
+    assert [text[a:b] for a, b in spans] == [
+        *("U.S.", "officials", "said", "Germany", "'s", "3.5", "percent", "rise", "in", "Jean-Marie", "'s", "Brussels", "."),
+    ]
+    _, _, (encoding,) = _tokenization(max_length=128).encode([text], with_encodings=True)
+    words = _words_by_offsets(encoding, spans)
+    assert words[0] is None and sorted({w for w in words if w is not None}) == list(range(len(spans)))
+    assert words.count(0) == encoding.tokens.count("U") + encoding.tokens.count(".") - 1  # U . S . is one word
+
+
+def test_a_byte_level_tokenizer_that_adds_no_space_is_refused_for_tagged_sentences():
+    from tokenizers import ByteLevelBPETokenizer
+
+    from transferctl.data.tagging import check_reads_words
+    from transferctl.errors import UsageError
+
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(["Anna Berg visited Oslo"] * 5, vocab_size=300, special_tokens=["<pad>"], show_progress=False)
+    with pytest.raises(UsageError, match="add_prefix_space"):
+        check_reads_words(Tokenization(tokenizer._tokenizer.to_str(), 16))
+    check_reads_words(_tokenization())  # WordPiece reads words as they are
+
+
+def test_the_crf_s_scores_are_in_the_forward_graph_for_ddp():
+    from transferctl.tasks.token_classification import tagger
+
+    head = tagger(feature_dim=8, num_outputs=5, crf=True).train()
+    grads = torch.autograd.grad(head(torch.randn(2, 4, 8)).sum(), list(head.crf.parameters()), allow_unused=True)
+    assert all(g is not None for g in grads)  # DDP sees them used in the forward, so it waits for their gradients
 
 
 def test_sentences_read_with_another_tokenizer_keep_their_word_tags(conll_root):

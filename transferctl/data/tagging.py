@@ -15,6 +15,7 @@ entity type in the training file. A bad line is a one-line error naming the file
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -30,6 +31,7 @@ from transferctl.modalities.text import TOKEN_SIDE, TextData, Tokenization, toke
 from transferctl.registry import DATASETS
 
 OUTSIDE = "O"
+BIO_TAG = re.compile(r"O|[BI]-\S+")  # a type is any run of non-space characters
 Scheme = Literal["iob2", "iob1"]
 
 
@@ -148,14 +150,14 @@ def in_iob2(name: str, sentences: TaggedSentences, scheme: Scheme) -> list[tuple
     for tags, lines in zip(sentences.tags, sentences.lines, strict=True):
         previous, out = OUTSIDE, []
         for tag, line in zip(tags, lines, strict=True):
-            if tag != OUTSIDE and (len(tag) < 3 or tag[:2] not in ("B-", "I-")):
+            if not BIO_TAG.fullmatch(tag):
                 raise UsageError(
                     f"data set '{name}': {sentences.path} line {line} has tag {tag!r}, which is not BIO; use O, B-TYPE or I-TYPE"
                 )
             begins = tag.startswith("I-") and entity_type(previous) != entity_type(tag)
             if begins and scheme == "iob2":
                 raise UsageError(
-                    f"data set '{name}': {sentences.path} line {line}: {tag} begins an entity, which IOB2 does not allow "
+                    f"data set '{name}': {sentences.path} line {line}: {tag!r} begins an entity, which IOB2 does not allow "
                     f"(B- begins every entity); fix the tag, or set data.scheme=iob1 if the file is IOB1"
                 )
             tag = "B-" + tag[2:] if begins else tag
@@ -180,7 +182,7 @@ def tag_indices(name: str, sentences: TaggedSentences, tags: list[tuple[str, ...
             if tag not in lookup:
                 known = ", ".join(sorted({entity_type(c) for c in classes} - {None})) or "none"
                 raise UsageError(
-                    f"data set '{name}': {sentences.path} line {line} has tag {tag}, whose type the training file never has "
+                    f"data set '{name}': {sentences.path} line {line} has tag {tag!r}, whose type the training file never has "
                     f"(types: {known}); fix the tag, or add sentences of that type to the training file"
                 )
         indices.append(torch.tensor([lookup[tag] for tag in sentence], dtype=torch.long))
@@ -212,7 +214,26 @@ def tagged_split(
         tokenization = tokenization_of(fitted)
     else:
         tokenization = tokenization_for(name, options, [" ".join(words) for words in training.words])
+    check_reads_words(tokenization)
     return sentences_as_data(sentences.words, tag_indices(name, sentences, tags, classes), classes, tokenization, options.path)
+
+
+def check_reads_words(tokenization: Tokenization) -> None:
+    """A byte-level BPE tokenizer that adds no space before a word (GPT-2's, RoBERTa's as saved) reads words given
+    apart as if they were joined without spaces: refused, as transformers refuses it."""
+
+    def byte_level_without_space(part: object) -> bool:
+        if isinstance(part, dict):
+            if part.get("type") == "ByteLevel" and part.get("add_prefix_space") is False:
+                return True
+            return any(byte_level_without_space(v) for v in part.values())
+        return isinstance(part, list) and any(byte_level_without_space(v) for v in part)
+
+    if byte_level_without_space(json.loads(tokenization.tokenizer_json).get("pre_tokenizer")):
+        raise UsageError(
+            "data.tokenizer: a byte-level BPE tokenizer without add_prefix_space reads the words of tagged sentences as one "
+            "run of characters; set add_prefix_space to true in its tokenizer.json, or use a WordPiece tokenizer"
+        )
 
 
 def sentences_as_data(

@@ -17,6 +17,8 @@ seqeval's default mode count them.
 
 from __future__ import annotations
 
+import bisect
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
@@ -32,6 +34,7 @@ from transferctl.data.tagging import OUTSIDE, entity_type
 from transferctl.data.targets import TargetList
 from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
+from transferctl.errors import ConfigError
 from transferctl.modalities import modality_of
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
@@ -72,7 +75,12 @@ class CRF(nn.Module):
         return self.transitions.masked_fill(~self.allowed, FORBIDDEN), self.start.masked_fill(~self.allowed_start, FORBIDDEN)
 
     def nll(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The negative log-likelihood of `tags` (N, L) (a tag at every real token) per real token."""
+        """The negative log-likelihood of `tags` (N, L) (a tag at every real token) per real token; rows without a
+        real token (a text whose words all have no token) count in nothing."""
+        kept = mask.any(1)
+        emissions, tags, mask = emissions[kept], tags[kept], mask[kept]
+        if not len(tags):
+            return emissions.sum() * 0.0
         transitions, start = self._scores()
         emitted = emissions.gather(2, tags.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         steps = transitions[tags[:, :-1].clamp_min(0), tags[:, 1:].clamp_min(0)]
@@ -139,7 +147,12 @@ class Tagger(nn.Module):
         self.crf = CRF(num_outputs) if crf else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.drop(features))
+        logits = self.classify(self.drop(features))
+        if self.crf is not None and self.training:
+            # the CRF's scores are used by the loss, after the forward: a zero term puts them in the forward's graph,
+            # so that DDP (which watches the forward for unused parameters) expects their gradients
+            logits = logits + 0.0 * sum(p.sum() for p in self.crf.parameters())
+        return logits
 
     def scores(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Per-token tag probabilities (see the module's doc) of a batch's logits; its ids say which tokens are real."""
@@ -192,6 +205,8 @@ class TaggingLoss:
 @LOSSES.register(serves=("token_classification",))
 def tagging_loss(head: nn.Module, label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> TaggingLoss:
     """Cross-entropy over each word's tag at its first subword (or every subword); a CRF head's sequence likelihood."""
+    if label_smoothing and getattr(head, "crf", None) is not None:
+        raise ConfigError("loss.label_smoothing: a CRF head is trained on its sequence likelihood, which takes no smoothing; set it to 0")
     return TaggingLoss(head, label_smoothing)
 
 
@@ -205,16 +220,30 @@ def first_subwords(word_ids: torch.Tensor) -> torch.Tensor:
 
 
 def token_tags(
-    tags: Sequence[torch.Tensor], word_ids: torch.Tensor, inside: torch.Tensor, *, all_subwords: bool, specials: int | None
+    tags: Sequence[torch.Tensor],
+    word_ids: torch.Tensor,
+    inside: torch.Tensor,
+    *,
+    all_subwords: bool,
+    specials: int | None,
+    begin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each token's tag (N, L): its word's at the word's first subword; at the other subwords the word's inside tag
     (`inside`: tag -> its I- tag) with `all_subwords`, else IGNORED; `specials` (or IGNORED) at the tokens of no word
-    ([CLS], [SEP], and padding, which the loss masks)."""
+    ([CLS], [SEP], and padding, which the loss masks). With `begin` (tag -> its B- tag; a CRF's labels, one at every
+    token), an I- token that follows no token of its type becomes B-: the token sequence stays valid IOB2 where a
+    word without a token, or a cut at the left, took away an entity's beginning."""
     padded = nn.utils.rnn.pad_sequence(list(tags), batch_first=True, padding_value=0) if len(tags) else word_ids.new_zeros(0, 1)
     of_word = padded.gather(1, word_ids.clamp_min(0).clamp_max(max(padded.shape[1] - 1, 0)))
     first = first_subwords(word_ids)
     rest = inside.to(word_ids.device)[of_word] if all_subwords else torch.full_like(of_word, IGNORED)
     out = torch.where(first, of_word, torch.where(word_ids >= 0, rest, torch.full_like(of_word, IGNORED if specials is None else specials)))
+    if begin is not None:
+        begin = begin.to(out.device)
+        starts = begin[out.clamp_min(0)]
+        before = F.pad(out[:, :-1], (1, 0), value=specials if specials is not None else 0).clamp_min(0)
+        # I-X (its own B- differs from it) after a tag whose B- is not X's: an entity's first token
+        out = torch.where((out >= 0) & (starts != out) & (begin[before] != starts), starts, out)
     return out
 
 
@@ -352,6 +381,10 @@ class TokenClassification(Task):
         lookup = {tag: i for i, tag in enumerate(self.tags)}
         return torch.tensor([lookup.get("I-" + tag[2:], i) if tag.startswith("B-") else i for i, tag in enumerate(self.tags)])
 
+    def _begin(self) -> torch.Tensor:
+        lookup = {tag: i for i, tag in enumerate(self.tags)}
+        return torch.tensor([lookup.get("B-" + tag[2:], i) if tag.startswith("I-") else i for i, tag in enumerate(self.tags)])
+
     def collate(self, targets: TargetList) -> list[torch.Tensor]:
         return list(targets)
 
@@ -370,6 +403,7 @@ class TokenClassification(Task):
             self._inside(),
             all_subwords=self.label_all_subwords or self.sequence_loss,
             specials=self.outside if self.sequence_loss else None,
+            begin=self._begin() if self.sequence_loss else None,
         )
         return criterion(outputs, labels, batch.inputs[0])
 
@@ -422,15 +456,15 @@ class TokenClassification(Task):
         if batch is None:
             return [{"tags": [names[i] for i in row.argmax(-1)[row.sum(-1) > 0].tolist()]} for row in outputs]
         texts = list(batch.samples.texts)
-        _, _, encodings = tokenization_of(fitted).encode(texts, with_encodings=True)
-        word_ids = torch.tensor([[-1 if w is None else w for w in e.word_ids] for e in encodings], dtype=torch.long)
-        counts = [len(text) if not isinstance(text, str) else _word_count(e) for text, e in zip(texts, encodings, strict=True)]
+        _, _, encodings = tokenization_of(fitted).encode(texts, with_encodings=True)  # the tokens the model read
+        spans = [split_words(text) if isinstance(text, str) else None for text in texts]
+        word_ids = [_words_by_offsets(e, s) if s is not None else e.word_ids for e, s in zip(encodings, spans, strict=True)]
+        counts = [len(text) if s is None else len(s) for text, s in zip(texts, spans, strict=True)]
+        ids = torch.tensor([[-1 if w is None else w for w in row] for row in word_ids], dtype=torch.long)
         records = []
-        for text, encoding, count, (tags, confidence) in zip(
-            texts, encodings, counts, word_tags(outputs, word_ids, counts, names.index(OUTSIDE)), strict=True
-        ):
-            read = len({w for w in encoding.word_ids if w is not None})
-            records.append(_record(text, encoding, [names[i] for i in tags.tolist()], confidence.tolist(), count - read))
+        for i, (tags, confidence) in enumerate(word_tags(outputs, ids, counts, names.index(OUTSIDE))):
+            unread = counts[i] - len({w for w in word_ids[i] if w is not None})
+            records.append(_record(texts[i], spans[i], [names[t] for t in tags.tolist()], confidence.tolist(), unread))
         return records
 
     def card(self, data: Samples) -> dict[str, Any]:
@@ -452,29 +486,39 @@ def _longest(ids: torch.Tensor, pad_id: int) -> int:
     return max(int((ids != pad_id).sum(1).max()), 1) if len(ids) else ids.shape[1]
 
 
-def _word_count(encoding: Any) -> int:
-    """The words a text given whole has: those the tokenizer split it into, counted also past max_length."""
-    words = [w for w in encoding.word_ids if w is not None]
-    for overflow in encoding.overflowing:
-        words += [w for w in overflow.word_ids if w is not None]
-    return max(words) + 1 if words else 0
+# a text given whole is split into words as CoNLL splits them: abbreviations (U.S.), numbers (3.5, 1-0) and
+# hyphenated words whole, a possessive 's apart, any other punctuation mark a word of its own
+WORD = re.compile(r"(?:[^\W\d_]\.){2,}|\d+(?:[.,:/-]\d+)+|\w+(?:[-'’](?!s\b)\w+)*|['’]s\b|[^\w\s]")
 
 
-def _record(text: Any, encoding: Any, tags: list[str], confidence: list[float], unread: int) -> dict[str, Any]:
-    spans = entity_spans(tags)
+def split_words(text: str) -> list[tuple[int, int]]:
+    """The character spans of a text's words, split as CoNLL's sentences are."""
+    return [match.span() for match in WORD.finditer(text)]
+
+
+def _words_by_offsets(encoding: Any, spans: list[tuple[int, int]]) -> list[int | None]:
+    """Each token's word among `spans` (None for special tokens and padding): the word its first character is in."""
+    starts = [start for start, _ in spans]
+    out = []
+    for word, (start, end) in zip(encoding.word_ids, encoding.offsets, strict=True):
+        at = bisect.bisect_right(starts, start) - 1
+        out.append(at if word is not None and end > start and at >= 0 and start < spans[at][1] else None)
+    return out
+
+
+def _record(text: Any, spans: list[tuple[int, int]] | None, tags: list[str], confidence: list[float], unread: int) -> dict[str, Any]:
     record: dict[str, Any] = {}
-    if isinstance(text, str):
-        where = _word_offsets(encoding)
+    if spans is not None:
         entities = []
-        for kind, first, end in spans:
-            start, stop = where[first][0], where[end - 1][1]
+        for kind, first, end in entity_spans(tags):
+            start, stop = spans[first][0], spans[end - 1][1]
             entities.append({"text": text[start:stop], "type": kind, "start": start, "end": stop, "score": _mean(confidence[first:end])})
         record["entities"] = entities
     else:
         record["tags"] = tags
         record["entities"] = [
             {"text": " ".join(text[first:end]), "type": kind, "words": [first, end], "score": _mean(confidence[first:end])}
-            for kind, first, end in spans
+            for kind, first, end in entity_spans(tags)
         ]
     if unread:
         record["unread_words"] = unread
@@ -483,12 +527,3 @@ def _record(text: Any, encoding: Any, tags: list[str], confidence: list[float], 
 
 def _mean(scores: list[float]) -> float:
     return round(sum(scores) / len(scores), 4)
-
-
-def _word_offsets(encoding: Any) -> dict[int, tuple[int, int]]:
-    """Each read word's character span (first token's start, last token's end)."""
-    where: dict[int, tuple[int, int]] = {}
-    for word, (start, end) in zip(encoding.word_ids, encoding.offsets, strict=True):
-        if word is not None:
-            where[word] = (where[word][0], end) if word in where else (start, end)
-    return where
