@@ -148,11 +148,13 @@ def classic_f1(column: str, seed: int, extra: list[str]) -> dict[str, Any]:
     return {"f1": entity_scores(truth, model.predict(features(test)))["entity_f1"]}
 
 
-def measure_row(name: str, measure, pretrain_seconds: float, seeds: list[int], cells: Cells, tag: str) -> dict[str, Any]:
+def measure_row(
+    name: str, measure, pretrain_seconds: float, seeds: list[int], cells: Cells, tag: str, columns: list[str]
+) -> dict[str, Any]:
     """One row: each column's mean and spread over the seeds (all labels: the first seed), and the row's wall time."""
-    row: dict[str, Any] = {"encoder": name, "pretrain_min": pretrain_seconds / 60}
+    row: dict[str, Any] = {"encoder": name, "pretrain_min": pretrain_seconds / 60, "seeds": len(seeds)}
     seconds = pretrain_seconds
-    for column in COLUMNS:
+    for column in columns:
         done = [
             cells.get(f"{tag}/{column}/seed{seed}", lambda column=column, seed=seed: measure(column, seed))
             for seed in (seeds if column != "all" else seeds[:1])
@@ -165,7 +167,9 @@ def measure_row(name: str, measure, pretrain_seconds: float, seeds: list[int], c
     return row
 
 
-def rows_of(encoders: list[str], seeds: list[int], cells: Cells, runs: Path, corpus: Path, extra: list[str]) -> list[dict[str, Any]]:
+def rows_of(
+    encoders: list[str], seeds: list[int], cells: Cells, runs: Path, corpus: Path, extra: list[str], columns: list[str], classic: bool
+) -> list[dict[str, Any]]:
     rows = []
     for key in encoders:
         name, method, random_encoder = ENCODERS[key]
@@ -175,9 +179,10 @@ def rows_of(encoders: list[str], seeds: list[int], cells: Cells, runs: Path, cor
             return tuned_f1(source, [*options, *COLUMNS[column], f"data.seed={seed}", *extra], runs)
 
         tag = f"conll2003/{key}/{recipe_digest(FINETUNE, [*random_encoder, *extra], source['source'])}"
-        rows.append(measure_row(name, measure, source["seconds"], seeds, cells, tag))
-    classic = lambda column, seed: classic_f1(column, seed, extra)
-    rows.append(measure_row(CLASSIC, classic, 0.0, seeds, cells, f"conll2003/classic/{recipe_digest(FINETUNE, extra)}"))
+        rows.append(measure_row(name, measure, source["seconds"], seeds, cells, tag, columns))
+    if classic:
+        fit = lambda column, seed: classic_f1(column, seed, extra)
+        rows.append(measure_row(CLASSIC, fit, 0.0, seeds, cells, f"conll2003/classic/{recipe_digest(FINETUNE, extra)}", columns))
     return rows
 
 
@@ -185,6 +190,8 @@ def rows_of(encoders: list[str], seeds: list[int], cells: Cells, runs: Path, cor
 
 
 def cell_text(row: dict[str, Any], column: str) -> str:
+    if column not in row:
+        return "—"
     spread = row[f"{column}_sd"]
     return f"{100 * row[column]:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
 
@@ -204,7 +211,7 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     mine = {r["encoder"]: r for r in rows}
     scratch = [mine[n] for n, method, _ in ENCODERS.values() if method is None and n in mine]
     pretrained_rows = [mine[n] for n, method, _ in ENCODERS.values() if method is not None and n in mine]
-    if not pretrained_rows:
+    if not pretrained_rows or not all(c in r for r in rows for c in COLUMNS):
         return []
     best = {c: max(r[c] for r in pretrained_rows) for c in COLUMNS}
     everything = max([best["all"], *(r["all"] for r in scratch)])
@@ -230,6 +237,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, required=True, help="the folder with CoNLL2003/ and AGNews/")
     parser.add_argument("--encoders", nargs="+", default=list(ENCODERS), choices=list(ENCODERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="labelled-subset seeds (data.seed)")
+    parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS), help="labelled-sentence budgets")
+    parser.add_argument("--no-classic", action="store_true", help="leave out the CRF baseline's row")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ner_efficiency")
     parser.add_argument("--write-corpus", type=Path, help="write the pretraining corpus to this folder and stop")
     parser.add_argument("--quick", action="store_true", help="3 steps per run: checks the plumbing, not the scores")
@@ -241,13 +250,15 @@ def main() -> None:
         return
     out = args.out / "quick" if args.quick else args.out
     out.mkdir(parents=True, exist_ok=True)
-    corpus = write_corpus(data_dir, out / "corpus")
+    corpus = out / "corpus"
+    if not (corpus / "train.csv").is_file():  # written once: a rewrite would change the files the pretraining cells read
+        write_corpus(data_dir, corpus)
     cells = Cells(out / "cells.jsonl")
     extra = [f"data.root={data_dir}", *(QUICK if args.quick else [])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cells in {cells.path}", flush=True)
-    rows = rows_of(args.encoders, args.seeds, cells, out / "runs", corpus, extra)
+    rows = rows_of(args.encoders, args.seeds, cells, out / "runs", corpus, extra, args.columns, not args.no_classic)
     table, summary = markdown(rows, len(args.seeds)), "\n".join(target_lines(rows))
-    (out / "table.md").write_text(table + "\n\n" + summary + "\n")
+    (out / f"table-{'-'.join(args.encoders)}.md").write_text(table + "\n\n" + summary + "\n")
     print(table + "\n\n" + summary)
 
 
