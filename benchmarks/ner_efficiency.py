@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from audio_efficiency import cell_text
 from label_efficiency import Cells, recipe_digest
 
 from transferctl.config import load_config
@@ -187,13 +188,6 @@ def rows_of(
 
 
 # --------------------------------------------------------------------------- the table
-
-
-def cell_text(row: dict[str, Any], column: str) -> str:
-    if column not in row:
-        return "—"
-    spread = row[f"{column}_sd"]
-    return f"{100 * row[column]:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
 
 
 def markdown(rows: list[dict[str, Any]], seeds: int) -> str:
