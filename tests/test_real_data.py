@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,13 +75,29 @@ NEEDS_FSDD = pytest.mark.skipif(DATA_DIR is None or not (DATA_DIR / "FSDD" / "re
 NEEDS_AG_NEWS = pytest.mark.skipif(DATA_DIR is None or not (DATA_DIR / "AGNews" / "train.csv").is_file(), reason="no AG News beside MNIST")
 
 
+NEEDS_CONLL = pytest.mark.skipif(
+    DATA_DIR is None or not (DATA_DIR / "CoNLL2003" / "train.txt").is_file(), reason="no CoNLL2003 beside MNIST"
+)
+NEWS_CASED = "mlm_news_cased"  # reads the corpus benchmarks/ner_efficiency.py writes from AG News and CoNLL-2003
+
+
 def _needs(config: Path) -> tuple:
+    if config.stem == NEWS_CASED:
+        return (NEEDS_AG_NEWS, NEEDS_CONLL)
+    if "conll" in config.stem:
+        return (NEEDS_CONLL,)
     return (NEEDS_FSDD,) if "fsdd" in config.stem else (NEEDS_AG_NEWS,) if "ag_news" in config.stem else ()
 
 
 @pytest.mark.parametrize("config", [pytest.param(p, marks=_needs(p)) for p in SHIPPED], ids=[p.stem for p in SHIPPED])
-def test_every_shipped_recipe_builds_and_takes_a_batch(cli, real_data, config):
-    result = cli("config", "check", "-c", config, "--json")
+def test_every_shipped_recipe_builds_and_takes_a_batch(cli, real_data, config, tmp_path):
+    overrides = []
+    if config.stem == NEWS_CASED:  # its corpus, written as its header says
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from ner_efficiency import write_corpus
+
+        overrides = [f"data.root={write_corpus(DATA_DIR, tmp_path / 'news_cased')}"]
+    result = cli("config", "check", "-c", config, *overrides, "--json")
     assert result.code == 0, result.stderr
     assert result.json["status"] == "ok" and result.json["loss"] > 0
 
