@@ -350,7 +350,7 @@ class TokenClassification(Task):
     compares_values = False  # a CRF path near a tie may take another tag: parity counts tags
 
     def __post_init__(self) -> None:
-        self.tags: tuple[str, ...] = ()
+        self._use_tags(())
         self.pad_id = 0  # the training texts' (`fit`): what `prepare` cuts
         self.sequence_loss = False  # the head has a CRF: every real token is labelled
 
@@ -361,11 +361,12 @@ class TokenClassification(Task):
         return frozenset({"crop", "deletion"})
 
     def fit(self, train: Samples) -> dict[str, Any]:
-        self.tags, self.pad_id = tuple(train.classes), train.tokenization.pad_id
+        self._use_tags(train.classes)
+        self.pad_id = train.tokenization.pad_id
         return {"tags": list(self.tags)}
 
     def load_fitted(self, state: dict[str, Any]) -> None:
-        self.tags = tuple(state.get("tags", ()))
+        self._use_tags(state.get("tags", ()))
 
     def initialize(self, network: nn.Module) -> None:
         crf = getattr(network.head, "crf", None)
@@ -377,13 +378,12 @@ class TokenClassification(Task):
     def outside(self) -> int:
         return self.tags.index(OUTSIDE)
 
-    def _inside(self) -> torch.Tensor:
+    def _use_tags(self, tags: Sequence[str]) -> None:
+        """The tag list, and once for every step: each tag's I- form (B-X -> I-X) and B- form (I-X -> B-X)."""
+        self.tags = tuple(tags)
         lookup = {tag: i for i, tag in enumerate(self.tags)}
-        return torch.tensor([lookup.get("I-" + tag[2:], i) if tag.startswith("B-") else i for i, tag in enumerate(self.tags)])
-
-    def _begin(self) -> torch.Tensor:
-        lookup = {tag: i for i, tag in enumerate(self.tags)}
-        return torch.tensor([lookup.get("B-" + tag[2:], i) if tag.startswith("I-") else i for i, tag in enumerate(self.tags)])
+        self.inside = torch.tensor([lookup.get("I-" + t[2:], i) if t.startswith("B-") else i for i, t in enumerate(self.tags)])
+        self.begin = torch.tensor([lookup.get("B-" + t[2:], i) if t.startswith("I-") else i for i, t in enumerate(self.tags)])
 
     def collate(self, targets: TargetList) -> list[torch.Tensor]:
         return list(targets)
@@ -400,10 +400,10 @@ class TokenClassification(Task):
         labels = token_tags(
             self.collate(batch.targets),
             batch.side["word_ids"],
-            self._inside(),
+            self.inside,
             all_subwords=self.label_all_subwords or self.sequence_loss,
             specials=self.outside if self.sequence_loss else None,
-            begin=self._begin() if self.sequence_loss else None,
+            begin=self.begin if self.sequence_loss else None,
         )
         return criterion(outputs, labels, batch.inputs[0])
 
