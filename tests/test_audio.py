@@ -126,18 +126,19 @@ def test_reading_downmixes_stereo_and_resampling_keeps_a_tones_frequency(tmp_pat
     stereo = write_wav(tmp_path / "stereo.wav", np.stack([left, left], axis=1), rate=16000, channels=2)
     samples, rate = read_audio("test", stereo)
     assert rate == 16000 and samples.shape == (16000,) and abs(samples.abs().max().item() - 0.5) < 1e-3
-    (resampled,) = decode_audio_files("test", [stereo], sample_rate=RATE, max_samples=10 * RATE)
-    assert resampled.dtype == torch.int16 and len(resampled) == RATE
+    (resampled,), lengths = decode_audio_files("test", [stereo], sample_rate=RATE, max_samples=10 * RATE)
+    assert lengths.tolist() == [RATE] and resampled.dtype == torch.int16 and len(resampled) == RATE
     spectrum = torch.fft.rfft(resampled.float()).abs()
     assert abs(spectrum.argmax().item() * RATE / len(resampled) - 1000.0) <= 1.0  # 1 Hz bins: the tone stays at 1 kHz
 
 
 def test_decoded_folders_are_cached_and_long_clips_kept_up_to_max_seconds(tmp_path):
     paths = [write_wav(tmp_path / "a.wav", tone(440, 3.0)), write_wav(tmp_path / "b.wav", tone(440, 0.5))]
-    first = decode_audio_files("test", paths, RATE, max_samples=2 * RATE)
+    first, lengths = decode_audio_files("test", paths, RATE, max_samples=2 * RATE)
     assert first.shape == (2, 2 * RATE) and (first[1, RATE // 2 :] == 0).all()  # padded at the end
+    assert lengths.tolist() == [2 * RATE, RATE // 2]
     assert len(list((tmp_path / "cache" / "transferctl" / "decoded").glob("*.pt"))) == 1
-    assert torch.equal(decode_audio_files("test", paths, RATE, max_samples=2 * RATE), first)
+    assert torch.equal(decode_audio_files("test", paths, RATE, max_samples=2 * RATE)[0], first)
 
 
 def make_fsdd(root: Path, speakers=("george", "lucas", "jackson"), digits=(0, 1, 2), takes=8) -> Path:

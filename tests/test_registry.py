@@ -62,13 +62,13 @@ def test_build_passes_only_the_context_a_component_takes():
 # The one list of the built-in components (test_cli.py checks the CLI's listing against the registries, not this list).
 BUILT_IN = {
     "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
-    "tasks": {"classification", "regression", "segmentation", "detection", "token_classification"},
+    "tasks": {"classification", "regression", "segmentation", "detection", "token_classification", "speech_recognition"},
     "modalities": {"image", "audio", "text"},
     "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
-    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger"},
+    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger", "ctc"},
     "losses": {
         *("nt_xent", "cross_entropy", "mse", "bce", "l1", "huber"),
-        *("pixel_cross_entropy", "token_cross_entropy", "fcos_loss", "tagging_loss"),
+        *("pixel_cross_entropy", "token_cross_entropy", "fcos_loss", "tagging_loss", "ctc"),
     },
     "optimizers": {"sgd", "adam", "adamw", "lars"},
     "schedulers": {"cosine", "constant"},
@@ -92,9 +92,11 @@ BUILT_IN = {
         "conll2003",
         "conll_folder",
         "token_jsonl",
+        "fsdd_sequences",
+        "speech_folder",
     },
     "augmentations": {"simclr", "light", "upright", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
-    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values", "boxes", "class_per_word"},
+    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values", "boxes", "class_per_word", "transcript"},
 }
 
 
@@ -144,4 +146,4 @@ def test_a_model_registers_what_it_gives_beyond_pooled_features():
         has |= {"token_features"} if hasattr(encoder, "token_features") else set()
         assert gives == has, entry.name
     assert models.names_with("gives", "feature_maps") == ["cnn", "resnet18"]
-    assert models.names_with("gives", "token_features") == ["gru", "hf", "lstm", "transformer"]
+    assert models.names_with("gives", "token_features") == ["conv1d", "gru", "hf", "lstm", "transformer"]

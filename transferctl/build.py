@@ -188,6 +188,7 @@ def settings_of(cfg: Config, steps: Steps) -> Settings:
         on_nan=t.on_nan,
         precision=t.precision,
         ema_decay=t.ema_decay,
+        grad_clip_norm=t.grad_clip_norm,
     )
 
 

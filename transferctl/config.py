@@ -162,7 +162,7 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
 
     cfg.method = _resolve_component(METHODS, cfg.method, "method")
     if cfg.task is not None:
-        cfg.task = _resolve_component(TASKS, cfg.task, "task")
+        cfg.task = _resolve_component(TASKS, _with_data_defaults(cfg.task, cfg.data.name), "task")
     cfg.model = ModelConfig(weights=cfg.model.weights, **_resolve_component(MODELS, cfg.model, "model").model_dump())
     if cfg.model.weights and cfg.finetune.source:
         raise ConfigError("model.weights: a fine-tune --from RUN takes its encoder from RUN; drop model.weights (or --from)")
@@ -184,6 +184,15 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     cfg.data = DataConfig(**{**cfg.data.model_dump(exclude=set(cfg.data.options)), **dataset_options})
     _check_fits(cfg, defaults["serves"], modality, augments)
     return cfg
+
+
+def _with_data_defaults(task: Component, dataset: str) -> Component:
+    """The task's options, with those the config leaves unset that the data set's registration chooses
+    (`task_defaults`: fsdd_sequences transcribes in words) where the task takes them."""
+    chosen = DATASETS.get(dataset, where="data").meta.get("task_defaults", {})
+    takes = TASKS.get(task.name, where="task").options()
+    extra = {k: v for k, v in chosen.items() if k in takes and k not in task.options}
+    return Component(name=task.name, **task.options, **extra) if extra else task
 
 
 def _check_label_budget(data: DataConfig, task: type | None, task_name: str | None) -> None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, PrivateAttr
 
 from transferctl.errors import ConfigError, did_you_mean
 
@@ -96,6 +96,7 @@ class TrainConfig(BaseModel):
     sync_batchnorm: bool = False
     tensorboard: bool = False  # event files in runs/<id>/tensorboard/ (the tensorboard extra)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: validate, save and export a moving average of the weights
+    grad_clip_norm: PositiveFloat | None = None  # the gradients' global L2 norm is scaled down to at most this before each step
 
     @pydantic.field_validator("precision", mode="before")
     @classmethod

@@ -1,8 +1,8 @@
 """Data: the split contract (`Samples`), data sets per modality, splits and label subsets, augmentation, batch pipelines.
 
 Two layers. Below `transferctl.modalities`: the contract (`samples`, `targets`) and the augmentations, which this
-file imports. Above it: the data sets (`datasets`, `audio`, `text`, `tagging`, `regression`, `segmentation`,
-`detection`), which read their
+file imports. Above it: the data sets (`datasets`, `audio`, `speech`, `text`, `tagging`, `regression`,
+`segmentation`, `detection`), which read their
 splits into a modality's types (`ImageData`, ...) while every modality builds on `Samples`; imported here, they
 would make `data` and `modalities` import each other. `load_datasets()` imports them (their decorators fill
 DATASETS), and the data-set helpers below (`load_split`, ...) import them on first use.
@@ -20,7 +20,7 @@ from transferctl.data.samples import NO_LABEL, Batch, Samples, TargetKindName, b
 
 def load_datasets() -> None:
     """Import the data-set modules: their decorators fill DATASETS."""
-    from transferctl.data import audio, datasets, detection, regression, segmentation, tagging, text  # noqa: F401  (registers)
+    from transferctl.data import audio, datasets, detection, regression, segmentation, speech, tagging, text  # noqa: F401  (registers)
 
 
 _FROM_DATASETS = (  # transferctl.data.datasets' names, as `from transferctl.data import load_split` finds them

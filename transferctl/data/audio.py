@@ -20,8 +20,17 @@ import torch
 from pydantic import Field
 
 from transferctl.data.datasets import cached_decoding, missing_data, split_folder
+from transferctl.data.targets import Targets
 from transferctl.errors import UsageError
-from transferctl.modalities.audio import AUDIO_SUFFIXES, AudioData, FrontEnd, clip_samples_of, log_mel_statistics, torchaudio
+from transferctl.modalities.audio import (
+    AUDIO_SUFFIXES,
+    AudioData,
+    FrontEnd,
+    clip_samples_of,
+    log_mel_statistics,
+    recording_side,
+    torchaudio,
+)
 from transferctl.registry import DATASETS
 
 Seconds = Annotated[float, Field(gt=0.0, le=60.0)]
@@ -93,16 +102,19 @@ def _read_soundfile(path: Path | io.BytesIO) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(samples).mean(dim=1), rate
 
 
-def decode_audio_files(name: str, paths: list[Path], sample_rate: int, max_samples: int) -> torch.Tensor:
-    """Audio files as one int16 tensor (N, longest kept length): `decode_audio`, kept decoded in the cache so the
-    next run skips reading."""
-    return cached_decoding(paths, f"audio:{sample_rate}:{max_samples}", lambda: decode_audio(paths, sample_rate, max_samples, name))
+def decode_audio_files(name: str, paths: list[Path], sample_rate: int, max_samples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio files as one int16 tensor (N, longest kept length) and each one's kept length in samples (N,):
+    `decode_audio`, kept decoded in the cache so the next run skips reading."""
+    options = f"audio-lengths:{sample_rate}:{max_samples}"
+    decoded = cached_decoding(paths, options, lambda: decode_audio(paths, sample_rate, max_samples, name))
+    return decoded["waveforms"], decoded["lengths"]
 
 
-def decode_audio(paths: list[Path], sample_rate: int, max_samples: int | None, name: str | None = None) -> torch.Tensor:
+def decode_audio(paths: list[Path], sample_rate: int, max_samples: int | None, name: str | None = None) -> dict[str, torch.Tensor]:
     """Audio files as one int16 tensor (N, longest kept length): each `read_clip`, zero-padded at the end
-    (`padded_clips`). The audio data sets read their files with it (`name`: the data set, for messages)."""
-    return padded_clips([read_clip(path, sample_rate, max_samples, name) for path in paths])
+    (`padded_clips`), and their lengths. The audio data sets read their files with it (`name`: the data set, for messages)."""
+    clips = [read_clip(path, sample_rate, max_samples, name) for path in paths]
+    return {"waveforms": padded_clips(clips), "lengths": torch.tensor([len(c) for c in clips], dtype=torch.long)}
 
 
 def read_clip(path: Path, sample_rate: int, max_samples: int | None, name: str | None = None, data: bytes | None = None) -> torch.Tensor:
@@ -124,14 +136,29 @@ def padded_clips(clips: list[torch.Tensor]) -> torch.Tensor:
 
 def audio_split(
     waveforms: torch.Tensor,
-    targets: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: Targets,
     classes: tuple[str, ...],
     front_end: FrontEnd,
     clip_samples: int | None,
     max_samples: int | None = None,
+    target_kind: str = "class",
 ) -> AudioData:
-    statistics = log_mel_statistics(waveforms, front_end, clip_samples)
-    return AudioData(waveforms, targets, classes, front_end, **statistics, clip_samples=clip_samples, max_samples=max_samples)
+    """A split of recordings (int16, zero-padded) of `lengths` samples; read whole (no clip), each one's lengths are
+    its side information, and the log-mel statistics count its real frames alone."""
+    side = recording_side(lengths, front_end, clip_samples)
+    statistics = log_mel_statistics(waveforms, front_end, clip_samples, lengths=side.get("lengths"))
+    return AudioData(
+        waveforms,
+        targets,
+        classes,
+        front_end,
+        **statistics,
+        clip_samples=clip_samples,
+        max_samples=max_samples,
+        side=side,
+        target_kind=target_kind,
+    )
 
 
 # --------------------------------------------------------------------------- data sets
@@ -172,9 +199,9 @@ def fsdd(
     in_test = (lambda m: int(m[3]) < FSDD_TEST_TAKES) if split == "official" else (lambda m: m[2] in test_speakers)
     chosen = [(path, int(match[1])) for path, match in named if in_test(match) != train]
     max_samples = round(max_seconds * sample_rate)
-    waveforms = decode_audio_files("fsdd", [p for p, _ in chosen], sample_rate, max_samples)
+    waveforms, lengths = decode_audio_files("fsdd", [p for p, _ in chosen], sample_rate, max_samples)
     targets = torch.tensor([digit for _, digit in chosen], dtype=torch.long)
-    return audio_split(waveforms, targets, tuple(str(d) for d in range(10)), reader, clip_samples, max_samples)
+    return audio_split(waveforms, lengths, targets, tuple(str(d) for d in range(10)), reader, clip_samples, max_samples)
 
 
 @DATASETS.register(modality="audio")
@@ -205,8 +232,9 @@ def audio_folder(
     if empty:
         raise UsageError(f"data set 'audio_folder': class folder {folder / empty[0]} has no recordings; add some or remove it")
     max_samples = round(max_seconds * sample_rate)
-    waveforms = decode_audio_files("audio_folder", [p for p, _ in files], sample_rate, max_samples)
-    return audio_split(waveforms, torch.tensor([i for _, i in files], dtype=torch.long), classes, reader, clip_samples, max_samples)
+    waveforms, lengths = decode_audio_files("audio_folder", [p for p, _ in files], sample_rate, max_samples)
+    targets = torch.tensor([i for _, i in files], dtype=torch.long)
+    return audio_split(waveforms, lengths, targets, classes, reader, clip_samples, max_samples)
 
 
 def _is_audio(path: Path) -> bool:

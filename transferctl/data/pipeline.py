@@ -37,6 +37,26 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+BUCKET_BATCHES = 20  # batches of the shuffled order sorted by length together: their padding drops, their mix stays random
+
+
+def training_order(data: Samples, seed: int, epoch: int, batch_size: int) -> torch.Tensor:
+    """The order of epoch `epoch` (a pure function of seed and epoch): shuffled; for samples of any length (a split
+    with `lengths` side information), bucketed: each run of BUCKET_BATCHES batches of the shuffled order sorted by
+    length, cut into batches, and the full batches shuffled (a last, partial one stays last), so a batch pads
+    its samples to little more than their own lengths."""
+    order = epoch_order(len(data), seed, epoch)
+    lengths = data.side.get("lengths")
+    if lengths is None:
+        return order
+    lengths = lengths.cpu()
+    chunks = [chunk[lengths[chunk].argsort(stable=True)] for chunk in order.split(batch_size * BUCKET_BATCHES)]
+    batches = torch.cat(chunks).split(batch_size)
+    full = [b for b in batches if len(b) == batch_size]
+    shuffle = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch + 500_009))
+    return torch.cat([*(full[i] for i in shuffle.tolist()), *(b for b in batches if len(b) < batch_size)])
+
+
 def rank_slice(size: int, rank: int, world: int) -> slice:
     """This rank's share of a global batch of `size`."""
     return slice(rank * size // world, (rank + 1) * size // world)
@@ -117,7 +137,7 @@ class MemoryPipeline(NothingToReport):
             )
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        order = epoch_order(len(self.data), self.seed, epoch).to(self.data.inputs.device)
+        order = training_order(self.data, self.seed, epoch, self.batch_size).to(self.data.inputs.device)
         for idx in batch_indices(len(self.data), self.batch_size, order=order, drop_last=self.drop_last, start_batch=start_batch):
             x = self.modality.decode(self.data.inputs[idx])
             # every rank augments the whole global batch (the data path has headroom), then keeps its slice
@@ -201,8 +221,8 @@ class _EpochOrder(Sampler):
     """Yields (epoch, index) pairs, so workers can seed each sample's augmentation deterministically:
     this rank's slice of every global batch from `start_batch` on."""
 
-    def __init__(self, n: int, seed: int, epoch: int, start_batch: int, batch_size: int, drop_last: bool, rank: int, world: int):
-        order = epoch_order(n, seed, epoch)
+    def __init__(self, data: Samples, seed: int, epoch: int, start_batch: int, batch_size: int, drop_last: bool, rank: int, world: int):
+        n, order = len(data), training_order(data, seed, epoch, batch_size)
         self.items = []
         for batch in batch_indices(n, batch_size, order=order, drop_last=drop_last, start_batch=start_batch):
             self.items += [(epoch, i) for i in batch[rank_slice(len(batch), rank, world)].tolist()]
@@ -272,7 +292,7 @@ class LoaderPipeline(NothingToReport):
         self.dataset = _PerSampleViews(data, modality, transform, views, seed)
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        sampler = _EpochOrder(self.n, self.seed, epoch, start_batch, self.batch_size, self.drop_last, self.rank, self.world)
+        sampler = _EpochOrder(self.data, self.seed, epoch, start_batch, self.batch_size, self.drop_last, self.rank, self.world)
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size // self.world,

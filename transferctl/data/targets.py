@@ -195,6 +195,15 @@ class ClassPerWord(TargetKind):
     stacked = False
 
 
+@TARGET_KINDS.register("transcript")
+class TranscriptText(TargetKind):
+    """What was said in a recording: a TargetList of strings ("three one four"), which the task reads as words or
+    characters (its alphabet, fitted on the training transcripts)."""
+
+    noun = "transcripts"
+    stacked = False
+
+
 BOX_COLUMNS = ("x1", "y1", "x2", "y2", "class", "crowd")  # a box target's row
 
 

@@ -138,6 +138,7 @@ class Settings:
     on_nan: str = "stop"
     precision: str = "32"  # 32, bf16 (autocast) or 16 (autocast and a gradient scaler; CUDA)
     ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
+    grad_clip_norm: float | None = None  # the gradients' global norm is clipped to it before each step
 
 
 @dataclass
@@ -353,6 +354,10 @@ class _Loop:
             self.pos.skipped_steps += 1
         else:
             self.scaler.scale(loss).backward()
+            if self.settings.grad_clip_norm is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without a scaler)
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, self.settings.grad_clip_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.pos.epoch_images += len(batch)

@@ -66,6 +66,16 @@ class FrontEnd:
         """Spectrogram frames of a waveform of `samples`: one per hop that starts inside it."""
         return samples // self.hop_length
 
+    def steps(self, samples: torch.Tensor) -> torch.Tensor:
+        """The model-input steps of recordings of `samples` (int64, N) that no padding after them can change: the
+        log-mel frames whose centred STFT window (frame t's spans t * hop +- n_fft / 2) ends inside the recording
+        (frames further on read past its end, as zeros in a padded batch and reflected alone); for waveforms, the
+        samples themselves. What a padded batch's encoders and losses read of each recording."""
+        if self.kind == "waveform":
+            return samples
+        inside = torch.div(samples - self.n_fft // 2, self.hop_length, rounding_mode="floor") + 1
+        return torch.minimum(inside.clamp(min=0), torch.div(samples, self.hop_length, rounding_mode="floor"))
+
     def input_shape(self, samples: int) -> tuple[int, ...]:
         """The model's input for a waveform of `samples`: a one-channel log-mel image (1, n_mels, frames), or the
         waveform (samples,)."""
@@ -130,6 +140,14 @@ class AudioData(Samples):
     def sample_shape(self) -> tuple[int, ...]:
         """The model's input: a one-channel log-mel image (1, n_mels, frames), or the waveform (samples,)."""
         return self.front_end.input_shape(self.samples)
+
+
+def recording_side(samples: torch.Tensor | None, front_end: FrontEnd, clip_samples: int | None) -> dict[str, torch.Tensor]:
+    """The side information of recordings read whole (no clip window): each one's `samples` and the model-input
+    steps its padding cannot change (`lengths`, what the encoders mask by). Clips have none: every step is real."""
+    if clip_samples is not None or samples is None:
+        return {}
+    return {"samples": samples, "lengths": front_end.steps(samples)}
 
 
 def to_clip(waveforms: torch.Tensor, clip_samples: int | None) -> torch.Tensor:
@@ -215,22 +233,33 @@ def front_end_of(data: AudioData, device: torch.device) -> nn.Module:
 
 
 def log_mel_statistics(
-    waveforms: torch.Tensor, front_end: FrontEnd, clip_samples: int | None, batch_size: int = 512
+    waveforms: torch.Tensor,
+    front_end: FrontEnd,
+    clip_samples: int | None,
+    batch_size: int = 512,
+    lengths: torch.Tensor | None = None,
 ) -> dict[str, tuple[float, ...]]:
     """Per-mel-bin mean and std of the clips' log-mel energies (int16 waveforms, read as evaluation reads them:
-    each cut or padded to the clip); none for a front end that takes waveforms, which standardizes each clip alone."""
+    each cut or padded to the clip; with `lengths`, the model-input steps of whole recordings, their real frames
+    alone, not the padding); none for a front end that takes waveforms, which standardizes each clip alone."""
     if front_end.kind == "waveform":
         return {"mean": (), "std": ()}
     module = LogMel(front_end)
     total = torch.zeros(front_end.n_mels, dtype=torch.float64)
     squares = torch.zeros_like(total)
+    count = 0
     with torch.no_grad():
         for start in range(0, len(waveforms), batch_size):
             energies = module.log_mel(to_clip(decode(waveforms[start : start + batch_size]), clip_samples)).double()
+            if lengths is None:
+                count += energies.shape[0] * energies.shape[2]
+            else:
+                real = torch.arange(energies.shape[2]) < lengths[start : start + batch_size].view(-1, 1)
+                energies = energies * real.unsqueeze(1)
+                count += int(real.sum())
             total += energies.sum(dim=(0, 2))
             squares += energies.square().sum(dim=(0, 2))
-    samples = clip_samples if clip_samples is not None else waveforms.shape[1]
-    count = max(len(waveforms), 1) * front_end.frames(samples)
+    count = max(count, 1)
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(1e-6).sqrt()
     return {"mean": tuple(mean.tolist()), "std": tuple(std.tolist())}
@@ -256,14 +285,19 @@ class AudioReader:
 
 class Waveforms(nn.Module):
     """What an audio export holds: the clip window (cut or zero-padded to exactly `clip_samples`; None: a waveform
-    of any length, as it comes), the front end, then the network (or encoder). Input: float32 waveforms."""
+    of any length, as it comes), the front end, then the network (or encoder). Input: float32 waveforms and, for
+    a padded batch of recordings of any length, each one's length in samples (the network then reads each
+    recording's steps alone: `FrontEnd.steps`)."""
 
-    def __init__(self, front_end: nn.Module, network: nn.Module, clip_samples: int | None = None):
+    def __init__(self, front_end: nn.Module, network: nn.Module, clip_samples: int | None = None, steps: FrontEnd | None = None):
         super().__init__()
-        self.front_end, self.network, self.clip_samples = front_end, network, clip_samples
+        self.front_end, self.network, self.clip_samples, self.steps = front_end, network, clip_samples, steps
 
-    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
-        return self.network(self.front_end(to_clip(waveforms, self.clip_samples)))
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.front_end(to_clip(waveforms, self.clip_samples))
+        if lengths is None or self.steps is None:
+            return self.network(x)
+        return self.network(x, lengths=self.steps.steps(lengths))
 
 
 @MODALITIES.register("audio")
@@ -347,7 +381,11 @@ class AudioModality(Modality):
         mean, std = tuple(fitted["mean"]), tuple(fitted["std"])
         max_samples = int(kept) if kept is not None else None
         labels = unlabelled(len(waveforms), fitted)
-        data = AudioData(waveforms, **labels, front_end=front_end, mean=mean, std=std, clip_samples=clip, max_samples=max_samples)
+        samples = torch.tensor([len(samples) for samples, _ in decoded], dtype=torch.long)
+        side = recording_side(samples, front_end, clip)
+        data = AudioData(
+            waveforms, **labels, front_end=front_end, mean=mean, std=std, clip_samples=clip, max_samples=max_samples, side=side
+        )
         return ReadBatch(data, [about for _, about in decoded])
 
     def fitted_from_card(self, card: Mapping[str, Any], folder: Path) -> dict[str, Any]:
@@ -383,7 +421,8 @@ class AudioModality(Modality):
                 f"data.sample_rate: {data.front_end.sample_rate} Hz differs from the {front_end.sample_rate} Hz the model was trained on; "
                 f"set data.sample_rate={front_end.sample_rate}"
             )
-        return replace(data, front_end=front_end, mean=tuple(fitted["mean"]), std=tuple(fitted["std"]))
+        side = {**data.side, **recording_side(data.side.get("samples"), front_end, data.clip_samples)}
+        return replace(data, front_end=front_end, mean=tuple(fitted["mean"]), std=tuple(fitted["std"]), side=side)
 
     def inherited(self, data: AudioData, source: dict[str, Any]) -> tuple[AudioData, str | None]:
         """A fine-tune reads its data through the source run's front end (its options and statistics), in clips of
@@ -404,10 +443,22 @@ class AudioModality(Modality):
 
     def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
         front_end, clip = FrontEnd.recorded(fitted)
-        return Waveforms(front_end_module(front_end, tuple(fitted["mean"]), tuple(fitted["std"])), module, clip).eval()
+        reader = front_end_module(front_end, tuple(fitted["mean"]), tuple(fitted["std"]))
+        return Waveforms(reader, module, clip, steps=front_end if clip is None else None).eval()
 
-    def export_input(self, raw: torch.Tensor, data: AudioData) -> torch.Tensor:
-        return to_clip(decode(raw), data.clip_samples)
+    def export_input_names(self, data: Samples | None = None) -> tuple[str, ...]:
+        """Waveforms; for recordings of any length (no clip window), each one's length in samples beside them."""
+        whole = data is not None and data.clip_samples is None
+        return (self.input_name, "lengths") if whole else (self.input_name,)
+
+    def fed_side_inputs(self) -> frozenset[str]:
+        return frozenset({"lengths"})
+
+    def export_input(self, raw: torch.Tensor, data: AudioData) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        waveforms = to_clip(decode(raw), data.clip_samples)
+        if data.clip_samples is None:
+            return waveforms, data.side["samples"][: len(raw)].to(raw.device)
+        return waveforms
 
     def describe_input(self, data: AudioData) -> dict[str, Any]:
         f, clip = data.front_end, data.clip_samples

@@ -77,9 +77,14 @@ class Modality:
     reads_texts: ClassVar[bool] = False  # its inputs are texts themselves, not files
     decodes_in_workers: ClassVar[bool] = True  # predict decodes its inputs in DataLoader workers (not worth it for texts)
 
-    @classmethod
-    def export_input_names(cls) -> tuple[str, ...]:
-        return cls.input_names or (cls.input_name,)
+    def export_input_names(self, data: Samples | None = None) -> tuple[str, ...]:
+        """The exported model's inputs, in order, for a model trained on splits like `data`."""
+        return self.input_names or (self.input_name,)
+
+    def fed_side_inputs(self) -> frozenset[str]:
+        """The side information its exports compute from their own inputs and hand to the network (audio: each
+        recording's `lengths`, from its length in samples); an export refuses a network that takes any other."""
+        return frozenset()
 
     def resolve_data(self, options: Mapping[str, Any], model: Entry, task: type | None) -> dict[str, Any]:
         """Data options that follow the registered model (`model.meta`) and the task class (None: a method without

@@ -1,9 +1,10 @@
 """Encoders over sequences of feature vectors: bidirectional recurrent networks (`gru`, `lstm`) and a 1-D conv
 net (`conv1d`). The sequence is a clip's mel frames, the model input (N, 1, n_mels, frames) read as `frames`
 vectors of `n_mels` features, or a text's tokens, (N, length) ids read through a token embedding. They follow
-the encoder contract (`models/encoders.py`): forward gives pooled features (N, feature_dim); the recurrent ones
-also give their features at every step (`token_features`), which masked language modelling reads. None has 2-D
-stage maps, so dense heads (decoders, segmentation) do not fit them.
+the encoder contract (`models/encoders.py`): forward gives pooled features (N, feature_dim), and `token_features`
+their features at every step, which masked language modelling and per-frame heads (CTC) read. Frames of recordings
+of any length come with their `lengths` (side information), and padding never changes a real step's features.
+None has 2-D stage maps, so dense heads (decoders, segmentation) do not fit them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def mean_pool(steps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Te
         return steps.mean(dim=1)
     weight = mask.unsqueeze(-1).to(steps.dtype)
     return (steps * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
+
+
+def length_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """(N, steps) True at each sequence's first `length` steps."""
+    return torch.arange(steps, device=lengths.device).view(1, -1) < lengths.view(-1, 1)
 
 
 def reverse_within(steps: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -118,8 +124,11 @@ class TokenEmbedding(nn.Module):
 
 class RecurrentEncoder(nn.Module):
     """Sequences -> stacked bidirectional GRU or LSTM layers -> the mean or attention-weighted mean of the last
-    layer's outputs over the real steps. Sequences are a spectrogram's frames (N, 1, features, frames), or token
-    ids (N, length) read through a token embedding (`vocab_size`), whose padding is masked out."""
+    layer's outputs over the real steps. Sequences are a spectrogram's frames (N, 1, features, frames), with their
+    `lengths` where recordings of any length share a padded batch, or token ids (N, length) read through a token
+    embedding (`vocab_size`), whose padding is masked out."""
+
+    side_inputs = ("lengths",)
 
     def __init__(
         self,
@@ -153,20 +162,23 @@ class RecurrentEncoder(nn.Module):
         if self.word_vectors is not None:
             self.word_vectors.load_into(self.word_embedding)
 
-    def token_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The last layer's output at every step (N, steps, feature_dim), and the mask of real steps (None: all)."""
+    def token_features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last layer's output at every step (N, steps, feature_dim), and the mask of real steps (None: all).
+        Frames of recordings of any length come with their `lengths` (the steps padding cannot change): no step
+        before one's length reads its padding; tokens carry their own mask."""
         if self.tokens is not None:
             steps, mask = self.tokens(x)
             lengths = mask.sum(dim=1)
         else:
-            steps, mask, lengths = spectrogram_frames(x), None, None
+            steps = spectrogram_frames(x)
+            mask = length_mask(lengths, steps.shape[1]) if lengths is not None else None
         steps = self.norm(steps)
         for index, layer in enumerate(self.layers):
             steps = layer(self.dropout(steps) if index else steps, lengths)
         return steps, mask
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        steps, mask = self.token_features(x)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        steps, mask = self.token_features(x, lengths)
         return self.pool(steps, mask) if self.pool is not None else mean_pool(steps, mask)
 
 
@@ -249,7 +261,16 @@ def lstm(
 
 
 class ConvSequenceEncoder(nn.Sequential):
-    """Conv1d-BN-ReLU stages over the steps (features as channels), max-pooled between stages, then averaged."""
+    """Conv1d-BN-ReLU stages over the steps (features as channels), max-pooled between stages, then averaged.
+
+    Its features at every frame (`token_features`) are the same stages read densely, a trous: after each max-pool
+    of 2 the next convolutions are dilated twice as far, and each pool takes the maximum of a frame and the one
+    `dilation` frames on, so frame t holds what the pooled network computes for the window starting at t, at the
+    input's own frame rate (what a per-frame head such as CTC's needs). With `lengths`, every step past a
+    sequence's length is zeroed before each convolution and pool: padding reads as the convolutions' own zero
+    padding, and a padded batch gives each sequence the features it has alone."""
+
+    side_inputs = ("lengths",)
 
     def __init__(self, features: int, widths: tuple[int, ...], kernel_size: int):
         layers: list[nn.Module] = []
@@ -266,11 +287,32 @@ class ConvSequenceEncoder(nn.Sequential):
         super().__init__(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten())
         self.feature_dim = cin
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.squeeze(1))  # (N, features, steps): the features are the channels
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None:
+            return super().forward(x.squeeze(1))  # (N, features, steps): the features are the channels
+        steps, mask = self.token_features(x, lengths)
+        return mean_pool(steps, mask)
+
+    def token_features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features at every frame (N, frames, feature_dim), and the mask of real frames (None: all)."""
+        steps = x.squeeze(1)
+        mask = length_mask(lengths, steps.shape[-1]).unsqueeze(1).to(steps.dtype) if lengths is not None else None
+        dilation = 1
+        for module in list(self)[:-2]:  # the stages, without the global pool and flatten
+            if isinstance(module, nn.Conv1d):
+                steps = steps * mask if mask is not None else steps
+                reach = dilation * (module.kernel_size[0] // 2)
+                steps = nn.functional.conv1d(steps, module.weight, module.bias, padding=reach, dilation=dilation)
+            elif isinstance(module, nn.MaxPool1d):
+                steps = steps * mask if mask is not None else steps  # after a ReLU: zeros never win the maximum
+                steps = torch.maximum(steps, nn.functional.pad(steps, (0, dilation))[..., dilation:])
+                dilation *= 2
+            else:
+                steps = module(steps)
+        return steps.transpose(1, 2), mask.squeeze(1).bool() if mask is not None else None
 
 
-@MODELS.register(modality="audio", channels_last=False)
+@MODELS.register(modality="audio", channels_last=False, gives=("token_features",))
 def conv1d(
     sequence_features: int,
     widths: Annotated[tuple[PositiveInt, ...], Field(min_length=1, max_length=6)] = (64, 128, 256),

@@ -354,17 +354,18 @@ def export_run(
     cfg = load_config(None, base=record.config)
     trained = load_trained(record, cfg, device=torch.device("cpu"), splits=("test",))
     data, modality = trained.split(train=False), trained.modality
-    _refuse_side_inputs(trained.network, cfg.model.name)
+    _refuse_side_inputs(trained.network, cfg.model.name, modality.fed_side_inputs())
     fitted = modality.fitted_state(data)
     module = modality.served(trained.served(), fitted)
-    inputs = modality.export_input(data.inputs[: max(verify_images, TRACE_BATCH)], data)
+    checked = data.subset(torch.arange(min(len(data), max(verify_images, TRACE_BATCH))))
+    inputs = modality.export_input(checked.inputs, checked)
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     spec = trained.method.export()
     num_outputs = trained.method.num_outputs(data)
     example = tuple(x[:TRACE_BATCH] for x in inputs)
     lengths = modality.length_axes if spec.variable_length else {}
     exported = Exported(
-        module, example, spec, modality.export_input_names(), cfg.to_dict(), num_outputs, data.sample_shape, fitted, lengths
+        module, example, spec, modality.export_input_names(data), cfg.to_dict(), num_outputs, data.sample_shape, fitted, lengths
     )
 
     export_dir = output or record.path / "export"
@@ -416,10 +417,10 @@ def export_run(
     return result
 
 
-def _refuse_side_inputs(network: nn.Module, model: str) -> None:
+def _refuse_side_inputs(network: nn.Module, model: str, fed: frozenset[str] = frozenset()) -> None:
     """An export takes the modality's inputs alone: a network whose encoder or head needs side information beside
-    them (lengths, word ids) cannot be exported as it is."""
-    wanted = sorted({*getattr(network.encoder, "side_inputs", ()), *getattr(network.head, "side_inputs", ())})
+    them (word ids) cannot be exported as it is, unless the modality's export computes it (`fed`: audio's lengths)."""
+    wanted = sorted({*getattr(network.encoder, "side_inputs", ()), *getattr(network.head, "side_inputs", ())} - fed)
     if wanted:
         raise UsageError(
             f"export: model '{model}' takes side information ({', '.join(wanted)}) beside its inputs, and an export takes the "

@@ -1,7 +1,15 @@
-"""Tasks: what a head is trained for (classification, regression, segmentation, detection, token classification), each a registered
+"""Tasks: what a head is trained for (classification, regression, segmentation, detection, token classification,
+speech recognition), each a registered
 class in a module of its own."""
 
-from transferctl.tasks import classification, detection, regression, segmentation, token_classification  # noqa: F401  (registers)
+from transferctl.tasks import (  # noqa: F401  (registers)
+    classification,
+    detection,
+    regression,
+    segmentation,
+    speech_recognition,
+    token_classification,
+)
 from transferctl.tasks.base import Task
 
 __all__ = ["Task"]
