@@ -150,9 +150,10 @@ def classic_f1(column: str, seed: int, extra: list[str]) -> dict[str, Any]:
 
 
 def measure_row(
-    name: str, measure, pretrain_seconds: float, seeds: list[int], cells: Cells, tag: str, columns: list[str]
+    name: str, measure, pretrain_seconds: float, seeds: list[int], cells: Cells, tag: str, columns: list[str], metric: str = "f1"
 ) -> dict[str, Any]:
-    """One row: each column's mean and spread over the seeds (all labels: the first seed), and the row's wall time."""
+    """One row: each column's mean and spread of the cells' `metric` over the seeds (all labels: the first seed), and
+    the row's wall time."""
     row: dict[str, Any] = {"encoder": name, "pretrain_min": pretrain_seconds / 60, "seeds": len(seeds)}
     seconds = pretrain_seconds
     for column in columns:
@@ -160,7 +161,7 @@ def measure_row(
             cells.get(f"{tag}/{column}/seed{seed}", lambda column=column, seed=seed: measure(column, seed))
             for seed in (seeds if column != "all" else seeds[:1])
         ]
-        scores = [cell["f1"] for cell in done]
+        scores = [cell[metric] for cell in done]
         row[column] = statistics.mean(scores)
         row[f"{column}_sd"] = statistics.stdev(scores) if len(scores) > 1 else None
         seconds += sum(cell["seconds"] for cell in done)
