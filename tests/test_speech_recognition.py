@@ -285,6 +285,8 @@ def test_a_transcribed_folder_is_read_whole_with_its_transcripts(tmp_path):
         ("empty_transcript", "an empty transcript"),
         ("outside_alphabet", "'four', which task.alphabet lacks"),
         ("too_short", "frames cannot align the"),
+        ("shifting_augmentation", "data.augment"),
+        ("pooled_encoder", "reads an encoder's features at every token, and model 'cnn' has none"),
     ],
 )
 def test_bad_transcribed_folders_are_one_line_errors_and_no_run(cli, tmp_path, case, message):
@@ -305,11 +307,62 @@ def test_bad_transcribed_folders_are_one_line_errors_and_no_run(cli, tmp_path, c
     elif case == "too_short":
         options = ["task.vocabulary=characters"]  # 60 characters said in one take of a quarter second: 25 frames
         rows["train"].append(("c.wav", "a sentence far too long for the short recording it is given"))
+    elif case == "shifting_augmentation":
+        options = ["task.vocabulary=words", "data.augment.name=audio_light"]  # its time_shift and speed are on
+    elif case == "pooled_encoder":
+        options = ["task.vocabulary=words", "model.name=cnn"]
+    if case != "pooled_encoder":
+        options.append("model.name=conv1d")
     if case != "missing_file":
         speech_folder(root, rows, header)
-    overrides = ["task=speech_recognition", "model.name=conv1d", "data.name=speech_folder", f"data.root={root}", "data.sample_rate=8000"]
+    overrides = ["task=speech_recognition", "data.name=speech_folder", f"data.root={root}", "data.sample_rate=8000"]
     config = write_config(tmp_path / "c.yaml", "method: finetune\n")
     result = cli("finetune", "-c", config, *overrides, *options, "--runs-dir", tmp_path / "runs")
     assert result.code == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_batches_of_recordings_are_bucketed_by_length_and_the_order_is_seeded():
+    from transferctl.data.pipeline import epoch_order, training_order
+    from transferctl.modalities.image import ImageData
+
+    lengths = torch.randint(10, 1000, (203,), generator=torch.Generator().manual_seed(0))
+    data = ImageData(torch.zeros(203, 1, 1, 1), torch.zeros(203, dtype=torch.long), ("a",), mean=(0.0,), std=(1.0,), hflip=False)
+    assert torch.equal(training_order(data, 3, 1, 10), epoch_order(203, 3, 1))  # no lengths: shuffled as ever
+    measured = ImageData(data.inputs, data.targets, ("a",), mean=(0.0,), std=(1.0,), hflip=False, side={"lengths": lengths})
+    order = training_order(measured, 3, 1, 10)
+    assert sorted(order.tolist()) == list(range(203)) and torch.equal(order, training_order(measured, 3, 1, 10))
+    assert not torch.equal(order, training_order(measured, 3, 2, 10))
+    batches = order.split(10)
+    spread = sum(int(lengths[b].max() - lengths[b].min()) for b in batches[:-1]) / (len(batches) - 1)
+    assert spread < 0.2 * float(lengths.max() - lengths.min()) and len(batches[-1]) == 3  # like lengths; the partial batch last
+
+
+def test_log_mel_statistics_count_the_real_frames_of_recordings_read_whole():
+    from transferctl.data.audio import audio_split
+
+    front_end = FrontEnd.of(RATE, 40, 32.0, 10.0)
+    loud = torch.from_numpy(np.concatenate([digit_take(1, 0, 0), np.zeros(4000)]) * 32767).to(torch.int16)
+    alone = torch.from_numpy(digit_take(1, 0, 0) * 32767).to(torch.int16)
+    lengths = torch.tensor([len(alone)])
+    padded = audio_split(loud[None], lengths, torch.zeros(1, dtype=torch.long), ("a",), front_end, None)
+    own = audio_split(alone[None], lengths, torch.zeros(1, dtype=torch.long), ("a",), front_end, None)
+    assert padded.mean == pytest.approx(own.mean, abs=1e-4) and padded.std == pytest.approx(own.std, abs=1e-4)
+    assert padded.side["lengths"].tolist() == [int(front_end.steps(lengths))]
+
+
+def test_gradients_are_clipped_to_train_grad_clip_norm(tmp_path, fsdd_root):
+    from transferctl.recipes import finetune
+
+    config = write_config(tmp_path / "asr.yaml", ASR.format(root=fsdd_root))
+    steps = ["train.max_steps=2", "train.epochs=1", "optimizer={name: sgd, lr: 1.0, weight_decay: 0.0}", "data.train_utterances=40", "train.val_every=1000"]
+
+    def weights(*overrides: str) -> dict[str, torch.Tensor]:
+        run = finetune(None, config, [*steps, *overrides], runs_dir=tmp_path / "runs").run_dir
+        state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+        return {k: v for k, v in state.items() if "running" not in k and "batches" not in k}  # the parameters
+
+    held, once, free = weights("train.grad_clip_norm=1e-6"), weights("train.grad_clip_norm=1e-6", "train.max_steps=1"), weights()
+    moved = lambda a, b: max(float((a[k].float() - b[k].float()).abs().max()) for k in a)  # noqa: E731
+    assert moved(held, once) <= 2e-6 < 1e-2 < moved(held, free)  # each step moves a weight by lr x 1e-6 at most
