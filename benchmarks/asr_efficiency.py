@@ -69,7 +69,8 @@ def rows_of(
     rows = []
     for split, seeds in splits.items():
         for key in encoders:
-            source = pretrained(key, split, cells, runs, [e for e in extra if e.startswith("data.root=")] + (QUICK_PRETRAIN if quick else []))
+            roots = [e for e in extra if e.startswith("data.root=")]
+            source = pretrained(key, split, cells, runs, roots + (QUICK_PRETRAIN if quick else []))
 
             def measure(column: str, seed: int, source=source["source"], split=split) -> dict[str, Any]:
                 return tuned_wer(source, [f"data.split={split}", *COLUMNS[column], f"data.seed={seed}", *extra], runs)
@@ -112,8 +113,10 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
     random, pretrained_rows = official.get(ENCODERS["random"]), [r for n, r in official.items() if n != ENCODERS["random"]]
     if random and pretrained_rows and "50" in random:
         gain = 100 * (random["50"] - min(r["50"] for r in pretrained_rows))
-        out.append(f"- 50 utterances, random init minus the best pretrained: {gain:+.1f} WER points (must >= +10): "
-                   + ("met" if gain >= 10 else "NOT met"))
+        out.append(
+            f"- 50 utterances, random init minus the best pretrained: {gain:+.1f} WER points (must >= +10): "
+            + ("met" if gain >= 10 else "NOT met")
+        )
     return out
 
 

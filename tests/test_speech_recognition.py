@@ -356,7 +356,8 @@ def test_gradients_are_clipped_to_train_grad_clip_norm(tmp_path, fsdd_root):
     from transferctl.recipes import finetune
 
     config = write_config(tmp_path / "asr.yaml", ASR.format(root=fsdd_root))
-    steps = ["train.max_steps=2", "train.epochs=1", "optimizer={name: sgd, lr: 1.0, weight_decay: 0.0}", "data.train_utterances=40", "train.val_every=1000"]
+    sgd = "optimizer={name: sgd, lr: 1.0, weight_decay: 0.0}"
+    steps = ["train.max_steps=2", "train.epochs=1", sgd, "data.train_utterances=40", "train.val_every=1000"]
 
     def weights(*overrides: str) -> dict[str, torch.Tensor]:
         run = finetune(None, config, [*steps, *overrides], runs_dir=tmp_path / "runs").run_dir
@@ -364,5 +365,8 @@ def test_gradients_are_clipped_to_train_grad_clip_norm(tmp_path, fsdd_root):
         return {k: v for k, v in state.items() if "running" not in k and "batches" not in k}  # the parameters
 
     held, once, free = weights("train.grad_clip_norm=1e-6"), weights("train.grad_clip_norm=1e-6", "train.max_steps=1"), weights()
-    moved = lambda a, b: max(float((a[k].float() - b[k].float()).abs().max()) for k in a)  # noqa: E731
+
+    def moved(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+        return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
     assert moved(held, once) <= 2e-6 < 1e-2 < moved(held, free)  # each step moves a weight by lr x 1e-6 at most
