@@ -195,7 +195,10 @@ def test_a_task_of_inputs_of_any_length_reads_whole_recordings_and_exports_witho
     served = AudioModality().served(rebuild(checkpoints.read(Path(tuned["run_dir"]) / "checkpoints" / "last.pt")), saved["data"])
     assert isinstance(served, Waveforms) and served.clip_samples is None
     with torch.no_grad():
-        for samples in (3000, 20000):  # no clip: every length is read whole, one frame per hop
+        for samples in (3000, 20000):  # no clip: every length is read whole, with each waveform's length beside it
             waveform = torch.randn(2, samples) * 0.1
-            assert torch.allclose(scripted(waveform), served(waveform), atol=1e-5)
-        assert not torch.allclose(served(waveform[:, :3000]), served(nn.functional.pad(waveform[:, :3000], (0, 5000))))
+            lengths = torch.tensor([samples, samples - 1000])
+            assert torch.allclose(scripted(waveform, lengths), served(waveform, lengths), atol=1e-5)
+        short, padded, lengths = waveform[:, :3000], nn.functional.pad(waveform[:, :3000], (0, 5000)), torch.tensor([3000, 3000])
+        assert not torch.allclose(served(short), served(padded))  # without lengths, a waveform is all recording
+        assert torch.allclose(served(short, lengths), served(padded, lengths), atol=1e-5)  # with them, padding is not read

@@ -295,8 +295,10 @@ class Waveforms(nn.Module):
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.front_end(to_clip(waveforms, self.clip_samples))
-        if lengths is None or self.steps is None:
+        if self.steps is None:  # clips: every frame is real
             return self.network(x)
+        if lengths is None:  # each waveform whole, as trained on recordings of any length
+            lengths = torch.full((len(waveforms),), waveforms.shape[1], dtype=torch.long, device=waveforms.device)
         return self.network(x, lengths=self.steps.steps(lengths))
 
 
