@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ner_efficiency")
     parser.add_argument("--write-corpus", type=Path, help="write the pretraining corpus to this folder and stop")
     parser.add_argument("--quick", action="store_true", help="3 steps per run: checks the plumbing, not the scores")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of every fine-tune (head.crf=false)")
     args = parser.parse_args()
 
     data_dir = args.data_dir.resolve()
@@ -249,7 +250,7 @@ def main() -> None:
     if not (corpus / "train.csv").is_file():  # written once: a rewrite would change the files the pretraining cells read
         write_corpus(data_dir, corpus)
     cells = Cells(out / "cells.jsonl")
-    extra = [f"data.root={data_dir}", *(QUICK if args.quick else [])]
+    extra = [f"data.root={data_dir}", *args.set, *(QUICK if args.quick else [])]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cells in {cells.path}", flush=True)
     rows = rows_of(args.encoders, args.seeds, cells, out / "runs", corpus, extra, args.columns, not args.no_classic)
     table, summary = markdown(rows, len(args.seeds)), "\n".join(target_lines(rows))

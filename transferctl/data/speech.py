@@ -150,7 +150,7 @@ def fsdd_sequences(
     chosen = [(path, match) for path, match in named if in_test(match) != train]
     if not chosen:
         raise UsageError(f"data set 'fsdd_sequences': no recording falls in the {'training' if train else 'test'} split; check data.split")
-    waveforms, lengths = decode_audio_files("fsdd", [p for p, _ in chosen], sample_rate, None)
+    waveforms, lengths = decode_audio_files("fsdd_sequences", [p for p, _ in chosen], sample_rate, None)
     clips = [trim_silence(w[:n], sample_rate, trim_db) for w, n in zip(waveforms, lengths.tolist(), strict=True)]
     pools: dict[str, dict[int, list[int]]] = {}
     for index, (_, match) in enumerate(chosen):

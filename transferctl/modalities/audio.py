@@ -289,17 +289,18 @@ class Waveforms(nn.Module):
     a padded batch of recordings of any length, each one's length in samples (the network then reads each
     recording's steps alone: `FrontEnd.steps`)."""
 
-    def __init__(self, front_end: nn.Module, network: nn.Module, clip_samples: int | None = None, steps: FrontEnd | None = None):
+    def __init__(self, front_end: nn.Module, network: nn.Module, clip_samples: int | None = None, whole: FrontEnd | None = None):
         super().__init__()
-        self.front_end, self.network, self.clip_samples, self.steps = front_end, network, clip_samples, steps
+        self.front_end, self.network, self.clip_samples = front_end, network, clip_samples
+        self.whole = whole  # recordings of any length, read whole through this front end: their steps follow their lengths
 
     def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.front_end(to_clip(waveforms, self.clip_samples))
-        if self.steps is None:  # clips: every frame is real
+        if self.whole is None:  # clips: every frame is real
             return self.network(x)
         if lengths is None:  # each waveform whole, as trained on recordings of any length
             lengths = torch.full((len(waveforms),), waveforms.shape[1], dtype=torch.long, device=waveforms.device)
-        return self.network(x, lengths=self.steps.steps(lengths))
+        return self.network(x, lengths=self.whole.steps(lengths))
 
 
 @MODALITIES.register("audio")
@@ -446,7 +447,7 @@ class AudioModality(Modality):
     def served(self, module: nn.Module, fitted: dict[str, Any]) -> nn.Module:
         front_end, clip = FrontEnd.recorded(fitted)
         reader = front_end_module(front_end, tuple(fitted["mean"]), tuple(fitted["std"]))
-        return Waveforms(reader, module, clip, steps=front_end if clip is None else None).eval()
+        return Waveforms(reader, module, clip, whole=front_end if clip is None else None).eval()
 
     def export_input_names(self, data: Samples | None = None) -> tuple[str, ...]:
         """Waveforms; for recordings of any length (no clip window), each one's length in samples beside them."""
@@ -467,7 +468,11 @@ class AudioModality(Modality):
         if clip is None:
             length = f"a recording of any length (at least {f.win_length} samples)" if f.kind == "log_mel" else "a recording of any length"
             shape: list[Any] = ["batch", "samples"]
-            clip_entries: dict[str, Any] = {"clip_seconds": None, "clip_samples": None}
+            clip_entries: dict[str, Any] = {
+                "clip_seconds": None,
+                "clip_samples": None,
+                "lengths": "a second input, int64 (batch,): each waveform's length in samples, for a zero-padded batch",
+            }
         else:
             length = (
                 f"exactly {clip} samples: the first ones of a recording (the clip's start, as evaluation reads it), zero-padded "

@@ -128,8 +128,6 @@ class RecurrentEncoder(nn.Module):
     `lengths` where recordings of any length share a padded batch, or token ids (N, length) read through a token
     embedding (`vocab_size`), whose padding is masked out."""
 
-    side_inputs = ("lengths",)
-
     def __init__(
         self,
         cell: str,
@@ -144,6 +142,7 @@ class RecurrentEncoder(nn.Module):
     ):
         super().__init__()
         self.tokens = TokenEmbedding(vocab_size, features, pad_id) if vocab_size else None
+        self.side_inputs = () if vocab_size else ("lengths",)  # tokens carry their own mask; frames take their lengths
         self.word_vectors = word_vectors
         self.norm = nn.LayerNorm(features)
         widths = [features] + [2 * hidden_dim] * (layers - 1)

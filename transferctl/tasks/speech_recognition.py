@@ -10,6 +10,7 @@ Metrics are word and character error rates (edit distance over the split, as jiw
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,9 +54,13 @@ class Alphabet:
     def join(self, units: Sequence[str]) -> str:
         return " ".join(units) if self.vocabulary == "words" else "".join(units)
 
+    @functools.cached_property
+    def ids(self) -> dict[str, int]:
+        return {unit: i + 1 for i, unit in enumerate(self.units)}
+
     def encode(self, text: str) -> torch.Tensor:
-        index = {unit: i + 1 for i, unit in enumerate(self.units)}
-        return torch.tensor([index[u] for u in self.split(text) if u in index], dtype=torch.long)
+        """The ids of a transcript's units (units the alphabet lacks are left out: `missing` names them)."""
+        return torch.tensor([self.ids[u] for u in self.split(text) if u in self.ids], dtype=torch.long)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.join([self.units[i - 1] for i in ids])
@@ -255,13 +260,14 @@ class SpeechRecognition(Task):
     def decode(
         self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1, batch: ReadBatch | None = None
     ) -> list[dict[str, Any]]:
-        """Each recording's greedy transcript and its confidence (the mean probability of the frames that emit a unit)."""
+        """Each recording's greedy transcript and its confidence: the mean probability of the frames that emit a unit
+        (None for an empty transcript)."""
         records = []
         best = outputs.max(-1)
         for ids, row, values in zip(greedy_ids(outputs), best.indices, best.values, strict=True):
             emitting = row != BLANK
-            confidence = float(values[emitting].exp().mean()) if emitting.any() else 1.0
-            records.append({"transcript": self.units.decode(ids), "confidence": round(confidence, 4)})
+            confidence = round(float(values[emitting].exp().mean()), 4) if emitting.any() else None
+            records.append({"transcript": self.units.decode(ids), "confidence": confidence})
         return records
 
     def card(self, data: Samples) -> dict[str, Any]:
