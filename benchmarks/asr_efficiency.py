@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from audio_efficiency import cell_text
 from label_efficiency import Cells, recipe_digest
 from ner_efficiency import measure_row
 
@@ -79,13 +80,6 @@ def rows_of(
             row = measure_row(ENCODERS[key], measure, source["seconds"], seeds, cells, tag, columns, metric="wer")
             rows.append({"split": split, **row})
     return rows
-
-
-def cell_text(row: dict[str, Any], column: str) -> str:
-    if column not in row:
-        return "—"
-    spread = row[f"{column}_sd"]
-    return f"{100 * row[column]:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -167,6 +167,24 @@ FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)$")
 FSDD_TEST_TAKES = 5  # the data set's own split: takes 0-4 of every digit and speaker are the test set
 
 
+def fsdd_split(name: str, root: Path, train: bool, split: str, test_speakers: tuple[str, ...]) -> list[tuple[Path, re.Match]]:
+    """FSDD's recordings in the training or test split, each with its name's digit, speaker and take (a match of
+    FSDD_NAME): `official` tests on takes 0-4, `speakers` on `test_speakers`. A missing folder, a misnamed file or
+    an unknown test speaker is a one-line error naming data set `name`."""
+    folder = root / "FSDD" / "recordings"
+    recordings = sorted(folder.glob("*.wav")) if folder.is_dir() else []
+    if not recordings:
+        raise missing_data(name, root, "FSDD/recordings/*.wav")
+    named = [(path, FSDD_NAME.match(path.stem)) for path in recordings]
+    if bad := next((path for path, match in named if match is None), None):
+        raise UsageError(f"data set '{name}': {bad.name} is not named {{digit}}_{{speaker}}_{{take}}.wav; remove or rename it")
+    speakers = {match[2] for _, match in named}
+    if split == "speakers" and (unknown := sorted(set(test_speakers) - speakers)):
+        raise UsageError(f"data.test_speakers: {', '.join(unknown)} not among the speakers ({', '.join(sorted(speakers))}); name them")
+    in_test = (lambda m: int(m[3]) < FSDD_TEST_TAKES) if split == "official" else (lambda m: m[2] in test_speakers)
+    return [(path, match) for path, match in named if in_test(match) != train]
+
+
 @DATASETS.register(modality="audio")
 def fsdd(
     root: Path,
@@ -186,18 +204,7 @@ def fsdd(
     takes 0-4 (300 clips), `split: speakers` on every clip of `test_speakers`."""
     reader = FrontEnd.of(sample_rate, n_mels, window_ms, hop_ms, front_end)
     clip_samples = clip_samples_of(clip_seconds, reader)
-    folder = root / "FSDD" / "recordings"
-    recordings = sorted(folder.glob("*.wav")) if folder.is_dir() else []
-    if not recordings:
-        raise missing_data("fsdd", root, "FSDD/recordings/*.wav")
-    named = [(path, FSDD_NAME.match(path.stem)) for path in recordings]
-    if bad := next((path for path, match in named if match is None), None):
-        raise UsageError(f"data set 'fsdd': {bad.name} is not named {{digit}}_{{speaker}}_{{take}}.wav; remove or rename it")
-    speakers = {match[2] for _, match in named}
-    if split == "speakers" and (unknown := sorted(set(test_speakers) - speakers)):
-        raise UsageError(f"data.test_speakers: {', '.join(unknown)} not among the speakers ({', '.join(sorted(speakers))}); name them")
-    in_test = (lambda m: int(m[3]) < FSDD_TEST_TAKES) if split == "official" else (lambda m: m[2] in test_speakers)
-    chosen = [(path, int(match[1])) for path, match in named if in_test(match) != train]
+    chosen = [(path, int(match[1])) for path, match in fsdd_split("fsdd", root, train, split, test_speakers)]
     max_samples = round(max_seconds * sample_rate)
     waveforms, lengths = decode_audio_files("fsdd", [p for p, _ in chosen], sample_rate, max_samples)
     targets = torch.tensor([digit for _, digit in chosen], dtype=torch.long)

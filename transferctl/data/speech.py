@@ -17,8 +17,6 @@ import torch
 from pydantic import Field, PositiveInt
 
 from transferctl.data.audio import (
-    FSDD_NAME,
-    FSDD_TEST_TAKES,
     FrontEndKind,
     MelBins,
     Milliseconds,
@@ -26,9 +24,10 @@ from transferctl.data.audio import (
     Seconds,
     audio_split,
     decode_audio_files,
+    fsdd_split,
     padded_clips,
 )
-from transferctl.data.datasets import missing_data, split_folder
+from transferctl.data.datasets import split_folder
 from transferctl.data.targets import TargetList
 from transferctl.errors import ConfigError, UsageError
 from transferctl.modalities.audio import AudioData, FrontEnd
@@ -136,18 +135,7 @@ def fsdd_sequences(
     if min_digits > max_digits or pause_ms[0] > pause_ms[1]:
         raise ConfigError("data: min_digits <= max_digits and pause_ms as [shortest, longest]; swap them")
     reader = FrontEnd.of(sample_rate, n_mels, window_ms, hop_ms, front_end)
-    folder = root / "FSDD" / "recordings"
-    recordings = sorted(folder.glob("*.wav")) if folder.is_dir() else []
-    if not recordings:
-        raise missing_data("fsdd_sequences", root, "FSDD/recordings/*.wav")
-    named = [(path, FSDD_NAME.match(path.stem)) for path in recordings]
-    if bad := next((path for path, match in named if match is None), None):
-        raise UsageError(f"data set 'fsdd_sequences': {bad.name} is not named {{digit}}_{{speaker}}_{{take}}.wav; remove or rename it")
-    speakers = {match[2] for _, match in named}
-    if split == "speakers" and (unknown := sorted(set(test_speakers) - speakers)):
-        raise UsageError(f"data.test_speakers: {', '.join(unknown)} not among the speakers ({', '.join(sorted(speakers))}); name them")
-    in_test = (lambda m: int(m[3]) < FSDD_TEST_TAKES) if split == "official" else (lambda m: m[2] in test_speakers)
-    chosen = [(path, match) for path, match in named if in_test(match) != train]
+    chosen = fsdd_split("fsdd_sequences", root, train, split, tuple(test_speakers))
     if not chosen:
         raise UsageError(f"data set 'fsdd_sequences': no recording falls in the {'training' if train else 'test'} split; check data.split")
     waveforms, lengths = decode_audio_files("fsdd_sequences", [p for p, _ in chosen], sample_rate, None)
