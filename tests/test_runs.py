@@ -128,7 +128,7 @@ def test_metrics_csv_is_written_beside_the_jsonl_and_follows_a_resume_truncation
         {"epoch": "1", "step": "5", "train_loss": "1.0", "val_loss": ""},
         {"epoch": "2", "step": "10", "train_loss": "0.5", "val_loss": "0.75"},
     ]
-    run.keep_metrics_through(1)
+    run.keep_metrics_through(5)
     assert (run.path / "metrics.csv").read_text() == "epoch,step,train_loss\n1,5,1.0\n"
     assert not list(run.path.glob(".*.tmp"))
 

@@ -22,8 +22,8 @@ from transferctl.data import BatchAugment, Samples, data_root, load_split, load_
 from transferctl.data.datasets import TrainingData
 from transferctl.data.pipeline import LoaderPipeline, Pipeline, make_pipeline
 from transferctl.distributed import world
-from transferctl.engine.train import Objective, Settings, Steps, pick_device, plan_steps
-from transferctl.errors import ConfigError, UsageError
+from transferctl.engine.train import EarlyStop, Objective, Settings, Steps, pick_device, plan_steps
+from transferctl.errors import ConfigError, UsageError, did_you_mean
 from transferctl.methods import Method, Parts, method_of
 from transferctl.modalities import Modality, dataset_modality, modality_named
 from transferctl.models import Network, weights
@@ -82,9 +82,17 @@ def _stage_shapes(encoder: nn.Module, sample_shape: tuple[int, ...]) -> tuple[tu
     return tuple(tuple(m.shape[1:]) for m in maps)
 
 
-def build_loss(cfg: Config, head: nn.Module | None = None) -> nn.Module:
-    """The configured loss; `head`: the head it trains, for a loss that reads it (a CRF's transition scores)."""
-    return LOSSES.build(cfg.loss.name, cfg.loss.options, head=head)
+def build_loss(cfg: Config, head: nn.Module | None = None, train: Samples | None = None) -> nn.Module:
+    """The configured loss; `head`: the head it trains, for a loss that reads it (a CRF's transition scores); `train`:
+    the training split, whose class counts a loss may weigh classes by."""
+    return LOSSES.build(cfg.loss.name, cfg.loss.options, head=head, class_counts=class_counts(train) if train is not None else None)
+
+
+def class_counts(data: Samples) -> torch.Tensor | None:
+    """How many samples of each class a split holds (None for targets that are not a class per sample)."""
+    if data.target_kind != "class" or not data.num_classes:
+        return None
+    return torch.bincount(data.targets.cpu(), minlength=data.num_classes)
 
 
 def build_augment(cfg: Config, data: Samples, modality: Modality) -> BatchAugment:
@@ -138,6 +146,7 @@ def build_pipeline(
         channels_last=use_channels_last(cfg, device),
         rank=ranks.rank,
         world=ranks.size,
+        balanced=cfg.data.sampler == "balanced",
     )
 
 
@@ -177,13 +186,34 @@ def cpu_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def settings_of(cfg: Config, steps: Steps) -> Settings:
+def early_stop_of(cfg: Config, objective: Objective, val: Samples) -> EarlyStop | None:
+    """`train.early_stop` on one of the validation metrics the objective declares (its direction from there)."""
+    section = cfg.train.early_stop
+    if section is None:
+        return None
+    if not len(val):
+        raise ConfigError(
+            "train.early_stop: stopping early needs a held-out split to validate on, and data.val_fraction is 0; set it above 0"
+        )
+    metrics = objective.validation_metrics
+    metric = section.metric or objective.selection.metric
+    if metric not in metrics:
+        raise ConfigError(
+            f"train.early_stop.metric: the run does not produce '{metric}'{did_you_mean(metric, list(metrics))} "
+            f"(it validates: {', '.join(metrics)})"
+        )
+    return EarlyStop(metric, metrics[metric], section.patience, section.min_delta)
+
+
+def settings_of(cfg: Config, steps: Steps, early_stop: EarlyStop | None = None) -> Settings:
     t = cfg.train
     return Settings(
         steps=steps,
         eval_batch_size=cfg.data.eval_batch_size,
         log_every=t.log_every,
         val_every=t.val_every,
+        val_every_steps=t.val_every_steps,
+        early_stop=early_stop,
         checkpoint_every=t.checkpoint_every,
         on_nan=t.on_nan,
         precision=t.precision,
@@ -273,7 +303,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     forward = training_forward(cfg, network, device, method.some_steps_frozen(cfg))  # before the optimizer: SyncBatchNorm swaps modules
     lr_scale, encoder_decay = method.encoder_optimization(cfg)
     optimizer = build_optimizer(cfg, parameter_groups(network, lr_scale, encoder_weight_decay=encoder_decay))
-    criterion = build_loss(cfg, network.head)
+    criterion = build_loss(cfg, network.head, data.train).to(device)
     starting = (lambda: weights.starting_encoder_state(cfg, build_encoder(cfg, context))) if weights.has_pretrained_encoder(cfg) else None
     parts = Parts(
         cfg, device, modality, data.train, val, data.unlabeled, network, forward, criterion, augment, channels_last, steps.total, starting
@@ -293,7 +323,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         optimizer,
         scheduler,
         pipeline,
-        settings_of(cfg, steps),
+        settings_of(cfg, steps, early_stop_of(cfg, objective, val)),
         notes,
         task_state,
         data_root=data_root(cfg.data),
@@ -315,7 +345,9 @@ def _read_as_source(data: TrainingData, modality: Modality, source: str) -> tupl
 
 
 def _check_targets(cfg: Config, method: Method, train: Samples) -> None:
-    """A method that learns from labels needs some."""
+    """A method that learns from labels needs some; balanced sampling needs a class per sample."""
+    if cfg.data.sampler == "balanced" and class_counts(train) is None:
+        raise ConfigError(f"data.sampler: balanced: data set '{cfg.data.name}' has no class per sample here to balance; drop it")
     if method.uses_labels and train.target_kind == "class" and not train.num_classes:
         raise ConfigError(
             f"method: '{cfg.method.name}' learns from labels, and data set '{cfg.data.name}' has none here (no label column); "

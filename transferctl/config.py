@@ -206,6 +206,14 @@ def _check_label_budget(data: DataConfig, task: type | None, task_name: str | No
             f"data.labels_per_class: task '{task_name}' has no class per sample; set it to null and use data.labeled_samples "
             f"(a seeded subset of that many labelled samples) instead"
         )
+    balancing = {"data.imbalance": data.imbalance is not None, "data.sampler": data.sampler == "balanced"}
+    for key in (k for k, asked in balancing.items() if asked):
+        if data.labels_per_class:
+            raise ConfigError(f"{key}: data.labels_per_class already gives every class the same count; set one of them")
+        if data.pipeline == "stream":
+            raise ConfigError(f"{key}: it draws from the whole split, which data.pipeline=stream does not hold; use another pipeline")
+        if task is not None and task.target_kind != "class":
+            raise ConfigError(f"{key}: task '{task_name}' has no class per sample to balance; drop it")
 
 
 def _default(name: str | None, where: str, missing: str) -> Component:

@@ -3,7 +3,7 @@ or task names the kind it needs."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from pydantic import Field, PositiveFloat
 from torch import nn
 
 from transferctl.distributed import gather_with_grad
+from transferctl.errors import ConfigError
 from transferctl.registry import LOSSES
 
 
@@ -44,10 +45,36 @@ def nt_xent(temperature: PositiveFloat = 0.5) -> nn.Module:
     return NTXentLoss(temperature)
 
 
+ClassWeights = Literal["balanced"] | list[PositiveFloat] | None
+
+
+def _class_weights(weights: ClassWeights, class_counts: torch.Tensor | None) -> torch.Tensor | None:
+    """`loss.class_weights` as a tensor: `balanced` weighs class c by N / (C * n_c) over the training split's counts
+    (scikit-learn's "balanced"; a class without samples weighs 0), a list is taken as given, one weight per class."""
+    if weights is None:
+        return None
+    if class_counts is None:
+        raise ConfigError("loss.class_weights: the training split has no class per sample to weigh; drop it")
+    if weights == "balanced":
+        counts = class_counts.double()
+        return torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp_min(1)), 0.0).float()
+    if len(weights) != len(class_counts):
+        raise ConfigError(
+            f"loss.class_weights: {len(weights)} weights for {len(class_counts)} classes; "
+            f"give one per class, in the classes' order, or `balanced`"
+        )
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 @LOSSES.register(serves=("classification",))
-def cross_entropy(label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> nn.Module:
-    """Cross-entropy on class logits, with optional label smoothing."""
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+def cross_entropy(
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0,
+    class_weights: ClassWeights = None,
+    class_counts: torch.Tensor | None = None,
+) -> nn.Module:
+    """Cross-entropy on class logits, with optional label smoothing and class weights (`balanced`: inverse to each
+    class's share of the training split; or one weight per class)."""
+    return nn.CrossEntropyLoss(weight=_class_weights(class_weights, class_counts), label_smoothing=label_smoothing)
 
 
 @LOSSES.register(serves=("masked_tokens",))

@@ -75,11 +75,11 @@ def _curves(rows: list[dict[str, Any]]) -> Figure:
     return figure
 
 
-def write_confusion(run: Run, classes: list[str], confusion: list[list[int]]) -> None:
-    _write_png(run, "confusion.png", lambda: _confusion(classes, confusion))
+def write_confusion(run: Run, classes: list[str], confusion: list[list[int]], title: str = "confusion matrix") -> None:
+    _write_png(run, "confusion.png", lambda: _confusion(classes, confusion, title))
 
 
-def _confusion(classes: list[str], confusion: list[list[int]]) -> Figure:
+def _confusion(classes: list[str], confusion: list[list[int]], title: str) -> Figure:
     from matplotlib.figure import Figure
 
     size = max(4.0, 0.45 * len(classes) + 2)
@@ -88,7 +88,7 @@ def _confusion(classes: list[str], confusion: list[list[int]]) -> Figure:
     image = ax.imshow(confusion, cmap="Blues")
     figure.colorbar(image, ax=ax)
     ticks = range(len(classes))
-    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title="confusion matrix")
+    ax.set(xticks=ticks, yticks=ticks, xlabel="predicted", ylabel="true", title=title)
     ax.set_xticklabels(classes, rotation=90)
     ax.set_yticklabels(classes)
     if len(classes) <= 20:  # counts stay legible up to about 20 classes

@@ -147,7 +147,8 @@ HEADS = Registry(
         "pad_id",  # text: which tokens are padding (a tagger's CRF runs over the real ones)
     ),
 )
-LOSSES = Registry("loss", context=("head",))  # the head it trains (a CRF's transitions, which score whole tag sequences)
+# the head it trains (a CRF's transitions, which score whole tag sequences); the training split's count of each class
+LOSSES = Registry("loss", context=("head", "class_counts"))
 OPTIMIZERS = Registry("optimizer", context=("params",))
 SCHEDULERS = Registry("scheduler", context=("optimizer", "total_steps"))
 # a data set may also take the target kind its task trains on (`target_kind`: masks, boxes or the digits of a scene from

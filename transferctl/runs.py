@@ -121,9 +121,9 @@ class Run:
         self.metrics.append(row)
         self._write_metrics()
 
-    def keep_metrics_through(self, epoch: int) -> None:
-        """Drop the rows after `epoch` (the checkpoint's): training redoes them."""
-        self.metrics = [r for r in self.metrics if r.get("epoch", 0) <= epoch and not r.get("partial")]
+    def keep_metrics_through(self, step: int) -> None:
+        """Drop the rows after `step` (the checkpoint's) and a partial epoch's row: training redoes them."""
+        self.metrics = [r for r in self.metrics if r.get("step", 0) <= step and not r.get("partial")]
         self._write_metrics()
 
     def _write_metrics(self) -> None:
@@ -331,7 +331,14 @@ class RunRecord:
         return self.path.name
 
     def checkpoint_path(self, name: str) -> Path:
-        return self.path / "checkpoints" / f"{name}.pt"
+        """checkpoints/<name>.pt; `auto` (eval.checkpoint's default): best.pt for a run that stopped early (the steps
+        after it are those that patience let through), else last.pt."""
+        return self.path / "checkpoints" / f"{self.checkpoint_name(name)}.pt"
+
+    def checkpoint_name(self, name: str) -> str:
+        if name != "auto":
+            return name
+        return "best" if self.summary.get("early_stopped_at") is not None else "last"
 
 
 def resolve_run(ref: str, runs_dir: Path, flag: str = "--from") -> Path:

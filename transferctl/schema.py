@@ -63,6 +63,9 @@ class DataConfig(BaseModel):
     eval_batch_size: PositiveInt = 1024
     labels_per_class: PositiveInt | None = None  # a seeded subset of that many labelled samples of every class
     labeled_samples: PositiveInt | None = None  # a seeded subset of that many labelled samples, whatever their targets
+    # a long-tailed training split: class i keeps n_max * imbalance^(-i / (C - 1)) of its samples (seeded; CIFAR-LT)
+    imbalance: float | None = Field(None, ge=1.0)
+    sampler: Literal["random", "balanced"] = "random"  # balanced: each class drawn equally often (with replacement)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: Seed = 0
     augment: Component | None = None
@@ -80,6 +83,15 @@ class DataConfig(BaseModel):
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 
+class EarlyStopConfig(BaseModel):
+    """Stop training once a validation metric has not improved for `patience` validations in a row."""
+
+    model_config = ConfigDict(extra="forbid")
+    metric: str | None = None  # a validation metric of the run's method or task (val_...); None: the one that picks best.pt
+    patience: PositiveInt = 5  # validations (every train.val_every epochs and train.val_every_steps steps)
+    min_delta: float = Field(0.0, ge=0.0)  # a smaller change is no improvement
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     epochs: PositiveInt = 10
@@ -87,7 +99,9 @@ class TrainConfig(BaseModel):
     seed: Seed = 0
     device: str = Field("auto", pattern=DEVICE_PATTERN)
     log_every: PositiveInt = 50
-    val_every: PositiveInt = 1
+    val_every: PositiveInt = 1  # epochs
+    val_every_steps: PositiveInt | None = None  # also validate every that many optimizer steps (inside epochs too)
+    early_stop: EarlyStopConfig | None = None
     checkpoint_every: PositiveInt | None = None
     on_nan: Literal["stop", "skip"] = "stop"
     channels_last: Literal["auto", True, False] = "auto"
@@ -130,8 +144,9 @@ class FinetuneConfig(BaseModel):
 
 class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # `last` by default: `best` is chosen with the validation split's labels, which a few-label budget does not have
-    checkpoint: Literal["best", "last"] = "last"
+    # auto: last.pt, or best.pt for a run that stopped early. Not `best` by default: it is chosen with the validation
+    # split's labels, which a few-label budget does not have
+    checkpoint: Literal["auto", "best", "last"] = "auto"
     knn_k: PositiveInt = 20
     knn_temperature: float = Field(0.07, gt=0.0)
     knn_bank: PositiveInt = 10_000  # a streamed training split: a seeded sample of this many is the k-NN bank

@@ -279,6 +279,21 @@ def stratified_subset(labels: torch.Tensor, per_class: int, seed: int) -> torch.
     return torch.cat(chosen).sort().values
 
 
+def long_tailed_subset(labels: torch.Tensor, num_classes: int, ratio: float, seed: int) -> torch.Tensor:
+    """Indices of a long-tailed subset (CIFAR-LT's construction): class i keeps n_max * ratio^(-i / (C - 1)) of its
+    samples (at least one), n_max being the largest class's count, drawn with a seeded generator; the higher class
+    indices become the tail, `ratio` the head's count over the tail's."""
+    generator = torch.Generator().manual_seed(seed + 900_001)
+    labels = labels.cpu()
+    n_max = int(torch.bincount(labels, minlength=num_classes).max())
+    chosen = []
+    for cls in range(num_classes):
+        members = (labels == cls).nonzero().flatten()
+        keep = max(1, int(n_max * ratio ** (-cls / max(num_classes - 1, 1))))
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:keep]])
+    return torch.cat(chosen).sort().values
+
+
 def seeded_subset(n: int, count: int, seed: int) -> torch.Tensor:
     """Indices of `count` of `n` samples, drawn with a seeded generator, in stored order."""
     if count > n:
@@ -358,9 +373,13 @@ def stream_options(data_cfg) -> StreamOptions:
 
 
 def _train_and_val(data_cfg, target_kind: str | None) -> tuple[Samples, Samples]:
-    """The training split and the held-out val split: the data set's own validation split where it has one, else a
-    seeded `val_fraction` cut from the training split."""
+    """The training split (long-tailed with `imbalance`) and the held-out val split: the data set's own validation split
+    where it has one, else a seeded `val_fraction` cut from the training split."""
     full = load_split(data_cfg, train=True, target_kind=target_kind)
+    if data_cfg.imbalance:  # before the val cut: the held-out part is as long-tailed as the data it is cut from
+        if full.target_kind != "class" or not full.num_classes or is_streamed(full):
+            raise ConfigError(f"data.imbalance: data set '{data_cfg.name}' has no class per sample held in memory here; drop it")
+        full = full.subset(long_tailed_subset(full.targets, full.num_classes, data_cfg.imbalance, data_cfg.seed))
     if provides_validation(data_cfg):
         return full, load_split(data_cfg, train=True, target_kind=target_kind, validation=True)
     train_idx, val_idx = split_train_val(len(full), data_cfg.val_fraction, data_cfg.seed)

@@ -40,12 +40,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 BUCKET_BATCHES = 20  # batches of the shuffled order sorted by length together: their padding drops, their mix stays random
 
 
-def training_order(data: Samples, seed: int, epoch: int, batch_size: int) -> torch.Tensor:
-    """The order of epoch `epoch` (a pure function of seed and epoch): shuffled; for samples of any length (a split
-    with `lengths` side information), bucketed: each run of BUCKET_BATCHES batches of the shuffled order sorted by
-    length, cut into batches, and the full batches shuffled (a last, partial one stays last), so a batch pads
-    its samples to little more than their own lengths."""
-    order = epoch_order(len(data), seed, epoch)
+def balanced_order(labels: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """As many samples as `labels` has, drawn with replacement so that every class present is drawn equally often on
+    average (class-balanced sampling); a pure function of seed and epoch."""
+    labels = labels.cpu()
+    counts = torch.bincount(labels)
+    weights = 1.0 / counts[labels].double()
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 700_001)
+    return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+
+
+def training_order(data: Samples, seed: int, epoch: int, batch_size: int, balanced: bool = False) -> torch.Tensor:
+    """The order of epoch `epoch` (a pure function of seed and epoch): shuffled, or with `balanced` drawn class-balanced
+    (`balanced_order`); for samples of any length (a split with `lengths` side information), bucketed: each run of
+    BUCKET_BATCHES batches of that order sorted by length, cut into batches, and the full batches shuffled (a last,
+    partial one stays last), so a batch pads its samples to little more than their own lengths."""
+    order = balanced_order(data.targets, seed, epoch) if balanced else epoch_order(len(data), seed, epoch)
     lengths = data.side.get("lengths")
     if lengths is None:
         return order
@@ -123,8 +133,9 @@ class MemoryPipeline(NothingToReport):
         channels_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        balanced: bool = False,
     ):
-        self.data, self.augment, self.modality, self.views = data, augment, modality, views
+        self.data, self.augment, self.modality, self.views, self.balanced = data, augment, modality, views, balanced
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.rank, self.world = rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -137,7 +148,7 @@ class MemoryPipeline(NothingToReport):
             )
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        order = training_order(self.data, self.seed, epoch, self.batch_size).to(self.data.inputs.device)
+        order = training_order(self.data, self.seed, epoch, self.batch_size, self.balanced).to(self.data.inputs.device)
         for idx in batch_indices(len(self.data), self.batch_size, order=order, drop_last=self.drop_last, start_batch=start_batch):
             x = self.modality.decode(self.data.inputs[idx])
             # every rank augments the whole global batch (the data path has headroom), then keeps its slice
@@ -221,8 +232,19 @@ class _EpochOrder(Sampler):
     """Yields (epoch, index) pairs, so workers can seed each sample's augmentation deterministically:
     this rank's slice of every global batch from `start_batch` on."""
 
-    def __init__(self, data: Samples, seed: int, epoch: int, start_batch: int, batch_size: int, drop_last: bool, rank: int, world: int):
-        n, order = len(data), training_order(data, seed, epoch, batch_size)
+    def __init__(
+        self,
+        data: Samples,
+        seed: int,
+        epoch: int,
+        start_batch: int,
+        batch_size: int,
+        drop_last: bool,
+        rank: int,
+        world: int,
+        balanced: bool,
+    ):
+        n, order = len(data), training_order(data, seed, epoch, batch_size, balanced)
         self.items = []
         for batch in batch_indices(n, batch_size, order=order, drop_last=drop_last, start_batch=start_batch):
             self.items += [(epoch, i) for i in batch[rank_slice(len(batch), rank, world)].tolist()]
@@ -272,8 +294,9 @@ class LoaderPipeline(NothingToReport):
         channels_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        balanced: bool = False,
     ):
-        self.views, self.batch_size, self.seed, self.drop_last = views, batch_size, seed, drop_last
+        self.views, self.batch_size, self.seed, self.drop_last, self.balanced = views, batch_size, seed, drop_last, balanced
         self.rank, self.world = rank, world
         self.n, self.device, self.num_workers = len(data), device, num_workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -292,7 +315,9 @@ class LoaderPipeline(NothingToReport):
         self.dataset = _PerSampleViews(data, modality, transform, views, seed)
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        sampler = _EpochOrder(self.data, self.seed, epoch, start_batch, self.batch_size, self.drop_last, self.rank, self.world)
+        sampler = _EpochOrder(
+            self.data, self.seed, epoch, start_batch, self.batch_size, self.drop_last, self.rank, self.world, self.balanced
+        )
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size // self.world,
@@ -410,14 +435,17 @@ def make_pipeline(
     channels_last: bool,
     rank: int = 0,
     world: int = 1,
+    balanced: bool = False,
 ) -> Pipeline:
     """`kind` is memory, loader, stream or auto (memory when the split fits `budget_mb`; a split its data set
-    streamed past the budget streams, any other the loader reads)."""
+    streamed past the budget streams, any other the loader reads). `balanced`: class-balanced sampling (not streamed)."""
     common = dict(views=views, batch_size=batch_size, seed=seed, drop_last=drop_last, channels_last=channels_last, rank=rank, world=world)
     if is_streamed(data):
+        if balanced:
+            raise ConfigError("data.sampler: balanced sampling draws from the whole split, and this one streams; set data.sampler=random")
         return StreamPipeline(data.to(device), augment, modality, device=device, **common)
     if kind == "auto":
         kind = "memory" if fits_in_memory(data, budget_mb) else "loader"
     if kind == "memory":
-        return MemoryPipeline(data.to(device), augment, modality, **common)
-    return LoaderPipeline(data, augment, modality, device=device, num_workers=num_workers, **common)
+        return MemoryPipeline(data.to(device), augment, modality, balanced=balanced, **common)
+    return LoaderPipeline(data, augment, modality, device=device, num_workers=num_workers, balanced=balanced, **common)

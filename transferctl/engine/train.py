@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +79,21 @@ class Selection:
         return row[self.metric] <= best.get(self.metric, math.inf)
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop once `metric` has not improved by more than `min_delta` for `patience` validations in a row."""
+
+    metric: str
+    higher_is_better: bool
+    patience: int
+    min_delta: float = 0.0
+
+    def improves(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best + self.min_delta if self.higher_is_better else value < best - self.min_delta
+
+
 class Objective(Protocol):
     """What a training step optimizes and how the held-out split scores the model: a method builds one.
 
@@ -91,6 +106,7 @@ class Objective(Protocol):
 
     description: str  # what the progress bar calls the run: "pretraining", "training"
     selection: Selection
+    validation_metrics: Mapping[str, bool]  # what `validate` returns: {name: higher is better}
 
     def prepare(self) -> None: ...
     def loss(self, batch: Batch, step: int) -> torch.Tensor: ...
@@ -133,7 +149,9 @@ class Settings:
     steps: Steps
     eval_batch_size: int
     log_every: int
-    val_every: int
+    val_every: int  # epochs
+    val_every_steps: int | None = None  # also validate every that many steps, inside epochs too
+    early_stop: EarlyStop | None = None
     checkpoint_every: int | None = None
     on_nan: str = "stop"
     precision: str = "32"  # 32, bf16 (autocast) or 16 (autocast and a gradient scaler; CUDA)
@@ -154,6 +172,10 @@ class Position:
     lr: float = 0.0  # the learning rate of the last step taken
     best: dict[str, Any] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)
+    # early stopping: the best value of its metric so far, validations since it improved, and the step it stopped at
+    early_stop_best: float | None = None
+    stale_validations: int = 0
+    early_stopped_at: int | None = None
 
 
 @dataclass
@@ -161,6 +183,10 @@ class FitResult:
     position: Position
     samples_per_s: float = 0.0
     stopped: bool = False  # by a signal (on any rank), before the last step
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.position.early_stopped_at is not None
 
 
 def half_precision(precision: str) -> torch.dtype | None:
@@ -308,6 +334,8 @@ class _Loop:
                 if done is None:  # stopped mid-epoch, checkpoint written
                     return FitResult(self.pos, stopped=True)
                 images += done
+                if self.pos.early_stopped_at is not None:
+                    break
                 if self.pos.step < self.steps and distributed.any_rank(self.should_stop(), self.device):
                     return FitResult(self.pos, stopped=True)
         finally:
@@ -332,6 +360,10 @@ class _Loop:
                 window_start, window_images = time.perf_counter(), 0
             if pos.step >= self.steps:
                 break
+            if self.validates_inside_epoch():
+                self.validate_inside_epoch(epoch, running)
+                if pos.early_stopped_at is not None:
+                    return self.ranks.size * (pos.epoch_images - first_images)
             stopping = self.stop_requested()
             if stopping or (settings.checkpoint_every and pos.step % settings.checkpoint_every == 0):
                 pos.epoch_loss_sum = distributed.all_sum(running).item() / self.ranks.size  # restores on every rank
@@ -392,12 +424,11 @@ class _Loop:
             row["partial"] = True
         if row["train_loss"] is not None:
             _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
-        has_val = self.val is not None and len(self.val) > 0
-        if has_val and ((epoch + 1) % self.settings.val_every == 0 or pos.step >= self.steps):
-            scored = self.model if self.average is None else self.average.network
-            row.update(self.objective.validate(self.val, self.settings.eval_batch_size, scored))
-        selection = self.objective.selection
-        is_best = (not has_val) or (selection.metric in row and selection.better(row, pos.best))
+        every_steps = self.settings.val_every_steps
+        due = (epoch + 1) % self.settings.val_every == 0 or pos.step >= self.steps or bool(every_steps and pos.step % every_steps == 0)
+        if self.has_val and due:
+            row.update(self.validation())
+        is_best = self.track(row)
         if complete:
             pos.epoch, pos.batch_in_epoch, pos.epoch_loss_sum, pos.epoch_images, pos.skipped_steps = epoch + 1, 0, 0.0, 0, 0
         else:
@@ -408,8 +439,59 @@ class _Loop:
         self.reporter.epoch(row)
         self.save(*self.state(), row, is_best)
 
+    @property
+    def has_val(self) -> bool:
+        return self.val is not None and len(self.val) > 0
+
+    def validation(self) -> dict[str, float]:
+        """The objective's metrics of the held-out split, scored with the weights a checkpoint saves."""
+        scored = self.model if self.average is None else self.average.network
+        return self.objective.validate(self.val, self.settings.eval_batch_size, scored)
+
+    def validates_inside_epoch(self) -> bool:
+        """`train.val_every_steps` falls on this step, and it is not the epoch's last (which `end_epoch` validates)."""
+        every = self.settings.val_every_steps
+        return bool(every) and self.has_val and self.pos.step % every == 0 and self.pos.batch_in_epoch < self.per_epoch
+
+    def validate_inside_epoch(self, epoch: int, running: torch.Tensor) -> None:
+        """A metrics row and checkpoint in the middle of an epoch (its `epoch` a fraction), as `end_epoch` writes them."""
+        pos = self.pos
+        pos.epoch_loss_sum = distributed.all_sum(running).item() / self.ranks.size
+        row: dict[str, Any] = {
+            "epoch": round(epoch + pos.batch_in_epoch / self.per_epoch, 4),
+            "step": pos.step,
+            "train_loss": global_mean(running, pos.epoch_images) if pos.epoch_images else None,
+            "lr": pos.lr,
+            **self.validation(),
+        }
+        self.train_mode(self.model)  # validation left it in eval mode
+        is_best = self.track(row)
+        pos.last = row
+        if is_best:
+            pos.best = row
+        self.reporter.epoch(row)
+        self.save(*self.state(), row, is_best)
+
+    def track(self, row: dict[str, Any]) -> bool:
+        """Whether `row` is the best so far (every row is, without a held-out split); with `train.early_stop`, count the
+        validations since its metric last improved, and mark the step training stops at once patience runs out."""
+        pos, stop = self.pos, self.settings.early_stop
+        selection = self.objective.selection
+        is_best = (not self.has_val) or (selection.metric in row and selection.better(row, pos.best))
+        if stop is not None and stop.metric in row:
+            value = float(row[stop.metric])
+            if stop.improves(value, pos.early_stop_best):
+                pos.early_stop_best, pos.stale_validations = value, 0
+            else:
+                pos.stale_validations += 1
+            if pos.stale_validations >= stop.patience and pos.step < self.steps:
+                pos.early_stopped_at = pos.step
+                row["early_stopped"] = True
+        return is_best
+
 
 __all__ = [
+    "EarlyStop",
     "FitResult",
     "Objective",
     "Position",

@@ -7,6 +7,7 @@ tokens' predictions, and exported as the encoder alone."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -102,6 +103,7 @@ class MaskedTokensObjective(OwnGenerator):
     ranks: int = 1
     description: str = "pretraining"
     selection: Selection = VALIDATION
+    validation_metrics: ClassVar[Mapping[str, bool]] = {"val_loss": False, "val_masked_accuracy": True}
     generator_salt: ClassVar[int] = 15_485_863
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:

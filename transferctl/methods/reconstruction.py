@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -181,6 +181,7 @@ class ReconstructionObjective(OwnGenerator):
     ranks: int = 1
     description: str = "pretraining"
     selection: Selection = VALIDATION
+    validation_metrics: ClassVar[Mapping[str, bool]] = {"val_loss": False, "val_reconstruction_mse": False}
     generator_salt: ClassVar[int] = 104_729
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:

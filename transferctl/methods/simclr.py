@@ -3,8 +3,9 @@ Its runs are scored by k-NN on the encoder's features and exported as the encode
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ class ContrastiveObjective:
     gather: bool = False
     description: str = "pretraining"
     selection: Selection = VALIDATION
+    validation_metrics: ClassVar[Mapping[str, bool]] = {"val_loss": False}
 
     def prepare(self) -> None: ...
 

@@ -4,6 +4,7 @@ every method that trains a task."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,10 @@ class TaskObjective:
     @property
     def selection(self) -> Selection:
         return self.task.selection
+
+    @property
+    def validation_metrics(self) -> Mapping[str, bool]:
+        return self.task.validation_metrics
 
     def prepare(self) -> None:
         if self.pseudo_labels is not None:

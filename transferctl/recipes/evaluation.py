@@ -38,7 +38,7 @@ def evaluate(
         evaluation = trained.method.evaluate(trained, run)
         run.update_summary(key_metric=next(iter(evaluation.metrics)))  # the protocol's first metric sums the run up
         metrics: dict[str, Any] = {**evaluation.metrics, "test_images": len(trained.split(train=False))}
-        row = {"checkpoint": cfg.eval.checkpoint, "source_epoch": trained.checkpoint.epoch, **metrics}
+        row = {"checkpoint": record.checkpoint_name(cfg.eval.checkpoint), "source_epoch": trained.checkpoint.epoch, **metrics}
         run.log_metrics(row)
         reporter.epoch(row)
         outcome["metrics"] = metrics

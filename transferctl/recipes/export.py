@@ -449,7 +449,7 @@ def _model_card(trained: Trained, data, digests, files, parity, verified) -> dic
         "task": cfg.task.name if cfg.task is not None else None,
         "modality": dataset_modality(cfg.data.name),
         "model": cfg.model.name,
-        "checkpoint": {"name": cfg.eval.checkpoint, "epoch": checkpoint.epoch, "step": checkpoint.step},
+        "checkpoint": {"name": record.checkpoint_name(cfg.eval.checkpoint), "epoch": checkpoint.epoch, "step": checkpoint.step},
         "input": _input_of(trained, data),
         "output": {"name": spec.output, "shape": ["batch", *out_shape]},
         **trained.method.card(data),

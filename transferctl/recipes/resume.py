@@ -67,6 +67,11 @@ def resume(
     steps = training.steps.total
     position = Position(**checkpoint.position) if checkpoint else None
     done = position.step if position else 0
+    if position is not None and position.early_stopped_at is not None:
+        raise UsageError(
+            f"--resume {ref}: the run stopped early at step {position.early_stopped_at} (train.early_stop: no improvement for "
+            f"{cfg.train.early_stop.patience} validations); nothing to resume. Fine-tune again without train.early_stop to train on"
+        )
     if done >= steps:
         if record.summary.get("status") == "completed":
             raise UsageError(
@@ -76,7 +81,7 @@ def resume(
         # killed after its last checkpoint but before its summary was closed: close it now
         run.update_summary(status="completed", error=None, metrics=final_metrics(position, 0.0))
         return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
-    run.keep_metrics_through(position.epoch if position else 0)
+    run.keep_metrics_through(position.step if position else 0)
     entry = {"at_step": done, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changed": {k: list(v) for k, v in changes.items()}}
     run.update_summary(status="running", error=None, resumes=[*run.summary.get("resumes", []), entry])
     run.write_config(cfg.to_dict())

@@ -261,6 +261,15 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
             f"continue with `transferctl {command} --resume {run.path}`",
             signum,
         )
+    stopping = {"early_stopped_at": result.position.early_stopped_at, "best_step": result.position.best.get("step")}
+    run.update_summary(**stopping)
+    if result.stopped_early:
+        message = (
+            f"stopped early at step {result.position.early_stopped_at} of {t.steps.total}: {t.settings.early_stop.metric} "
+            f"did not improve for {t.settings.early_stop.patience} validations; best.pt is from step {stopping['best_step']}"
+        )
+        run.log(message)
+        reporter.note(message)
     task = t.method.task
     if task is not None and task.fits_after_training:
         fit_task_after_training(t, task, run)

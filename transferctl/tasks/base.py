@@ -36,6 +36,7 @@ class Task:
     serves: ClassVar[str]  # the kind of head and loss it needs (`register(serves=...)` on heads and losses)
     target_kind: ClassVar[TargetKindName]  # the targets it trains on
     selection: ClassVar[Selection]  # the validation metric that picks best.pt
+    validation_metrics: ClassVar[Mapping[str, bool]]  # what `validate` returns: {name: higher is better}
     output: ClassVar[str]  # the name of an export's output
     exported_as: ClassVar[str]  # the model card's kind
     pseudo_labels: ClassVar[bool] = False  # its outputs are class scores that pseudo-labels can be read from

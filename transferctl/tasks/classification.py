@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,26 @@ class ClassScores:
     loss: float
     per_class_accuracy: list[float]
     confusion: list[list[int]]  # rows: true class, columns: predicted class
+    balanced_accuracy: float  # the mean of the per-class accuracies (recalls) over the classes present
+    f1_macro: float  # the mean F1 over the classes present or predicted
+
+    def headline(self) -> dict[str, float]:
+        """The numbers that sum it up: on imbalanced data accuracy alone says little."""
+        return {"accuracy": self.accuracy, "balanced_accuracy": self.balanced_accuracy, "f1_macro": self.f1_macro, "loss": self.loss}
+
+
+def confusion_scores(confusion: torch.Tensor) -> tuple[list[float], float, float]:
+    """(per-class recall, balanced accuracy, macro F1) of a confusion matrix (rows: true, columns: predicted), as
+    scikit-learn's `balanced_accuracy_score` and `f1_score(average="macro")` count them: classes absent from the
+    truth leave the balanced accuracy out, classes neither true nor predicted leave macro F1 out."""
+    confusion = confusion.double()
+    hits, true, predicted = confusion.diag(), confusion.sum(1), confusion.sum(0)
+    recall = hits / true.clamp_min(1)
+    present = true > 0
+    balanced = recall[present].mean().item() if present.any() else 0.0
+    f1 = 2 * hits / (true + predicted).clamp_min(1)
+    seen = present | (predicted > 0)
+    return recall.tolist(), balanced, (f1[seen].mean().item() if seen.any() else 0.0)
 
 
 @torch.no_grad()
@@ -46,12 +66,14 @@ def classify(model: nn.Module, data: Samples, batch_size: int) -> ClassScores:
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * k + logits.argmax(1), minlength=k * k).view(k, k)
     confusion, total_loss = sum_over_shares(confusion, len(data)).cpu(), sum_over_shares(total_loss, len(data))
-    per_class = confusion.diag().double() / confusion.sum(1).clamp_min(1)
+    per_class, balanced, f1_macro = confusion_scores(confusion)
     return ClassScores(
         accuracy=confusion.diag().sum().item() / max(confusion.sum().item(), 1),
         loss=total_loss.item() / max(len(data), 1),
-        per_class_accuracy=per_class.tolist(),
+        per_class_accuracy=per_class,
         confusion=confusion.tolist(),
+        balanced_accuracy=balanced,
+        f1_macro=f1_macro,
     )
 
 
@@ -65,6 +87,12 @@ class Classification(Task):
     serves = "classification"
     target_kind = "class"
     selection = Selection("val_accuracy", higher_is_better=True)
+    validation_metrics: ClassVar[Mapping[str, bool]] = {
+        "val_loss": False,
+        "val_accuracy": True,
+        "val_balanced_accuracy": True,
+        "val_f1_macro": True,
+    }
     output = "logits"
     exported_as = "classifier"
     pseudo_labels = True
@@ -75,7 +103,12 @@ class Classification(Task):
 
     def validate(self, network: nn.Module, val: Samples, batch_size: int) -> dict[str, float]:
         result = classify(network, val, batch_size)
-        return {"val_loss": result.loss, "val_accuracy": result.accuracy}
+        return {
+            "val_loss": result.loss,
+            "val_accuracy": result.accuracy,
+            "val_balanced_accuracy": result.balanced_accuracy,
+            "val_f1_macro": result.f1_macro,
+        }
 
     def evaluate(self, model: nn.Module, test: Samples, batch_size: int, run: Run) -> Evaluation:
         result = classify(model, test, batch_size)
@@ -83,9 +116,10 @@ class Classification(Task):
         run.write_json(
             "confusion.json", {"classes": classes, "per_class_accuracy": result.per_class_accuracy, "confusion": result.confusion}
         )
-        plots.write_confusion(run, classes, result.confusion)
+        title = f"accuracy {result.accuracy:.3f}, balanced {result.balanced_accuracy:.3f}, macro F1 {result.f1_macro:.3f}"
+        plots.write_confusion(run, classes, result.confusion, title)
         per_class = dict(zip(classes, result.per_class_accuracy, strict=True))
-        return Evaluation({"accuracy": result.accuracy, "loss": result.loss}, {"per_class_accuracy": per_class})
+        return Evaluation(result.headline(), {"per_class_accuracy": per_class})
 
     def decode(
         self, outputs: torch.Tensor, fitted: Mapping[str, Any], top_k: int = 1, batch: ReadBatch | None = None

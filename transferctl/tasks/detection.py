@@ -320,6 +320,7 @@ class Detection(Task):
     serves = "detection"
     target_kind = "boxes"
     selection = Selection("val_map", higher_is_better=True)
+    validation_metrics: ClassVar[Mapping[str, bool]] = {"val_map": True, "val_map_50": True}
     output = "detections"
     exported_as = "detector"
     augmentation = "upright"  # crops, shifts and flips move the boxes; a rotation would not keep them tight

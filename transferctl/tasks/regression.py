@@ -81,6 +81,7 @@ class Regression(Task):
     serves = "regression"
     target_kind = "values"
     selection = Selection("val_loss", higher_is_better=False)  # standardized: comparable across targets and units
+    validation_metrics: ClassVar[Mapping[str, bool]] = {"val_loss": False, "val_mean_abs_error": False}
     output = "values"
     exported_as = "regressor"
     augmentation = "none"  # nothing that might change the targets unless the config asks for it

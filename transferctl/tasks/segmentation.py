@@ -190,6 +190,7 @@ class Segmentation(Task):
     serves = "segmentation"
     target_kind = "class_per_pixel"
     selection = Selection("val_miou", higher_is_better=True)
+    validation_metrics: ClassVar[Mapping[str, bool]] = {"val_loss": False, "val_miou": True, "val_pixel_accuracy": True}
     output = "logits"
     exported_as = "segmenter"
     augmentation = "light"  # geometric transforms move the masks with their images

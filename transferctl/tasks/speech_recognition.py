@@ -173,6 +173,7 @@ class SpeechRecognition(Task):
     serves = "speech_recognition"
     target_kind = "transcript"
     selection = Selection("val_wer", higher_is_better=False)
+    validation_metrics: ClassVar[Mapping[str, bool]] = {"val_wer": False, "val_cer": False}
     output = "log_probs"
     exported_as = "speech_recognizer"
     augmentation = "none"  # shifts and speed changes would move the frames the lengths count; the recipe sets its own

@@ -343,6 +343,9 @@ class TokenClassification(Task):
     serves = "token_classification"
     target_kind = "class_per_word"
     selection = Selection("val_entity_f1", higher_is_better=True)
+    validation_metrics: ClassVar[Mapping[str, bool]] = {
+        f"val_{name}": True for name in ("entity_f1", "entity_precision", "entity_recall", "word_accuracy")
+    }
     output = "tag_scores"
     exported_as = "tagger"
     augmentation = "none"  # deleting or cropping tokens would move them off their words

@@ -1,0 +1,132 @@
+"""What real labelled data needs, measured: imbalanced classes and early stopping, through the shipped recipes.
+
+- **Imbalance**: Fashion-MNIST made long-tailed (`data.imbalance=100`: class i keeps 6,000 * 100^(-i/9) training
+  images, 60 for the tail, seeded by `data.seed`; the test split stays balanced), trained by
+  configs/supervised_fashion_mnist.yaml as it is ("plain"), with `loss.class_weights=balanced`, with
+  `data.sampler=balanced`, and with both. The test split's accuracy, balanced accuracy and macro F1, mean and spread
+  over the seeds (each seed draws its own long tail, val part and initialisation).
+- **Early stopping**: configs/supervised_mnist.yaml and configs/supervised_ag_news.yaml with all their labels, as
+  they are and with `train.early_stop` (patience 3 validations of `train.val_every_steps=100`, min_delta 0.001 of
+  validation accuracy): the steps each trained and the test accuracy of the checkpoint evaluation reads (best.pt
+  when a run stopped early).
+
+Every cell is stored in --out with its wall time, keyed by a digest of its recipe and overrides; a rerun skips what
+is done.
+
+    python benchmarks/real_labels.py --data-dir ../shared/data --parts imbalance     # 12 runs, ~15 min on a 2-core CPU
+    python benchmarks/real_labels.py --data-dir ../shared/data --parts early_stop    # 12 runs
+    python benchmarks/real_labels.py --data-dir ../shared/data --quick               # the plumbing, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from label_efficiency import QUICK, REPO, Cells, recipe_digest
+
+from transferctl.recipes import evaluate, pretrain
+
+CONFIGS = REPO / "configs"
+IMBALANCE = {
+    "plain": [],
+    "class_weights=balanced": ["loss.class_weights=balanced"],
+    "sampler=balanced": ["data.sampler=balanced"],
+    "both": ["loss.class_weights=balanced", "data.sampler=balanced"],
+}
+EARLY_STOP = ["train.val_every_steps=100", "train.early_stop.patience=3", "train.early_stop.min_delta=0.001"]
+EARLY_STOP_RECIPES = {"MNIST": "supervised_mnist.yaml", "AG News": "supervised_ag_news.yaml"}
+
+
+def trained_and_tested(config: Path, overrides: list[str], runs: Path) -> dict[str, Any]:
+    """Train `config` with `overrides`, evaluate the checkpoint evaluation picks; the test metrics and the steps trained."""
+    trained = pretrain(config, overrides, runs_dir=runs)
+    summary = json.loads((trained.run_dir / "summary.json").read_text())
+    tested = evaluate(str(trained.run_dir), runs_dir=runs).metrics
+    return {
+        **{k: tested[k] for k in ("accuracy", "balanced_accuracy", "f1_macro")},
+        "steps": trained.metrics["step"],
+        "early_stopped_at": summary.get("early_stopped_at"),
+        "run": str(trained.run_dir),
+    }
+
+
+def mean_sd(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.mean(values):.{digits}f} ± {scale * spread:.{digits}f}"
+
+
+def imbalance_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int], ratio: float) -> str:
+    config = CONFIGS / "supervised_fashion_mnist.yaml"
+    lines = [
+        f"| Fashion-MNIST, imbalance {ratio:g} | accuracy % | balanced accuracy % | macro F1 % | minutes per run |",
+        "|---|---|---|---|---|",
+    ]
+    for name, options in IMBALANCE.items():
+        measured = []
+        for seed in seeds:
+            overrides = [f"data.imbalance={ratio}", *options, f"data.seed={seed}", f"train.seed={seed}", *extra]
+            key = f"imbalance/{name}/seed{seed}/{recipe_digest(config, overrides)}"
+            measured.append(cells.get(key, lambda overrides=overrides: trained_and_tested(config, overrides, runs)))
+        columns = [mean_sd([m[k] for m in measured]) for k in ("accuracy", "balanced_accuracy", "f1_macro")]
+        minutes = statistics.mean(m["seconds"] for m in measured) / 60
+        lines.append(f"| {name} | {' | '.join(columns)} | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def early_stop_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int]) -> str:
+    lines = [
+        "| recipe (all labels) | steps, as shipped | test accuracy % | steps, early stop | test accuracy % (best.pt) | steps saved |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, name in EARLY_STOP_RECIPES.items():
+        config = CONFIGS / name
+        both = {}
+        for variant, options in (("full", []), ("early", EARLY_STOP)):
+            measured = []
+            for seed in seeds:
+                overrides = [*options, f"data.seed={seed}", f"train.seed={seed}", *extra]
+                key = f"early_stop/{label}/{variant}/seed{seed}/{recipe_digest(config, overrides)}"
+                measured.append(cells.get(key, lambda overrides=overrides, config=config: trained_and_tested(config, overrides, runs)))
+            both[variant] = measured
+        steps = {v: statistics.mean(m["steps"] for m in both[v]) for v in both}
+        saved = 1 - steps["early"] / steps["full"]
+        lines.append(
+            f"| {label} | {steps['full']:.0f} | {mean_sd([m['accuracy'] for m in both['full']], digits=2)} | "
+            f"{steps['early']:.0f} ({', '.join(str(m['steps']) for m in both['early'])}) | "
+            f"{mean_sd([m['accuracy'] for m in both['early']], digits=2)} | {100 * saved:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, help="the folder with FashionMNIST, MNIST and ag_news (else $TRANSFERCTL_DATA_DIR)")
+    parser.add_argument("--parts", nargs="+", default=["imbalance", "early_stop"], choices=["imbalance", "early_stop"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="data.seed and train.seed of each repeat")
+    parser.add_argument("--imbalance", type=float, default=100.0, help="the head class's count over the tail's")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_labels")
+    parser.add_argument("--quick", action="store_true", help="3 steps per run: checks the plumbing, not the results")
+    args = parser.parse_args()
+
+    out = args.out / "quick" if args.quick else args.out
+    out.mkdir(parents=True, exist_ok=True)
+    runs, cells = out / "runs", Cells(out / "cells.jsonl")
+    extra = ([f"data.root={args.data_dir.resolve()}"] if args.data_dir else []) + (QUICK if args.quick else [])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cells in {cells.path}", flush=True)
+    tables = []
+    if "imbalance" in args.parts:
+        tables.append(imbalance_table(cells, runs, extra, args.seeds, args.imbalance))
+    if "early_stop" in args.parts:
+        tables.append(early_stop_table(cells, runs, extra, args.seeds))
+    text = "\n\n".join(tables)
+    (out / f"table-{'-'.join(args.parts)}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Early stopping and validation every few steps: the loop stops once patience runs out, counts patience across a
+resume, and the run records where it stopped; evaluation then reads best.pt. Bad settings are one-line errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import write_config
+from tests.test_engine_hooks import PlainObjective, ToyPipeline
+from transferctl.checkpoints import Checkpoint
+from transferctl.engine.train import EarlyStop, Selection, Settings, SilentReporter, Steps, fit
+from transferctl.recipes import evaluate, pretrain
+
+ACCURACY = Selection("val_accuracy", higher_is_better=True)
+
+
+@dataclass
+class ScriptedObjective(PlainObjective):
+    """Validation returns the next score of `scores` (one per validation)."""
+
+    scores: list[float] = field(default_factory=list)
+    selection: Selection = ACCURACY
+    validation_metrics: dict[str, bool] = field(default_factory=lambda: {"val_accuracy": True})
+    validations: int = 0
+
+    def validate(self, val, batch_size, network) -> dict[str, float]:
+        self.validations += 1
+        return {"val_accuracy": self.scores[self.validations - 1]}
+
+
+def _run(scores, *, per_epoch=4, total=40, val_every_steps=None, patience=2, min_delta=0.0, resume=None, saves=None):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stop = EarlyStop("val_accuracy", True, patience, min_delta) if patience else None
+    settings = Settings(Steps(per_epoch, total, False), 2, 100, 1, val_every_steps=val_every_steps, early_stop=stop)
+    rows: list[dict[str, Any]] = []
+
+    def save(weights, training, row, is_best):
+        if row is not None:
+            rows.append(row)
+        if saves is not None:
+            saves.append((weights, training, row))
+
+    objective = ScriptedObjective(model, scores=scores)
+    pipeline = ToyPipeline(per_epoch)
+    result = fit(objective, model, optimizer, scheduler, pipeline, [0, 1], settings, save=save, reporter=SilentReporter(), resume=resume)
+    return result, rows
+
+
+def test_training_stops_once_the_metric_has_not_improved_for_patience_validations():
+    result, rows = _run([0.5, 0.6, 0.6, 0.55, 0.9, 0.9], patience=2)
+    assert result.position.early_stopped_at == 16  # validations at steps 4, 8, 12, 16: no gain at 12 and 16
+    assert [r["step"] for r in rows] == [4, 8, 12, 16] and rows[-1]["early_stopped"]
+    assert result.position.best["step"] == 12  # ties go to the later validation: best.pt holds step 12's weights
+    assert result.stopped_early
+
+
+def test_min_delta_counts_a_small_gain_as_none():
+    scores = [0.5, 0.51, 0.52, 0.53, 0.54, 0.55, 0.56, 0.57, 0.58, 0.59]
+    assert _run(scores, patience=2, min_delta=0.05)[0].position.early_stopped_at == 12
+    assert _run(scores, patience=2)[0].position.early_stopped_at is None
+
+
+def test_a_run_that_keeps_improving_trains_all_its_steps():
+    result, rows = _run([0.1 * i for i in range(1, 11)], patience=2)
+    assert result.position.step == 40 and result.position.early_stopped_at is None and len(rows) == 10
+
+
+def test_validation_every_few_steps_validates_inside_epochs():
+    _, rows = _run([0.1 * i for i in range(1, 30)], per_epoch=10, total=20, val_every_steps=3, patience=0)
+    # every 3 steps, and at each epoch's end (10, 20) as ever; a row at a fraction of its epoch
+    assert [r["step"] for r in rows] == [3, 6, 9, 10, 12, 15, 18, 20]
+    assert [r["epoch"] for r in rows][:4] == [0.3, 0.6, 0.9, 1] and "val_accuracy" in rows[0]
+
+
+def test_a_resumed_run_keeps_its_patience_count():
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6]
+    whole, _ = _run(list(scores), patience=3)
+    saves: list = []
+    _run(list(scores), patience=3, total=12, saves=saves)  # the same run, ended after step 12 (one validation stale)
+    weights, training, _ = saves[-1]
+    checkpoint = Checkpoint(config={}, model=weights, data={}, epoch=3, step=12, training=training)
+    resumed, rows = _run(list(scores[3:]), patience=3, resume=checkpoint)
+    assert whole.position.early_stopped_at == resumed.position.early_stopped_at == 20
+    assert [r["step"] for r in rows] == [16, 20]
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+SUPERVISED = """\
+method: supervised
+model: {{name: cnn, widths: [8, 16]}}
+optimizer: {{name: adamw, lr: 0.0001}}
+data: {{name: mnist, root: {root}, batch_size: 32, eval_batch_size: 256}}
+train: {{epochs: 5, log_every: 5, device: cpu, val_every_steps: 3, early_stop: {{patience: 1, min_delta: 0.5}}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, digits_root) -> Path:
+    """A supervised run that must stop at its second validation (no gain of 0.5 in accuracy within 3 steps)."""
+    folder = tmp_path_factory.mktemp("early")
+    config = write_config(folder / "supervised.yaml", SUPERVISED.format(root=digits_root))
+    return pretrain(config, runs_dir=folder / "runs").run_dir
+
+
+def test_the_summary_says_where_the_run_stopped_and_evaluation_reads_best(stopped_run, tmp_path):
+    summary = json.loads((stopped_run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["early_stopped_at"] == 6 and summary["best_step"] in (3, 6)
+    assert "stopped early at step 6" in (stopped_run / "log.txt").read_text()
+    rows = [json.loads(line) for line in (stopped_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    result = evaluate(str(stopped_run), runs_dir=tmp_path / "runs")
+    assert json.loads((result.run_dir / "metrics.jsonl").read_text())["checkpoint"] == "best"
+
+
+def test_an_early_stopped_run_is_not_resumed(stopped_run, cli):
+    result = cli("pretrain", "--resume", str(stopped_run), "--runs-dir", str(stopped_run.parent))
+    assert result.code == 2 and "stopped early at step 6" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_early_stop_metric_the_run_does_not_produce_is_refused_before_a_run(tmp_path, digits_root, cli):
+    config = write_config(tmp_path / "s.yaml", SUPERVISED.format(root=digits_root))
+    runs = tmp_path / "runs"
+    result = cli("pretrain", "-c", config, "train.early_stop.metric=val_acuracy", "--runs-dir", runs)
+    assert result.code == 2
+    assert "train.early_stop.metric: the run does not produce 'val_acuracy'; did you mean 'val_accuracy'?" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not runs.exists()
+    result = cli("pretrain", "-c", config, "data.val_fraction=0", "--runs-dir", runs)
+    assert result.code == 2 and "needs a held-out split" in result.stderr and not runs.exists()
