@@ -97,6 +97,7 @@ BUILT_IN = {
     },
     "augmentations": {"simclr", "light", "upright", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
     "target_kinds": {"class", "class_per_pixel", "class_sequence", "values", "boxes", "class_per_word", "transcript"},
+    "trackers": {"tensorboard", "mlflow", "wandb"},
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from transferctl import checkpoints, events
+from transferctl import checkpoints, trackers
 from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config
 from transferctl.data import BatchAugment, Samples, data_root, load_split, load_training_data
@@ -267,7 +267,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         raise ConfigError("train.sync_batchnorm: PyTorch's SyncBatchNorm needs CUDA; set it to false on CPU")
     method = method_of(cfg)
     method.check(cfg, ranks)
-    events.check_available(cfg.train.tensorboard)
+    trackers.check(cfg)
     torch.manual_seed(cfg.train.seed)
     modality = modality_of_config(cfg)
     data = load_training_data(

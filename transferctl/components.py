@@ -19,6 +19,7 @@ def load_components() -> None:
     import transferctl.models
     import transferctl.optim
     import transferctl.tasks
+    import transferctl.trackers
 
     transferctl.data.load_datasets()
     load_entry_points()

@@ -149,6 +149,7 @@ HEADS = Registry(
 )
 # the head it trains (a CRF's transitions, which score whole tag sequences); the training split's count of each class
 LOSSES = Registry("loss", context=("head", "class_counts"))
+TRACKERS = Registry("tracker")  # experiment trackers a run reports to (`train.loggers`)
 OPTIMIZERS = Registry("optimizer", context=("params",))
 SCHEDULERS = Registry("scheduler", context=("optimizer", "total_steps"))
 # a data set may also take the target kind its task trains on (`target_kind`: masks, boxes or the digits of a scene from
@@ -169,6 +170,7 @@ REGISTRIES: dict[str, Registry] = {
     "datasets": DATASETS,
     "augmentations": AUGMENTATIONS,
     "target_kinds": TARGET_KINDS,
+    "trackers": TRACKERS,
 }
 
 

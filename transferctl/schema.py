@@ -108,7 +108,8 @@ class TrainConfig(BaseModel):
     precision: Literal["32", "bf16", "16"] = "32"
     compile: bool = False
     sync_batchnorm: bool = False
-    tensorboard: bool = False  # event files in runs/<id>/tensorboard/ (the tensorboard extra)
+    loggers: list[str] = []  # experiment trackers the run also reports to: tensorboard, mlflow, wandb (trackers.py)
+    tensorboard: bool = False  # the same as loggers: [tensorboard] (what runs of transferctl 0.13 and before say)
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: validate, save and export a moving average of the weights
     grad_clip_norm: PositiveFloat | None = None  # the gradients' global L2 norm is scaled down to at most this before each step
 

@@ -17,6 +17,7 @@ from transferctl.engine.train import Position, Reporter
 from transferctl.errors import ConfigError, UsageError
 from transferctl.recipes.training import RunResult, final_metrics, run_training
 from transferctl.runs import DEFAULT_RUNS_DIR, load_checkpoint, read_run, recording, reopen_run
+from transferctl.trackers import tracking
 
 # Keys a resume may change: they lengthen the run or change where and how verbosely it runs, not what it computes.
 SAFE_ON_RESUME = (
@@ -28,6 +29,7 @@ SAFE_ON_RESUME = (
     "train.val_every",
     "train.on_nan",
     "train.tensorboard",
+    "train.loggers",
 )
 
 
@@ -86,8 +88,8 @@ def resume(
     run.update_summary(status="running", error=None, resumes=[*run.summary.get("resumes", []), entry])
     run.write_config(cfg.to_dict())
     run.log(f"resume at step {done} of {steps}" + (f", changed {', '.join(changes)}" if changes else ""))
-    with recording(run, command) as outcome:
-        outcome["metrics"] = run_training(training, run, command, reporter or SilentReporter(), resume_from=checkpoint)
+    with tracking(run, cfg, reporter or SilentReporter(), resume_step=done) as reporter, recording(run, command) as outcome:
+        outcome["metrics"] = run_training(training, run, command, reporter, resume_from=checkpoint)
     return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
 
 

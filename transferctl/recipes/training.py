@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from transferctl import allocator, build, checkpoints, events, plots
+from transferctl import allocator, build, checkpoints, plots
 from transferctl.build import Training
 from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml, value_at
@@ -22,6 +22,7 @@ from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.registry import METHODS
 from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, read_trained_run, recording
 from transferctl.tasks.base import Task
+from transferctl.trackers import tracking
 
 
 @dataclass
@@ -185,7 +186,7 @@ def train_run(cfg: Config, *, runs_dir: Path, command: str, reporter: Reporter |
         f"{command} {cfg.method.name} on {cfg.data.name}: {len(training.train)} train / {len(training.val)} val samples, "
         f"device {training.device}"
     )
-    with recording(run, command) as outcome:
+    with tracking(run, cfg, reporter) as reporter, recording(run, command) as outcome:
         outcome["metrics"] = run_training(training, run, command, reporter)
     return RunResult(run.id, run.path, "completed", run.summary["metrics"], parent)
 
@@ -225,9 +226,6 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     # the first batch of a fresh run is kept for the method's plots: the inputs as the model saw them
     keep_first = t.method.plots_first_batch and resume_from is None and run.writer and plots.available()
     pipeline = plots.FirstBatch(t.pipeline) if keep_first else t.pipeline
-    if cfg.train.tensorboard and run.writer:
-        resume_step = resume_from.position["step"] if resume_from else None
-        reporter = events.TensorBoardReporter(reporter, run.tensorboard_dir, resume_step)
 
     if t.device.type == "cpu":
         allocator.keep_freed_memory()  # with TRANSFERCTL_GLIBC_TUNING=1: activations reused between steps
@@ -251,9 +249,6 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
                 f"out of memory ({type(exc).__name__}); lower data.batch_size (now {cfg.data.batch_size}) "
                 f"or data.eval_batch_size (now {cfg.data.eval_batch_size})"
             ) from None
-        finally:
-            if isinstance(reporter, events.TensorBoardReporter):
-                reporter.close()
     if result.stopped:  # by a signal here or on another rank
         signum = stop.signum or signal.SIGTERM
         raise Interrupted(
