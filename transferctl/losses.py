@@ -77,6 +77,45 @@ def cross_entropy(
     return nn.CrossEntropyLoss(weight=_class_weights(class_weights, class_counts), label_smoothing=label_smoothing)
 
 
+class MultiLabelLoss(nn.Module):
+    """Binary cross-entropy of each class's logit, averaged over samples and classes. `gamma_pos` and `gamma_neg` weigh
+    each term by how wrong it still is, (1 - p)^gamma_pos for a class the sample has and p^gamma_neg for one it lacks
+    (focal loss: both the same); `clip` shifts a lacking class's probability down by that much first, so that easy
+    negatives count for nothing (the asymmetric loss of Ridnik et al., 2021)."""
+
+    def __init__(self, gamma_pos: float = 0.0, gamma_neg: float = 0.0, clip: float = 0.0):
+        super().__init__()
+        self.gamma_pos, self.gamma_neg, self.clip = gamma_pos, gamma_neg, clip
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits, targets = logits.float(), targets.float()
+        if not (self.gamma_pos or self.gamma_neg or self.clip):
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        p = logits.sigmoid()
+        has = targets * F.logsigmoid(logits) * (1 - p).pow(self.gamma_pos)
+        p_lacking = (p - self.clip).clamp_min(0) if self.clip else p
+        log_lacking = (1 - p_lacking).clamp_min(1e-8).log() if self.clip else F.logsigmoid(-logits)
+        lacks = (1 - targets) * log_lacking * p_lacking.pow(self.gamma_neg)
+        return -(has + lacks).mean()
+
+
+@LOSSES.register(serves=("multilabel",))
+def binary_cross_entropy(focal_gamma: Annotated[float, Field(ge=0.0)] = 0.0) -> nn.Module:
+    """Binary cross-entropy per class on logits (multi-label); `focal_gamma` > 0: focal loss, easy decisions count less."""
+    return MultiLabelLoss(focal_gamma, focal_gamma)
+
+
+@LOSSES.register(serves=("multilabel",))
+def asymmetric(
+    gamma_neg: Annotated[float, Field(ge=0.0)] = 4.0,
+    gamma_pos: Annotated[float, Field(ge=0.0)] = 0.0,
+    clip: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05,
+) -> nn.Module:
+    """The asymmetric loss (ASL) for multi-label data where most classes are absent from most samples: absent classes'
+    easy terms are damped (gamma_neg) and the easiest dropped (clip); present ones weigh as in cross-entropy."""
+    return MultiLabelLoss(gamma_pos, gamma_neg, clip)
+
+
 @LOSSES.register(serves=("masked_tokens",))
 def token_cross_entropy(label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0) -> nn.Module:
     """Cross-entropy of the predicted tokens against the hidden ones (masked language modelling)."""

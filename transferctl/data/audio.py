@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from transferctl.data.datasets import cached_decoding, missing_data, split_folder
+from transferctl.data.datasets import cached_decoding, missing_data, split_folder, user_label_sets
 from transferctl.data.targets import Targets
 from transferctl.errors import UsageError
 from transferctl.modalities.audio import (
@@ -225,12 +225,21 @@ def audio_folder(
     window_ms: Milliseconds = 25.0,
     hop_ms: Milliseconds = 10.0,
     front_end: FrontEndKind = "log_mel",
+    labels_file: str | None = None,
+    target_kind: str = "class",
 ) -> AudioData:
     """Your own recordings: <root>/<train_dir>/<class>/*.wav (also .flac, .ogg) and the same under <test_dir>;
-    resampled to sample_rate, downmixed to mono."""
+    resampled to sample_rate, downmixed to mono. With `labels_file` (multi-label): <root>/<train_dir>/<labels_file>, a
+    CSV `file,labels` naming each recording under the split folder and its labels separated by `|`; the same under
+    <test_dir>."""
     reader = FrontEnd.of(sample_rate, n_mels, window_ms, hop_ms, front_end)
     clip_samples = clip_samples_of(clip_seconds, reader)
     folder = split_folder("audio_folder", root, train, train_dir, test_dir)
+    max_samples = round(max_seconds * sample_rate)
+    if labels_file is not None or target_kind == "class_set":
+        paths, label_sets, classes = user_label_sets("audio_folder", root, folder, train_dir, labels_file)
+        waveforms, lengths = decode_audio_files("audio_folder", paths, sample_rate, max_samples)
+        return audio_split(waveforms, lengths, label_sets, classes, reader, clip_samples, max_samples, target_kind="class_set")
     classes = tuple(sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")))
     files = [(path, index) for index, cls in enumerate(classes) for path in sorted((folder / cls).iterdir()) if _is_audio(path)]
     if not files:
@@ -238,7 +247,6 @@ def audio_folder(
     empty = sorted(set(classes) - {classes[i] for _, i in files})
     if empty:
         raise UsageError(f"data set 'audio_folder': class folder {folder / empty[0]} has no recordings; add some or remove it")
-    max_samples = round(max_seconds * sample_rate)
     waveforms, lengths = decode_audio_files("audio_folder", [p for p, _ in files], sample_rate, max_samples)
     targets = torch.tensor([i for _, i in files], dtype=torch.long)
     return audio_split(waveforms, lengths, targets, classes, reader, clip_samples, max_samples)

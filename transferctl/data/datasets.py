@@ -128,10 +128,18 @@ def image_folder(
     train_dir: str = "train",
     test_dir: str = "test",
     hflip: bool = True,
+    labels_file: str | None = None,
     stream: StreamOptions | None = None,
+    target_kind: str = "class",
 ) -> ImageData:
-    """Your own images: <root>/<train_dir>/<class>/*.png and <root>/<test_dir>/<class>/*, resized to image_size."""
+    """Your own images: <root>/<train_dir>/<class>/*.png and <root>/<test_dir>/<class>/*, resized to image_size. With
+    `labels_file` (multi-label): <root>/<train_dir>/<labels_file>, a CSV `file,labels` naming each image under the split
+    folder and its labels separated by `|`, and the same under <test_dir>."""
     folder = split_folder("image_folder", root, train, train_dir, test_dir)
+    if labels_file is not None or target_kind == "class_set":
+        files, targets, classes = user_label_sets("image_folder", root, folder, train_dir, labels_file)
+        images = decode_image_files("image_folder", files, image_size, channels)
+        return ImageData(images, targets, classes, **image_statistics(images), hflip=hflip, target_kind="class_set")
     if stream is not None and stream.may_stream:  # listed through its manifest; streamed when the pipeline says so
         inputs, targets, classes, key = streamed_folder("image_folder", folder, image_size, channels, stream)
         if stream.streams(inputs.numel()):
@@ -175,6 +183,21 @@ def shards(
     inputs = StreamedInputs(source, torch.arange(len(index.labels)), ImageDecoder(image_size, channels), options)
     signature = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in index.shards]
     return streamed_images("shards", inputs, index.labels, index.classes, hflip, key=f"shards:{signature}:{image_size}:{channels}")
+
+
+def user_label_sets(
+    name: str, root: Path, folder: Path, train_dir: str, labels_file: str | None
+) -> tuple[list[Path], torch.Tensor, tuple[str, ...]]:
+    """A user's folder of files with several labels each: the files its labels file lists, their multi-hot targets and
+    the training split's classes (`label_sets.folder_label_sets`)."""
+    from transferctl.data.label_sets import folder_label_sets
+
+    if labels_file is None:
+        raise UsageError(
+            f"data set '{name}': a class folder gives one label per file, and the task wants a set of labels; set data.labels_file "
+            f"(a CSV file,labels in each split folder, labels separated by |)"
+        )
+    return folder_label_sets(name, folder, root / train_dir, labels_file)
 
 
 def split_folder(name: str, root: Path, train: bool, train_dir: str, test_dir: str) -> Path:

@@ -37,6 +37,13 @@ class Scenes(NamedTuple):
             for labels, boxes in zip(self.labels, self.boxes, strict=True)
         ]
 
+    def present(self, num_classes: int) -> torch.Tensor:
+        """Each scene's set of digit classes, multi-hot (N, num_classes): what a multi-label task learns."""
+        rows = torch.zeros(len(self.labels), num_classes)
+        for row, labels in zip(rows, self.labels, strict=True):
+            row[labels] = 1.0
+        return rows
+
     def reading_order(self) -> list[torch.Tensor]:
         """Each scene's digit classes left to right by their boxes' centres (top to bottom where they tie)."""
         ordered = []
@@ -101,8 +108,14 @@ def mnist_scenes(
     """Canvases of 1 to `max_digits` real MNIST digits at random positions and scales (seeded). The targets are what
     the task asks for, from the same composition: masks (each stroke pixel its digit's class, 0 the background: 11
     classes), each digit's box (the tight box of its stroke pixels; 10 classes) or the scene's digits in reading
-    order (10 classes). Training scenes from MNIST train, test from test."""
-    kinds = {"class_per_pixel": "masks", "boxes": "the box of each digit", "class_sequence": "the digits in reading order"}
+    order (10 classes), or the set of digits present (multi-label; 10 classes). Training scenes from MNIST train, test
+    from test."""
+    kinds = {
+        "class_per_pixel": "masks",
+        "boxes": "the box of each digit",
+        "class_sequence": "the digits in reading order",
+        "class_set": "the digits present",
+    }
     if target_kind not in kinds:
         offered = ", ".join(f"{kind} ({what})" for kind, what in kinds.items())
         raise ConfigError(f"data: data set 'mnist_scenes' gives {offered}, not '{target_kind}' targets; pick another task or data set")
@@ -112,6 +125,8 @@ def mnist_scenes(
     scenes = compose_scenes(digits.inputs[:, 0], digits.targets, count, image_size, max_digits, generator)
     if target_kind == "class_sequence":
         targets, classes = TargetList(scenes.reading_order()), tuple(digits.classes)
+    elif target_kind == "class_set":
+        targets, classes = scenes.present(len(digits.classes)), tuple(digits.classes)
     elif target_kind == "boxes":
         targets, classes = TargetList(scenes.box_rows()), tuple(digits.classes)
     else:

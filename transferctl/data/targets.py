@@ -195,6 +195,14 @@ class ClassPerWord(TargetKind):
     stacked = False
 
 
+@TARGET_KINDS.register("class_set")
+class ClassSet(TargetKind):
+    """A set of classes per sample, of any size (the digits present in a scene, the tags of a text): float32 (N, C)
+    multi-hot rows, 1 where the sample has the class."""
+
+    noun = "label sets"
+
+
 @TARGET_KINDS.register("transcript")
 class TranscriptText(TargetKind):
     """What was said in a recording: a TargetList of strings ("three one four"), which the task reads as words or

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from transferctl.data import label_sets as label_set
 from transferctl.data.datasets import cached_decoding, default_cache_dir, missing_data
 from transferctl.errors import UsageError
 from transferctl.fileio import atomic_write_bytes
@@ -66,8 +67,11 @@ class TextRows:
 # --------------------------------------------------------------------------- reading files
 
 
-def read_rows(name: str, path: Path, text_columns: list[str], label_column: str | None, drop_empty: bool) -> TextRows:
-    """A CSV (with a header) or JSONL file's texts (the text columns joined by a space) and labels."""
+def read_rows(
+    name: str, path: Path, text_columns: list[str], label_column: str | None, drop_empty: bool, empty_label: bool = False
+) -> TextRows:
+    """A CSV (with a header) or JSONL file's texts (the text columns joined by a space) and labels (`empty_label`: an
+    empty one is a label too, the empty set of a multi-label row)."""
     if not path.is_file():
         raise UsageError(f"data set '{name}': no file {path}; point data.train_file / data.test_file at a CSV or JSONL file")
     try:
@@ -94,7 +98,7 @@ def read_rows(name: str, path: Path, text_columns: list[str], label_column: str 
         lines.append(line)
         if labels is not None:
             label = _field(record[label_column])
-            if not label:
+            if not label and not empty_label:
                 raise UsageError(f"data set '{name}': {path} line {line} has no label; fill it or drop the row")
             labels.append(label)
     if not texts:
@@ -274,7 +278,12 @@ def _converted_tokenizer(folder: Path, where: str) -> str:
 
 
 def tokenized_split(
-    rows: TextRows, tokenization: Tokenization, targets: torch.Tensor, classes: tuple[str, ...], path: str | None = None
+    rows: TextRows,
+    tokenization: Tokenization,
+    targets: torch.Tensor,
+    classes: tuple[str, ...],
+    path: str | None = None,
+    target_kind: str = "class",
 ) -> TextData:
     """A split's rows as TextData; the ids are kept in the cache, keyed by the file and the tokenization."""
     texts = hashlib.sha256("\0".join(rows.texts).encode()).hexdigest()[:16]  # the columns and rows read, not only the file
@@ -284,7 +293,14 @@ def tokenized_split(
         lambda: dict(zip(("ids", "cut"), tokenization.encode(rows.texts), strict=True)),
     )
     return TextData(
-        encoded["ids"], targets, classes, texts=tuple(rows.texts), tokenization=tokenization, cut=encoded["cut"], tokenizer_path=path
+        encoded["ids"],
+        targets,
+        classes,
+        texts=tuple(rows.texts),
+        tokenization=tokenization,
+        cut=encoded["cut"],
+        tokenizer_path=path,
+        target_kind=target_kind,
     )
 
 
@@ -302,20 +318,26 @@ def text_split(
     drop_empty: bool = False,
     label_base: int | None = None,
     fitted: dict | None = None,
+    label_sets: bool = False,
 ) -> TextData:
     """One split of a text data set, tokenized with the tokenizer of the training split's texts (or, for a trained
-    run, with the run's own: `fitted`)."""
+    run, with the run's own: `fitted`). `label_sets`: each label holds several names separated by `|` (multi-label)."""
     options = TokenizerOptions.model_validate(tokenizer)
-    train_rows = read_rows(name, files[0], text_columns, label_column, drop_empty)
-    rows = train_rows if train else read_rows(name, files[1], text_columns, label_column, drop_empty)
+    train_rows = read_rows(name, files[0], text_columns, label_column, drop_empty, label_sets)
+    rows = train_rows if train else read_rows(name, files[1], text_columns, label_column, drop_empty, label_sets)
+    kind = "class"
     if rows.labels is None:
         targets, classes = torch.full((len(rows.texts),), -1, dtype=torch.long), ()
+    elif label_sets:
+        names = [label_set.names_in(label) for label in rows.labels]
+        classes = classes or label_set.classes_of([label_set.names_in(label) for label in train_rows.labels or []])
+        targets, kind = label_set.multi_hot(names, classes, [f"{rows.path} line {line}" for line in rows.lines]), "class_set"
     else:
         classes = classes or tuple(sorted(set(train_rows.labels or []), key=_label_order))
         targets = class_index(name, rows, classes, label_base)
     if fitted and "tokenizer" in fitted:
-        return tokenized_split(rows, tokenization_of(fitted), targets, classes)
-    return tokenized_split(rows, tokenization_for(name, options, train_rows.texts), targets, classes, options.path)
+        return tokenized_split(rows, tokenization_of(fitted), targets, classes, target_kind=kind)
+    return tokenized_split(rows, tokenization_for(name, options, train_rows.texts), targets, classes, options.path, target_kind=kind)
 
 
 def _label_order(label: str) -> tuple[int, int | str]:
@@ -353,8 +375,10 @@ def text_csv(
     classes: list[str] | None = None,
     drop_empty: bool = False,
     tokenizer: TokenizerOptions = DEFAULT_TOKENIZER,
+    target_kind: str = "class",
 ) -> TextData:
-    """Your own texts: CSV (with a header) or JSONL files under data.root; text_columns joined, labels as names or integers."""
+    """Your own texts: CSV (with a header) or JSONL files under data.root; text_columns joined, labels as names or integers.
+    For a multi-label task the label column holds each text's labels separated by `|` (`sports|politics`)."""
     files = tuple(data_file(root, f) for f in (train_file, test_file))
     for path in files:
         if path.suffix.lower() not in TEXT_SUFFIXES:
@@ -371,6 +395,7 @@ def text_csv(
         drop_empty,
         label_base,
         fitted,
+        label_sets=target_kind == "class_set",
     )
 
 

@@ -20,11 +20,11 @@ def projection_head(feature_dim: int, hidden_dim: PositiveInt = 512, out_dim: Po
     )
 
 
-@HEADS.register("linear", serves=("classification",))
+@HEADS.register("linear", serves=("classification", "multilabel"))
 def classifier_head(
     feature_dim: int, num_outputs: int, dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0, standardize: bool = False
 ) -> nn.Module:
-    """A linear layer (optionally after dropout) producing one output per class (or value).
+    """A linear layer (optionally after dropout) producing one output per class (a logit per class, for multi-label).
 
     `standardize` first scales every feature to zero mean and unit variance (a batch norm without
     affine parameters, as in MAE's linear probe): contrastive features carry their signal as small

@@ -1,10 +1,10 @@
-"""Tasks: what a head is trained for (classification, regression, segmentation, detection, token classification,
-speech recognition), each a registered
-class in a module of its own."""
+"""Tasks: what a head is trained for (classification, multi-label classification, regression, segmentation,
+detection, token classification, speech recognition), each a registered class in a module of its own."""
 
 from transferctl.tasks import (  # noqa: F401  (registers)
     classification,
     detection,
+    multilabel,
     regression,
     segmentation,
     speech_recognition,
