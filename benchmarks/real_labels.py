@@ -10,11 +10,20 @@
   validation accuracy): the steps each trained and the test accuracy of the checkpoint evaluation reads (best.pt
   when a run stopped early).
 
+- **Pseudo-label guard**: configs/finetune10_fsdd.yaml and configs/finetune10_ag_news.yaml (10 labels per class and
+  the rest of the training split without labels) from their SimCLR (FSDD) and masked-language-model (AG News)
+  encoders, pretrained by the shipped recipes: pseudo-labels as before the guard (`align=false`, `warmup_steps=0`),
+  as shipped now (aligned, after a labels-only warm-up), and as shipped
+  from a deliberately bad start: during the warm-up the labels are rotated (class c taught as c + 1), so the head
+  that pseudo-labels begin with is confidently wrong. Test accuracy, and how often the run's `unlabeled_check` said
+  it ended below a labels-only head.
+
 Every cell is stored in --out with its wall time, keyed by a digest of its recipe and overrides; a rerun skips what
 is done.
 
     python benchmarks/real_labels.py --data-dir ../shared/data --parts imbalance     # 12 runs, ~15 min on a 2-core CPU
     python benchmarks/real_labels.py --data-dir ../shared/data --parts early_stop    # 12 runs
+    python benchmarks/real_labels.py --data-dir ../shared/data --parts guard         # 18 runs and two pretrainings
     python benchmarks/real_labels.py --data-dir ../shared/data --quick               # the plumbing, seconds
 """
 
@@ -23,13 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from label_efficiency import QUICK, REPO, Cells, recipe_digest
 
-from transferctl.recipes import evaluate, pretrain
+from transferctl.methods.supervised import TaskObjective
+from transferctl.recipes import evaluate, finetune, pretrain
 
 CONFIGS = REPO / "configs"
 IMBALANCE = {
@@ -103,10 +116,78 @@ def early_stop_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int
     return "\n".join(lines)
 
 
+GUARD_RECIPES = {"FSDD": ("simclr_fsdd.yaml", "finetune10_fsdd.yaml"), "AG News": ("mlm_ag_news.yaml", "finetune10_ag_news.yaml")}
+GUARD_VARIANTS = {
+    "pseudo-labels, before the guard": ["finetune.unlabeled.align=false", "finetune.unlabeled.warmup_steps=0"],
+    "pseudo-labels, guarded (as shipped)": [],
+    "guarded, from a bad start": [],
+}
+
+
+@contextmanager
+def rotated_labels(steps: int) -> Iterator[None]:
+    """A deliberately bad start: for the first `steps` steps every fine-tune is taught class c as c + 1."""
+    original = TaskObjective.loss
+
+    def loss(self: TaskObjective, batch: Any, step: int) -> Any:
+        if step < steps:
+            batch = replace(batch, targets=(batch.targets + 1) % self.network.head[-1].out_features)
+        return original(self, batch, step)
+
+    TaskObjective.loss = loss
+    try:
+        yield
+    finally:
+        TaskObjective.loss = original
+
+
+def guarded_cell(source: str, config: Path, overrides: list[str], runs: Path, bad_start: int) -> dict[str, Any]:
+    if bad_start:
+        with rotated_labels(bad_start):
+            tuned = finetune(source, config, overrides, runs_dir=runs)
+    else:
+        tuned = finetune(source, config, overrides, runs_dir=runs)
+    summary = json.loads((tuned.run_dir / "summary.json").read_text())
+    check = summary.get("unlabeled_check") or {}
+    tested = evaluate(str(tuned.run_dir), runs_dir=runs).metrics
+    return {"accuracy": tested["accuracy"], "verdict": check.get("verdict"), "check": check, "run": str(tuned.run_dir)}
+
+
+def guard_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int]) -> str:
+    from transferctl.config import read_yaml
+
+    lines = ["| data (10 labels per class) | fine-tune | test accuracy % | runs that warned |", "|---|---|---|---|"]
+    for label, (pretrain_name, recipe) in GUARD_RECIPES.items():
+        pretrain_config, config = CONFIGS / pretrain_name, CONFIGS / recipe
+        source = cells.get(
+            f"guard/pretrain/{label}/{recipe_digest(pretrain_config, extra)}",
+            lambda pretrain_config=pretrain_config: {"run": str(pretrain(pretrain_config, extra, runs_dir=runs).run_dir)},
+            usable=lambda row: Path(row["run"]).is_dir(),
+        )["run"]
+
+        def measure(overrides: list[str], config: Path = config, source: str = source, bad: int = 0) -> dict[str, Any]:
+            return guarded_cell(source, config, overrides, runs, bad)
+
+        bad_steps = int(read_yaml(config)["finetune"]["unlabeled"]["warmup_steps"])
+        for variant, options in GUARD_VARIANTS.items():
+            bad = bad_steps if "bad start" in variant else 0
+            measured = []
+            for seed in seeds:
+                overrides = [*options, f"data.seed={seed}", *extra]
+                key = f"guard/{label}/{variant}/seed{seed}/{recipe_digest(config, [*overrides, f'bad={bad}'], source)}"
+                measured.append(cells.get(key, lambda overrides=overrides, bad=bad: measure(overrides, bad=bad)))
+            warned = sum(m["verdict"] == "hurt" for m in measured)
+            checked = sum(m["verdict"] is not None for m in measured)
+            lines.append(
+                f"| {label} | {variant} | {mean_sd([m['accuracy'] for m in measured])} | {f'{warned} of {checked}' if checked else '—'} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, help="the folder with FashionMNIST, MNIST and ag_news (else $TRANSFERCTL_DATA_DIR)")
-    parser.add_argument("--parts", nargs="+", default=["imbalance", "early_stop"], choices=["imbalance", "early_stop"])
+    parser.add_argument("--parts", nargs="+", default=["imbalance", "early_stop", "guard"], choices=["imbalance", "early_stop", "guard"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="data.seed and train.seed of each repeat")
     parser.add_argument("--imbalance", type=float, default=100.0, help="the head class's count over the tail's")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_labels")
@@ -123,6 +204,8 @@ def main() -> None:
         tables.append(imbalance_table(cells, runs, extra, args.seeds, args.imbalance))
     if "early_stop" in args.parts:
         tables.append(early_stop_table(cells, runs, extra, args.seeds))
+    if "guard" in args.parts:
+        tables.append(guard_table(cells, runs, extra, args.seeds))
     text = "\n\n".join(tables)
     (out / f"table-{'-'.join(args.parts)}.md").write_text(text + "\n")
     print(text)

@@ -336,9 +336,14 @@ class RunRecord:
         return self.path / "checkpoints" / f"{self.checkpoint_name(name)}.pt"
 
     def checkpoint_name(self, name: str) -> str:
-        if name != "auto":
-            return name
-        return "best" if self.summary.get("early_stopped_at") is not None else "last"
+        return checkpoint_name(name, self.summary)
+
+
+def checkpoint_name(name: str, summary: dict[str, Any]) -> str:
+    """The checkpoint `eval.checkpoint` names for a run with this summary: `auto` is best for a run that stopped early."""
+    if name != "auto":
+        return name
+    return "best" if summary.get("early_stopped_at") is not None else "last"
 
 
 def resolve_run(ref: str, runs_dir: Path, flag: str = "--from") -> Path:

@@ -128,9 +128,11 @@ class UnlabeledConfig(BaseModel):
     weight: float = Field(0.0, ge=0.0)
     batch_size: PositiveInt = 256
     threshold: float = Field(0.95, ge=0.0, le=1.0)
+    warmup_steps: Annotated[int, Field(ge=0)] = 0  # steps of labels alone before pseudo-labels count
     align: bool = False  # distribution alignment: each batch's predictions reweighted to the labelled class shares
     propagate: bool = False  # predictions multiplied by label propagation over the starting encoder's features
     augment: Component | None = None  # the strong view; the weak one is data.augment
+    check: bool = True  # at the end, compare with a labels-only head (summary.json's unlabeled_check; a warning if worse)
 
 
 class FinetuneConfig(BaseModel):

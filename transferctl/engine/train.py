@@ -101,7 +101,7 @@ class Objective(Protocol):
     the data that the loss needs, such as label propagation, belong there, so that `config check` skips them.
     `state_dict` is checkpointed with the run (random generators an objective draws from, ...).
 
-    `train_mode` and `after_step` are optional hooks (`hook` finds them): an objective without them gets the
+    `train_mode`, `after_step` and `after_training` are optional hooks (`hook` finds them): an objective without them gets the
     bodies below."""
 
     description: str  # what the progress bar calls the run: "pretraining", "training"
@@ -119,6 +119,12 @@ class Objective(Protocol):
         """Put `network` in training mode, at each epoch's start (and in `config check`): all of it by default; an
         objective that keeps a part fixed (a frozen encoder's batch-norm statistics) puts that part in eval mode."""
         network.train()
+
+    def after_training(self, network: nn.Module) -> dict[str, Any]:
+        """What the objective has to say about the finished run, for its summary.json, given the network with the
+        weights evaluation reads (a `warning` entry, if any, is shown and logged too). Called by the training recipe,
+        not the loop; nothing by default."""
+        return {}
 
     def after_step(self, step: int) -> None:
         """After each optimizer step the loop takes (`step`: its index, as `loss` got it), once the weights and

@@ -21,6 +21,7 @@ from transferctl.tasks.base import Task
 
 if TYPE_CHECKING:
     from transferctl.build import Trained
+    from transferctl.methods.finetune.labels_only import LabelsOnlyCheck
     from transferctl.methods.finetune.pseudo_labels import PseudoLabels
     from transferctl.methods.finetune.weight_anchor import WeightAnchor
     from transferctl.runs import Run
@@ -43,6 +44,7 @@ class TaskObjective:
     head_warmup_steps: int = 0
     anchor: WeightAnchor | None = None
     pseudo_labels: PseudoLabels | None = None
+    labels_only: LabelsOnlyCheck | None = None  # with pseudo-labels: the comparison `after_training` reports
 
     @property
     def selection(self) -> Selection:
@@ -55,6 +57,11 @@ class TaskObjective:
     def prepare(self) -> None:
         if self.pseudo_labels is not None:
             self.pseudo_labels.prepare()
+        if self.labels_only is not None:
+            self.labels_only.prepare()
+
+    def after_training(self, network: nn.Module) -> dict[str, Any]:
+        return {"unlabeled_check": self.labels_only.report(network)} if self.labels_only is not None else {}
 
     def train_mode(self, network: Network) -> None:
         network.train()

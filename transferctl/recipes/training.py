@@ -17,10 +17,10 @@ from transferctl.config import Config, DataConfig, apply_overrides, component_na
 from transferctl.distributed import all_sum, world
 from transferctl.engine import Reporter, SilentReporter, fit
 from transferctl.engine.signals import StopOnSignal
-from transferctl.engine.train import Position
+from transferctl.engine.train import Position, hook
 from transferctl.errors import ConfigError, Interrupted, RunFailed, UsageError
 from transferctl.registry import METHODS
-from transferctl.runs import DEFAULT_RUNS_DIR, Run, create_run, read_trained_run, recording
+from transferctl.runs import DEFAULT_RUNS_DIR, Run, checkpoint_name, create_run, read_trained_run, recording
 from transferctl.tasks.base import Task
 from transferctl.trackers import tracking
 
@@ -268,6 +268,7 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
     task = t.method.task
     if task is not None and task.fits_after_training:
         fit_task_after_training(t, task, run)
+    report_after_training(t, run, reporter)
     plots.write_curves(run)
     if run.writer and plots.available():
         t.method.write_plots(run, t, pipeline.inputs if isinstance(pipeline, plots.FirstBatch) else None)
@@ -293,6 +294,27 @@ def fit_task_after_training(t: Training, task: Task, run: Run) -> None:
         run.log(f"{name}.pt: the task fitted {', '.join(sorted(fitted)) or 'nothing'} on the held-out split")
         run.save_checkpoint(name, replace(saved, task={**saved.task, **fitted}))
     t.network.load_state_dict(trained)
+
+
+def report_after_training(t: Training, run: Run, reporter: Reporter) -> None:
+    """What the objective says about the finished run (`after_training`: the labels-only comparison of a fine-tune
+    with pseudo-labels), with the weights evaluation reads, into summary.json; its warning shown and logged."""
+    after = hook(t.objective, "after_training")
+    trained = {k: v.clone() for k, v in t.network.state_dict().items()}
+    name = checkpoint_name(t.cfg.eval.checkpoint, run.summary)
+    t.network.load_state_dict(checkpoints.read(run.checkpoint_dir / f"{name}.pt").model)
+    try:
+        said = after(t.network.eval())
+    finally:
+        t.network.load_state_dict(trained)
+    if not said:
+        return
+    run.update_summary(**said)
+    for entry in said.values():
+        warning = entry.get("warning") if isinstance(entry, dict) else None
+        if warning:
+            run.log(f"warning: {warning}")
+            reporter.note(f"warning: {warning}")
 
 
 def final_metrics(position: Position, samples_per_s: float) -> dict[str, Any]:

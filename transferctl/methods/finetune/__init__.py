@@ -23,6 +23,7 @@ from transferctl.engine.evaluate import embed
 from transferctl.engine.train import half_precision
 from transferctl.errors import ConfigError
 from transferctl.methods.base import Parts
+from transferctl.methods.finetune.labels_only import LabelsOnlyCheck
 from transferctl.methods.finetune.propagation import propagate_labels
 from transferctl.methods.finetune.pseudo_labels import PseudoLabels
 from transferctl.methods.finetune.weight_anchor import WeightAnchor
@@ -102,6 +103,7 @@ class Finetune(TaskMethod):
             head_warmup_steps=head_warmup_steps(parts.cfg),
             anchor=_weight_anchor(parts),
             pseudo_labels=_pseudo_labels(parts),
+            labels_only=_labels_only_check(parts),
         )
 
 
@@ -116,6 +118,14 @@ def _weight_anchor(parts: Parts) -> WeightAnchor | None:
     if not strength:
         return None
     return WeightAnchor.toward(parts.network.encoder, parts.starting_encoder(), strength)
+
+
+def _labels_only_check(parts: Parts) -> LabelsOnlyCheck | None:
+    """With pseudo-labels (and `finetune.unlabeled.check`): the labels-only head the finished run is compared with."""
+    if parts.unlabeled is None or not parts.cfg.finetune.unlabeled.check:
+        return None
+    train = parts.train.to(parts.device)
+    return LabelsOnlyCheck.of(parts.network.encoder, parts.starting_encoder, train, parts.val, parts.cfg.data.eval_batch_size)
 
 
 def _pseudo_labels(parts: Parts) -> PseudoLabels | None:
@@ -146,7 +156,7 @@ def _pseudo_labels(parts: Parts) -> PseudoLabels | None:
             "does not hold; set it to false, or use data.pipeline=memory"
         )
     propagate = (lambda: _propagated_labels(parts, pool)) if options.propagate else None
-    return PseudoLabels(stream, options.weight, options.threshold, class_shares=shares, propagate=propagate)
+    return PseudoLabels(stream, options.weight, options.threshold, options.warmup_steps, class_shares=shares, propagate=propagate)
 
 
 def _propagated_labels(parts: Parts, pool: Samples) -> torch.Tensor:

@@ -33,6 +33,7 @@ class PseudoLabels:
     stream: UnlabeledStream
     weight: float
     threshold: float
+    warmup_steps: int = 0  # steps of labels alone first: pseudo-labels read from a head that has learnt something
     class_shares: torch.Tensor | None = None  # the labelled images' class frequencies, summing to 1, on the device
     prior: torch.Tensor | None = None  # per pool image: class probabilities from label propagation, on the device
     passed: torch.Tensor | float = 0.0  # summed on the device: reading it every step would sync
@@ -45,6 +46,8 @@ class PseudoLabels:
             self.prior = self.propagate()
 
     def loss(self, forward: nn.Module, step: int) -> torch.Tensor:
+        if step < self.warmup_steps:
+            return torch.zeros((), device=self.stream.data.targets.device)
         weak, strong, index = self.stream.batch(step)
         with torch.no_grad():
             prior = self.prior[index] if self.prior is not None else None
