@@ -1,9 +1,11 @@
-"""Fine-tuning options do what they claim: head warm-up, encoder LR scale, L2-SP, unlabeled pseudo-labels,
-weight averaging."""
+"""Fine-tuning options do what they claim: head warm-up, encoder LR scale, L2-SP, unlabeled pseudo-labels (with their
+labels-only warm-up and the comparison with a labels-only head that a run that ends below it reports), weight
+averaging."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,11 @@ from transferctl.data.pipeline import UnlabeledStream
 from transferctl.engine.averaging import WeightAverage
 from transferctl.engine.evaluate import embed
 from transferctl.errors import ConfigError
+from transferctl.methods.finetune.labels_only import logistic_regression
 from transferctl.methods.finetune.propagation import propagate_labels
 from transferctl.methods.finetune.pseudo_labels import PseudoLabels
 from transferctl.methods.finetune.weight_anchor import WeightAnchor
+from transferctl.methods.supervised import TaskObjective
 from transferctl.modalities import modality_named
 from transferctl.recipes import finetune, finetune_config, pretrain
 from transferctl.tasks.classification import classify
@@ -380,3 +384,68 @@ def test_propagation_runs_on_the_starting_encoder_also_when_resuming(source):
     random_labelled, random_pool = (embed(resuming.network.encoder, d, 256) for d in (resuming.train, resuming.data.unlabeled))
     from_random = propagate_labels(random_labelled, resuming.train.targets, random_pool, 10)
     assert not torch.allclose(from_random, prior, atol=1e-3)  # so the resumed run did not use its random encoder
+
+
+# --------------------------------------------------------------------------- few labels that cannot quietly fail
+
+SEMI = ["finetune.unlabeled.weight=1", "finetune.unlabeled.threshold=0.5", "finetune.unlabeled.batch_size=32", "train.max_steps=12"]
+
+
+def test_the_labels_only_head_is_scikit_learns_logistic_regression_on_standardized_features():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat(20)
+    features = torch.randn(60, 5, generator=generator) + 1.5 * torch.nn.functional.one_hot(labels, 5).float()
+    new = torch.randn(40, 5, generator=generator)
+    head = logistic_regression(features, labels, 3)
+    scaler = StandardScaler().fit(features.numpy())
+    reference = LogisticRegression(C=1.0, max_iter=1000, tol=1e-8).fit(scaler.transform(features.numpy()), labels.numpy())
+    expected = reference.predict_proba(scaler.transform(new.numpy()))
+    assert head(new).softmax(1).numpy() == pytest.approx(expected, abs=2e-3)
+
+
+def test_pseudo_labels_wait_for_the_warm_up(source, tmp_path, monkeypatch):
+    drawn: list[int] = []
+    original = PseudoLabels.loss
+    monkeypatch.setattr(PseudoLabels, "loss", lambda self, forward, step: drawn.append(step) or original(self, forward, step))
+    batches: list[int] = []
+    stream_batch = UnlabeledStream.batch
+    monkeypatch.setattr(UnlabeledStream, "batch", lambda self, step: batches.append(step) or stream_batch(self, step))
+    finetune(str(source), None, [*FEW_LABELS, *SEMI, "finetune.unlabeled.warmup_steps=8"], runs_dir=tmp_path / "runs")
+    assert drawn == list(range(12)) and batches == [8, 9, 10, 11]  # no unlabeled batch is even read before step 8
+
+
+@pytest.fixture(scope="module")
+def badly_started(source, tmp_path_factory) -> Path:
+    """A fine-tune whose first 8 steps teach class c as c + 1 (a head confidently wrong when pseudo-labels start)."""
+    original = TaskObjective.loss
+
+    def rotated(self, batch, step):
+        if step < 8:
+            batch = replace(batch, targets=(batch.targets + 1) % 10)
+        return original(self, batch, step)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TaskObjective, "loss", rotated)
+        overrides = [*FEW_LABELS, *SEMI, "finetune.unlabeled.warmup_steps=8", "optimizer.lr=0.1"]
+        return finetune(str(source), None, overrides, runs_dir=tmp_path_factory.mktemp("bad") / "runs").run_dir
+
+
+def test_a_run_that_ends_below_its_labels_alone_says_so(badly_started):
+    check = json.loads((badly_started / "summary.json").read_text())["unlabeled_check"]
+    assert check["verdict"] == "hurt"
+    assert check["held_out"]["finetuned"] < check["held_out"]["labels_only"] and check["held_out"]["samples"] == 60
+    assert check["labelled"]["samples"] == 50
+    log = (badly_started / "log.txt").read_text()
+    assert log.count("warning: the fine-tune with unlabeled data ends below what its labels alone give") == 1
+
+
+def test_a_run_that_learns_from_its_labels_is_not_flagged(source, tmp_path):
+    longer = [*FEW_LABELS, *SEMI, "finetune.unlabeled.warmup_steps=8", "train.max_steps=40"]
+    run = finetune(str(source), None, longer, runs_dir=tmp_path / "runs").run_dir
+    check = json.loads((run / "summary.json").read_text())["unlabeled_check"]
+    assert check["verdict"] != "hurt" and "warning" not in check
+    plain = finetune(str(source), None, [*FEW_LABELS, "train.max_steps=2"], runs_dir=tmp_path / "runs").run_dir
+    assert "unlabeled_check" not in json.loads((plain / "summary.json").read_text())  # no unlabeled data, nothing to check
