@@ -16,6 +16,7 @@ from tests.conftest import write_config
 from tests.test_engine_hooks import PlainObjective, ToyPipeline
 from transferctl.checkpoints import Checkpoint
 from transferctl.engine.train import EarlyStop, Selection, Settings, SilentReporter, Steps, fit
+from transferctl.errors import RunFailed
 from transferctl.recipes import evaluate, pretrain
 
 ACCURACY = Selection("val_accuracy", higher_is_better=True)
@@ -138,3 +139,17 @@ def test_an_early_stop_metric_the_run_does_not_produce_is_refused_before_a_run(t
     assert len(result.stderr.strip().splitlines()) == 1 and not runs.exists()
     result = cli("pretrain", "-c", config, "data.val_fraction=0", "--runs-dir", runs)
     assert result.code == 2 and "needs a held-out split" in result.stderr and not runs.exists()
+
+
+def test_a_watched_metric_that_validation_does_not_give_fails_the_run_loudly():
+    @dataclass
+    class Misdeclared(ScriptedObjective):
+        def validate(self, val, batch_size, network) -> dict[str, float]:
+            return {"val_other": 0.5}  # declares val_accuracy, gives something else
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    settings = Settings(Steps(4, 8, False), 2, 100, 1, early_stop=EarlyStop("val_accuracy", True, 2))
+    with pytest.raises(RunFailed, match="validation gave val_other, not 'val_accuracy'"):
+        fit(Misdeclared(model), model, optimizer, scheduler, ToyPipeline(4), [0, 1], settings, save=print, reporter=SilentReporter())

@@ -484,7 +484,13 @@ class _Loop:
         pos, stop = self.pos, self.settings.early_stop
         selection = self.objective.selection
         is_best = (not self.has_val) or (selection.metric in row and selection.better(row, pos.best))
-        if stop is not None and stop.metric in row:
+        validated = any(key.startswith("val_") for key in row)
+        if stop is not None and validated and stop.metric not in row:
+            raise RunFailed(
+                f"train.early_stop.metric: validation gave {', '.join(k for k in row if k.startswith('val_'))}, not "
+                f"'{stop.metric}', which the method or task declares among its validation_metrics; fix its declaration"
+            )
+        if stop is not None and validated:
             value = float(row[stop.metric])
             if stop.improves(value, pos.early_stop_best):
                 pos.early_stop_best, pos.stale_validations = value, 0
