@@ -143,9 +143,17 @@ def modality_chain(label: str, pretrain_config: str, finetune_config: str, root:
     return results
 
 
+ADDED = "added: "  # a value the earlier fingerprint did not have at all (a metric a later release also reports)
+
+
 def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Every place where `b` differs from `a`; a key only `b` has is reported as ADDED, not as a difference."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in dict.fromkeys([*a, *b]) for d in differences(a.get(k), b.get(k), f"{where}.{k}" if where else k)]
+        found = []
+        for key in dict.fromkeys([*a, *b]):
+            path = f"{where}.{key}" if where else str(key)
+            found += differences(a[key], b.get(key), path) if key in a else [f"{ADDED}{path}"]
+        return found
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{where}[{i}]")]
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
@@ -168,8 +176,12 @@ def main() -> None:
         metrics = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in (result.get("metrics") or result).items())
         print(f"| {name} | {result.get('last_weights', '')} | {result.get('best_weights', '')} | {metrics} |")
     if args.compare:
-        found = differences(json.loads(args.compare.read_text()), results)
+        every = differences(json.loads(args.compare.read_text()), results)
+        added = sorted({d.removeprefix(ADDED).split("[")[0].split(".")[-1] for d in every if d.startswith(ADDED)})
+        found = [d for d in every if not d.startswith(ADDED)]
         print(f"\n{len(found)} differences from {args.compare}" + "".join(f"\n  {d}" for d in found[:50]))
+        if added:
+            print(f"added ({sum(d.startswith(ADDED) for d in every)} values the earlier release did not write): {', '.join(added)}")
         sys.exit(1 if found else 0)
 
 
