@@ -82,6 +82,14 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def barrier() -> None:
+    """Wait until every rank gets here (rank 0 has written what the others read next)."""
+    if world().distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def all_sum(value: torch.Tensor) -> torch.Tensor:
     """The sum of `value` over all ranks (a copy; `value` is left alone)."""
     if not world().distributed:

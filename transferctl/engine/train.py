@@ -120,10 +120,10 @@ class Objective(Protocol):
         objective that keeps a part fixed (a frozen encoder's batch-norm statistics) puts that part in eval mode."""
         network.train()
 
-    def after_training(self, network: nn.Module) -> dict[str, Any]:
-        """What the objective has to say about the finished run, for its summary.json, given the network with the
-        weights evaluation reads (a `warning` entry, if any, is shown and logged too). Called by the training recipe,
-        not the loop; nothing by default."""
+    def after_training(self, network: Callable[[], nn.Module]) -> dict[str, Any]:
+        """What the objective has to say about the finished run, for its summary.json (a `warning` entry, if any, is
+        shown and logged too); `network()` gives the network with the weights evaluation reads (loading them: call it
+        only when needed, on every rank). Called by the training recipe, not the loop; nothing by default."""
         return {}
 
     def after_step(self, step: int) -> None:

@@ -4,7 +4,7 @@ every method that trains a task."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,8 +60,8 @@ class TaskObjective:
         if self.labels_only is not None:
             self.labels_only.prepare()
 
-    def after_training(self, network: nn.Module) -> dict[str, Any]:
-        return {"unlabeled_check": self.labels_only.report(network)} if self.labels_only is not None else {}
+    def after_training(self, network: Callable[[], nn.Module]) -> dict[str, Any]:
+        return {"unlabeled_check": self.labels_only.report(network())} if self.labels_only is not None else {}
 
     def train_mode(self, network: Network) -> None:
         network.train()

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from transferctl import allocator, build, checkpoints, plots
 from transferctl.build import Training
 from transferctl.checkpoints import Checkpoint
 from transferctl.config import Config, DataConfig, apply_overrides, component_name, load_config, merge, read_yaml, value_at
-from transferctl.distributed import all_sum, world
+from transferctl.distributed import all_sum, barrier, world
 from transferctl.engine import Reporter, SilentReporter, fit
 from transferctl.engine.signals import StopOnSignal
 from transferctl.engine.train import Position, hook
@@ -284,6 +285,7 @@ def fit_task_after_training(t: Training, task: Task, run: Run) -> None:
     """The task's state fitted with each saved checkpoint's weights on the held-out split (`Task.fit_after_training`:
     per-class thresholds, ...), merged into that checkpoint's task state; the network's own weights are kept."""
     trained = {k: v.clone() for k, v in t.network.state_dict().items()}
+    barrier()  # every rank reads the checkpoints rank 0 wrote (and fits with them: `predict` is collective)
     for name in ("best", "last"):
         path = run.checkpoint_dir / f"{name}.pt"
         if not path.is_file():
@@ -299,14 +301,20 @@ def fit_task_after_training(t: Training, task: Task, run: Run) -> None:
 def report_after_training(t: Training, run: Run, reporter: Reporter) -> None:
     """What the objective says about the finished run (`after_training`: the labels-only comparison of a fine-tune
     with pseudo-labels), with the weights evaluation reads, into summary.json; its warning shown and logged."""
-    after = hook(t.objective, "after_training")
-    trained = {k: v.clone() for k, v in t.network.state_dict().items()}
-    name = checkpoint_name(t.cfg.eval.checkpoint, run.summary)
-    t.network.load_state_dict(checkpoints.read(run.checkpoint_dir / f"{name}.pt").model)
+    after, trained = hook(t.objective, "after_training"), {}
+
+    def network() -> nn.Module:  # read only when the objective asks for it
+        barrier()  # every rank reads the checkpoint rank 0 wrote
+        trained.update({k: v.clone() for k, v in t.network.state_dict().items()})
+        name = checkpoint_name(t.cfg.eval.checkpoint, run.summary)
+        t.network.load_state_dict(checkpoints.read(run.checkpoint_dir / f"{name}.pt").model)
+        return t.network.eval()
+
     try:
-        said = after(t.network.eval())
+        said = after(network)
     finally:
-        t.network.load_state_dict(trained)
+        if trained:
+            t.network.load_state_dict(trained)
     if not said:
         return
     run.update_summary(**said)
