@@ -153,11 +153,11 @@ def guarded_cell(source: str, config: Path, overrides: list[str], runs: Path, ba
     return {"accuracy": tested["accuracy"], "verdict": check.get("verdict"), "check": check, "run": str(tuned.run_dir)}
 
 
-def guard_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int]) -> str:
+def guard_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int], chosen: list[str]) -> str:
     from transferctl.config import read_yaml
 
     lines = ["| data (10 labels per class) | fine-tune | test accuracy % | runs that warned |", "|---|---|---|---|"]
-    for label, (pretrain_name, recipe) in GUARD_RECIPES.items():
+    for label, (pretrain_name, recipe) in ((k, v) for k, v in GUARD_RECIPES.items() if k in chosen):
         pretrain_config, config = CONFIGS / pretrain_name, CONFIGS / recipe
         source = cells.get(
             f"guard/pretrain/{label}/{recipe_digest(pretrain_config, extra)}",
@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="the folder with FashionMNIST, MNIST and ag_news (else $TRANSFERCTL_DATA_DIR)")
     parser.add_argument("--parts", nargs="+", default=["imbalance", "early_stop", "guard"], choices=["imbalance", "early_stop", "guard"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="data.seed and train.seed of each repeat")
+    parser.add_argument("--guard-data", nargs="+", default=list(GUARD_RECIPES), choices=list(GUARD_RECIPES), help="the guard's data sets")
     parser.add_argument("--imbalance", type=float, default=100.0, help="the head class's count over the tail's")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_labels")
     parser.add_argument("--quick", action="store_true", help="3 steps per run: checks the plumbing, not the results")
@@ -205,7 +206,7 @@ def main() -> None:
     if "early_stop" in args.parts:
         tables.append(early_stop_table(cells, runs, extra, args.seeds))
     if "guard" in args.parts:
-        tables.append(guard_table(cells, runs, extra, args.seeds))
+        tables.append(guard_table(cells, runs, extra, args.seeds, args.guard_data))
     text = "\n\n".join(tables)
     (out / f"table-{'-'.join(args.parts)}.md").write_text(text + "\n")
     print(text)
