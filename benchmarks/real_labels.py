@@ -91,12 +91,12 @@ def imbalance_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int]
     return "\n".join(lines)
 
 
-def early_stop_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int]) -> str:
+def early_stop_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int], chosen: list[str]) -> str:
     lines = [
         "| recipe (all labels) | steps, as shipped | test accuracy % | steps, early stop | test accuracy % (best.pt) | steps saved |",
         "|---|---|---|---|---|---|",
     ]
-    for label, name in EARLY_STOP_RECIPES.items():
+    for label, name in ((k, v) for k, v in EARLY_STOP_RECIPES.items() if k in chosen):
         config = CONFIGS / name
         both = {}
         for variant, options in (("full", []), ("early", EARLY_STOP)):
@@ -189,6 +189,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, help="the folder with FashionMNIST, MNIST and ag_news (else $TRANSFERCTL_DATA_DIR)")
     parser.add_argument("--parts", nargs="+", default=["imbalance", "early_stop", "guard"], choices=["imbalance", "early_stop", "guard"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="data.seed and train.seed of each repeat")
+    parser.add_argument(
+        "--early-stop-data", nargs="+", default=list(EARLY_STOP_RECIPES), choices=list(EARLY_STOP_RECIPES), help="early stopping's recipes"
+    )
     parser.add_argument("--guard-data", nargs="+", default=list(GUARD_RECIPES), choices=list(GUARD_RECIPES), help="the guard's data sets")
     parser.add_argument("--imbalance", type=float, default=100.0, help="the head class's count over the tail's")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "real_labels")
@@ -204,7 +207,7 @@ def main() -> None:
     if "imbalance" in args.parts:
         tables.append(imbalance_table(cells, runs, extra, args.seeds, args.imbalance))
     if "early_stop" in args.parts:
-        tables.append(early_stop_table(cells, runs, extra, args.seeds))
+        tables.append(early_stop_table(cells, runs, extra, args.seeds, args.early_stop_data))
     if "guard" in args.parts:
         tables.append(guard_table(cells, runs, extra, args.seeds, args.guard_data))
     text = "\n\n".join(tables)
