@@ -62,13 +62,13 @@ def test_build_passes_only_the_context_a_component_takes():
 # The one list of the built-in components (test_cli.py checks the CLI's listing against the registries, not this list).
 BUILT_IN = {
     "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
-    "tasks": {"classification", "regression", "segmentation", "detection", "token_classification", "speech_recognition"},
+    "tasks": {"classification", "multilabel", "regression", "segmentation", "detection", "token_classification", "speech_recognition"},
     "modalities": {"image", "audio", "text"},
     "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
     "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger", "ctc"},
     "losses": {
         *("nt_xent", "cross_entropy", "mse", "bce", "l1", "huber"),
-        *("pixel_cross_entropy", "token_cross_entropy", "fcos_loss", "tagging_loss", "ctc"),
+        *("pixel_cross_entropy", "token_cross_entropy", "fcos_loss", "tagging_loss", "ctc", "binary_cross_entropy", "asymmetric"),
     },
     "optimizers": {"sgd", "adam", "adamw", "lars"},
     "schedulers": {"cosine", "constant"},
@@ -96,7 +96,7 @@ BUILT_IN = {
         "speech_folder",
     },
     "augmentations": {"simclr", "light", "upright", "none", "audio_simclr", "audio_light", "text_simclr", "text_light"},
-    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values", "boxes", "class_per_word", "transcript"},
+    "target_kinds": {"class", "class_per_pixel", "class_sequence", "values", "boxes", "class_per_word", "transcript", "class_set"},
     "trackers": {"tensorboard", "mlflow", "wandb"},
 }
 

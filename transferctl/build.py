@@ -303,7 +303,9 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     forward = training_forward(cfg, network, device, method.some_steps_frozen(cfg))  # before the optimizer: SyncBatchNorm swaps modules
     lr_scale, encoder_decay = method.encoder_optimization(cfg)
     optimizer = build_optimizer(cfg, parameter_groups(network, lr_scale, encoder_weight_decay=encoder_decay))
-    criterion = build_loss(cfg, network.head, data.train).to(device)
+    criterion = build_loss(cfg, network.head, data.train)
+    if isinstance(criterion, nn.Module):
+        criterion.to(device)  # its buffers (class weights) where the outputs are
     starting = (lambda: weights.starting_encoder_state(cfg, build_encoder(cfg, context))) if weights.has_pretrained_encoder(cfg) else None
     parts = Parts(
         cfg, device, modality, data.train, val, data.unlabeled, network, forward, criterion, augment, channels_last, steps.total, starting
