@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -177,7 +178,7 @@ def main() -> None:
         print(f"| {name} | {result.get('last_weights', '')} | {result.get('best_weights', '')} | {metrics} |")
     if args.compare:
         every = differences(json.loads(args.compare.read_text()), results)
-        added = sorted({d.removeprefix(ADDED).split("[")[0].split(".")[-1] for d in every if d.startswith(ADDED)})
+        added = sorted({re.sub(r"\[\d+\]", "", d.removeprefix(ADDED)).split(".")[-1] for d in every if d.startswith(ADDED)})
         found = [d for d in every if not d.startswith(ADDED)]
         print(f"\n{len(found)} differences from {args.compare}" + "".join(f"\n  {d}" for d in found[:50]))
         if added:
