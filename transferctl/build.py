@@ -273,6 +273,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     data = load_training_data(
         cfg.data, labelled_subset=method.uses_labels, unlabeled=method.wants_unlabeled_pool(cfg), target_kind=task_target_kind(method)
     )
+    data = _with_model_statistics(cfg, data, modality)
     notes = [*cfg.notes, *method.notes(cfg)]
     if cfg.finetune.source and modality.inherits_fitted_state:
         data, note = _read_as_source(data, modality, cfg.finetune.source)
@@ -330,6 +331,16 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         task_state,
         data_root=data_root(cfg.data),
     )
+
+
+def _with_model_statistics(cfg: Config, data: TrainingData, modality: Modality) -> TrainingData:
+    """The splits normalized as the model's pretrained weights expect (a timm model's `pretrained_cfg` mean and std),
+    where its registration says (`input_statistics`); else with the data's own statistics."""
+    statistics = MODELS.get(cfg.model.name).meta.get("input_statistics", lambda options: None)(cfg.model.options)
+    if not statistics:
+        return data
+    unlabeled = modality.with_statistics(data.unlabeled, statistics) if data.unlabeled is not None else None
+    return TrainingData(modality.with_statistics(data.train, statistics), modality.with_statistics(data.val, statistics), unlabeled)
 
 
 def task_target_kind(method: Method) -> str | None:

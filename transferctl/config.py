@@ -225,7 +225,8 @@ def _default(name: str | None, where: str, missing: str) -> Component:
 
 def _resolve_model_from_weights(cfg: Config) -> None:
     """What a model takes from its weights when the config is resolved: its options (`resolve_options`; `hf`: the
-    checkpoint folder's architecture) and data options (`resolve_data`; `hf`: the folder's tokenizer)."""
+    checkpoint folder's architecture) and the data options it implies where the data set takes them (`resolve_data`;
+    `hf`: the folder's tokenizer; `timm`: the size images are decoded at)."""
     entry = MODELS.get(cfg.model.name)
     resolve_options = entry.meta.get("resolve_options")
     if resolve_options is not None:
@@ -233,8 +234,10 @@ def _resolve_model_from_weights(cfg: Config) -> None:
         cfg.model = ModelConfig(name=cfg.model.name, weights=cfg.model.weights, **options)
     resolve_data = entry.meta.get("resolve_data")
     if resolve_data is not None:
-        for key, value in resolve_data(cfg.data.options, cfg.model.weights).items():
-            setattr(cfg.data, key, value)
+        takes = DATASETS.get(cfg.data.name, where="data").options()
+        for key, value in resolve_data(cfg.data.options, cfg.model.weights, cfg.model.options).items():
+            if key in takes:
+                setattr(cfg.data, key, value)
 
 
 def _resolve_data_from_components(cfg: Config, modality: str, task: type | None) -> None:

@@ -36,8 +36,9 @@ class Component(BaseModel):
 class ModelConfig(Component):
     """The encoder: a registered model, its options, and optionally the weights it starts from."""
 
-    # A .pt or .safetensors state dict of the encoder, or DEFAULT: the model's published weights (resnet18:
-    # torchvision's ImageNet weights). Loaded before training; a fine-tune --from takes the source's instead.
+    # A .pt or .safetensors state dict of the encoder, a model folder, a hub id (hf-hub:ORG/NAME), or DEFAULT: the
+    # model's published weights (resnet18: torchvision's ImageNet weights). Loaded before training; a fine-tune
+    # --from takes the source's instead.
     weights: str | None = None
 
     @pydantic.field_validator("weights")
@@ -46,6 +47,8 @@ class ModelConfig(Component):
         """A path is stored absolute (like finetune.source), so the run's config still finds it from elsewhere."""
         if value is None or value.upper() == "DEFAULT":
             return None if value is None else "DEFAULT"
+        if value.startswith("hf-hub:"):  # a hub id, read from the local cache (models/hub.py), not a path
+            return value
         return str(Path(value).expanduser().resolve())
 
 

@@ -178,6 +178,11 @@ class Modality:
         then (`options`: the run's data options; `meta`: the data set's registration); what it records is kept."""
         return dict(fitted)
 
+    def with_statistics(self, data: Samples, statistics: Mapping[str, Any]) -> Samples:
+        """`data` normalized with a pretrained model's statistics (`input_statistics` in its registration; images: the
+        mean and std its weights were trained with) instead of its own."""
+        return data
+
     def as_trained(self, data: Samples, fitted: dict[str, Any]) -> Samples:
         """`data` read with the training split's fitted state."""
         return data

@@ -206,6 +206,10 @@ class ImageModality(Modality):
         defaults["resize"], defaults["interpolation"] = meta.get("resize", "crop"), meta.get("interpolation", "bilinear")
         return {**defaults, **fitted}
 
+    def with_statistics(self, data: ImageData, statistics: Mapping[str, Any]) -> ImageData:
+        """A three-channel mean on grey images normalizes each as three equal channels (the broadcast makes them)."""
+        return replace(data, mean=tuple(statistics["mean"]), std=tuple(statistics["std"]))
+
     def as_trained(self, data: ImageData, fitted: dict[str, Any]) -> ImageData:
         return replace(data, mean=tuple(fitted["mean"]), std=tuple(fitted["std"]))
 

@@ -61,7 +61,7 @@ def resolve_options(options: dict[str, Any], weights: str | None) -> dict[str, A
     return {**options, "architecture": json.loads((_folder(weights) / "config.json").read_text())}
 
 
-def read_weights(weights: str) -> dict[str, torch.Tensor]:
+def read_weights(weights: str, options: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The folder's weights as the encoder's state dict (`model.` + the transformers model's names)."""
     folder = _folder(weights)
     try:
@@ -93,7 +93,7 @@ class HuggingFaceEncoder(nn.Module):
         return steps[:, 0] if self.pooling == "cls" else mean_pool(steps, mask)
 
 
-def resolve_data(data_options: dict[str, Any], weights: str | None) -> dict[str, Any]:
+def resolve_data(data_options: dict[str, Any], weights: str | None, options: dict[str, Any]) -> dict[str, Any]:
     """The data options a checkpoint folder implies: its tokenizer is the run's, unless data.tokenizer.path names one."""
     tokenizer = dict(data_options.get("tokenizer") or {})
     if not weights or tokenizer.get("path"):

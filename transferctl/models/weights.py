@@ -69,7 +69,7 @@ def load_model_weights(encoder: nn.Module, cfg: Config) -> None:
     if cfg.model.weights == "DEFAULT":
         state = _published_weights(entry, cfg)
     elif "read_weights" in entry.meta:  # a model with weights of its own format (hf: a checkpoint folder)
-        state = entry.meta["read_weights"](cfg.model.weights)
+        state = entry.meta["read_weights"](cfg.model.weights, cfg.model.options)
     else:
         state = _read_weights(Path(cfg.model.weights), where)
     state = entry.meta.get("adapt_weights", lambda s: s)(_encoder_part(state, where))
