@@ -272,6 +272,13 @@ def _check_fits(cfg: Config, kind: str, modality: str, augments: dict[str, Compo
         fitting = [e.name for e in MODELS if fits_modality(e, modality)]
         where = f"model.name: model '{cfg.model.name}' does not take {modality} data (data set '{cfg.data.name}')"
         raise ConfigError(f"{where}; use one of: {', '.join(fitting)}")
+    of_options = MODELS.get(cfg.model.name).meta.get("modality_of_options")  # hf: its checkpoint's model class says
+    takes = of_options(cfg.model.options) if of_options is not None else None
+    if takes is not None and takes != modality:
+        raise ConfigError(
+            f"model.weights {cfg.model.weights}: a {takes} model, and data set '{cfg.data.name}' holds {modality} data; "
+            f"give a {modality} checkpoint"
+        )
     for path, component in augments.items():
         if not fits_modality(AUGMENTATIONS.get(component.name), modality, default=None):
             fitting = [e.name for e in AUGMENTATIONS if fits_modality(e, modality, default=None)]

@@ -1,8 +1,12 @@
-"""`hf`: a BERT-family encoder from a local Hugging Face checkpoint folder (`model.weights: path/to/folder`),
-through `transformers` (the `hf` extra). The folder's `config.json` is copied into the run's config when the
-config is resolved (`model.architecture`), so a run rebuilds its encoder without the folder; the folder's weights
-are the starting weights, and its tokenizer is the run's tokenizer unless data.tokenizer.path names another.
-With network access, a hub model's cached folder works the same way."""
+"""`hf`: an encoder from a Hugging Face checkpoint (`model.weights`: a local folder as `save_pretrained` writes it, or
+`hf-hub:ORG/NAME` from the local hub cache), through `transformers`' AutoModel (the `hf` extra), on the modality its
+model class reads: token ids (BERT, DistilBERT, RoBERTa, DeBERTa-v2, ELECTRA, XLM-R, ModernBERT, ...), images (ViT,
+DINOv2, ConvNeXt, Swin, ...) or waveforms (wav2vec 2.0, HuBERT, WavLM).
+
+The folder's `config.json` is copied into the run's config when the config is resolved (`model.architecture`), and so
+is what its processor says of the inputs (`model.preprocessing`: an image processor's mean, std and size; a feature
+extractor's sample rate), so a run rebuilds its encoder and reads its data without the folder. The folder's weights
+are the starting weights; its tokenizer is a text run's tokenizer unless data.tokenizer.path names another."""
 
 from __future__ import annotations
 
@@ -11,13 +15,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from transferctl.errors import ConfigError, UsageError
-from transferctl.models.sequence import mean_pool
+from transferctl.models import hub
+from transferctl.models.sequence import length_mask, mean_pool
 from transferctl.registry import MODELS
 
 INSTALL_HINT = 'pip install "transferctl[hf]"'
+# the input a transformers model class reads (its `main_input_name`) -> the modality it belongs to
+MODALITY_OF_INPUT = {"input_ids": "text", "pixel_values": "image", "input_values": "audio"}
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def transformers():
@@ -46,7 +55,7 @@ def _auto_model(source: Any, pretrained: bool) -> nn.Module:
 def _folder(weights: str | None) -> Path:
     if not weights or weights == "DEFAULT":
         raise ConfigError("model.weights: model 'hf' starts from a Hugging Face checkpoint folder; set model.weights=path/to/folder")
-    folder = Path(weights)
+    folder = hub.local_path(weights)
     if not (folder / "config.json").is_file():
         raise ConfigError(
             f"model.weights {weights}: no config.json there; give a Hugging Face checkpoint folder (save_pretrained writes one)"
@@ -54,11 +63,45 @@ def _folder(weights: str | None) -> Path:
     return folder
 
 
+def checkpoint_modality(architecture: dict[str, Any]) -> str:
+    """The modality of the inputs the checkpoint's AutoModel class reads."""
+    module = transformers()
+    try:
+        config = module.AutoConfig.for_model(**architecture)
+        model_class = module.models.auto.modeling_auto.MODEL_MAPPING[type(config)]
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"model.architecture: AutoModel has no model for it ({' '.join(str(exc).split())[:120]})") from None
+    return MODALITY_OF_INPUT.get(model_class.main_input_name, model_class.main_input_name)
+
+
+def _processor(folder: Path) -> dict[str, Any]:
+    """What the folder's image processor or feature extractor says of the inputs (their statistics, size and rate)."""
+    found = next((folder / name for name in PROCESSOR_FILES if (folder / name).is_file()), None)
+    if found is None:
+        return {}
+    said = json.loads(found.read_text())
+    said = said.get("image_processor", said.get("feature_extractor", said))  # a processor_config.json nests them
+    chosen: dict[str, Any] = {}
+    if said.get("do_normalize", True) and "image_mean" in said:
+        chosen["mean"], chosen["std"] = list(said["image_mean"]), list(said["image_std"])
+    size = said.get("crop_size") or said.get("size") or {}
+    size = size if isinstance(size, dict) else {"height": size}
+    if size.get("height") or size.get("shortest_edge"):
+        chosen["image_size"] = int(size.get("height") or size["shortest_edge"])
+    if "sampling_rate" in said:
+        chosen["sample_rate"] = int(said["sampling_rate"])
+    if "do_normalize" in said and "sampling_rate" in said:
+        chosen["normalize_waveform"] = bool(said["do_normalize"])
+    return chosen
+
+
 def resolve_options(options: dict[str, Any], weights: str | None) -> dict[str, Any]:
-    """The folder's config.json as `architecture`, unless the options already hold one (a run's own config)."""
+    """The folder's config.json as `architecture` and its processor's settings as `preprocessing`, unless the options
+    already hold them (a run's own config)."""
     if options.get("architecture"):
         return options
-    return {**options, "architecture": json.loads((_folder(weights) / "config.json").read_text())}
+    folder = _folder(weights)
+    return {**options, "architecture": json.loads((folder / "config.json").read_text()), "preprocessing": _processor(folder)}
 
 
 def read_weights(weights: str, options: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -71,12 +114,16 @@ def read_weights(weights: str, options: dict[str, Any]) -> dict[str, torch.Tenso
     return {f"model.{k}": v for k, v in model.state_dict().items()}
 
 
+def _config(architecture: dict[str, Any]):
+    return transformers().AutoConfig.for_model(**architecture)
+
+
 class HuggingFaceEncoder(nn.Module):
     """A transformers encoder on token ids (N, length), right-padded with `pad_id` -> pooled features (N, hidden_size)."""
 
     def __init__(self, architecture: dict[str, Any], pad_id: int, pooling: str):
         super().__init__()
-        config = transformers().AutoConfig.for_model(**architecture)
+        config = _config(architecture)
         self.model = _auto_model(config, pretrained=False)
         self.pad_id, self.pooling, self.feature_dim = pad_id, pooling, config.hidden_size
 
@@ -90,31 +137,130 @@ class HuggingFaceEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         steps, mask = self.token_features(ids)
-        return steps[:, 0] if self.pooling == "cls" else mean_pool(steps, mask)
+        return mean_pool(steps, mask) if self.pooling == "mean" else steps[:, 0]
+
+
+class HuggingFaceImageEncoder(nn.Module):
+    """A transformers vision model on normalized images (N, C, H, W) -> pooled features: the model's own pooled output
+    where it has one (ConvNeXt's normed average, DINOv2's normed [CLS]), else [CLS] for a model with one (ViT), else
+    the mean over its patches (Swin). Images are resized to `input_size` and grey ones repeated to three channels first."""
+
+    def __init__(self, architecture: dict[str, Any], input_size: int | None, pooling: str):
+        super().__init__()
+        config = _config(architecture)
+        self.model = _auto_model(config, pretrained=False)
+        self.channels = int(getattr(config, "num_channels", 3))
+        self.input_size = input_size
+        self.pooling = pooling
+        self.feature_dim = int(getattr(config, "hidden_sizes", None) and config.hidden_sizes[-1] or config.hidden_size)
+        self.has_cls = getattr(getattr(self.model, "embeddings", None), "cls_token", None) is not None
+
+    def prepared(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        size = self.input_size
+        if size and tuple(x.shape[-2:]) != (size, size):
+            shrink = x.shape[-1] > size or x.shape[-2] > size
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=shrink)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=self.prepared(x))
+        steps = out.last_hidden_state
+        if self.pooling == "auto" and getattr(out, "pooler_output", None) is not None:
+            return out.pooler_output.flatten(1)
+        if steps.dim() == 4:  # (N, C, H, W) maps of a conv net
+            return steps.mean(dim=(2, 3))
+        if self.pooling == "cls" or (self.pooling == "auto" and self.has_cls):
+            return steps[:, 0]
+        return steps.mean(dim=1)
+
+
+class HuggingFaceAudioEncoder(nn.Module):
+    """A transformers speech model (wav2vec 2.0, HuBERT, WavLM) on standardized waveforms (N, samples) and their
+    `lengths` -> mean-pooled frame features; `token_features` gives the frames (about 50 per second) and their mask."""
+
+    side_inputs = ("lengths",)
+
+    def __init__(self, architecture: dict[str, Any]):
+        super().__init__()
+        config = _config(architecture)
+        self.model = _auto_model(config, pretrained=False)
+        self.feature_dim = int(config.hidden_size)
+        # models whose convolutions end in group norm were trained on zero-padded batches without a mask
+        self.masks_padding = getattr(config, "feat_extract_norm", "layer") == "layer"
+
+    def token_features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x.flatten(1)
+        mask = length_mask(lengths, x.shape[1]).long() if lengths is not None else None
+        steps = self.model(input_values=x, attention_mask=mask if self.masks_padding else None).last_hidden_state
+        if lengths is None:
+            return steps, None
+        frames = self.model._get_feat_extract_output_lengths(lengths).clamp(max=steps.shape[1])
+        return steps, length_mask(frames, steps.shape[1])
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        steps, mask = self.token_features(x, lengths)
+        return mean_pool(steps, mask) if mask is not None else steps.mean(dim=1)
 
 
 def resolve_data(data_options: dict[str, Any], weights: str | None, options: dict[str, Any]) -> dict[str, Any]:
-    """The data options a checkpoint folder implies: its tokenizer is the run's, unless data.tokenizer.path names one."""
+    """The data options a checkpoint implies where the config sets none: its tokenizer (text, unless data.tokenizer.path
+    names one), its image size (images), its sample rate (audio: recordings resampled to it once, when read)."""
+    preprocessing = options.get("preprocessing") or {}
+    chosen: dict[str, Any] = {}
     tokenizer = dict(data_options.get("tokenizer") or {})
-    if not weights or tokenizer.get("path"):
-        return {}
-    return {"tokenizer": {**tokenizer, "path": weights}}
+    if weights and not tokenizer.get("path"):
+        chosen["tokenizer"] = {**tokenizer, "path": str(hub.local_path(weights))}
+    if "image_size" in preprocessing and "image_size" not in data_options:
+        chosen["image_size"] = preprocessing["image_size"]
+    if "sample_rate" in preprocessing:
+        rate = data_options.get("sample_rate", preprocessing["sample_rate"])
+        if rate != preprocessing["sample_rate"]:
+            raise ConfigError(
+                f"data.sample_rate: {rate} Hz, and the checkpoint was trained at {preprocessing['sample_rate']} Hz; drop data.sample_rate"
+            )
+        chosen["sample_rate"] = rate
+    return chosen
+
+
+def input_statistics(options: dict[str, Any]) -> dict[str, list[float]] | None:
+    """An image checkpoint's processor's mean and std: the run's normalization, instead of the data's own."""
+    preprocessing = options.get("preprocessing") or {}
+    return {"mean": preprocessing["mean"], "std": preprocessing["std"]} if "mean" in preprocessing else None
+
+
+def modality_of_options(options: dict[str, Any]) -> str | None:
+    return checkpoint_modality(options["architecture"]) if options.get("architecture") else None
 
 
 @MODELS.register(
-    modality="text",
+    modality=("text", "image", "audio"),
+    modality_of_options=modality_of_options,
     channels_last=False,
     gives=("token_features",),
+    front_end="waveform",
     resolve_options=resolve_options,
     resolve_data=resolve_data,
     read_weights=read_weights,
+    input_statistics=input_statistics,
 )
 def hf(
-    vocab_size: int, pad_id: int, max_length: int, architecture: dict[str, Any] | None = None, pooling: Literal["cls", "mean"] = "cls"
-) -> HuggingFaceEncoder:
-    """A BERT-family encoder from a Hugging Face checkpoint folder (model.weights), [CLS]- or mean-pooled."""
+    vocab_size: int = 0,
+    pad_id: int = 0,
+    max_length: int = 0,
+    architecture: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    pooling: Literal["auto", "cls", "mean"] = "auto",
+) -> nn.Module:
+    """A Hugging Face encoder (text, image or speech) from a checkpoint folder or hf-hub:ID (model.weights)."""
     if not architecture:
         raise ConfigError("model.weights: model 'hf' starts from a Hugging Face checkpoint folder; set model.weights=path/to/folder")
+    modality = checkpoint_modality(architecture)
+    if modality == "image":
+        return HuggingFaceImageEncoder(architecture, (preprocessing or {}).get("image_size"), pooling)
+    if modality == "audio":
+        return HuggingFaceAudioEncoder(architecture)
     if architecture.get("vocab_size", vocab_size) < vocab_size:  # a larger table (padded for speed) is fine
         raise ConfigError(
             f"data.tokenizer: a vocabulary of {vocab_size} tokens, and the checkpoint's embeddings hold {architecture['vocab_size']}; "
@@ -123,4 +269,4 @@ def hf(
     positions = architecture.get("max_position_embeddings")
     if positions is not None and max_length > positions:
         raise ConfigError(f"data.tokenizer.max_length: {max_length} tokens, and the checkpoint has {positions} positions; lower max_length")
-    return HuggingFaceEncoder(architecture, pad_id, pooling)
+    return HuggingFaceEncoder(architecture, pad_id, "cls" if pooling == "auto" else pooling)
