@@ -26,7 +26,8 @@ from transferctl.engine.train import EarlyStop, Objective, Settings, Steps, pick
 from transferctl.errors import ConfigError, UsageError, did_you_mean
 from transferctl.methods import Method, Parts, method_of
 from transferctl.modalities import Modality, dataset_modality, modality_named
-from transferctl.models import Network, weights
+from transferctl.models import Network, lora, weights
+from transferctl.optim import layer_decayed
 from transferctl.registry import AUGMENTATIONS, HEADS, LOSSES, METHODS, MODELS, OPTIMIZERS, SCHEDULERS
 from transferctl.runs import RunRecord
 
@@ -100,13 +101,18 @@ def build_augment(cfg: Config, data: Samples, modality: Modality) -> BatchAugmen
     return AUGMENTATIONS.build(augment.name, augment.options, **modality.augment_context(data))
 
 
-def parameter_groups(model: Network, encoder_lr_scale: float, encoder_weight_decay: float | None = None) -> list[dict[str, Any]]:
-    """The encoder's parameters with their learning-rate scale (and, if given, their own weight decay), then the head's."""
-    encoder: dict[str, Any] = {"params": list(model.encoder.parameters()), "lr_scale": encoder_lr_scale}
-    if encoder_weight_decay is not None:
-        encoder["weight_decay"] = encoder_weight_decay
-    shared = {id(p) for p in encoder["params"]}  # a head tied to the encoder's weights (mlm) trains them as the encoder's
-    return [encoder, {"params": [p for p in model.head.parameters() if id(p) not in shared], "lr_scale": 1.0}]
+def parameter_groups(
+    model: Network, encoder_lr_scale: float, encoder_weight_decay: float | None = None, layer_decay: float | None = None
+) -> list[dict[str, Any]]:
+    """The encoder's parameters with their learning-rate scale (and, if given, their own weight decay; with
+    `layer_decay`, a scale per depth), then the head's."""
+    if layer_decay is not None:
+        encoder_groups = layer_decayed(model.encoder, encoder_lr_scale, layer_decay, encoder_weight_decay)
+    else:
+        encoder_groups = [{"params": list(model.encoder.parameters()), "lr_scale": encoder_lr_scale}]
+        encoder_groups[0] |= {"weight_decay": encoder_weight_decay} if encoder_weight_decay is not None else {}
+    shared = {id(p) for group in encoder_groups for p in group["params"]}  # a head tied to the encoder's weights (mlm)
+    return [*encoder_groups, {"params": [p for p in model.head.parameters() if id(p) not in shared], "lr_scale": 1.0}]
 
 
 def build_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -303,7 +309,8 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         network.to(memory_format=torch.channels_last)  # before DDP, whose gradient buckets take the strides
     forward = training_forward(cfg, network, device, method.some_steps_frozen(cfg))  # before the optimizer: SyncBatchNorm swaps modules
     lr_scale, encoder_decay = method.encoder_optimization(cfg)
-    optimizer = build_optimizer(cfg, parameter_groups(network, lr_scale, encoder_weight_decay=encoder_decay))
+    groups = parameter_groups(network, lr_scale, encoder_weight_decay=encoder_decay, layer_decay=method.encoder_layer_decay(cfg))
+    optimizer = build_optimizer(cfg, groups)
     criterion = build_loss(cfg, network.head, data.train)
     if isinstance(criterion, nn.Module):
         criterion.to(device)  # its buffers (class weights) where the outputs are
@@ -502,7 +509,7 @@ def rebuild(
         )
     network = build_network(cfg, tuple(shape), num_outputs, fitted)
     try:
-        network.load_state_dict(checkpoint.model)
+        network.load_state_dict(lora.merged(checkpoint.model, cfg.finetune.lora))  # a LoRA run's adapters, merged
     except RuntimeError:
         raise UsageError(f"{where}: its checkpoint does not fit model '{cfg.model.name}' as configured; drop model overrides") from None
     return network.eval()

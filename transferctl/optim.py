@@ -8,17 +8,54 @@ optimizer steps, so they apply to every group alike.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Annotated, Any
 
 import torch
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from transferctl.registry import OPTIMIZERS, SCHEDULERS
 
 Momentum = Annotated[float, Field(ge=0.0, lt=1.0)]
 Betas = tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]]
+
+
+BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|block|blocks)\.(\d+)\.")  # a transformer's numbered blocks, by their names
+
+
+def layer_depths(encoder: nn.Module) -> tuple[dict[str, int], int]:
+    """Each encoder parameter's depth, from 0 (the input's embedding) to the top (what follows the last block), and the
+    top: a timm model's own grouping (`group_matcher`), else its numbered blocks (`layer.3.`, `blocks.3.`), what is
+    registered before the first of them at depth 0 and after the last at the top."""
+    inner = getattr(encoder, "model", None)
+    if inner is not None and hasattr(inner, "group_matcher"):
+        from timm.models import group_parameters
+
+        depths = {f"model.{k}": v for k, v in group_parameters(inner, inner.group_matcher(coarse=False), reverse=True).items()}
+        top = max(depths.values(), default=0) + 1
+        return {name: depths.get(name, top) for name, _ in encoder.named_parameters()}, top
+    names = [name for name, _ in encoder.named_parameters()]
+    blocks = {name: int(match.group(1)) + 1 for name in names if (match := BLOCK.search(name))}
+    top = max(blocks.values(), default=0) + 1
+    depths, seen_block = {}, False
+    for name in names:
+        seen_block = seen_block or name in blocks
+        depths[name] = blocks.get(name, top if seen_block else 0)
+    return depths, top
+
+
+def layer_decayed(encoder: nn.Module, lr_scale: float, decay: float, weight_decay: float | None) -> list[dict[str, Any]]:
+    """The encoder's parameters in one group per depth, each at `lr_scale * decay ** (top - depth)` (BEiT's layer-wise
+    decay: the input's layers move least, the last block at `lr_scale * decay`)."""
+    depths, top = layer_depths(encoder)
+    by_depth: dict[int, list[torch.Tensor]] = {}
+    for name, parameter in encoder.named_parameters():
+        by_depth.setdefault(depths[name], []).append(parameter)
+    extra = {"weight_decay": weight_decay} if weight_decay is not None else {}
+    return [{"params": by_depth[d], "lr_scale": lr_scale * decay ** (top - d), **extra} for d in sorted(by_depth)]
 
 
 def _groups(params: Iterable[dict[str, Any]], lr: float, weight_decay: float) -> list[dict[str, Any]]:

@@ -138,6 +138,17 @@ class UnlabeledConfig(BaseModel):
     check: bool = True  # at the end, compare with a labels-only head (summary.json's unlabeled_check; a warning if worse)
 
 
+class LoraConfig(BaseModel):
+    """LoRA (models/lora.py): rank-`r` adapters, scaled by alpha / r, beside the encoder's `target_modules` (module
+    names or name suffixes, or "all-linear"); the encoder's own weights stay fixed."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
+
+
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     source: str | None = None
@@ -146,6 +157,9 @@ class FinetuneConfig(BaseModel):
     head_warmup_steps: Annotated[int, Field(ge=0)] = 0  # steps of linear probing (encoder frozen) before the encoder trains
     l2_sp: float = Field(0.0, ge=0.0)  # strength of the pull toward the pretrained encoder weights (L2-SP)
     unlabeled: UnlabeledConfig = UnlabeledConfig()
+    lora: LoraConfig | None = None  # train low-rank adapters (and the head), not the encoder's weights
+    # each layer's learning rate times layer_decay ** (its depth below the top): ViT-style fine-tuning (optim.py)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
 
 
 class EvalConfig(BaseModel):

@@ -108,6 +108,10 @@ class Method:
         """(learning-rate scale, weight decay or None for the optimizer's) of the encoder's parameters."""
         return 1.0, None
 
+    def encoder_layer_decay(self, cfg: Config) -> float | None:
+        """The layer-wise learning-rate decay of the encoder (None: one rate for all its layers)."""
+        return None
+
     def prepare_network(self, network: Network, cfg: Config) -> None:
         """Adjust the network before training (freeze parts of it, ...)."""
 

@@ -47,6 +47,14 @@ class Network(nn.Module):
         self.reads = reads
         self.frozen_encoder = False  # linear probe: no gradients into the encoder (and its BN statistics fixed by eval())
 
+    def parameter_counts(self) -> dict[str, int]:
+        """How many of the network's parameters training updates (not a frozen encoder's, not LoRA's fixed weights), of
+        how many."""
+        return {
+            "trained": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "total": sum(p.numel() for p in self.parameters()),
+        }
+
     def freeze_encoder(self) -> None:
         self.frozen_encoder = True
         self.encoder.requires_grad_(False)

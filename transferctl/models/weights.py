@@ -13,6 +13,7 @@ from torch import nn
 
 from transferctl import checkpoints
 from transferctl.errors import ConfigError, UsageError
+from transferctl.models import lora
 from transferctl.registry import MODELS, Entry
 
 if TYPE_CHECKING:
@@ -45,8 +46,9 @@ def starting_encoder_state(cfg: Config, fresh_encoder: nn.Module) -> dict[str, t
 
 
 def source_encoder_state(cfg: Config) -> dict[str, torch.Tensor]:
-    """The encoder's weights (not the head's) from the source run's last checkpoint."""
-    return checkpoints.read(Path(cfg.finetune.source) / "checkpoints" / "last.pt").encoder()
+    """The encoder's weights (not the head's) from the source run's last checkpoint; a LoRA run's adapters merged."""
+    source = checkpoints.read(Path(cfg.finetune.source) / "checkpoints" / "last.pt")
+    return lora.merged(source.encoder(), (source.config.get("finetune") or {}).get("lora"))
 
 
 def load_source_encoder(encoder: nn.Module, cfg: Config) -> None:

@@ -258,7 +258,7 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
             signum,
         )
     stopping = {"early_stopped_at": result.position.early_stopped_at, "best_step": result.position.best.get("step")}
-    run.update_summary(**stopping)
+    run.update_summary(**stopping, parameters=t.network.parameter_counts())
     if result.stopped_early:
         message = (
             f"stopped early at step {result.position.early_stopped_at} of {t.steps.total}: {t.settings.early_stop.metric} "

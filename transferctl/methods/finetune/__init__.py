@@ -28,6 +28,7 @@ from transferctl.methods.finetune.propagation import propagate_labels
 from transferctl.methods.finetune.pseudo_labels import PseudoLabels
 from transferctl.methods.finetune.weight_anchor import WeightAnchor
 from transferctl.methods.supervised import TaskMethod, TaskObjective
+from transferctl.models import lora
 from transferctl.models.heads import Network
 from transferctl.models.weights import has_pretrained_encoder
 from transferctl.registry import AUGMENTATIONS, METHODS
@@ -59,6 +60,9 @@ class Finetune(TaskMethod):
             raise ConfigError(
                 f"finetune.unlabeled.weight: pseudo-labels need class scores, and task '{cfg.task.name}' has none; set it to 0"
             )
+        if options.lora is not None and (options.freeze_encoder or options.l2_sp):
+            key = "freeze_encoder" if options.freeze_encoder else "l2_sp"
+            raise ConfigError(f"finetune.lora: LoRA already keeps the encoder's weights fixed; drop finetune.{key}")
         if options.l2_sp and not has_pretrained_encoder(cfg):
             raise ConfigError(
                 "finetune.l2_sp pulls the encoder toward pretrained weights, and this run has none; "
@@ -87,9 +91,14 @@ class Finetune(TaskMethod):
         scale = cfg.finetune.encoder_lr_scale if pretrained else 1.0
         return scale, 0.0 if pretrained and cfg.finetune.l2_sp else None  # L2-SP replaces the pull toward zero
 
+    def encoder_layer_decay(self, cfg: Config) -> float | None:
+        return cfg.finetune.layer_decay
+
     def prepare_network(self, network: Network, cfg: Config) -> None:
         if cfg.finetune.freeze_encoder:
             network.freeze_encoder()
+        if cfg.finetune.lora is not None:  # after the starting weights: the adapters start at zero beside them
+            lora.add_adapters(network.encoder, cfg.finetune.lora)
 
     def some_steps_frozen(self, cfg: Config) -> bool:
         return head_warmup_steps(cfg) > 0
