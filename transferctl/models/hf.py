@@ -11,6 +11,7 @@ are the starting weights; its tokenizer is a text run's tokenizer unless data.to
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,10 @@ from transferctl.registry import MODELS
 INSTALL_HINT = 'pip install "transferctl[hf]"'
 # the input a transformers model class reads (its `main_input_name`) -> the modality it belongs to
 MODALITY_OF_INPUT = {"input_ids": "text", "pixel_values": "image", "input_values": "audio"}
+# models whose position ids start after the pad id (RoBERTa's `create_position_ids_from_input_ids`)
+PADDING_OFFSET_POSITIONS = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "roberta-prelayernorm", "xmod"}
+)
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
@@ -46,10 +51,10 @@ def _auto_model(source: Any, pretrained: bool) -> nn.Module:
     parameters."""
     auto = transformers().AutoModel
     build = auto.from_pretrained if pretrained else auto.from_config
-    try:
-        return build(source, add_pooling_layer=False)
+    try:  # float32 whatever the checkpoint was saved in (hub copies are often bf16): the head and the data are float32
+        return build(source, add_pooling_layer=False, dtype=torch.float32)
     except TypeError:  # a model without a pooler (DistilBERT) takes no such argument
-        return build(source)
+        return build(source, dtype=torch.float32)
 
 
 def _folder(weights: str | None) -> Path:
@@ -152,7 +157,7 @@ class HuggingFaceImageEncoder(nn.Module):
         self.channels = int(getattr(config, "num_channels", 3))
         self.input_size = input_size
         self.pooling = pooling
-        self.feature_dim = int(getattr(config, "hidden_sizes", None) and config.hidden_sizes[-1] or config.hidden_size)
+        self.feature_dim = int((getattr(config, "hidden_sizes", None) or [config.hidden_size])[-1])
         self.has_cls = getattr(getattr(self.model, "embeddings", None), "cls_token", None) is not None
 
     def prepared(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,6 +194,7 @@ class HuggingFaceAudioEncoder(nn.Module):
         self.feature_dim = int(config.hidden_size)
         # models whose convolutions end in group norm were trained on zero-padded batches without a mask
         self.masks_padding = getattr(config, "feat_extract_norm", "layer") == "layer"
+        self.frame_stride = math.prod(getattr(config, "conv_stride", (1,)))  # input samples per output frame
 
     def token_features(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x.flatten(1)
@@ -267,6 +273,8 @@ def hf(
             f"use the checkpoint's own tokenizer (drop data.tokenizer.path)"
         )
     positions = architecture.get("max_position_embeddings")
+    if positions is not None and architecture.get("model_type") in PADDING_OFFSET_POSITIONS:
+        positions -= architecture.get("pad_token_id", 1) + 1  # positions count from the pad id on: roberta-base has 512 of 514
     if positions is not None and max_length > positions:
         raise ConfigError(f"data.tokenizer.max_length: {max_length} tokens, and the checkpoint has {positions} positions; lower max_length")
     return HuggingFaceEncoder(architecture, pad_id, "cls" if pooling == "auto" else pooling)

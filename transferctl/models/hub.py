@@ -69,7 +69,7 @@ def read_state_dict(path: Path, where: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: no weights file in {path} (looked for {', '.join(candidates)})")
         path = found
     if not path.is_file():
-        raise ConfigError(f"{where}: no such file or folder; give a weights file (.safetensors, .pth, .bin), a model folder or hf-hub:ORG/NAME")
+        raise ConfigError(f"{where}: no such file or folder; give a weights file (.safetensors, .pth, .bin), a folder or hf-hub:ORG/NAME")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -102,7 +102,7 @@ class TimmEncoder(nn.Module):
         self.model = timm_module().create_model(arch, pretrained=False, num_classes=0, **args)
         self.channels = int(args.get("in_chans", 3))
         if in_channels not in (self.channels, 1):
-            raise ConfigError(f"model.arch: '{arch}' takes {self.channels}-channel images, and the data has {in_channels}; set data.channels")
+            raise ConfigError(f"model.arch: '{arch}' takes {self.channels}-channel images, the data has {in_channels}; set data.channels")
         self.input_size = input_size
         self.interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
         self.feature_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)

@@ -25,7 +25,7 @@ from transferctl.data.samples import Batch, Samples, iterate_batches
 from transferctl.data.targets import TargetList
 from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
-from transferctl.errors import UsageError
+from transferctl.errors import ConfigError, UsageError
 from transferctl.modalities import modality_of
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
@@ -203,6 +203,16 @@ class SpeechRecognition(Task):
             self.units = Alphabet(tuple(sorted({u for text in transcripts for u in self.units.split(text)})), self.vocabulary)
         self._check_alignable(transcripts, train.side["lengths"].tolist())
         return {"alphabet": list(self.units.units), "vocabulary": self.vocabulary}
+
+    def initialize(self, network: nn.Module) -> None:
+        """CTC here aligns a transcript to its recording's input steps (log-mel frames): an encoder that gives a frame
+        per several input steps (a wav2vec 2.0 one per 320 samples) is refused, not trained on wrong lengths."""
+        stride = getattr(network.encoder, "frame_stride", 1)
+        if stride != 1:
+            raise ConfigError(
+                f"task: speech_recognition aligns transcripts to the encoder's input steps, and this encoder gives a frame per "
+                f"{stride} of them; use an encoder of log-mel frames (conv1d, gru, lstm) for speech recognition"
+            )
 
     def _check_alignable(self, transcripts: list[str], frames: list[int]) -> None:
         fix = "transcribe in words (task.vocabulary=words)" if self.vocabulary == "characters" else "fix its transcript"
