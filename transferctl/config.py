@@ -276,8 +276,8 @@ def _check_fits(cfg: Config, kind: str, modality: str, augments: dict[str, Compo
     takes = of_options(cfg.model.options) if of_options is not None else None
     if takes is not None and takes != modality:
         raise ConfigError(
-            f"model.weights {cfg.model.weights}: a {takes} model, and data set '{cfg.data.name}' holds {modality} data; "
-            f"give a {modality} checkpoint"
+            f"model.weights {cfg.model.weights}: the checkpoint reads {takes} data, and data set '{cfg.data.name}' holds {modality} "
+            f"data; give a checkpoint of a model for {modality} data"
         )
     for path, component in augments.items():
         if not fits_modality(AUGMENTATIONS.get(component.name), modality, default=None):

@@ -103,7 +103,13 @@ class TimmEncoder(nn.Module):
         self.channels = int(args.get("in_chans", 3))
         if in_channels not in (self.channels, 1):
             raise ConfigError(f"model.arch: '{arch}' takes {self.channels}-channel images, the data has {in_channels}; set data.channels")
-        self.input_size = input_size
+        patches = getattr(self.model, "patch_embed", None)
+        fixed = getattr(patches, "img_size", None) if not getattr(patches, "dynamic_img_size", False) else None
+        if fixed is not None and input_size is not None and tuple(fixed) != (input_size, input_size):
+            raise ConfigError(
+                f"model.input_size: '{arch}' takes {fixed[0]}x{fixed[1]} images; drop model.input_size (images are resized to it)"
+            )
+        self.input_size = input_size or (fixed[0] if fixed is not None else None)
         self.interpolation = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
         self.feature_dim = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
         info = list(getattr(self.model, "feature_info", None) or ())
