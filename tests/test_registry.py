@@ -64,7 +64,7 @@ BUILT_IN = {
     "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
     "tasks": {"classification", "multilabel", "regression", "segmentation", "detection", "token_classification", "speech_recognition"},
     "modalities": {"image", "audio", "text"},
-    "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf"},
+    "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf", "timm"},
     "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger", "ctc"},
     "losses": {
         *("nt_xent", "cross_entropy", "mse", "bce", "l1", "huber"),
@@ -142,9 +142,10 @@ def test_a_model_registers_what_it_gives_beyond_pooled_features():
         if entry.name == "hf":  # built from a checkpoint folder: its encoder class says
             assert gives == {"token_features"} and hasattr(HuggingFaceEncoder, "token_features")
             continue
-        encoder = models.build(entry.name, entry.validate({}, "model"), **context)
+        options = {"arch": "resnet10t"} if entry.name == "timm" else {}  # timm: any of its models, named
+        encoder = models.build(entry.name, entry.validate(options, "model"), **context)
         has = {"feature_maps"} if getattr(encoder, "stage_channels", ()) else set()
         has |= {"token_features"} if hasattr(encoder, "token_features") else set()
         assert gives == has, entry.name
-    assert models.names_with("gives", "feature_maps") == ["cnn", "resnet18"]
+    assert models.names_with("gives", "feature_maps") == ["cnn", "resnet18", "timm"]
     assert models.names_with("gives", "token_features") == ["conv1d", "gru", "hf", "lstm", "transformer"]
