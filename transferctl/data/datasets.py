@@ -14,18 +14,18 @@ import io
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 import torchvision
-from pydantic import PositiveInt
+from pydantic import Field, PositiveInt
 
 from transferctl.data.samples import Samples
 from transferctl.data.shards import index_shards, shard_paths, split_shards
 from transferctl.data.stream import ImageDecoder, ShardSource, StreamedInputs, StreamOptions, is_streamed, streamed_folder, streamed_images
 from transferctl.errors import ConfigError, UsageError
 from transferctl.fileio import atomic_write_bytes
-from transferctl.modalities.image import ImageData
+from transferctl.modalities.image import ImageData, ImageDecoding, Interpolation
 from transferctl.registry import DATASETS
 
 DATA_DIR_ENV = "TRANSFERCTL_DATA_DIR"
@@ -131,30 +131,37 @@ def image_folder(
     labels_file: str | None = None,
     stream: StreamOptions | None = None,
     target_kind: str = "class",
+    interpolation: Interpolation = "bilinear",
+    crop_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0,
 ) -> ImageData:
-    """Your own images: <root>/<train_dir>/<class>/*.png and <root>/<test_dir>/<class>/*, resized to image_size. With
-    `labels_file` (multi-label): <root>/<train_dir>/<labels_file>, a CSV `file,labels` naming each image under the split
-    folder and its labels separated by `|`, and the same under <test_dir>."""
+    """Your own images: <root>/<train_dir>/<class>/*.png and <root>/<test_dir>/<class>/*, resized (shorter side, to
+    image_size / crop_fraction) and centre-cropped to image_size. With `labels_file` (multi-label):
+    <root>/<train_dir>/<labels_file>, a CSV `file,labels` naming each image under the split folder and its labels
+    separated by `|`, and the same under <test_dir>."""
     folder = split_folder("image_folder", root, train, train_dir, test_dir)
+    decoding = ImageDecoding(image_size, channels, "crop", interpolation, crop_fraction)
+    decode = dict(resize="crop", interpolation=interpolation, crop_fraction=crop_fraction)
     if labels_file is not None or target_kind == "class_set":
         files, targets, classes = user_label_sets("image_folder", root, folder, train_dir, labels_file)
-        images = decode_image_files("image_folder", files, image_size, channels)
-        return ImageData(images, targets, classes, **image_statistics(images), hflip=hflip, target_kind="class_set")
+        images = decode_image_files("image_folder", files, image_size, channels, **decode)
+        return ImageData(images, targets, classes, **image_statistics(images), hflip=hflip, target_kind="class_set", decoding=decoding)
     if stream is not None and stream.may_stream:  # listed through its manifest; streamed when the pipeline says so
-        inputs, targets, classes, key = streamed_folder("image_folder", folder, image_size, channels, stream)
+        decoder = ImageDecoder(image_size, channels, **decode)
+        inputs, targets, classes, key = streamed_folder("image_folder", folder, decoder, stream)
         if stream.streams(inputs.numel()):
-            return streamed_images("image_folder", inputs, targets, classes, hflip, key)
+            return streamed_images("image_folder", inputs, targets, classes, hflip, key, decoding)
     try:
         ds = torchvision.datasets.ImageFolder(str(folder))
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(f"data set 'image_folder': {exc}") from None
-    images = decode_image_files("image_folder", [Path(path) for path, _ in ds.samples], image_size, channels)
+    images = decode_image_files("image_folder", [Path(path) for path, _ in ds.samples], image_size, channels, **decode)
     return ImageData(
         inputs=images,
         targets=torch.tensor(ds.targets, dtype=torch.long),
         classes=tuple(ds.classes),
         **image_statistics(images),
         hflip=hflip,
+        decoding=decoding,
     )
 
 
@@ -223,6 +230,7 @@ def decode_image_files(
     channels: int,
     resize: str = "crop",
     interpolation: str = "bilinear",
+    crop_fraction: float = 1.0,
     *,
     cache: bool = True,
 ) -> torch.Tensor:
@@ -230,7 +238,7 @@ def decode_image_files(
     (`ImageDecoder`; `crop`: resized (shorter side) and centre-cropped), kept decoded in the cache so the next run
     skips decoding (`cache=False`: not kept, what `Modality.read` asks). A file that cannot be decoded is a one-line
     error naming it (and data set `name`, where a data set reads it)."""
-    decoder = ImageDecoder(image_size, channels, resize, interpolation)  # the streamed splits' decoding: the same pixels either way
+    decoder = ImageDecoder(image_size, channels, resize, interpolation, crop_fraction)  # the streamed splits' too: the same pixels
 
     def decode_all() -> torch.Tensor:
         if not paths:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -66,22 +67,31 @@ RESIZES = ("crop", "stretch", "letterbox")  # how an image reaches its square (`
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
-def image_transform(image_size: int, channels: int, resize: str = "crop", interpolation: str = "bilinear"):
+def scaled_size(image_size: int, crop_fraction: float) -> int:
+    """The side `crop` resizes to before keeping the centre image_size: timm's floor(size / crop_pct) (a hair of slack
+    so 224 / (224 / 256) is 256)."""
+    return math.floor(image_size / crop_fraction + 1e-6)
+
+
+def image_transform(image_size: int, channels: int, resize: str = "crop", interpolation: str = "bilinear", crop_fraction: float = 1.0):
     """PIL image -> uint8 (channels, image_size, image_size), converted to grey (PIL's "L") or RGB, then:
-    `crop`: the shorter side resized (PIL, antialiased) to image_size, the centre square kept (the identity on an
-    image of that size already); `stretch`: the pixels (as a uint8 tensor) resized to image_size x image_size
+    `crop`: the shorter side resized (PIL, antialiased) to image_size / crop_fraction (floored: timm's `crop_pct`,
+    a pretrained model's evaluation crop), the centre square of image_size kept (with crop_fraction 1, the identity on
+    an image of that size already); `stretch`: the pixels (as a uint8 tensor) resized to image_size x image_size
     (torchvision's antialiased tensor resize), the aspect ratio lost; `letterbox`: the longer side resized (PIL) to
     image_size, the rest zero-padded evenly about the centre."""
     import torchvision.transforms as T
 
-    if resize not in RESIZES or interpolation not in INTERPOLATIONS:
+    if resize not in RESIZES or interpolation not in INTERPOLATIONS or not 0 < crop_fraction <= 1:
         raise UsageError(
-            f"image decoding: resize {resize!r} or interpolation {interpolation!r} unknown; use one of {RESIZES} and {INTERPOLATIONS}"
+            f"image decoding: resize {resize!r}, interpolation {interpolation!r} or crop fraction {crop_fraction} unknown; use one of "
+            f"{RESIZES} and {INTERPOLATIONS}, and a fraction in (0, 1]"
         )
     mode = T.InterpolationMode(interpolation)
     convert = T.Grayscale(channels) if channels == 1 else T.Lambda(lambda im: im.convert("RGB"))
     if resize == "crop":
-        return T.Compose([convert, T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), T.PILToTensor()])
+        scaled = scaled_size(image_size, crop_fraction)
+        return T.Compose([convert, T.Resize(scaled, interpolation=mode), T.CenterCrop(image_size), T.PILToTensor()])
     if resize == "stretch":
         return T.Compose([convert, T.PILToTensor(), T.Lambda(lambda x: _stretch(x, image_size, mode))])
     return T.Compose([convert, T.Lambda(lambda im: _letterbox(im, image_size, mode)), T.PILToTensor()])
@@ -108,9 +118,10 @@ class ImageDecoder:
     """Encoded bytes or a file -> a uint8 image of the configured size, reached by `resize` with `interpolation`
     (`image_transform`). Every image split decodes its files through one of these, and so does `Modality.read`."""
 
-    def __init__(self, image_size: int, channels: int, resize: str = "crop", interpolation: str = "bilinear"):
+    def __init__(self, image_size: int, channels: int, resize: str = "crop", interpolation: str = "bilinear", crop_fraction: float = 1.0):
         self.image_size, self.channels, self.resize, self.interpolation = image_size, channels, resize, interpolation
-        self._transform = image_transform(image_size, channels, resize, interpolation)
+        self.crop_fraction = crop_fraction
+        self._transform = image_transform(image_size, channels, resize, interpolation, crop_fraction)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -120,7 +131,8 @@ class ImageDecoder:
     def options(self) -> str:
         """The decoding options as a cache key's part (size and channels alone for the default, as before)."""
         default = (self.resize, self.interpolation) == ("crop", "bilinear")
-        return f"{self.image_size}:{self.channels}" + ("" if default else f":{self.resize}:{self.interpolation}")
+        crop = "" if self.crop_fraction == 1 else f":crop{self.crop_fraction}"
+        return f"{self.image_size}:{self.channels}" + ("" if default else f":{self.resize}:{self.interpolation}") + crop
 
     def __call__(self, source: bytes | Path) -> torch.Tensor:
         from PIL import Image
@@ -135,10 +147,17 @@ class ImageDecoder:
         return self._transform(image)
 
     def __getstate__(self) -> dict[str, Any]:  # the transform holds a lambda: rebuilt in the worker
-        return {"image_size": self.image_size, "channels": self.channels, "resize": self.resize, "interpolation": self.interpolation}
+        return {
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "resize": self.resize,
+            "interpolation": self.interpolation,
+            "crop_fraction": self.crop_fraction,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["image_size"], state["channels"], state.get("resize", "crop"), state.get("interpolation", "bilinear"))
+        defaults = {"resize": "crop", "interpolation": "bilinear", "crop_fraction": 1.0}  # a decoder pickled before them
+        self.__init__(**{**defaults, **state})
 
 
 # --------------------------------------------------------------------------- sources
@@ -422,23 +441,26 @@ def streamed_statistics(inputs: StreamedInputs, key: str) -> dict[str, tuple[flo
     return statistics
 
 
-def streamed_images(name: str, inputs: StreamedInputs, targets: torch.Tensor, classes: Sequence[str], hflip: bool, key: str):
-    """A streamed image split, or, when the options keep it in memory, the same split decoded into one tensor."""
+def streamed_images(
+    name: str, inputs: StreamedInputs, targets: torch.Tensor, classes: Sequence[str], hflip: bool, key: str, decoding: Any = None
+):
+    """A streamed image split, or, when the options keep it in memory, the same split decoded into one tensor
+    (`decoding`: the `ImageDecoding` its decoder follows, where not the default)."""
     from transferctl.data.datasets import image_statistics
     from transferctl.modalities.image import ImageData
 
     if inputs.options.streams(inputs.numel()):
-        return ImageData(inputs=inputs, targets=targets, classes=tuple(classes), **streamed_statistics(inputs, key), hflip=hflip)
+        statistics = streamed_statistics(inputs, key)
+        return ImageData(inputs=inputs, targets=targets, classes=tuple(classes), **statistics, hflip=hflip, decoding=decoding)
     images = torch.cat([raise_if_stopped(read) for read in inputs.iterate(torch.arange(len(inputs)).split(256))])
-    return ImageData(inputs=images, targets=targets, classes=tuple(classes), **image_statistics(images), hflip=hflip)
+    return ImageData(inputs=images, targets=targets, classes=tuple(classes), **image_statistics(images), hflip=hflip, decoding=decoding)
 
 
 def streamed_folder(
-    name: str, folder: Path, image_size: int, channels: int, options: StreamOptions
+    name: str, folder: Path, decoder: ImageDecoder, options: StreamOptions
 ) -> tuple[StreamedInputs, torch.Tensor, list[str], str]:
-    """An image folder's inputs, targets, classes, and the key its statistics are kept under."""
+    """An image folder's inputs (decoded by `decoder`), targets, classes, and the key its statistics are kept under."""
     manifest = folder_manifest(name, folder, options.rebuild_manifest)
-    decoder = ImageDecoder(image_size, channels)
     inputs = StreamedInputs(FolderSource(folder, manifest["files"]), torch.arange(len(manifest["files"])), decoder, options)
-    key = f"folder:{folder.resolve()}:{manifest['signature']}:{len(manifest['files'])}:{image_size}:{channels}"
+    key = f"folder:{folder.resolve()}:{manifest['signature']}:{len(manifest['files'])}:{decoder.options}"
     return inputs, torch.tensor(manifest["targets"], dtype=torch.long), manifest["classes"], key

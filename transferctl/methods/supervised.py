@@ -75,7 +75,7 @@ class TaskObjective:
             self.network.encoder.train(not warming_up)  # frozen: batch-norm statistics stay as pretrained
         batch = self.task.prepare(batch)
         (x,) = batch.inputs
-        loss = self.task.training_loss(self.criterion, self.forward(x, **batch.side), batch)
+        loss = self.task.training_loss(self.criterion, self.forward(x, **batch.side), batch, self.network)
         if self.pseudo_labels is not None:
             loss = loss + self.pseudo_labels.loss(self.forward, step)
         if self.anchor is not None and not warming_up:

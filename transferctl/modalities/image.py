@@ -24,7 +24,7 @@ from transferctl.registry import MODALITIES
 
 Resize = Literal["crop", "stretch", "letterbox"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
-DECODING_KEYS = ("image_size", "channels", "resize", "interpolation")  # what the fitted state records of it
+DECODING_KEYS = ("image_size", "channels", "resize", "interpolation", "crop_fraction")  # what the fitted state records of it
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class ImageDecoding:
     channels: int
     resize: Resize = "crop"
     interpolation: Interpolation = "bilinear"
+    crop_fraction: float = 1.0  # `crop`: the shorter side resized to image_size / crop_fraction (timm's crop_pct)
 
     @classmethod
     def of(cls, fitted: Mapping[str, Any]) -> ImageDecoding:
@@ -49,16 +50,24 @@ class ImageDecoding:
                 "format 3); read the run with its data set (evaluate or export it), or retrain it"
             )
         channels = fitted.get("channels", len(fitted.get("mean", ())) or 3)
-        return cls(int(fitted["image_size"]), int(channels), fitted.get("resize", "crop"), fitted.get("interpolation", "bilinear"))
+        resize, interpolation = fitted.get("resize", "crop"), fitted.get("interpolation", "bilinear")
+        return cls(int(fitted["image_size"]), int(channels), resize, interpolation, float(fitted.get("crop_fraction", 1.0)))
 
     def describe(self) -> str:
         how = {
-            "crop": f"resize the shorter side to {self.image_size} and keep the centre {self.image_size}x{self.image_size}",
+            "crop": f"resize the shorter side to {self.scaled_size} and keep the centre {self.image_size}x{self.image_size}",
             "stretch": f"resize the pixels (a uint8 tensor, antialiased) to {self.image_size}x{self.image_size}, aspect ratio lost",
             "letterbox": f"resize the longer side to {self.image_size} and zero-pad the rest evenly to {self.image_size}x{self.image_size}",
         }[self.resize]
         colour = "grey (PIL mode L)" if self.channels == 1 else "RGB"
         return f"convert to {colour}; {how} ({self.interpolation}); uint8 pixels, channels first"
+
+    @property
+    def scaled_size(self) -> int:
+        """What `crop` resizes the shorter side to (`image_transform`'s)."""
+        from transferctl.data.stream import scaled_size  # a module that imports this one
+
+        return scaled_size(self.image_size, self.crop_fraction)
 
     def placement(self, width: int, height: int) -> Placement:
         """Where an image of `width` x `height` lies in the square it is decoded to, as `image_transform` puts it there."""
@@ -69,12 +78,13 @@ class ImageDecoding:
             scale = size / max(width, height)
             new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
             return Placement(width, height, width / new_w, height / new_h, (size - new_w) // 2, (size - new_h) // 2)
-        # crop: torchvision's Resize(size) brings the shorter side to size and the longer to int(size * long / short),
-        # then CenterCrop keeps the square at round((side - size) / 2)
+        # crop: torchvision's Resize(scaled) brings the shorter side to scaled and the longer to int(scaled * long / short),
+        # then CenterCrop keeps the square of size at round((side - size) / 2)
+        scaled = self.scaled_size
         if width <= height:
-            new_w, new_h = size, int(size * height / width)
+            new_w, new_h = scaled, int(scaled * height / width)
         else:
-            new_w, new_h = int(size * width / height), size
+            new_w, new_h = int(scaled * width / height), scaled
         left, top = round((new_w - size) / 2.0), round((new_h - size) / 2.0)
         return Placement(width, height, width / new_w, height / new_h, -left, -top)
 
@@ -85,7 +95,8 @@ class ImageReader:
     def __init__(self, decoding: ImageDecoding):
         from transferctl.data.stream import ImageDecoder  # the data sets' decoding (a module that imports this one)
 
-        self.decoder = ImageDecoder(decoding.image_size, decoding.channels, decoding.resize, decoding.interpolation)
+        d = decoding
+        self.decoder = ImageDecoder(d.image_size, d.channels, d.resize, d.interpolation, d.crop_fraction)
 
     def __call__(self, source: Path | bytes, name: str) -> Decoded:
         from PIL import Image

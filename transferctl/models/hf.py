@@ -31,6 +31,7 @@ MODALITY_OF_INPUT = {"input_ids": "text", "pixel_values": "image", "input_values
 PADDING_OFFSET_POSITIONS = frozenset(
     {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "roberta-prelayernorm", "xmod"}
 )
+PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # an image processor's `resample`, as PIL numbers them
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
@@ -89,10 +90,18 @@ def _processor(folder: Path) -> dict[str, Any]:
     chosen: dict[str, Any] = {}
     if said.get("do_normalize", True) and "image_mean" in said:
         chosen["mean"], chosen["std"] = list(said["image_mean"]), list(said["image_std"])
-    size = said.get("crop_size") or said.get("size") or {}
+    size, crop = said.get("size") or {}, said.get("crop_size") if said.get("do_center_crop") else None
     size = size if isinstance(size, dict) else {"height": size}
-    if size.get("height") or size.get("shortest_edge"):
+    if crop:  # DINOv2's: the shorter side resized to 256, the centre 224 kept
+        chosen["image_size"] = int(crop["height"])
+        if size.get("shortest_edge"):
+            chosen["crop_fraction"] = crop["height"] / size["shortest_edge"]
+    elif size.get("height") or size.get("shortest_edge"):
         chosen["image_size"] = int(size.get("height") or size["shortest_edge"])
+        if said.get("crop_pct") and size.get("shortest_edge", 384) < 384:  # ConvNeXt's: to size / crop_pct, then the centre
+            chosen["crop_fraction"] = float(said["crop_pct"])
+    if said.get("resample") in PIL_RESAMPLE and "image_mean" in said:
+        chosen["interpolation"] = PIL_RESAMPLE[said["resample"]]
     if "sampling_rate" in said:
         chosen["sample_rate"] = int(said["sampling_rate"])
     if "do_normalize" in said and "sampling_rate" in said:
@@ -202,8 +211,11 @@ class HuggingFaceAudioEncoder(nn.Module):
         steps = self.model(input_values=x, attention_mask=mask if self.masks_padding else None).last_hidden_state
         if lengths is None:
             return steps, None
-        frames = self.model._get_feat_extract_output_lengths(lengths).clamp(max=steps.shape[1])
-        return steps, length_mask(frames, steps.shape[1])
+        return steps, length_mask(self.frame_lengths(lengths).clamp(max=steps.shape[1]), steps.shape[1])
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """The frames its convolutions make of recordings of `lengths` samples (what CTC aligns transcripts to)."""
+        return self.model._get_feat_extract_output_lengths(lengths)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         steps, mask = self.token_features(x, lengths)
@@ -218,8 +230,9 @@ def resolve_data(data_options: dict[str, Any], weights: str | None, options: dic
     tokenizer = dict(data_options.get("tokenizer") or {})
     if weights and not tokenizer.get("path"):
         chosen["tokenizer"] = {**tokenizer, "path": str(hub.local_path(weights))}
-    if "image_size" in preprocessing and "image_size" not in data_options:
-        chosen["image_size"] = preprocessing["image_size"]
+    for key in ("image_size", "interpolation", "crop_fraction"):  # how image files are decoded, unless the config says
+        if key in preprocessing and key not in data_options:
+            chosen[key] = preprocessing[key]
     if "sample_rate" in preprocessing:
         rate = data_options.get("sample_rate", preprocessing["sample_rate"])
         if rate != preprocessing["sample_rate"]:

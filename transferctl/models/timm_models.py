@@ -143,9 +143,15 @@ def input_statistics(options: dict[str, Any]) -> dict[str, list[float]] | None:
 
 
 def resolve_data(data_options: dict[str, Any], weights: str | None, options: dict[str, Any]) -> dict[str, Any]:
-    """A data set that decodes files to a size decodes them to the model's input size, unless the config sets one."""
-    size = _input_size(options)
-    return {"image_size": size} if size and "image_size" not in data_options else {}
+    """A data set that decodes files to a size decodes them as the weights' evaluation transform does: to the model's
+    input size, resized with its interpolation to size / crop_pct and centre-cropped; what the config sets stays."""
+    cfg = options.get("pretrained_cfg") or {}
+    implied = {
+        "image_size": _input_size(options),
+        "interpolation": cfg.get("interpolation") if cfg.get("interpolation") in ("bilinear", "bicubic", "nearest") else None,
+        "crop_fraction": cfg.get("crop_pct") if cfg.get("crop_mode", "center") == "center" else None,
+    }
+    return {k: v for k, v in implied.items() if v is not None and k not in data_options}
 
 
 def _input_size(options: dict[str, Any]) -> int | None:

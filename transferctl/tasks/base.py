@@ -84,9 +84,10 @@ class Task:
         """The training batch the network sees: as it is by default; a task may cut it (tagging: to its longest text)."""
         return batch
 
-    def training_loss(self, criterion: nn.Module, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def training_loss(self, criterion: nn.Module, outputs: torch.Tensor, batch: Batch, network: nn.Module | None = None) -> torch.Tensor:
         """The loss of a training batch's outputs: by default `batch_loss` of its collated targets. A task that needs
-        more of the batch (the inputs' lengths, its side information) overrides this."""
+        more of the batch (the inputs' lengths, its side information) or of the `network` that gave them (how many
+        frames its encoder makes of an input) overrides this."""
         return self.batch_loss(criterion, outputs, self.collate(batch.targets))
 
     def batch_loss(self, criterion: nn.Module, outputs: torch.Tensor, targets: Any) -> torch.Tensor:

@@ -25,7 +25,7 @@ from transferctl.data.samples import Batch, Samples, iterate_batches
 from transferctl.data.targets import TargetList
 from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
-from transferctl.errors import ConfigError, UsageError
+from transferctl.errors import UsageError
 from transferctl.modalities import modality_of
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
@@ -118,6 +118,13 @@ def ctc_head(feature_dim: int, num_outputs: int, dropout: Annotated[float, Field
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(feature_dim, num_outputs))
 
 
+def frames_of(network: nn.Module | None, lengths: torch.Tensor) -> torch.Tensor:
+    """The encoder's frames of recordings of `lengths` input steps: its `frame_lengths` where its frames are strided (a
+    wav2vec 2.0's convolutions), else the input steps themselves (log-mel frames)."""
+    encoder = getattr(network, "encoder", network)
+    return encoder.frame_lengths(lengths) if hasattr(encoder, "frame_lengths") else lengths
+
+
 class FrameLogProbs(nn.Module):
     """What a speech network serves: log-probabilities (N, frames, units + 1) at every frame; frames past a recording's
     length (padding) give the blank log-probability 0, so greedy decoding needs no lengths."""
@@ -132,7 +139,8 @@ class FrameLogProbs(nn.Module):
         if lengths is None:
             return self.network(x, **side).float().log_softmax(-1)
         log_probs = self.network(x, lengths=lengths, **side).float().log_softmax(-1)
-        past = torch.arange(log_probs.shape[1], device=x.device).view(1, -1) >= lengths.view(-1, 1)
+        frames = frames_of(self.network, lengths)
+        past = torch.arange(log_probs.shape[1], device=x.device).view(1, -1) >= frames.view(-1, 1)
         padding = torch.full_like(log_probs[0, 0], PADDING_LOG_PROB)
         padding[BLANK] = 0.0
         return torch.where(past.unsqueeze(-1), padding, log_probs)
@@ -201,18 +209,15 @@ class SpeechRecognition(Task):
                     )
         else:
             self.units = Alphabet(tuple(sorted({u for text in transcripts for u in self.units.split(text)})), self.vocabulary)
-        self._check_alignable(transcripts, train.side["lengths"].tolist())
+        self._fitted_on = (transcripts, train.side["lengths"])  # checked against the encoder's frames in `initialize`
         return {"alphabet": list(self.units.units), "vocabulary": self.vocabulary}
 
     def initialize(self, network: nn.Module) -> None:
-        """CTC here aligns a transcript to its recording's input steps (log-mel frames): an encoder that gives a frame
-        per several input steps (a wav2vec 2.0 one per 320 samples) is refused, not trained on wrong lengths."""
-        stride = getattr(network.encoder, "frame_stride", 1)
-        if stride != 1:
-            raise ConfigError(
-                f"task: speech_recognition aligns transcripts to the encoder's input steps, and this encoder gives a frame per "
-                f"{stride} of them; use an encoder of log-mel frames (conv1d, gru, lstm) for speech recognition"
-            )
+        """Every training transcript fits its recording's frames: the encoder's (`frames_of`: a wav2vec 2.0 gives one
+        per 320 samples; a log-mel encoder one per input frame)."""
+        transcripts, lengths = getattr(self, "_fitted_on", ((), None))
+        if lengths is not None:
+            self._check_alignable(transcripts, frames_of(network, lengths).tolist())
 
     def _check_alignable(self, transcripts: list[str], frames: list[int]) -> None:
         fix = "transcribe in words (task.vocabulary=words)" if self.vocabulary == "characters" else "fix its transcript"
@@ -237,8 +242,8 @@ class SpeechRecognition(Task):
         longest = max(int(batch.side["lengths"].max()), 1)
         return Batch((x[..., :longest],), batch.targets, batch.extras, batch.side)
 
-    def training_loss(self, criterion: Any, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return criterion(outputs, batch.side["lengths"], self.collate(batch.targets))
+    def training_loss(self, criterion: Any, outputs: torch.Tensor, batch: Batch, network: nn.Module | None = None) -> torch.Tensor:
+        return criterion(outputs, frames_of(network, batch.side["lengths"]), self.collate(batch.targets))
 
     def served(self, network: nn.Module) -> nn.Module:
         return FrameLogProbs(network)
@@ -287,7 +292,8 @@ class SpeechRecognition(Task):
             "alphabet": list(self.units.units),
             "vocabulary": self.vocabulary,
             "blank_id": BLANK,
-            "frame_rate": front_end.sample_rate / front_end.hop_length,
+            # log-mel frames per second; an encoder of waveforms makes its own frames (wav2vec 2.0: 50 per second)
+            "frame_rate": front_end.sample_rate / front_end.hop_length if front_end.kind == "log_mel" else None,
             "output_meaning": (
                 f"(N, frames, {len(self.units.units) + 1}) log-probabilities per frame: output 0 is CTC's blank, output i the "
                 f"alphabet's unit i - 1; frames past a recording's length give the blank log-probability 0. Greedy decoding: "

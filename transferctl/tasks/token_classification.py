@@ -399,7 +399,7 @@ class TokenClassification(Task):
         side = {name: values[:, :length] if values.ndim == 2 else values for name, values in batch.side.items()}
         return Batch((ids[:, :length],), batch.targets, batch.extras, side)
 
-    def training_loss(self, criterion: Any, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def training_loss(self, criterion: Any, outputs: torch.Tensor, batch: Batch, network: nn.Module | None = None) -> torch.Tensor:
         labels = token_tags(
             self.collate(batch.targets),
             batch.side["word_ids"],
