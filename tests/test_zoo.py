@@ -156,6 +156,46 @@ def test_a_hugging_face_image_checkpoint_reads_files_as_its_image_processor_does
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+def _tiny_vision(family: str):
+    t = transformers
+    small = dict(num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    if family == "vit":
+        return t.ViTModel(t.ViTConfig(hidden_size=32, intermediate_size=64, **small), add_pooling_layer=False)
+    if family == "dinov2":
+        return t.Dinov2Model(t.Dinov2Config(hidden_size=32, **small))
+    if family == "convnext":
+        return t.ConvNextModel(t.ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]))
+    return t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4))
+
+
+def _tiny_speech(family: str):
+    t = transformers
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+                 conv_stride=(10, 8), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)  # fmt: skip
+    config = {"wav2vec2": t.Wav2Vec2Config, "hubert": t.HubertConfig, "wavlm": t.WavLMConfig}[family](**small)
+    return {"wav2vec2": t.Wav2Vec2Model, "hubert": t.HubertModel, "wavlm": t.WavLMModel}[family](config)
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "convnext", "swin", "wav2vec2", "hubert", "wavlm"])
+def test_every_hugging_face_image_and_speech_family_gives_its_automodels_features(digits, recordings, tmp_path, family):
+    """Pooled features on the same input tensor: the model's own pooled output (DINOv2, ConvNeXt), [CLS] (ViT), the
+    mean over patches (Swin) or over real frames (speech)."""
+    torch.manual_seed(CHECKPOINT_SEED)
+    speech = family in ("wav2vec2", "hubert", "wavlm")
+    (_tiny_speech if speech else _tiny_vision)(family).save_pretrained(tmp_path / family)
+    data = {"name": "fsdd", "root": str(recordings)} if speech else {"name": "mnist", "root": str(digits)}
+    encoder = training_of({"name": "hf", "weights": str(tmp_path / family)}, data).network.encoder.eval()
+    reference = transformers.AutoModel.from_pretrained(str(tmp_path / family)).eval()
+    x = torch.randn(2, 4000) if speech else torch.randn(2, 3, reference.config.image_size, reference.config.image_size)
+    with torch.no_grad():
+        ours = encoder(x, torch.tensor([4000, 4000])) if speech else encoder(x)
+        out = reference(input_values=x) if speech else reference(pixel_values=x)
+    pooled = {"vit": out.last_hidden_state[:, 0], "swin": out.last_hidden_state.mean(1)}.get(family)
+    if speech:
+        pooled = out.last_hidden_state.mean(1)
+    torch.testing.assert_close(ours, pooled if pooled is not None else out.pooler_output, atol=1e-5, rtol=0)
+
+
 def test_a_speech_checkpoint_gives_its_frame_features_on_waveforms_at_its_rate(zoo, recordings):
     reference = transformers.AutoModel.from_pretrained(str(zoo["hf-wav2vec2"])).eval()
     training = training_of({"name": "hf", "weights": str(zoo["hf-wav2vec2"])}, {"name": "fsdd", "root": str(recordings)})
@@ -350,3 +390,15 @@ def test_lora_refuses_what_it_cannot_combine_with_in_one_line(cli, zoo, digits, 
     frozen = cli("finetune", "-c", str(recipe), *base, "finetune.lora.r=4", "finetune.freeze_encoder=true")
     assert frozen.code == 2 and "drop finetune.freeze_encoder" in frozen.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("missing", "override", "pip"),
+    [("timm", "model.arch=resnet18", "transferctl[timm]"), ("peft", "finetune.lora.r=4", "transferctl[peft]")],
+)
+def test_a_missing_extra_is_one_line_naming_the_pip_command(cli, zoo, digits, monkeypatch, missing, override, pip):
+    monkeypatch.setitem(__import__("sys").modules, missing, None)  # `import timm` raises ImportError
+    recipe = Path(__file__).parent.parent / "configs" / "finetune10_mnist.yaml"
+    model = ["model.name=timm"] if missing == "timm" else ["model.name=hf", f"model.weights={zoo['hf-vit']}"]
+    result = cli("finetune", "-c", str(recipe), *model, override, f"data.root={digits}")
+    assert result.code == 2 and f'pip install "{pip}"' in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

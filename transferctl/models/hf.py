@@ -277,7 +277,8 @@ def hf(
         raise ConfigError("model.weights: model 'hf' starts from a Hugging Face checkpoint folder; set model.weights=path/to/folder")
     modality = checkpoint_modality(architecture)
     if modality == "image":
-        return HuggingFaceImageEncoder(architecture, (preprocessing or {}).get("image_size"), pooling)
+        size = (preprocessing or {}).get("image_size") or architecture.get("image_size")  # the processor's, else the config's
+        return HuggingFaceImageEncoder(architecture, int(size) if isinstance(size, int) else None, pooling)
     if modality == "audio":
         return HuggingFaceAudioEncoder(architecture)
     if architecture.get("vocab_size", vocab_size) < vocab_size:  # a larger table (padded for speed) is fine
