@@ -281,6 +281,11 @@ def test_a_hub_id_loads_from_the_local_cache_and_offline_a_missing_one_is_one_li
     )
     assert missing.code == 2 and "hf-hub:timm/not-cached" in missing.stderr and "local folder" in missing.stderr, missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr and not runs.exists()
+    default_args = ["model.name=timm", "model.arch=convnext_atto", "model.weights=DEFAULT", f"data.root={digits}"]
+    default = cli("finetune", "-c", str(recipe), *default_args, "--runs-dir", str(runs))
+    assert default.code == 2 and "hf-hub:timm/convnext_atto.d2_in1k" in default.stderr, default.stderr
+    assert "HF_HUB_OFFLINE" in default.stderr
+    assert len(default.stderr.strip().splitlines()) == 1 and not runs.exists()
 
 
 def test_a_speech_checkpoint_learns_to_transcribe_with_ctc_over_its_own_frames(cli, zoo, tmp_path):

@@ -39,7 +39,7 @@ def local_path(weights: str, where: str = "model.weights") -> Path:
         return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
     except Exception:  # not in the cache (LocalEntryNotFoundError), or a malformed id (HFValidationError)
         pass
-    hint = f"put it in the cache on a machine online (hf download {repo}) or give a local folder: {where}=path/to/folder"
+    hint = f"put it in the cache on a machine online (hf download {repo}) or give a local folder: model.weights=path/to/folder"
     if offline():
         raise UsageError(f"{where} {weights}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
     try:

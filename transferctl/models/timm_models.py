@@ -75,7 +75,8 @@ def _published(arch: str, pretrained_cfg: dict[str, Any] | None = None, **_: Any
     cfg = timm_module().models.get_pretrained_cfg(arch)
     if cfg is None or not cfg.hf_hub_id:
         raise ConfigError(f"model.weights: DEFAULT: timm has no hub weights for '{arch}'; give hf-hub:ORG/NAME or a local file")
-    return _encoder_state(hub.local_path(f"{hub.HUB_PREFIX}{cfg.hf_hub_id}"), pretrained_cfg or {}, "model.weights DEFAULT")
+    where = "model.weights DEFAULT"
+    return _encoder_state(hub.local_path(f"{hub.HUB_PREFIX}{cfg.hf_hub_id}", where), pretrained_cfg or {}, where)
 
 
 def read_weights(weights: str, options: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -98,7 +98,7 @@ def _published_weights(entry: Entry, cfg: Config) -> dict[str, Any]:
     try:
         with redirect_stderr(io.StringIO()):  # torch.hub's "Downloading: ..." line: errors stay one line
             return fetch(**cfg.model.options)
-    except ConfigError:
+    except UsageError:  # said in one line already (a hub id not in the cache, offline)
         raise
     except Exception as exc:  # offline: URLError; a proxy or a bad cache: many others
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
