@@ -407,3 +407,19 @@ def test_a_missing_extra_is_one_line_naming_the_pip_command(cli, zoo, digits, mo
     model = ["model.name=timm"] if missing == "timm" else ["model.name=hf", f"model.weights={zoo['hf-vit']}"]
     result = cli("finetune", "-c", str(recipe), *model, override, f"data.root={digits}")
     assert result.code == 2 and f'pip install "{pip}"' in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_speech_checkpoint_that_does_not_normalize_is_fed_the_samples_as_they_are(recordings, tmp_path):
+    """A feature extractor with do_normalize: false (WavLM base's) gives the model the samples in [-1, 1] as they are: so
+    does the run (`front_end: raw_waveform`), not the standardized waveform."""
+    torch.manual_seed(CHECKPOINT_SEED)
+    _tiny_speech("wavlm").save_pretrained(tmp_path / "wavlm")
+    extractor = transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False)
+    extractor.save_pretrained(tmp_path / "wavlm")
+    training = training_of({"name": "hf", "weights": str(tmp_path / "wavlm")}, {"name": "fsdd", "root": str(recordings)})
+    assert training.cfg.data.options["front_end"] == "raw_waveform"
+    train = training.train
+    ours = training.modality.model_input(train.inputs[:2], train)
+    samples = [(train.inputs[i].float() / 32768).numpy() for i in range(2)]
+    padded = extractor(samples, sampling_rate=16000, padding="max_length", max_length=train.clip_samples, return_tensors="pt")
+    torch.testing.assert_close(ours, padded["input_values"], atol=1e-6, rtol=0)  # one-second clips, zero-padded

@@ -37,7 +37,7 @@ Seconds = Annotated[float, Field(gt=0.0, le=60.0)]
 Milliseconds = Annotated[float, Field(gt=0.0, le=1000.0)]
 SampleRate = Annotated[int, Field(ge=1000, le=192_000)]
 MelBins = Annotated[int, Field(ge=8, le=256)]
-FrontEndKind = Literal["log_mel", "waveform"]  # what the model takes: log-mel spectrograms or the waveform itself
+FrontEndKind = Literal["log_mel", "waveform", "raw_waveform"]  # what the model takes: log-mel spectrograms or the waveform itself
 
 
 # --------------------------------------------------------------------------- reading files

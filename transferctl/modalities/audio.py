@@ -46,14 +46,17 @@ def torchaudio():
     return module
 
 
-FRONT_ENDS = ("log_mel", "waveform")  # what a model takes: the data option `front_end`, a model's meta `front_end`
+# what a model takes: the data option `front_end`, a model's meta `front_end`; raw_waveform: the samples as they are (a
+# speech checkpoint whose feature extractor does not normalize, `do_normalize: false`)
+FRONT_ENDS = ("log_mel", "waveform", "raw_waveform")
 WAVEFORM_EPSILON = 1e-7  # added to a clip's variance before the square root, as wav2vec2's feature extractor does
 
 
 @dataclass(frozen=True)
 class FrontEnd:
     """What turns a waveform of any length into model inputs: the sample rate, the STFT and the mel scale (in
-    samples), and `kind`: "log_mel" (spectrograms) or "waveform" (the standardized samples themselves)."""
+    samples), and `kind`: "log_mel" (spectrograms), "waveform" (the standardized samples themselves) or "raw_waveform"
+    (the samples in [-1, 1] as they are)."""
 
     sample_rate: int
     n_fft: int
@@ -71,7 +74,7 @@ class FrontEnd:
         log-mel frames whose centred STFT window (frame t's spans t * hop +- n_fft / 2) ends inside the recording
         (frames further on read past its end, as zeros in a padded batch and reflected alone); for waveforms, the
         samples themselves. What a padded batch's encoders and losses read of each recording."""
-        if self.kind == "waveform":
+        if self.reads_waveform:
             return samples
         inside = torch.div(samples - self.n_fft // 2, self.hop_length, rounding_mode="floor") + 1
         return torch.minimum(inside.clamp(min=0), torch.div(samples, self.hop_length, rounding_mode="floor"))
@@ -79,7 +82,12 @@ class FrontEnd:
     def input_shape(self, samples: int) -> tuple[int, ...]:
         """The model's input for a waveform of `samples`: a one-channel log-mel image (1, n_mels, frames), or the
         waveform (samples,)."""
-        return (samples,) if self.kind == "waveform" else (1, self.n_mels, self.frames(samples))
+        return (samples,) if self.reads_waveform else (1, self.n_mels, self.frames(samples))
+
+    @property
+    def reads_waveform(self) -> bool:
+        """Whether the model takes the samples themselves (standardized or not), not spectrograms."""
+        return self.kind != "log_mel"
 
     @classmethod
     def of(cls, sample_rate: int, n_mels: int, window_ms: float, hop_ms: float, kind: str = "log_mel") -> FrontEnd:
@@ -217,8 +225,17 @@ class StandardWaveform(nn.Module):
         return (x - mean) / (variance + WAVEFORM_EPSILON).sqrt() * inside
 
 
+class RawWaveform(nn.Module):
+    """Waveforms (N, samples) as float32 samples, unchanged: for a model trained on them so (`do_normalize: false`)."""
+
+    def forward(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return waveforms.float()
+
+
 def front_end_module(front_end: FrontEnd, mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> nn.Module:
     """The module that reads waveforms as the model takes them (with the training split's statistics)."""
+    if front_end.kind == "raw_waveform":
+        return RawWaveform()
     return StandardWaveform() if front_end.kind == "waveform" else LogMel(front_end, mean or None, std or None)
 
 
@@ -242,7 +259,7 @@ def log_mel_statistics(
     """Per-mel-bin mean and std of the clips' log-mel energies (int16 waveforms, read as evaluation reads them:
     each cut or padded to the clip; with `lengths`, the model-input steps of whole recordings, their real frames
     alone, not the padding); none for a front end that takes waveforms, which standardizes each clip alone."""
-    if front_end.kind == "waveform":
+    if front_end.reads_waveform:
         return {"mean": (), "std": ()}
     module = LogMel(front_end)
     total = torch.zeros(front_end.n_mels, dtype=torch.float64)
@@ -487,6 +504,8 @@ class AudioModality(Modality):
                 "standardize": "each waveform over its samples up to its last non-zero one: zero mean, unit variance "
                 f"(variance + {WAVEFORM_EPSILON:g}), zero padding kept 0",
             }
+        elif f.kind == "raw_waveform":
+            front_end = {"kind": f.kind, "sample_rate": f.sample_rate, "standardize": "none: the samples as they are"}
         else:
             frames = f.frames(clip) if clip is not None else "samples // hop_length"
             front_end = {**asdict(f), "frames": frames, "log": f"log(mel power + {LOG_FLOOR:g}), standardized per mel bin"}

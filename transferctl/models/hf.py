@@ -233,6 +233,8 @@ def resolve_data(data_options: dict[str, Any], weights: str | None, options: dic
     for key in ("image_size", "interpolation", "crop_fraction"):  # how image files are decoded, unless the config says
         if key in preprocessing and key not in data_options:
             chosen[key] = preprocessing[key]
+    if preprocessing.get("normalize_waveform") is False and "front_end" not in data_options:  # do_normalize: false
+        chosen["front_end"] = "raw_waveform"
     if "sample_rate" in preprocessing:
         rate = data_options.get("sample_rate", preprocessing["sample_rate"])
         if rate != preprocessing["sample_rate"]:
@@ -258,7 +260,7 @@ def modality_of_options(options: dict[str, Any]) -> str | None:
     modality_of_options=modality_of_options,
     channels_last=False,
     gives=("token_features",),
-    front_end="waveform",
+    front_end=("waveform", "raw_waveform"),
     resolve_options=resolve_options,
     resolve_data=resolve_data,
     read_weights=read_weights,
