@@ -132,20 +132,21 @@ def test_the_encoder_learning_rate_scale_reaches_the_optimizer():
 
 def test_a_model_registers_what_it_gives_beyond_pooled_features():
     """`gives` (what build.py's errors list as the encoders that fit a head's `reads`) is what the built encoders have."""
-    from transferctl.models.hf import HuggingFaceEncoder
+    from transferctl.models.hf import HuggingFaceEncoder, HuggingFaceImageEncoder
 
     load_components()
     models = REGISTRIES["models"]
     context = dict(in_channels=1, image_size=28, sequence_features=16, vocab_size=50, pad_id=0, max_length=16, vocabulary=None)
     for entry in models:
         gives = set(entry.meta.get("gives", ()))
-        if entry.name == "hf":  # built from a checkpoint folder: its encoder class says
-            assert gives == {"token_features"} and hasattr(HuggingFaceEncoder, "token_features")
+        if entry.name == "hf":  # built from a checkpoint folder: its encoder classes say
+            assert gives == {"token_features", "feature_maps"} and hasattr(HuggingFaceEncoder, "token_features")
+            assert hasattr(HuggingFaceImageEncoder, "feature_maps")
             continue
         options = {"arch": "resnet10t"} if entry.name == "timm" else {}  # timm: any of its models, named
         encoder = models.build(entry.name, entry.validate(options, "model"), **context)
         has = {"feature_maps"} if getattr(encoder, "stage_channels", ()) else set()
         has |= {"token_features"} if hasattr(encoder, "token_features") else set()
         assert gives == has, entry.name
-    assert models.names_with("gives", "feature_maps") == ["cnn", "resnet18", "timm"]
+    assert models.names_with("gives", "feature_maps") == ["cnn", "hf", "resnet18", "timm"]
     assert models.names_with("gives", "token_features") == ["conv1d", "gru", "hf", "lstm", "transformer"]

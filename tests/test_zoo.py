@@ -194,6 +194,14 @@ def test_every_hugging_face_image_and_speech_family_gives_its_automodels_feature
     if speech:
         pooled = out.last_hidden_state.mean(1)
     torch.testing.assert_close(ours, pooled if pooled is not None else out.pooler_output, atol=1e-5, rtol=0)
+    if not speech:  # stage maps for dense heads: the model's own hidden states, patches laid out on their grid
+        with torch.no_grad():
+            maps = encoder.feature_maps(x)
+            states = reference(pixel_values=x, output_hidden_states=True)
+        assert [m.shape[1] for m in maps] == list(encoder.stage_channels) and all(m.dim() == 4 for m in maps)
+        deepest = getattr(states, "reshaped_hidden_states", None) or states.hidden_states
+        if family == "convnext":
+            torch.testing.assert_close(maps[-1], deepest[-1], atol=1e-5, rtol=0)
 
 
 def test_a_speech_checkpoint_gives_its_frame_features_on_waveforms_at_its_rate(zoo, recordings):

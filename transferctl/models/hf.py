@@ -168,6 +168,8 @@ class HuggingFaceImageEncoder(nn.Module):
         self.pooling = pooling
         self.feature_dim = int((getattr(config, "hidden_sizes", None) or [config.hidden_size])[-1])
         self.has_cls = getattr(getattr(self.model, "embeddings", None), "cls_token", None) is not None
+        self.stage_indices, self.stage_channels = _stages(config)
+        self.prefix_tokens = int(self.has_cls) + int(getattr(config, "num_register_tokens", 0) or 0)  # before the patches
 
     def prepared(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1 and self.channels == 3:
@@ -188,6 +190,33 @@ class HuggingFaceImageEncoder(nn.Module):
         if self.pooling == "cls" or (self.pooling == "auto" and self.has_cls):
             return steps[:, 0]
         return steps.mean(dim=1)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Stage maps (N, C, H, W), shallow to deep: a hierarchical model's stages (ConvNeXt, Swin), or four evenly
+        spaced blocks of a plain ViT, their patch tokens laid out on the patch grid."""
+        out = self.model(pixel_values=self.prepared(x), output_hidden_states=True)
+        states = getattr(out, "reshaped_hidden_states", None) or out.hidden_states
+        maps = []
+        for index in self.stage_indices:
+            state = states[index]
+            if state.dim() == 3:  # (N, tokens, C): the patches after the [CLS] and register tokens, row by row
+                patches = state[:, self.prefix_tokens :]
+                side = math.isqrt(patches.shape[1])
+                state = patches.transpose(1, 2).reshape(state.shape[0], state.shape[2], side, side)
+            maps.append(state)
+        return maps
+
+
+def _stages(config: Any) -> tuple[list[int], tuple[int, ...]]:
+    """Which of `hidden_states` are stage maps (index 0 is the embeddings' output), and their channels."""
+    if getattr(config, "hidden_sizes", None):  # ConvNeXt: one state per stage
+        return list(range(1, len(config.hidden_sizes) + 1)), tuple(config.hidden_sizes)
+    if getattr(config, "depths", None) and getattr(config, "embed_dim", None):  # Swin: each stage doubles the channels
+        stages = len(config.depths)
+        return list(range(1, stages + 1)), tuple(config.embed_dim * 2 ** min(i + 1, stages - 1) for i in range(stages))
+    layers = config.num_hidden_layers
+    chosen = sorted({layers - i * max(1, layers // 4) for i in range(min(4, layers))})
+    return chosen, tuple(config.hidden_size for _ in chosen)
 
 
 class HuggingFaceAudioEncoder(nn.Module):
@@ -259,7 +288,7 @@ def modality_of_options(options: dict[str, Any]) -> str | None:
     modality=("text", "image", "audio"),
     modality_of_options=modality_of_options,
     channels_last=False,
-    gives=("token_features",),
+    gives=("token_features", "feature_maps"),  # text and speech checkpoints: token (frame) features; images: stage maps
     front_end=("waveform", "raw_waveform"),
     resolve_options=resolve_options,
     resolve_data=resolve_data,
