@@ -237,7 +237,8 @@ def test_a_public_checkpoint_fine_tunes_evaluates_predicts_and_exports_without_i
     overrides = [f"model.name={name}", f"model.weights={copy}", f"data.root={root}", "data.labels_per_class=2", "train.max_steps=2"]
     overrides += ["finetune.unlabeled.weight=0"] + (["model.input_size=32"] if name == "timm" else [])
     tuned = _ok(cli("finetune", "-c", str(recipe), *overrides, "--json"))
-    shutil.rmtree(copy)  # the run rebuilds its encoder and reads its data without the folder
+    shutil.rmtree(copy)  # the run rebuilds its encoder and reads its data without the folder, also to resume
+    assert _ok(cli("finetune", "--resume", tuned["run_dir"], "train.max_steps=3", "--json"))["status"] == "completed"
     assert _ok(cli("evaluate", "--from", tuned["run_dir"], "--json"))["metrics"]["accuracy"] >= 0
     exported = _ok(cli("export", "--from", tuned["run_dir"], "--format", "onnx", "--json"))
     assert exported["parity"]["onnx"]["passed"], exported["parity"]

@@ -249,6 +249,8 @@ def test_a_checkpoint_fine_tunes_and_exports_to_onnx_with_parity(cli, tmp_path, 
     away = folder.rename(folder.with_name(folder.name + "-away"))  # the run rebuilds its encoder without the folder
     try:
         exported = _ok(cli("export", "--from", tuned["run_dir"], "--format", "onnx", "--json"))
+        resumed = cli("finetune", "--resume", tuned["run_dir"], "train.epochs=3", "--json")  # tokenized with the run's own tokenizer
+        assert resumed.code == 0, resumed.stderr
     finally:
         away.rename(folder)
     assert exported["parity"] and all(p["passed"] for p in exported["parity"].values()), exported["parity"]

@@ -178,6 +178,12 @@ class Modality:
         then (`options`: the run's data options; `meta`: the data set's registration); what it records is kept."""
         return dict(fitted)
 
+    def resumed_data_options(self, options: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+        """Data options a resume of the run in `run_dir` reads its data with instead of the config's, so it reads the data
+        as the run did whatever became of the files the config names (text: the run's own tokenizer.json, not a
+        checkpoint folder that may have moved or changed)."""
+        return {}
+
     def with_statistics(self, data: Samples, statistics: Mapping[str, Any]) -> Samples:
         """`data` normalized with a pretrained model's statistics (`input_statistics` in its registration; images: the
         mean and std its weights were trained with) instead of its own."""

@@ -326,6 +326,13 @@ class TextModality(Modality):
             return []
         return [f"data: {cut} of {len(data)} training texts are longer than max_length {t.max_length} and were cut at the {t.truncation}"]
 
+    def resumed_data_options(self, options: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+        tokenizer = dict(options.get("tokenizer") or {})
+        own = run_dir / "tokenizer.json"
+        if not tokenizer.get("path") or not own.is_file():  # a tokenizer the run trained is trained again, alike
+            return {}
+        return {"tokenizer": {**tokenizer, "path": str(own)}}
+
     def companion_files(self, fitted: Mapping[str, Any]) -> dict[str, bytes]:
         """tokenizer.json, set to cut and pad every text as the model was trained (a caller's encode_batch then
         gives the export's inputs as they are)."""

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from transferctl.build import build_training
+from transferctl.build import build_training, modality_of_config
 from transferctl.checkpoints import Checkpoint
-from transferctl.config import flatten, load_config
+from transferctl.config import Config, flatten, load_config
 from transferctl.distributed import world
 from transferctl.engine import SilentReporter
 from transferctl.engine.train import Position, Reporter
@@ -63,7 +63,7 @@ def resume(
     run = reopen_run(record)  # the lock comes first: nobody else writes the run while we read it
     last = record.checkpoint_path("last")
     checkpoint = load_checkpoint(last) if last.is_file() else None
-    training = build_training(cfg, load_weights=checkpoint is None)
+    training = build_training(_reading_as_the_run(cfg, record.path), load_weights=checkpoint is None)
     if checkpoint is not None:
         _check_same_world(ref, checkpoint, training.device)
     steps = training.steps.total
@@ -91,6 +91,18 @@ def resume(
     with tracking(run, cfg, reporter or SilentReporter(), resume_step=done) as reporter, recording(run, command) as outcome:
         outcome["metrics"] = run_training(training, run, command, reporter, resume_from=checkpoint)
     return RunResult(run.id, run.path, "completed", run.summary["metrics"], run.summary.get("parent"))
+
+
+def _reading_as_the_run(cfg: Config, run_dir: Path) -> Config:
+    """The config a resume builds with: its data read with the run's own files where the modality keeps them
+    (`Modality.resumed_data_options`); the run's config keeps what the user wrote."""
+    own = modality_of_config(cfg).resumed_data_options(cfg.data.options, run_dir)
+    if not own:
+        return cfg
+    building = cfg.model_copy(deep=True)
+    for key, value in own.items():
+        setattr(building.data, key, value)
+    return building
 
 
 def _check_same_world(ref: str, checkpoint: Checkpoint, device: torch.device) -> None:
