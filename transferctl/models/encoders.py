@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from pydantic import Field, PositiveInt
 from torch import nn
@@ -38,6 +39,18 @@ class Encoder(nn.Sequential):
             if index in self.stage_ends:
                 maps.append(x)
         return maps
+
+
+def as_checkpoint_input(x: torch.Tensor, channels: int, size: int | None, interpolation: str = "bilinear") -> torch.Tensor:
+    """Normalized images (N, C, H, W) as a pretrained image model takes them: grey ones as three equal channels for a
+    three-channel model, resized to its `size` square on the device (antialiased when shrunk), inside the model so
+    exports do the same."""
+    if x.shape[1] == 1 and channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    if size and tuple(x.shape[-2:]) != (size, size):
+        shrink = x.shape[-1] > size or x.shape[-2] > size
+        x = F.interpolate(x, size=(size, size), mode=interpolation, antialias=shrink and interpolation != "nearest")
+    return x
 
 
 @MODELS.register(modality="image", channels_last=False)  # channels-last would only add a copy before Flatten

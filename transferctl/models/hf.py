@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transferctl.errors import ConfigError, UsageError
 from transferctl.models import hub
+from transferctl.models.encoders import as_checkpoint_input
 from transferctl.models.sequence import length_mask, mean_pool
 from transferctl.registry import MODELS
 
@@ -172,13 +172,7 @@ class HuggingFaceImageEncoder(nn.Module):
         self.prefix_tokens = int(self.has_cls) + int(getattr(config, "num_register_tokens", 0) or 0)  # before the patches
 
     def prepared(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == 1 and self.channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        size = self.input_size
-        if size and tuple(x.shape[-2:]) != (size, size):
-            shrink = x.shape[-1] > size or x.shape[-2] > size
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=shrink)
-        return x
+        return as_checkpoint_input(x, self.channels, self.input_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=self.prepared(x))

@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transferctl.errors import ConfigError, UsageError, did_you_mean
 from transferctl.models import hub
+from transferctl.models.encoders import as_checkpoint_input
 from transferctl.registry import MODELS
 
 INSTALL_HINT = 'pip install "transferctl[timm]"'
@@ -121,14 +121,7 @@ class TimmEncoder(nn.Module):
         self.stage_channels = tuple(int(info[i]["num_chs"]) for i in self.stage_indices)
 
     def prepared(self, x: torch.Tensor) -> torch.Tensor:
-        """Grey images as three equal channels; images resized to the model's input size (antialiased when shrunk)."""
-        if x.shape[1] == 1 and self.channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        size = self.input_size
-        if size and tuple(x.shape[-2:]) != (size, size):
-            shrink = x.shape[-1] > size or x.shape[-2] > size
-            x = F.interpolate(x, size=(size, size), mode=self.interpolation, antialias=shrink and self.interpolation != "nearest")
-        return x
+        return as_checkpoint_input(x, self.channels, self.input_size, self.interpolation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(self.prepared(x)), pre_logits=True)
