@@ -375,6 +375,7 @@ def test_lora_trains_only_the_adapters_and_the_head_and_every_reader_merges_them
     )
     first = checkpoints.read(Path(chained["run_dir"]) / "checkpoints" / "last.pt")
     assert not any(".lora_" in k for k in first.model)
+    assert first.data["mean"] == [0.5, 0.5, 0.5]  # the chain normalizes as the weights' pretrained_cfg says, not the digits
 
 
 def test_layer_decay_scales_each_blocks_learning_rate_by_its_depth(zoo, digits):
