@@ -225,17 +225,22 @@ def test_text_given_whole_is_split_into_words_as_conll_splits_them():
     assert words.count(0) == encoding.tokens.count("U") + encoding.tokens.count(".") - 1  # U . S . is one word
 
 
-def test_a_byte_level_tokenizer_that_adds_no_space_is_refused_for_tagged_sentences():
+def test_a_byte_level_tokenizer_that_adds_no_space_reads_each_word_as_after_a_space():
+    """RoBERTa's tokenizer as saved adds no space before a word: words given apart would run together ("AnnaBerg"). Read
+    as run_ner.py reads them (add_prefix_space=True): each word's ids are those it has after a space in running text."""
     from tokenizers import ByteLevelBPETokenizer
 
-    from transferctl.data.tagging import check_reads_words
-    from transferctl.errors import UsageError
+    from transferctl.data.tagging import reading_words
 
-    tokenizer = ByteLevelBPETokenizer()
+    tokenizer = ByteLevelBPETokenizer(add_prefix_space=False)
     tokenizer.train_from_iterator(["Anna Berg visited Oslo"] * 5, vocab_size=300, special_tokens=["<pad>"], show_progress=False)
-    with pytest.raises(UsageError, match="add_prefix_space"):
-        check_reads_words(Tokenization(tokenizer._tokenizer.to_str(), 16))
-    check_reads_words(_tokenization())  # WordPiece reads words as they are
+    saved = Tokenization(tokenizer._tokenizer.to_str(), 8)
+    words = reading_words(saved)
+    ids, _ = words.encode([["Anna", "Berg", "visited", "Oslo"]])
+    running, _ = saved.encode([" Anna Berg visited Oslo"])
+    assert torch.equal(ids, running) and ids[0, 0] != saved.encode(["Anna"])[0][0, 0]
+    wordpiece = _tokenization()
+    assert reading_words(wordpiece) is wordpiece  # WordPiece reads words as they are
 
 
 def test_the_crf_s_scores_are_in_the_forward_graph_for_ddp():

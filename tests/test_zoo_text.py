@@ -275,3 +275,19 @@ def test_max_length_is_checked_against_the_positions_that_roberta_can_use(tmp_pa
     assert build(tmp_path, folders(name), text_root, "data.tokenizer.max_length=64").train.inputs.shape[1] == 64
     with pytest.raises(ConfigError, match="lower max_length"):
         build(tmp_path, folders(name), text_root, "data.tokenizer.max_length=65")
+
+
+@pytest.mark.parametrize("name", ["roberta"])
+def test_a_checkpoint_tags_named_entities_over_its_own_subwords(cli, tmp_path, folders, name):
+    """Token classification on a public checkpoint: words split by the folder's tokenizer, labels aligned to first
+    subwords, the entity F1 evaluated."""
+    from tests.test_token_classification import write_conll
+
+    for split, count, seed in (("train", 60, 0), ("dev", 20, 1), ("test", 20, 2)):
+        write_conll(tmp_path / f"{split}.txt", count, seed)
+    recipe = Path(__file__).parent.parent / "configs" / "ner_conll2003.yaml"  # a CRF tagger
+    args = ["model.name=hf", f"model.weights={folders(name)}", "data.name=conll_folder", f"data.root={tmp_path}"]
+    args += ["data.tokenizer.max_length=32", "train.max_steps=3", "train.precision=32"]
+    tuned = _ok(cli("finetune", "-c", str(recipe), *args, "--json"))
+    evaluated = _ok(cli("evaluate", "--from", tuned["run_dir"], "--json"))
+    assert 0 <= evaluated["metrics"]["entity_f1"] <= 1

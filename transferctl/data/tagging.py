@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -213,27 +213,28 @@ def tagged_split(
     if fitted and "tokenizer" in fitted:
         tokenization = tokenization_of(fitted)
     else:
-        tokenization = tokenization_for(name, options, [" ".join(words) for words in training.words])
-    check_reads_words(tokenization)
+        tokenization = reading_words(tokenization_for(name, options, [" ".join(words) for words in training.words]))
     return sentences_as_data(sentences.words, tag_indices(name, sentences, tags, classes), classes, tokenization, options.path)
 
 
-def check_reads_words(tokenization: Tokenization) -> None:
-    """A byte-level BPE tokenizer that adds no space before a word (GPT-2's, RoBERTa's as saved) reads words given
-    apart as if they were joined without spaces: refused, as transformers refuses it."""
+def reading_words(tokenization: Tokenization) -> Tokenization:
+    """The tokenization tagged sentences are read with: a byte-level BPE tokenizer that adds no space before a word
+    (GPT-2's, RoBERTa's as saved) would read words given apart as one run of characters, so its byte-level parts add
+    one, as transformers' `add_prefix_space=True` (run_ner.py's for RoBERTa) does; every other tokenizer as it is."""
 
-    def byte_level_without_space(part: object) -> bool:
+    def with_space(part: Any) -> Any:
         if isinstance(part, dict):
-            if part.get("type") == "ByteLevel" and part.get("add_prefix_space") is False:
-                return True
-            return any(byte_level_without_space(v) for v in part.values())
-        return isinstance(part, list) and any(byte_level_without_space(v) for v in part)
+            fixed = {k: with_space(v) for k, v in part.items()}
+            if part.get("type") in ("ByteLevel", "RobertaProcessing") and part.get("add_prefix_space") is False:
+                fixed["add_prefix_space"] = True
+            return fixed
+        return [with_space(v) for v in part] if isinstance(part, list) else part
 
-    if byte_level_without_space(json.loads(tokenization.tokenizer_json).get("pre_tokenizer")):
-        raise UsageError(
-            "data.tokenizer: a byte-level BPE tokenizer without add_prefix_space reads the words of tagged sentences as one "
-            "run of characters; set add_prefix_space to true in its tokenizer.json, or use a WordPiece tokenizer"
-        )
+    spec = json.loads(tokenization.tokenizer_json)
+    fixed = {**spec, "pre_tokenizer": with_space(spec.get("pre_tokenizer")), "post_processor": with_space(spec.get("post_processor"))}
+    if fixed == spec:
+        return tokenization
+    return replace(tokenization, tokenizer_json=json.dumps(fixed, ensure_ascii=False))
 
 
 def sentences_as_data(
