@@ -370,6 +370,8 @@ def test_lora_trains_only_the_adapters_and_the_head_and_every_reader_merges_them
         torch.testing.assert_close(merged(x), unmerged.eval()(x), atol=1e-5, rtol=1e-5)
     exported = _ok(cli("export", "--from", str(run), "--format", "onnx", "--json"))
     assert exported["parity"]["onnx"]["passed"]
+    card = json.loads((run / "export" / "model_card.json").read_text())  # the card says what the encoder started from
+    assert card["model_options"]["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5] and card["model_weights"] == str(zoo["timm-vit"])
     # a resume continues the adapters; a fine-tune --from starts from the merged encoder
     resumed = _ok(cli("finetune", "--resume", str(run), "train.max_steps=4", "--json"))
     assert resumed["status"] == "completed"

@@ -449,6 +449,9 @@ def _model_card(trained: Trained, data, digests, files, parity, verified) -> dic
         "task": cfg.task.name if cfg.task is not None else None,
         "modality": dataset_modality(cfg.data.name),
         "model": cfg.model.name,
+        # how the encoder was built and what it started from (a timm model's pretrained_cfg, a checkpoint's processor)
+        "model_options": cfg.model.options,
+        "model_weights": cfg.model.weights,
         "checkpoint": {"name": record.checkpoint_name(cfg.eval.checkpoint), "epoch": checkpoint.epoch, "step": checkpoint.step},
         "input": _input_of(trained, data),
         "output": {"name": spec.output, "shape": ["batch", *out_shape]},
