@@ -70,16 +70,9 @@ def read_state_dict(path: Path, where: str) -> dict[str, Any]:
         path = found
     if not path.is_file():
         raise ConfigError(f"{where}: no such file or folder; give a weights file (.safetensors, .pth, .bin), a folder or hf-hub:ORG/NAME")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from transferctl.models.weights import read_state_file  # the same reader as every model's weights file
 
-            return load_file(str(path))
-        import torch
-
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch and safetensors raise many types for foreign or truncated files
-        raise ConfigError(f"{where}: {path.name} is not a readable state dict ({type(exc).__name__})") from None
+    state = read_state_file(path, where)
     for wrapper in ("state_dict", "model", "state_dict_ema"):  # a training checkpoint around the weights
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             return state[wrapper]

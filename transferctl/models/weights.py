@@ -73,7 +73,7 @@ def load_model_weights(encoder: nn.Module, cfg: Config) -> None:
     elif "read_weights" in entry.meta:  # a model with weights of its own format (hf: a checkpoint folder)
         state = entry.meta["read_weights"](cfg.model.weights, cfg.model.options)
     else:
-        state = _read_weights(Path(cfg.model.weights), where)
+        state = read_state_file(Path(cfg.model.weights), where)
     state = entry.meta.get("adapt_weights", lambda s: s)(_encoder_part(state, where))
     expected = encoder.state_dict()
     missing = [k for k in expected if k not in state]
@@ -108,7 +108,8 @@ def _published_weights(entry: Entry, cfg: Config) -> dict[str, Any]:
         ) from None
 
 
-def _read_weights(path: Path, where: str) -> Any:
+def read_state_file(path: Path, where: str) -> Any:
+    """A .pt/.pth/.bin (torch.save, read with weights_only) or .safetensors file's contents, or a one-line error."""
     if not path.is_file():
         raise ConfigError(f"{where}: no such file; give a .pt or .safetensors state dict of the encoder (or DEFAULT)")
     try:
