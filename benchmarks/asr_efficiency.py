@@ -1,9 +1,10 @@
-"""Label efficiency in speech recognition: what contrastive pretraining on single spoken digits, without labels, buys a
-recognizer of digit strings when transcribed utterances are few.
+"""Label efficiency in speech recognition: what pretraining without labels buys a recognizer of digit strings when
+transcribed utterances are few.
 
-Rows: the recipe's `conv1d` from random init, and the same encoder pretrained by SimCLR on FSDD's single training
+Rows: the recipe's `conv1d` from random init, the same encoder pretrained by SimCLR on FSDD's single training
 recordings (configs/simclr_fsdd.yaml: no label used; for the held-out-speaker split, pretrained on the other speakers'
-recordings only). Every row fine-tunes through the recipe the CLI runs (configs/asr_fsdd_sequences.yaml: CTC over
+recordings only), and pretrained by masked frame modelling on the training utterances without their transcripts
+(configs/masked_frames_fsdd_sequences.yaml). Every row fine-tunes through the recipe the CLI runs (configs/asr_fsdd_sequences.yaml: CTC over
 words, greedy decoding) on 50 and 500 labelled training utterances (three subset seeds: data.seed) and on all 2,000
 once; each cell is the word error rate on the test split's 500 utterances (a tenth of the training utterances
 validating). Two splits: `official` (test utterances made of takes 0-4, training of takes 5-49, every speaker in
@@ -13,6 +14,7 @@ Cells are cached as in label_efficiency.py, so an interrupted run continues.
 
     python benchmarks/asr_efficiency.py --data-dir ../shared/data            # the full table
     python benchmarks/asr_efficiency.py --data-dir ../shared/data --quick    # a smoke test
+    python benchmarks/asr_efficiency.py --data-dir ../shared/data --set train.precision=32   # fine-tunes in float32
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ from transferctl.recipes import evaluate, finetune, pretrain
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 FINETUNE = CONFIGS / "asr_fsdd_sequences.yaml"
-PRETRAIN = CONFIGS / "simclr_fsdd.yaml"
-ENCODERS = {"random": "random init (conv1d)", "simclr": "SimCLR on single digits, conv1d (no labels)"}
+PRETRAINING = {  # encoder -> the recipe that pretrains it, without labels
+    "simclr": CONFIGS / "simclr_fsdd.yaml",
+    "masked_frames": CONFIGS / "masked_frames_fsdd_sequences.yaml",
+}
+ENCODERS = {
+    "random": "random init (conv1d)",
+    "simclr": "SimCLR on single digits, conv1d (no labels)",
+    "masked_frames": "masked frames on utterances, conv1d (no transcripts)",
+}
 COLUMNS = {  # column -> overrides: a labelled subset and its step budget, validating a few times
     "50": ["data.labeled_samples=50", "train.max_steps=200", "train.epochs=1000", "train.val_every=25"],
     "500": ["data.labeled_samples=500", "train.max_steps=400", "train.epochs=1000", "train.val_every=5"],
@@ -49,10 +58,10 @@ QUICK_PRETRAIN = ["train.max_steps=3", "train.epochs=1"]
 def pretrained(key: str, split: str, cells: Cells, runs: Path, extra: list[str]) -> dict[str, Any]:
     if key == "random":
         return {"source": None, "seconds": 0.0}
-    overrides = [f"data.split={split}", *extra]
+    recipe, overrides = PRETRAINING[key], [f"data.split={split}", *extra]
     cell = cells.get(
-        f"pretrain/simclr/{split}/{recipe_digest(PRETRAIN, overrides)}",
-        lambda: {"run": str(pretrain(PRETRAIN, overrides, runs_dir=runs).run_dir)},
+        f"pretrain/{key}/{split}/{recipe_digest(recipe, overrides)}",
+        lambda: {"run": str(pretrain(recipe, overrides, runs_dir=runs).run_dir)},
         usable=lambda row: Path(row["run"]).is_dir(),
     )
     return {"source": cell["run"], "seconds": cell["seconds"]}
@@ -123,13 +132,16 @@ def main() -> None:
     parser.add_argument("--splits", nargs="+", default=["official", "speakers"], choices=["official", "speakers"])
     parser.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=list(COLUMNS), help="labelled-utterance budgets")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "asr_efficiency")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of every fine-tune (recorded in its cells' keys)"
+    )
     parser.add_argument("--quick", action="store_true", help="3 steps per run: checks the plumbing, not the scores")
     args = parser.parse_args()
 
     out = args.out / "quick" if args.quick else args.out
     out.mkdir(parents=True, exist_ok=True)
     cells = Cells(out / "cells.jsonl")
-    extra = [f"data.root={args.data_dir.resolve()}", *(QUICK if args.quick else [])]
+    extra = [f"data.root={args.data_dir.resolve()}", *args.set, *(QUICK if args.quick else [])]
     splits = {split: args.seeds if split == "official" else args.speaker_seeds for split in args.splits}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cells in {cells.path}", flush=True)
     rows = rows_of(args.encoders, splits, cells, out / "runs", extra, args.columns, args.quick)

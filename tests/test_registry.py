@@ -61,14 +61,23 @@ def test_build_passes_only_the_context_a_component_takes():
 
 # The one list of the built-in components (test_cli.py checks the CLI's listing against the registries, not this list).
 BUILT_IN = {
-    "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm"},
+    "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm", "masked_frames"},
     "tasks": {"classification", "multilabel", "regression", "segmentation", "detection", "token_classification", "speech_recognition"},
     "modalities": {"image", "audio", "text"},
     "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf", "timm"},
-    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger", "ctc"},
+    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger", "ctc", "frame_predictor"},
     "losses": {
         *("nt_xent", "cross_entropy", "mse", "bce", "l1", "huber"),
-        *("pixel_cross_entropy", "token_cross_entropy", "fcos_loss", "tagging_loss", "ctc", "binary_cross_entropy", "asymmetric"),
+        *(
+            "pixel_cross_entropy",
+            "token_cross_entropy",
+            "fcos_loss",
+            "tagging_loss",
+            "ctc",
+            "binary_cross_entropy",
+            "asymmetric",
+            "masked_frame_loss",
+        ),
     },
     "optimizers": {"sgd", "adam", "adamw", "lars"},
     "schedulers": {"cosine", "constant"},
