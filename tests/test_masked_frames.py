@@ -90,13 +90,28 @@ def test_a_killed_masked_frames_run_resumes_bit_exactly(tmp_path, fsdd_root):  #
     ("overrides", "message"),
     [
         (["data.name=mnist", "model.name=cnn"], "hides frames of recordings"),
-        (["model.name=cnn"], "gives no frame features"),
+        (["model.name=cnn"], "gives no features at those frames; use conv1d, gru, lstm"),
     ],
 )
 def test_masked_frames_refuses_data_and_encoders_without_frames(cli, tmp_path, fsdd_root, overrides, message):  # noqa: F811
     config = write_config(tmp_path / "pretrain.yaml", PRETRAIN.format(root=fsdd_root, method="target: codes"))
     result = cli("pretrain", "-c", config, "--runs-dir", tmp_path / "runs", *overrides)
     assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_masked_frames_refuses_a_speech_checkpoint_whose_frames_are_its_own(cli, tmp_path, fsdd_root):  # noqa: F811
+    import transformers
+
+    small = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16), conv_stride=(10, 8),
+        conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+    )  # fmt: skip
+    transformers.Wav2Vec2Model(small).save_pretrained(tmp_path / "wav2vec2")
+    transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(tmp_path / "wav2vec2")
+    config = write_config(tmp_path / "pretrain.yaml", PRETRAIN.format(root=fsdd_root, method="target: codes"))
+    result = cli("pretrain", "-c", config, "--runs-dir", tmp_path / "runs", "model.name=hf", f"model.weights={tmp_path / 'wav2vec2'}")
+    assert result.code == 2 and "model 'hf' gives no features at those frames" in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 

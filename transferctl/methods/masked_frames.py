@@ -131,7 +131,9 @@ class MaskedFramesObjective(OwnGenerator):
     def validation_metrics(self) -> Mapping[str, bool]:
         return {"val_loss": False, **({"val_masked_accuracy": True} if self.quantizer is not None else {})}
 
-    def hide(self, x: torch.Tensor, lengths: torch.Tensor | None, generator: torch.Generator, rank: int = 0, ranks: int = 1):
+    def hide(
+        self, x: torch.Tensor, lengths: torch.Tensor | None, generator: torch.Generator, rank: int = 0, ranks: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs with the hidden frames at 0, the hidden frames (N, frames), their targets (count[, mels]))."""
         frames = x.shape[-1]
         hidden = self.masking(len(x), frames, lengths, generator, rank, ranks).to(x.device)
@@ -169,6 +171,19 @@ class MaskedFramesObjective(OwnGenerator):
         return {f"val_masked_{name}" if name == "accuracy" else f"val_{name}": value for name, value in measured.items()}
 
 
+def log_mel_frame_encoders() -> list[str]:
+    """The audio encoders with features at every frame of the log-mel spectrogram they read (not a speech
+    checkpoint, whose frames are its own, over the waveform)."""
+
+    def fits(meta: Mapping) -> bool:
+        modality, front_end = meta.get("modality", ()), meta.get("front_end", "log_mel")
+        return "audio" in ((modality,) if isinstance(modality, str) else modality) and "log_mel" in (
+            (front_end,) if isinstance(front_end, str) else front_end
+        )
+
+    return [name for name in MODELS.names_with("gives", "token_features") if fits(MODELS.get(name).meta)]
+
+
 @METHODS.register("masked_frames")
 @dataclass
 class MaskedFrames(Method):
@@ -194,10 +209,10 @@ class MaskedFrames(Method):
             raise ConfigError(
                 f"method: 'masked_frames' hides frames of recordings, and data set '{cfg.data.name}' is {modality}; use an audio data set"
             )
-        if "token_features" not in MODELS.get(cfg.model.name).meta.get("gives", ()):
+        if cfg.model.name not in log_mel_frame_encoders():
             raise ConfigError(
-                f"model.name: 'masked_frames' predicts at every frame, and model '{cfg.model.name}' gives no frame features; "
-                f"use {', '.join(MODELS.names_with('gives', 'token_features'))}"
+                f"model.name: 'masked_frames' predicts at every log-mel frame, and model '{cfg.model.name}' gives no features "
+                f"at those frames; use {', '.join(log_mel_frame_encoders())}"
             )
 
     def num_outputs(self, data: Samples) -> int:
