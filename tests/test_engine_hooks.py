@@ -113,3 +113,22 @@ def test_an_objective_without_the_hooks_gets_the_defaults():
     _fit(PlainObjective(model), model, optimizer, ToyPipeline(per_epoch=2), total=3)
     assert model.training  # the default train_mode: the whole network in training mode
     assert not torch.equal(model.weight, start)
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_trains_in_float32_with_a_note_where_the_cpu_would_emulate_it(monkeypatch, tmp_path, emulated):
+    from tests.conftest import make_mnist_root
+    from transferctl.build import build_training
+    from transferctl.config import load_config
+    from transferctl.engine import train
+
+    monkeypatch.setattr(train, "emulated_bf16", lambda device: emulated)
+    sections = {
+        "method": "supervised",
+        "model": {"name": "cnn", "widths": [8]},
+        "data": {"name": "mnist", "root": str(make_mnist_root(tmp_path, 64, 16)), "batch_size": 16},
+        "train": {"precision": "bf16", "device": "cpu", "max_steps": 1},
+    }
+    training = build_training(load_config(None, base=sections, command="pretrain"))
+    assert training.settings.precision == ("32" if emulated else "bf16")
+    assert (train.EMULATED_BF16_NOTE in training.notes) is emulated

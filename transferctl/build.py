@@ -22,7 +22,16 @@ from transferctl.data import BatchAugment, Samples, data_root, load_split, load_
 from transferctl.data.datasets import TrainingData
 from transferctl.data.pipeline import LoaderPipeline, Pipeline, make_pipeline
 from transferctl.distributed import world
-from transferctl.engine.train import EarlyStop, Objective, Settings, Steps, pick_device, plan_steps
+from transferctl.engine.train import (
+    EMULATED_BF16_NOTE,
+    EarlyStop,
+    Objective,
+    Settings,
+    Steps,
+    pick_device,
+    plan_steps,
+    training_precision,
+)
 from transferctl.errors import ConfigError, UsageError, did_you_mean
 from transferctl.methods import Method, Parts, method_of
 from transferctl.modalities import Modality, dataset_modality, modality_named
@@ -129,7 +138,7 @@ def use_channels_last(cfg: Config, device: torch.device) -> bool:
     may opt out with `channels_last=False`."""
     if cfg.train.channels_last == "auto":
         wanted = MODELS.get(cfg.model.name).meta.get("channels_last", modality_of_config(cfg).channels_last)
-        return wanted and (device.type == "cuda" or cfg.train.precision == "bf16")
+        return wanted and (device.type == "cuda" or training_precision(cfg.train.precision, device) == "bf16")
     return bool(cfg.train.channels_last)
 
 
@@ -211,7 +220,7 @@ def early_stop_of(cfg: Config, objective: Objective, val: Samples) -> EarlyStop 
     return EarlyStop(metric, metrics[metric], section.patience, section.min_delta)
 
 
-def settings_of(cfg: Config, steps: Steps, early_stop: EarlyStop | None = None) -> Settings:
+def settings_of(cfg: Config, steps: Steps, device: torch.device, early_stop: EarlyStop | None = None) -> Settings:
     t = cfg.train
     return Settings(
         steps=steps,
@@ -222,7 +231,7 @@ def settings_of(cfg: Config, steps: Steps, early_stop: EarlyStop | None = None) 
         early_stop=early_stop,
         checkpoint_every=t.checkpoint_every,
         on_nan=t.on_nan,
-        precision=t.precision,
+        precision=training_precision(t.precision, device),
         ema_decay=t.ema_decay,
         grad_clip_norm=t.grad_clip_norm,
     )
@@ -285,6 +294,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         data, note = _read_as_source(data, modality, cfg.finetune.source)
         notes += [note] if note else []
     notes += modality.notes(data.train)
+    notes += [EMULATED_BF16_NOTE] if training_precision(cfg.train.precision, device) != cfg.train.precision else []
     _check_targets(cfg, method, data.train)
     task_state = method.task.fit(data.train) if method.task is not None else {}
     steps = plan_steps(
@@ -333,7 +343,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         optimizer,
         scheduler,
         pipeline,
-        settings_of(cfg, steps, early_stop_of(cfg, objective, val)),
+        settings_of(cfg, steps, device, early_stop_of(cfg, objective, val)),
         notes,
         task_state,
         data_root=data_root(cfg.data),

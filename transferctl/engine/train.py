@@ -200,6 +200,27 @@ def half_precision(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
 
 
+def emulated_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 would be emulated on `device`: a CPU without bfloat16 instructions (AVX-512 BF16 or AMX),
+    where oneDNN's bf16 convolutions and recurrent layers run many times slower than float32."""
+    if device.type != "cpu":
+        return False
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):  # a build without oneDNN's query: take bf16 at its word
+        return False
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """The precision a run trains in on `device`: float32 where bf16 would be emulated (the run says so in a note)."""
+    return "32" if precision == "bf16" and emulated_bf16(device) else precision
+
+
+EMULATED_BF16_NOTE = (
+    "train.precision: bf16 would be emulated on this CPU (no bfloat16 instructions), many times slower than float32: training in float32"
+)
+
+
 def plan_steps(train_size: int, batch_size: int, epochs: int, max_steps: int | None, *, full_batches: bool, ranks: int) -> Steps:
     """The steps of a run over `train_size` samples. Methods that need `full_batches` (NT-Xent's negatives) drop
     an epoch's short last batch; so does every run across ranks (each needs a share of every batch) and one

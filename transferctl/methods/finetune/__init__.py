@@ -20,7 +20,7 @@ from transferctl.data.samples import Samples
 from transferctl.data.stream import is_streamed
 from transferctl.distributed import world
 from transferctl.engine.evaluate import embed
-from transferctl.engine.train import half_precision
+from transferctl.engine.train import half_precision, training_precision
 from transferctl.errors import ConfigError
 from transferctl.methods.base import Parts
 from transferctl.methods.finetune.labels_only import LabelsOnlyCheck
@@ -178,7 +178,7 @@ def _propagated_labels(parts: Parts, pool: Samples) -> torch.Tensor:
     encoder.to(parts.device)
     cfg, train = parts.cfg, parts.train
     batch = cfg.data.eval_batch_size
-    half = half_precision(cfg.train.precision)
+    half = half_precision(training_precision(cfg.train.precision, parts.device))
     with torch.autocast(parts.device.type, dtype=half, enabled=half is not None):
         labelled, unlabeled = embed(encoder, train.to(parts.device), batch), embed(encoder, pool, batch)
     return propagate_labels(labelled, train.targets.to(parts.device), unlabeled, train.num_classes)
