@@ -395,12 +395,23 @@ class _Loop:
             if stopping or (settings.checkpoint_every and pos.step % settings.checkpoint_every == 0):
                 pos.epoch_loss_sum = distributed.all_sum(running).item() / self.ranks.size  # restores on every rank
                 _check_finite(pos.epoch_loss_sum, f"before step {pos.step}'s checkpoint")
-                self.save(*self.state(), None, False)
+                self.save_checked(None, False)
                 if stopping:
                     return None
         images = self.ranks.size * (pos.epoch_images - first_images)
         self.end_epoch(epoch, running, images, time.perf_counter() - epoch_start)
         return images
+
+    def save_checked(self, row: dict[str, Any] | None, is_best: bool) -> None:
+        """Checkpoint, unless a step made a weight or a batch-norm statistic non-finite with a finite loss (a huge
+        learning rate): the last checkpoint stays the last good one."""
+        stop = self.settings.on_nan == "stop"  # `skip` goes on past bad steps, as it says
+        if stop and not all(bool(torch.isfinite(v).all()) for v in self.model.state_dict().values() if v.is_floating_point()):
+            raise RunFailed(
+                f"weights became non-finite before step {self.pos.step}'s checkpoint; lower optimizer.lr or set train.grad_clip_norm "
+                "(train.on_nan=skip skips only steps whose loss is not finite)"
+            )
+        self.save(*self.state(), row, is_best)
 
     def step(self, batch: Batch) -> torch.Tensor:
         """One optimizer step; the batch's summed loss (zero for a skipped step)."""
@@ -464,7 +475,7 @@ class _Loop:
         if is_best:
             pos.best = row
         self.reporter.epoch(row)
-        self.save(*self.state(), row, is_best)
+        self.save_checked(row, is_best)
 
     @property
     def has_val(self) -> bool:
@@ -497,7 +508,7 @@ class _Loop:
         if is_best:
             pos.best = row
         self.reporter.epoch(row)
-        self.save(*self.state(), row, is_best)
+        self.save_checked(row, is_best)
 
     def track(self, row: dict[str, Any]) -> bool:
         """Whether `row` is the best so far (every row is, without a held-out split); with `train.early_stop`, count the
