@@ -170,12 +170,20 @@ def measure_row(
 
 
 def rows_of(
-    encoders: list[str], seeds: list[int], cells: Cells, runs: Path, corpus: Path, extra: list[str], columns: list[str], classic: bool
+    encoders: list[str],
+    seeds: list[int],
+    cells: Cells,
+    runs: Path,
+    corpus: Path,
+    extra: list[str],
+    columns: list[str],
+    classic: bool,
+    pretraining_extra: list[str],
 ) -> list[dict[str, Any]]:
     rows = []
     for key in encoders:
         name, method, random_encoder = ENCODERS[key]
-        source = pretrained(method, cells, runs, corpus, extra)
+        source = pretrained(method, cells, runs, corpus, pretraining_extra)
 
         def measure(column: str, seed: int, source=source["source"], options=random_encoder) -> dict[str, Any]:
             return tuned_f1(source, [*options, *COLUMNS[column], f"data.seed={seed}", *extra], runs)
@@ -250,9 +258,10 @@ def main() -> None:
     if not (corpus / "train.csv").is_file():  # written once: a rewrite would change the files the pretraining cells read
         write_corpus(data_dir, corpus)
     cells = Cells(out / "cells.jsonl")
-    extra = [f"data.root={data_dir}", *args.set, *(QUICK if args.quick else [])]
+    quick = QUICK if args.quick else []
+    extra = [f"data.root={data_dir}", *args.set, *quick]  # every fine-tune's; --set reaches no pretraining
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cells in {cells.path}", flush=True)
-    rows = rows_of(args.encoders, args.seeds, cells, out / "runs", corpus, extra, args.columns, not args.no_classic)
+    rows = rows_of(args.encoders, args.seeds, cells, out / "runs", corpus, extra, args.columns, not args.no_classic, quick)
     table, summary = markdown(rows, len(args.seeds)), "\n".join(target_lines(rows))
     (out / f"table-{'-'.join(args.encoders)}.md").write_text(table + "\n\n" + summary + "\n")
     print(table + "\n\n" + summary)

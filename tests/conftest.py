@@ -45,6 +45,19 @@ def make_mnist_root(root: Path, n_train: int, n_test: int, folder: str = "MNIST"
     return root
 
 
+def save_tiny_wav2vec2(folder: Path, layers: int = 2) -> Path:
+    """A tiny random wav2vec 2.0 with its feature extractor, saved as the hub holds it (one frame per 80 samples)."""
+    import transformers
+
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16), conv_stride=(10, 8),
+        conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+    )  # fmt: skip
+    transformers.Wav2Vec2Model(config).save_pretrained(folder)
+    transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """600 training and 200 test digits as MNIST idx files (read through torchvision's MNIST)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import write_config
+from tests.conftest import save_tiny_wav2vec2, write_config
 from tests.test_resume import killed_and_resumed
 from tests.test_speech_recognition import ASR, fsdd_root  # noqa: F401  (the made-up recordings)
 from transferctl import checkpoints
@@ -101,16 +101,9 @@ def test_masked_frames_refuses_data_and_encoders_without_frames(cli, tmp_path, f
 
 
 def test_masked_frames_refuses_a_speech_checkpoint_whose_frames_are_its_own(cli, tmp_path, fsdd_root):  # noqa: F811
-    import transformers
-
-    small = transformers.Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16), conv_stride=(10, 8),
-        conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
-    )  # fmt: skip
-    transformers.Wav2Vec2Model(small).save_pretrained(tmp_path / "wav2vec2")
-    transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(tmp_path / "wav2vec2")
+    checkpoint = save_tiny_wav2vec2(tmp_path / "wav2vec2", layers=1)
     config = write_config(tmp_path / "pretrain.yaml", PRETRAIN.format(root=fsdd_root, method="target: codes"))
-    result = cli("pretrain", "-c", config, "--runs-dir", tmp_path / "runs", "model.name=hf", f"model.weights={tmp_path / 'wav2vec2'}")
+    result = cli("pretrain", "-c", config, "--runs-dir", tmp_path / "runs", "model.name=hf", f"model.weights={checkpoint}")
     assert result.code == 2 and "model 'hf' gives no features at those frames" in result.stderr, result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 

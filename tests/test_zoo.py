@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.models import _hub as timm_hub
 
-from tests.conftest import make_mnist_root
+from tests.conftest import make_mnist_root, save_tiny_wav2vec2
 from tests.test_audio import make_fsdd
 
 CHECKPOINT_SEED = 1234  # not the runs' seed: a fresh encoder must not happen to hold the checkpoint's weights
@@ -52,12 +52,7 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
         size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, resample=3, image_mean=[0.485, 0.456, 0.406],
         image_std=[0.229, 0.224, 0.225], do_convert_rgb=True,
     ).save_pretrained(root / "hf-dinov2")  # fmt: skip
-    speech = transformers.Wav2Vec2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16), conv_stride=(10, 8),
-        conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
-    )  # fmt: skip
-    transformers.Wav2Vec2Model(speech).save_pretrained(root / "hf-wav2vec2")
-    transformers.Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(root / "hf-wav2vec2")
+    save_tiny_wav2vec2(root / "hf-wav2vec2")
     return {p.name: p for p in root.iterdir()}
 
 
