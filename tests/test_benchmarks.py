@@ -194,3 +194,20 @@ def test_the_text_benchmark_runs_its_cells_through_the_recipes(tmp_path):
     cells = (tmp_path / "text" / "quick" / "cells.jsonl").read_text().splitlines()
     assert len(cells) == 5 + 3  # random init: 5 budgets; the classic baseline: the 3 without unlabeled texts
     assert "| random init (gru) | 0.0 |" in done.stdout and "| TF-IDF (1-2 grams) + logistic regression | 0.0 |" in done.stdout
+
+
+def test_the_ner_benchmarks_overrides_reach_the_fine_tunes_and_never_the_pretraining(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("ner_efficiency", BENCHMARK.parent / "ner_efficiency.py")
+    ner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ner)
+    pretrained, tuned = [], []
+    run = SimpleNamespace(run_dir=tmp_path)
+    monkeypatch.setattr(ner, "pretrain", lambda config, overrides, runs_dir: pretrained.append(overrides) or run)
+    monkeypatch.setattr(ner, "tuned_f1", lambda source, overrides, runs: tuned.append((source, overrides)) or {"f1": 0.5})
+
+    extra = ["data.root=/data", "head.crf=false"]  # what `--set head.crf=false` gives every fine-tune
+    cells = ner.Cells(tmp_path / "cells.jsonl")
+    rows = ner.rows_of(["mlm"], [0], cells, tmp_path / "runs", tmp_path / "corpus", extra, ["100"], False, [])
+    assert pretrained == [[f"data.root={tmp_path / 'corpus'}"]]  # the shipped recipe on the corpus, nothing else
+    assert tuned == [(str(tmp_path), [*ner.COLUMNS["100"], "data.seed=0", *extra])]
+    assert rows[0]["100"] == 0.5
