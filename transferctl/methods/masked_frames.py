@@ -32,7 +32,8 @@ from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
 from transferctl.methods.base import Export, Method, OwnGenerator, Parts, knn_metrics
-from transferctl.modalities import dataset_modality, modality_of
+from transferctl.modalities import dataset_modality, fits_modality, modality_of
+from transferctl.modalities.audio import front_ends_of
 from transferctl.registry import HEADS, LOSSES, METHODS, MODELS
 
 if TYPE_CHECKING:
@@ -175,13 +176,8 @@ def log_mel_frame_encoders() -> list[str]:
     """The audio encoders with features at every frame of the log-mel spectrogram they read (not a speech
     checkpoint, whose frames are its own, over the waveform)."""
 
-    def fits(meta: Mapping) -> bool:
-        modality, front_end = meta.get("modality", ()), meta.get("front_end", "log_mel")
-        return "audio" in ((modality,) if isinstance(modality, str) else modality) and "log_mel" in (
-            (front_end,) if isinstance(front_end, str) else front_end
-        )
-
-    return [name for name in MODELS.names_with("gives", "token_features") if fits(MODELS.get(name).meta)]
+    encoders = [MODELS.get(name) for name in MODELS.names_with("gives", "token_features")]
+    return [e.name for e in encoders if fits_modality(e, "audio") and "log_mel" in front_ends_of(e)]
 
 
 @METHODS.register("masked_frames")

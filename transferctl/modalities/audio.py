@@ -52,6 +52,13 @@ FRONT_ENDS = ("log_mel", "waveform", "raw_waveform")
 WAVEFORM_EPSILON = 1e-7  # added to a clip's variance before the square root, as wav2vec2's feature extractor does
 
 
+def front_ends_of(model: Entry) -> tuple[str, ...]:
+    """The front ends a registered model takes (its `front_end` registration: one name or several, the first its
+    default; log_mel where it says none)."""
+    takes = model.meta.get("front_end", FRONT_ENDS[0])
+    return (takes,) if isinstance(takes, str) else tuple(takes)
+
+
 @dataclass(frozen=True)
 class FrontEnd:
     """What turns a waveform of any length into model inputs: the sample rate, the STFT and the mel scale (in
@@ -336,8 +343,7 @@ class AudioModality(Modality):
         """`front_end` follows the model (its registration's `front_end`: what it takes, one name or several, the
         first its default; log_mel where it says none); a task of inputs of any length reads whole recordings
         (`clip_seconds: null`)."""
-        takes = model.meta.get("front_end", FRONT_ENDS[0])
-        takes = (takes,) if isinstance(takes, str) else tuple(takes)
+        takes = front_ends_of(model)
         chosen: dict[str, Any] = {}
         if "front_end" not in options:
             chosen["front_end"] = takes[0]
