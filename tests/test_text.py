@@ -17,14 +17,19 @@ from torch import nn
 
 from tests.test_resume import killed_and_resumed
 from transferctl.components import load_components
+from transferctl.data.augment import BatchAugment
+from transferctl.data.pipeline import MemoryPipeline
 from transferctl.data.text import TokenizerOptions, train_tokenizer
 from transferctl.data.text_augment import TextAugment
 from transferctl.methods.mlm import IGNORED, MaskedLanguageModel, MaskedTokensObjective, TokenMasking
+from transferctl.modalities import modality_named
 from transferctl.modalities.text import TextData, Tokenization
 from transferctl.registry import MODELS
 
 load_components()
 
+REPO = Path(__file__).resolve().parent.parent
+TEXT = modality_named("text")
 TOPICS = {
     "sports": ["goal", "match", "team", "player", "coach", "league", "season", "score", "win", "stadium"],
     "markets": ["stock", "market", "shares", "profit", "bank", "investor", "trade", "price", "economy", "fund"],
@@ -276,18 +281,58 @@ def test_pretrain_finetune_evaluate_export_on_texts(cli, tmp_path, text_root):
     np.testing.assert_allclose(session.run(None, {"input_ids": noisy, "attention_mask": mask})[0], logits, atol=1e-5)
 
 
-def test_masked_language_modelling_resumes_exactly(tmp_path, text_root):
-    """Both random streams go with the checkpoint: the augmentation's and the masking's."""
+@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "grouped_by_length"])
+def test_masked_language_modelling_resumes_exactly(tmp_path, text_root, grouped):
+    """Both random streams go with the checkpoint: the augmentation's and the masking's; batches grouped by length
+    (and cut to their longest) come in the same order after a resume."""
     config = write_config(
         tmp_path / "mlm.yaml",
         CONFIG.format(method="mlm", model="gru", root=text_root, epochs=2).replace(
             "model: {name: gru}", "model: {name: gru, hidden_dim: 16, embed_dim: 16}"
         ),
     )
-    overrides = ["data.batch_size=8", "train.checkpoint_every=2", "data.augment.name=text_light"]
+    overrides = ["data.batch_size=8", "train.checkpoint_every=2", "data.augment.name=text_light", f"data.group_by_length={grouped}"]
     whole, resumed = killed_and_resumed("pretrain", config, overrides, tmp_path)
     assert whole["step"] == resumed["step"] > 2
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+
+
+def test_grouped_text_batches_hold_texts_of_like_lengths_cut_to_their_longest():
+    tokenization = small_tokenization(max_length=40)
+    rng = random.Random(3)
+    texts = [article(topic, rng) for _ in range(40) for topic in TOPICS]  # 4 to 30 words each
+    ids, cut = tokenization.encode(texts)
+    data = TextData(ids, torch.zeros(len(ids), dtype=torch.long), ("any",), texts=tuple(texts), tokenization=tokenization, cut=cut)
+    real = (ids != tokenization.pad_id).sum(1)
+    common = dict(views=1, batch_size=8, seed=0, drop_last=False)
+    grouped = list(MemoryPipeline(data, BatchAugment(), TEXT, by_length=True, **common).batches(0))
+    shuffled = list(MemoryPipeline(data, BatchAugment(), TEXT, **common).batches(0))
+    assert sorted(torch.cat([b.extras["index"] for b in grouped]).tolist()) == list(range(len(texts)))  # each text once
+    for batch in grouped:
+        (x,), index = batch.inputs, batch.extras["index"]
+        assert x.shape[1] == int(real[index].max())  # cut to the batch's longest text
+        assert torch.equal(x, ids[index, : x.shape[1]].long())  # and no real token cut
+        assert torch.equal(batch.side["lengths"], real[index])
+
+    def padding(batches) -> int:  # what batches cut to their longest text would still pad
+        return sum(len(b) * int(real[b.extras["index"]].max()) - int(real[b.extras["index"]].sum()) for b in batches)
+
+    assert padding(grouped) * 4 < padding(shuffled)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "message"),
+    [
+        ("simclr_mnist.yaml", [], "image samples are all one size"),
+        ("mlm_news_cased.yaml", ["data.pipeline=loader"], "set data.pipeline=memory"),
+    ],
+)
+def test_grouping_by_length_is_refused_where_it_cannot_group(cli, tmp_path, recipe, overrides, message):
+    runs = tmp_path / "runs"
+    result = cli("pretrain", "-c", REPO / "configs" / recipe, "data.group_by_length=true", *overrides, "--runs-dir", runs)
+    assert result.code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not runs.exists() or not any(runs.iterdir())
 
 
 def test_contrastive_views_on_text_default_to_text_simclr(cli, tmp_path, text_root):

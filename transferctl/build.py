@@ -162,6 +162,7 @@ def build_pipeline(
         rank=ranks.rank,
         world=ranks.size,
         balanced=cfg.data.sampler == "balanced",
+        by_length=cfg.data.group_by_length,
     )
 
 

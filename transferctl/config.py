@@ -154,6 +154,7 @@ def resolve(data: dict[str, Any], command: str | None = None) -> Config:
     if task is not None:
         cfg.task = cfg.task or Component(name=method.default_task)
     modality = dataset_modality(cfg.data.name)
+    _check_grouping(cfg.data, modality)
     owner = f"task '{cfg.task.name}'" if cfg.task is not None else f"method '{cfg.method.name}'"
     cfg.head = cfg.head or _default(defaults["head"], "head", f"{owner} has no default head")
     cfg.loss = cfg.loss or _default(defaults["loss"], "loss", f"{owner} has no default loss")
@@ -214,6 +215,18 @@ def _check_label_budget(data: DataConfig, task: type | None, task_name: str | No
             raise ConfigError(f"{key}: it draws from the whole split, which data.pipeline=stream does not hold; use another pipeline")
         if task is not None and task.target_kind != "class":
             raise ConfigError(f"{key}: task '{task_name}' has no class per sample to balance; drop it")
+
+
+def _check_grouping(data: DataConfig, modality: str) -> None:
+    """Batches grouped by length need samples that vary in length, held in memory (where batches are cut)."""
+    from transferctl.modalities import modality_named
+
+    if not data.group_by_length:
+        return
+    if not modality_named(modality).samples_vary_in_length:
+        raise ConfigError(f"data.group_by_length: {modality} samples are all one size, with no lengths to group by; drop it")
+    if data.pipeline in ("loader", "stream"):
+        raise ConfigError("data.group_by_length: batches are grouped and cut in the memory pipeline; set data.pipeline=memory or drop it")
 
 
 def _default(name: str | None, where: str, missing: str) -> Component:

@@ -69,6 +69,8 @@ class DataConfig(BaseModel):
     # a long-tailed training split: class i keeps n_max * imbalance^(-i / (C - 1)) of its samples (seeded; CIFAR-LT)
     imbalance: float | None = Field(None, ge=1.0)
     sampler: Literal["random", "balanced"] = "random"  # balanced: each class drawn equally often (with replacement)
+    # texts: batches of texts of like lengths, each cut to its longest (little padding: faster; recordings always are)
+    group_by_length: bool = False
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: Seed = 0
     augment: Component | None = None

@@ -134,8 +134,10 @@ class MemoryPipeline(NothingToReport):
         rank: int = 0,
         world: int = 1,
         balanced: bool = False,
+        by_length: bool = False,
     ):
-        self.data, self.augment, self.modality, self.views, self.balanced = data, augment, modality, views, balanced
+        self.data = modality.with_lengths(data) if by_length else data
+        self.augment, self.modality, self.views, self.balanced, self.by_length = augment, modality, views, balanced, by_length
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.rank, self.world = rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -154,6 +156,8 @@ class MemoryPipeline(NothingToReport):
             # every rank augments the whole global batch (the data path has headroom), then keeps its slice
             mine = rank_slice(len(x), self.rank, self.world)
             side = self.data.side_of(idx[mine])
+            if self.by_length:  # cut to the global batch's longest sample, as one process would
+                x, side = self.modality.cut_padding(x, side, self.data)
             if self.kind.geometric:  # targets move with their images: one view, drawn with them
                 x, moved = self.augment.with_targets(x, self.data.targets[idx], self.kind, self.generator)
                 yield Batch((self._model_input(x[mine]),), moved[mine], {"index": idx[mine]}, side)
@@ -436,16 +440,28 @@ def make_pipeline(
     rank: int = 0,
     world: int = 1,
     balanced: bool = False,
+    by_length: bool = False,
 ) -> Pipeline:
     """`kind` is memory, loader, stream or auto (memory when the split fits `budget_mb`; a split its data set
-    streamed past the budget streams, any other the loader reads). `balanced`: class-balanced sampling (not streamed)."""
+    streamed past the budget streams, any other the loader reads). `balanced`: class-balanced sampling (not streamed).
+    `by_length`: batches of samples of like lengths, each cut to its longest (memory only)."""
     common = dict(views=views, batch_size=batch_size, seed=seed, drop_last=drop_last, channels_last=channels_last, rank=rank, world=world)
     if is_streamed(data):
         if balanced:
             raise ConfigError("data.sampler: balanced sampling draws from the whole split, and this one streams; set data.sampler=random")
+        _refuse_grouping(by_length, "stream")
         return StreamPipeline(data.to(device), augment, modality, device=device, **common)
     if kind == "auto":
         kind = "memory" if fits_in_memory(data, budget_mb) else "loader"
     if kind == "memory":
-        return MemoryPipeline(data.to(device), augment, modality, balanced=balanced, **common)
+        return MemoryPipeline(data.to(device), augment, modality, balanced=balanced, by_length=by_length, **common)
+    _refuse_grouping(by_length, "loader")
     return LoaderPipeline(data, augment, modality, device=device, num_workers=num_workers, balanced=balanced, **common)
+
+
+def _refuse_grouping(by_length: bool, kind: str) -> None:
+    if by_length:
+        raise ConfigError(
+            f"data.group_by_length: batches are grouped and cut in the memory pipeline, and this split is read by the {kind} "
+            "pipeline; set data.pipeline=memory (raise data.memory_budget_mb if needed) or drop it"
+        )

@@ -338,6 +338,7 @@ class AudioModality(Modality):
     augmentations: ClassVar[Mapping[str, str]] = {"strong": "audio_simclr", "light": "audio_light", "none": "none"}
     unit_signal = False  # a reconstruction is scored on the standardized log-mel itself
     inherits_fitted_state = True  # a fine-tune reads its clips through its source run's front end
+    samples_vary_in_length = True  # whole recordings (clips are all one length: `with_lengths` refuses those)
 
     def resolve_data(self, options: Mapping[str, Any], model: Entry, task: type | None) -> dict[str, Any]:
         """`front_end` follows the model (its registration's `front_end`: what it takes, one name or several, the

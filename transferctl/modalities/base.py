@@ -26,6 +26,7 @@ from torch import nn
 
 from transferctl.data.samples import NO_LABEL, Samples
 from transferctl.data.targets import Placement
+from transferctl.errors import ConfigError
 from transferctl.registry import Entry
 
 # One input decoded for a trained model: (raw sample, what batching it needs to know of it: an image's own size)
@@ -76,6 +77,7 @@ class Modality:
     file_types: ClassVar[tuple[str, ...]] = ()  # the file suffixes it reads (what a folder given to predict yields)
     reads_texts: ClassVar[bool] = False  # its inputs are texts themselves, not files
     decodes_in_workers: ClassVar[bool] = True  # predict decodes its inputs in DataLoader workers (not worth it for texts)
+    samples_vary_in_length: ClassVar[bool] = False  # texts, recordings: what `data.group_by_length` can group by
 
     def export_input_names(self, data: Samples | None = None) -> tuple[str, ...]:
         """The exported model's inputs, in order, for a model trained on splits like `data`."""
@@ -117,6 +119,18 @@ class Modality:
     def normalize(self, x: torch.Tensor, data: Samples) -> torch.Tensor:
         """Decoded (and augmented) samples as the model's inputs."""
         raise NotImplementedError
+
+    def with_lengths(self, data: Samples) -> Samples:
+        """`data` with each sample's length as its `lengths` side information: what `data.group_by_length` groups
+        training batches by. Recordings of any length have theirs; samples of one size have none to group by."""
+        if "lengths" in data.side:
+            return data
+        raise ConfigError(f"data.group_by_length: {data.modality} samples here are all one size, with no lengths to group; drop it")
+
+    def cut_padding(self, x: torch.Tensor, side: Mapping[str, torch.Tensor], data: Samples) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A decoded training batch and its side information cut to the batch's longest sample, where padding is cut
+        off without changing a real step's output (text); as it is for any other modality."""
+        return x, dict(side)
 
     def model_input(self, raw: torch.Tensor, data: Samples) -> torch.Tensor:
         """Raw samples straight to model inputs: what evaluation and export feed the model."""

@@ -160,6 +160,18 @@ TOKEN_SIDE = {
 }
 
 
+def longest_text(ids: torch.Tensor, pad_id: int) -> int:
+    """The length of a right-padded batch's longest text (at least 1)."""
+    return max(int((ids != pad_id).sum(1).max()), 1) if len(ids) else ids.shape[1]
+
+
+def cut_to_longest(ids: torch.Tensor, side: Mapping[str, torch.Tensor], pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A right-padded batch and its per-token side information (N, tokens) cut to its longest text: padding columns
+    that no text reaches change no real token's output (the encoders mask padding), and cost as much as real ones."""
+    length = longest_text(ids, pad_id)
+    return ids[:, :length], {name: values[:, :length] if values.ndim == 2 else values for name, values in side.items()}
+
+
 def tokenized(data: TextData, tokenization: Tokenization) -> TextData:
     """`data`'s texts read with another tokenization (a run's), and the side information that depends on the tokens
     computed again from the new encodings (per-word targets stay as they are: `word_ids` align them)."""
@@ -217,6 +229,7 @@ class TextModality(Modality):
     file_types = (".csv", ".jsonl", ".txt")  # files that hold texts: a column of each row, or one text a line
     reads_texts = True
     decodes_in_workers = False
+    samples_vary_in_length = True
     default_model = "transformer"
 
     def model_context(self, sample_shape: tuple[int, ...], fitted: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -241,6 +254,15 @@ class TextModality(Modality):
 
     def normalize(self, x: torch.Tensor, data: TextData) -> torch.Tensor:
         return x
+
+    def with_lengths(self, data: TextData) -> TextData:
+        """Each text's tokens, padding left out (`TOKEN_SIDE`'s `lengths`, so another tokenizer's reading counts again)."""
+        return replace(data, side={**data.side, "lengths": (data.inputs != data.tokenization.pad_id).sum(1).long()})
+
+    def cut_padding(
+        self, x: torch.Tensor, side: Mapping[str, torch.Tensor], data: TextData
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return cut_to_longest(x, side, data.tokenization.pad_id)
 
     def augment_context(self, data: TextData) -> dict[str, Any]:
         t = data.tokenization

@@ -36,6 +36,7 @@ from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
 from transferctl.modalities import modality_of
+from transferctl.modalities.text import cut_to_longest, longest_text
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
 
@@ -392,12 +393,9 @@ class TokenClassification(Task):
         return list(targets)
 
     def prepare(self, batch: Batch) -> Batch:
-        """The batch cut to its longest text: padding columns no text reaches change no real token's output (the
-        encoders mask padding), and cost as much as real ones."""
-        (ids,) = batch.inputs
-        length = _longest(ids, self.pad_id)
-        side = {name: values[:, :length] if values.ndim == 2 else values for name, values in batch.side.items()}
-        return Batch((ids[:, :length],), batch.targets, batch.extras, side)
+        """The batch cut to its longest text (`cut_to_longest`)."""
+        ids, side = cut_to_longest(batch.inputs[0], batch.side, self.pad_id)
+        return Batch((ids,), batch.targets, batch.extras, side)
 
     def training_loss(self, criterion: Any, outputs: torch.Tensor, batch: Batch, network: nn.Module | None = None) -> torch.Tensor:
         labels = token_tags(
@@ -419,7 +417,7 @@ class TokenClassification(Task):
         by_length = (data.inputs != pad_id).sum(1).argsort(stable=True)  # batches of like lengths: little padding to cut
         # every rank tags the whole split, in length order (the counts do not depend on the order)
         for inputs, targets, side in iterate_batches(data, batch_size, order=by_length, with_side=True):
-            length = _longest(inputs, pad_id)
+            length = longest_text(inputs, pad_id)
             scores, word_ids = model(modality.model_input(inputs[:, :length], data)), side["word_ids"][:, :length]
             counts = [len(t) for t in targets]
             for want, (got, _) in zip(targets, word_tags(scores, word_ids, counts, outside), strict=True):
@@ -482,11 +480,6 @@ class TokenClassification(Task):
                 "have no token and are tagged O"
             ),
         }
-
-
-def _longest(ids: torch.Tensor, pad_id: int) -> int:
-    """The length of a right-padded batch's longest text."""
-    return max(int((ids != pad_id).sum(1).max()), 1) if len(ids) else ids.shape[1]
 
 
 # a text given whole is split into words as CoNLL splits them: abbreviations (U.S.), numbers (3.5, 1-0) and
