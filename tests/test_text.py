@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.test_resume import killed_and_resumed
 from transferctl.components import load_components
 from transferctl.data.augment import BatchAugment
 from transferctl.data.pipeline import MemoryPipeline
+from transferctl.data.samples import Batch
 from transferctl.data.text import TokenizerOptions, train_tokenizer
 from transferctl.data.text_augment import TextAugment
 from transferctl.methods.mlm import IGNORED, MaskedLanguageModel, MaskedTokensObjective, TokenMasking
@@ -131,6 +133,26 @@ def test_masked_language_modelling_follows_80_10_10_on_a_seeded_batch():
     # two ranks each draw their half of the global batch as one process would
     halves = [masking(ids[r * 100 : (r + 1) * 100], torch.Generator().manual_seed(0), r, 2)[0] for r in (0, 1)]
     assert torch.equal(torch.cat(halves), shown)
+
+
+def test_batches_grouped_by_length_weigh_every_hidden_token_the_same():
+    """Grouped by length, a batch of long texts holds more hidden tokens than one of short texts: its loss is scaled
+    to its share of the split's tokens (its tokens' summed loss over the mean count of a batch), as a global mean."""
+    special = {"pad": 0, "mask": 4, "keep": (2, 3), "vocab_size": 50}
+    uniform = lambda shown, chosen: torch.zeros(int(chosen.sum()), 50)  # every hidden token's loss: log 50
+    losses = {}
+    for per_text in (None, 3.0):
+        objective = MaskedTokensObjective(uniform, nn.CrossEntropyLoss(), TokenMasking(0.5, 0.8, 0.1, special), 0, hidden_per_text=per_text)
+        for name, length in (("short", 4), ("long", 40)):
+            ids = torch.randint(5, 50, (8, 44))
+            ids[:, length:] = 0
+            targets = objective.masking(ids, torch.Generator().set_state(objective.generator.get_state()))[1]
+            losses[per_text, name] = (objective.loss(Batch((ids,), torch.zeros(8)), 0).item(), int((targets != IGNORED).sum()))
+    assert losses[None, "short"][0] == pytest.approx(losses[None, "long"][0]) == pytest.approx(math.log(50), rel=1e-5)  # a mean each
+    for name in ("short", "long"):
+        loss, hidden = losses[3.0, name]
+        assert loss == pytest.approx(math.log(50) * hidden / (3.0 * 8), rel=1e-5)
+    assert losses[3.0, "long"][0] > 5 * losses[3.0, "short"][0]
 
 
 class KnowsTheTexts(nn.Module):

@@ -73,17 +73,24 @@ class TokenMasking:
     random_token: float
     special_ids: dict[str, Any]
 
+    def special(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor([self.special_ids["pad"], self.special_ids["mask"], *self.special_ids["keep"]], dtype=dtype)
+
+    def maskable(self, ids: torch.Tensor) -> torch.Tensor:
+        """Where `ids` holds a token that may be hidden: not padding, [MASK] or a boundary token."""
+        return ~torch.isin(ids, self.special(ids.dtype).to(ids.device))
+
     def __call__(self, ids: torch.Tensor, generator: torch.Generator, rank: int = 0, ranks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(the ids shown to the encoder, the ids to predict: the hidden tokens' own, IGNORED elsewhere). The draws
         cover the global batch (`ranks` slices of this size) on the CPU generator, as one process would draw them."""
         n, length = ids.shape
         mine = slice(rank * n, (rank + 1) * n)
         draws = torch.rand(2, n * ranks, length, generator=generator)[:, mine].to(ids.device)
-        special = torch.tensor([self.special_ids["pad"], self.special_ids["mask"], *self.special_ids["keep"]], dtype=ids.dtype)
+        special = self.special(ids.dtype)
         ordinary = torch.arange(self.special_ids["vocab_size"], dtype=ids.dtype)
         ordinary = ordinary[~torch.isin(ordinary, special)]  # a random token is never padding, [MASK], [CLS] or [SEP]
         random_ids = ordinary[torch.randint(len(ordinary), (n * ranks, length), generator=generator)[mine]].to(ids.device)
-        chosen = (draws[0] < self.ratio) & ~torch.isin(ids, special.to(ids.device))
+        chosen = (draws[0] < self.ratio) & self.maskable(ids)
         shown = ids.masked_fill(chosen & (draws[1] < self.mask_token), self.special_ids["mask"])
         swapped = chosen & (draws[1] >= self.mask_token) & (draws[1] < self.mask_token + self.random_token)
         shown = torch.where(swapped, random_ids, shown)
@@ -102,6 +109,9 @@ class MaskedTokensObjective(OwnGenerator):
     rank: int = 0
     ranks: int = 1
     description: str = "pretraining"
+    # batches grouped by length hold unlike numbers of tokens: with the split's mean count of hidden tokens per text,
+    # each batch's loss is scaled to its share of tokens, so every token weighs the same whatever batch it is in
+    hidden_per_text: float | None = None
     selection: Selection = VALIDATION
     validation_metrics: ClassVar[Mapping[str, bool]] = {"val_loss": False, "val_masked_accuracy": True}
     generator_salt: ClassVar[int] = 15_485_863
@@ -113,7 +123,10 @@ class MaskedTokensObjective(OwnGenerator):
         logits = self.forward(shown, chosen)
         if not chosen.any():  # a batch of very short texts may hide nothing: no loss, and no NaN
             return logits.sum() * 0.0
-        return self.criterion(logits, targets[chosen])
+        loss = self.criterion(logits, targets[chosen])
+        if self.hidden_per_text is None:
+            return loss
+        return loss * (chosen.sum() / (self.hidden_per_text * len(ids)))
 
     @torch.no_grad()
     def measure(self, network: nn.Module, data: Samples, batch_size: int) -> dict[str, float]:
@@ -169,9 +182,16 @@ class MaskedLanguageModel(Method):
         return TokenMasking(self.mask_ratio, self.mask_token, self.random_token, special)
 
     def objective(self, parts: Parts) -> MaskedTokensObjective:
-        ranks = world()
+        ranks, masking = world(), self.masking(parts.train)
+        hidden_per_text = self.mask_ratio * masking.maskable(parts.train.inputs).sum().item() / len(parts.train)
         return MaskedTokensObjective(
-            parts.forward, parts.criterion, self.masking(parts.train), parts.cfg.train.seed, ranks.rank, ranks.size
+            parts.forward,
+            parts.criterion,
+            masking,
+            parts.cfg.train.seed,
+            ranks.rank,
+            ranks.size,
+            hidden_per_text=hidden_per_text if parts.cfg.data.group_by_length else None,
         )
 
     def evaluate(self, trained: Trained, run: Run) -> Evaluation:
