@@ -11,6 +11,7 @@ from transferctl.config import DataConfig
 from transferctl.data import load_split
 from transferctl.data.augment import BatchAugment, simclr
 from transferctl.data.pipeline import LoaderPipeline, MemoryPipeline, make_pipeline
+from transferctl.errors import ConfigError
 from transferctl.modalities import modality_named
 
 IMAGE = modality_named("image")
@@ -73,6 +74,9 @@ def test_auto_picks_memory_within_the_budget_and_the_loader_beyond_it(digits):
     big = replace(digits, inputs=torch.zeros(3000, 1, 28, 28, dtype=torch.uint8), targets=torch.zeros(3000, dtype=torch.long))
     assert isinstance(make_pipeline(big, BatchAugment(), IMAGE, kind="auto", budget_mb=1, **common), LoaderPipeline)
     assert isinstance(make_pipeline(big, BatchAugment(), IMAGE, kind="memory", budget_mb=1, **common), MemoryPipeline)
+    # a split past the budget goes to the loader, which does not cut batches: grouping them is refused there
+    with pytest.raises(ConfigError, match=r"data\.group_by_length: .* the loader pipeline; set data\.pipeline=memory"):
+        make_pipeline(big, BatchAugment(), IMAGE, kind="auto", budget_mb=1, by_length=True, **common)
 
 
 def test_the_torchvision_twin_of_the_batched_augmentation():
