@@ -182,16 +182,12 @@ class MaskedLanguageModel(Method):
         return TokenMasking(self.mask_ratio, self.mask_token, self.random_token, special)
 
     def objective(self, parts: Parts) -> MaskedTokensObjective:
-        ranks, masking = world(), self.masking(parts.train)
-        hidden_per_text = self.mask_ratio * masking.maskable(parts.train.inputs).sum().item() / len(parts.train)
+        ranks, masking, train = world(), self.masking(parts.train), parts.train
+        hidden_per_text = None
+        if parts.cfg.data.group_by_length:  # the split's mean count of hidden tokens per text
+            hidden_per_text = self.mask_ratio * masking.maskable(train.inputs).sum().item() / len(train)
         return MaskedTokensObjective(
-            parts.forward,
-            parts.criterion,
-            masking,
-            parts.cfg.train.seed,
-            ranks.rank,
-            ranks.size,
-            hidden_per_text=hidden_per_text if parts.cfg.data.group_by_length else None,
+            parts.forward, parts.criterion, masking, parts.cfg.train.seed, ranks.rank, ranks.size, hidden_per_text=hidden_per_text
         )
 
     def evaluate(self, trained: Trained, run: Run) -> Evaluation:

@@ -160,9 +160,14 @@ TOKEN_SIDE = {
 }
 
 
+def text_lengths(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Each right-padded text's tokens, padding left out (N,)."""
+    return (ids != pad_id).sum(1)
+
+
 def longest_text(ids: torch.Tensor, pad_id: int) -> int:
     """The length of a right-padded batch's longest text (at least 1)."""
-    return max(int((ids != pad_id).sum(1).max()), 1) if len(ids) else ids.shape[1]
+    return max(int(text_lengths(ids, pad_id).max()), 1) if len(ids) else ids.shape[1]
 
 
 def cut_to_longest(ids: torch.Tensor, side: Mapping[str, torch.Tensor], pad_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -257,7 +262,7 @@ class TextModality(Modality):
 
     def with_lengths(self, data: TextData) -> TextData:
         """Each text's tokens, padding left out (`TOKEN_SIDE`'s `lengths`, so another tokenizer's reading counts again)."""
-        return replace(data, side={**data.side, "lengths": (data.inputs != data.tokenization.pad_id).sum(1).long()})
+        return replace(data, side={**data.side, "lengths": text_lengths(data.inputs, data.tokenization.pad_id).long()})
 
     def cut_padding(
         self, x: torch.Tensor, side: Mapping[str, torch.Tensor], data: TextData

@@ -36,7 +36,7 @@ from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
 from transferctl.modalities import modality_of
-from transferctl.modalities.text import cut_to_longest, longest_text
+from transferctl.modalities.text import cut_to_longest, longest_text, text_lengths
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
 
@@ -414,7 +414,7 @@ class TokenClassification(Task):
         truth, guess, unread = [], [], 0
         outside = names.index(OUTSIDE)
         pad_id = data.tokenization.pad_id
-        by_length = (data.inputs != pad_id).sum(1).argsort(stable=True)  # batches of like lengths: little padding to cut
+        by_length = text_lengths(data.inputs, pad_id).argsort(stable=True)  # batches of like lengths: little padding to cut
         # every rank tags the whole split, in length order (the counts do not depend on the order)
         for inputs, targets, side in iterate_batches(data, batch_size, order=by_length, with_side=True):
             length = longest_text(inputs, pad_id)
