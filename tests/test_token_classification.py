@@ -151,6 +151,76 @@ def test_tagging_refuses_augmentations_that_move_tokens_off_their_words(cli, tmp
     assert not runs.exists() or not any(runs.iterdir())
 
 
+SELF_TRAINING = [
+    "data.labeled_samples=10", "finetune.unlabeled.weight=1", "finetune.unlabeled.batch_size=32", "finetune.unlabeled.threshold=0.9",
+    "finetune.unlabeled.augment.name=text_light", "finetune.unlabeled.augment.delete_p=0", "finetune.unlabeled.augment.mask_p=0.15",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("finetune.unlabeled.augment.delete_p=0.1", "would move task 'token_classification''s pseudo-labels off their places (deletion)"),
+        ("finetune.unlabeled.align=true", "finetune.unlabeled.align: it acts on one class per sample"),
+    ],
+)
+def test_self_training_refuses_views_that_move_tokens_and_per_sample_options(cli, tmp_path, conll_root, option, message):
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "ner.yaml", NER.format(root=conll_root))
+    result = cli("finetune", "-c", config, *SELF_TRAINING, option, "--runs-dir", runs)
+    assert result.code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not runs.exists()
+
+
+def test_self_training_reads_a_sentence_whole_with_a_crf_and_each_token_without():
+    from transferctl.tasks.token_classification import TokenClassification
+
+    task = TokenClassification()
+    task.load_fitted({"tags": list(TAGS)})  # pad id 0
+    crf = CRF(len(TAGS))
+    crf.allow_iob2(TAGS)
+    network = torch.nn.Module()
+    network.head = torch.nn.Module()
+    network.head.crf = crf
+    # token id -> its logits: 1-4 sure of their tag, 5 torn between B-PER and B-LOC; 0 is padding
+    table = torch.zeros(6, len(TAGS))
+    table[1, 0] = table[2, 1] = table[3, 2] = table[4, 3] = 9.0
+    table[5, 1] = table[5, 3] = 9.0
+    weak = torch.tensor([[2, 3, 1, 4, 0], [1, 5, 1, 0, 0], [1, 1, 0, 0, 0]])
+    strong = torch.tensor([[2, 1, 1, 4, 0], [1, 5, 1, 0, 0], [4, 1, 0, 0, 0]])  # masked and replaced tokens
+    forward = lambda ids: table[ids]
+    loss, passed = task.pseudo_label_loss(network, forward, weak, strong, threshold=0.9)
+    assert passed.tolist() == [True, False, True]  # the torn token keeps the second sentence out, whole
+    tags = torch.tensor([[1, 2, 0, 3], [0, 0, 0, 0]])
+    kept = torch.tensor([[2, 1, 1, 4], [4, 1, 0, 0]])
+    expected = crf.nll(table[kept], tags, kept != 0) * 2 / 3  # the weak view's path, learnt on the strong view
+    assert loss.item() == pytest.approx(expected.item())
+
+    network.head.crf = None  # a softmax head: each sure token counts, the torn one and padding do not
+    loss, passed = task.pseudo_label_loss(network, forward, weak, strong, threshold=0.9)
+    assert passed.tolist() == [True] * 4 + [True, False, True] + [True] * 2
+    sure = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    per_token = torch.nn.functional.cross_entropy(
+        table[strong[:, :4]].transpose(1, 2), torch.tensor([[1, 2, 0, 3], [0, 0, 0, 0], [0, 0, 0, 0]]), reduction="none"
+    )
+    assert loss.item() == pytest.approx((per_token * sure).sum().item() / 9)
+
+
+def test_self_training_on_untagged_sentences_runs_and_reports_its_rate(cli, tmp_path, conll_root):
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "ner.yaml", NER.format(root=conll_root))
+    tuned = cli(
+        "finetune", "-c", config, *SELF_TRAINING, "head.crf=true", "train.epochs=1000", "train.max_steps=40", "--runs-dir", runs, "--json"
+    )
+    assert tuned.code == 0, tuned.stderr
+    rows = [json.loads(line) for line in (Path(tuned.json["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rates = [row["pseudo_label_rate"] for row in rows]
+    assert 0.0 < max(rates) <= 1.0 and rates[-1] > rates[0]  # sentences whose every token passed 0.9, more as it learns
+    summary = json.loads((Path(tuned.json["run_dir"]) / "summary.json").read_text())
+    assert "unlabeled_check" not in summary  # a labels-only classifier of whole samples does not apply to tags
+    assert "finetune.unlabeled.check compares with a labels-only classifier" in (Path(tuned.json["run_dir"]) / "log.txt").read_text()
+
+
 def test_a_test_tag_training_never_saw_is_a_one_line_error_of_evaluate(cli, tmp_path):
     (tmp_path / "train.txt").write_text("Anna B-PER\nBerg I-PER\n")
     (tmp_path / "test.txt").write_text("Oslo B-LOC\n")

@@ -40,6 +40,9 @@ class Task:
     output: ClassVar[str]  # the name of an export's output
     exported_as: ClassVar[str]  # the model card's kind
     pseudo_labels: ClassVar[bool] = False  # its outputs are class scores that pseudo-labels can be read from
+    # pseudo-labels read per sample from class scores (what `align` and `propagate` act on); False: the task reads
+    # its own (`pseudo_label_loss`: tags per token)
+    pseudo_labels_per_sample: ClassVar[bool] = True
     augmentation: ClassVar[str | None] = None  # the augmentation role of its default (None: the method's)
     # the share of each `compare` count that an export's parity check requires
     minimum_agreement: ClassVar[Mapping[str, float]] = {"top1_agreement": 1.0}
@@ -69,6 +72,15 @@ class Task:
 
     def initialize(self, network: nn.Module) -> None:
         """Put what `fit` found into a new network before training (a regression head's target mean and std)."""
+
+    def pseudo_label_loss(
+        self, network: nn.Module, forward: nn.Module, weak: torch.Tensor, strong: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of a task whose pseudo-labels are not one class per sample (`pseudo_labels_per_sample` False): the
+        unlabeled batch's loss (before fine-tuning's weight) of the strong views toward the confident predictions on
+        the weak ones (`forward`: what training calls, `network`'s head its parts), and which of the batch's samples
+        (or of their parts: tokens) passed `threshold`: what `pseudo_label_rate` counts."""
+        raise NotImplementedError
 
     def breaking_effects(self) -> frozenset[str]:
         """The augmentation effects (`BatchAugment.effects`) that would make its targets untrue: a rotation

@@ -352,6 +352,8 @@ class TokenClassification(Task):
     augmentation = "none"  # deleting or cropping tokens would move them off their words
     minimum_agreement: ClassVar[Mapping[str, float]] = {"token_tag_agreement": 0.999}
     compares_values = False  # a CRF path near a tie may take another tag: parity counts tags
+    pseudo_labels = True  # self-training on untagged sentences (`pseudo_label_loss`)
+    pseudo_labels_per_sample = False
 
     def __post_init__(self) -> None:
         self._use_tags(())
@@ -407,6 +409,33 @@ class TokenClassification(Task):
             begin=self.begin if self.sequence_loss else None,
         )
         return criterion(outputs, labels, batch.inputs[0])
+
+    def pseudo_label_loss(
+        self, network: nn.Module, forward: nn.Module, weak: torch.Tensor, strong: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Self-training on untagged sentences: the tags predicted for the weak view are the targets of the strong one
+        (which masks tokens, never moves them). With a CRF, a sentence counts whole, when every token of its Viterbi
+        path has a marginal probability of at least `threshold`, through the CRF's likelihood; without, each token
+        whose softmax passes it counts, through cross-entropy. What passed: the sentences, or without a CRF the tokens."""
+        length = longest_text(weak, self.pad_id)
+        weak, strong = weak[:, :length], strong[:, :length]
+        real = weak != self.pad_id
+        crf = getattr(network.head, "crf", None)
+        with torch.no_grad():
+            logits = forward(weak).float()
+            if crf is not None:
+                tags = crf.viterbi(logits, real)
+                confidence = crf.marginals(logits, real).gather(2, tags.unsqueeze(-1)).squeeze(-1)
+            else:
+                confidence, tags = logits.softmax(-1).max(-1)
+            sure = (confidence >= threshold) & real
+        outputs = forward(strong).float()
+        if crf is not None:
+            passed = (sure | ~real).all(1) & real.any(1)
+            loss = crf.nll(outputs[passed], tags[passed], real[passed]) * passed.float().mean()
+            return loss, passed
+        per_token = F.cross_entropy(outputs.transpose(1, 2), tags, reduction="none")
+        return (per_token * sure).sum() / real.sum().clamp_min(1), sure[real]
 
     def tag(self, model: nn.Module, data: Samples, batch_size: int) -> tuple[list[list[str]], list[list[str]], int]:
         """(true tags, predicted tags) of every text's words as tag names, and how many words no token reached."""

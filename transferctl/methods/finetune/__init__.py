@@ -9,6 +9,7 @@ The package holds what only fine-tuning adds to a task's objective: `weight_anch
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -60,6 +61,12 @@ class Finetune(TaskMethod):
             raise ConfigError(
                 f"finetune.unlabeled.weight: pseudo-labels need class scores, and task '{cfg.task.name}' has none; set it to 0"
             )
+        per_sample = [key for key in ("align", "propagate") if getattr(unlabeled, key)]
+        if unlabeled.weight and per_sample and not self.task.pseudo_labels_per_sample:
+            raise ConfigError(
+                f"finetune.unlabeled.{per_sample[0]}: it acts on one class per sample, and task '{cfg.task.name}' reads "
+                f"pseudo-labels of its own; set it to false"
+            )
         if options.lora is not None and (options.freeze_encoder or options.l2_sp):
             key = "freeze_encoder" if options.freeze_encoder else "l2_sp"
             raise ConfigError(f"finetune.lora: LoRA already keeps the encoder's weights fixed; drop finetune.{key}")
@@ -74,6 +81,11 @@ class Finetune(TaskMethod):
         if not has_pretrained_encoder(cfg) and (options.encoder_lr_scale != 1.0 or options.head_warmup_steps):
             notes.append(
                 "random initial encoder: finetune.encoder_lr_scale and head_warmup_steps do not apply (nothing pretrained to protect)"
+            )
+        if options.unlabeled.weight and options.unlabeled.check and not self.task.pseudo_labels_per_sample:
+            notes.append(
+                f"finetune.unlabeled.check compares with a labels-only classifier of whole samples, which task "
+                f"'{cfg.task.name}' has not: not checked (set it to false to silence this)"
             )
         unused = [key for key in ("align", "propagate") if getattr(options.unlabeled, key)]
         if unused and not options.unlabeled.weight:
@@ -111,8 +123,8 @@ class Finetune(TaskMethod):
             parts.forward,
             head_warmup_steps=head_warmup_steps(parts.cfg),
             anchor=_weight_anchor(parts),
-            pseudo_labels=_pseudo_labels(parts),
-            labels_only=_labels_only_check(parts),
+            pseudo_labels=_pseudo_labels(parts, self.task),
+            labels_only=_labels_only_check(parts, self.task),
         )
 
 
@@ -129,19 +141,27 @@ def _weight_anchor(parts: Parts) -> WeightAnchor | None:
     return WeightAnchor.toward(parts.network.encoder, parts.starting_encoder(), strength)
 
 
-def _labels_only_check(parts: Parts) -> LabelsOnlyCheck | None:
-    """With pseudo-labels (and `finetune.unlabeled.check`): the labels-only head the finished run is compared with."""
-    if parts.unlabeled is None or not parts.cfg.finetune.unlabeled.check:
+def _labels_only_check(parts: Parts, task: Task) -> LabelsOnlyCheck | None:
+    """With pseudo-labels (and `finetune.unlabeled.check`): the labels-only head the finished run is compared with
+    (a classifier of whole samples: not for a task that reads pseudo-labels of its own)."""
+    if parts.unlabeled is None or not parts.cfg.finetune.unlabeled.check or not task.pseudo_labels_per_sample:
         return None
     train = parts.train.to(parts.device)
     return LabelsOnlyCheck.of(parts.network.encoder, parts.starting_encoder, train, parts.val, parts.cfg.data.eval_batch_size)
 
 
-def _pseudo_labels(parts: Parts) -> PseudoLabels | None:
+def _pseudo_labels(parts: Parts, task: Task) -> PseudoLabels | None:
     options = parts.cfg.finetune.unlabeled
     if parts.unlabeled is None:
         return None  # finetune.unlabeled is off: the samples were not even kept
     strong = AUGMENTATIONS.build(options.augment.name, options.augment.options, **parts.modality.augment_context(parts.train))
+    broken = sorted(strong.effects() & task.breaking_effects())
+    if broken and not task.pseudo_labels_per_sample:  # the weak view's per-token labels must stay on the strong view's tokens
+        raise ConfigError(
+            f"finetune.unlabeled.augment: '{options.augment.name}' would move task '{parts.cfg.task.name}''s pseudo-labels "
+            f"off their places ({', '.join(broken)}); mask tokens only: finetune.unlabeled.augment.name=text_light "
+            f"finetune.unlabeled.augment.delete_p=0"
+        )
     ranks = world()
     pool = parts.unlabeled.to(parts.device)  # once: the stream and the propagation share it
     stream = UnlabeledStream(
@@ -165,7 +185,10 @@ def _pseudo_labels(parts: Parts) -> PseudoLabels | None:
             "does not hold; set it to false, or use data.pipeline=memory"
         )
     propagate = (lambda: _propagated_labels(parts, pool)) if options.propagate else None
-    return PseudoLabels(stream, options.weight, options.threshold, options.warmup_steps, class_shares=shares, propagate=propagate)
+    own = None if task.pseudo_labels_per_sample else functools.partial(task.pseudo_label_loss, parts.network)
+    return PseudoLabels(
+        stream, options.weight, options.threshold, options.warmup_steps, class_shares=shares, propagate=propagate, task_loss=own
+    )
 
 
 def _propagated_labels(parts: Parts, pool: Samples) -> torch.Tensor:

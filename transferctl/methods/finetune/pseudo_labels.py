@@ -39,6 +39,8 @@ class PseudoLabels:
     passed: torch.Tensor | float = 0.0  # summed on the device: reading it every step would sync
     seen: int = 0
     propagate: Callable[[], torch.Tensor] | None = None  # computes `prior` (a pass over the data) in `prepare`
+    # the task's own pseudo-labels (tags per token: `Task.pseudo_label_loss`); None: a class per sample, as above
+    task_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def prepare(self) -> None:
         """Compute the prior, once, before training (`config check` skips it: it costs a pass over the pool)."""
@@ -49,6 +51,10 @@ class PseudoLabels:
         if step < self.warmup_steps:
             return torch.zeros((), device=self.stream.data.targets.device)
         weak, strong, index = self.stream.batch(step)
+        if self.task_loss is not None:
+            loss, passed = self.task_loss(forward, weak, strong, self.threshold)
+            self.passed, self.seen = self.passed + passed.sum(), self.seen + len(passed)
+            return self.weight * loss
         with torch.no_grad():
             prior = self.prior[index] if self.prior is not None else None
             confidence, targets = self.targets(forward(weak).float().softmax(dim=1), prior)
