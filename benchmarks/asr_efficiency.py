@@ -86,7 +86,8 @@ def rows_of(
                 return tuned_wer(source, [f"data.split={split}", *COLUMNS[column], f"data.seed={seed}", *extra], runs)
 
             tag = f"asr/{split}/{key}/{recipe_digest(FINETUNE, [f'data.split={split}', *extra], source['source'])}"
-            row = measure_row(ENCODERS[key], measure, source["seconds"], seeds, cells, tag, columns, metric="wer")
+            budgets = {column: COLUMNS[column] for column in columns}
+            row = measure_row(ENCODERS[key], measure, source["seconds"], seeds, cells, tag, budgets, metric="wer")
             rows.append({"split": split, **row})
     return rows
 

@@ -8,7 +8,8 @@ sentences. Every neural row fine-tunes through the recipe the CLI runs (configs/
 1,000 labelled training sentences (three subset seeds: data.seed) and on all 14,041 once; each cell is the entity
 F1 on the official test split (3,453 sentences), dev validating.
 
-Cells are cached as in label_efficiency.py, so an interrupted run continues.
+Cells are cached as in label_efficiency.py, so an interrupted run continues; each keeps its column's overrides (the
+labelled subset and step budget in COLUMNS), and a column whose budget changed is measured again.
 
     python benchmarks/ner_efficiency.py --data-dir ../shared/data            # the full table
     python benchmarks/ner_efficiency.py --data-dir ../shared/data --quick    # a smoke test
@@ -150,15 +151,27 @@ def classic_f1(column: str, seed: int, extra: list[str]) -> dict[str, Any]:
 
 
 def measure_row(
-    name: str, measure, pretrain_seconds: float, seeds: list[int], cells: Cells, tag: str, columns: list[str], metric: str = "f1"
+    name: str,
+    measure,
+    pretrain_seconds: float,
+    seeds: list[int],
+    cells: Cells,
+    tag: str,
+    budgets: dict[str, list[str]],
+    metric: str = "f1",
 ) -> dict[str, Any]:
     """One row: each column's mean and spread of the cells' `metric` over the seeds (all labels: the first seed), and
-    the row's wall time."""
+    the row's wall time. `budgets`: each column's overrides (its labelled subset and steps), kept with its cells: a
+    cell measured under other overrides is measured again, not reused under the column's name."""
     row: dict[str, Any] = {"encoder": name, "pretrain_min": pretrain_seconds / 60, "seeds": len(seeds)}
     seconds = pretrain_seconds
-    for column in columns:
+    for column, budget in budgets.items():
         done = [
-            cells.get(f"{tag}/{column}/seed{seed}", lambda column=column, seed=seed: measure(column, seed))
+            cells.get(
+                f"{tag}/{column}/seed{seed}",
+                lambda column=column, seed=seed, budget=budget: {**measure(column, seed), "budget": budget},
+                usable=lambda cell, budget=budget: cell.get("budget") == budget,
+            )
             for seed in (seeds if column != "all" else seeds[:1])
         ]
         scores = [cell[metric] for cell in done]
@@ -180,7 +193,7 @@ def rows_of(
     classic: bool,
     pretraining_extra: list[str],
 ) -> list[dict[str, Any]]:
-    rows = []
+    rows, budgets = [], {column: COLUMNS[column] for column in columns}
     for key in encoders:
         name, method, random_encoder = ENCODERS[key]
         source = pretrained(method, cells, runs, corpus, pretraining_extra)
@@ -189,10 +202,10 @@ def rows_of(
             return tuned_f1(source, [*options, *COLUMNS[column], f"data.seed={seed}", *extra], runs)
 
         tag = f"conll2003/{key}/{recipe_digest(FINETUNE, [*random_encoder, *extra], source['source'])}"
-        rows.append(measure_row(name, measure, source["seconds"], seeds, cells, tag, columns))
+        rows.append(measure_row(name, measure, source["seconds"], seeds, cells, tag, budgets))
     if classic:
         fit = lambda column, seed: classic_f1(column, seed, extra)
-        rows.append(measure_row(CLASSIC, fit, 0.0, seeds, cells, f"conll2003/classic/{recipe_digest(FINETUNE, extra)}", columns))
+        rows.append(measure_row(CLASSIC, fit, 0.0, seeds, cells, f"conll2003/classic/{recipe_digest(FINETUNE, extra)}", budgets))
     return rows
 
 

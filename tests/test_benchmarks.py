@@ -211,3 +211,17 @@ def test_the_ner_benchmarks_overrides_reach_the_fine_tunes_and_never_the_pretrai
     assert pretrained == [[f"data.root={tmp_path / 'corpus'}"]]  # the shipped recipe on the corpus, nothing else
     assert tuned == [(str(tmp_path), [*ner.COLUMNS["100"], "data.seed=0", *extra])]
     assert rows[0]["100"] == 0.5
+
+
+def test_a_ner_benchmark_cell_is_measured_again_when_its_column_s_budget_changes(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("ner_efficiency", BENCHMARK.parent / "ner_efficiency.py")
+    ner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ner)
+    tuned = []
+    monkeypatch.setattr(ner, "tuned_f1", lambda source, overrides, runs: tuned.append(overrides) or {"f1": 0.1 * len(tuned)})
+    measure = lambda: ner.rows_of(["random_gru"], [0], ner.Cells(tmp_path / "cells.jsonl"), tmp_path, tmp_path, [], ["100"], False, [])
+    assert measure()[0]["100"] == pytest.approx(0.1) and measure()[0]["100"] == pytest.approx(0.1)  # the cell, reused
+    assert len(tuned) == 1
+    monkeypatch.setitem(ner.COLUMNS, "100", ["data.labeled_samples=100", "train.max_steps=600"])  # a new budget, same name
+    assert measure()[0]["100"] == pytest.approx(0.2) and len(tuned) == 2  # measured again under it
+    assert tuned[-1][len(ner.GRU) : len(ner.GRU) + 2] == ner.COLUMNS["100"]
