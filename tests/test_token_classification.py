@@ -162,6 +162,7 @@ SELF_TRAINING = [
     [
         ("finetune.unlabeled.augment.delete_p=0.1", "would move task 'token_classification''s pseudo-labels off their places (deletion)"),
         ("finetune.unlabeled.align=true", "finetune.unlabeled.align: it acts on one class per sample"),
+        ("finetune.unlabeled.propagate=true", "finetune.unlabeled.propagate: it acts on one class per sample"),
     ],
 )
 def test_self_training_refuses_views_that_move_tokens_and_per_sample_options(cli, tmp_path, conll_root, option, message):
@@ -188,34 +189,50 @@ def test_self_training_reads_a_sentence_whole_with_a_crf_and_each_token_without(
     table[5, 1] = table[5, 3] = 9.0
     weak = torch.tensor([[2, 3, 1, 4, 0], [1, 5, 1, 0, 0], [1, 1, 0, 0, 0]])
     strong = torch.tensor([[2, 1, 1, 4, 0], [1, 5, 1, 0, 0], [4, 1, 0, 0, 0]])  # masked and replaced tokens
+    # each token's word: the second sentence's last token continues its second word, the third's first is [CLS]
+    side = {"word_ids": torch.tensor([[0, 1, 2, 3, -1], [0, 1, 1, -1, -1], [-1, 0, -1, -1, -1]])}
     forward = lambda ids: table[ids]
-    loss, passed = task.pseudo_label_loss(network, forward, weak, strong, threshold=0.9)
+    loss, passed = task.pseudo_label_loss(network, forward, weak, strong, side, threshold=0.9)
     assert passed.tolist() == [True, False, True]  # the torn token keeps the second sentence out, whole
     tags = torch.tensor([[1, 2, 0, 3], [0, 0, 0, 0]])
     kept = torch.tensor([[2, 1, 1, 4], [4, 1, 0, 0]])
     expected = crf.nll(table[kept], tags, kept != 0) * 2 / 3  # the weak view's path, learnt on the strong view
     assert loss.item() == pytest.approx(expected.item())
 
-    network.head.crf = None  # a softmax head: each sure token counts, the torn one and padding do not
-    loss, passed = task.pseudo_label_loss(network, forward, weak, strong, threshold=0.9)
-    assert passed.tolist() == [True] * 4 + [True, False, True] + [True] * 2
-    sure = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    # a softmax head: each sure token that the labelled loss reads counts (a word's first subword), the torn one,
+    # a continuation subword, [CLS] and padding do not
+    network.head.crf = None
+    loss, passed = task.pseudo_label_loss(network, forward, weak, strong, side, threshold=0.9)
+    assert passed.tolist() == [True] * 4 + [True, False] + [True]
+    sure = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.bool)
     per_token = torch.nn.functional.cross_entropy(
         table[strong[:, :4]].transpose(1, 2), torch.tensor([[1, 2, 0, 3], [0, 0, 0, 0], [0, 0, 0, 0]]), reduction="none"
     )
-    assert loss.item() == pytest.approx((per_token * sure).sum().item() / 9)
+    assert loss.item() == pytest.approx((per_token * sure).sum().item() / 7)
+    task.label_all_subwords = True  # the continuation subword is read too
+    assert task.pseudo_label_loss(network, forward, weak, strong, side, threshold=0.9)[1].tolist() == [True] * 5 + [False, True, True]
 
 
-def test_self_training_on_untagged_sentences_runs_and_reports_its_rate(cli, tmp_path, conll_root):
+@pytest.mark.parametrize("crf", [True, False])
+def test_self_training_on_untagged_sentences_runs_and_reports_its_rate(cli, tmp_path, conll_root, crf):
     runs = tmp_path / "runs"
     config = write_config(tmp_path / "ner.yaml", NER.format(root=conll_root))
     tuned = cli(
-        "finetune", "-c", config, *SELF_TRAINING, "head.crf=true", "train.epochs=1000", "train.max_steps=40", "--runs-dir", runs, "--json"
+        "finetune",
+        "-c",
+        config,
+        *SELF_TRAINING,
+        f"head.crf={str(crf).lower()}",
+        "train.epochs=1000",
+        "train.max_steps=40",
+        "--runs-dir",
+        runs,
+        "--json",
     )
     assert tuned.code == 0, tuned.stderr
     rows = [json.loads(line) for line in (Path(tuned.json["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     rates = [row["pseudo_label_rate"] for row in rows]
-    assert 0.0 < max(rates) <= 1.0 and rates[-1] > rates[0]  # sentences whose every token passed 0.9, more as it learns
+    assert 0.0 < max(rates) <= 1.0 and rates[-1] > rates[0]  # sentences (CRF) or tokens that passed 0.9, more as it learns
     summary = json.loads((Path(tuned.json["run_dir"]) / "summary.json").read_text())
     assert "unlabeled_check" not in summary  # a labels-only classifier of whole samples does not apply to tags
     assert "finetune.unlabeled.check compares with a labels-only classifier" in (Path(tuned.json["run_dir"]) / "log.txt").read_text()

@@ -87,7 +87,8 @@ class TaskObjective:
         return self.task.validate(network, val, batch_size)
 
     def epoch_metrics(self) -> dict[str, float]:
-        """The share of unlabeled samples whose pseudo-label passed the threshold, over the steps since the last call."""
+        """The share of pseudo-labels that passed the threshold (one per unlabeled sample, or as the task counts them),
+        over the steps since the last call."""
         if self.pseudo_labels is None:
             return {}
         passed, seen = self.pseudo_labels.take_counts()

@@ -74,12 +74,19 @@ class Task:
         """Put what `fit` found into a new network before training (a regression head's target mean and std)."""
 
     def pseudo_label_loss(
-        self, network: nn.Module, forward: nn.Module, weak: torch.Tensor, strong: torch.Tensor, threshold: float
+        self,
+        network: nn.Module,
+        forward: nn.Module,
+        weak: torch.Tensor,
+        strong: torch.Tensor,
+        side: dict[str, torch.Tensor],
+        threshold: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Of a task whose pseudo-labels are not one class per sample (`pseudo_labels_per_sample` False): the
         unlabeled batch's loss (before fine-tuning's weight) of the strong views toward the confident predictions on
-        the weak ones (`forward`: what training calls, `network`'s head its parts), and which of the batch's samples
-        (or of their parts: tokens) passed `threshold`: what `pseudo_label_rate` counts."""
+        the weak ones (`forward`: what training calls, `network`'s head its parts; `side`: the samples' side
+        information), and which of the batch's samples (or of their parts: tokens) passed `threshold`: what
+        `pseudo_label_rate` counts."""
         raise NotImplementedError
 
     def breaking_effects(self) -> frozenset[str]:

@@ -411,14 +411,21 @@ class TokenClassification(Task):
         return criterion(outputs, labels, batch.inputs[0])
 
     def pseudo_label_loss(
-        self, network: nn.Module, forward: nn.Module, weak: torch.Tensor, strong: torch.Tensor, threshold: float
+        self,
+        network: nn.Module,
+        forward: nn.Module,
+        weak: torch.Tensor,
+        strong: torch.Tensor,
+        side: dict[str, torch.Tensor],
+        threshold: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Self-training on untagged sentences: the tags predicted for the weak view are the targets of the strong one
         (which masks tokens, never moves them). With a CRF, a sentence counts whole, when every token of its Viterbi
         path has a marginal probability of at least `threshold`, through the CRF's likelihood; without, each token
-        whose softmax passes it counts, through cross-entropy. What passed: the sentences, or without a CRF the tokens."""
+        that the labelled loss reads (a word's first subword, or all its subwords with `label_all_subwords`) counts
+        when its softmax passes it, through cross-entropy. What passed: the sentences, or without a CRF the tokens."""
         length = longest_text(weak, self.pad_id)
-        weak, strong = weak[:, :length], strong[:, :length]
+        weak, strong, word_ids = weak[:, :length], strong[:, :length], side["word_ids"][:, :length]
         real = weak != self.pad_id
         crf = getattr(network.head, "crf", None)
         with torch.no_grad():
@@ -428,14 +435,15 @@ class TokenClassification(Task):
                 confidence = crf.marginals(logits, real).gather(2, tags.unsqueeze(-1)).squeeze(-1)
             else:
                 confidence, tags = logits.softmax(-1).max(-1)
-            sure = (confidence >= threshold) & real
+            read = real if crf is not None else (word_ids >= 0 if self.label_all_subwords else first_subwords(word_ids))
+            sure = (confidence >= threshold) & read
         outputs = forward(strong).float()
         if crf is not None:
             passed = (sure | ~real).all(1) & real.any(1)
             loss = crf.nll(outputs[passed], tags[passed], real[passed]) * passed.float().mean()
             return loss, passed
         per_token = F.cross_entropy(outputs.transpose(1, 2), tags, reduction="none")
-        return (per_token * sure).sum() / real.sum().clamp_min(1), sure[real]
+        return (per_token * sure).sum() / read.sum().clamp_min(1), sure[read]
 
     def tag(self, model: nn.Module, data: Samples, batch_size: int) -> tuple[list[list[str]], list[list[str]], int]:
         """(true tags, predicted tags) of every text's words as tag names, and how many words no token reached."""

@@ -64,8 +64,9 @@ class Finetune(TaskMethod):
         per_sample = [key for key in ("align", "propagate") if getattr(unlabeled, key)]
         if unlabeled.weight and per_sample and not self.task.pseudo_labels_per_sample:
             raise ConfigError(
-                f"finetune.unlabeled.{per_sample[0]}: it acts on one class per sample, and task '{cfg.task.name}' reads "
-                f"pseudo-labels of its own; set it to false"
+                f"{' and '.join(f'finetune.unlabeled.{key}' for key in per_sample)}: "
+                f"{'they act' if len(per_sample) > 1 else 'it acts'} on one class per sample, and task '{cfg.task.name}' reads "
+                f"pseudo-labels of its own; set {'them' if len(per_sample) > 1 else 'it'} to false"
             )
         if options.lora is not None and (options.freeze_encoder or options.l2_sp):
             key = "freeze_encoder" if options.freeze_encoder else "l2_sp"

@@ -40,7 +40,7 @@ class PseudoLabels:
     seen: int = 0
     propagate: Callable[[], torch.Tensor] | None = None  # computes `prior` (a pass over the data) in `prepare`
     # the task's own pseudo-labels (tags per token: `Task.pseudo_label_loss`); None: a class per sample, as above
-    task_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]] | None = None
+    task_loss: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def prepare(self) -> None:
         """Compute the prior, once, before training (`config check` skips it: it costs a pass over the pool)."""
@@ -52,7 +52,7 @@ class PseudoLabels:
             return torch.zeros((), device=self.stream.data.targets.device)
         weak, strong, index = self.stream.batch(step)
         if self.task_loss is not None:
-            loss, passed = self.task_loss(forward, weak, strong, self.threshold)
+            loss, passed = self.task_loss(forward, weak, strong, self.stream.data.side_of(index), self.threshold)
             self.passed, self.seen = self.passed + passed.sum(), self.seen + len(passed)
             return self.weight * loss
         with torch.no_grad():
@@ -75,7 +75,8 @@ class PseudoLabels:
         return probabilities.max(dim=1)
 
     def take_counts(self) -> tuple[torch.Tensor | float, int]:
-        """(pseudo-labels kept, unlabeled images seen) since the last call; the counts restart at zero."""
+        """(pseudo-labels kept, pseudo-labels read) since the last call (one per unlabeled sample; a task that reads its
+        own counts its own: a tagger's tokens); the counts restart at zero."""
         counts = (self.passed, self.seen)
         self.passed, self.seen = 0.0, 0
         return counts
