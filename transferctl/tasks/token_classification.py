@@ -424,8 +424,8 @@ class TokenClassification(Task):
         path has a marginal probability of at least `threshold`, through the CRF's likelihood; without, each token
         that the labelled loss reads (a word's first subword, or all its subwords with `label_all_subwords`) counts
         when its softmax passes it, through cross-entropy. What passed: the sentences, or without a CRF the tokens."""
-        length = longest_text(weak, self.pad_id)
-        weak, strong, word_ids = weak[:, :length], strong[:, :length], side["word_ids"][:, :length]
+        weak, side = cut_to_longest(weak, side, self.pad_id)
+        strong, word_ids = strong[:, : weak.shape[1]], side["word_ids"]
         real = weak != self.pad_id
         crf = getattr(network.head, "crf", None)
         with torch.no_grad():
