@@ -135,6 +135,63 @@ def test_masked_language_modelling_follows_80_10_10_on_a_seeded_batch():
     assert torch.equal(torch.cat(halves), shown)
 
 
+def test_whole_word_masking_hides_every_piece_of_a_chosen_word_and_no_other():
+    """With whole words, a word split into subwords is hidden whole or not at all (the tokenizer's own word ids are
+    the reference), the expected share of hidden tokens is still the ratio, and the draws stay seeded."""
+    tokenization = small_tokenization(max_length=48)
+    rng = random.Random(3)
+    words = [*TOPICS["science"], "photosynthesis", "unbelievably", "stadiums"]
+    texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
+    ids, _, encodings = tokenization.encode(texts, with_encodings=True)
+    flags = tokenization.continues_word
+    assert flags is not None and flags[ids[ids != tokenization.pad_id]].any()  # some words are split here
+    t = tokenization
+    special = {"pad": t.pad_id, "mask": t.mask_id, "keep": t.boundary_ids, "vocab_size": t.vocab_size}
+    masking = TokenMasking(0.15, 0.8, 0.1, special, flags)
+    shown, targets = masking(ids, torch.Generator().manual_seed(0))
+    chosen = targets != IGNORED
+    split_words = 0
+    for row, encoding in enumerate(encodings):
+        words: dict[int, list[bool]] = {}
+        for position, word in enumerate(encoding.word_ids):
+            if word is not None:
+                words.setdefault(word, []).append(bool(chosen[row, position]))
+        assert all(len(set(hidden)) == 1 for hidden in words.values()), encoding.tokens
+        split_words += sum(len(hidden) > 1 and hidden[0] for hidden in words.values())
+    assert split_words > 50  # chosen words of several pieces were hidden whole
+    content = masking.maskable(ids)
+    assert abs(chosen.sum().item() / content.sum().item() - 0.15) < 0.02
+    assert torch.equal(masking(ids, torch.Generator().manual_seed(0))[0], shown)
+    per_token = TokenMasking(0.15, 0.8, 0.1, special)(ids, torch.Generator().manual_seed(0))[1] != IGNORED
+    assert not torch.equal(per_token, chosen)
+
+
+def test_which_vocabularies_mark_where_words_continue():
+    """WordPiece marks continuing pieces (`##`), byte-level BPE marks word starts (`Ġ`); a BPE trained here marks
+    neither, and `method.whole_words` refuses it."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    texts = [article(topic, random.Random(i)) for i in range(40) for topic in TOPICS]
+    wordpiece = small_tokenization()
+    assert all(wordpiece.continues_word[i] == token.startswith("##") for token, i in wordpiece.tokenizer.get_vocab().items())
+    byte_level = ByteLevelBPETokenizer()
+    byte_level.train_from_iterator(texts, vocab_size=400, special_tokens=["<pad>", "<mask>"], show_progress=False)
+    flags = Tokenization(byte_level._tokenizer.to_str(), 16).continues_word
+    vocabulary = byte_level.get_vocab()
+    assert not flags[vocabulary["Ġgoal"]] and flags[vocabulary["oal"]]
+    assert all(flags[i] != token.startswith("Ġ") for token, i in vocabulary.items())  # <pad> and <mask> are never hidden
+    assert Tokenization(train_tokenizer(texts, TokenizerOptions(kind="bpe", vocab_size=150)), 16).continues_word is None
+
+
+def test_whole_word_masking_refuses_a_vocabulary_that_does_not_mark_words(cli, tmp_path, text_root):
+    config = write_config(tmp_path / "mlm.yaml", CONFIG.format(method="mlm", model="transformer", root=text_root, epochs=1))
+    runs = tmp_path / "runs"
+    result = cli("pretrain", "-c", config, "method.whole_words=true", "data.tokenizer.kind=bpe", "--runs-dir", runs)
+    assert result.code == 2 and "method.whole_words" in result.stderr and "kind=wordpiece" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_batches_grouped_by_length_weigh_every_hidden_token_the_same():
     """Grouped by length, a batch of long texts holds more hidden tokens than one of short texts: its loss is scaled
     to its share of the split's tokens (its tokens' summed loss over the mean count of a batch), as a global mean."""

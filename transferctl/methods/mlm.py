@@ -72,6 +72,7 @@ class TokenMasking:
     mask_token: float
     random_token: float
     special_ids: dict[str, Any]
+    continues_word: torch.Tensor | None = None  # per vocabulary id (whole-word masking): the token continues a word
 
     def special(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor([self.special_ids["pad"], self.special_ids["mask"], *self.special_ids["keep"]], dtype=dtype)
@@ -79,6 +80,18 @@ class TokenMasking:
     def maskable(self, ids: torch.Tensor) -> torch.Tensor:
         """Where `ids` holds a token that may be hidden: not padding, [MASK] or a boundary token."""
         return ~torch.isin(ids, self.special(ids.dtype).to(ids.device))
+
+    def chosen(self, ids: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The tokens to hide: each maskable token whose draw is under the ratio, or with whole words, every token of a
+        word whose first token's draw is (so a word's other pieces cannot give it away)."""
+        maskable = self.maskable(ids)
+        if self.continues_word is None:
+            return (draws < self.ratio) & maskable
+        after_special = torch.cat([torch.ones_like(maskable[:, :1]), ~maskable[:, :-1]], dim=1)
+        starts = maskable & (~self.continues_word.to(ids.device)[ids.long()] | after_special)
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        word_start = torch.where(starts, positions, 0).cummax(dim=1).values  # each token's word's first position
+        return (draws.gather(1, word_start) < self.ratio) & maskable
 
     def __call__(self, ids: torch.Tensor, generator: torch.Generator, rank: int = 0, ranks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(the ids shown to the encoder, the ids to predict: the hidden tokens' own, IGNORED elsewhere). The draws
@@ -90,7 +103,7 @@ class TokenMasking:
         ordinary = torch.arange(self.special_ids["vocab_size"], dtype=ids.dtype)
         ordinary = ordinary[~torch.isin(ordinary, special)]  # a random token is never padding, [MASK], [CLS] or [SEP]
         random_ids = ordinary[torch.randint(len(ordinary), (n * ranks, length), generator=generator)[mine]].to(ids.device)
-        chosen = (draws[0] < self.ratio) & self.maskable(ids)
+        chosen = self.chosen(ids, draws[0])
         shown = ids.masked_fill(chosen & (draws[1] < self.mask_token), self.special_ids["mask"])
         swapped = chosen & (draws[1] >= self.mask_token) & (draws[1] < self.mask_token + self.random_token)
         shown = torch.where(swapped, random_ids, shown)
@@ -165,6 +178,7 @@ class MaskedLanguageModel(Method):
     mask_ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15  # the share of tokens hidden
     mask_token: Annotated[float, Field(ge=0.0, le=1.0)] = 0.8  # of the hidden ones: shown as the mask token
     random_token: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1  # of the hidden ones: shown as a random token
+    whole_words: bool = False  # hide every piece of a chosen word (mask_ratio is then the share of words)
 
     def check(self, cfg: Config, ranks: World) -> None:
         modality = dataset_modality(cfg.data.name)
@@ -179,7 +193,15 @@ class MaskedLanguageModel(Method):
             raise UsageError(
                 "method: 'mlm' shows hidden tokens as the mask token, and the tokenizer has none; use one with [MASK] or <mask>"
             )
-        return TokenMasking(self.mask_ratio, self.mask_token, self.random_token, special)
+        continues_word = None
+        if self.whole_words:
+            continues_word = data.tokenization.continues_word
+            if continues_word is None:
+                raise UsageError(
+                    "method.whole_words: the tokenizer's vocabulary does not mark where words continue (a bpe without a "
+                    "continuing-subword prefix); use data.tokenizer.kind=wordpiece or set method.whole_words=false"
+                )
+        return TokenMasking(self.mask_ratio, self.mask_token, self.random_token, special, continues_word)
 
     def objective(self, parts: Parts) -> MaskedTokensObjective:
         ranks, masking, train = world(), self.masking(parts.train), parts.train

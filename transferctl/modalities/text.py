@@ -30,6 +30,7 @@ INSTALL_HINT = 'pip install "transferctl[text]"'
 TOKENIZER_FILE = "tokenizer.json"
 PAD_TOKENS, MASK_TOKENS, UNK_TOKENS = ("[PAD]", "<pad>"), ("[MASK]", "<mask>"), ("[UNK]", "<unk>")
 BOUNDARY_TOKENS = ("[CLS]", "[SEP]", "<s>", "</s>")  # added around every text; augmentations keep them
+WORD_START_MARKS = ("Ġ", "▁")  # byte-level BPE and SentencePiece: the token begins a word
 Text = str | tuple[str, ...]  # a text, or a sentence's words (already split: tagged sentences)
 
 
@@ -86,6 +87,24 @@ class Tokenization:
     def boundary_ids(self) -> tuple[int, ...]:
         ids = (self.tokenizer.token_to_id(name) for name in BOUNDARY_TOKENS)
         return tuple(i for i in ids if i is not None)
+
+    @cached_property
+    def continues_word(self) -> torch.Tensor | None:
+        """Per vocabulary id, whether its token continues the word before it, as the vocabulary marks it: WordPiece's
+        continuing-subword prefix (`##`), or byte-level and SentencePiece vocabularies whose word-initial tokens carry
+        `Ġ` / `▁`. None for a vocabulary that does not mark it (a BPE trained without a continuing prefix)."""
+        model, vocabulary = json.loads(self.tokenizer_json)["model"], self.tokenizer.get_vocab(with_added_tokens=True)
+        flags = torch.zeros(self.vocab_size, dtype=torch.bool)
+        if prefix := model.get("continuing_subword_prefix"):
+            continues = lambda token: token.startswith(prefix)
+        elif any(token.startswith(WORD_START_MARKS) for token in vocabulary):
+            continues = lambda token: not token.startswith(WORD_START_MARKS)
+        else:
+            return None
+        for token, index in vocabulary.items():
+            if index < len(flags):
+                flags[index] = continues(token)
+        return flags
 
     def encode(self, texts: Sequence[Text], with_encodings: bool = False) -> tuple:
         """(int32 ids (N, max_length) padded on the right, whether each text was cut to max_length), and with
