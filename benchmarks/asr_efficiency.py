@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audio_efficiency import cell_text
+from audio_efficiency import cell_text, measure_row
 from label_efficiency import Cells, recipe_digest
-from ner_efficiency import measure_row
 
 from transferctl.recipes import evaluate, finetune, pretrain
 

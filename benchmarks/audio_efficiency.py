@@ -56,9 +56,15 @@ COLUMNS = {  # column -> (labels per class or None for all, overrides)
 QUICK = ["train.max_steps=3", "data.eval_batch_size=256"]
 
 
+def column_overrides(columns: dict[str, tuple[int | None, list[str]]], column: str) -> list[str]:
+    """A column's labelled subset and budget (`columns`: column -> (labels per class or None for all, overrides)): what
+    its cells are kept with."""
+    labels, options = columns[column]
+    return [*([f"data.labels_per_class={labels}"] if labels else []), *options]
+
+
 def overrides_of(split: str, column: str, seed: int, extra: list[str]) -> list[str]:
-    labels, options = COLUMNS[column]
-    return [*SPLITS[split], *([f"data.labels_per_class={labels}"] if labels else []), *options, f"data.seed={seed}", *extra]
+    return [*SPLITS[split], *column_overrides(COLUMNS, column), f"data.seed={seed}", *extra]
 
 
 # --------------------------------------------------------------------------- the classic baseline
@@ -101,21 +107,41 @@ def pretrained(split: str, method: str | None, cells: Cells, runs: Path, extra: 
 
 
 def measure_row(
-    split: str, name: str, measure, pretrain_seconds: float, seeds: list[int], cells: Cells, tag: str, columns=tuple(COLUMNS)
+    name: str,
+    measure,
+    pretrain_seconds: float,
+    seeds: list[int],
+    cells: Cells,
+    tag: str,
+    budgets: dict[str, list[str]],
+    metric: str = "accuracy",
+    **fields: Any,
 ) -> dict[str, Any]:
-    """One row: each column's mean and spread over the seeds (all labels: the first seed), and the row's wall time."""
-    row: dict[str, Any] = {"split": split, "encoder": name, "pretrain_min": pretrain_seconds / 60}
+    """One row (with `fields`, such as its split): each column's mean and spread of the cells' `metric` over the seeds
+    (all labels: the first seed), and the row's wall time. `budgets`: each column's overrides (its labelled subset and
+    steps), kept with its cells: a cell measured under other overrides is measured again, not reused under the
+    column's name."""
+    row: dict[str, Any] = {**fields, "encoder": name, "pretrain_min": pretrain_seconds / 60, "seeds": len(seeds)}
     seconds = pretrain_seconds
-    for column in columns:
-        done = []
-        for seed in seeds if column != "all" else seeds[:1]:
-            done.append(cells.get(f"{tag}/{column}/seed{seed}", lambda column=column, seed=seed: measure(column, seed)))
-        accuracies = [cell["accuracy"] for cell in done]
-        row[column] = statistics.mean(accuracies)
-        row[f"{column}_sd"] = statistics.stdev(accuracies) if len(accuracies) > 1 else None
+    for column, budget in budgets.items():
+        done = [
+            cells.get(
+                f"{tag}/{column}/seed{seed}",
+                lambda column=column, seed=seed, budget=budget: {**measure(column, seed), "budget": budget},
+                usable=lambda cell, budget=budget: cell.get("budget") == budget,
+            )
+            for seed in (seeds if column != "all" else seeds[:1])
+        ]
+        scores = [cell[metric] for cell in done]
+        row[column] = statistics.mean(scores)
+        row[f"{column}_sd"] = statistics.stdev(scores) if len(scores) > 1 else None
         seconds += sum(cell["seconds"] for cell in done)
     row["row_min"] = seconds / 60
     return row
+
+
+def budgets_of(columns: dict[str, tuple[int | None, list[str]]], chosen: tuple[str, ...]) -> dict[str, list[str]]:
+    return {column: column_overrides(columns, column) for column in chosen}
 
 
 def rows_of(split: str, encoders: list[str], seeds: list[int], cells: Cells, runs: Path, extra: list[str]) -> list[dict[str, Any]]:
@@ -131,11 +157,10 @@ def rows_of(split: str, encoders: list[str], seeds: list[int], cells: Cells, run
             return tuned_accuracy(source, FINETUNE, [*options, *overrides_of(split, column, seed, extra)], runs)
 
         tag = f"fsdd-{split}/{key}/{recipe_digest(FINETUNE, [*encoder_options, *extra], source)}"
-        rows.append(measure_row(split, name, measure, encoder["seconds"], seeds, cells, tag))
+        rows.append(measure_row(name, measure, encoder["seconds"], seeds, cells, tag, budgets_of(COLUMNS, tuple(COLUMNS)), split=split))
     classic = lambda column, seed: classic_accuracy(split, column, seed, extra)
-    rows.append(
-        measure_row(split, CLASSIC, classic, 0.0, seeds, cells, f"fsdd-{split}/classic/{recipe_digest(FINETUNE, extra)}", UNLABELED_UNUSED)
-    )
+    tag = f"fsdd-{split}/classic/{recipe_digest(FINETUNE, extra)}"
+    rows.append(measure_row(CLASSIC, classic, 0.0, seeds, cells, tag, budgets_of(COLUMNS, UNLABELED_UNUSED), split=split))
     return rows
 
 

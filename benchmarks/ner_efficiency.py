@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audio_efficiency import cell_text
+from audio_efficiency import cell_text, measure_row
 from label_efficiency import Cells, recipe_digest
 
 from transferctl.config import load_config
@@ -150,38 +149,6 @@ def classic_f1(column: str, seed: int, extra: list[str]) -> dict[str, Any]:
     return {"f1": entity_scores(truth, model.predict(features(test)))["entity_f1"]}
 
 
-def measure_row(
-    name: str,
-    measure,
-    pretrain_seconds: float,
-    seeds: list[int],
-    cells: Cells,
-    tag: str,
-    budgets: dict[str, list[str]],
-    metric: str = "f1",
-) -> dict[str, Any]:
-    """One row: each column's mean and spread of the cells' `metric` over the seeds (all labels: the first seed), and
-    the row's wall time. `budgets`: each column's overrides (its labelled subset and steps), kept with its cells: a
-    cell measured under other overrides is measured again, not reused under the column's name."""
-    row: dict[str, Any] = {"encoder": name, "pretrain_min": pretrain_seconds / 60, "seeds": len(seeds)}
-    seconds = pretrain_seconds
-    for column, budget in budgets.items():
-        done = [
-            cells.get(
-                f"{tag}/{column}/seed{seed}",
-                lambda column=column, seed=seed, budget=budget: {**measure(column, seed), "budget": budget},
-                usable=lambda cell, budget=budget: cell.get("budget") == budget,
-            )
-            for seed in (seeds if column != "all" else seeds[:1])
-        ]
-        scores = [cell[metric] for cell in done]
-        row[column] = statistics.mean(scores)
-        row[f"{column}_sd"] = statistics.stdev(scores) if len(scores) > 1 else None
-        seconds += sum(cell["seconds"] for cell in done)
-    row["row_min"] = seconds / 60
-    return row
-
-
 def rows_of(
     encoders: list[str],
     seeds: list[int],
@@ -202,10 +169,11 @@ def rows_of(
             return tuned_f1(source, [*options, *COLUMNS[column], f"data.seed={seed}", *extra], runs)
 
         tag = f"conll2003/{key}/{recipe_digest(FINETUNE, [*random_encoder, *extra], source['source'])}"
-        rows.append(measure_row(name, measure, source["seconds"], seeds, cells, tag, budgets))
+        rows.append(measure_row(name, measure, source["seconds"], seeds, cells, tag, budgets, metric="f1"))
     if classic:
         fit = lambda column, seed: classic_f1(column, seed, extra)
-        rows.append(measure_row(CLASSIC, fit, 0.0, seeds, cells, f"conll2003/classic/{recipe_digest(FINETUNE, extra)}", budgets))
+        tag = f"conll2003/classic/{recipe_digest(FINETUNE, extra)}"
+        rows.append(measure_row(CLASSIC, fit, 0.0, seeds, cells, tag, budgets, metric="f1"))
     return rows
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from audio_efficiency import cell_text, measure_row
+from audio_efficiency import budgets_of, cell_text, column_overrides, measure_row
 from label_efficiency import Cells, recipe_digest, tuned_accuracy
 
 from transferctl.config import load_config
@@ -60,8 +60,7 @@ QUICK = ["train.max_steps=3", "data.eval_batch_size=256"]
 
 
 def overrides_of(column: str, seed: int, extra: list[str]) -> list[str]:
-    labels, options = COLUMNS[column]
-    return [*([f"data.labels_per_class={labels}"] if labels else []), *options, f"data.seed={seed}", *extra]
+    return [*column_overrides(COLUMNS, column), f"data.seed={seed}", *extra]
 
 
 def classic_accuracy(column: str, seed: int, extra: list[str]) -> dict[str, Any]:
@@ -99,11 +98,10 @@ def rows_of(encoders: list[str], seeds: list[int], cells: Cells, runs: Path, ext
             return tuned_accuracy(source, FINETUNE, [*options, *overrides_of(column, seed, extra)], runs)
 
         tag = f"{DATA}/{key}/{recipe_digest(FINETUNE, [*options, *extra], source['source'])}"
-        rows.append(measure_row(DATA, name, measure, source["seconds"], seeds, cells, tag, tuple(COLUMNS)))
+        rows.append(measure_row(name, measure, source["seconds"], seeds, cells, tag, budgets_of(COLUMNS, tuple(COLUMNS)), split=DATA))
     classic = lambda column, seed: classic_accuracy(column, seed, extra)
-    rows.append(
-        measure_row(DATA, CLASSIC, classic, 0.0, seeds, cells, f"{DATA}/classic/{recipe_digest(FINETUNE, extra)}", UNLABELED_UNUSED)
-    )
+    tag = f"{DATA}/classic/{recipe_digest(FINETUNE, extra)}"
+    rows.append(measure_row(CLASSIC, classic, 0.0, seeds, cells, tag, budgets_of(COLUMNS, UNLABELED_UNUSED), split=DATA))
     return rows
 
 

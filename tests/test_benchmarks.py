@@ -225,3 +225,20 @@ def test_a_ner_benchmark_cell_is_measured_again_when_its_column_s_budget_changes
     monkeypatch.setitem(ner.COLUMNS, "100", ["data.labeled_samples=100", "train.max_steps=600"])  # a new budget, same name
     assert measure()[0]["100"] == pytest.approx(0.2) and len(tuned) == 2  # measured again under it
     assert tuned[-1][len(ner.GRU) : len(ner.GRU) + 2] == ner.COLUMNS["100"]
+
+
+def test_a_text_benchmark_cell_is_measured_again_when_its_all_labels_budget_changes(tmp_path, monkeypatch):
+    """The text and audio benchmarks keep each column's budget with its cells too: their all-labels column's step
+    budget is a constant, not its name."""
+    spec = importlib.util.spec_from_file_location("text_efficiency", BENCHMARK.parent / "text_efficiency.py")
+    text = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(text)
+    tuned = []
+    monkeypatch.setattr(text, "tuned_accuracy", lambda source, config, overrides, runs: tuned.append(overrides) or {"accuracy": 0.5})
+    monkeypatch.setattr(text, "classic_accuracy", lambda column, seed, extra: {"accuracy": 0.4})
+    monkeypatch.setattr(text, "COLUMNS", {"all": text.COLUMNS["all"]})
+    monkeypatch.setattr(text, "UNLABELED_UNUSED", ("all",))
+    measure = lambda: text.rows_of(["random"], [0], text.Cells(tmp_path / "cells.jsonl"), tmp_path, [])
+    assert measure()[0]["all"] == 0.5 and measure()[0]["all"] == 0.5 and len(tuned) == 1  # the cell, reused
+    monkeypatch.setitem(text.COLUMNS, "all", (None, [*text.ALL_LABELS[:-1], "train.max_steps=3000"]))
+    assert measure()[0]["all"] == 0.5 and len(tuned) == 2 and "train.max_steps=3000" in tuned[-1]  # measured again
