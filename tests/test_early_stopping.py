@@ -18,6 +18,7 @@ from transferctl.checkpoints import Checkpoint
 from transferctl.engine.train import EarlyStop, Selection, Settings, SilentReporter, Steps, fit
 from transferctl.errors import RunFailed
 from transferctl.recipes import evaluate, pretrain
+from transferctl.registry import SCHEDULERS
 
 ACCURACY = Selection("val_accuracy", higher_is_better=True)
 
@@ -36,13 +37,18 @@ class ScriptedObjective(PlainObjective):
         return {"val_accuracy": self.scores[self.validations - 1]}
 
 
-def _run(scores, *, per_epoch=4, total=40, val_every_steps=None, patience=2, min_delta=0.0, resume=None, saves=None):
+def _run(scores, *, per_epoch=4, total=40, val_every_steps=None, patience=2, min_delta=0.0, resume=None, saves=None, plateau=None):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if plateau is not None:  # the plateau schedule's options
+        scheduler = SCHEDULERS.build("plateau", plateau, optimizer=optimizer, total_steps=total)
     stop = EarlyStop("val_accuracy", True, patience, min_delta) if patience else None
-    settings = Settings(Steps(per_epoch, total, False), 2, 100, 1, val_every_steps=val_every_steps, early_stop=stop)
+    watched = ("val_accuracy", True) if plateau is not None else None
+    settings = Settings(
+        Steps(per_epoch, total, False), 2, 100, 1, val_every_steps=val_every_steps, early_stop=stop, schedule_metric=watched
+    )
     rows: list[dict[str, Any]] = []
 
     def save(weights, training, row, is_best):
@@ -95,6 +101,24 @@ def test_a_resumed_run_keeps_its_patience_count():
     assert [r["step"] for r in rows] == [16, 20]
 
 
+def test_the_plateau_schedule_lowers_the_rate_after_patience_stale_validations_and_resumes_its_count():
+    """Validations at every epoch's end (steps 4, 8, ...); two without a gain halve the rate, down to its floor. A row's
+    `lr` is its last step's, so a cut made at a validation shows in the next row. A resume keeps the counters."""
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7]
+    options = {"patience": 2, "factor": 0.5, "min_lr_ratio": 0.2}
+    result, rows = _run(list(scores), patience=0, plateau=options)
+    assert [r["lr"] for r in rows] == pytest.approx([0.01] * 4 + [0.005] * 2 + [0.0025] * 3 + [0.002])  # floor: 0.2 of 0.01
+    assert result.position.step == 40  # the schedule never stops a run; early stopping does
+    saves: list = []
+    _run(list(scores), patience=0, plateau=options, total=24, saves=saves)  # the same run, ended after step 24
+    weights, training, _ = saves[-1]
+    checkpoint = Checkpoint(config={}, model=weights, data={}, epoch=6, step=24, training=training)
+    _, resumed = _run(list(scores[6:]), patience=0, plateau=options, resume=checkpoint)
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in rows[6:]])
+    floored, _ = _run([0.5] * 10, patience=0, plateau={"patience": 1, "factor": 0.1, "min_lr_ratio": 0.05})
+    assert floored.position.lr == pytest.approx(0.01 * 0.05)  # 0.1, then 0.01 of the rate: held at the floor
+
+
 # --------------------------------------------------------------------------- through the CLI
 
 SUPERVISED = """\
@@ -139,6 +163,19 @@ def test_an_early_stop_metric_the_run_does_not_produce_is_refused_before_a_run(t
     assert len(result.stderr.strip().splitlines()) == 1 and not runs.exists()
     result = cli("pretrain", "-c", config, "data.val_fraction=0", "--runs-dir", runs)
     assert result.code == 2 and "needs a held-out split" in result.stderr and not runs.exists()
+    result = cli("pretrain", "-c", config, "train.early_stop=null", "scheduler.name=plateau", "data.val_fraction=0", "--runs-dir", runs)
+    assert result.code == 2 and "scheduler: 'plateau' lowers the learning rate when validation stops improving" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not runs.exists()
+
+
+def test_a_plateau_run_watches_early_stopping_s_metric(tmp_path, digits_root):
+    """Through the recipes: accuracy never gains 0.5 (min_delta), so each validation after the first halves the rate."""
+    config = write_config(tmp_path / "s.yaml", SUPERVISED.format(root=digits_root))
+    options = ["scheduler.name=plateau", "scheduler.patience=1", "scheduler.factor=0.5", "scheduler.min_delta=0.5"]
+    run = pretrain(config, [*options, "train.early_stop.patience=3"], runs_dir=tmp_path / "runs").run_dir
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12] and rows[-1]["early_stopped"]  # patience 3: stale at 6, 9 and 12
+    assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-4, 5e-5, 2.5e-5])
 
 
 def test_a_watched_metric_that_validation_does_not_give_fails_the_run_loudly():

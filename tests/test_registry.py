@@ -80,7 +80,7 @@ BUILT_IN = {
         ),
     },
     "optimizers": {"sgd", "adam", "adamw", "lars"},
-    "schedulers": {"cosine", "constant"},
+    "schedulers": {"cosine", "constant", "plateau"},
     "datasets": {
         "mnist",
         "fashion_mnist",

@@ -221,7 +221,26 @@ def early_stop_of(cfg: Config, objective: Objective, val: Samples) -> EarlyStop 
     return EarlyStop(metric, metrics[metric], section.patience, section.min_delta)
 
 
-def settings_of(cfg: Config, steps: Steps, device: torch.device, early_stop: EarlyStop | None = None) -> Settings:
+def schedule_metric_of(
+    cfg: Config, scheduler: Any, objective: Objective, val: Samples, early_stop: EarlyStop | None
+) -> tuple[str, bool] | None:
+    """What a schedule that follows validation (`observe`: plateau) watches: early stopping's metric, else the one
+    that picks best.pt."""
+    if not hasattr(scheduler, "observe"):
+        return None
+    if not len(val):
+        raise ConfigError(
+            f"scheduler: '{cfg.scheduler.name}' lowers the learning rate when validation stops improving, and data.val_fraction "
+            "is 0; set it above 0 or use scheduler.name=cosine"
+        )
+    if early_stop is not None:
+        return early_stop.metric, early_stop.higher_is_better
+    return objective.selection.metric, objective.selection.higher_is_better
+
+
+def settings_of(
+    cfg: Config, steps: Steps, device: torch.device, early_stop: EarlyStop | None = None, schedule_metric: tuple[str, bool] | None = None
+) -> Settings:
     t = cfg.train
     return Settings(
         steps=steps,
@@ -230,6 +249,7 @@ def settings_of(cfg: Config, steps: Steps, device: torch.device, early_stop: Ear
         val_every=t.val_every,
         val_every_steps=t.val_every_steps,
         early_stop=early_stop,
+        schedule_metric=schedule_metric,
         checkpoint_every=t.checkpoint_every,
         on_nan=t.on_nan,
         precision=training_precision(t.precision, device),
@@ -331,6 +351,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
     )
     objective = method.objective(parts)
     scheduler = build_scheduler(cfg, optimizer, steps.total)
+    early_stop = early_stop_of(cfg, objective, val)
     pipeline = build_pipeline(cfg, data.train, augment, modality, device, views=method.views, drop_last=steps.drop_last)
     return Training(
         cfg,
@@ -344,7 +365,7 @@ def build_training(cfg: Config, *, load_weights: bool = True) -> Training:
         optimizer,
         scheduler,
         pipeline,
-        settings_of(cfg, steps, device, early_stop_of(cfg, objective, val)),
+        settings_of(cfg, steps, device, early_stop, schedule_metric_of(cfg, scheduler, objective, val, early_stop)),
         notes,
         task_state,
         data_root=data_root(cfg.data),

@@ -156,3 +156,40 @@ def cosine(optimizer, total_steps: int, warmup_steps: NonNegativeInt = 0, min_lr
 def constant(optimizer, total_steps: int, warmup_steps: NonNegativeInt = 0):
     """A constant learning rate after an optional linear warmup."""
     return LambdaLR(optimizer, lambda step: _warmup(step, warmup_steps))
+
+
+class PlateauSchedule(LambdaLR):
+    """Linear warmup, then the learning rate times `factor` each time the watched validation metric has gone
+    `patience` validations without improving by more than `min_delta` (Keras' and PyTorch's ReduceLROnPlateau),
+    never below `min_lr_ratio` of it. The training loop calls `observe` after each validation; the counters go
+    with the checkpoint (LambdaLR's state holds this object's attributes)."""
+
+    def __init__(self, optimizer, warmup_steps: int, factor: float, patience: int, min_delta: float, min_lr_ratio: float):
+        self.factor, self.patience, self.min_delta, self.min_lr_ratio = factor, patience, min_delta, min_lr_ratio
+        self.scale, self.best, self.stale = 1.0, None, 0
+        super().__init__(optimizer, lambda step: _warmup(step, warmup_steps) * self.scale)
+
+    def observe(self, value: float, higher_is_better: bool) -> None:
+        """One validation's value of the watched metric; the next step's rate follows from it."""
+        if self.best is None or (value > self.best + self.min_delta if higher_is_better else value < self.best - self.min_delta):
+            self.best, self.stale = value, 0
+            return
+        self.stale += 1
+        if self.stale >= self.patience:
+            self.scale, self.stale = max(self.scale * self.factor, self.min_lr_ratio), 0
+
+
+@SCHEDULERS.register()
+def plateau(
+    optimizer,
+    total_steps: int,
+    warmup_steps: NonNegativeInt = 0,
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1,
+    patience: Annotated[int, Field(ge=1)] = 2,
+    min_delta: NonNegativeFloat = 0.0,
+    min_lr_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 0.001,
+):
+    """Linear warmup, then the rate times `factor` whenever validation has not improved for `patience` validations
+    (the metric `train.early_stop` watches, else the one that picks best.pt): pairs with early stopping, for a budget
+    with room to spare."""
+    return PlateauSchedule(optimizer, min(warmup_steps, max(total_steps - 1, 0)), factor, patience, min_delta, min_lr_ratio)

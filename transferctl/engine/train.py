@@ -158,6 +158,8 @@ class Settings:
     val_every: int  # epochs
     val_every_steps: int | None = None  # also validate every that many steps, inside epochs too
     early_stop: EarlyStop | None = None
+    # (metric, higher is better) that a schedule with `observe` (plateau) is given after each validation
+    schedule_metric: tuple[str, bool] | None = None
     checkpoint_every: int | None = None
     on_nan: str = "stop"
     precision: str = "32"  # 32, bf16 (autocast) or 16 (autocast and a gradient scaler; CUDA)
@@ -522,6 +524,9 @@ class _Loop:
                 f"train.early_stop.metric: validation gave {', '.join(k for k in row if k.startswith('val_'))}, not "
                 f"'{stop.metric}', which the method or task declares among its validation_metrics; fix its declaration"
             )
+        if self.settings.schedule_metric is not None and validated:
+            metric, higher_is_better = self.settings.schedule_metric
+            self.scheduler.observe(float(row[metric]), higher_is_better)
         if stop is not None and validated:
             value = float(row[stop.metric])
             if stop.improves(value, pos.early_stop_best):
