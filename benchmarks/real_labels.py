@@ -57,10 +57,10 @@ EARLY_STOP_RECIPES = {"MNIST": "supervised_mnist.yaml", "AG News": "supervised_a
 # epochs, without early stopping (its cosine schedule stretched) and with it, on the plateau schedule that anneals
 # where validation levels off (patience 2 validations a cut, 5 to stop: a cut gets time to pay before the run ends)
 ROOM = {"MNIST": ["train.epochs=10"], "AG News": ["train.epochs=20"]}
-PLATEAU_STOP = ["scheduler.name=plateau", "scheduler.patience=2", "train.val_every_steps=100", "train.early_stop.patience=5"]
+PLATEAU_STOP = [*EARLY_STOP, "train.early_stop.patience=5", "scheduler.name=plateau", "scheduler.patience=2"]
 EARLY_STOP_BUDGETS = {  # budget -> (its overrides per recipe, what early stopping adds)
     "as shipped": ({}, EARLY_STOP),
-    "twice the epochs, plateau schedule": (ROOM, [*PLATEAU_STOP, "train.early_stop.min_delta=0.001"]),
+    "twice the epochs, plateau schedule": (ROOM, PLATEAU_STOP),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,9 +15,10 @@ from torch import nn
 
 from tests.conftest import write_config
 from tests.test_engine_hooks import PlainObjective, ToyPipeline
+from transferctl.build import schedule_metric_of
 from transferctl.checkpoints import Checkpoint
 from transferctl.engine.train import EarlyStop, Selection, Settings, SilentReporter, Steps, fit
-from transferctl.errors import RunFailed
+from transferctl.errors import ConfigError, RunFailed
 from transferctl.recipes import evaluate, pretrain
 from transferctl.registry import SCHEDULERS
 
@@ -110,13 +112,40 @@ def test_the_plateau_schedule_lowers_the_rate_after_patience_stale_validations_a
     assert [r["lr"] for r in rows] == pytest.approx([0.01] * 4 + [0.005] * 2 + [0.0025] * 3 + [0.002])  # floor: 0.2 of 0.01
     assert result.position.step == 40  # the schedule never stops a run; early stopping does
     saves: list = []
-    _run(list(scores), patience=0, plateau=options, total=24, saves=saves)  # the same run, ended after step 24
+    _run(list(scores), patience=0, plateau=options, total=20, saves=saves)  # the same run, ended after step 20: one stale
     weights, training, _ = saves[-1]
-    checkpoint = Checkpoint(config={}, model=weights, data={}, epoch=6, step=24, training=training)
-    _, resumed = _run(list(scores[6:]), patience=0, plateau=options, resume=checkpoint)
-    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in rows[6:]])
-    floored, _ = _run([0.5] * 10, patience=0, plateau={"patience": 1, "factor": 0.1, "min_lr_ratio": 0.05})
-    assert floored.position.lr == pytest.approx(0.01 * 0.05)  # 0.1, then 0.01 of the rate: held at the floor
+    checkpoint = Checkpoint(config={}, model=weights, data={}, epoch=5, step=20, training=training)
+    _, resumed = _run(list(scores[5:]), patience=0, plateau=options, resume=checkpoint)
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in rows[5:]])
+
+
+def test_a_plateau_cut_applies_from_the_next_step():
+    """The next step's rate was set when the last step ended; a cut at a validation sets it again."""
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    schedule = SCHEDULERS.build("plateau", {"patience": 1, "factor": 0.1, "min_lr_ratio": 0.05}, optimizer=optimizer, total_steps=10)
+    optimizer.step()
+    schedule.step()
+    schedule.observe(0.5, higher_is_better=False)
+    schedule.observe(0.5, higher_is_better=False)  # no gain: cut now
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01) and schedule.get_last_lr() == pytest.approx([0.01])
+    schedule.observe(0.4, higher_is_better=False)  # a gain: no cut
+    schedule.observe(0.45, higher_is_better=False)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)  # 0.1 of 0.01 is below the floor: held at 0.05 of 0.1
+    optimizer.step()
+    schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+
+
+def test_the_plateau_schedule_watches_early_stopping_s_metric_else_best_pt_s_and_must_cut_before_it_stops():
+    objective = SimpleNamespace(selection=Selection("val_loss", higher_is_better=False))
+    cfg = SimpleNamespace(scheduler=SimpleNamespace(name="plateau"))
+    schedule = SCHEDULERS.build("plateau", {"patience": 2}, optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), total_steps=10)
+    assert schedule_metric_of(cfg, schedule, objective, [0], None) == ("val_loss", False)
+    assert schedule_metric_of(cfg, schedule, objective, [0], EarlyStop("val_accuracy", True, 3)) == ("val_accuracy", True)
+    with pytest.raises(ConfigError, match=r"train.early_stop.patience \(2\) is not above scheduler.patience \(2\)"):
+        schedule_metric_of(cfg, schedule, objective, [0], EarlyStop("val_accuracy", True, 2))
+    cosine = SCHEDULERS.build("cosine", {}, optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), total_steps=10)
+    assert schedule_metric_of(cfg, cosine, objective, [], None) is None  # a per-step schedule watches nothing
 
 
 # --------------------------------------------------------------------------- through the CLI
@@ -169,10 +198,11 @@ def test_an_early_stop_metric_the_run_does_not_produce_is_refused_before_a_run(t
 
 
 def test_a_plateau_run_watches_early_stopping_s_metric(tmp_path, digits_root):
-    """Through the recipes: accuracy never gains 0.5 (min_delta), so each validation after the first halves the rate."""
+    """Through the recipes: accuracy never gains 0.5 (min_delta), so each validation after the first halves the rate
+    from the next step on."""
     config = write_config(tmp_path / "s.yaml", SUPERVISED.format(root=digits_root))
     options = ["scheduler.name=plateau", "scheduler.patience=1", "scheduler.factor=0.5", "scheduler.min_delta=0.5"]
-    run = pretrain(config, [*options, "train.early_stop.patience=3"], runs_dir=tmp_path / "runs").run_dir
+    run = pretrain(config, [*options, "train.early_stop.patience=3"], runs_dir=tmp_path / "runs").run_dir  # stale at 6, 9, 12
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6, 9, 12] and rows[-1]["early_stopped"]  # patience 3: stale at 6, 9 and 12
     assert [r["lr"] for r in rows] == pytest.approx([1e-4, 1e-4, 5e-5, 2.5e-5])

@@ -135,35 +135,67 @@ def test_masked_language_modelling_follows_80_10_10_on_a_seeded_batch():
     assert torch.equal(torch.cat(halves), shown)
 
 
+def word_masking_expected(encodings, draws: torch.Tensor, ratio: float, offsets=None) -> torch.Tensor:
+    """The whole-word rule from the tokenizer's own word ids: a token is hidden when its word's first piece drew
+    under the ratio. `offsets`: per encoding, (row, first position) where it sits in the ids."""
+    expected = torch.zeros(draws.shape, dtype=torch.bool)
+    for index, encoding in enumerate(encodings):
+        row, at = offsets[index] if offsets else (index, 0)
+        first: dict[int, int] = {}
+        for position, word in enumerate(encoding.word_ids):
+            if word is not None:
+                first.setdefault(word, at + position)
+                expected[row, at + position] = bool(draws[row, first[word]] < ratio)
+    return expected
+
+
 def test_whole_word_masking_hides_every_piece_of_a_chosen_word_and_no_other():
-    """With whole words, a word split into subwords is hidden whole or not at all (the tokenizer's own word ids are
-    the reference), the expected share of hidden tokens is still the ratio, and the draws stay seeded."""
+    """With whole words, a token is hidden exactly when its word's first piece drew under the ratio (the tokenizer's
+    word ids are the reference); words of several pieces go whole; the share of hidden tokens is still the ratio."""
     tokenization = small_tokenization(max_length=48)
     rng = random.Random(3)
     words = [*TOPICS["science"], "photosynthesis", "unbelievably", "stadiums"]
     texts = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
     ids, _, encodings = tokenization.encode(texts, with_encodings=True)
-    flags = tokenization.continues_word
-    assert flags is not None and flags[ids[ids != tokenization.pad_id]].any()  # some words are split here
     t = tokenization
+    assert t.continues_word[ids[ids != t.pad_id]].any()  # some words are split here
     special = {"pad": t.pad_id, "mask": t.mask_id, "keep": t.boundary_ids, "vocab_size": t.vocab_size}
-    masking = TokenMasking(0.15, 0.8, 0.1, special, flags)
+    masking = TokenMasking(0.15, 0.8, 0.1, special, t.continues_word)
     shown, targets = masking(ids, torch.Generator().manual_seed(0))
     chosen = targets != IGNORED
-    split_words = 0
+    draws = torch.rand(2, *ids.shape, generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(chosen, word_masking_expected(encodings, draws, 0.15))
+    hidden_whole = 0  # words of several pieces, every piece hidden
     for row, encoding in enumerate(encodings):
-        words: dict[int, list[bool]] = {}
+        pieces: dict[int, list[int]] = {}
         for position, word in enumerate(encoding.word_ids):
             if word is not None:
-                words.setdefault(word, []).append(bool(chosen[row, position]))
-        assert all(len(set(hidden)) == 1 for hidden in words.values()), encoding.tokens
-        split_words += sum(len(hidden) > 1 and hidden[0] for hidden in words.values())
-    assert split_words > 50  # chosen words of several pieces were hidden whole
-    content = masking.maskable(ids)
-    assert abs(chosen.sum().item() / content.sum().item() - 0.15) < 0.02
+                pieces.setdefault(word, []).append(position)
+        hidden_whole += sum(len(at) > 1 and bool(chosen[row, at].all()) for at in pieces.values())
+    assert hidden_whole > 50
+    assert abs(chosen.sum().item() / masking.maskable(ids).sum().item() - 0.15) < 0.03  # words, not tokens, are drawn
     assert torch.equal(masking(ids, torch.Generator().manual_seed(0))[0], shown)
-    per_token = TokenMasking(0.15, 0.8, 0.1, special)(ids, torch.Generator().manual_seed(0))[1] != IGNORED
-    assert not torch.equal(per_token, chosen)
+
+
+def test_after_a_boundary_token_a_word_starts_even_without_its_mark():
+    """A byte-level text's first word carries no `Ġ`: after a boundary token (a pair's [SEP]) it is a word of its own,
+    not the rest of the word before the boundary."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    byte_level = ByteLevelBPETokenizer()
+    corpus = [article(topic, random.Random(i)) for i in range(40) for topic in TOPICS]
+    byte_level.train_from_iterator(corpus, vocab_size=400, special_tokens=["<pad>", "<mask>", "</s>"], show_progress=False)
+    tokenization = Tokenization(byte_level._tokenizer.to_str(), 32)
+    first, second = byte_level.encode("goal match stadium"), byte_level.encode("team player")
+    vocabulary = byte_level.get_vocab()
+    row = [*first.ids, vocabulary["</s>"], *second.ids]
+    ids = torch.tensor([row] * 400)
+    special = {"pad": vocabulary["<pad>"], "mask": vocabulary["<mask>"], "keep": (vocabulary["</s>"],), "vocab_size": 400}
+    chosen = TokenMasking(0.5, 1.0, 0.0, special, tokenization.continues_word)(ids, torch.Generator().manual_seed(0))[1] != IGNORED
+    draws = torch.rand(2, *ids.shape, generator=torch.Generator().manual_seed(0))[0]
+    offsets = [(r, 0) for r in range(400)] + [(r, len(first.ids) + 1) for r in range(400)]
+    assert torch.equal(chosen, word_masking_expected([first] * 400 + [second] * 400, draws, 0.5, offsets))
+    assert (chosen[:, len(first.ids) - 1] != chosen[:, len(first.ids) + 1]).any()  # the words either side are drawn apart
 
 
 def test_which_vocabularies_mark_where_words_continue():
@@ -189,7 +221,7 @@ def test_whole_word_masking_refuses_a_vocabulary_that_does_not_mark_words(cli, t
     result = cli("pretrain", "-c", config, "method.whole_words=true", "data.tokenizer.kind=bpe", "--runs-dir", runs)
     assert result.code == 2 and "method.whole_words" in result.stderr and "kind=wordpiece" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert not runs.exists() or not any(runs.iterdir())
+    assert not runs.exists()
 
 
 def test_batches_grouped_by_length_weigh_every_hidden_token_the_same():

@@ -224,8 +224,8 @@ def early_stop_of(cfg: Config, objective: Objective, val: Samples) -> EarlyStop 
 def schedule_metric_of(
     cfg: Config, scheduler: Any, objective: Objective, val: Samples, early_stop: EarlyStop | None
 ) -> tuple[str, bool] | None:
-    """What a schedule that follows validation (`observe`: plateau) watches: early stopping's metric, else the one
-    that picks best.pt."""
+    """What a schedule that follows validation (`observe` and `patience`: plateau) watches: early stopping's metric, else
+    the one that picks best.pt."""
     if not hasattr(scheduler, "observe"):
         return None
     if not len(val):
@@ -233,9 +233,14 @@ def schedule_metric_of(
             f"scheduler: '{cfg.scheduler.name}' lowers the learning rate when validation stops improving, and data.val_fraction "
             "is 0; set it above 0 or use scheduler.name=cosine"
         )
-    if early_stop is not None:
-        return early_stop.metric, early_stop.higher_is_better
-    return objective.selection.metric, objective.selection.higher_is_better
+    if early_stop is None:
+        return objective.selection.metric, objective.selection.higher_is_better
+    if early_stop.patience <= scheduler.patience:
+        raise ConfigError(
+            f"train.early_stop.patience ({early_stop.patience}) is not above scheduler.patience ({scheduler.patience}): the run would "
+            f"stop before its learning rate is cut; set train.early_stop.patience={scheduler.patience + 3} or lower scheduler.patience"
+        )
+    return early_stop.metric, early_stop.higher_is_better
 
 
 def settings_of(

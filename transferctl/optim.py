@@ -17,6 +17,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from transferctl.engine.train import improves
 from transferctl.registry import OPTIMIZERS, SCHEDULERS
 
 Momentum = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -160,9 +161,9 @@ def constant(optimizer, total_steps: int, warmup_steps: NonNegativeInt = 0):
 
 class PlateauSchedule(LambdaLR):
     """Linear warmup, then the learning rate times `factor` each time the watched validation metric has gone
-    `patience` validations without improving by more than `min_delta` (Keras' and PyTorch's ReduceLROnPlateau),
-    never below `min_lr_ratio` of it. The training loop calls `observe` after each validation; the counters go
-    with the checkpoint (LambdaLR's state holds this object's attributes)."""
+    `patience` validations without improving by more than `min_delta` (Keras' ReduceLROnPlateau; PyTorch's cuts after
+    patience + 1, with a relative threshold), never below `min_lr_ratio` of it. The training loop calls `observe` after
+    each validation; the counters go with the checkpoint (LambdaLR's state holds this object's attributes)."""
 
     def __init__(self, optimizer, warmup_steps: int, factor: float, patience: int, min_delta: float, min_lr_ratio: float):
         self.factor, self.patience, self.min_delta, self.min_lr_ratio = factor, patience, min_delta, min_lr_ratio
@@ -170,13 +171,17 @@ class PlateauSchedule(LambdaLR):
         super().__init__(optimizer, lambda step: _warmup(step, warmup_steps) * self.scale)
 
     def observe(self, value: float, higher_is_better: bool) -> None:
-        """One validation's value of the watched metric; the next step's rate follows from it."""
-        if self.best is None or (value > self.best + self.min_delta if higher_is_better else value < self.best - self.min_delta):
+        """One validation's value of the watched metric; a cut applies from the next step on."""
+        if improves(value, self.best, higher_is_better, self.min_delta):
             self.best, self.stale = value, 0
             return
         self.stale += 1
         if self.stale >= self.patience:
             self.scale, self.stale = max(self.scale * self.factor, self.min_lr_ratio), 0
+            # the rate of the next step was set when the last step ended: set it again, with the cut
+            self._last_lr = [base * fn(self.last_epoch) for base, fn in zip(self.base_lrs, self.lr_lambdas, strict=True)]
+            for group, rate in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+                group["lr"] = rate
 
 
 @SCHEDULERS.register()

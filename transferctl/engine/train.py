@@ -89,9 +89,15 @@ class EarlyStop:
     min_delta: float = 0.0
 
     def improves(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        return value > best + self.min_delta if self.higher_is_better else value < best - self.min_delta
+        return improves(value, best, self.higher_is_better, self.min_delta)
+
+
+def improves(value: float, best: float | None, higher_is_better: bool, min_delta: float = 0.0) -> bool:
+    """Whether a validation `value` beats `best` (None: the first) by more than `min_delta`, in the metric's direction:
+    early stopping's rule, and the plateau schedule's."""
+    if best is None:
+        return True
+    return value > best + min_delta if higher_is_better else value < best - min_delta
 
 
 class Objective(Protocol):
@@ -512,6 +518,17 @@ class _Loop:
         self.reporter.epoch(row)
         self.save_checked(row, is_best)
 
+    def check_watched(self, row: dict[str, Any]) -> None:
+        """What early stopping and the schedule watch must be in a validation row: a method or task that declares a
+        metric and gives another fails loudly."""
+        stop, schedule = self.settings.early_stop, self.settings.schedule_metric
+        for where, metric in (("train.early_stop.metric", stop.metric if stop else None), ("scheduler", schedule[0] if schedule else None)):
+            if metric is not None and metric not in row:
+                raise RunFailed(
+                    f"{where}: validation gave {', '.join(k for k in row if k.startswith('val_'))}, not '{metric}', which the "
+                    "method or task declares among its validation_metrics; fix its declaration"
+                )
+
     def track(self, row: dict[str, Any]) -> bool:
         """Whether `row` is the best so far (every row is, without a held-out split); with `train.early_stop`, count the
         validations since its metric last improved, and mark the step training stops at once patience runs out."""
@@ -519,11 +536,8 @@ class _Loop:
         selection = self.objective.selection
         is_best = (not self.has_val) or (selection.metric in row and selection.better(row, pos.best))
         validated = any(key.startswith("val_") for key in row)
-        if stop is not None and validated and stop.metric not in row:
-            raise RunFailed(
-                f"train.early_stop.metric: validation gave {', '.join(k for k in row if k.startswith('val_'))}, not "
-                f"'{stop.metric}', which the method or task declares among its validation_metrics; fix its declaration"
-            )
+        if validated:
+            self.check_watched(row)
         if self.settings.schedule_metric is not None and validated:
             metric, higher_is_better = self.settings.schedule_metric
             self.scheduler.observe(float(row[metric]), higher_is_better)
