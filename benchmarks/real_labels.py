@@ -8,7 +8,8 @@
 - **Early stopping**: configs/supervised_mnist.yaml and configs/supervised_ag_news.yaml with all their labels, as
   they are and with `train.early_stop` (patience 3 validations of `train.val_every_steps=100`, min_delta 0.001 of
   validation accuracy): the steps each trained and the test accuracy of the checkpoint evaluation reads (best.pt
-  when a run stopped early).
+  when a run stopped early). And on a budget with room to spare (twice the epochs): the cosine schedule stretched
+  over it, against early stopping on the plateau schedule (`--early-stop-budgets` picks the budgets).
 
 - **Pseudo-label guard**: configs/finetune10_fsdd.yaml and configs/finetune10_ag_news.yaml (10 labels per class and
   the rest of the training split without labels) from their SimCLR (FSDD) and masked-language-model (AG News)
