@@ -22,7 +22,7 @@ from transferctl.config import DataConfig
 from transferctl.data import load_split
 from transferctl.losses import asymmetric, binary_cross_entropy
 from transferctl.recipes.export import export_run
-from transferctl.tasks.multilabel import average_precision, best_thresholds, f1_scores
+from transferctl.tasks.multilabel import average_precision, best_thresholds, class_maps_head, f1_scores
 
 load_components()  # the data sets read directly below
 
@@ -30,6 +30,7 @@ SCENES = """\
 method: supervised
 task: multilabel
 model: {{name: cnn, widths: [8, 16]}}
+head: {{name: class_maps}}
 optimizer: {{name: adamw, lr: 0.01}}
 data: {{name: mnist_scenes, root: {root}, train_scenes: 300, test_scenes: 60, image_size: 32, max_digits: 2,
        batch_size: 32, eval_batch_size: 128, val_fraction: 0.2}}
@@ -81,6 +82,17 @@ def test_the_losses_are_cross_entropy_focal_and_asymmetric():
     assert clipped.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_the_class_maps_head_pools_each_class_s_scores_from_their_mean_to_their_maximum():
+    torch.manual_seed(0)
+    maps = [torch.randn(3, 8, 16, 16), torch.randn(3, 16, 4, 4)]  # only the deepest is read
+    soft, hard = class_maps_head((8, 16), 5, sharpness=1e-3), class_maps_head((8, 16), 5, sharpness=100.0)
+    hard.load_state_dict(soft.state_dict())
+    per_place = torch.einsum("nchw,kc->nkhw", maps[-1], soft.classify.weight[:, :, 0, 0]) + soft.classify.bias[:, None, None]
+    linear_on_mean = maps[-1].mean((2, 3)) @ soft.classify.weight[:, :, 0, 0].T + soft.classify.bias
+    assert torch.allclose(soft(maps), linear_on_mean, atol=1e-2)  # near 0: the linear head on average-pooled features
+    assert torch.allclose(hard(maps), per_place.amax((2, 3)), atol=0.03)  # large: the best place decides
+
+
 def test_mnist_scenes_gives_the_set_of_digits_present(digits_root):
     data = load_split(
         DataConfig(name="mnist_scenes", root=str(digits_root), train_scenes=50, test_scenes=10), True, target_kind="class_set"
@@ -98,7 +110,7 @@ def tagged(tmp_path_factory, digits_root) -> Path:
     folder = tmp_path_factory.mktemp("multilabel")
     config = write_config(folder / "scenes.yaml", SCENES.format(root=digits_root))
     run = recipes.pretrain(config, runs_dir=folder / "runs").run_dir
-    export_run(str(run), ["torchscript"], runs_dir=folder / "runs")
+    export_run(str(run), ["torchscript", "onnx"], runs_dir=folder / "runs")
     return run
 
 
@@ -128,6 +140,7 @@ def test_predict_gives_each_labels_probability_and_the_chosen_set_from_the_run_a
     assert [r["labels"] for r in from_export] == [r["labels"] for r in from_run]
     card = json.loads((tagged / "export" / "model_card.json").read_text())
     assert card["kind"] == "multilabel_classifier" and list(card["thresholds"].values()) == thresholds
+    assert card["parity"]["onnx"]["passed"]  # log-sum-exp pooling of the class maps inside the graph
 
 
 def _scenes_config(run: Path) -> DataConfig:

@@ -65,7 +65,20 @@ BUILT_IN = {
     "tasks": {"classification", "multilabel", "regression", "segmentation", "detection", "token_classification", "speech_recognition"},
     "modalities": {"image", "audio", "text"},
     "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf", "timm"},
-    "heads": {"projection", "linear", "decoder", "regressor", "fpn", "unet", "token_predictor", "fcos", "tagger", "ctc", "frame_predictor"},
+    "heads": {
+        "projection",
+        "linear",
+        "class_maps",
+        "decoder",
+        "regressor",
+        "fpn",
+        "unet",
+        "token_predictor",
+        "fcos",
+        "tagger",
+        "ctc",
+        "frame_predictor",
+    },
     "losses": {
         *("nt_xent", "cross_entropy", "mse", "bce", "l1", "huber"),
         *(

@@ -4,12 +4,14 @@ run's checkpoints); mean average precision, micro and macro F1, per-class AP."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from transferctl import agreement
@@ -17,7 +19,7 @@ from transferctl.data.samples import Samples
 from transferctl.engine.evaluate import Evaluation, predict
 from transferctl.engine.train import Selection
 from transferctl.errors import UsageError
-from transferctl.registry import TASKS
+from transferctl.registry import HEADS, TASKS
 from transferctl.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -74,6 +76,34 @@ def best_thresholds(probabilities: torch.Tensor, truth: torch.Tensor) -> list[fl
         below = ranked[best + 1].item() if best + 1 < len(ranked) else 0.0
         thresholds.append((ranked[best].item() + below) / 2)
     return thresholds
+
+
+class ClassMapsHead(nn.Module):
+    """A score per class at every position of the deepest feature map (a 1x1 conv), pooled over positions by
+    log-sum-exp (Pinheiro and Collobert 2015): `sharpness` near 0 is the mean, large is the maximum. A class is
+    present when some place shows it, which global average pooling dilutes when objects are small and several."""
+
+    def __init__(self, channels: int, num_outputs: int, sharpness: float, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout2d(dropout)
+        self.classify = nn.Conv2d(channels, num_outputs, 1)
+        self.sharpness = sharpness
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        scores = self.classify(self.dropout(maps[-1])).flatten(2)  # (N, classes, positions)
+        r = self.sharpness
+        return (torch.logsumexp(r * scores, dim=2) - math.log(scores.shape[2])) / r
+
+
+@HEADS.register("class_maps", serves=("multilabel",), reads="feature_maps")
+def class_maps_head(
+    stage_channels: tuple[int, ...],
+    num_outputs: int,
+    sharpness: Annotated[float, Field(gt=0.0, le=100.0)] = 5.0,
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0,
+) -> nn.Module:
+    """One logit per class: a linear classifier at every position of the deepest feature map, pooled by log-sum-exp."""
+    return ClassMapsHead(stage_channels[-1], num_outputs, sharpness, dropout)
 
 
 @TASKS.register("multilabel")
