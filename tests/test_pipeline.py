@@ -6,7 +6,9 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from transferctl.components import load_components
 from transferctl.config import DataConfig
 from transferctl.data import load_split
 from transferctl.data.augment import BatchAugment, simclr
@@ -142,3 +144,20 @@ def test_glibc_is_set_up_to_reuse_freed_memory_only_when_asked(monkeypatch):
     monkeypatch.setenv("TRANSFERCTL_GLIBC_TUNING", "1")
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and ctypes.util.find_library("c") is not None
     assert allocator.keep_freed_memory() is glibc
+
+
+def test_a_contrastive_method_gets_two_views_of_each_scene_whose_targets_are_masks(digits_root):
+    # mnist_scenes gives masks by default, which move with a single view; SimCLR's two views must both be drawn (one
+    # view would be chunked into two halves of different scenes as its "pairs", a loss nothing can lower)
+    load_components()
+    scenes = load_split(DataConfig(name="mnist_scenes", root=str(digits_root), train_scenes=40, test_scenes=10), True)
+    assert scenes.target_kind == "class_per_pixel"
+    (batch,) = MemoryPipeline(scenes, simclr(hflip_default=False), IMAGE, views=2, batch_size=40, seed=0, drop_last=True).batches(0)
+    assert len(batch.inputs) == 2 and batch.inputs[0].shape == batch.inputs[1].shape == (40, 1, 64, 64)
+    assert not torch.equal(batch.inputs[0], batch.inputs[1])
+    # a scene's two views are alike: coarsely pooled, each is closer to its pair than to most other scenes' views
+    pooled = [F.normalize(F.avg_pool2d(view, 8).flatten(1), dim=1) for view in batch.inputs]
+    similarity = pooled[0] @ pooled[1].T
+    assert (similarity.diag() > similarity.median(1).values).float().mean() > 0.7
+    (single,) = MemoryPipeline(scenes, BatchAugment(), IMAGE, views=1, batch_size=40, seed=0, drop_last=True).batches(0)
+    assert len(single.inputs) == 1 and single.targets.shape == (40, 64, 64)  # one view: its masks moved with it

@@ -158,10 +158,11 @@ class MemoryPipeline(NothingToReport):
             side = self.data.side_of(idx[mine])
             if self.by_length:  # cut to the global batch's longest sample, as one process would
                 x, side = self.modality.cut_padding(x, side, self.data)
-            if self.kind.geometric:  # targets move with their images: one view, drawn with them
+            if self.kind.geometric and self.views == 1:  # targets move with their images: one view, drawn with them
                 x, moved = self.augment.with_targets(x, self.data.targets[idx], self.kind, self.generator)
                 yield Batch((self._model_input(x[mine]),), moved[mine], {"index": idx[mine]}, side)
                 continue
+            # several views (contrastive methods, which read no targets): each drawn on its own, the targets unmoved
             views = tuple(self._view(x, mine) for _ in range(self.views))
             yield Batch(views, self.data.targets[idx][mine], {"index": idx[mine]}, side)
 
