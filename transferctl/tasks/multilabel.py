@@ -90,7 +90,7 @@ class ClassMapsHead(nn.Module):
         self.sharpness = sharpness
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        scores = self.classify(self.dropout(maps[-1])).flatten(2)  # (N, classes, positions)
+        scores = self.classify(self.dropout(maps[-1])).flatten(2).float()  # (N, classes, positions); pooled in float32 under bf16
         r = self.sharpness
         return (torch.logsumexp(r * scores, dim=2) - math.log(scores.shape[2])) / r
 
