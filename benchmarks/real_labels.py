@@ -9,8 +9,8 @@
   they are and with `train.early_stop` (patience 3 validations of `train.val_every_steps=100`, min_delta 0.001 of
   validation accuracy): the steps each trained and the test accuracy of the checkpoint evaluation reads (best.pt
   when a run stopped early). And on a budget with room to spare (twice the epochs): the cosine schedule stretched
-  over it, against early stopping on the plateau schedule, with min_delta 0.001 and with any gain counting
-  (`--early-stop-budgets` picks the budgets).
+  over it, against early stopping on the plateau schedule: on validation accuracy with min_delta 0.001 and with any
+  gain counting, and on validation loss (`--early-stop-budgets` picks the budgets).
 
 - **Pseudo-label guard**: configs/finetune10_fsdd.yaml and configs/finetune10_ag_news.yaml (10 labels per class and
   the rest of the training split without labels) from their SimCLR (FSDD) and masked-language-model (AG News)
@@ -65,6 +65,11 @@ EARLY_STOP_BUDGETS = {  # budget -> (its overrides per recipe, what early stoppi
     "twice the epochs, plateau schedule": (ROOM, PLATEAU_STOP),
     # early stopping's default elsewhere (Keras, Lightning): any gain resets the patience, as it does the schedule's
     "twice the epochs, plateau schedule, any gain counts": (ROOM, [*PLATEAU_STOP, "train.early_stop.min_delta=0"]),
+    # validation loss keeps falling after accuracy has levelled (the schedule watches it too; best.pt stays by accuracy)
+    "twice the epochs, plateau schedule on validation loss": (
+        ROOM,
+        [*PLATEAU_STOP, "train.early_stop.metric=val_loss", "train.early_stop.min_delta=0"],
+    ),
 }
 
 
