@@ -119,14 +119,14 @@ def early_stop_table(cells: Cells, runs: Path, extra: list[str], seeds: list[int
         for budget in budgets:
             room, stopping = EARLY_STOP_BUDGETS[budget]
             both = {}
+            # budgets with the same room share their runs without early stopping: keyed by the first such budget
+            first = next(b for b, (r, _) in EARLY_STOP_BUDGETS.items() if r == room)
             for variant, options in (("full", room.get(label, [])), ("early", [*room.get(label, []), *stopping])):
+                keyed_by = first if variant == "full" else budget
+                row = label if keyed_by == "as shipped" else f"{label}, {keyed_by}"  # the shipped budget's cells keep their keys
                 measured = []
                 for seed in seeds:
                     overrides = [*options, f"data.seed={seed}", f"train.seed={seed}", *extra]
-                    row = label if budget == "as shipped" else f"{label}, {budget}"  # the shipped budget's cells keep their keys
-                    if variant == "full":  # budgets with the same room share their runs without early stopping
-                        first = next(b for b, (r, _) in EARLY_STOP_BUDGETS.items() if r == room)
-                        row = label if first == "as shipped" else f"{label}, {first}"
                     key = f"early_stop/{row}/{variant}/seed{seed}/{recipe_digest(config, overrides)}"
                     measured.append(cells.get(key, lambda overrides=overrides, config=config: trained_and_tested(config, overrides, runs)))
                 both[variant] = measured

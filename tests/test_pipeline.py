@@ -161,3 +161,15 @@ def test_a_contrastive_method_gets_two_views_of_each_scene_whose_targets_are_mas
     assert (similarity.diag() > similarity.median(1).values).float().mean() > 0.7
     (single,) = MemoryPipeline(scenes, BatchAugment(), IMAGE, views=1, batch_size=40, seed=0, drop_last=True).batches(0)
     assert len(single.inputs) == 1 and single.targets.shape == (40, 64, 64)  # one view: its masks moved with it
+    loader = LoaderPipeline(
+        scenes,
+        simclr(hflip_default=False),
+        IMAGE,
+        device=torch.device("cpu"),
+        num_workers=0,
+        views=2,
+        batch_size=40,
+        seed=0,
+        drop_last=True,
+    )  # the loader serves them too; one view it refuses (test_segmentation)
+    assert len(next(iter(loader.batches(0))).inputs) == 2

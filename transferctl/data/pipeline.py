@@ -117,6 +117,13 @@ def augmented_input(
     return on_model_inputs(modality.normalize(augment(x, generator), data), generator)[mine]
 
 
+def targets_follow_views(data: Samples, views: int) -> bool:
+    """Whether a batch's targets must move with its augmented inputs: targets in the inputs' coordinates (masks,
+    boxes), and one view to move them with. Several views serve contrastive methods, which read no targets: each
+    view is drawn on its own and the targets stay as they are."""
+    return target_kind_of(data).geometric and views == 1
+
+
 class MemoryPipeline(NothingToReport):
     """Data on the device, batched augmentation on the device (airbench-style)."""
 
@@ -142,8 +149,8 @@ class MemoryPipeline(NothingToReport):
         self.rank, self.world = rank, world
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.generator = torch.Generator(device=data.inputs.device).manual_seed(seed + 1)
-        self.kind = target_kind_of(data)
-        if self.kind.geometric and not hasattr(augment, "with_targets"):
+        self.kind, self.moves_targets = target_kind_of(data), targets_follow_views(data, views)
+        if self.moves_targets and not hasattr(augment, "with_targets"):
             raise ConfigError(
                 f"data.augment: {self.kind.noun} move with their inputs, and this augmentation cannot move "
                 "them; use an image augmentation (light, simclr) or data.augment.name=none"
@@ -158,11 +165,10 @@ class MemoryPipeline(NothingToReport):
             side = self.data.side_of(idx[mine])
             if self.by_length:  # cut to the global batch's longest sample, as one process would
                 x, side = self.modality.cut_padding(x, side, self.data)
-            if self.kind.geometric and self.views == 1:  # targets move with their images: one view, drawn with them
+            if self.moves_targets:  # one view, drawn with its targets
                 x, moved = self.augment.with_targets(x, self.data.targets[idx], self.kind, self.generator)
                 yield Batch((self._model_input(x[mine]),), moved[mine], {"index": idx[mine]}, side)
                 continue
-            # several views (contrastive methods, which read no targets): each drawn on its own, the targets unmoved
             views = tuple(self._view(x, mine) for _ in range(self.views))
             yield Batch(views, self.data.targets[idx][mine], {"index": idx[mine]}, side)
 
@@ -305,7 +311,7 @@ class LoaderPipeline(NothingToReport):
         self.rank, self.world = rank, world
         self.n, self.device, self.num_workers = len(data), device, num_workers
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if target_kind_of(data).geometric:
+        if targets_follow_views(data, views):
             raise ConfigError(
                 f"data.pipeline: the loader pipeline does not move {target_kind_of(data).noun} with their images; "
                 "use data.pipeline=memory (raise data.memory_budget_mb if the split is larger than it)"
@@ -369,7 +375,7 @@ class StreamPipeline:
         rank: int = 0,
         world: int = 1,
     ):
-        if target_kind_of(data).geometric:
+        if targets_follow_views(data, views):
             raise ConfigError(
                 f"data.pipeline: a streamed split does not move {target_kind_of(data).noun} with their images; use data.pipeline=memory"
             )
