@@ -60,6 +60,9 @@ EARLY_STOP_RECIPES = {"MNIST": "supervised_mnist.yaml", "AG News": "supervised_a
 # where validation levels off (patience 2 validations a cut, 5 to stop: a cut gets time to pay before the run ends)
 ROOM = {"MNIST": ["train.epochs=10"], "AG News": ["train.epochs=20"]}
 PLATEAU_STOP = [*EARLY_STOP, "train.early_stop.patience=5", "scheduler.name=plateau", "scheduler.patience=2"]
+# warmup-stable-decay: a constant rate until validation levels off, then a linear cooldown over a fifth of the steps
+# taken so far before stopping (Hägele et al. 2024: a 20% cooldown matches a cosine schedule of that length)
+COOLDOWN_STOP = [*EARLY_STOP, "scheduler.name=constant", "train.early_stop.cooldown=0.2"]
 EARLY_STOP_BUDGETS = {  # budget -> (its overrides per recipe, what early stopping adds)
     "as shipped": ({}, EARLY_STOP),
     "twice the epochs, plateau schedule": (ROOM, PLATEAU_STOP),
@@ -69,6 +72,13 @@ EARLY_STOP_BUDGETS = {  # budget -> (its overrides per recipe, what early stoppi
     "twice the epochs, plateau schedule on validation loss": (
         ROOM,
         [*PLATEAU_STOP, "train.early_stop.metric=val_loss", "train.early_stop.min_delta=0"],
+    ),
+    "twice the epochs, constant rate, cooldown before the stop": (ROOM, COOLDOWN_STOP),
+    # the plateau rows' patience: five validations (about 400 steps), then the same cooldown, and one of half the steps
+    "twice the epochs, constant rate, patience 5, cooldown before the stop": (ROOM, [*COOLDOWN_STOP, "train.early_stop.patience=5"]),
+    "twice the epochs, constant rate, patience 5, cooldown of half the steps": (
+        ROOM,
+        [*COOLDOWN_STOP, "train.early_stop.patience=5", "train.early_stop.cooldown=0.5"],
     ),
 }
 

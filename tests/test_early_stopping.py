@@ -39,14 +39,16 @@ class ScriptedObjective(PlainObjective):
         return {"val_accuracy": self.scores[self.validations - 1]}
 
 
-def _run(scores, *, per_epoch=4, total=40, val_every_steps=None, patience=2, min_delta=0.0, resume=None, saves=None, plateau=None):
+def _run(
+    scores, *, per_epoch=4, total=40, val_every_steps=None, patience=2, min_delta=0.0, cooldown=0.0, resume=None, saves=None, plateau=None
+):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if plateau is not None:  # the plateau schedule's options
         scheduler = SCHEDULERS.build("plateau", plateau, optimizer=optimizer, total_steps=total)
-    stop = EarlyStop("val_accuracy", True, patience, min_delta) if patience else None
+    stop = EarlyStop("val_accuracy", True, patience, min_delta, cooldown) if patience else None
     watched = ("val_accuracy", True) if plateau is not None else None
     settings = Settings(
         Steps(per_epoch, total, False), 2, 100, 1, val_every_steps=val_every_steps, early_stop=stop, schedule_metric=watched
@@ -101,6 +103,38 @@ def test_a_resumed_run_keeps_its_patience_count():
     resumed, rows = _run(list(scores[3:]), patience=3, resume=checkpoint)
     assert whole.position.early_stopped_at == resumed.position.early_stopped_at == 20
     assert [r["step"] for r in rows] == [16, 20]
+
+
+STALLS_AT_16 = [0.5, 0.6, 0.6, 0.6, 0.9, 0.95, 0.97, 0.99, 0.99, 0.99]  # patience 2 runs out at step 16
+
+
+def test_a_cooldown_anneals_the_rate_to_zero_over_its_fraction_of_the_steps_then_stops():
+    """Patience runs out at step 16; a cooldown of 0.5 takes 8 more steps, the rate of step s times (24 - s) / 8, and
+    the gains it brings do not restart patience. A row's `lr` is its last step's."""
+    result, rows = _run(list(STALLS_AT_16), patience=2, cooldown=0.5)
+    assert result.position.cooldown_from == 16 and rows[3]["cooldown_until"] == 24
+    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 24] and rows[-1]["early_stopped"]
+    assert result.position.early_stopped_at == 24 and result.stopped_early
+    assert [r["lr"] for r in rows] == pytest.approx([0.01] * 4 + [0.01 * 5 / 8, 0.01 * 1 / 8])
+    assert result.position.best["step"] == 24  # the annealed weights validate best: best.pt holds them
+
+
+def test_the_cooldown_s_end_is_validated_off_the_cadence_and_a_resume_inside_it_goes_on_exactly():
+    saves: list = []
+    whole, rows = _run(list(STALLS_AT_16), patience=2, cooldown=0.3, saves=saves)  # ceil(0.3 * 16) = 5 steps: ends at 21
+    assert [r["step"] for r in rows] == [4, 8, 12, 16, 20, 21] and whole.position.early_stopped_at == 21
+    assert rows[-1]["lr"] == pytest.approx(0.01 / 5)
+    weights, training, row = saves[4]  # step 20's checkpoint, one step before the end
+    assert row["step"] == 20
+    checkpoint = Checkpoint(config={}, model=weights, data={}, epoch=5, step=20, training=training)
+    resumed, resumed_rows = _run(list(STALLS_AT_16[5:]), patience=2, cooldown=0.3, resume=checkpoint)
+    assert resumed.position.early_stopped_at == 21 and resumed_rows[0]["lr"] == pytest.approx(rows[-1]["lr"])
+
+
+def test_a_cooldown_that_would_outrun_the_budget_ends_with_it():
+    result, rows = _run(list(STALLS_AT_16), patience=2, cooldown=1.0, total=28)  # 16 more steps: cut at the budget's 28
+    assert rows[3]["cooldown_until"] == 28 and result.position.step == 28
+    assert result.position.early_stopped_at is None and rows[-1]["lr"] == pytest.approx(0.01 / 12)
 
 
 def test_the_plateau_schedule_lowers_the_rate_after_patience_stale_validations_and_resumes_its_count():

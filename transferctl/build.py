@@ -218,7 +218,7 @@ def early_stop_of(cfg: Config, objective: Objective, val: Samples) -> EarlyStop 
             f"train.early_stop.metric: the run does not produce '{metric}'{did_you_mean(metric, list(metrics))} "
             f"(it validates: {', '.join(metrics)})"
         )
-    return EarlyStop(metric, metrics[metric], section.patience, section.min_delta)
+    return EarlyStop(metric, metrics[metric], section.patience, section.min_delta, section.cooldown)
 
 
 def schedule_metric_of(

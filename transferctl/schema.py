@@ -95,6 +95,9 @@ class EarlyStopConfig(BaseModel):
     metric: str | None = None  # a validation metric of the run's method or task (val_...); None: the one that picks best.pt
     patience: PositiveInt = 5  # validations (every train.val_every epochs and train.val_every_steps steps)
     min_delta: float = Field(0.0, ge=0.0)  # a smaller change is no improvement
+    # > 0: once patience runs out, anneal the learning rate linearly to zero over this fraction of the steps trained
+    # so far, then stop (a warmup-stable-decay schedule that decays where validation levels off)
+    cooldown: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class TrainConfig(BaseModel):

@@ -81,12 +81,16 @@ class Selection:
 
 @dataclass(frozen=True)
 class EarlyStop:
-    """Stop once `metric` has not improved by more than `min_delta` for `patience` validations in a row."""
+    """Stop once `metric` has not improved by more than `min_delta` for `patience` validations in a row; with a
+    `cooldown`, first anneal the learning rate linearly to zero over that fraction of the steps trained so far (a
+    warmup-stable-decay schedule whose decay starts where validation levels off: a run stopped at a high rate has
+    not had the annealing a fixed schedule's last part gives)."""
 
     metric: str
     higher_is_better: bool
     patience: int
     min_delta: float = 0.0
+    cooldown: float = 0.0
 
     def improves(self, value: float, best: float | None) -> bool:
         return improves(value, best, self.higher_is_better, self.min_delta)
@@ -190,6 +194,9 @@ class Position:
     early_stop_best: float | None = None
     stale_validations: int = 0
     early_stopped_at: int | None = None
+    # early stopping's cooldown: the rate falls linearly from the step patience ran out to zero at the step it ends
+    cooldown_from: int | None = None
+    cooldown_until: int | None = None
 
 
 @dataclass
@@ -445,6 +452,7 @@ class _Loop:
         self.scheduler.step()
         self.pos.step += 1
         self.pos.batch_in_epoch += 1
+        self.anneal()
         return torch.zeros((), device=self.device) if skip else loss.detach() * len(batch)
 
     def end_epoch(self, epoch: int, running: torch.Tensor, images: int, seconds: float) -> None:
@@ -471,7 +479,12 @@ class _Loop:
         if row["train_loss"] is not None:
             _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
         every_steps = self.settings.val_every_steps
-        due = (epoch + 1) % self.settings.val_every == 0 or pos.step >= self.steps or bool(every_steps and pos.step % every_steps == 0)
+        due = (
+            (epoch + 1) % self.settings.val_every == 0
+            or pos.step >= self.steps
+            or bool(every_steps and pos.step % every_steps == 0)
+            or pos.step == pos.cooldown_until
+        )
         if self.has_val and due:
             row.update(self.validation())
         is_best = self.track(row)
@@ -495,9 +508,20 @@ class _Loop:
         return self.objective.validate(self.val, self.settings.eval_batch_size, scored)
 
     def validates_inside_epoch(self) -> bool:
-        """`train.val_every_steps` falls on this step, and it is not the epoch's last (which `end_epoch` validates)."""
-        every = self.settings.val_every_steps
-        return bool(every) and self.has_val and self.pos.step % every == 0 and self.pos.batch_in_epoch < self.per_epoch
+        """`train.val_every_steps` or the cooldown's end falls on this step, and it is not the epoch's last (which
+        `end_epoch` validates)."""
+        every, pos = self.settings.val_every_steps, self.pos
+        due = (bool(every) and pos.step % every == 0) or pos.step == pos.cooldown_until
+        return due and self.has_val and pos.batch_in_epoch < self.per_epoch
+
+    def anneal(self) -> None:
+        """In early stopping's cooldown, scale the rate the schedule set for the next step by what is left of it."""
+        pos = self.pos
+        if pos.cooldown_from is None or pos.cooldown_until is None:
+            return
+        left = max(pos.cooldown_until - pos.step, 0) / (pos.cooldown_until - pos.cooldown_from)
+        for group, rate in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = rate * left
 
     def validate_inside_epoch(self, epoch: int, running: torch.Tensor) -> None:
         """A metrics row and checkpoint in the middle of an epoch (its `epoch` a fraction), as `end_epoch` writes them."""
@@ -542,15 +566,32 @@ class _Loop:
             metric, higher_is_better = self.settings.schedule_metric
             self.scheduler.observe(float(row[metric]), higher_is_better)
         if stop is not None and validated:
-            value = float(row[stop.metric])
-            if stop.improves(value, pos.early_stop_best):
-                pos.early_stop_best, pos.stale_validations = value, 0
-            else:
-                pos.stale_validations += 1
-            if pos.stale_validations >= stop.patience and pos.step < self.steps:
+            self.count_patience(stop, float(row[stop.metric]), row)
+        return is_best
+
+    def count_patience(self, stop: EarlyStop, value: float, row: dict[str, Any]) -> None:
+        """Early stopping's count after a validation: once patience runs out, stop here, or anneal first (`cooldown`)
+        and stop at the cooldown's end, which is validated whatever the cadence."""
+        pos = self.pos
+        if pos.cooldown_until is not None:  # annealing: patience is spent
+            if pos.step >= pos.cooldown_until and pos.step < self.steps:
                 pos.early_stopped_at = pos.step
                 row["early_stopped"] = True
-        return is_best
+            self.anneal()  # a plateau schedule's cut may have just set the rate again
+            return
+        if stop.improves(value, pos.early_stop_best):
+            pos.early_stop_best, pos.stale_validations = value, 0
+        else:
+            pos.stale_validations += 1
+        if pos.stale_validations < stop.patience or pos.step >= self.steps:
+            return
+        if stop.cooldown:
+            pos.cooldown_from = pos.step
+            pos.cooldown_until = min(pos.step + max(math.ceil(stop.cooldown * pos.step), 1), self.steps)
+            row["cooldown_until"] = pos.cooldown_until
+        else:
+            pos.early_stopped_at = pos.step
+            row["early_stopped"] = True
 
 
 __all__ = [

@@ -258,11 +258,15 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
             signum,
         )
     stopping = {"early_stopped_at": result.position.early_stopped_at, "best_step": result.position.best.get("step")}
+    if result.position.cooldown_from is not None:
+        stopping["cooldown_from"] = result.position.cooldown_from
     run.update_summary(**stopping, parameters=t.network.parameter_counts())
     if result.stopped_early:
+        position = result.position
+        annealed = f", then the rate annealed to zero from step {position.cooldown_from}" if position.cooldown_from is not None else ""
         message = (
-            f"stopped early at step {result.position.early_stopped_at} of {t.steps.total}: {t.settings.early_stop.metric} "
-            f"did not improve for {t.settings.early_stop.patience} validations; best.pt is from step {stopping['best_step']}"
+            f"stopped early at step {position.early_stopped_at} of {t.steps.total}: {t.settings.early_stop.metric} "
+            f"did not improve for {t.settings.early_stop.patience} validations{annealed}; best.pt is from step {stopping['best_step']}"
         )
         run.log(message)
         reporter.note(message)
