@@ -212,6 +212,17 @@ def test_the_summary_says_where_the_run_stopped_and_evaluation_reads_best(stoppe
     assert json.loads((result.run_dir / "metrics.jsonl").read_text())["checkpoint"] == "best"
 
 
+def test_a_run_with_a_cooldown_records_where_it_began_and_stops_at_its_end(tmp_path, digits_root):
+    config = write_config(tmp_path / "s.yaml", SUPERVISED.format(root=digits_root))
+    options = ["scheduler.name=constant", "train.early_stop.cooldown=0.5"]
+    run = pretrain(config, options, runs_dir=tmp_path / "runs").run_dir  # patience runs out at step 6: 3 more steps
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["cooldown_from"], summary["early_stopped_at"]) == (6, 9)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9] and rows[1]["cooldown_until"] == 9 and rows[-1]["lr"] == pytest.approx(1e-4 / 3)
+    assert "then the rate annealed to zero from step 6" in (run / "log.txt").read_text()
+
+
 def test_an_early_stopped_run_is_not_resumed(stopped_run, cli):
     result = cli("pretrain", "--resume", str(stopped_run), "--runs-dir", str(stopped_run.parent))
     assert result.code == 2 and "stopped early at step 6" in result.stderr and "Traceback" not in result.stderr
