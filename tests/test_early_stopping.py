@@ -223,6 +223,17 @@ def test_a_run_with_a_cooldown_records_where_it_began_and_stops_at_its_end(tmp_p
     assert "then the rate annealed to zero from step 6" in (run / "log.txt").read_text()
 
 
+def test_a_run_whose_cooldown_its_budget_cut_short_is_not_extended(tmp_path, digits_root, cli):
+    """Patience runs out at step 6, a cooldown of 1.0 would end at 12, the budget ends the run at 9 with its rate at
+    zero: extending it would train on at a zero rate."""
+    config = write_config(tmp_path / "s.yaml", SUPERVISED.format(root=digits_root))
+    runs = tmp_path / "runs"
+    run = pretrain(config, ["train.early_stop.cooldown=1.0", "train.max_steps=9"], runs_dir=runs).run_dir
+    assert json.loads((run / "summary.json").read_text())["cooldown_from"] == 6
+    result = cli("pretrain", "--resume", str(run), "train.max_steps=20", "--runs-dir", str(runs))
+    assert result.code == 2 and "annealed to zero at step 9" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_an_early_stopped_run_is_not_resumed(stopped_run, cli):
     result = cli("pretrain", "--resume", str(stopped_run), "--runs-dir", str(stopped_run.parent))
     assert result.code == 2 and "stopped early at step 6" in result.stderr and "Traceback" not in result.stderr

@@ -74,6 +74,11 @@ def resume(
             f"--resume {ref}: the run stopped early at step {position.early_stopped_at} (train.early_stop: no improvement for "
             f"{cfg.train.early_stop.patience} validations); nothing to resume. Fine-tune again without train.early_stop to train on"
         )
+    if position is not None and position.cooldown_until is not None and done >= position.cooldown_until:
+        raise UsageError(
+            f"--resume {ref}: the run's learning rate annealed to zero at step {position.cooldown_until} (train.early_stop.cooldown, "
+            "cut short by its budget); nothing to resume. Fine-tune it (--from) to train on"
+        )
     if done >= steps:
         if record.summary.get("status") == "completed":
             raise UsageError(
