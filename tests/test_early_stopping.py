@@ -40,12 +40,25 @@ class ScriptedObjective(PlainObjective):
 
 
 def _run(
-    scores, *, per_epoch=4, total=40, val_every_steps=None, patience=2, min_delta=0.0, cooldown=0.0, resume=None, saves=None, plateau=None
+    scores,
+    *,
+    per_epoch=4,
+    total=40,
+    val_every_steps=None,
+    patience=2,
+    min_delta=0.0,
+    cooldown=0.0,
+    resume=None,
+    saves=None,
+    plateau=None,
+    decay=None,
 ):
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if decay is not None:  # a chainable schedule: each step's rate from the last
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
     if plateau is not None:  # the plateau schedule's options
         scheduler = SCHEDULERS.build("plateau", plateau, optimizer=optimizer, total_steps=total)
     stop = EarlyStop("val_accuracy", True, patience, min_delta, cooldown) if patience else None
@@ -117,6 +130,12 @@ def test_a_cooldown_anneals_the_rate_to_zero_over_its_fraction_of_the_steps_then
     assert result.position.early_stopped_at == 24 and result.stopped_early
     assert [r["lr"] for r in rows] == pytest.approx([0.01] * 4 + [0.01 * 5 / 8, 0.01 * 1 / 8])
     assert result.position.best["step"] == 24  # the annealed weights validate best: best.pt holds them
+
+
+def test_a_cooldown_scales_a_chainable_schedule_s_rate_without_compounding():
+    """ExponentialLR computes each rate from the last one: the cooldown's factor must apply to its rate, not build up."""
+    _, rows = _run(list(STALLS_AT_16), patience=2, cooldown=0.5, decay=0.9)
+    assert [r["lr"] for r in rows[4:]] == pytest.approx([0.01 * 0.9**19 * 5 / 8, 0.01 * 0.9**23 * 1 / 8])
 
 
 def test_the_cooldown_s_end_is_validated_off_the_cadence_and_a_resume_inside_it_goes_on_exactly():

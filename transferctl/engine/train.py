@@ -449,7 +449,7 @@ class _Loop:
             if self.average is not None:
                 self.average.update()
             self.after_step(self.pos.step)
-        self.scheduler.step()
+        self.advance_schedule()
         self.pos.step += 1
         self.pos.batch_in_epoch += 1
         self.anneal()
@@ -513,6 +513,14 @@ class _Loop:
         every, pos = self.settings.val_every_steps, self.pos
         due = (bool(every) and pos.step % every == 0) or pos.step == pos.cooldown_until
         return due and self.has_val and pos.batch_in_epoch < self.per_epoch
+
+    def advance_schedule(self) -> None:
+        """The schedule's rate for the next step. In a cooldown the rate it set last goes back first: a chainable
+        schedule (a plugin's StepLR) computes from the current rate, and would compound the cooldown's."""
+        if self.pos.cooldown_from is not None:
+            for group, rate in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = rate
+        self.scheduler.step()
 
     def anneal(self) -> None:
         """In early stopping's cooldown, scale the rate the schedule set for the next step by what is left of it."""
