@@ -478,13 +478,7 @@ class _Loop:
             row["partial"] = True
         if row["train_loss"] is not None:
             _check_finite(row["train_loss"], f"in epoch {epoch + 1}")
-        every_steps = self.settings.val_every_steps
-        due = (
-            (epoch + 1) % self.settings.val_every == 0
-            or pos.step >= self.steps
-            or bool(every_steps and pos.step % every_steps == 0)
-            or pos.step == pos.cooldown_until
-        )
+        due = (epoch + 1) % self.settings.val_every == 0 or pos.step >= self.steps or self.validation_due_at_step()
         if self.has_val and due:
             row.update(self.validation())
         is_best = self.track(row)
@@ -507,12 +501,14 @@ class _Loop:
         scored = self.model if self.average is None else self.average.network
         return self.objective.validate(self.val, self.settings.eval_batch_size, scored)
 
-    def validates_inside_epoch(self) -> bool:
-        """`train.val_every_steps` or the cooldown's end falls on this step, and it is not the epoch's last (which
-        `end_epoch` validates)."""
+    def validation_due_at_step(self) -> bool:
+        """`train.val_every_steps` or early stopping's cooldown end falls on this step (epoch cadence aside)."""
         every, pos = self.settings.val_every_steps, self.pos
-        due = (bool(every) and pos.step % every == 0) or pos.step == pos.cooldown_until
-        return due and self.has_val and pos.batch_in_epoch < self.per_epoch
+        return bool(every and pos.step % every == 0) or pos.step == pos.cooldown_until
+
+    def validates_inside_epoch(self) -> bool:
+        """A validation falls on this step by steps, and it is not the epoch's last (which `end_epoch` validates)."""
+        return self.validation_due_at_step() and self.has_val and self.pos.batch_in_epoch < self.per_epoch
 
     def advance_schedule(self) -> None:
         """The schedule's rate for the next step. In a cooldown the rate it set last goes back first: a chainable
@@ -525,7 +521,7 @@ class _Loop:
     def anneal(self) -> None:
         """In early stopping's cooldown, scale the rate the schedule set for the next step by what is left of it."""
         pos = self.pos
-        if pos.cooldown_from is None or pos.cooldown_until is None:
+        if pos.cooldown_until is None or pos.cooldown_from is None:  # set together, when patience runs out
             return
         left = max(pos.cooldown_until - pos.step, 0) / (pos.cooldown_until - pos.cooldown_from)
         for group, rate in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):

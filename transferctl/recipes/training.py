@@ -257,12 +257,12 @@ def run_training(t: Training, run: Run, command: str, reporter: Reporter, resume
             f"continue with `transferctl {command} --resume {run.path}`",
             signum,
         )
-    stopping = {"early_stopped_at": result.position.early_stopped_at, "best_step": result.position.best.get("step")}
-    if result.position.cooldown_from is not None:
-        stopping["cooldown_from"] = result.position.cooldown_from
+    position = result.position
+    stopping = {"early_stopped_at": position.early_stopped_at, "best_step": position.best.get("step")}
+    if position.cooldown_from is not None:
+        stopping["cooldown_from"] = position.cooldown_from
     run.update_summary(**stopping, parameters=t.network.parameter_counts())
     if result.stopped_early:
-        position = result.position
         annealed = f", then the rate annealed to zero from step {position.cooldown_from}" if position.cooldown_from is not None else ""
         message = (
             f"stopped early at step {position.early_stopped_at} of {t.steps.total}: {t.settings.early_stop.metric} "
