@@ -42,6 +42,7 @@ FINETUNE = CONFIGS / "ner_conll2003.yaml"
 CASED = ["data.tokenizer.lowercase=false", "data.tokenizer.max_length=128", "data.tokenizer.vocab_size=10000"]
 PRETRAINING = {  # method -> (recipe, overrides beyond data.root=<corpus>)
     "mlm": (CONFIGS / "mlm_news_cased.yaml", []),
+    "electra": (CONFIGS / "electra_news_cased.yaml", []),
     # the AG News contrastive recipe's gru, on the cased corpus (5 epochs: about the masked model's time)
     "simclr": (CONFIGS / "simclr_ag_news.yaml", ["data.name=text_csv", "data.label_column=null", *CASED, "train.epochs=5"]),
 }
@@ -51,6 +52,7 @@ ENCODERS = {  # key -> (row name, pretraining method or None, the encoder of a r
     "random_transformer": ("random init (transformer)", None, []),  # the recipe's transformer: the masked model's
     "simclr": ("contrastive, gru (no labels)", "simclr", []),
     "mlm": ("masked language model, transformer (no labels)", "mlm", []),
+    "electra": ("replaced-token detection (ELECTRA), transformer (no labels)", "electra", []),
 }
 CLASSIC = "CRF over word features (sklearn-crfsuite)"
 COLUMNS = {  # column -> overrides: a labelled subset and its step budget, validating a few times

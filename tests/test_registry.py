@@ -61,7 +61,7 @@ def test_build_passes_only_the_context_a_component_takes():
 
 # The one list of the built-in components (test_cli.py checks the CLI's listing against the registries, not this list).
 BUILT_IN = {
-    "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm", "masked_frames"},
+    "methods": {"simclr", "supervised", "finetune", "autoencoder", "mae", "mlm", "electra", "masked_frames"},
     "tasks": {"classification", "multilabel", "regression", "segmentation", "detection", "token_classification", "speech_recognition"},
     "modalities": {"image", "audio", "text"},
     "models": {"mlp", "cnn", "resnet18", "gru", "lstm", "conv1d", "transformer", "hf", "timm"},

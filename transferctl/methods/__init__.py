@@ -1,4 +1,4 @@
-"""Methods: how a run trains. Pretraining methods (simclr, supervised, autoencoder, mae, mlm, masked_frames) and
+"""Methods: how a run trains. Pretraining methods (simclr, supervised, autoencoder, mae, mlm, electra, masked_frames) and
 fine-tuning, each a registered class in a module of its own; `method_of(cfg)` gives the configured one, with its task."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from transferctl.engine.evaluate import Evaluation
-from transferctl.methods import autoencoder, finetune, mae, masked_frames, mlm, simclr, supervised  # noqa: F401  (registers)
+from transferctl.methods import autoencoder, electra, finetune, mae, masked_frames, mlm, simclr, supervised  # noqa: F401  (registers)
 from transferctl.methods.base import Export, Method, Parts, component_defaults
 from transferctl.registry import METHODS, TASKS
 
