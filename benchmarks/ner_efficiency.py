@@ -46,6 +46,9 @@ PRETRAINING = {  # method -> (recipe, overrides beyond data.root=<corpus>)
     # the AG News contrastive recipe's gru, on the cased corpus (5 epochs: about the masked model's time)
     "simclr": (CONFIGS / "simclr_ag_news.yaml", ["data.name=text_csv", "data.label_column=null", *CASED, "train.epochs=5"]),
 }
+# a pretraining that goes on from another's run: its encoder's weights and its tokenizer (the row's pretraining time
+# is both runs')
+CONTINUES = {"electra": "mlm"}
 GRU = ["model.name=gru", "model.embed_dim=128", "model.hidden_dim=256", "model.layers=1"]  # simclr_ag_news.yaml's encoder
 ENCODERS = {  # key -> (row name, pretraining method or None, the encoder of a random-init row)
     "random_gru": ("random init (gru)", None, GRU),
@@ -96,12 +99,17 @@ def pretrained(method: str | None, cells: Cells, runs: Path, corpus: Path, extra
         return {"source": None, "seconds": 0.0}
     config, options = PRETRAINING[method]
     overrides = [f"data.root={corpus}", *options, *[e for e in extra if not e.startswith("data.root=")]]
+    before = {"seconds": 0.0}
+    if method in CONTINUES:
+        before = pretrained(CONTINUES[method], cells, runs, corpus, extra)
+        start = Path(before["source"])
+        overrides += [f"model.weights={start / 'checkpoints' / 'last.pt'}", f"data.tokenizer.path={start / 'tokenizer.json'}"]
     cell = cells.get(
         f"pretrain/{method}/news_cased/{recipe_digest(config, overrides)}",
         lambda: {"run": str(pretrain(config, overrides, runs_dir=runs).run_dir)},
         usable=lambda row: Path(row["run"]).is_dir(),
     )
-    return {"source": cell["run"], "seconds": cell["seconds"]}
+    return {"source": cell["run"], "seconds": before["seconds"] + cell["seconds"]}
 
 
 def tuned_f1(source: str | None, overrides: list[str], runs: Path) -> dict[str, Any]:

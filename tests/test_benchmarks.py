@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,6 +212,41 @@ def test_the_ner_benchmarks_overrides_reach_the_fine_tunes_and_never_the_pretrai
     assert pretrained == [[f"data.root={tmp_path / 'corpus'}"]]  # the shipped recipe on the corpus, nothing else
     assert tuned == [(str(tmp_path), [*ner.COLUMNS["100"], "data.seed=0", *extra])]
     assert rows[0]["100"] == 0.5
+
+
+def test_the_ner_benchmarks_electra_row_goes_on_from_the_masked_models_run(tmp_path, monkeypatch):
+    """ELECTRA starts from the masked model's encoder and tokenizer (one masked model for both rows); its row's
+    pretraining time is both runs'."""
+    spec = importlib.util.spec_from_file_location("ner_efficiency", BENCHMARK.parent / "ner_efficiency.py")
+    ner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ner)
+    pretrained = []
+
+    def pretrain(config, overrides, runs_dir):
+        pretrained.append((Path(config).name, overrides))
+        folder = tmp_path / f"run{len(pretrained)}"
+        folder.mkdir()
+        return SimpleNamespace(run_dir=folder)
+
+    monkeypatch.setattr(ner, "pretrain", pretrain)
+    monkeypatch.setattr(ner, "tuned_f1", lambda source, overrides, runs: {"f1": 0.5})
+    cells = ner.Cells(tmp_path / "cells.jsonl")
+    rows = ner.rows_of(["mlm", "electra"], [0], cells, tmp_path / "runs", tmp_path / "corpus", [], ["100"], False, [])
+    corpus = f"data.root={tmp_path / 'corpus'}"
+    start = tmp_path / "run1"
+    assert pretrained == [
+        ("mlm_news_cased.yaml", [corpus]),
+        (
+            "electra_news_cased.yaml",
+            [corpus, f"model.weights={start / 'checkpoints' / 'last.pt'}", f"data.tokenizer.path={start / 'tokenizer.json'}"],
+        ),
+    ]
+    seconds = {
+        row["key"].split("/")[1]: row["seconds"]
+        for row in map(json.loads, cells.path.read_text().splitlines())
+        if row["key"].startswith("pretrain/")
+    }
+    assert rows[1]["pretrain_min"] == pytest.approx((seconds["mlm"] + seconds["electra"]) / 60)
 
 
 def test_a_ner_benchmark_cell_is_measured_again_when_its_column_s_budget_changes(tmp_path, monkeypatch):
