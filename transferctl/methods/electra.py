@@ -146,13 +146,15 @@ class Corrupted:
 
 
 def corrupt(ids: torch.Tensor, masking: TokenMasking, generate: Callable, generator: torch.Generator) -> Corrupted:
-    """Hide tokens, let the generator fill them with tokens it samples; a sample equal to the text's token counts as
-    the text's own (as ELECTRA labels it)."""
+    """Hide tokens, let the generator fill them with tokens it samples (never padding, [MASK] or a boundary token,
+    which would change what the encoder masks or reads as a text's edge); a sample equal to the text's token counts
+    as the text's own (as ELECTRA labels it)."""
     shown, targets = masking(ids, generator)
     chosen = targets != IGNORED
     generated = generate(shown, chosen)
     with torch.no_grad():
-        corrupted = ids.masked_scatter(chosen, sample_tokens(generated.detach(), generator).to(ids.dtype))
+        ordinary = generated.detach().float().index_fill(1, masking.special(torch.long).to(ids.device), float("-inf"))
+        corrupted = ids.masked_scatter(chosen, sample_tokens(ordinary, generator).to(ids.dtype))
     real = masking.maskable(ids)
     return Corrupted(corrupted, generated, targets[chosen], real, (corrupted != ids)[real])
 
