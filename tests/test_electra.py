@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,3 +157,86 @@ def test_electra_pretrains_and_a_tagger_fine_tunes_from_it(cli, tmp_path, conll_
     tuned = cli("finetune", "--from", pretrained.json["run_dir"], "-c", config, "--runs-dir", runs, "--json")
     assert tuned.code == 0, tuned.stderr
     assert tuned.json["metrics"]["val_entity_f1"] > 0.25  # a small GRU in 6 epochs; an untrained tagger finds none
+
+
+class KnowsTheReplacements(torch.nn.Module):
+    """A stand-in network: its generator is sure of token 4 wherever a token is hidden, and its detector calls every
+    token 4 replaced (so a text's own 4s are its false alarms)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Module()
+        self.head.token_generator = lambda shown, chosen: F.one_hot(torch.full((int(chosen.sum()),), 4), 30).float() * 100
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.where(ids[positions] == 4, 5.0, -5.0)
+
+
+def test_measure_scores_the_generator_and_the_detector_over_the_whole_split(monkeypatch):
+    """Shares over the split's tokens (not means of batch means), against the same draws done by hand."""
+    from transferctl.methods import electra
+
+    ids = texts(40)
+    batches = lambda data, size: ((ids[i : i + size], None) for i in range(0, len(ids), size))
+    monkeypatch.setattr(electra, "iterate_batches", batches)
+    monkeypatch.setattr(electra, "modality_of", lambda data: SimpleNamespace(model_input=lambda inputs, data: inputs))
+    masking = TokenMasking(0.3, 1.0, 0.0, SPECIAL)
+    network = KnowsTheReplacements()
+    measured = electra.ReplacedTokensObjective(network, None, ReplacedTokenLoss(50.0), masking, 0).measure(network, None, 16)
+    generator = torch.Generator().manual_seed(0)  # validation's fixed seed, drawn batch after batch
+    done = [corrupt(inputs, masking, network.head.token_generator, generator) for inputs, _ in batches(None, 16)]
+    hidden, replaced = torch.cat([c.hidden for c in done]), torch.cat([c.replaced for c in done])
+    generated = torch.cat([c.generated for c in done])
+    said = torch.cat([c.ids[c.real] == 4 for c in done])
+    assert measured["masked_accuracy"] == pytest.approx((hidden == 4).float().mean().item())
+    assert measured["detection_accuracy"] == pytest.approx((said == replaced).float().mean().item())
+    assert measured["detection_recall"] == pytest.approx((said & replaced).sum().item() / replaced.sum().item())
+    assert measured["detection_recall"] == 1.0 and measured["detection_accuracy"] < 1.0  # the texts' own 4s
+    logits = torch.where(said, 5.0, -5.0)
+    per_token = F.cross_entropy(generated, hidden) + 50 * F.binary_cross_entropy_with_logits(logits, replaced.float())
+    assert measured["loss"] == pytest.approx(per_token.item(), rel=1e-5)
+
+
+def test_grouped_batches_weigh_each_token_the_same_and_a_restored_objective_draws_the_same():
+    """With batches grouped by length, each term is scaled by the batch's token count over the split's mean; a
+    resumed run's objective (its generator's state restored) hides and samples exactly as the uninterrupted one."""
+    from transferctl.data.samples import Batch
+    from transferctl.methods.electra import ReplacedTokensObjective
+
+    ids = texts(16)
+    masking = TokenMasking(0.5, 1.0, 0.0, SPECIAL)
+    generator_net = KnowsTheReplacements().head.token_generator
+    seen = []
+
+    class Detector(torch.nn.Module):
+        def forward(self, corrupted: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            seen.append(corrupted.clone())
+            return torch.zeros(int(positions.sum()))
+
+    def objective(per_text):
+        return ReplacedTokensObjective(Detector(), generator_net, ReplacedTokenLoss(50.0), masking, 3, per_text=per_text)
+
+    plain, grouped = objective(None), objective((2.0, 5.0))
+    state = grouped.state_dict()
+    batch = Batch((ids,), torch.zeros(16))
+    unscaled, scaled = plain.loss(batch, 0), grouped.loss(batch, 0)
+    c = corrupt(ids, masking, generator_net, torch.Generator().set_state(state["generator"]))
+    generation = F.cross_entropy(c.generated, c.hidden)
+    detection = F.binary_cross_entropy_with_logits(torch.zeros(len(c.replaced)), c.replaced.float())
+    assert unscaled.item() == pytest.approx((generation + 50 * detection).item(), rel=1e-5)
+    shares = (len(c.hidden) / (2.0 * 16), len(c.replaced) / (5.0 * 16))
+    assert scaled.item() == pytest.approx((generation * shares[0] + 50 * detection * shares[1]).item(), rel=1e-5)
+    resumed = objective((2.0, 5.0))
+    resumed.load_state_dict(state)
+    resumed.loss(batch, 0)
+    assert torch.equal(seen[-1], seen[1]) and not torch.equal(seen[-1], ids)  # the same corruption, replayed
+
+
+def test_electra_refuses_early_stopping_on_its_loss():
+    from transferctl.config import load_config
+
+    base = {"method": "electra", "model": {"name": "transformer"}, "data": {"name": "text_csv"}}
+    cfg = load_config(None, ["train.early_stop.patience=3"], base=base)
+    with pytest.raises(ConfigError, match=r"train\.early_stop\.metric=val_detection_accuracy"):
+        ReplacedTokenDetection().check(cfg, World())
+    ReplacedTokenDetection().check(load_config(None, ["train.early_stop.metric=val_detection_accuracy"], base=base), World())

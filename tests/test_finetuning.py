@@ -316,6 +316,20 @@ def test_weight_average_follows_the_warmed_up_decay_and_copies_counters():
     assert live[0].weight.item() == 5.0 and not average.network[0].weight.requires_grad
 
 
+def test_weight_average_moves_a_tied_tensor_once_a_step():
+    """A head tied to the encoder's token table (mlm, electra) lists the table under two names: one update each."""
+    embedding = torch.nn.Embedding(3, 2)
+    live = torch.nn.ModuleDict({"encoder": embedding, "head": torch.nn.ModuleDict({"tied": embedding})})
+    with torch.no_grad():
+        embedding.weight.fill_(0.0)
+    average = WeightAverage(live, decay=0.5)
+    with torch.no_grad():
+        embedding.weight.fill_(1.0)
+    average.update()  # decay 0.1 on the first update: 0.9 of the way to the live weights, once
+    assert average.network["encoder"].weight[0, 0].item() == pytest.approx(0.9)
+    assert average.network["head"]["tied"].weight is average.network["encoder"].weight
+
+
 def test_the_weight_average_is_what_a_run_validates_and_saves(source, tmp_path):
     options = ["train.max_steps=6", "train.ema_decay=0.9"]
     run = tune(source, tmp_path, *options)

@@ -28,8 +28,9 @@ class WeightAverage:
         # (average, live) tensor pairs, found once: state_dict tensors share storage with the modules,
         # so the per-step update touches no dicts (load_state_dict copies in place and keeps them valid)
         averages, live = self.network.state_dict(), network.state_dict()
-        self._floats = [(averages[k], live[k]) for k in averages if averages[k].is_floating_point()]
-        self._counters = [(averages[k], live[k]) for k in averages if not averages[k].is_floating_point()]
+        names = _one_name_per_tensor(averages)  # a tied tensor (a head sharing the token table) moves once a step
+        self._floats = [(averages[k], live[k]) for k in names if averages[k].is_floating_point()]
+        self._counters = [(averages[k], live[k]) for k in names if not averages[k].is_floating_point()]
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -43,3 +44,14 @@ class WeightAverage:
         for average, live in self._counters:
             average.copy_(live)
         self.updates += 1
+
+
+def _one_name_per_tensor(state: dict[str, torch.Tensor]) -> list[str]:
+    """The state's names, the first only of those that name one tensor (tied weights are listed under each name)."""
+    seen: set[int] = set()
+    names = []
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            names.append(name)
+    return names

@@ -36,10 +36,11 @@ if TYPE_CHECKING:
 VALIDATION = Selection("val_loss", higher_is_better=False)
 
 
-class Generator(nn.Module):
+class TokenGenerator(nn.Module):
     """The generator: the encoder's token embeddings (shared), its own learned positions and pre-LN blocks at the
-    encoder's width, fewer of them (DeBERTaV3's choice: half the depth; a generator as strong as the encoder makes
-    replacements too hard to tell), and a prediction head tied to the shared embeddings."""
+    encoder's width, few of them (one by default; DeBERTaV3 keeps the width and halves the depth, ELECTRA narrows
+    the width: a generator as strong as the encoder makes replacements too hard to tell), and a prediction head
+    tied to the shared embeddings."""
 
     def __init__(self, word_embedding: nn.Embedding, pad_id: int, max_length: int, layers: int, heads: int, dropout: float):
         super().__init__()
@@ -66,9 +67,9 @@ class ReplacedTokenDetector(nn.Module):
     """ELECTRA's discriminator head (dense, GELU, one logit: replaced) over the encoder's features at each token, and
     the generator that makes the replacements."""
 
-    def __init__(self, feature_dim: int, generator: Generator):
+    def __init__(self, feature_dim: int, token_generator: TokenGenerator):
         super().__init__()
-        self.generator = generator
+        self.token_generator = token_generator
         self.detect = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.GELU(), nn.Linear(feature_dim, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -89,13 +90,14 @@ def replaced_token_detector(
     """ELECTRA's discriminator head and its generator (one block at the encoder's width, sharing its token embeddings)."""
     if not isinstance(word_embedding, nn.Embedding):
         raise ConfigError(
-            "head: 'replaced_token_detector' shares the encoder's token embeddings, and this encoder has none; use model.name=transformer"
+            "head: 'replaced_token_detector' shares the encoder's token embeddings, and this encoder has none; "
+            "use one with a token table (transformer, gru, lstm)"
         )
     if word_embedding.embedding_dim % generator_heads:
         width = word_embedding.embedding_dim
         raise ConfigError(f"head.generator_heads: {generator_heads} heads do not divide the encoder's width {width}; pick a divisor")
-    generator = Generator(word_embedding, pad_id, sample_shape[0], generator_layers, generator_heads, generator_dropout)
-    return ReplacedTokenDetector(feature_dim, generator)
+    token_generator = TokenGenerator(word_embedding, pad_id, sample_shape[0], generator_layers, generator_heads, generator_dropout)
+    return ReplacedTokenDetector(feature_dim, token_generator)
 
 
 class ReplacedTokenLoss(nn.Module):
@@ -115,8 +117,9 @@ class ReplacedTokenLoss(nn.Module):
         replaced: torch.Tensor,
         shares: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
+        # a batch of very short texts may hide nothing, or hold no real token: no term, and no NaN
         generation = F.cross_entropy(generated.float(), hidden) if len(hidden) else generated.sum() * 0.0
-        detection = F.binary_cross_entropy_with_logits(detected.float(), replaced.float())
+        detection = F.binary_cross_entropy_with_logits(detected.float(), replaced.float()) if len(replaced) else detected.sum() * 0.0
         return generation * shares[0] + self.detection_weight * detection * shares[1]
 
 
@@ -128,9 +131,12 @@ def replaced_token_detection(detection_weight: Annotated[float, Field(gt=0.0)] =
 
 
 def sample_tokens(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of `logits`, drawn from its softmax (the Gumbel-max trick), the noise from the CPU `generator`."""
-    noise = torch.rand(logits.shape, generator=generator).to(logits.device).clamp_(1e-9, 1.0)
-    return (logits.float() - torch.log(-torch.log(noise))).argmax(-1)
+    """One token per row of `logits`, drawn from its softmax by inverting its cumulative sum at one uniform draw per
+    row from the CPU `generator` (a draw per token of the vocabulary would be a large copy to the device each step).
+    Tokens of probability 0 (logit -inf) are never drawn: the draw falls in (0, total]."""
+    cumulative = torch.softmax(logits.float(), dim=-1).cumsum(-1)
+    draws = 1.0 - torch.rand(len(logits), generator=generator).to(logits.device)  # (0, 1]
+    return torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None]).squeeze(-1)
 
 
 @dataclass
@@ -145,7 +151,10 @@ class Corrupted:
     replaced: torch.Tensor
 
 
-def corrupt(ids: torch.Tensor, masking: TokenMasking, generate: Callable, generator: torch.Generator) -> Corrupted:
+Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (shown ids, hidden places) -> logits at those places
+
+
+def corrupt(ids: torch.Tensor, masking: TokenMasking, generate: Generate, generator: torch.Generator) -> Corrupted:
     """Hide tokens, let the generator fill them with tokens it samples (never padding, [MASK] or a boundary token,
     which would change what the encoder masks or reads as a text's edge); a sample equal to the text's token counts
     as the text's own (as ELECTRA labels it)."""
@@ -166,7 +175,7 @@ class ReplacedTokensObjective(OwnGenerator):
     its own generator, which goes with the checkpoint."""
 
     forward: nn.Module
-    generate: nn.Module
+    token_generator: nn.Module
     criterion: nn.Module
     masking: TokenMasking
     seed: int
@@ -185,37 +194,43 @@ class ReplacedTokensObjective(OwnGenerator):
 
     def loss(self, batch: Batch, step: int) -> torch.Tensor:
         (ids,) = batch.inputs
-        c = corrupt(ids, self.masking, self.generate, self.generator)
-        detected = self.forward(c.ids, c.real)
-        shares = (1.0, 1.0)
-        if self.per_text is not None:
-            shares = (len(c.hidden) / (self.per_text[0] * len(ids)), int(c.real.sum()) / (self.per_text[1] * len(ids)))
-        return self.criterion(c.generated, c.hidden, detected, c.replaced, shares)
+        c = corrupt(ids, self.masking, self.token_generator, self.generator)
+        return self.criterion(c.generated, c.hidden, self.forward(c.ids, c.real), c.replaced, self.shares(c, len(ids)))
+
+    def shares(self, c: Corrupted, texts: int) -> tuple[float, float]:
+        """Each loss term's scale: 1, or in batches grouped by length the batch's count of hidden (real) tokens over
+        the split's mean count per batch of this size, so that a batch of long texts weighs more than one of short."""
+        if self.per_text is None:
+            return 1.0, 1.0
+        return len(c.hidden) / (self.per_text[0] * texts), len(c.replaced) / (self.per_text[1] * texts)
 
     @torch.no_grad()
     def measure(self, network: nn.Module, data: Samples, batch_size: int) -> dict[str, float]:
-        """On `data`, its draws from a fixed seed: the loss, the generator's share of hidden tokens predicted right,
-        and the encoder's share of real tokens told right (`detection_accuracy`) and of replaced ones caught
-        (`detection_recall`; calling every token the text's own scores 0 here, and the share of tokens left
-        alone in accuracy)."""
+        """On `data`, its draws from a fixed seed: the loss per token (the generator's cross-entropy per hidden
+        token plus the weighted detection loss per real token), the generator's share of hidden tokens predicted
+        right, and the encoder's share of real tokens told right (`detection_accuracy`) and of replaced ones caught
+        (`detection_recall`; calling every token the text's own scores 0 here, and the share of tokens left alone in
+        accuracy). Its loss rises as the generator gets better, so it does not say which epoch's encoder is best."""
         network.eval()
         generator, modality = torch.Generator().manual_seed(EVALUATION_SEED), modality_of(data)
-        loss, batches, counts = 0.0, 0, dict.fromkeys(("right", "hidden", "told", "real", "caught", "replaced"), 0)
+        sums = dict.fromkeys(("generation", "detection", "right", "hidden", "told", "real", "caught", "replaced"), 0.0)
         for inputs, _ in iterate_batches(data, batch_size):
-            c = corrupt(modality.model_input(inputs, data), self.masking, network.head.generator, generator)
-            detected = network(c.ids, c.real)
+            c = corrupt(modality.model_input(inputs, data), self.masking, network.head.token_generator, generator)
+            if not len(c.replaced):
+                continue
+            detected = network(c.ids, c.real).float()
             said_replaced = detected > 0
-            loss += self.criterion(c.generated, c.hidden, detected, c.replaced).item()
-            batches += 1
-            counts["right"] += int((c.generated.argmax(1) == c.hidden).sum())
-            counts["hidden"] += len(c.hidden)
-            counts["told"] += int((said_replaced == c.replaced).sum())
-            counts["real"] += len(c.replaced)
-            counts["caught"] += int((said_replaced & c.replaced).sum())
-            counts["replaced"] += int(c.replaced.sum())
-        share = lambda part, whole: counts[part] / max(counts[whole], 1)
+            sums["generation"] += F.cross_entropy(c.generated.float(), c.hidden, reduction="sum").item()
+            sums["detection"] += F.binary_cross_entropy_with_logits(detected, c.replaced.float(), reduction="sum").item()
+            sums["right"] += int((c.generated.argmax(1) == c.hidden).sum())
+            sums["hidden"] += len(c.hidden)
+            sums["told"] += int((said_replaced == c.replaced).sum())
+            sums["real"] += len(c.replaced)
+            sums["caught"] += int((said_replaced & c.replaced).sum())
+            sums["replaced"] += int(c.replaced.sum())
+        share = lambda part, whole: sums[part] / max(sums[whole], 1)
         return {
-            "loss": loss / max(batches, 1),
+            "loss": share("generation", "hidden") + self.criterion.detection_weight * share("detection", "real"),
             "masked_accuracy": share("right", "hidden"),
             "detection_accuracy": share("told", "real"),
             "detection_recall": share("caught", "replaced"),
@@ -232,6 +247,7 @@ class ReplacedTokenDetection(MaskedLanguageModel):
     """Replaced-token detection (ELECTRA): the encoder tells the texts' own tokens from a small generator's
     replacements at every token; labels unused. Hidden tokens are all shown as the mask token, as ELECTRA's are."""
 
+    name: ClassVar[str] = "electra"
     head = "replaced_token_detector"
     loss = "replaced_token_detection"
     serves = "replaced_tokens"
@@ -241,6 +257,12 @@ class ReplacedTokenDetection(MaskedLanguageModel):
 
     def check(self, cfg: Config, ranks: World) -> None:
         super().check(cfg, ranks)
+        early_stop = cfg.train.early_stop
+        if early_stop is not None and early_stop.metric in (None, "val_loss"):
+            raise ConfigError(
+                "train.early_stop: electra's val_loss rises as its generator gets better, so it cannot say when to stop; "
+                "name another metric (train.early_stop.metric=val_detection_accuracy) or drop train.early_stop"
+            )
         if ranks.distributed:
             raise ConfigError(
                 "method: 'electra' runs its generator outside the training forward, so it trains on one process; run it without torchrun"
@@ -252,14 +274,14 @@ class ReplacedTokenDetection(MaskedLanguageModel):
         if parts.cfg.data.group_by_length:
             real = masking.maskable(train.inputs).sum().item() / len(train)
             per_text = (self.mask_ratio * real, real)
-        generate = parts.network.head.generator
-        return ReplacedTokensObjective(parts.forward, generate, parts.criterion, masking, parts.cfg.train.seed, per_text)
+        token_generator = parts.network.head.token_generator
+        return ReplacedTokensObjective(parts.forward, token_generator, parts.criterion, masking, parts.cfg.train.seed, per_text)
 
     def evaluate(self, trained: Trained, run: Run) -> Evaluation:
         cfg, test = trained.cfg, trained.split(train=False)
         network = trained.network
         criterion = LOSSES.build(cfg.loss.name, cfg.loss.options)
-        measured = ReplacedTokensObjective(network, network.head.generator, criterion, self.masking(test), cfg.train.seed).measure(
+        measured = ReplacedTokensObjective(network, network.head.token_generator, criterion, self.masking(test), cfg.train.seed).measure(
             network, test, cfg.data.eval_batch_size
         )
         scores = {name: measured[name] for name in ("masked_accuracy", "detection_accuracy", "detection_recall")}

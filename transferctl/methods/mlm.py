@@ -168,6 +168,7 @@ class MaskedTokensObjective(OwnGenerator):
 class MaskedLanguageModel(Method):
     """Masked language modelling: hidden tokens predicted from the encoder's features at their places; labels unused."""
 
+    name: ClassVar[str] = "mlm"  # as registered: what its messages call it
     head = "token_predictor"
     loss = "token_cross_entropy"
     serves = "masked_tokens"
@@ -183,7 +184,9 @@ class MaskedLanguageModel(Method):
     def check(self, cfg: Config, ranks: World) -> None:
         modality = dataset_modality(cfg.data.name)
         if modality != "text":
-            raise ConfigError(f"method: 'mlm' hides tokens of texts, and data set '{cfg.data.name}' is {modality}; use a text data set")
+            raise ConfigError(
+                f"method: '{cfg.method.name}' hides tokens of texts, and data set '{cfg.data.name}' is {modality}; use a text data set"
+            )
         if self.mask_token + self.random_token > 1:
             raise ConfigError(f"method: mask_token={self.mask_token} and random_token={self.random_token} add up to more than 1; lower one")
 
@@ -191,7 +194,7 @@ class MaskedLanguageModel(Method):
         special = modality_of(data).augment_context(data)["special_ids"]
         if special["mask"] is None:
             raise UsageError(
-                "method: 'mlm' shows hidden tokens as the mask token, and the tokenizer has none; use one with [MASK] or <mask>"
+                f"method: '{self.name}' shows hidden tokens as the mask token, and the tokenizer has none; use one with [MASK] or <mask>"
             )
         continues_word = None
         if self.whole_words:
