@@ -74,6 +74,7 @@ BUILT_IN = {
         "fpn",
         "unet",
         "token_predictor",
+        "replaced_token_detector",
         "fcos",
         "tagger",
         "ctc",
@@ -84,6 +85,7 @@ BUILT_IN = {
         *(
             "pixel_cross_entropy",
             "token_cross_entropy",
+            "replaced_token_detection",
             "fcos_loss",
             "tagging_loss",
             "ctc",
