@@ -240,3 +240,27 @@ def test_electra_refuses_early_stopping_on_its_loss():
     with pytest.raises(ConfigError, match=r"train\.early_stop\.metric=val_detection_accuracy"):
         ReplacedTokenDetection().check(cfg, World())
     ReplacedTokenDetection().check(load_config(None, ["train.early_stop.metric=val_detection_accuracy"], base=base), World())
+
+
+def test_a_checkpoint_of_the_earlier_generator_layout_loads_into_the_shared_encoder_layout():
+    """0.22.0 kept the generator's embedding, positions, blocks and norm directly under it; such runs still load,
+    every tensor where the generator now reads it, and the generator's logits are unchanged."""
+    from transferctl.methods.electra import replaced_token_detector
+
+    def head() -> torch.nn.Module:
+        return replaced_token_detector(16, 30, 0, (12,), word_embedding=torch.nn.Embedding(30, 16, padding_idx=0))
+
+    torch.manual_seed(0)
+    trained = head()
+    renamed = {}
+    for key, value in trained.state_dict().items():
+        for old, new in type(trained.token_generator).RENAMED:
+            key = key.replace(f"token_generator.{new}", f"token_generator.{old}")
+        renamed[key] = value
+    assert "token_generator.blocks.0.attention.qkv.weight" in renamed and "token_generator.embedding.weight" in renamed
+    loaded = head()
+    loaded.load_state_dict(renamed)  # strict: no key missing or unexpected
+    loaded.eval(), trained.eval()
+    ids = texts(4)
+    chosen = ids > 3
+    assert torch.equal(loaded.token_generator(ids, chosen), trained.token_generator(ids, chosen))

@@ -24,7 +24,7 @@ from transferctl.errors import ConfigError
 from transferctl.methods.base import OwnGenerator, Parts, knn_metrics
 from transferctl.methods.mlm import EVALUATION_SEED, IGNORED, MaskedLanguageModel, TokenMasking, TokenPredictor
 from transferctl.modalities import modality_of
-from transferctl.models.transformer import Block
+from transferctl.models.transformer import TransformerEncoder
 from transferctl.registry import HEADS, LOSSES, METHODS
 
 if TYPE_CHECKING:
@@ -44,23 +44,28 @@ class TokenGenerator(nn.Module):
 
     def __init__(self, word_embedding: nn.Embedding, pad_id: int, max_length: int, layers: int, heads: int, dropout: float):
         super().__init__()
-        width = word_embedding.embedding_dim
-        self.pad_id = pad_id
-        self.embedding = word_embedding
-        self.positions = nn.Parameter(torch.zeros(1, max_length, width))
-        nn.init.trunc_normal_(self.positions, std=0.02)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, 4, dropout) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-        self.predict = TokenPredictor(width, word_embedding.num_embeddings, word_embedding, hidden=True)
+        vocab_size, width = word_embedding.weight.shape
+        self.encoder = TransformerEncoder(vocab_size, pad_id, max_length, width, layers, heads, 4, dropout, "mean", tokens=word_embedding)
+        self.predict = TokenPredictor(width, vocab_size, word_embedding, hidden=True)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token logits (count, vocabulary) at the `positions` of `ids` (the hidden places)."""
-        x = self.drop(self.embedding(ids) + self.positions[:, : ids.shape[1]])
-        padding = (ids != self.pad_id)[:, None, None, :]
-        for block in self.blocks:
-            x = block(x, padding)
-        return self.predict(self.norm(x)[positions])
+        features, _ = self.encoder.token_features(ids)
+        return self.predict(features[positions])
+
+    # 0.22.0 held the encoder's parts directly under the generator; its runs' checkpoints load under the new names
+    RENAMED: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("embedding.", "encoder.tokens."),
+        ("positions", "encoder.positions"),
+        ("blocks.", "encoder.blocks."),
+        ("norm.", "encoder.norm."),
+    )
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for old, new in self.RENAMED:
+            for key in [key for key in state_dict if key.startswith(prefix + old)]:
+                state_dict[prefix + new + key[len(prefix + old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class ReplacedTokenDetector(nn.Module):
@@ -117,10 +122,20 @@ class ReplacedTokenLoss(nn.Module):
         replaced: torch.Tensor,
         shares: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
-        # a batch of very short texts may hide nothing, or hold no real token: no term, and no NaN
-        generation = F.cross_entropy(generated.float(), hidden) if len(hidden) else generated.sum() * 0.0
-        detection = F.binary_cross_entropy_with_logits(detected.float(), replaced.float()) if len(replaced) else detected.sum() * 0.0
+        generation, detection = self.terms(generated, hidden, detected, replaced)
         return generation * shares[0] + self.detection_weight * detection * shares[1]
+
+    @staticmethod
+    def terms(
+        generated: torch.Tensor, hidden: torch.Tensor, detected: torch.Tensor, replaced: torch.Tensor, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's cross-entropy per hidden token and the detection loss per real token (or their sums)."""
+        # a batch of very short texts may hide nothing, or hold no real token: no term, and no NaN
+        generation = F.cross_entropy(generated.float(), hidden, reduction=reduction) if len(hidden) else generated.sum() * 0.0
+        detection = detected.sum() * 0.0
+        if len(replaced):
+            detection = F.binary_cross_entropy_with_logits(detected.float(), replaced.float(), reduction=reduction)
+        return generation, detection
 
 
 @LOSSES.register(serves=("replaced_tokens",))
@@ -220,8 +235,9 @@ class ReplacedTokensObjective(OwnGenerator):
                 continue
             detected = network(c.ids, c.real).float()
             said_replaced = detected > 0
-            sums["generation"] += F.cross_entropy(c.generated.float(), c.hidden, reduction="sum").item()
-            sums["detection"] += F.binary_cross_entropy_with_logits(detected, c.replaced.float(), reduction="sum").item()
+            generation, detection = self.criterion.terms(c.generated, c.hidden, detected, c.replaced, reduction="sum")
+            sums["generation"] += generation.item()
+            sums["detection"] += detection.item()
             sums["right"] += int((c.generated.argmax(1) == c.hidden).sum())
             sums["hidden"] += len(c.hidden)
             sums["told"] += int((said_replaced == c.replaced).sum())

@@ -63,14 +63,17 @@ class TransformerEncoder(nn.Module):
         mlp_ratio: int,
         dropout: float,
         pooling: str,
+        tokens: nn.Embedding | None = None,
     ):
+        """`tokens`: a token table to share (another encoder's, as ELECTRA's generator shares the encoder's), or a new one."""
         super().__init__()
         self.pad_id, self.pooling, self.feature_dim = pad_id, pooling, width
         self.word_vectors = None  # model.embeddings, loaded with the starting weights
-        self.tokens = nn.Embedding(vocab_size, width, padding_idx=pad_id)
+        self.tokens = tokens if tokens is not None else nn.Embedding(vocab_size, width, padding_idx=pad_id)
         self.positions = nn.Parameter(torch.zeros(1, max_length, width))
         nn.init.trunc_normal_(self.positions, std=0.02)
-        nn.init.trunc_normal_(self.tokens.weight, std=0.02)
+        if tokens is None:
+            nn.init.trunc_normal_(self.tokens.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(width)
