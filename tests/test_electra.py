@@ -242,6 +242,16 @@ def test_electra_refuses_early_stopping_on_its_loss():
     ReplacedTokenDetection().check(load_config(None, ["train.early_stop.metric=val_detection_accuracy"], base=base), World())
 
 
+def test_the_cli_refuses_early_stopping_on_electras_loss_in_one_line_before_any_run(cli, tmp_path):
+    runs = tmp_path / "runs"
+    refused = cli(
+        "pretrain", "-c", electra_config(tmp_path, cyclic_corpus(tmp_path / "corpus")), "train.early_stop.patience=3", "--runs-dir", runs
+    )
+    assert refused.code == 2 and refused.stderr.strip().count("\n") == 0
+    assert "train.early_stop.metric=val_detection_accuracy" in refused.stderr and "Traceback" not in refused.stderr
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_a_checkpoint_of_the_earlier_generator_layout_loads_into_the_shared_encoder_layout():
     """0.22.0 kept the generator's embedding, positions, blocks and norm directly under it; such runs still load,
     every tensor where the generator now reads it, and the generator's logits are unchanged."""
