@@ -267,7 +267,9 @@ def test_a_checkpoint_of_the_earlier_generator_layout_loads_into_the_shared_enco
         for old, new in type(trained.token_generator).RENAMED:
             key = key.replace(f"token_generator.{new}", f"token_generator.{old}")
         renamed[key] = value
-    assert "token_generator.blocks.0.attention.qkv.weight" in renamed and "token_generator.embedding.weight" in renamed
+    old_layout = {"embedding.weight", "positions", "blocks.0.attention.qkv.weight", "norm.weight", "norm.bias"}
+    assert {f"token_generator.{name}" for name in old_layout} <= set(renamed)  # 0.22.0's names, written out
+    assert not any(key.startswith("token_generator.encoder.") for key in renamed)
     loaded = head()
     loaded.load_state_dict(renamed)  # strict: no key missing or unexpected
     loaded.eval(), trained.eval()

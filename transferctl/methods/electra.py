@@ -131,8 +131,9 @@ class ReplacedTokenLoss(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The generator's cross-entropy per hidden token and the detection loss per real token (or their sums)."""
         # a batch of very short texts may hide nothing, or hold no real token: no term, and no NaN
-        generation = F.cross_entropy(generated.float(), hidden, reduction=reduction) if len(hidden) else generated.sum() * 0.0
-        detection = detected.sum() * 0.0
+        generation, detection = generated.sum() * 0.0, detected.sum() * 0.0
+        if len(hidden):
+            generation = F.cross_entropy(generated.float(), hidden, reduction=reduction)
         if len(replaced):
             detection = F.binary_cross_entropy_with_logits(detected.float(), replaced.float(), reduction=reduction)
         return generation, detection
@@ -233,7 +234,7 @@ class ReplacedTokensObjective(OwnGenerator):
             c = corrupt(modality.model_input(inputs, data), self.masking, network.head.token_generator, generator)
             if not len(c.replaced):
                 continue
-            detected = network(c.ids, c.real).float()
+            detected = network(c.ids, c.real)
             said_replaced = detected > 0
             generation, detection = self.criterion.terms(c.generated, c.hidden, detected, c.replaced, reduction="sum")
             sums["generation"] += generation.item()
