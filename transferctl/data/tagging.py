@@ -7,6 +7,10 @@ pre-split words, so each token knows its word: the `word_ids` side information) 
 sentence's tag indices (`class_per_word`), so a run that reads the sentences with another tokenizer re-aligns
 them without touching the tags. A dev file is the validation split.
 
+`document_context: N` (CoNLL files) reads each sentence with up to N tokens of its document on each side, as FLERT
+does (Schweter & Akbik 2020): the neighbouring sentences' words, never their tags, so a labelled budget counts the
+tagged sentences alone. Their tokens' word id is CONTEXT_WORD: no loss, metric or prediction reads them.
+
 Tags are read in IOB2 (`B-` begins every entity); `data.scheme: iob1` files (`I-` begins an entity, `B-` only
 where two of one type touch) are converted to IOB2 as they are read. The tag list is "O", then B- and I- of every
 entity type in the training file. A bad line is a one-line error naming the file and the line.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,7 +32,7 @@ from transferctl.data.datasets import missing_data
 from transferctl.data.targets import TargetList
 from transferctl.data.text import TokenizerOptions, data_file, tokenization_for
 from transferctl.errors import UsageError
-from transferctl.modalities.text import TOKEN_SIDE, TextData, Tokenization, tokenization_of
+from transferctl.modalities.text import TOKEN_SIDE, SentenceInContext, Text, TextData, Tokenization, tokenization_of
 from transferctl.registry import DATASETS
 
 OUTSIDE = "O"
@@ -45,6 +50,8 @@ class TaggingTokenizerOptions(TokenizerOptions):
 
 TAGGING_TOKENIZER = TaggingTokenizerOptions()
 DOCUMENT_START = "-DOCSTART-"
+# `data.document_context`: how many tokens of a sentence's document the model reads on each side (FLERT uses 64)
+DocumentContext = Annotated[int, Field(ge=0, le=512)]
 
 
 @dataclass(frozen=True)
@@ -55,18 +62,22 @@ class TaggedSentences:
     words: list[tuple[str, ...]]
     tags: list[tuple[str, ...]]
     lines: list[tuple[int, ...]]
+    documents: list[int]  # each sentence's document (CoNLL: counted by -DOCSTART- lines; JSONL: each its own)
 
 
 def read_conll(name: str, path: Path) -> TaggedSentences:
-    """`token ... TAG` a line (the tag in the last column), a blank line between sentences, `-DOCSTART-` skipped."""
-    words, tags, lines = [], [], []
+    """`token ... TAG` a line (the tag in the last column), a blank line between sentences, a `-DOCSTART-` line
+    between documents (a file without one is one document)."""
+    words, tags, lines, documents = [], [], [], []
     sentence: list[tuple[str, str, int]] = []
+    document = 0
 
     def close() -> None:
         if sentence:
             words.append(tuple(w for w, _, _ in sentence))
             tags.append(tuple(t for _, t, _ in sentence))
             lines.append(tuple(n for _, _, n in sentence))
+            documents.append(document)
             sentence.clear()
 
     for number, line in enumerate(_text_of(name, path).splitlines(), start=1):
@@ -76,6 +87,7 @@ def read_conll(name: str, path: Path) -> TaggedSentences:
             continue
         if columns[0] == DOCUMENT_START:
             close()
+            document += 1
             continue
         if len(columns) < 2:
             raise UsageError(
@@ -83,7 +95,7 @@ def read_conll(name: str, path: Path) -> TaggedSentences:
             )
         sentence.append((columns[0], columns[-1], number))
     close()
-    return _nonempty(name, TaggedSentences(path, words, tags, lines))
+    return _nonempty(name, TaggedSentences(path, words, tags, lines, documents))
 
 
 def read_token_jsonl(name: str, path: Path, tokens_field: str, tags_field: str) -> TaggedSentences:
@@ -112,7 +124,7 @@ def read_token_jsonl(name: str, path: Path, tokens_field: str, tags_field: str) 
             words.append(tuple(tokens))
             tags.append(tuple(labels))
             lines.append((number,) * len(tokens))
-    return _nonempty(name, TaggedSentences(path, words, tags, lines))
+    return _nonempty(name, TaggedSentences(path, words, tags, lines, list(range(len(words)))))
 
 
 def _text_of(name: str, path: Path) -> str:
@@ -200,9 +212,11 @@ def tagged_split(
     scheme: Scheme,
     tokenizer: TokenizerOptions | dict,
     fitted: dict | None,
+    document_context: int = 0,
 ) -> TextData:
     """One split of a tagging data set: `read` maps "train", "dev" and "test" to a function reading that file's
-    sentences. The tag list and the tokenizer come from the training file (or, for a trained run, from the run)."""
+    sentences. The tag list and the tokenizer come from the training file (or, for a trained run, from the run);
+    `document_context` > 0 reads each sentence with up to that many tokens of its document on each side."""
     options = TaggingTokenizerOptions.model_validate(tokenizer) if isinstance(tokenizer, dict) else tokenizer
     training = read["train"]()
     train_tags = in_iob2(name, training, scheme)
@@ -214,7 +228,29 @@ def tagged_split(
         tokenization = tokenization_of(fitted)
     else:
         tokenization = reading_words(tokenization_for(name, options, [" ".join(words) for words in training.words]))
-    return sentences_as_data(sentences.words, tag_indices(name, sentences, tags, classes), classes, tokenization, options.path)
+    texts = in_context(sentences, document_context)
+    return sentences_as_data(texts, tag_indices(name, sentences, tags, classes), classes, tokenization, options.path)
+
+
+def in_context(sentences: TaggedSentences, room: int) -> list[Text]:
+    """Each sentence's words, and with `room` > 0 the words of its document around it (at most `room` each side,
+    nearest first: the tokenizer keeps those that fit): the model reads them, the labels stay the sentence's."""
+    if room <= 0:
+        return list(sentences.words)
+    words, documents, out = sentences.words, sentences.documents, []
+    for i, sentence in enumerate(words):
+        before: list[str] = []
+        for j in range(i - 1, -1, -1):
+            if documents[j] != documents[i] or len(before) >= room:
+                break
+            before[:0] = words[j]
+        after: list[str] = []
+        for j in range(i + 1, len(words)):
+            if documents[j] != documents[i] or len(after) >= room:
+                break
+            after.extend(words[j])
+        out.append(SentenceInContext(sentence, tuple(before[-room:]), tuple(after[:room]), room))
+    return out
 
 
 def reading_words(tokenization: Tokenization) -> Tokenization:
@@ -238,10 +274,10 @@ def reading_words(tokenization: Tokenization) -> Tokenization:
 
 
 def sentences_as_data(
-    words: list[tuple[str, ...]], targets: TargetList, classes: tuple[str, ...], tokenization: Tokenization, path: str | None = None
+    words: Sequence[Text], targets: TargetList, classes: tuple[str, ...], tokenization: Tokenization, path: str | None = None
 ) -> TextData:
-    """Sentences (their words) as text data: ids of the words read as pre-split words, which tokens each text was cut
-    to, and each token's word (`word_ids`)."""
+    """Sentences (their words, or their words in context) as text data: ids of the words read as pre-split words,
+    which texts were cut, and each token's word (`word_ids`; CONTEXT_WORD at the tokens of a sentence's context)."""
     ids, cut, encodings = tokenization.encode(list(words), with_encodings=True)
     side = {"word_ids": TOKEN_SIDE["word_ids"](encodings)}
     return TextData(
@@ -272,8 +308,10 @@ def conll2003(
     fitted: dict | None = None,
     validation: bool = False,
     tokenizer: TaggingTokenizerOptions = TAGGING_TOKENIZER,
+    document_context: DocumentContext = 0,
 ) -> TextData:
-    """CoNLL-2003 English named entities (PER, ORG, LOC, MISC): <root>/CoNLL2003/{train,dev,test}.txt; dev validates."""
+    """CoNLL-2003 English named entities (PER, ORG, LOC, MISC): <root>/CoNLL2003/{train,dev,test}.txt; dev validates.
+    `document_context`: tokens of each sentence's document read on each side (untagged), 0 for none."""
     folder = root / "CoNLL2003"
     for needed in ("train.txt", "dev.txt", "test.txt"):
         if not (folder / needed).is_file():
@@ -281,7 +319,7 @@ def conll2003(
     read = {split: (lambda split=split: read_conll("conll2003", folder / f"{split}.txt")) for split in ("train", "dev", "test")}
     # The shared files are IOB2 but for a few hundred I- tags that begin an entity (267 in train): read as conlleval
     # reads them, as beginnings, which the iob1 conversion does (it leaves every IOB2 tag as it is).
-    return tagged_split("conll2003", read, train, validation, "iob1", tokenizer, fitted)
+    return tagged_split("conll2003", read, train, validation, "iob1", tokenizer, fitted, document_context)
 
 
 @DATASETS.register(modality="text", validation=_has_dev)
@@ -293,10 +331,12 @@ def conll_folder(
     validation: bool = False,
     scheme: Scheme = "iob2",
     tokenizer: TaggingTokenizerOptions = TAGGING_TOKENIZER,
+    document_context: DocumentContext = 0,
 ) -> TextData:
-    """Your own CoNLL column files: data.root holding train.txt, test.txt and an optional dev.txt (the validation split)."""
+    """Your own CoNLL column files: data.root holding train.txt, test.txt and an optional dev.txt (the validation split);
+    `document_context` as conll2003's (-DOCSTART- lines part documents)."""
     read = {split: (lambda split=split: read_conll("conll_folder", root / f"{split}.txt")) for split in ("train", "dev", "test")}
-    return tagged_split("conll_folder", read, train, validation, scheme, tokenizer, fitted)
+    return tagged_split("conll_folder", read, train, validation, scheme, tokenizer, fitted, document_context)
 
 
 @DATASETS.register(modality="text")

@@ -31,7 +31,22 @@ TOKENIZER_FILE = "tokenizer.json"
 PAD_TOKENS, MASK_TOKENS, UNK_TOKENS = ("[PAD]", "<pad>"), ("[MASK]", "<mask>"), ("[UNK]", "<unk>")
 BOUNDARY_TOKENS = ("[CLS]", "[SEP]", "<s>", "</s>")  # added around every text; augmentations keep them
 WORD_START_MARKS = ("Ġ", "▁")  # byte-level BPE and SentencePiece: the token begins a word
-Text = str | tuple[str, ...]  # a text, or a sentence's words (already split: tagged sentences)
+CONTEXT_WORD = -2  # the `word_ids` of a token of the words around a sentence (document context): read, never tagged
+
+
+@dataclass(frozen=True)
+class SentenceInContext:
+    """A sentence's words and words of its document around it, which a model reads but does not tag (FLERT's
+    document context, Schweter & Akbik 2020): `before` and `after` add at most `room` tokens each, fewer where the
+    sentence leaves less of max_length free, and their tokens' word id is CONTEXT_WORD."""
+
+    words: tuple[str, ...]
+    before: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    room: int = 64
+
+
+Text = str | tuple[str, ...] | SentenceInContext  # a text, a sentence's words (already split), or one in context
 
 
 def tokenizers():
@@ -108,24 +123,73 @@ class Tokenization:
 
     def encode(self, texts: Sequence[Text], with_encodings: bool = False) -> tuple:
         """(int32 ids (N, max_length) padded on the right, whether each text was cut to max_length), and with
-        `with_encodings` the tokenizer's encodings too (their word ids, offsets and masks). A text is a string, or its
-        words (a tuple of strings: a sentence already split, whose tokens' word ids count those words)."""
+        `with_encodings` the tokenizer's encodings too (their word ids, offsets and masks). A text is a string, its
+        words (a tuple of strings: a sentence already split, whose tokens' word ids count those words), or a sentence
+        in context (`SentenceInContext`)."""
         encoder = _encoder(self.tokenizer_json, self.max_length, self.truncation, self.pad_id)
-        split = [i for i, text in enumerate(texts) if not isinstance(text, str)]
-        if not split:
-            encodings = encoder.encode_batch(list(texts))
-        elif len(split) == len(texts):
-            encodings = encoder.encode_batch([list(words) for words in texts], is_pretokenized=True)
-        else:  # both kinds: each encoded as itself, put back in order
-            whole = [i for i, text in enumerate(texts) if isinstance(text, str)]
-            encodings = [None] * len(texts)
-            for index, encoding in zip(whole, encoder.encode_batch([texts[i] for i in whole]), strict=True):
-                encodings[index] = encoding
-            for index, encoding in zip(split, encoder.encode_batch([list(texts[i]) for i in split], is_pretokenized=True), strict=True):
-                encodings[index] = encoding
+        kinds = {
+            str: lambda group: encoder.encode_batch(group),
+            (tuple, list): lambda group: encoder.encode_batch([list(words) for words in group], is_pretokenized=True),
+            SentenceInContext: lambda group: self._encode_in_context(group),
+        }
+        encodings: list[Any] = [None] * len(texts)
+        for kind, encode in kinds.items():  # each kind encoded as itself, put back in order
+            indices = [i for i, text in enumerate(texts) if isinstance(text, kind)]
+            if indices:
+                for index, encoding in zip(indices, encode([texts[i] for i in indices]), strict=True):
+                    encodings[index] = encoding
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int32).view(len(texts), self.max_length)
         cut = torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
         return (ids, cut, encodings) if with_encodings else (ids, cut)
+
+    def _encode_in_context(self, texts: Sequence[SentenceInContext]) -> list[InContextEncoding]:
+        """Sentences with as many of their context's words as fit in `room` tokens a side and in max_length (the
+        words nearest the sentence first); a sentence that max_length cuts reads no context."""
+        encoder = _encoder(self.tokenizer_json, self.max_length, self.truncation, self.pad_id)
+        alone = encoder.encode_batch([list(text.words) for text in texts], is_pretokenized=True)
+        free = [self.max_length - sum(e.attention_mask) for e in alone]
+        left = [min(text.room, room // 2) for text, room in zip(texts, free, strict=True)]
+        right = [min(text.room, room - kept) for text, room, kept in zip(texts, free, left, strict=True)]
+        before = [words[::-1] for words in _words_within(self.tokenizer_json, [text.before[::-1] for text in texts], left)]
+        after = _words_within(self.tokenizer_json, [text.after for text in texts], right)
+        joined = encoder.encode_batch([[*b, *t.words, *a] for t, b, a in zip(texts, before, after, strict=True)], is_pretokenized=True)
+        out = []
+        for sentence, encoding, text, b in zip(alone, joined, texts, before, strict=True):
+            if sentence.overflowing or encoding.overflowing:
+                out.append(InContextEncoding(sentence.ids, sentence.attention_mask, sentence.word_ids, bool(sentence.overflowing)))
+                continue
+            words = [None if w is None else w - len(b) if 0 <= w - len(b) < len(text.words) else CONTEXT_WORD for w in encoding.word_ids]
+            out.append(InContextEncoding(encoding.ids, encoding.attention_mask, words, False))
+        return out
+
+
+@dataclass(frozen=True)
+class InContextEncoding:
+    """What a sentence in context encodes to, as the tokenizer's encodings give it: word ids count the sentence's
+    words (CONTEXT_WORD at its context's tokens); `overflowing` says whether max_length cut the sentence."""
+
+    ids: list[int]
+    attention_mask: list[int]
+    word_ids: list[int | None]
+    overflowing: bool
+
+
+def _words_within(tokenizer_json: str, word_lists: Sequence[Sequence[str]], rooms: Sequence[int]) -> list[tuple[str, ...]]:
+    """Of each list of words, the first ones whose tokens (no special tokens) fit in its room."""
+    heads = [list(words[: max(room, 0)]) for words, room in zip(word_lists, rooms, strict=True)]
+    read = [i for i, head in enumerate(heads) if head]
+    encodings = _plain_tokenizer(tokenizer_json).encode_batch([heads[i] for i in read], is_pretokenized=True, add_special_tokens=False)
+    out: list[tuple[str, ...]] = [()] * len(heads)
+    for i, encoding in zip(read, encodings, strict=True):
+        counts = [0] * len(heads[i])
+        for word in encoding.word_ids:
+            if word is not None:
+                counts[word] += 1
+        taken, used = 0, 0
+        while taken < len(counts) and used + counts[taken] <= rooms[i]:
+            used, taken = used + counts[taken], taken + 1
+        out[i] = tuple(heads[i][:taken])
+    return out
 
 
 def same_tokenizer(first: str, second: str) -> bool:
@@ -146,6 +210,15 @@ def _encoder(tokenizer_json: str, max_length: int, truncation: str, pad_id: int)
     tokenizer = _tokenizer_from_json(tokenizer_json, fresh=True)
     tokenizer.enable_truncation(max_length, direction=truncation)
     tokenizer.enable_padding(direction="right", pad_id=pad_id, length=max_length)
+    return tokenizer
+
+
+@lru_cache(maxsize=4)
+def _plain_tokenizer(tokenizer_json: str):
+    """A tokenizer that neither cuts nor pads: what counts the tokens of a sentence's context words."""
+    tokenizer = _tokenizer_from_json(tokenizer_json, fresh=True)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
     return tokenizer
 
 

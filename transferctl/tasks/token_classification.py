@@ -13,6 +13,10 @@ the logits, or with a CRF the Viterbi path, each token's tag at its marginal pro
 padding are 0. Words that `max_length` cut off get no token: they are predicted O and counted so in the metrics.
 Metrics are entity-level (exact span and type, micro-averaged over entities, per-type F1), counted as conlleval and
 seqeval's default mode count them.
+
+A sentence read with its document's context (`data.document_context`) has tokens of no word of its own
+(CONTEXT_WORD): the encoder reads them, the loss, the CRF's chain and the metrics leave them out, and their rows are
+0. A text given to predict or to an export is tagged whole: give a document, and all of it is tagged.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
 from transferctl.modalities import modality_of
-from transferctl.modalities.text import cut_to_longest, longest_text, text_lengths
+from transferctl.modalities.text import CONTEXT_WORD, cut_to_longest, longest_text, text_lengths
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
 
@@ -53,8 +57,9 @@ FORBIDDEN = -1.0e4  # the score of a transition IOB2 forbids: no path that takes
 
 class CRF(nn.Module):
     """A linear-chain CRF over tags: transition scores (from, to), start and end scores; transitions that the tag
-    scheme forbids (`allow_iob2`) are fixed at FORBIDDEN. Sequences are right-padded (`mask`: the real tokens, a
-    prefix of each row, never empty)."""
+    scheme forbids (`allow_iob2`) are fixed at FORBIDDEN. `mask` says which tokens a row's sequence is: the real
+    tokens, or of a sentence read in context only its own; the chain runs over them in order, as if the others were
+    not there (they are moved behind them: `_packed`), and their outputs are 0."""
 
     def __init__(self, num_tags: int):
         super().__init__()
@@ -76,8 +81,10 @@ class CRF(nn.Module):
         return self.transitions.masked_fill(~self.allowed, FORBIDDEN), self.start.masked_fill(~self.allowed_start, FORBIDDEN)
 
     def nll(self, emissions: torch.Tensor, tags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The negative log-likelihood of `tags` (N, L) (a tag at every real token) per real token; rows without a
-        real token (a text whose words all have no token) count in nothing."""
+        """The negative log-likelihood of `tags` (N, L) (a tag at every masked token) per masked token; rows without
+        one (a text whose words all have no token) count in nothing."""
+        order = _packed(mask)
+        emissions, tags, mask = _gather(emissions, order), _gather(tags, order), _gather(mask, order)
         kept = mask.any(1)
         emissions, tags, mask = emissions[kept], tags[kept], mask[kept]
         if not len(tags):
@@ -103,7 +110,12 @@ class CRF(nn.Module):
         return torch.logsumexp(self._forward_scores(emissions, mask, transitions, start)[-1] + self.end, 1)
 
     def viterbi(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The best path's tags (N, L); padding repeats the last real token's tag."""
+        """The best path's tags (N, L) at the masked tokens (the others' are any tag)."""
+        order = _packed(mask)
+        return _scattered(self._viterbi(_gather(emissions, order), _gather(mask, order)), order)
+
+    def _viterbi(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The best path of sequences that are a prefix of each row; padding repeats the last real token's tag."""
         transitions, start = self._scores()
         score, history = start + emissions[:, 0], []
         keep = torch.arange(emissions.shape[2], device=emissions.device).expand(emissions.shape[0], -1)
@@ -119,7 +131,11 @@ class CRF(nn.Module):
         return torch.stack(path[::-1], 1)
 
     def marginals(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """P(tag at token t | the text) (N, L, T), by the forward-backward algorithm."""
+        """P(tag at token t | the text) (N, L, T) at the masked tokens, by the forward-backward algorithm."""
+        order = _packed(mask)
+        return _scattered(self._marginals(_gather(emissions, order), _gather(mask, order)), order)
+
+    def _marginals(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         transitions, start = self._scores()
         alphas = self._forward_scores(emissions, mask, transitions, start)
         beta, betas = self.end.expand_as(alphas[0]), [self.end.expand_as(alphas[0])]
@@ -131,9 +147,27 @@ class CRF(nn.Module):
         return (torch.stack(alphas, 1) + torch.stack(betas[::-1], 1) - log_z[:, None, None]).exp()
 
     def path_scores(self, emissions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The Viterbi path (N, L, T): each real token's tag at its marginal probability, 0 elsewhere."""
-        path = F.one_hot(self.viterbi(emissions, mask), emissions.shape[2]).to(emissions.dtype)
-        return path * self.marginals(emissions, mask) * mask.unsqueeze(-1)
+        """The Viterbi path (N, L, T): each masked token's tag at its marginal probability, 0 elsewhere."""
+        order = _packed(mask)
+        emissions, mask = _gather(emissions, order), _gather(mask, order)
+        path = F.one_hot(self._viterbi(emissions, mask), emissions.shape[2]).to(emissions.dtype)
+        return _scattered(path * self._marginals(emissions, mask) * mask.unsqueeze(-1), order)
+
+
+def _packed(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the positions of the masked tokens in order, then the others': an identity where the mask is a prefix."""
+    return (~mask).to(torch.int8).argsort(dim=1, stable=True)
+
+
+def _gather(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    index = order.view(*order.shape, *(1,) * (values.ndim - 2)).expand_as(values)
+    return values.gather(1, index)
+
+
+def _scattered(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`_gather`'s inverse: values of packed positions put back where they came from."""
+    index = order.view(*order.shape, *(1,) * (values.ndim - 2)).expand_as(values)
+    return torch.empty_like(values).scatter_(1, index, values)
 
 
 class Tagger(nn.Module):
@@ -155,9 +189,10 @@ class Tagger(nn.Module):
             logits = logits + 0.0 * sum(p.sum() for p in self.crf.parameters())
         return logits
 
-    def scores(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Per-token tag probabilities (see the module's doc) of a batch's logits; its ids say which tokens are real."""
-        mask = ids != self.pad_id
+    def scores(self, logits: torch.Tensor, ids: torch.Tensor, word_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token tag probabilities (see the module's doc) of a batch's logits; its ids say which tokens are real,
+        and `word_ids` which of them are context (CONTEXT_WORD: not tagged, their rows 0)."""
+        mask = tagged_tokens(ids, self.pad_id, word_ids)
         logits = logits.float()
         if self.crf is None:
             return logits.softmax(-1) * mask.unsqueeze(-1)
@@ -179,8 +214,14 @@ class TagScores(nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, ids: torch.Tensor, **side: torch.Tensor) -> torch.Tensor:
-        return self.network.head.scores(self.network(ids, **side), ids)
+    def forward(self, ids: torch.Tensor, word_ids: torch.Tensor | None = None, **side: torch.Tensor) -> torch.Tensor:
+        return self.network.head.scores(self.network(ids, **side), ids, word_ids)
+
+
+def tagged_tokens(ids: torch.Tensor, pad_id: int, word_ids: torch.Tensor | None) -> torch.Tensor:
+    """(N, L) True at the tokens a tagger tags: the real ones, but a sentence's context's (CONTEXT_WORD)."""
+    real = ids != pad_id
+    return real if word_ids is None else real & (word_ids != CONTEXT_WORD)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -195,8 +236,8 @@ class TaggingLoss:
 
     def __call__(self, logits: torch.Tensor, tags: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         crf = getattr(self.head, "crf", None)
-        if crf is not None:
-            return crf.nll(logits.float(), tags, ids != self.head.pad_id)
+        if crf is not None:  # every real token has a tag (`token_tags`), but a sentence's context's: IGNORED
+            return crf.nll(logits.float(), tags, (ids != self.head.pad_id) & (tags != IGNORED))
         counted = tags != IGNORED
         if not counted.any():
             return logits.sum() * 0.0
@@ -231,14 +272,16 @@ def token_tags(
 ) -> torch.Tensor:
     """Each token's tag (N, L): its word's at the word's first subword; at the other subwords the word's inside tag
     (`inside`: tag -> its I- tag) with `all_subwords`, else IGNORED; `specials` (or IGNORED) at the tokens of no word
-    ([CLS], [SEP], and padding, which the loss masks). With `begin` (tag -> its B- tag; a CRF's labels, one at every
-    token), an I- token that follows no token of its type becomes B-: the token sequence stays valid IOB2 where a
-    word without a token, or a cut at the left, took away an entity's beginning."""
+    ([CLS], [SEP], and padding, which the loss masks); IGNORED at a sentence's context (CONTEXT_WORD). With `begin`
+    (tag -> its B- tag; a CRF's labels, one at every token), an I- token that follows no token of its type becomes
+    B-: the token sequence stays valid IOB2 where a word without a token, or a cut at the left, took away an entity's
+    beginning."""
     padded = nn.utils.rnn.pad_sequence(list(tags), batch_first=True, padding_value=0) if len(tags) else word_ids.new_zeros(0, 1)
     of_word = padded.gather(1, word_ids.clamp_min(0).clamp_max(max(padded.shape[1] - 1, 0)))
     first = first_subwords(word_ids)
     rest = inside.to(word_ids.device)[of_word] if all_subwords else torch.full_like(of_word, IGNORED)
     out = torch.where(first, of_word, torch.where(word_ids >= 0, rest, torch.full_like(of_word, IGNORED if specials is None else specials)))
+    out = out.masked_fill(word_ids == CONTEXT_WORD, IGNORED)  # a sentence's context is read, never tagged
     if begin is not None:
         begin = begin.to(out.device)
         starts = begin[out.clamp_min(0)]
@@ -426,7 +469,7 @@ class TokenClassification(Task):
         when its softmax passes it, through cross-entropy. What passed: the sentences, or without a CRF the tokens."""
         weak, side = cut_to_longest(weak, side, self.pad_id)
         strong, word_ids = strong[:, : weak.shape[1]], side["word_ids"]
-        real = weak != self.pad_id
+        real = tagged_tokens(weak, self.pad_id, word_ids)
         crf = getattr(network.head, "crf", None)
         with torch.no_grad():
             logits = forward(weak).float()
@@ -455,7 +498,8 @@ class TokenClassification(Task):
         # every rank tags the whole split, in length order (the counts do not depend on the order)
         for inputs, targets, side in iterate_batches(data, batch_size, order=by_length, with_side=True):
             length = longest_text(inputs, pad_id)
-            scores, word_ids = model(modality.model_input(inputs[:, :length], data)), side["word_ids"][:, :length]
+            word_ids = side["word_ids"][:, :length]
+            scores = model(modality.model_input(inputs[:, :length], data), word_ids=word_ids)
             counts = [len(t) for t in targets]
             for want, (got, _) in zip(targets, word_tags(scores, word_ids, counts, outside), strict=True):
                 truth.append([names[i] for i in want.tolist()])
