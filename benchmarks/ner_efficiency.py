@@ -1,7 +1,8 @@
 """Label efficiency on named entities: what pretraining on unlabeled news buys CoNLL-2003 when labelled sentences are few.
 
-Rows: random init (`gru`, `transformer`); the `transformer` pretrained by masked language modelling and the `gru`
-pretrained contrastively, both without labels on cased news (AG News training articles plus the CoNLL-2003
+Rows: random init (`gru`, `transformer`); the `transformer` pretrained by masked language modelling (also reading
+each sentence with its document's neighbouring words: `mlm_in_context`) or by replaced-token detection, and the
+`gru` pretrained contrastively, all without labels on cased news (AG News training articles plus the CoNLL-2003
 training sentences' words: the corpus this script writes); and a classic baseline, a CRF over hand-made word
 features (sklearn-crfsuite: case, shape, prefixes, suffixes, the neighbours' words) on the same labelled
 sentences. Every neural row fine-tunes through the recipe the CLI runs (configs/ner_conll2003.yaml) on 100 and
@@ -50,12 +51,15 @@ PRETRAINING = {  # method -> (recipe, overrides beyond data.root=<corpus>)
 # is both runs')
 CONTINUES = {"electra": "mlm"}
 GRU = ["model.name=gru", "model.embed_dim=128", "model.hidden_dim=256", "model.layers=1"]  # simclr_ag_news.yaml's encoder
-ENCODERS = {  # key -> (row name, pretraining method or None, the encoder of a random-init row)
+ENCODERS = {  # key -> (row name, pretraining method or None, the row's fine-tune overrides: a random init's encoder)
     "random_gru": ("random init (gru)", None, GRU),
     "random_transformer": ("random init (transformer)", None, []),  # the recipe's transformer: the masked model's
     "simclr": ("contrastive, gru (no labels)", "simclr", []),
     "mlm": ("masked language model, transformer (no labels)", "mlm", []),
     "electra": ("replaced-token detection (ELECTRA), transformer (no labels)", "electra", []),
+    # the masked model's encoder reading each sentence with its document's neighbouring words (FLERT), untagged: 32
+    # tokens a side, half FLERT's 64, which would double the fine-tunes' time on a CPU
+    "mlm_in_context": ("masked language model, transformer, document context (no labels)", "mlm", ["data.document_context=32"]),
 }
 CLASSIC = "CRF over word features (sklearn-crfsuite)"
 # column -> overrides: a labelled subset and its step budget (about 80 to 100 passes over the labelled sentences: on the
@@ -153,7 +157,8 @@ def classic_f1(column: str, seed: int, extra: list[str]) -> dict[str, Any]:
     tags = list(train.classes)
 
     def features(data) -> list[list[dict[str, Any]]]:
-        return [[word_features(words, i) for i in range(len(words))] for words in data.texts]
+        sentences = [getattr(text, "words", text) for text in data.texts]  # a sentence read in context: its own words
+        return [[word_features(words, i) for i in range(len(words))] for words in sentences]
 
     model = sklearn_crfsuite.CRF(algorithm="lbfgs", c1=0.1, c2=0.1, max_iterations=100 if "train.max_steps=3" not in extra else 3)
     model.fit(features(train), [[tags[i] for i in t.tolist()] for t in train.targets])
@@ -174,13 +179,13 @@ def rows_of(
 ) -> list[dict[str, Any]]:
     rows, budgets = [], {column: COLUMNS[column] for column in columns}
     for key in encoders:
-        name, method, random_encoder = ENCODERS[key]
+        name, method, options = ENCODERS[key]
         source = pretrained(method, cells, runs, corpus, pretraining_extra)
 
-        def measure(column: str, seed: int, source=source["source"], options=random_encoder) -> dict[str, Any]:
+        def measure(column: str, seed: int, source=source["source"], options=options) -> dict[str, Any]:
             return tuned_f1(source, [*options, *COLUMNS[column], f"data.seed={seed}", *extra], runs)
 
-        tag = f"conll2003/{key}/{recipe_digest(FINETUNE, [*random_encoder, *extra], source['source'])}"
+        tag = f"conll2003/{key}/{recipe_digest(FINETUNE, [*options, *extra], source['source'])}"
         rows.append(measure_row(name, measure, source["seconds"], seeds, cells, tag, budgets, metric="f1"))
     if classic:
         fit = lambda column, seed: classic_f1(column, seed, extra)

@@ -156,3 +156,17 @@ def test_a_tagger_trained_in_context_is_scored_on_its_sentences_and_tags_a_given
     assert predicted.code == 0, predicted.stderr
     entities = json.loads((tmp_path / "out.jsonl").read_text())["entities"]
     assert {(e["text"], e["type"]) for e in entities} >= {("Omar Khan", "PER"), ("Oslo", "LOC")}  # both sentences
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.document_context=-1", "data.document_context: Input should be greater than or equal to 0"),
+        ("data.name=token_jsonl", "data.document_context: unknown option for data 'token_jsonl'"),  # JSONL has no documents
+    ],
+)
+def test_bad_document_context_is_a_one_line_error_and_no_run(cli, tmp_path, documents_root, override, message):
+    config = write_config(tmp_path / "ner.yaml", NER.format(root=documents_root))
+    done = cli("finetune", "-c", config, "data.document_context=4", override, "--runs-dir", tmp_path / "runs")
+    assert done.code == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
