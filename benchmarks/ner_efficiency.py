@@ -1,7 +1,8 @@
 """Label efficiency on named entities: what pretraining on unlabeled news buys CoNLL-2003 when labelled sentences are few.
 
-Rows: random init (`gru`, `transformer`); the `transformer` pretrained by masked language modelling (also reading
-each sentence with its document's neighbouring words: `mlm_in_context`) or by replaced-token detection, and the
+Rows: random init (`gru`, `transformer`); the `transformer` pretrained by masked language modelling or by
+replaced-token detection (ELECTRA; also reading each sentence with its document's neighbouring words:
+`electra_in_context`), and the
 `gru` pretrained contrastively, all without labels on cased news (AG News training articles plus the CoNLL-2003
 training sentences' words: the corpus this script writes); and a classic baseline, a CRF over hand-made word
 features (sklearn-crfsuite: case, shape, prefixes, suffixes, the neighbours' words) on the same labelled
@@ -57,9 +58,9 @@ ENCODERS = {  # key -> (row name, pretraining method or None, the row's fine-tun
     "simclr": ("contrastive, gru (no labels)", "simclr", []),
     "mlm": ("masked language model, transformer (no labels)", "mlm", []),
     "electra": ("replaced-token detection (ELECTRA), transformer (no labels)", "electra", []),
-    # the masked model's encoder reading each sentence with its document's neighbouring words (FLERT), untagged: 32
-    # tokens a side, half FLERT's 64, which would double the fine-tunes' time on a CPU
-    "mlm_in_context": ("masked language model, transformer, document context (no labels)", "mlm", ["data.document_context=32"]),
+    # ELECTRA's encoder reading each sentence with its document's neighbouring words (FLERT), untagged: 32 tokens a
+    # side, half FLERT's 64, which would double the fine-tunes' time on a CPU
+    "electra_in_context": ("ELECTRA, transformer, reading document context (no labels)", "electra", ["data.document_context=32"]),
 }
 CLASSIC = "CRF over word features (sklearn-crfsuite)"
 # column -> overrides: a labelled subset and its step budget (about 80 to 100 passes over the labelled sentences: on the

@@ -208,9 +208,10 @@ def test_the_ner_benchmarks_overrides_reach_the_fine_tunes_and_never_the_pretrai
 
     extra = ["data.root=/data", "head.crf=false"]  # what `--set head.crf=false` gives every fine-tune
     cells = ner.Cells(tmp_path / "cells.jsonl")
-    rows = ner.rows_of(["mlm", "mlm_in_context"], [0], cells, tmp_path / "runs", tmp_path / "corpus", extra, ["100"], False, [])
-    assert pretrained == [[f"data.root={tmp_path / 'corpus'}"]]  # the shipped recipe on the corpus, nothing else, once
-    context = ner.ENCODERS["mlm_in_context"][2]
+    rows = ner.rows_of(["electra", "electra_in_context"], [0], cells, tmp_path / "runs", tmp_path / "corpus", extra, ["100"], False, [])
+    assert len(pretrained) == 2 and pretrained[0] == [f"data.root={tmp_path / 'corpus'}"]  # the masked model, then ELECTRA, once
+    assert not any(option in overrides for option in extra[1:] for overrides in pretrained)
+    context = ner.ENCODERS["electra_in_context"][2]
     assert context == ["data.document_context=32"]  # the row that reads document context: the same encoder
     assert tuned == [
         (str(tmp_path), [*ner.COLUMNS["100"], "data.seed=0", *extra]),
