@@ -150,6 +150,8 @@ def test_a_tagger_trained_in_context_is_scored_on_its_sentences_and_tags_a_given
     assert all(a.shape == b.shape for a, b in zip(own, by_itself, strict=True))
     assert any(not torch.allclose(a, b) for a, b in zip(own, by_itself, strict=True))
 
+    assert f"up to {ROOM} tokens" in trained.method.task.card(test)["document_context"]  # what an export's card says
+
     # predict tags a text given whole, all of it
     text = "Omar Khan joined Globex Bank last year . Anna Berg visited Oslo on Monday ."
     predicted = cli("predict", "--from", run, "--runs-dir", tmp_path / "runs", "--text", text, "-o", tmp_path / "out.jsonl")

@@ -442,6 +442,7 @@ def test_a_trained_tagger_evaluates_exports_and_predicts_entities(cli, tmp_path,
     assert export.json["parity"]["onnx"]["passed"] and export.json["parity"]["onnx"]["token_tag_agreement"] >= 0.999
     card = json.loads((Path(export.json["export_dir"]) / "model_card.json").read_text())
     assert card["kind"] == "tagger" and card["classes"][0] == "O" and "first subword" in card["word_alignment"]
+    assert "document_context" not in card  # read without context
 
     # predict from the export folder: entities with character offsets in a text, tags per word of a given sentence
     (tmp_path / "in.jsonl").write_text(json.dumps({"tokens": ["Maria", "Rossi", "visited", "Lima", "on", "Monday", "."]}) + "\n")

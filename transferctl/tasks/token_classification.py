@@ -40,7 +40,7 @@ from transferctl.engine.evaluate import Evaluation
 from transferctl.engine.train import Selection
 from transferctl.errors import ConfigError
 from transferctl.modalities import modality_of
-from transferctl.modalities.text import CONTEXT_WORD, cut_to_longest, longest_text, text_lengths
+from transferctl.modalities.text import CONTEXT_WORD, SentenceInContext, cut_to_longest, longest_text, text_lengths
 from transferctl.registry import HEADS, LOSSES, TASKS
 from transferctl.tasks.base import Task
 
@@ -550,7 +550,15 @@ class TokenClassification(Task):
         return records
 
     def card(self, data: Samples) -> dict[str, Any]:
+        room = max((text.room for text in getattr(data, "texts", ()) if isinstance(text, SentenceInContext)), default=0)
+        context = {
+            "document_context": (
+                f"trained reading each sentence with up to {room} tokens of its document on each side, untagged; every "
+                "token given is tagged, so give a sentence with its neighbouring sentences to tag it in context"
+            )
+        }
         return {
+            **(context if room else {}),
             "classes": list(data.classes),
             "output_meaning": (
                 "(N, tokens, tags) tag probabilities per token (with a CRF head: the Viterbi path's tag at its marginal "
