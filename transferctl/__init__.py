@@ -1,3 +1,3 @@
 """transferctl: pretrain an encoder, fine-tune it on few labels, evaluate it."""
 
-__version__ = "0.23.0"
+__version__ = "0.24.0"
