@@ -209,8 +209,9 @@ def test_the_ner_benchmarks_overrides_reach_the_fine_tunes_and_never_the_pretrai
     extra = ["data.root=/data", "head.crf=false"]  # what `--set head.crf=false` gives every fine-tune
     cells = ner.Cells(tmp_path / "cells.jsonl")
     rows = ner.rows_of(["electra", "electra_in_context"], [0], cells, tmp_path / "runs", tmp_path / "corpus", extra, ["100"], False, [])
-    assert len(pretrained) == 2 and pretrained[0] == [f"data.root={tmp_path / 'corpus'}"]  # the masked model, then ELECTRA, once
-    assert not any(option in overrides for option in extra[1:] for overrides in pretrained)
+    corpus, start = f"data.root={tmp_path / 'corpus'}", tmp_path  # the masked model, then ELECTRA on from it, once each
+    electra = [corpus, f"model.weights={start / 'checkpoints' / 'last.pt'}", f"data.tokenizer.path={start / 'tokenizer.json'}"]
+    assert pretrained == [[corpus], electra]  # the shipped recipes on the corpus: no fine-tune override reaches them
     context = ner.ENCODERS["electra_in_context"][2]
     assert context == ["data.document_context=32"]  # the row that reads document context: the same encoder
     assert tuned == [

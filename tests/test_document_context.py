@@ -59,8 +59,10 @@ def test_a_sentence_in_context_keeps_its_tokens_and_reads_only_its_own_document(
         assert word_ids[own].tolist() == alone.side["word_ids"][i][alone.side["word_ids"][i] >= 0].tolist()
         first, last = i % 4 == 0, i % 4 == 3  # a document's first and last sentences: nothing before / after
         assert (text.before == ()) == first and (text.after == ()) == last
-        if not first:
+        if not first:  # the words nearest the sentence, in order
             assert text.before[-len(alone.texts[i - 1]) :] == alone.texts[i - 1][-ROOM:]
+        if not last:
+            assert text.after[: len(alone.texts[i + 1])] == alone.texts[i + 1][:ROOM]
         before, after = _sides(word_ids)
         assert (before > 0) == (not first) and (after > 0) == (not last) and before <= ROOM and after <= ROOM
     assert read.side["word_ids"].eq(CONTEXT_WORD).any() and not read.cut.any()
@@ -89,18 +91,22 @@ def test_the_crf_s_chain_is_the_sentence_s_tokens_alone():
         crf.transitions.normal_()
         crf.start.normal_()
         crf.end.normal_()
-    # two rows whose sentences sit between context tokens, and their tokens packed to the front
-    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)
-    emissions, tags = torch.randn(2, 8, len(TAGS)), torch.randint(0, len(TAGS), (2, 8))
-    tags[:, :] = torch.tensor([0, 1, 2, 0, 0, 3, 4, 0])
+    # rows whose sentences sit between context tokens (valid IOB2 paths at the masked tokens), one whose every token
+    # is its own, and their tokens packed to the front; a row with no token of its own counts in nothing
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 0, 1, 1, 1], [1] * 8, [0] * 8], dtype=torch.bool)
+    tags = torch.tensor([[0, 1, 2, 0, -100, -100, 3, -100], [-100, -100, 3, 4, -100, 4, 0, 1], [0, 1, 2, 2, 0, 3, 4, 0], [-100] * 8])
+    emissions = torch.randn(4, 8, len(TAGS))
     packed_mask = torch.arange(8) < mask.sum(1, keepdim=True)
     order = [row.nonzero().flatten().tolist() + (~row).nonzero().flatten().tolist() for row in mask]
-    packed = torch.stack([emissions[i, order[i]] for i in range(2)])
-    packed_tags = torch.stack([tags[i, order[i]] for i in range(2)])
-    assert crf.nll(emissions, tags, mask).item() == pytest.approx(crf.nll(packed, packed_tags, packed_mask).item(), abs=1e-6)
+    packed = torch.stack([emissions[i, order[i]] for i in range(4)])
+    packed_tags = torch.stack([tags[i, order[i]] for i in range(4)])
+    nll = crf.nll(emissions, tags, mask)
+    assert 0 < nll.item() < 100  # valid paths: no forbidden transition's score in it
+    assert nll.item() == pytest.approx(crf.nll(packed[:3], packed_tags[:3], packed_mask[:3]).item(), abs=1e-6)
     paths, scores = crf.viterbi(emissions, mask), crf.path_scores(emissions, mask)
     expected_paths, expected_scores = crf.viterbi(packed, packed_mask), crf.path_scores(packed, packed_mask)
-    for i in range(2):
+    assert scores[3].eq(0).all()
+    for i in range(3):
         kept = mask[i].nonzero().flatten()
         assert paths[i, kept].tolist() == expected_paths[i, : len(kept)].tolist()
         assert torch.allclose(scores[i, kept], expected_scores[i, : len(kept)], atol=1e-6)
@@ -116,10 +122,13 @@ def test_no_loss_reaches_a_context_token(crf):
     if crf:
         head.crf.allow_iob2(TAGS)
     inside, begin = torch.tensor([0, 2, 2, 4, 4]), torch.tensor([0, 1, 1, 3, 3])
+    # the sentence begins inside an entity (I-PER I-PER O: its beginning is in the context)
     labels = token_tags(
-        [torch.tensor([1, 2, 0])], word_ids, inside, all_subwords=crf, specials=0 if crf else None, begin=begin if crf else None
+        [torch.tensor([2, 2, 0])], word_ids, inside, all_subwords=crf, specials=0 if crf else None, begin=begin if crf else None
     )
     assert labels[word_ids == CONTEXT_WORD].eq(IGNORED).all()
+    if crf:  # the chain (CLS, the sentence, SEP) stays valid IOB2: the first I-PER after the context is a beginning
+        assert labels[0].tolist() == [0, IGNORED, IGNORED, 1, 2, 2, 0, IGNORED, 0, 0]
     logits = torch.randn(1, 10, len(TAGS), requires_grad=True)
     TaggingLoss(head, 0.0)(logits, labels, ids).backward()
     assert logits.grad[word_ids == CONTEXT_WORD].eq(0).all() and logits.grad[word_ids >= 0].ne(0).any()
@@ -140,7 +149,7 @@ def test_a_tagger_trained_in_context_is_scored_on_its_sentences_and_tags_a_given
     record = read_trained_run(str(run), tmp_path / "runs")
     trained = load_trained(record, load_config(None, base=record.config))
     test, served = trained.split(train=False), trained.served()
-    word_ids = test.side["word_ids"][1:9]  # sentences with context before them
+    word_ids = test.side["word_ids"][1:9]  # sentences with context (before them, or for a document's first, after)
     ids, _, encodings = test.tokenization.encode([text.words for text in test.texts[1:9]], with_encodings=True)
     with torch.no_grad():
         in_context, alone = served(test.inputs[1:9].long(), word_ids=word_ids), served(ids.long())

@@ -128,13 +128,14 @@ class Tokenization:
         in context (`SentenceInContext`)."""
         encoder = _encoder(self.tokenizer_json, self.max_length, self.truncation, self.pad_id)
         kinds = {
-            str: lambda group: encoder.encode_batch(group),
-            (tuple, list): lambda group: encoder.encode_batch([list(words) for words in group], is_pretokenized=True),
-            SentenceInContext: lambda group: self._encode_in_context(group),
+            "whole": lambda group: encoder.encode_batch(group),
+            "words": lambda group: encoder.encode_batch([list(words) for words in group], is_pretokenized=True),
+            "in context": lambda group: self._encode_in_context(group),
         }
+        kind_of = lambda text: "whole" if isinstance(text, str) else "in context" if isinstance(text, SentenceInContext) else "words"
         encodings: list[Any] = [None] * len(texts)
         for kind, encode in kinds.items():  # each kind encoded as itself, put back in order
-            indices = [i for i, text in enumerate(texts) if isinstance(text, kind)]
+            indices = [i for i, text in enumerate(texts) if kind_of(text) == kind]
             if indices:
                 for index, encoding in zip(indices, encode([texts[i] for i in indices]), strict=True):
                     encodings[index] = encoding
@@ -149,12 +150,15 @@ class Tokenization:
         alone = encoder.encode_batch([list(text.words) for text in texts], is_pretokenized=True)
         free = [self.max_length - sum(e.attention_mask) for e in alone]
         left = [min(text.room, room // 2) for text, room in zip(texts, free, strict=True)]
-        right = [min(text.room, room - kept) for text, room, kept in zip(texts, free, left, strict=True)]
-        before = [words[::-1] for words in _words_within(self.tokenizer_json, [text.before[::-1] for text in texts], left)]
-        after = _words_within(self.tokenizer_json, [text.after for text in texts], right)
+        before, used = _words_within(self.tokenizer_json, [text.before[::-1] for text in texts], left)
+        before = [words[::-1] for words in before]
+        right = [min(text.room, room - taken) for text, room, taken in zip(texts, free, used, strict=True)]  # what `before` left
+        after, _ = _words_within(self.tokenizer_json, [text.after for text in texts], right)
         joined = encoder.encode_batch([[*b, *t.words, *a] for t, b, a in zip(texts, before, after, strict=True)], is_pretokenized=True)
         out = []
         for sentence, encoding, text, b in zip(alone, joined, texts, before, strict=True):
+            # words are tokenized one by one, so the counts add up and `joined` fits; were a tokenizer to join tokens
+            # across words, the sentence would be read alone rather than cut
             if sentence.overflowing or encoding.overflowing:
                 out.append(InContextEncoding(sentence.ids, sentence.attention_mask, sentence.word_ids, bool(sentence.overflowing)))
                 continue
@@ -174,12 +178,15 @@ class InContextEncoding:
     overflowing: bool
 
 
-def _words_within(tokenizer_json: str, word_lists: Sequence[Sequence[str]], rooms: Sequence[int]) -> list[tuple[str, ...]]:
-    """Of each list of words, the first ones whose tokens (no special tokens) fit in its room."""
+def _words_within(
+    tokenizer_json: str, word_lists: Sequence[Sequence[str]], rooms: Sequence[int]
+) -> tuple[list[tuple[str, ...]], list[int]]:
+    """Of each list of words, the first ones whose tokens (no special tokens) fit in its room, and their tokens."""
     heads = [list(words[: max(room, 0)]) for words, room in zip(word_lists, rooms, strict=True)]
     read = [i for i, head in enumerate(heads) if head]
     encodings = _plain_tokenizer(tokenizer_json).encode_batch([heads[i] for i in read], is_pretokenized=True, add_special_tokens=False)
     out: list[tuple[str, ...]] = [()] * len(heads)
+    tokens = [0] * len(heads)
     for i, encoding in zip(read, encodings, strict=True):
         counts = [0] * len(heads[i])
         for word in encoding.word_ids:
@@ -188,8 +195,8 @@ def _words_within(tokenizer_json: str, word_lists: Sequence[Sequence[str]], room
         taken, used = 0, 0
         while taken < len(counts) and used + counts[taken] <= rooms[i]:
             used, taken = used + counts[taken], taken + 1
-        out[i] = tuple(heads[i][:taken])
-    return out
+        out[i], tokens[i] = tuple(heads[i][:taken]), used
+    return out, tokens
 
 
 def same_tokenizer(first: str, second: str) -> bool:
