@@ -130,7 +130,7 @@ class Tokenization:
         kinds = {
             "whole": lambda group: encoder.encode_batch(group),
             "words": lambda group: encoder.encode_batch([list(words) for words in group], is_pretokenized=True),
-            "in context": lambda group: self._encode_in_context(group),
+            "in context": lambda group: self._encode_in_context(encoder, group),
         }
         kind_of = lambda text: "whole" if isinstance(text, str) else "in context" if isinstance(text, SentenceInContext) else "words"
         encodings: list[Any] = [None] * len(texts)
@@ -143,10 +143,9 @@ class Tokenization:
         cut = torch.tensor([bool(e.overflowing) for e in encodings], dtype=torch.bool)
         return (ids, cut, encodings) if with_encodings else (ids, cut)
 
-    def _encode_in_context(self, texts: Sequence[SentenceInContext]) -> list[InContextEncoding]:
+    def _encode_in_context(self, encoder: Any, texts: Sequence[SentenceInContext]) -> list[InContextEncoding]:
         """Sentences with as many of their context's words as fit in `room` tokens a side and in max_length (the
-        words nearest the sentence first); a sentence that max_length cuts reads no context."""
-        encoder = _encoder(self.tokenizer_json, self.max_length, self.truncation, self.pad_id)
+        words nearest the sentence first); a sentence that max_length cuts reads no context. `encoder`: `encode`'s."""
         alone = encoder.encode_batch([list(text.words) for text in texts], is_pretokenized=True)
         free = [self.max_length - sum(e.attention_mask) for e in alone]
         left = [min(text.room, room // 2) for text, room in zip(texts, free, strict=True)]
